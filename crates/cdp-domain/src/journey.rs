@@ -1,0 +1,246 @@
+//! A generator of omnichannel journeys with ground truth, for property
+//! tests, end-to-end tests and benchmarks. Deterministic for a seed.
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::event::{Attributes, RawIdentifier, RawTouchpoint, UnixMillis};
+
+#[derive(Debug, Clone)]
+pub struct JourneyConfig {
+    pub customers: usize,
+    pub min_events: usize,
+    pub max_events: usize,
+    /// Prefix that keeps identifiers of different runs apart.
+    pub namespace: String,
+    /// Events happen within `[start, start + span_ms)`.
+    pub start: UnixMillis,
+    pub span_ms: i64,
+}
+
+impl Default for JourneyConfig {
+    fn default() -> Self {
+        JourneyConfig {
+            customers: 20,
+            min_events: 3,
+            max_events: 15,
+            namespace: "gen".into(),
+            start: 1_760_000_000_000,
+            span_ms: 30 * 86_400_000,
+        }
+    }
+}
+
+/// A generated person and the identifiers they use.
+#[derive(Debug, Clone)]
+pub struct Person {
+    pub index: usize,
+    pub email: String,
+    pub phone_digits: String,
+    pub anonymous_id: String,
+    pub device_id: String,
+    pub zalo_id: String,
+    pub loyalty_id: String,
+}
+
+/// An event with the person it truly belongs to.
+#[derive(Debug, Clone)]
+pub struct GeneratedEvent {
+    pub person: usize,
+    pub event: RawTouchpoint,
+}
+
+fn attrs(v: Value) -> Attributes {
+    match v {
+        Value::Object(m) => m,
+        _ => Attributes::new(),
+    }
+}
+
+impl Person {
+    fn new(rng: &mut StdRng, ns: &str, index: usize) -> Self {
+        let prefix = ["91", "98", "96", "97"]
+            .choose(rng)
+            .copied()
+            .unwrap_or("91");
+        Person {
+            index,
+            email: format!("{ns}.c{index}@shop.vn"),
+            phone_digits: format!("{prefix}{:07}", rng.random_range(0..10_000_000u32)),
+            anonymous_id: Uuid::from_u64_pair(rng.random(), rng.random()).to_string(),
+            device_id: format!("dev-{ns}-{index}"),
+            zalo_id: format!("{}", rng.random_range(1_000_000_000u64..9_999_999_999)),
+            loyalty_id: format!("LC-{ns}-{index:06}"),
+        }
+    }
+
+    /// The phone in one of the forms people type.
+    fn phone(&self, rng: &mut StdRng) -> String {
+        let d = &self.phone_digits;
+        match rng.random_range(0..5) {
+            0 => format!("0{d}"),
+            1 => format!("+84 {} {} {}", &d[..3], &d[3..6], &d[6..]),
+            2 => format!("84{d}"),
+            3 => format!("0{} {} {}", &d[..3], &d[3..6], &d[6..]),
+            _ => format!("+84-{}-{}-{}", &d[..3], &d[3..6], &d[6..]),
+        }
+    }
+
+    fn email_form(&self, rng: &mut StdRng) -> String {
+        if rng.random_bool(0.3) {
+            self.email.to_uppercase()
+        } else {
+            format!(" {} ", self.email)
+        }
+    }
+
+    /// Every identifier of the person, so one event links them all.
+    pub fn all_identifiers(&self, rng: &mut StdRng) -> Vec<RawIdentifier> {
+        vec![
+            RawIdentifier::new("email", self.email_form(rng)),
+            RawIdentifier::new("phone", self.phone(rng)),
+            RawIdentifier::new("anonymous_id", self.anonymous_id.clone()),
+            RawIdentifier::new("device_id", self.device_id.clone()),
+            RawIdentifier::new("zalo_id", self.zalo_id.clone()),
+            RawIdentifier::new("loyalty_id", self.loyalty_id.clone()),
+        ]
+    }
+}
+
+/// Generates journeys for `config.customers` people. Each person's
+/// identifiers are connected: an identify event carries all of them.
+pub fn generate(seed: u64, config: &JourneyConfig) -> (Vec<Person>, Vec<GeneratedEvent>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let people: Vec<Person> = (0..config.customers)
+        .map(|i| Person::new(&mut rng, &config.namespace, i))
+        .collect();
+    let mut events = Vec::new();
+    for person in &people {
+        let n = rng.random_range(config.min_events..=config.max_events.max(config.min_events));
+        let link_at = rng.random_range(0..n.max(1));
+        for k in 0..n {
+            let at = config.start + rng.random_range(0..config.span_ms.max(1));
+            let event = if k == link_at {
+                RawTouchpoint {
+                    event_type: Some("Identify".into()),
+                    channel: Some("web".into()),
+                    source_id: Some("website".into()),
+                    identifiers: person.all_identifiers(&mut rng),
+                    traits: attrs(json!({"name": format!("Khách {}", person.index)})),
+                    ..RawTouchpoint::default()
+                }
+            } else {
+                random_event(&mut rng, person, &config.namespace, k)
+            };
+            events.push(GeneratedEvent {
+                person: person.index,
+                event: RawTouchpoint {
+                    event_id: Some(Uuid::from_u64_pair(rng.random(), rng.random()).to_string()),
+                    occurred_at: Some(at),
+                    ..event
+                },
+            });
+        }
+    }
+    // Interleave customers, as a live stream would.
+    use rand::seq::SliceRandom;
+    events.shuffle(&mut rng);
+    (people, events)
+}
+
+fn random_event(rng: &mut StdRng, p: &Person, ns: &str, k: usize) -> RawTouchpoint {
+    let products = [
+        ("SKU-AO-01", "Áo thun", 250_000),
+        ("SKU-QU-02", "Quần jean", 590_000),
+        ("SKU-GI-03", "Giày", 1_250_000),
+    ];
+    let (sku, name, price) = *products.choose(rng).unwrap_or(&products[0]);
+    let (event_type, channel, source, ids, props): (&str, &str, &str, Vec<RawIdentifier>, Value) =
+        match rng.random_range(0..12) {
+            0..=2 => (
+                "Product Viewed",
+                "web",
+                "website",
+                vec![RawIdentifier::new("anonymous_id", p.anonymous_id.clone())],
+                json!({"product_id": sku, "name": name, "price": price}),
+            ),
+            3 => (
+                "Product Added",
+                "app",
+                "mobile-app",
+                vec![RawIdentifier::new("device_id", p.device_id.clone())],
+                json!({"product_id": sku, "name": name, "price": price, "quantity": rng.random_range(1..3)}),
+            ),
+            4 => (
+                "Product Removed",
+                "web",
+                "website",
+                vec![RawIdentifier::new("email", p.email_form(rng))],
+                json!({"product_id": sku}),
+            ),
+            5 => (
+                "Order Completed",
+                "store",
+                "pos-q1",
+                vec![RawIdentifier::new("phone", p.phone(rng))],
+                json!({"order_id": format!("{ns}-o{}-{k}", p.index), "total": price * 2, "currency": "VND",
+                       "store_name": "Q1", "products": [{"product_id": sku, "quantity": 2}]}),
+            ),
+            6 => (
+                "Order Refunded",
+                "call_center",
+                "hotline",
+                vec![RawIdentifier::new("phone", p.phone(rng))],
+                json!({"order_id": format!("{ns}-o{}-r", p.index), "total": price, "currency": "VND"}),
+            ),
+            7 => (
+                "Ticket Opened",
+                "call_center",
+                "hotline",
+                vec![RawIdentifier::new("email", p.email_form(rng))],
+                json!({"ticket_id": format!("{ns}-t{}", p.index), "subject": "Giao hàng chậm"}),
+            ),
+            8 => (
+                "Message Received",
+                "chat",
+                "zalo-oa",
+                vec![
+                    RawIdentifier::new("zalo_id", p.zalo_id.clone()),
+                    RawIdentifier::new("phone", p.phone(rng)),
+                ],
+                json!({"text": "Cho mình hỏi đơn hàng"}),
+            ),
+            9 => (
+                "Points Earned",
+                "store",
+                "loyalty",
+                vec![RawIdentifier::new("loyalty_id", p.loyalty_id.clone())],
+                json!({"points": rng.random_range(1..500)}),
+            ),
+            10 => (
+                "Feedback Submitted",
+                "email",
+                "survey",
+                vec![RawIdentifier::new("email", p.email_form(rng))],
+                json!({"rating": rng.random_range(1..=5), "comment": "ok"}),
+            ),
+            _ => (
+                "Ticket Resolved",
+                "call_center",
+                "hotline",
+                vec![RawIdentifier::new("email", p.email_form(rng))],
+                json!({"ticket_id": format!("{ns}-t{}", p.index)}),
+            ),
+        };
+    RawTouchpoint {
+        event_type: Some(event_type.into()),
+        channel: Some(channel.into()),
+        source_id: Some(source.into()),
+        identifiers: ids,
+        properties: attrs(props),
+        ..RawTouchpoint::default()
+    }
+}

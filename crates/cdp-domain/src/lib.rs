@@ -1,0 +1,24 @@
+//! The CDP's domain: the event model, validation, identifier normalisation,
+//! identity rules and the profile fold. Pure logic: no async runtime, no
+//! network, no storage. Everything else in the workspace calls into it.
+
+pub mod event;
+pub mod identity;
+pub mod journey;
+pub mod normalize;
+pub mod profile;
+pub mod props;
+pub mod reference;
+pub mod rules;
+pub mod timeline;
+pub mod validate;
+
+pub use event::{
+    Attributes, Channel, CustomerId, Envelope, EventId, EventType, IdKind, Identifier, Personal,
+    RawIdentifier, RawTouchpoint, Touchpoint, UnixMillis,
+};
+pub use identity::{Decision, Merge, Resolution, ResolvedTouchpoint};
+pub use profile::{Profile, ProfileView};
+pub use rules::{IdentityRules, IdentityRulesConfig, ValidationLimits};
+pub use timeline::TimelineEntry;
+pub use validate::{Context, FieldError, Rejection, validate};

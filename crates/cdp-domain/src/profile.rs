@@ -1,0 +1,766 @@
+//! The profile fold: the customer view as a function of the events.
+//!
+//! The fold is built to converge: applying the same set of events in any
+//! order, and joining profiles when customers merge, yields the same view.
+//! Sums are kept per event (the `applied` set makes re-delivery a no-op),
+//! "latest" values are last-writer-wins registers ordered by
+//! `(occurred_at, event_id)`, and the cart and tickets are per-key registers.
+//! That is what lets partitioned workers and a rebuild from the log agree
+//! with the sequential reference fold.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::event::{Channel, CustomerId, EventId, EventType, Touchpoint, UnixMillis};
+use crate::identity::ResolvedTouchpoint;
+use crate::props;
+use crate::timeline::TimelineEntry;
+
+/// Order of "latest" values: time first, the event id breaks ties.
+pub type Stamp = (UnixMillis, EventId);
+
+/// A value with the time and source it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sourced<T> {
+    pub value: T,
+    pub at: UnixMillis,
+    pub event_id: EventId,
+    pub channel: Channel,
+    pub source_id: String,
+}
+
+impl<T> Sourced<T> {
+    fn of(value: T, t: &Touchpoint) -> Self {
+        Sourced {
+            value,
+            at: t.envelope.occurred_at,
+            event_id: t.envelope.event_id,
+            channel: t.envelope.channel,
+            source_id: t.envelope.source_id.clone(),
+        }
+    }
+
+    fn stamp(&self) -> Stamp {
+        (self.at, self.event_id)
+    }
+}
+
+/// Keeps the later of two sourced values.
+fn lww<T: Clone>(slot: &mut Option<Sourced<T>>, candidate: &Sourced<T>) {
+    if slot.as_ref().is_none_or(|s| s.stamp() < candidate.stamp()) {
+        *slot = Some(candidate.clone());
+    }
+}
+
+fn lww_map<K: Ord + Clone, T: Clone>(
+    map: &mut BTreeMap<K, Sourced<T>>,
+    key: &K,
+    candidate: &Sourced<T>,
+) {
+    let mut slot = map.remove(key);
+    lww(&mut slot, candidate);
+    if let Some(v) = slot {
+        map.insert(key.clone(), v);
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderFact {
+    pub event_id: EventId,
+    pub at: UnixMillis,
+    pub amount: Decimal,
+    pub currency: String,
+    pub items: i64,
+    pub channel: Channel,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Money {
+    pub count: u64,
+    pub total: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CartLine {
+    /// Additions still counted: event -> (time, quantity).
+    pub adds: BTreeMap<EventId, (UnixMillis, i64)>,
+    /// The latest removal of this product.
+    pub removed_at: Option<UnixMillis>,
+    pub name: Option<Sourced<String>>,
+    pub price: Option<Sourced<Decimal>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub opened: Option<Sourced<String>>,
+    pub resolved: Option<Sourced<String>>,
+    pub last_message: Option<Sourced<String>>,
+}
+
+impl Ticket {
+    /// Open if opened after its latest resolution.
+    pub fn is_open(&self) -> bool {
+        match (&self.opened, &self.resolved) {
+            (Some(o), Some(r)) => o.stamp() > r.stamp(),
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The folded state of one customer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Profile {
+    pub customer_id: CustomerId,
+    /// Events folded in; re-delivery of one of these is a no-op.
+    pub applied: BTreeSet<EventId>,
+    /// Customers merged into this one (transitively).
+    pub merged_from: BTreeSet<CustomerId>,
+    pub first_seen: Option<UnixMillis>,
+    pub last_seen: Option<UnixMillis>,
+    /// Per channel: event count and last time seen.
+    pub channels: BTreeMap<Channel, (u64, UnixMillis)>,
+    pub traits: BTreeMap<String, Sourced<Value>>,
+    /// Orders by order id (or event id when the order has none). When two
+    /// events report one order, the earliest report counts.
+    pub orders: BTreeMap<String, OrderFact>,
+    pub spend: BTreeMap<String, Money>,
+    pub refunds: BTreeMap<String, Money>,
+    pub cart: BTreeMap<String, CartLine>,
+    /// The latest order: it empties the cart.
+    pub cart_cleared_at: Option<UnixMillis>,
+    pub tickets: BTreeMap<String, Ticket>,
+    pub last_message: Option<Sourced<String>>,
+    pub points_earned: i64,
+    pub points_redeemed: i64,
+    pub feedback: Option<Sourced<(i64, String)>>,
+    /// Consent by `purpose` or `purpose:channel`.
+    pub consent: BTreeMap<String, Sourced<bool>>,
+    /// Count of events per type, for the journey stage.
+    pub event_types: BTreeMap<String, u64>,
+}
+
+impl Profile {
+    pub fn new(customer_id: CustomerId) -> Self {
+        Profile {
+            customer_id,
+            applied: BTreeSet::new(),
+            merged_from: BTreeSet::new(),
+            first_seen: None,
+            last_seen: None,
+            channels: BTreeMap::new(),
+            traits: BTreeMap::new(),
+            orders: BTreeMap::new(),
+            spend: BTreeMap::new(),
+            refunds: BTreeMap::new(),
+            cart: BTreeMap::new(),
+            cart_cleared_at: None,
+            tickets: BTreeMap::new(),
+            last_message: None,
+            points_earned: 0,
+            points_redeemed: 0,
+            feedback: None,
+            consent: BTreeMap::new(),
+            event_types: BTreeMap::new(),
+        }
+    }
+
+    /// Folds one event in. Returns false (and changes nothing) when the event
+    /// was already applied.
+    pub fn apply(&mut self, t: &Touchpoint, default_currency: &str) -> bool {
+        if !self.applied.insert(t.envelope.event_id) {
+            return false;
+        }
+        let env = &t.envelope;
+        let at = env.occurred_at;
+        self.first_seen = Some(self.first_seen.map_or(at, |f| f.min(at)));
+        self.last_seen = Some(self.last_seen.map_or(at, |l| l.max(at)));
+        let ch = self.channels.entry(env.channel).or_insert((0, at));
+        ch.0 += 1;
+        ch.1 = ch.1.max(at);
+        *self
+            .event_types
+            .entry(env.event_type.as_str().to_owned())
+            .or_default() += 1;
+        for (key, value) in &t.personal.traits {
+            lww_map(&mut self.traits, key, &Sourced::of(value.clone(), t));
+        }
+        let p = &env.properties;
+        match &env.event_type {
+            EventType::OrderCompleted => {
+                let amount = props::order_amount(p)
+                    .ok()
+                    .flatten()
+                    .map_or(Decimal::ZERO, |(_, a)| a);
+                let currency = props::currency(p, "currency")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| default_currency.to_owned());
+                let key = props::id(p, "order_id")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| env.event_id.to_string());
+                let fact = OrderFact {
+                    event_id: env.event_id,
+                    at,
+                    amount,
+                    currency,
+                    items: props::item_count(p),
+                    channel: env.channel,
+                };
+                self.add_order(key, fact);
+                self.clear_cart(at);
+            }
+            EventType::OrderRefunded => {
+                let amount = props::order_amount(p)
+                    .ok()
+                    .flatten()
+                    .map_or(Decimal::ZERO, |(_, a)| a);
+                let currency = props::currency(p, "currency")
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| default_currency.to_owned());
+                let m = self.refunds.entry(currency).or_default();
+                m.count += 1;
+                m.total += amount;
+            }
+            EventType::ProductAdded => {
+                if let Ok(Some(line)) = props::product(p) {
+                    let entry = self
+                        .cart
+                        .entry(line.product_id)
+                        .or_insert_with(|| CartLine {
+                            adds: BTreeMap::new(),
+                            removed_at: None,
+                            name: None,
+                            price: None,
+                        });
+                    entry.adds.insert(env.event_id, (at, line.quantity));
+                    if let Some(n) = line.name {
+                        lww(&mut entry.name, &Sourced::of(n, t));
+                    }
+                    if let Some(pr) = line.price {
+                        lww(&mut entry.price, &Sourced::of(pr, t));
+                    }
+                }
+                self.prune_cart();
+            }
+            EventType::ProductRemoved => {
+                if let Ok(Some(line)) = props::product(p) {
+                    let entry = self
+                        .cart
+                        .entry(line.product_id)
+                        .or_insert_with(|| CartLine {
+                            adds: BTreeMap::new(),
+                            removed_at: None,
+                            name: None,
+                            price: None,
+                        });
+                    entry.removed_at = Some(entry.removed_at.map_or(at, |r| r.max(at)));
+                }
+                self.prune_cart();
+            }
+            EventType::TicketOpened | EventType::TicketResolved => {
+                if let Ok(Some(id)) = props::id(p, "ticket_id") {
+                    let text = props::text(p, "subject")
+                        .or_else(|| props::text(p, "resolution"))
+                        .unwrap_or_default();
+                    let ticket = self.tickets.entry(id).or_default();
+                    let slot = if env.event_type == EventType::TicketOpened {
+                        &mut ticket.opened
+                    } else {
+                        &mut ticket.resolved
+                    };
+                    lww(slot, &Sourced::of(text, t));
+                    if let Some(msg) = props::text(p, "message") {
+                        lww(&mut ticket.last_message, &Sourced::of(msg, t));
+                    }
+                }
+            }
+            EventType::MessageReceived => {
+                if let Some(msg) = props::text(p, "text").or_else(|| props::text(p, "message")) {
+                    let sourced = Sourced::of(msg, t);
+                    if let Ok(Some(id)) = props::id(p, "ticket_id") {
+                        lww(
+                            &mut self.tickets.entry(id).or_default().last_message,
+                            &sourced,
+                        );
+                    }
+                    lww(&mut self.last_message, &sourced);
+                }
+            }
+            EventType::PointsEarned => {
+                self.points_earned += props::integer(p, "points", 0, i64::MAX)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+            EventType::PointsRedeemed => {
+                self.points_redeemed += props::integer(p, "points", 0, i64::MAX)
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+            EventType::FeedbackSubmitted => {
+                if let Ok(Some(r)) = props::integer(p, "rating", 1, 5) {
+                    let comment = props::text(p, "comment").unwrap_or_default();
+                    lww(&mut self.feedback, &Sourced::of((r, comment), t));
+                }
+            }
+            EventType::ConsentUpdated => {
+                if let (Some(purpose), Ok(Some(granted))) =
+                    (props::text(p, "purpose"), props::boolean(p, "granted"))
+                {
+                    let key = match props::text(p, "channel") {
+                        Some(c) => format!("{purpose}:{c}"),
+                        None => purpose,
+                    };
+                    lww_map(&mut self.consent, &key, &Sourced::of(granted, t));
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn add_order(&mut self, key: String, fact: OrderFact) {
+        match self.orders.get(&key) {
+            Some(existing) if (existing.at, existing.event_id) <= (fact.at, fact.event_id) => {}
+            Some(existing) => {
+                let old = existing.clone();
+                self.unspend(&old);
+                self.spend_on(&fact);
+                self.orders.insert(key, fact);
+            }
+            None => {
+                self.spend_on(&fact);
+                self.orders.insert(key, fact);
+            }
+        }
+    }
+
+    fn spend_on(&mut self, fact: &OrderFact) {
+        let m = self.spend.entry(fact.currency.clone()).or_default();
+        m.count += 1;
+        m.total += fact.amount;
+    }
+
+    fn unspend(&mut self, fact: &OrderFact) {
+        if let Some(m) = self.spend.get_mut(&fact.currency) {
+            m.count = m.count.saturating_sub(1);
+            m.total -= fact.amount;
+            if m.count == 0 {
+                self.spend.remove(&fact.currency);
+            }
+        }
+    }
+
+    fn clear_cart(&mut self, at: UnixMillis) {
+        self.cart_cleared_at = Some(self.cart_cleared_at.map_or(at, |c| c.max(at)));
+        self.prune_cart();
+    }
+
+    /// Drops additions that can never count again (older than the latest
+    /// clearing or removal) and lines that the clearing made moot.
+    fn prune_cart(&mut self) {
+        let cleared = self.cart_cleared_at.unwrap_or(i64::MIN);
+        self.cart.retain(|_, line| {
+            let threshold = cleared.max(line.removed_at.unwrap_or(i64::MIN));
+            line.adds.retain(|_, (at, _)| *at > threshold);
+            !line.adds.is_empty() || line.removed_at.is_some_and(|r| r > cleared)
+        });
+    }
+
+    /// Joins `other` (a customer merged into this one) into this profile.
+    /// Equivalent to having folded both customers' events into one.
+    pub fn absorb(&mut self, other: Profile) {
+        let overlap = self.applied.intersection(&other.applied).count();
+        debug_assert_eq!(overlap, 0, "an event was folded into two customers");
+        self.applied.extend(other.applied);
+        self.merged_from.insert(other.customer_id);
+        self.merged_from.extend(other.merged_from);
+        self.first_seen = min_opt(self.first_seen, other.first_seen);
+        self.last_seen = self.last_seen.max(other.last_seen);
+        for (ch, (n, last)) in other.channels {
+            let e = self.channels.entry(ch).or_insert((0, last));
+            e.0 += n;
+            e.1 = e.1.max(last);
+        }
+        for (k, n) in other.event_types {
+            *self.event_types.entry(k).or_default() += n;
+        }
+        for (k, v) in other.traits {
+            lww_map(&mut self.traits, &k, &v);
+        }
+        for (k, fact) in other.orders {
+            self.add_order(k, fact);
+        }
+        for (cur, m) in other.refunds {
+            let e = self.refunds.entry(cur).or_default();
+            e.count += m.count;
+            e.total += m.total;
+        }
+        for (pid, line) in other.cart {
+            match self.cart.get_mut(&pid) {
+                None => {
+                    self.cart.insert(pid, line);
+                }
+                Some(mine) => {
+                    mine.adds.extend(line.adds);
+                    mine.removed_at = mine.removed_at.max(line.removed_at);
+                    if let Some(n) = &line.name {
+                        lww(&mut mine.name, n);
+                    }
+                    if let Some(p) = &line.price {
+                        lww(&mut mine.price, p);
+                    }
+                }
+            }
+        }
+        self.cart_cleared_at = self.cart_cleared_at.max(other.cart_cleared_at);
+        self.prune_cart();
+        for (id, t) in other.tickets {
+            let mine = self.tickets.entry(id).or_default();
+            for (slot, v) in [
+                (&mut mine.opened, t.opened),
+                (&mut mine.resolved, t.resolved),
+                (&mut mine.last_message, t.last_message),
+            ] {
+                if let Some(v) = v {
+                    lww(slot, &v);
+                }
+            }
+        }
+        if let Some(m) = &other.last_message {
+            lww(&mut self.last_message, m);
+        }
+        self.points_earned += other.points_earned;
+        self.points_redeemed += other.points_redeemed;
+        if let Some(f) = &other.feedback {
+            lww(&mut self.feedback, f);
+        }
+        for (k, v) in other.consent {
+            lww_map(&mut self.consent, &k, &v);
+        }
+    }
+
+    /// The computed view an agent reads.
+    pub fn view(&self) -> ProfileView {
+        let cleared = self.cart_cleared_at.unwrap_or(i64::MIN);
+        let cart = self
+            .cart
+            .iter()
+            .filter_map(|(pid, line)| {
+                let threshold = cleared.max(line.removed_at.unwrap_or(i64::MIN));
+                let live: Vec<&(UnixMillis, i64)> = line
+                    .adds
+                    .values()
+                    .filter(|(at, _)| *at > threshold)
+                    .collect();
+                let quantity: i64 = live.iter().map(|(_, q)| q).sum();
+                (quantity > 0).then(|| CartItemView {
+                    product_id: pid.clone(),
+                    name: line.name.as_ref().map(|n| n.value.clone()),
+                    quantity,
+                    price: line.price.as_ref().map(|p| p.value),
+                    added_at: live.iter().map(|(at, _)| *at).max().unwrap_or(0),
+                })
+            })
+            .collect();
+        let mut tickets: Vec<TicketView> = self
+            .tickets
+            .iter()
+            .map(|(id, t)| TicketView {
+                ticket_id: id.clone(),
+                open: t.is_open(),
+                subject: t
+                    .opened
+                    .as_ref()
+                    .map(|o| o.value.clone())
+                    .unwrap_or_default(),
+                channel: t.opened.as_ref().or(t.resolved.as_ref()).map(|o| o.channel),
+                opened_at: t.opened.as_ref().map(|o| o.at),
+                resolved_at: t.resolved.as_ref().map(|r| r.at),
+                last_message: t.last_message.as_ref().map(|m| m.value.clone()),
+            })
+            .collect();
+        tickets.sort_by_key(|t| std::cmp::Reverse((t.open, t.opened_at)));
+        let preferred_channel = self
+            .channels
+            .iter()
+            .max_by_key(|(ch, (n, last))| (*n, *last, std::cmp::Reverse(**ch)))
+            .map(|(ch, _)| *ch);
+        let spend = self
+            .spend
+            .iter()
+            .map(|(cur, m)| SpendView {
+                currency: cur.clone(),
+                orders: m.count,
+                total: m.total.normalize(),
+                average: if m.count == 0 {
+                    Decimal::ZERO
+                } else {
+                    (m.total / Decimal::from(m.count)).round_dp(2).normalize()
+                },
+            })
+            .collect();
+        let refunds = self
+            .refunds
+            .iter()
+            .map(|(cur, m)| SpendView {
+                currency: cur.clone(),
+                orders: m.count,
+                total: m.total.normalize(),
+                average: Decimal::ZERO,
+            })
+            .collect();
+        ProfileView {
+            customer_id: self.customer_id,
+            events_count: self.applied.len() as u64,
+            first_seen: self.first_seen,
+            last_seen: self.last_seen,
+            last_seen_by_channel: self
+                .channels
+                .iter()
+                .map(|(c, (_, last))| (*c, *last))
+                .collect(),
+            preferred_channel,
+            traits: self
+                .traits
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect(),
+            orders_count: self.orders.len() as u64,
+            spend,
+            refunds,
+            first_order_at: self.orders.values().map(|o| o.at).min(),
+            last_order_at: self.orders.values().map(|o| o.at).max(),
+            cart,
+            open_tickets: tickets.iter().filter(|t| t.open).count() as u64,
+            tickets,
+            last_message: self.last_message.as_ref().map(|m| m.value.clone()),
+            loyalty_points: self.points_earned - self.points_redeemed,
+            last_feedback_rating: self.feedback.as_ref().map(|f| f.value.0),
+            consent: self
+                .consent
+                .iter()
+                .map(|(k, v)| (k.clone(), v.value))
+                .collect(),
+            stage: self.stage(),
+        }
+    }
+
+    fn count(&self, t: &EventType) -> u64 {
+        self.event_types.get(t.as_str()).copied().unwrap_or(0)
+    }
+
+    /// The 5A journey stage, from the events seen.
+    pub fn stage(&self) -> Stage {
+        let orders = self.orders.len();
+        let promoter = self.feedback.as_ref().is_some_and(|f| f.value.0 >= 4);
+        if orders >= 2 || (orders >= 1 && promoter) {
+            Stage::Advocate
+        } else if orders >= 1 {
+            Stage::Act
+        } else if [
+            EventType::ProductAdded,
+            EventType::CheckoutStarted,
+            EventType::TicketOpened,
+            EventType::MessageReceived,
+            EventType::CallCompleted,
+        ]
+        .iter()
+        .any(|t| self.count(t) > 0)
+        {
+            Stage::Ask
+        } else if self.count(&EventType::ProductViewed) > 0 {
+            Stage::Appeal
+        } else {
+            Stage::Aware
+        }
+    }
+}
+
+fn min_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// The 5A customer path (Kotler): aware, appeal, ask, act, advocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Aware,
+    Appeal,
+    Ask,
+    Act,
+    Advocate,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Aware => "aware",
+            Stage::Appeal => "appeal",
+            Stage::Ask => "ask",
+            Stage::Act => "act",
+            Stage::Advocate => "advocate",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpendView {
+    pub currency: String,
+    pub orders: u64,
+    pub total: Decimal,
+    pub average: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CartItemView {
+    pub product_id: String,
+    pub name: Option<String>,
+    pub quantity: i64,
+    pub price: Option<Decimal>,
+    pub added_at: UnixMillis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TicketView {
+    pub ticket_id: String,
+    pub open: bool,
+    pub subject: String,
+    pub channel: Option<Channel>,
+    pub opened_at: Option<UnixMillis>,
+    pub resolved_at: Option<UnixMillis>,
+    pub last_message: Option<String>,
+}
+
+/// The computed single customer view (without identifiers and timeline,
+/// which come from the identity graph and the timeline store).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileView {
+    pub customer_id: CustomerId,
+    pub events_count: u64,
+    pub first_seen: Option<UnixMillis>,
+    pub last_seen: Option<UnixMillis>,
+    pub last_seen_by_channel: BTreeMap<Channel, UnixMillis>,
+    pub preferred_channel: Option<Channel>,
+    pub traits: BTreeMap<String, Value>,
+    pub orders_count: u64,
+    pub spend: Vec<SpendView>,
+    pub refunds: Vec<SpendView>,
+    pub first_order_at: Option<UnixMillis>,
+    pub last_order_at: Option<UnixMillis>,
+    pub cart: Vec<CartItemView>,
+    pub open_tickets: u64,
+    pub tickets: Vec<TicketView>,
+    pub last_message: Option<String>,
+    pub loyalty_points: i64,
+    pub last_feedback_rating: Option<i64>,
+    pub consent: BTreeMap<String, bool>,
+    pub stage: Stage,
+}
+
+impl ProfileView {
+    /// The view without its customer id, for comparing two runs whose
+    /// customers were created in a different order.
+    pub fn without_id(&self) -> ProfileView {
+        ProfileView {
+            customer_id: CustomerId(uuid::Uuid::nil()),
+            ..self.clone()
+        }
+    }
+}
+
+/// What a store keeps under a customer id: a live profile, or a redirect
+/// left behind by a merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ProfileSlot {
+    Live(Box<Profile>),
+    MergedInto(CustomerId),
+}
+
+/// Storage access for [`fold_resolved`]; stores implement it over their own
+/// transaction (or with optimistic concurrency).
+pub trait ProfileAccess {
+    type Error;
+    fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, Self::Error>;
+    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error>;
+
+    /// Follows merge redirects to the live customer.
+    fn live_root(&mut self, customer: CustomerId) -> Result<CustomerId, Self::Error> {
+        let mut current = customer;
+        for _ in 0..64 {
+            match self.load(current)? {
+                Some(ProfileSlot::MergedInto(next)) if next != current => current = next,
+                _ => return Ok(current),
+            }
+        }
+        Ok(current)
+    }
+}
+
+/// Folds one resolved touchpoint: first the merges its resolution caused
+/// (the loser's profile is absorbed and becomes a redirect), then the event
+/// itself on the surviving profile. Idempotent: a re-delivered record
+/// changes nothing. Returns the timeline entry when the event was new.
+pub fn fold_resolved<A: ProfileAccess>(
+    access: &mut A,
+    resolved: &ResolvedTouchpoint,
+    default_currency: &str,
+) -> Result<Option<TimelineEntry>, A::Error> {
+    for merge in &resolved.merges {
+        let survivor = access.live_root(merge.survivor)?;
+        let loser = access.live_root(merge.loser)?;
+        if survivor == loser {
+            continue;
+        }
+        let mut target = match access.load(survivor)? {
+            Some(ProfileSlot::Live(p)) => *p,
+            _ => Profile::new(survivor),
+        };
+        if let Some(ProfileSlot::Live(absorbed)) = access.load(loser)? {
+            target.absorb(*absorbed);
+        } else {
+            target.merged_from.insert(loser);
+        }
+        access.save(loser, &ProfileSlot::MergedInto(survivor))?;
+        access.save(survivor, &ProfileSlot::Live(Box::new(target)))?;
+    }
+    let customer = access.live_root(resolved.customer_id)?;
+    let mut profile = match access.load(customer)? {
+        Some(ProfileSlot::Live(p)) => *p,
+        _ => Profile::new(customer),
+    };
+    if !profile.apply(&resolved.touchpoint, default_currency) {
+        return Ok(None);
+    }
+    access.save(customer, &ProfileSlot::Live(Box::new(profile)))?;
+    Ok(Some(TimelineEntry::of(
+        customer,
+        &resolved.touchpoint,
+        default_currency,
+    )))
+}
+
+/// Profiles in memory: the reference model's store.
+impl ProfileAccess for BTreeMap<CustomerId, ProfileSlot> {
+    type Error = std::convert::Infallible;
+
+    fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, Self::Error> {
+        Ok(self.get(&customer).cloned())
+    }
+
+    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error> {
+        self.insert(customer, slot.clone());
+        Ok(())
+    }
+}

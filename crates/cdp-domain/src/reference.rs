@@ -1,0 +1,98 @@
+//! The reference model: identity resolution and the profile fold applied
+//! sequentially, in memory. The pipeline (any partitions, workers,
+//! restarts) must end with the same customers as this model.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::event::{CustomerId, Identifier, Touchpoint};
+use crate::identity::{self, GraphRead, MemoryGraph, Resolution, ResolvedTouchpoint};
+use crate::profile::{Profile, ProfileSlot, ProfileView, fold_resolved};
+use crate::rules::IdentityRules;
+
+/// One customer as the model sees it: the linked identifiers and the view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CustomerSnapshot {
+    pub identifiers: BTreeSet<Identifier>,
+    pub view: ProfileView,
+}
+
+pub struct ReferenceModel {
+    rules: IdentityRules,
+    default_currency: String,
+    graph: MemoryGraph,
+    profiles: BTreeMap<CustomerId, ProfileSlot>,
+    unresolvable: usize,
+}
+
+impl ReferenceModel {
+    pub fn new(rules: IdentityRules, default_currency: impl Into<String>) -> Self {
+        ReferenceModel {
+            rules,
+            default_currency: default_currency.into(),
+            graph: MemoryGraph::new(),
+            profiles: BTreeMap::new(),
+            unresolvable: 0,
+        }
+    }
+
+    /// Resolves and folds one event.
+    pub fn apply(&mut self, t: &Touchpoint) -> Resolution {
+        let resolution = match identity::resolve(&mut self.graph, &self.rules, t) {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        match &resolution {
+            Resolution::Resolved(d) => {
+                let resolved = ResolvedTouchpoint {
+                    customer_id: d.customer_id,
+                    merges: d.merges.clone(),
+                    touchpoint: t.clone(),
+                };
+                if let Err(never) =
+                    fold_resolved(&mut self.profiles, &resolved, &self.default_currency)
+                {
+                    match never {}
+                }
+            }
+            Resolution::Unresolvable { .. } => self.unresolvable += 1,
+        }
+        resolution
+    }
+
+    pub fn graph(&self) -> &MemoryGraph {
+        &self.graph
+    }
+
+    pub fn unresolvable(&self) -> usize {
+        self.unresolvable
+    }
+
+    /// The profile of the customer who owns `id`.
+    pub fn profile_of(&self, id: &Identifier) -> Option<&Profile> {
+        let owner = match self.graph.owner(id) {
+            Ok(o) => o?,
+            Err(never) => match never {},
+        };
+        match self.profiles.get(&owner) {
+            Some(ProfileSlot::Live(p)) => Some(p.as_ref()),
+            _ => None,
+        }
+    }
+
+    /// Every live customer, ordered by their identifiers.
+    pub fn customers(&self) -> Vec<CustomerSnapshot> {
+        let mut out: Vec<CustomerSnapshot> = self
+            .graph
+            .roots()
+            .filter_map(|node| match self.profiles.get(&node.id) {
+                Some(ProfileSlot::Live(p)) => Some(CustomerSnapshot {
+                    identifiers: node.identifiers.clone(),
+                    view: p.view(),
+                }),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.identifiers.cmp(&b.identifiers));
+        out
+    }
+}

@@ -1,0 +1,122 @@
+//! The consumption loop every worker shares: poll a batch, hand it to the
+//! handler, and commit positions only once the handler has stored its
+//! effects. Failures are retried with exponential back-off; shutdown lets
+//! the batch in hand finish and commit.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::{LogRecord, Subscription};
+
+/// A failure worth retrying (the store or the log is down). Records that
+/// can never succeed are the handler's to dead-letter, not an error.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Retry(pub String);
+
+#[async_trait]
+pub trait BatchHandler: Send {
+    /// Processes records (in offset order per partition) and stores the
+    /// effects durably before returning Ok.
+    async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry>;
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumerOptions {
+    /// For logs and metrics: "identity", "profile".
+    pub name: String,
+    pub batch_size: usize,
+    pub poll_interval: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    /// Sleeps for the current delay (or until cancelled) and doubles it.
+    /// Returns false when cancelled.
+    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let delay = self.current;
+        self.current = (self.current * 2).min(self.max);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(delay) => true,
+        }
+    }
+}
+
+/// The positions to commit after `records`: per partition, the offset after the last one.
+pub fn next_positions(records: &[LogRecord]) -> Vec<(u32, u64)> {
+    let mut next: BTreeMap<u32, u64> = BTreeMap::new();
+    for r in records {
+        let e = next.entry(r.partition).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    next.into_iter().collect()
+}
+
+/// Runs until `cancel` fires; returns after the batch in hand is committed.
+pub async fn run(
+    mut sub: Box<dyn Subscription>,
+    handler: &mut dyn BatchHandler,
+    options: &ConsumerOptions,
+    cancel: CancellationToken,
+) {
+    let name = options.name.as_str();
+    let mut backoff = Backoff::new(options.retry_min, options.retry_max);
+    tracing::info!(consumer = name, "consumer started");
+    'outer: while !cancel.is_cancelled() {
+        let polled = tokio::select! {
+            _ = cancel.cancelled() => break,
+            polled = sub.poll(options.batch_size, options.poll_interval) => polled,
+        };
+        let records = match polled {
+            Ok(r) if r.is_empty() => continue,
+            Ok(r) => r,
+            Err(error) => {
+                tracing::warn!(consumer = name, %error, "poll failed; backing off");
+                if !backoff.wait(&cancel).await {
+                    break;
+                }
+                continue;
+            }
+        };
+        while let Err(error) = handler.handle(&records).await {
+            tracing::warn!(consumer = name, %error, records = records.len(), "batch failed; retrying");
+            if !backoff.wait(&cancel).await {
+                // Not committed: the batch is delivered again after a restart.
+                break 'outer;
+            }
+        }
+        let positions = next_positions(&records);
+        while let Err(error) = sub.commit(&positions).await {
+            tracing::warn!(consumer = name, %error, "commit failed; retrying");
+            if !backoff.wait(&cancel).await {
+                break 'outer;
+            }
+        }
+        backoff.reset();
+        tracing::debug!(consumer = name, records = records.len(), "batch committed");
+    }
+    tracing::info!(consumer = name, "consumer stopped");
+}

@@ -1,0 +1,207 @@
+//! The event log: the source of truth of the platform.
+//!
+//! [`EventLog`] is the port: partitioned topics, durable appends with
+//! offsets, consumer groups whose positions are committed by the consumer
+//! after its effects are stored. Two implementations fill it: the embedded
+//! [`embedded::EmbeddedLog`] (redb on local disk) and Kafka.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use thiserror::Error;
+
+pub mod conformance;
+pub mod consumer;
+pub mod embedded;
+
+pub use embedded::EmbeddedLog;
+
+/// The platform's topics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    /// Accepted touchpoints, keyed by routing identifier: the source of truth.
+    Touchpoints,
+    /// The identity graph's changes (links, merges, ignored identifiers).
+    Identity,
+    /// Touchpoints with their customer id, keyed by customer id.
+    Resolved,
+    /// Events accepted but not processed, with the reason.
+    DeadLetters,
+}
+
+impl Topic {
+    pub const ALL: [Topic; 4] = [
+        Topic::Touchpoints,
+        Topic::Identity,
+        Topic::Resolved,
+        Topic::DeadLetters,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Topic::Touchpoints => "touchpoints",
+            Topic::Identity => "identity",
+            Topic::Resolved => "resolved",
+            Topic::DeadLetters => "dead-letters",
+        }
+    }
+}
+
+impl fmt::Display for Topic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LogError {
+    /// The log cannot be reached or written now; retrying may succeed.
+    #[error("event log unavailable: {0}")]
+    Unavailable(String),
+    /// The log's storage failed.
+    #[error("event log storage: {0}")]
+    Storage(String),
+    #[error("event log: invalid request: {0}")]
+    Invalid(String),
+    #[error("event log is closed")]
+    Closed,
+}
+
+/// A record to append.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Record {
+    /// Decides the partition: records with one key stay in order.
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    /// Metadata such as trace context.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// When set, a second record with the same key is not appended: the
+    /// append reports [`Appended::Duplicate`] with the first one's position.
+    /// Only logs that say [`EventLog::deduplicates`] honour it.
+    pub idempotency_key: Option<Vec<u8>>,
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    New { partition: u32, offset: u64 },
+    Duplicate { partition: u32, offset: u64 },
+}
+
+/// A record read from the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub topic: Topic,
+    pub partition: u32,
+    pub offset: u64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Append time, ms since the epoch.
+    pub timestamp: i64,
+}
+
+impl LogRecord {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Which share of a topic's partitions a group member consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Membership {
+    pub index: u32,
+    pub members: u32,
+}
+
+impl Default for Membership {
+    fn default() -> Self {
+        Membership {
+            index: 0,
+            members: 1,
+        }
+    }
+}
+
+impl Membership {
+    pub fn owns(&self, partition: u32) -> bool {
+        self.members <= 1 || partition % self.members == self.index
+    }
+}
+
+/// The event log port.
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends records to `topic`; returns once they are durable, with one
+    /// result per record, in order.
+    async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Appended>, LogError>;
+
+    /// Number of partitions of `topic`.
+    fn partitions(&self, topic: Topic) -> u32;
+
+    /// Whether [`Record::idempotency_key`] is honoured at append.
+    fn deduplicates(&self) -> bool;
+
+    /// Joins consumer group `group` on `topic`.
+    async fn subscribe(
+        &self,
+        group: &str,
+        topic: Topic,
+        membership: Membership,
+    ) -> Result<Box<dyn Subscription>, LogError>;
+
+    /// Reads up to `max` records of one partition from `from` on.
+    async fn read(
+        &self,
+        topic: Topic,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<LogRecord>, LogError>;
+
+    /// The next offset of every partition of `topic`.
+    async fn end_offsets(&self, topic: Topic) -> Result<Vec<u64>, LogError>;
+
+    /// The committed position of `group` in every partition of `topic`.
+    async fn committed(&self, group: &str, topic: Topic) -> Result<Vec<u64>, LogError>;
+}
+
+/// A consumer group member's view of a topic.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next records of the assigned partitions, waiting up to `max_wait`
+    /// when there are none. Records of one partition come in offset order.
+    async fn poll(&mut self, max: usize, max_wait: Duration) -> Result<Vec<LogRecord>, LogError>;
+
+    /// Commits, per partition, the offset of the next record to process.
+    /// Call only after the effects of the records before it are stored.
+    async fn commit(&mut self, positions: &[(u32, u64)]) -> Result<(), LogError>;
+
+    /// Rewinds to the committed positions (after a failed batch).
+    async fn rewind(&mut self) -> Result<(), LogError>;
+}
+
+/// Stable partitioner: FNV-1a of the key, modulo the partition count.
+pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in key {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    u32::try_from(hash % u64::from(partitions.max(1))).unwrap_or(0)
+}
+
+/// Total records not yet committed by `group` on `topic`.
+pub async fn lag(log: &dyn EventLog, group: &str, topic: Topic) -> Result<u64, LogError> {
+    let ends = log.end_offsets(topic).await?;
+    let committed = log.committed(group, topic).await?;
+    Ok(ends
+        .iter()
+        .zip(committed.iter().chain(std::iter::repeat(&0)))
+        .map(|(end, pos)| end.saturating_sub(*pos))
+        .sum())
+}

@@ -1,0 +1,234 @@
+//! Layered configuration: built-in defaults, then a TOML file, then
+//! environment variables `CDP__SECTION__KEY` (for example
+//! `CDP__SERVER__GRPC_ADDR=127.0.0.1:6000`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use cdp_domain::{IdentityRules, IdentityRulesConfig, ValidationLimits};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: identity rules: {0}")]
+    Rules(#[from] cdp_domain::rules::RulesError),
+    #[error("configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Where the gRPC API listens (ingest, profile, health, reflection).
+    pub grpc_addr: SocketAddr,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Partitions of the touchpoints topic (and of the resolved topic).
+    pub partitions: u32,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { partitions: 4 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Records a worker takes from the log at once.
+    pub batch_size: usize,
+    /// Longest a worker waits for new records before polling again, in ms.
+    pub poll_interval_ms: u64,
+    /// Retry back-off bounds for a failing store or log, in ms.
+    pub retry_min_ms: u64,
+    pub retry_max_ms: u64,
+    /// Identity workers in this process (they split the partitions).
+    pub identity_workers: u32,
+    /// Profile workers in this process.
+    pub profile_workers: u32,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_size: 256,
+            poll_interval_ms: 200,
+            retry_min_ms: 50,
+            retry_max_ms: 5_000,
+            identity_workers: 1,
+            profile_workers: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// `tracing` filter, as in RUST_LOG (which overrides it).
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            filter: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// The whole platform's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PlatformConfig {
+    /// Where the embedded log and store keep their files.
+    pub data_dir: PathBuf,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub pipeline: PipelineConfig,
+    pub identity: IdentityRulesConfig,
+    pub validation: ValidationLimits,
+    pub telemetry: TelemetryConfig,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig {
+            data_dir: PathBuf::from("data"),
+            server: ServerConfig::default(),
+            log: LogConfig::default(),
+            pipeline: PipelineConfig::default(),
+            identity: IdentityRulesConfig::default(),
+            validation: ValidationLimits::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl PlatformConfig {
+    /// Loads defaults, then `file` if given, then `CDP__*` environment variables.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let defaults = config::Config::try_from(&PlatformConfig::default())?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("CDP")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let loaded: PlatformConfig = builder.build()?.try_deserialize()?;
+        loaded.check()?;
+        Ok(loaded)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.log.partitions == 0 || self.log.partitions > 1024 {
+            return Err(ConfigError::Invalid {
+                field: "log.partitions",
+                reason: format!("must be between 1 and 1024, not {}", self.log.partitions),
+            });
+        }
+        if self.pipeline.batch_size == 0 {
+            return Err(ConfigError::Invalid {
+                field: "pipeline.batch_size",
+                reason: "must be at least 1".into(),
+            });
+        }
+        IdentityRules::new(self.identity.clone())?;
+        Ok(())
+    }
+
+    pub fn identity_rules(&self) -> Result<IdentityRules, ConfigError> {
+        Ok(IdentityRules::new(self.identity.clone())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_file_overrides_defaults_and_keeps_the_rest() {
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        writeln!(
+            f,
+            "data_dir = \"/tmp/x\"\n[server]\ngrpc_addr = \"127.0.0.1:6001\"\n[identity.kinds.device_id]\npriority = 8\nlimit = 3\nblocked = [\"shared-kiosk\"]"
+        )
+        .unwrap();
+        let c = PlatformConfig::load(Some(f.path())).unwrap();
+        assert_eq!(c.server.grpc_addr.port(), 6001);
+        assert_eq!(c.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.log.partitions, 4);
+        assert_eq!(
+            c.identity.kinds["device_id"].blocked,
+            vec!["shared-kiosk".to_string()]
+        );
+        assert!(c.identity.kinds.contains_key("email"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        writeln!(f, "[log]\npartitions = 0").unwrap();
+        let err = PlatformConfig::load(Some(f.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.partitions"), "{err}");
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        writeln!(f, "[server]\ngrpc_adr = \"x\"").unwrap();
+        assert!(PlatformConfig::load(Some(f.path())).is_err());
+    }
+}
+
+#[cfg(test)]
+mod example {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_loads_and_partial_kind_rules_keep_their_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cdp.example.toml");
+        let c = PlatformConfig::load(Some(&path)).unwrap();
+        let rules = c.identity_rules().unwrap();
+        assert!(rules.is_known(&cdp_domain::IdKind::Custom("crm_id".into())));
+        assert!(
+            c.identity.kinds["device_id"]
+                .blocked_patterns
+                .contains(&"kiosk-*".to_string())
+        );
+        // Kinds the file does not mention keep the built-in rules.
+        assert_eq!(
+            c.identity.kinds["email"],
+            IdentityRulesConfig::default().kinds["email"]
+        );
+    }
+}

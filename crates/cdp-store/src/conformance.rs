@@ -1,0 +1,388 @@
+//! The conformance suites of the store ports. Every implementation runs
+//! them (the embedded store in this crate's tests, ScyllaDB/Cassandra
+//! against a real server). `prefix` keeps runs on a shared server apart.
+
+use std::time::Duration;
+
+use cdp_domain::identity::Resolution;
+use cdp_domain::{
+    Attributes, Channel, CustomerId, Envelope, EventId, EventType, IdKind, Identifier,
+    IdentityRules, Personal, ResolvedTouchpoint, Touchpoint,
+};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::{IdentityStore, ProfileStore, TimelineQuery};
+
+fn event(
+    prefix: &str,
+    n: u64,
+    at: i64,
+    event_type: EventType,
+    ids: &[(IdKind, String)],
+    props: serde_json::Value,
+) -> Touchpoint {
+    let mut identifiers: Vec<Identifier> = ids
+        .iter()
+        .map(|(k, v)| Identifier::new(k.clone(), v.clone()))
+        .collect();
+    identifiers.sort();
+    Touchpoint {
+        envelope: Envelope {
+            event_id: EventId(Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{prefix}-{n}").as_bytes(),
+            )),
+            event_type,
+            channel: Channel::Web,
+            source_id: "conformance".into(),
+            occurred_at: at,
+            received_at: at,
+            properties: props.as_object().cloned().unwrap_or_default(),
+        },
+        personal: Personal {
+            identifiers,
+            traits: Attributes::new(),
+        },
+    }
+}
+
+fn email(prefix: &str, who: &str) -> (IdKind, String) {
+    (IdKind::Email, format!("{who}.{prefix}@shop.vn"))
+}
+
+fn decided(r: &Resolution) -> &cdp_domain::Decision {
+    match r {
+        Resolution::Resolved(d) => d,
+        other => panic!("expected a decision, got {other:?}"),
+    }
+}
+
+/// Links, merges with a redirect, and idempotent re-resolution.
+pub async fn identity_links_merges_and_replays(store: &dyn IdentityStore, prefix: &str) {
+    let rules = IdentityRules::default();
+    let phone = (
+        IdKind::Phone,
+        format!(
+            "+8491{:07}",
+            Uuid::new_v5(&Uuid::NAMESPACE_OID, prefix.as_bytes()).as_u128() % 10_000_000
+        ),
+    );
+    let a = event(
+        prefix,
+        1,
+        1000,
+        EventType::ProductViewed,
+        &[email(prefix, "a")],
+        json!({}),
+    );
+    let b = event(
+        prefix,
+        2,
+        2000,
+        EventType::ProductViewed,
+        std::slice::from_ref(&phone),
+        json!({}),
+    );
+    let link = event(
+        prefix,
+        3,
+        3000,
+        EventType::Identify,
+        &[email(prefix, "a"), phone.clone()],
+        json!({}),
+    );
+    let out = store
+        .resolve(&[a.clone(), b.clone(), link.clone()], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (ca, cb, cl) = (decided(&out[0]), decided(&out[1]), decided(&out[2]));
+    assert!(ca.created && cb.created);
+    assert_eq!(
+        cl.customer_id, ca.customer_id,
+        "the older customer survives"
+    );
+    assert_eq!(cl.merges.len(), 1);
+    assert_eq!(cl.merges[0].loser, cb.customer_id);
+    assert_eq!(cl.merges[0].cause.event_id, link.event_id());
+    let phone_id = Identifier::new(phone.0.clone(), phone.1.clone());
+    assert_eq!(
+        store
+            .owner(&phone_id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(ca.customer_id)
+    );
+    assert_eq!(
+        store
+            .root(cb.customer_id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        ca.customer_id
+    );
+    let node = store
+        .customer(ca.customer_id)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no node"));
+    assert!(node.identifiers.contains(&phone_id));
+    assert_eq!(node.merges.len(), 1);
+    let claims = store
+        .claims(std::slice::from_ref(&phone_id))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(claims[0].as_ref().map(|c| c.event_id), Some(b.event_id()));
+
+    // Re-delivery: the same decisions, merges included.
+    let again = store
+        .resolve(&[link], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(decided(&again[0]), cl);
+}
+
+/// Two workers racing to claim one new identifier end with one owner.
+pub async fn identity_races_end_in_one_graph(
+    store: std::sync::Arc<dyn IdentityStore>,
+    prefix: &str,
+) {
+    let rules = IdentityRules::default();
+    let shared = email(prefix, "race");
+    let mut tasks = Vec::new();
+    for worker in 0..4u64 {
+        let store = std::sync::Arc::clone(&store);
+        let rules = rules.clone();
+        let e = event(
+            prefix,
+            100 + worker,
+            1000 + worker as i64,
+            EventType::ProductViewed,
+            std::slice::from_ref(&shared),
+            json!({}),
+        );
+        tasks.push(tokio::spawn(
+            async move { store.resolve(&[e], &rules).await },
+        ));
+    }
+    let mut customers = Vec::new();
+    for t in tasks {
+        let r = t
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        customers.push(decided(&r[0]).customer_id);
+    }
+    customers.dedup();
+    assert_eq!(
+        customers.len(),
+        1,
+        "racing workers created several customers: {customers:?}"
+    );
+    let owner = store
+        .owner(&Identifier::new(shared.0, shared.1))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(owner, Some(customers[0]));
+}
+
+fn resolved(customer: CustomerId, t: Touchpoint) -> ResolvedTouchpoint {
+    ResolvedTouchpoint {
+        customer_id: customer,
+        merges: Vec::new(),
+        touchpoint: t,
+    }
+}
+
+/// Folding, idempotent re-delivery, merges with redirects, and the timeline.
+pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str) {
+    let c1 = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-c1").as_bytes(),
+    ));
+    let c2 = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-c2").as_bytes(),
+    ));
+    let ids = [email(prefix, "p")];
+    let order = |n, at, total| {
+        event(
+            prefix,
+            n,
+            at,
+            EventType::OrderCompleted,
+            &ids,
+            json!({"order_id": format!("{prefix}-o{n}"), "total": total}),
+        )
+    };
+    let batch = vec![
+        resolved(c1, order(10, 1000, 100_000)),
+        resolved(
+            c1,
+            event(
+                prefix,
+                11,
+                2000,
+                EventType::ProductViewed,
+                &ids,
+                json!({"product_id": "p1"}),
+            ),
+        ),
+        resolved(c2, order(12, 3000, 250_000)),
+    ];
+    assert_eq!(
+        store
+            .apply(&batch, "VND")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        3
+    );
+    assert_eq!(
+        store
+            .apply(&batch, "VND")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        0,
+        "re-delivery must be a no-op"
+    );
+
+    let merge = cdp_domain::Merge {
+        loser: c2,
+        survivor: c1,
+        at: 4000,
+        cause: cdp_domain::identity::MergeCause {
+            event_id: EventId(Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{prefix}-m").as_bytes(),
+            )),
+            identifier: Identifier::new(ids[0].0.clone(), ids[0].1.clone()),
+            rule: "email may merge customers".into(),
+        },
+    };
+    let merging = ResolvedTouchpoint {
+        customer_id: c1,
+        merges: vec![merge],
+        touchpoint: event(
+            prefix,
+            13,
+            4000,
+            EventType::ProductViewed,
+            &ids,
+            json!({"product_id": "p2"}),
+        ),
+    };
+    store
+        .apply(std::slice::from_ref(&merging), "VND")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A late event of the merged-away customer lands on the survivor.
+    store
+        .apply(&[resolved(c2, order(14, 5000, 50_000))], "VND")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    store
+        .apply(&[merging], "VND")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let p = store
+        .profile(c2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no profile"));
+    assert_eq!(
+        p.customer_id, c1,
+        "a lookup by the loser lands on the survivor"
+    );
+    let view = p.view();
+    assert_eq!(view.orders_count, 3);
+    assert_eq!(view.spend[0].total, rust_decimal_total(400_000));
+    assert_eq!(view.events_count, 5);
+
+    let mut query = TimelineQuery {
+        limit: 2,
+        ..TimelineQuery::default()
+    };
+    let mut seen = Vec::new();
+    loop {
+        let page = store
+            .timeline(c1, &query)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        seen.extend(page.entries.iter().map(|e| e.occurred_at));
+        match page.next {
+            Some(next) => query.after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![5000, 4000, 3000, 2000, 1000],
+        "newest first, every entry once across pages"
+    );
+    let orders_only = TimelineQuery {
+        types: vec![EventType::OrderCompleted],
+        from: Some(2000),
+        limit: 10,
+        ..TimelineQuery::default()
+    };
+    let page = store
+        .timeline(c1, &orders_only)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        page.entries
+            .iter()
+            .map(|e| e.occurred_at)
+            .collect::<Vec<_>>(),
+        vec![5000, 3000]
+    );
+}
+
+fn rust_decimal_total(n: i64) -> rust_decimal::Decimal {
+    rust_decimal::Decimal::from(n)
+}
+
+/// Concurrent folds of one customer lose no update.
+pub async fn profiles_lose_no_concurrent_update(
+    store: std::sync::Arc<dyn ProfileStore>,
+    prefix: &str,
+) {
+    let c = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-busy").as_bytes(),
+    ));
+    let ids = [email(prefix, "busy")];
+    let mut tasks = Vec::new();
+    for w in 0..4u64 {
+        let store = std::sync::Arc::clone(&store);
+        let ids = ids.clone();
+        let prefix = prefix.to_owned();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..10u64 {
+                let n = 1000 + w * 100 + i;
+                let t = event(
+                    &prefix,
+                    n,
+                    n as i64,
+                    EventType::PointsEarned,
+                    &ids,
+                    json!({"points": 1}),
+                );
+                store
+                    .apply(&[resolved(c, t)], "VND")
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let p = store
+        .profile(c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no profile"));
+    assert_eq!(p.view().loyalty_points, 40, "an update was lost");
+}

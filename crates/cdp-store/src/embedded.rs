@@ -1,0 +1,358 @@
+//! The embedded stores: redb on local disk. Each call is one serializable
+//! write transaction, synced before it returns, so two workers can never
+//! interleave inside a resolution or a fold.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cdp_domain::identity::{self, Claim, CustomerNode, GraphRead, GraphWrite};
+use cdp_domain::profile::{Profile, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::{
+    CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
+    Touchpoint,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::{IdentityStore, ProfileStore, StoreError, TimelinePage, TimelineQuery};
+
+/// identifier key (`kind \0 value`) -> Claim (JSON).
+const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
+/// customer id -> CustomerNode (JSON).
+const CUSTOMERS: TableDefinition<u128, &[u8]> = TableDefinition::new("customers");
+/// event id -> Resolution (JSON): what identity decided for the event.
+const RESOLUTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("resolutions");
+/// customer id -> ProfileSlot (JSON).
+const PROFILES: TableDefinition<u128, &[u8]> = TableDefinition::new("profiles");
+/// (customer id, occurred_at, event id) -> TimelineEntry (JSON).
+const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new("timeline");
+
+fn storage<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(storage)
+}
+
+fn from_json<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn key(c: CustomerId) -> u128 {
+    c.0.as_u128()
+}
+
+/// The embedded identity and profile stores, in `dir/store.redb`. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+}
+
+impl EmbeddedStore {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(storage)?;
+        let db = Database::create(dir.join("store.redb")).map_err(storage)?;
+        let tx = db.begin_write().map_err(storage)?;
+        {
+            tx.open_table(CLAIMS).map_err(storage)?;
+            tx.open_table(CUSTOMERS).map_err(storage)?;
+            tx.open_table(RESOLUTIONS).map_err(storage)?;
+            tx.open_table(PROFILES).map_err(storage)?;
+            tx.open_table(TIMELINE).map_err(storage)?;
+        }
+        tx.commit().map_err(storage)?;
+        Ok(EmbeddedStore { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Storage(format!("store task failed: {e}")))?
+    }
+
+    fn read_node(db: &Database, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        let tx = db.begin_read().map_err(storage)?;
+        let table = tx.open_table(CUSTOMERS).map_err(storage)?;
+        match table.get(key(customer)).map_err(storage)? {
+            Some(v) => Ok(Some(from_json("customer", v.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The identity graph over the tables of one write transaction.
+struct TxGraph<'t> {
+    claims: Table<'t, &'static str, &'static [u8]>,
+    customers: Table<'t, u128, &'static [u8]>,
+}
+
+impl GraphRead for TxGraph<'_> {
+    type Error = StoreError;
+
+    fn claim(&self, id: &Identifier) -> Result<Option<Claim>, StoreError> {
+        match self.claims.get(id.key().as_str()).map_err(storage)? {
+            Some(v) => Ok(Some(from_json("claim", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        match self.customers.get(key(customer)).map_err(storage)? {
+            Some(v) => Ok(Some(from_json("customer", v.value())?)),
+            None => Ok(None),
+        }
+    }
+}
+
+impl GraphWrite for TxGraph<'_> {
+    fn put_claim(&mut self, id: &Identifier, claim: &Claim) -> Result<(), StoreError> {
+        self.claims
+            .insert(id.key().as_str(), to_json(claim)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+
+    fn put_node(&mut self, node: &CustomerNode) -> Result<(), StoreError> {
+        self.customers
+            .insert(key(node.id), to_json(node)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+}
+
+/// A read-only graph over committed data.
+struct ReadGraph<'a>(&'a Database);
+
+impl GraphRead for ReadGraph<'_> {
+    type Error = StoreError;
+
+    fn claim(&self, id: &Identifier) -> Result<Option<Claim>, StoreError> {
+        let tx = self.0.begin_read().map_err(storage)?;
+        let table = tx.open_table(CLAIMS).map_err(storage)?;
+        match table.get(id.key().as_str()).map_err(storage)? {
+            Some(v) => Ok(Some(from_json("claim", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        EmbeddedStore::read_node(self.0, customer)
+    }
+}
+
+#[async_trait]
+impl IdentityStore for EmbeddedStore {
+    async fn resolve(
+        &self,
+        events: &[Touchpoint],
+        rules: &IdentityRules,
+    ) -> Result<Vec<Resolution>, StoreError> {
+        let events = events.to_vec();
+        let rules = rules.clone();
+        self.blocking(move |db| {
+            let mut tx = db.begin_write().map_err(storage)?;
+            tx.set_durability(Durability::Immediate).map_err(storage)?;
+            let mut out = Vec::with_capacity(events.len());
+            {
+                let mut decisions = tx.open_table(RESOLUTIONS).map_err(storage)?;
+                let mut graph = TxGraph {
+                    claims: tx.open_table(CLAIMS).map_err(storage)?,
+                    customers: tx.open_table(CUSTOMERS).map_err(storage)?,
+                };
+                for event in &events {
+                    let event_key = event.event_id().0.as_u128();
+                    if let Some(stored) = decisions.get(event_key).map_err(storage)? {
+                        out.push(from_json("resolution", stored.value())?);
+                        continue;
+                    }
+                    let resolution = identity::resolve(&mut graph, &rules, event)?;
+                    decisions
+                        .insert(event_key, to_json(&resolution)?.as_slice())
+                        .map_err(storage)?;
+                    out.push(resolution);
+                }
+            }
+            tx.commit().map_err(storage)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
+        let id = id.clone();
+        self.blocking(move |db| ReadGraph(db).owner(&id)).await
+    }
+
+    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
+        self.blocking(move |db| ReadGraph(db).root(customer)).await
+    }
+
+    async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        self.blocking(move |db| Self::read_node(db, customer)).await
+    }
+
+    async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
+        let ids = ids.to_vec();
+        self.blocking(move |db| {
+            let graph = ReadGraph(db);
+            ids.iter().map(|id| graph.claim(id)).collect()
+        })
+        .await
+    }
+}
+
+/// Profiles over the table of one write transaction.
+struct TxProfiles<'t> {
+    profiles: Table<'t, u128, &'static [u8]>,
+}
+
+impl ProfileAccess for TxProfiles<'_> {
+    type Error = StoreError;
+
+    fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, StoreError> {
+        match self.profiles.get(key(customer)).map_err(storage)? {
+            Some(v) => Ok(Some(from_json("profile", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
+        self.profiles
+            .insert(key(customer), to_json(slot)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+}
+
+fn read_profile(db: &Database, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
+    let tx = db.begin_read().map_err(storage)?;
+    let table = tx.open_table(PROFILES).map_err(storage)?;
+    let mut current = customer;
+    for _ in 0..64 {
+        let slot: Option<ProfileSlot> = match table.get(key(current)).map_err(storage)? {
+            Some(v) => Some(from_json("profile", v.value())?),
+            None => None,
+        };
+        match slot {
+            Some(ProfileSlot::Live(p)) => return Ok(Some(*p)),
+            Some(ProfileSlot::MergedInto(next)) => current = next,
+            None => return Ok(None),
+        }
+    }
+    Err(StoreError::Corrupt {
+        what: "profile",
+        reason: format!("redirect chain from {customer} is too long"),
+    })
+}
+
+#[async_trait]
+impl ProfileStore for EmbeddedStore {
+    async fn apply(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        default_currency: &str,
+    ) -> Result<usize, StoreError> {
+        let batch = batch.to_vec();
+        let currency = default_currency.to_owned();
+        self.blocking(move |db| {
+            let mut tx = db.begin_write().map_err(storage)?;
+            tx.set_durability(Durability::Immediate).map_err(storage)?;
+            let mut applied = 0;
+            {
+                let mut access = TxProfiles {
+                    profiles: tx.open_table(PROFILES).map_err(storage)?,
+                };
+                let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
+                for resolved in &batch {
+                    if let Some(entry) = fold_resolved(&mut access, resolved, &currency)? {
+                        timeline
+                            .insert(
+                                (
+                                    key(entry.customer_id),
+                                    entry.occurred_at,
+                                    entry.event_id.0.as_u128(),
+                                ),
+                                to_json(&entry)?.as_slice(),
+                            )
+                            .map_err(storage)?;
+                        applied += 1;
+                    }
+                }
+            }
+            tx.commit().map_err(storage)?;
+            Ok(applied)
+        })
+        .await
+    }
+
+    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
+        self.blocking(move |db| read_profile(db, customer)).await
+    }
+
+    async fn timeline(
+        &self,
+        customer: CustomerId,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage, StoreError> {
+        let query = query.clone();
+        self.blocking(move |db| {
+            let mut customers = vec![customer];
+            if let Some(p) = read_profile(db, customer)? {
+                customers = vec![p.customer_id];
+                customers.extend(p.merged_from.iter().copied());
+            }
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(TIMELINE).map_err(storage)?;
+            let limit = query.limit.max(1);
+            let upper = match (query.to, query.after) {
+                (Some(to), Some((at, _))) => to.min(at.saturating_add(1)),
+                (Some(to), None) => to,
+                (None, Some((at, _))) => at.saturating_add(1),
+                (None, None) => i64::MAX,
+            };
+            let lower = query.from.unwrap_or(i64::MIN);
+            let mut found: Vec<TimelineEntry> = Vec::new();
+            for c in customers {
+                let c = key(c);
+                let mut taken = 0;
+                for item in table
+                    .range((c, lower, 0u128)..(c, upper, 0u128))
+                    .map_err(storage)?
+                    .rev()
+                {
+                    let (_, v) = item.map_err(storage)?;
+                    let entry: TimelineEntry = from_json("timeline entry", v.value())?;
+                    if query.matches(&entry) {
+                        found.push(entry);
+                        taken += 1;
+                        if taken > limit {
+                            break;
+                        }
+                    }
+                }
+            }
+            found.sort_by_key(|e| std::cmp::Reverse((e.occurred_at, e.event_id)));
+            let next = if found.len() > limit {
+                found.truncate(limit);
+                found.last().map(|e| (e.occurred_at, e.event_id))
+            } else {
+                None
+            };
+            Ok(TimelinePage {
+                entries: found,
+                next,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,115 @@
+//! The store ports of the platform and their embedded implementation.
+//!
+//! - [`IdentityStore`]: the identity graph (claims of identifiers,
+//!   customers, merges) and the decision taken for each event.
+//! - [`ProfileStore`]: folded profiles and the timeline.
+//!
+//! The rules are in `cdp-domain`; a store only provides atomic access
+//! (a redb transaction here, conditional writes on ScyllaDB).
+
+use async_trait::async_trait;
+use cdp_domain::identity::{Claim, CustomerNode};
+use cdp_domain::profile::Profile;
+use cdp_domain::{
+    Channel, CustomerId, EventId, EventType, Identifier, IdentityRules, Resolution,
+    ResolvedTouchpoint, TimelineEntry, Touchpoint, UnixMillis,
+};
+use thiserror::Error;
+
+pub mod conformance;
+pub mod embedded;
+
+pub use embedded::EmbeddedStore;
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The store cannot be reached now; retrying may succeed.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store: {0}")]
+    Storage(String),
+    /// A stored value cannot be read back.
+    #[error("store: corrupt {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("store: invalid request: {0}")]
+    Invalid(String),
+}
+
+/// The identity graph.
+#[async_trait]
+pub trait IdentityStore: Send + Sync + 'static {
+    /// Resolves each event in order and stores the outcome atomically with
+    /// the decision. Resolving an event again returns the stored decision,
+    /// so a re-delivered event gets the same customer and the same merges.
+    async fn resolve(
+        &self,
+        events: &[Touchpoint],
+        rules: &IdentityRules,
+    ) -> Result<Vec<Resolution>, StoreError>;
+
+    /// The customer that owns `id` now (merges followed).
+    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError>;
+
+    /// The customer that stands for `customer` now (merges followed).
+    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError>;
+
+    /// A customer node as stored (a merged one has `merged_into` set).
+    async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError>;
+
+    /// How each identifier was linked.
+    async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError>;
+}
+
+/// Filters and position of a timeline read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TimelineQuery {
+    pub channels: Vec<Channel>,
+    pub types: Vec<EventType>,
+    /// Inclusive lower bound of `occurred_at`.
+    pub from: Option<UnixMillis>,
+    /// Exclusive upper bound of `occurred_at`.
+    pub to: Option<UnixMillis>,
+    /// Continue after this entry (the last one of the previous page).
+    pub after: Option<(UnixMillis, EventId)>,
+    pub limit: usize,
+}
+
+impl TimelineQuery {
+    pub fn matches(&self, e: &TimelineEntry) -> bool {
+        (self.channels.is_empty() || self.channels.contains(&e.channel))
+            && (self.types.is_empty() || self.types.contains(&e.event_type))
+            && self.from.is_none_or(|f| e.occurred_at >= f)
+            && self.to.is_none_or(|t| e.occurred_at < t)
+            && self.after.is_none_or(|a| (e.occurred_at, e.event_id) < a)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimelinePage {
+    /// Newest first.
+    pub entries: Vec<TimelineEntry>,
+    /// Set when more entries match.
+    pub next: Option<(UnixMillis, EventId)>,
+}
+
+/// Profiles and their timeline.
+#[async_trait]
+pub trait ProfileStore: Send + Sync + 'static {
+    /// Folds resolved touchpoints in order (merges first, then the event),
+    /// atomically and idempotently. Returns how many events were new.
+    async fn apply(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        default_currency: &str,
+    ) -> Result<usize, StoreError>;
+
+    /// The live profile standing for `customer` (merges followed).
+    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError>;
+
+    /// Timeline entries of a customer and of every customer merged into it.
+    async fn timeline(
+        &self,
+        customer: CustomerId,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage, StoreError>;
+}

@@ -1,0 +1,23 @@
+//! The store conformance suites on the embedded store.
+
+use std::sync::Arc;
+
+use cdp_store::{EmbeddedStore, IdentityStore, ProfileStore, conformance};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_identity_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    conformance::identity_links_merges_and_replays(&store, "emb").await;
+    let shared: Arc<dyn IdentityStore> = Arc::new(store);
+    conformance::identity_races_end_in_one_graph(shared, "emb").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_profile_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(dir.path()).unwrap();
+    conformance::profiles_fold_merge_and_page(&store, "emb").await;
+    let shared: Arc<dyn ProfileStore> = Arc::new(store);
+    conformance::profiles_lose_no_concurrent_update(shared, "emb").await;
+}

@@ -1,0 +1,153 @@
+//! The identity-resolution worker: consumes the touchpoints topic, resolves
+//! each event against the identity graph, and publishes the resolved event
+//! (keyed by customer id), the graph's changes, and dead letters for events
+//! that cannot be attributed.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cdp_domain::{IdentityRules, Resolution, ResolvedTouchpoint, Touchpoint};
+use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
+use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
+use cdp_proto::record;
+use cdp_store::IdentityStore;
+use tokio_util::sync::CancellationToken;
+
+/// The consumer group of identity workers.
+pub const GROUP: &str = "cdp-identity";
+
+pub struct IdentityWorker {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn IdentityStore>,
+    rules: Arc<IdentityRules>,
+}
+
+fn dead_letter(key: &[u8], value: Vec<u8>) -> Record {
+    Record {
+        key: key.to_vec(),
+        value,
+        headers: Vec::new(),
+        idempotency_key: None,
+    }
+}
+
+impl IdentityWorker {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn IdentityStore>,
+        rules: Arc<IdentityRules>,
+    ) -> Self {
+        IdentityWorker { log, store, rules }
+    }
+
+    /// Consumes until `cancel` fires, as member `membership` of the group.
+    pub async fn run(
+        mut self,
+        membership: Membership,
+        options: ConsumerOptions,
+        cancel: CancellationToken,
+    ) -> Result<(), cdp_log::LogError> {
+        let sub = self
+            .log
+            .subscribe(GROUP, Topic::Touchpoints, membership)
+            .await?;
+        cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BatchHandler for IdentityWorker {
+    #[tracing::instrument(name = "identity_batch", skip_all, fields(records = records.len()))]
+    async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
+        let now = cdp_ingest::now_ms();
+        let mut dead = Vec::new();
+        let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
+        for r in records {
+            match record::decode_touchpoint(&r.value) {
+                Ok(t) => events.push(t),
+                Err(error) => {
+                    tracing::error!(partition = r.partition, offset = r.offset, %error, "undecodable touchpoint record");
+                    dead.push(dead_letter(
+                        &r.key,
+                        record::encode_raw_dead_letter(
+                            "identity",
+                            &error.to_string(),
+                            &r.value,
+                            now,
+                        ),
+                    ));
+                }
+            }
+        }
+        let resolutions = self
+            .store
+            .resolve(&events, &self.rules)
+            .await
+            .map_err(|e| Retry(format!("identity store: {e}")))?;
+        let mut resolved = Vec::with_capacity(events.len());
+        let mut graph_changes = Vec::new();
+        for (event, resolution) in events.into_iter().zip(resolutions) {
+            match resolution {
+                Resolution::Resolved(decision) => {
+                    let key = decision.customer_id.to_string().into_bytes();
+                    for change in record::identity_records(&decision) {
+                        graph_changes.push(Record {
+                            key: key.clone(),
+                            value: change,
+                            ..Record::default()
+                        });
+                    }
+                    if !decision.merges.is_empty() {
+                        tracing::info!(customer = %decision.customer_id, merged = decision.merges.len(), event = %decision.event_id, "customers merged");
+                    }
+                    let r = ResolvedTouchpoint {
+                        customer_id: decision.customer_id,
+                        merges: decision.merges,
+                        touchpoint: event,
+                    };
+                    resolved.push(Record {
+                        key,
+                        value: record::encode_resolved(&r),
+                        headers: vec![(
+                            "cdp-event-id".into(),
+                            r.touchpoint.event_id().to_string().into_bytes(),
+                        )],
+                        idempotency_key: None,
+                    });
+                }
+                Resolution::Unresolvable { ignored } => {
+                    let reasons: Vec<String> = ignored
+                        .iter()
+                        .map(|(id, why)| format!("{}: {}", id.kind, why.describe()))
+                        .collect();
+                    let reason = format!(
+                        "no identifier of the event may link it to a customer ({})",
+                        reasons.join("; ")
+                    );
+                    tracing::warn!(event = %event.event_id(), %reason, "event sent to dead letters");
+                    dead.push(dead_letter(
+                        event.event_id().to_string().as_bytes(),
+                        record::encode_dead_letter("identity", &reason, &event, now),
+                    ));
+                }
+            }
+        }
+        // The resolved events first: they are what profiles need. A crash
+        // before the commit re-resolves the batch, and the store answers
+        // with the same decisions.
+        for (topic, batch) in [
+            (Topic::Resolved, resolved),
+            (Topic::Identity, graph_changes),
+            (Topic::DeadLetters, dead),
+        ] {
+            if !batch.is_empty() {
+                self.log
+                    .append(topic, batch)
+                    .await
+                    .map_err(|e| Retry(format!("append to {topic}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}

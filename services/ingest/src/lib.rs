@@ -1,0 +1,229 @@
+//! The ingest service: validates touchpoints, appends them durably to the
+//! touchpoints topic, and answers only after the log has them.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cdp_domain::{
+    EventId, FieldError, IdentityRules, RawTouchpoint, Touchpoint, ValidationLimits, validate,
+};
+use cdp_log::{Appended, EventLog, Record, Topic};
+use cdp_proto::convert;
+use cdp_proto::v1::ingest_service_server::IngestService;
+use cdp_proto::v1::{
+    EventResult, EventStatus, FieldViolation, TrackBatchRequest, TrackBatchResponse, TrackRequest,
+    TrackResponse,
+};
+use cdp_runtime::ServiceError;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+/// Most touchpoints in one batch.
+pub const MAX_BATCH: usize = 500;
+
+/// What happened to one touchpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Accepted(EventId),
+    Duplicate(EventId),
+    Rejected(Vec<FieldError>),
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Validation plus the durable append. Shared by every front door (gRPC,
+/// and later HTTP and webhooks).
+#[derive(Clone)]
+pub struct Ingestor {
+    log: Arc<dyn EventLog>,
+    rules: Arc<IdentityRules>,
+    limits: Arc<ValidationLimits>,
+}
+
+impl Ingestor {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        rules: Arc<IdentityRules>,
+        limits: Arc<ValidationLimits>,
+    ) -> Self {
+        Ingestor { log, rules, limits }
+    }
+
+    fn record(&self, t: &Touchpoint) -> Record {
+        let key = t
+            .routing_identifier(&self.rules)
+            .map_or_else(|| t.event_id().to_string(), |id| id.key());
+        Record {
+            key: key.into_bytes(),
+            value: cdp_proto::record::encode_touchpoint(t),
+            headers: vec![
+                ("cdp-event-id".into(), t.event_id().to_string().into_bytes()),
+                (
+                    "cdp-schema".into(),
+                    format!("cdp.v1.TouchpointRecord/{}", cdp_proto::SCHEMA_VERSION).into_bytes(),
+                ),
+            ],
+            idempotency_key: Some(t.event_id().0.as_bytes().to_vec()),
+        }
+    }
+
+    /// Validates every touchpoint and appends the valid ones in one durable
+    /// append. A log failure fails the whole call (nothing is acknowledged).
+    #[tracing::instrument(skip_all, fields(events = raws.len()))]
+    pub async fn ingest(&self, raws: &[RawTouchpoint]) -> Result<Vec<Outcome>, ServiceError> {
+        let now = now_ms();
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; raws.len()];
+        let mut valid: Vec<(usize, Touchpoint)> = Vec::with_capacity(raws.len());
+        for (i, raw) in raws.iter().enumerate() {
+            let ctx = cdp_domain::Context {
+                now,
+                fresh_event_id: Uuid::now_v7(),
+            };
+            match validate(raw, &self.rules, &self.limits, ctx) {
+                Ok(t) => valid.push((i, t)),
+                Err(rejection) => {
+                    tracing::debug!(index = i, reason = %rejection, "touchpoint rejected");
+                    outcomes[i] = Some(Outcome::Rejected(rejection.0));
+                }
+            }
+        }
+        if !valid.is_empty() {
+            let records = valid.iter().map(|(_, t)| self.record(t)).collect();
+            let appended = self
+                .log
+                .append(Topic::Touchpoints, records)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "append to the event log failed");
+                    ServiceError::Unavailable(format!("the event log did not take the events: {e}"))
+                })?;
+            for ((i, t), a) in valid.iter().zip(appended) {
+                outcomes[*i] = Some(match a {
+                    Appended::New { .. } => Outcome::Accepted(t.event_id()),
+                    Appended::Duplicate { .. } => Outcome::Duplicate(t.event_id()),
+                });
+            }
+        }
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.unwrap_or_else(|| {
+                    Outcome::Rejected(vec![FieldError::new("touchpoint", "was not processed")])
+                })
+            })
+            .collect())
+    }
+}
+
+/// The gRPC face of the [`Ingestor`].
+pub struct IngestGrpc {
+    ingestor: Ingestor,
+}
+
+impl IngestGrpc {
+    pub fn new(ingestor: Ingestor) -> Self {
+        IngestGrpc { ingestor }
+    }
+}
+
+fn violations(fields: &[FieldError]) -> Vec<FieldViolation> {
+    fields
+        .iter()
+        .map(|f| FieldViolation {
+            field: f.field.clone(),
+            reason: f.reason.clone(),
+        })
+        .collect()
+}
+
+#[tonic::async_trait]
+impl IngestService for IngestGrpc {
+    async fn track(
+        &self,
+        request: Request<TrackRequest>,
+    ) -> Result<Response<TrackResponse>, Status> {
+        let touchpoint = request
+            .into_inner()
+            .touchpoint
+            .ok_or_else(|| ServiceError::invalid("touchpoint", "is required"))?;
+        let raw = convert::raw_touchpoint(&touchpoint);
+        let outcome = self.ingestor.ingest(std::slice::from_ref(&raw)).await?;
+        let (event_id, status) = match outcome.into_iter().next() {
+            Some(Outcome::Accepted(id)) => (id, EventStatus::Accepted),
+            Some(Outcome::Duplicate(id)) => (id, EventStatus::Duplicate),
+            Some(Outcome::Rejected(fields)) => {
+                return Err(ServiceError::InvalidArgument(fields).into());
+            }
+            None => {
+                return Err(ServiceError::Internal("no outcome for the touchpoint".into()).into());
+            }
+        };
+        Ok(Response::new(TrackResponse {
+            event_id: event_id.to_string(),
+            status: status.into(),
+        }))
+    }
+
+    async fn track_batch(
+        &self,
+        request: Request<TrackBatchRequest>,
+    ) -> Result<Response<TrackBatchResponse>, Status> {
+        let touchpoints = request.into_inner().touchpoints;
+        if touchpoints.is_empty() {
+            return Err(ServiceError::invalid("touchpoints", "is empty").into());
+        }
+        if touchpoints.len() > MAX_BATCH {
+            return Err(ServiceError::invalid(
+                "touchpoints",
+                format!(
+                    "has {} touchpoints; at most {MAX_BATCH} fit in one batch",
+                    touchpoints.len()
+                ),
+            )
+            .into());
+        }
+        let raws: Vec<RawTouchpoint> = touchpoints.iter().map(convert::raw_touchpoint).collect();
+        let outcomes = self.ingestor.ingest(&raws).await?;
+        let mut response = TrackBatchResponse::default();
+        for (i, (outcome, tp)) in outcomes.into_iter().zip(&touchpoints).enumerate() {
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            let result = match outcome {
+                Outcome::Accepted(id) => {
+                    response.accepted += 1;
+                    EventResult {
+                        index,
+                        event_id: id.to_string(),
+                        status: EventStatus::Accepted.into(),
+                        ..EventResult::default()
+                    }
+                }
+                Outcome::Duplicate(id) => {
+                    response.duplicates += 1;
+                    EventResult {
+                        index,
+                        event_id: id.to_string(),
+                        status: EventStatus::Duplicate.into(),
+                        ..EventResult::default()
+                    }
+                }
+                Outcome::Rejected(fields) => {
+                    response.rejected += 1;
+                    EventResult {
+                        index,
+                        event_id: tp.event_id.clone(),
+                        status: EventStatus::Rejected.into(),
+                        error_code: "INVALID_ARGUMENT".into(),
+                        violations: violations(&fields),
+                    }
+                }
+            };
+            response.results.push(result);
+        }
+        Ok(Response::new(response))
+    }
+}

@@ -1,0 +1,94 @@
+//! The profile worker: consumes the resolved topic and folds each event
+//! (and the merges that came with it) into the profile store.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cdp_domain::ResolvedTouchpoint;
+use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
+use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
+use cdp_proto::record;
+use cdp_store::ProfileStore;
+use tokio_util::sync::CancellationToken;
+
+/// The consumer group of profile workers.
+pub const GROUP: &str = "cdp-profile";
+
+pub struct ProfileWorker {
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn ProfileStore>,
+    default_currency: String,
+}
+
+impl ProfileWorker {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        store: Arc<dyn ProfileStore>,
+        default_currency: impl Into<String>,
+    ) -> Self {
+        ProfileWorker {
+            log,
+            store,
+            default_currency: default_currency.into(),
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        membership: Membership,
+        options: ConsumerOptions,
+        cancel: CancellationToken,
+    ) -> Result<(), cdp_log::LogError> {
+        let sub = self
+            .log
+            .subscribe(GROUP, Topic::Resolved, membership)
+            .await?;
+        cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl BatchHandler for ProfileWorker {
+    #[tracing::instrument(name = "profile_batch", skip_all, fields(records = records.len()))]
+    async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
+        let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
+        let mut dead = Vec::new();
+        for r in records {
+            match record::decode_resolved(&r.value) {
+                Ok(resolved) => batch.push(resolved),
+                Err(error) => {
+                    tracing::error!(partition = r.partition, offset = r.offset, %error, "undecodable resolved record");
+                    dead.push(Record {
+                        key: r.key.clone(),
+                        value: record::encode_raw_dead_letter(
+                            "profile",
+                            &error.to_string(),
+                            &r.value,
+                            cdp_ingest::now_ms(),
+                        ),
+                        ..Record::default()
+                    });
+                }
+            }
+        }
+        let applied = self
+            .store
+            .apply(&batch, &self.default_currency)
+            .await
+            .map_err(|e| Retry(format!("profile store: {e}")))?;
+        if applied < batch.len() {
+            tracing::debug!(
+                redelivered = batch.len() - applied,
+                "events already folded were skipped"
+            );
+        }
+        if !dead.is_empty() {
+            self.log
+                .append(Topic::DeadLetters, dead)
+                .await
+                .map_err(|e| Retry(format!("append to dead letters: {e}")))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! A harness that runs the real `cdp` binary and talks to it over gRPC, so
+//! the end-to-end tests see exactly what an adapter or an agent sees.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use cdp_proto::v1::ingest_service_client::IngestServiceClient;
+use cdp_proto::v1::profile_service_client::ProfileServiceClient;
+use cdp_proto::v1::{
+    self, CustomerProfile, GetProfileRequest, Identifier, PersonalData, Touchpoint,
+};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// The `cdp` binary: `$CDP_BIN`, else next to the test executable's target dir.
+pub fn cdp_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CDP_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
+    // target/<profile>/deps/<test> -> target/<profile>/cdp
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("odd test path {}", exe.display()));
+    let bin = dir.join("cdp");
+    assert!(
+        bin.exists(),
+        "{} not found: build it first (cargo build -p cdp) or set CDP_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A `cdp dev` process with its own data directory.
+pub struct CdpProcess {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    data: PathBuf,
+    config: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Extra configuration (TOML) for the process.
+pub const DEFAULT_CONFIG: &str = "[log]\npartitions = 4\n[pipeline]\nidentity_workers = 2\nprofile_workers = 2\npoll_interval_ms = 100\n";
+
+impl CdpProcess {
+    pub fn start() -> Self {
+        Self::start_with(DEFAULT_CONFIG)
+    }
+
+    pub fn start_with(config_toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let config = dir.path().join("cdp.toml");
+        std::fs::write(&config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
+        let data = dir.path().join("data");
+        let mut p = CdpProcess {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data,
+            config,
+            _dir: dir,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.with_extension("log"))
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let mut child = Command::new(cdp_binary())
+            .arg("--config")
+            .arg(&self.config)
+            .arg("dev")
+            .arg("--grpc-addr")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start cdp: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("CDP_READY grpc=") {
+                        break a.parse().unwrap_or_else(|e| panic!("bad address {a}: {e}"));
+                    }
+                }
+                _ => panic!("cdp exited before it was ready; its log:\n{}", self.log()),
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or commit anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let Some(mut c) = self.child.take() else {
+            panic!("not running")
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().unwrap_or_else(|e| panic!("wait: {e}"))
+    }
+
+    /// Starts again on the same data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap_or_else(|e| panic!("url: {e}"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.url()))
+    }
+
+    pub async fn ingest(&self) -> IngestServiceClient<Channel> {
+        IngestServiceClient::new(self.channel().await)
+    }
+
+    pub async fn profiles(&self) -> ProfileServiceClient<Channel> {
+        ProfileServiceClient::new(self.channel().await)
+    }
+}
+
+impl Drop for CdpProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn id(kind: &str, value: &str) -> Identifier {
+    Identifier {
+        kind: kind.into(),
+        value: value.into(),
+    }
+}
+
+pub fn to_struct(v: Value) -> Option<prost_types::Struct> {
+    match v {
+        Value::Object(m) => Some(cdp_proto::convert::json_to_struct(&m)),
+        _ => None,
+    }
+}
+
+/// A touchpoint as an adapter would build it.
+pub fn touchpoint(
+    event_type: &str,
+    channel: &str,
+    source: &str,
+    ids: Vec<Identifier>,
+    properties: Value,
+) -> Touchpoint {
+    Touchpoint {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        r#type: event_type.into(),
+        channel: channel.into(),
+        source_id: source.into(),
+        occurred_at: None,
+        properties: to_struct(properties),
+        personal: Some(PersonalData {
+            identifiers: ids,
+            traits: None,
+        }),
+    }
+}
+
+/// Polls `GetProfile` by `identifier` until `done` holds or `patience` ends;
+/// returns the profile (or panics with what was seen).
+pub async fn profile_when(
+    client: &mut ProfileServiceClient<Channel>,
+    identifier: Identifier,
+    patience: Duration,
+    done: impl Fn(&CustomerProfile) -> bool,
+) -> CustomerProfile {
+    match profile_until(client, identifier, patience, done).await {
+        Ok(p) => p,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Like [`profile_when`], but a timeout is an error carrying the last profile seen.
+pub async fn profile_until(
+    client: &mut ProfileServiceClient<Channel>,
+    identifier: Identifier,
+    patience: Duration,
+    done: impl Fn(&CustomerProfile) -> bool,
+) -> Result<CustomerProfile, String> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut last = None;
+    loop {
+        let request = GetProfileRequest {
+            lookup: Some(v1::get_profile_request::Lookup::Identifier(
+                identifier.clone(),
+            )),
+            timeline_limit: 200,
+        };
+        match client.get_profile(request).await {
+            Ok(r) => {
+                if let Some(p) = r.into_inner().profile {
+                    if done(&p) {
+                        return Ok(p);
+                    }
+                    last = Some(p);
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => panic!("GetProfile failed: {s}"),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!(
+                "profile of {identifier:?} never satisfied the condition; last seen: {last:#?}"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The metrics of a profile, or a panic.
+pub fn metrics(p: &CustomerProfile) -> &v1::ProfileMetrics {
+    p.metrics
+        .as_ref()
+        .unwrap_or_else(|| panic!("profile without metrics"))
+}
