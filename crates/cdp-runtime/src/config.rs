@@ -103,6 +103,84 @@ impl Default for TelemetryConfig {
     }
 }
 
+/// A secret (write key, app secret): never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where the Segment-compatible HTTP API and the webhooks listen.
+    pub addr: SocketAddr,
+    /// Largest `/v1/batch` body, after decompression (Segment: 500 KB).
+    pub max_batch_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_batch_bytes: 500 * 1024,
+        }
+    }
+}
+
+/// A source: one system that sends events (a website, an app, a POS).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub id: String,
+    /// The channel of its events unless an event says otherwise.
+    pub channel: String,
+    /// The Segment write key (HTTP basic auth user name).
+    pub write_key: Secret,
+    /// Event types it may send (empty: any).
+    #[serde(default)]
+    pub allowed_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZaloConfig {
+    pub source_id: String,
+    /// The OA secret key that signs webhook events.
+    pub oa_secret_key: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessengerConfig {
+    pub source_id: String,
+    /// The Facebook app secret that signs webhook calls.
+    pub app_secret: Secret,
+    /// The token Facebook echoes when the webhook is verified.
+    pub verify_token: Secret,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhooksConfig {
+    pub zalo: Option<ZaloConfig>,
+    pub messenger: Option<MessengerConfig>,
+}
+
 /// The whole platform's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -110,6 +188,10 @@ pub struct PlatformConfig {
     /// Where the embedded log and store keep their files.
     pub data_dir: PathBuf,
     pub server: ServerConfig,
+    pub http: HttpConfig,
+    /// Sources allowed to send over HTTP, each with its write key.
+    pub sources: Vec<SourceConfig>,
+    pub webhooks: WebhooksConfig,
     pub log: LogConfig,
     pub pipeline: PipelineConfig,
     pub identity: IdentityRulesConfig,
@@ -122,6 +204,9 @@ impl Default for PlatformConfig {
         PlatformConfig {
             data_dir: PathBuf::from("data"),
             server: ServerConfig::default(),
+            http: HttpConfig::default(),
+            sources: Vec::new(),
+            webhooks: WebhooksConfig::default(),
             log: LogConfig::default(),
             pipeline: PipelineConfig::default(),
             identity: IdentityRulesConfig::default(),
@@ -164,6 +249,27 @@ impl PlatformConfig {
             });
         }
         IdentityRules::new(self.identity.clone())?;
+        let mut seen = std::collections::BTreeSet::new();
+        for s in &self.sources {
+            if s.id.trim().is_empty() || s.write_key.expose().trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    field: "sources",
+                    reason: "every source needs an id and a write_key".into(),
+                });
+            }
+            if let Err(reason) = s.channel.parse::<cdp_domain::Channel>() {
+                return Err(ConfigError::Invalid {
+                    field: "sources.channel",
+                    reason: format!("source {}: {reason}", s.id),
+                });
+            }
+            if !seen.insert(s.write_key.expose().to_owned()) {
+                return Err(ConfigError::Invalid {
+                    field: "sources.write_key",
+                    reason: format!("source {} reuses another source's write key", s.id),
+                });
+            }
+        }
         Ok(())
     }
 

@@ -176,9 +176,13 @@ impl IdentityStore for EmbeddedStore {
                         continue;
                     }
                     let resolution = identity::resolve(&mut graph, &rules, event)?;
-                    decisions
-                        .insert(event_key, to_json(&resolution)?.as_slice())
-                        .map_err(storage)?;
+                    // Only decisions are kept: an unresolvable event may
+                    // resolve once the rules change and it is re-driven.
+                    if matches!(resolution, Resolution::Resolved(_)) {
+                        decisions
+                            .insert(event_key, to_json(&resolution)?.as_slice())
+                            .map_err(storage)?;
+                    }
                     out.push(resolution);
                 }
             }

@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_identity::IdentityWorker;
+use cdp_ingest::dead_letters::DeadLetters;
+use cdp_ingest::http::{HttpState, Source};
 use cdp_ingest::{IngestGrpc, Ingestor};
 use cdp_log::consumer::ConsumerOptions;
 use cdp_log::{EmbeddedLog, EventLog, Membership};
 use cdp_profile::ProfileWorker;
+use cdp_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use cdp_proto::v1::ingest_service_server::IngestServiceServer;
 use cdp_proto::v1::profile_service_server::ProfileServiceServer;
 use cdp_query::{ProfileGrpc, ProfileQuery};
@@ -41,6 +44,8 @@ pub enum StartError {
     },
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    #[error("configuration: sources: {0}")]
+    Source(String),
 }
 
 fn consumer_options(name: &str, p: &PipelineConfig) -> ConsumerOptions {
@@ -56,6 +61,7 @@ fn consumer_options(name: &str, p: &PipelineConfig) -> ConsumerOptions {
 /// A running platform.
 pub struct Running {
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     tasks: JoinSet<()>,
 }
 
@@ -131,17 +137,53 @@ pub async fn start_embedded(
 
     let ingestor = Ingestor::new(Arc::clone(&log), Arc::clone(&rules), limits);
     let query = ProfileQuery::new(identity, profiles, rules);
+    let dead_letters = DeadLetters::new(Arc::clone(&log), ingestor.clone());
+
+    let http_state = Arc::new(HttpState {
+        ingestor: ingestor.clone(),
+        sources: config
+            .sources
+            .iter()
+            .map(Source::from_config)
+            .collect::<Result<_, _>>()
+            .map_err(StartError::Source)?,
+        max_event_bytes: config.validation.max_event_bytes,
+        max_batch_bytes: config.http.max_batch_bytes,
+        zalo: config.webhooks.zalo.clone(),
+        messenger: config.webhooks.messenger.clone(),
+    });
+    let bind_error = |addr| move |source| StartError::Bind { addr, source };
+    let http_listener = tokio::net::TcpListener::bind(config.http.addr)
+        .await
+        .map_err(bind_error(config.http.addr))?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(bind_error(config.http.addr))?;
+    let http_cancel = cancel.clone();
+    tasks.spawn(async move {
+        let app = cdp_ingest::http::router(http_state);
+        if let Err(error) = axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_cancel.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "HTTP server failed");
+        }
+        tracing::info!("HTTP server stopped");
+    });
+
     let listener = tokio::net::TcpListener::bind(config.server.grpc_addr)
         .await
-        .map_err(|source| StartError::Bind {
-            addr: config.server.grpc_addr,
-            source,
-        })?;
-    let grpc_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: config.server.grpc_addr,
-        source,
-    })?;
-    let router = grpc_router(ingestor, query, config.server.max_message_bytes).await?;
+        .map_err(bind_error(config.server.grpc_addr))?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(bind_error(config.server.grpc_addr))?;
+    let router = grpc_router(
+        ingestor,
+        query,
+        dead_letters,
+        config.server.max_message_bytes,
+    )
+    .await?;
     let server_cancel = cancel.clone();
     tasks.spawn(async move {
         let incoming =
@@ -154,14 +196,19 @@ pub async fn start_embedded(
         }
         tracing::info!("gRPC server stopped");
     });
-    tracing::info!(grpc = %grpc_addr, data_dir = %config.data_dir.display(), "cdp dev is ready");
-    Ok(Running { grpc_addr, tasks })
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), "cdp dev is ready");
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        tasks,
+    })
 }
 
 /// The gRPC services of the platform, with health and reflection.
 pub async fn grpc_router(
     ingestor: Ingestor,
     query: ProfileQuery,
+    dead_letters: DeadLetters,
     max_message_bytes: usize,
 ) -> Result<tonic::transport::server::Router, StartError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -170,6 +217,9 @@ pub async fn grpc_router(
         .await;
     health
         .set_serving::<ProfileServiceServer<ProfileGrpc>>()
+        .await;
+    health
+        .set_serving::<DeadLetterServiceServer<DeadLetters>>()
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cdp_proto::v1::FILE_DESCRIPTOR_SET)
@@ -183,5 +233,6 @@ pub async fn grpc_router(
             IngestServiceServer::new(IngestGrpc::new(ingestor))
                 .max_decoding_message_size(max_message_bytes),
         )
-        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query))))
+        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query)))
+        .add_service(DeadLetterServiceServer::new(dead_letters)))
 }

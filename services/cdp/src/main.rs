@@ -29,6 +29,9 @@ enum Command {
         /// Where gRPC listens (overrides server.grpc_addr).
         #[arg(long)]
         grpc_addr: Option<SocketAddr>,
+        /// Where the HTTP API listens (overrides http.addr).
+        #[arg(long)]
+        http_addr: Option<SocketAddr>,
         /// Where data is kept (overrides data_dir).
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -43,10 +46,14 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Dev {
             grpc_addr,
+            http_addr,
             data_dir,
         } => {
             if let Some(a) = grpc_addr {
                 config.server.grpc_addr = a;
+            }
+            if let Some(a) = http_addr {
+                config.http.addr = a;
             }
             if let Some(d) = data_dir {
                 config.data_dir = d;
@@ -66,7 +73,10 @@ async fn dev(config: PlatformConfig) -> anyhow::Result<()> {
     cdp_runtime::shutdown::on_signal(cancel.clone());
     let running = cdp::start_embedded(&config, cancel.clone()).await?;
     // A machine-readable line for scripts and tests that start on port 0.
-    println!("CDP_READY grpc={}", running.grpc_addr);
+    println!(
+        "CDP_READY grpc={} http={}",
+        running.grpc_addr, running.http_addr
+    );
     running.wait().await;
     tracing::info!("cdp dev stopped");
     Ok(())

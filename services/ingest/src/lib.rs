@@ -18,6 +18,11 @@ use cdp_runtime::ServiceError;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+pub mod dead_letters;
+pub mod http;
+pub mod segment;
+pub mod webhooks;
+
 /// Most touchpoints in one batch.
 pub const MAX_BATCH: usize = 500;
 
@@ -54,7 +59,7 @@ impl Ingestor {
         Ingestor { log, rules, limits }
     }
 
-    fn record(&self, t: &Touchpoint) -> Record {
+    pub(crate) fn record(&self, t: &Touchpoint) -> Record {
         let key = t
             .routing_identifier(&self.rules)
             .map_or_else(|| t.event_id().to_string(), |id| id.key());
@@ -72,42 +77,60 @@ impl Ingestor {
         }
     }
 
+    /// Validates one raw touchpoint.
+    pub fn validate(&self, raw: &RawTouchpoint, now: i64) -> Result<Touchpoint, Vec<FieldError>> {
+        let ctx = cdp_domain::Context {
+            now,
+            fresh_event_id: Uuid::now_v7(),
+        };
+        validate(raw, &self.rules, &self.limits, ctx).map_err(|r| r.0)
+    }
+
+    /// Appends validated touchpoints in one durable append: accepted or
+    /// duplicate, per touchpoint. A log failure fails the whole call
+    /// (nothing is acknowledged).
+    pub async fn append(&self, touchpoints: &[Touchpoint]) -> Result<Vec<Outcome>, ServiceError> {
+        if touchpoints.is_empty() {
+            return Ok(Vec::new());
+        }
+        let records = touchpoints.iter().map(|t| self.record(t)).collect();
+        let appended = self
+            .log
+            .append(Topic::Touchpoints, records)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "append to the event log failed");
+                ServiceError::Unavailable(format!("the event log did not take the events: {e}"))
+            })?;
+        Ok(touchpoints
+            .iter()
+            .zip(appended)
+            .map(|(t, a)| match a {
+                Appended::New { .. } => Outcome::Accepted(t.event_id()),
+                Appended::Duplicate { .. } => Outcome::Duplicate(t.event_id()),
+            })
+            .collect())
+    }
+
     /// Validates every touchpoint and appends the valid ones in one durable
-    /// append. A log failure fails the whole call (nothing is acknowledged).
+    /// append; invalid ones are reported, valid ones still land.
     #[tracing::instrument(skip_all, fields(events = raws.len()))]
     pub async fn ingest(&self, raws: &[RawTouchpoint]) -> Result<Vec<Outcome>, ServiceError> {
         let now = now_ms();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; raws.len()];
         let mut valid: Vec<(usize, Touchpoint)> = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
-            let ctx = cdp_domain::Context {
-                now,
-                fresh_event_id: Uuid::now_v7(),
-            };
-            match validate(raw, &self.rules, &self.limits, ctx) {
+            match self.validate(raw, now) {
                 Ok(t) => valid.push((i, t)),
-                Err(rejection) => {
-                    tracing::debug!(index = i, reason = %rejection, "touchpoint rejected");
-                    outcomes[i] = Some(Outcome::Rejected(rejection.0));
+                Err(fields) => {
+                    tracing::debug!(index = i, reason = ?fields, "touchpoint rejected");
+                    outcomes[i] = Some(Outcome::Rejected(fields));
                 }
             }
         }
-        if !valid.is_empty() {
-            let records = valid.iter().map(|(_, t)| self.record(t)).collect();
-            let appended = self
-                .log
-                .append(Topic::Touchpoints, records)
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "append to the event log failed");
-                    ServiceError::Unavailable(format!("the event log did not take the events: {e}"))
-                })?;
-            for ((i, t), a) in valid.iter().zip(appended) {
-                outcomes[*i] = Some(match a {
-                    Appended::New { .. } => Outcome::Accepted(t.event_id()),
-                    Appended::Duplicate { .. } => Outcome::Duplicate(t.event_id()),
-                });
-            }
+        let touchpoints: Vec<Touchpoint> = valid.iter().map(|(_, t)| t.clone()).collect();
+        for ((i, _), outcome) in valid.iter().zip(self.append(&touchpoints).await?) {
+            outcomes[*i] = Some(outcome);
         }
         Ok(outcomes
             .into_iter()

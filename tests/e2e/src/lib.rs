@@ -39,13 +39,45 @@ pub fn cdp_binary() -> PathBuf {
 pub struct CdpProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
+    pub http: SocketAddr,
     data: PathBuf,
     config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
-/// Extra configuration (TOML) for the process.
-pub const DEFAULT_CONFIG: &str = "[log]\npartitions = 4\n[pipeline]\nidentity_workers = 2\nprofile_workers = 2\npoll_interval_ms = 100\n";
+/// Write keys and webhook secrets of the test configuration.
+pub const WEB_KEY: &str = "test-web-key";
+pub const POS_KEY: &str = "test-pos-key";
+pub const ZALO_SECRET: &str = "test-zalo-secret";
+pub const MESSENGER_SECRET: &str = "test-messenger-secret";
+pub const MESSENGER_VERIFY: &str = "test-verify-token";
+
+/// The configuration (TOML) of test processes: 4 partitions, 2 identity and
+/// 2 profile workers, two HTTP sources and both webhooks.
+pub const DEFAULT_CONFIG: &str = r#"
+[log]
+partitions = 4
+[pipeline]
+identity_workers = 2
+profile_workers = 2
+poll_interval_ms = 100
+[[sources]]
+id = "website"
+channel = "web"
+write_key = "test-web-key"
+[[sources]]
+id = "pos"
+channel = "store"
+write_key = "test-pos-key"
+allowed_types = ["Order Completed", "Identify"]
+[webhooks.zalo]
+source_id = "zalo-oa"
+oa_secret_key = "test-zalo-secret"
+[webhooks.messenger]
+source_id = "facebook-page"
+app_secret = "test-messenger-secret"
+verify_token = "test-verify-token"
+"#;
 
 impl CdpProcess {
     pub fn start() -> Self {
@@ -57,9 +89,11 @@ impl CdpProcess {
         let config = dir.path().join("cdp.toml");
         std::fs::write(&config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
         let data = dir.path().join("data");
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut p = CdpProcess {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            addr: unbound,
+            http: unbound,
             data,
             config,
             _dir: dir,
@@ -80,6 +114,8 @@ impl CdpProcess {
             .arg("dev")
             .arg("--grpc-addr")
             .arg("127.0.0.1:0")
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(&self.data)
             .env(
@@ -93,11 +129,18 @@ impl CdpProcess {
             .unwrap_or_else(|e| panic!("cannot start cdp: {e}"));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
         let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
+        let (addr, http) = loop {
             match lines.next() {
                 Some(Ok(line)) => {
-                    if let Some(a) = line.strip_prefix("CDP_READY grpc=") {
-                        break a.parse().unwrap_or_else(|e| panic!("bad address {a}: {e}"));
+                    if let Some(rest) = line.strip_prefix("CDP_READY grpc=") {
+                        let (grpc, http) = rest
+                            .split_once(" http=")
+                            .unwrap_or_else(|| panic!("bad ready line {line}"));
+                        let parse = |a: &str| {
+                            a.parse::<SocketAddr>()
+                                .unwrap_or_else(|e| panic!("bad address {a}: {e}"))
+                        };
+                        break (parse(grpc), parse(http));
                     }
                 }
                 _ => panic!("cdp exited before it was ready; its log:\n{}", self.log()),
@@ -106,6 +149,7 @@ impl CdpProcess {
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         self.addr = addr;
+        self.http = http;
         self.child = Some(child);
     }
 
@@ -132,6 +176,16 @@ impl CdpProcess {
             .arg(c.id().to_string())
             .status();
         c.wait().unwrap_or_else(|e| panic!("wait: {e}"))
+    }
+
+    /// Starts again on the same data directory with another configuration.
+    pub fn restart_with(&mut self, config_toml: &str) {
+        std::fs::write(&self.config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
+        self.restart();
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.http)
     }
 
     /// Starts again on the same data directory.

@@ -1,0 +1,525 @@
+//! The Segment-compatible HTTP API (`/v1/track`, `/v1/identify`, `/v1/page`,
+//! `/v1/screen`, `/v1/group`, `/v1/alias`, `/v1/batch`) and the webhook
+//! endpoints, over the same [`Ingestor`] as gRPC.
+//!
+//! A request is all or nothing: if any event of a batch is refused, the
+//! answer names every bad field and nothing is appended.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use cdp_domain::{Channel, FieldError, RawTouchpoint, Touchpoint};
+use cdp_runtime::ServiceError;
+use cdp_runtime::config::{MessengerConfig, SourceConfig, ZaloConfig};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::segment::{self, SourceContext};
+use crate::webhooks;
+use crate::{Ingestor, Outcome, now_ms};
+
+/// A configured source, ready for look-ups.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub id: String,
+    pub channel: Channel,
+    write_key: String,
+    allowed_types: Vec<String>,
+}
+
+impl Source {
+    pub fn from_config(c: &SourceConfig) -> Result<Self, String> {
+        Ok(Source {
+            id: c.id.clone(),
+            channel: c.channel.parse()?,
+            write_key: c.write_key.expose().to_owned(),
+            allowed_types: c.allowed_types.clone(),
+        })
+    }
+
+    fn allows(&self, event_type: &str) -> bool {
+        self.allowed_types.is_empty() || self.allowed_types.iter().any(|t| t == event_type)
+    }
+}
+
+pub struct HttpState {
+    pub ingestor: Ingestor,
+    pub sources: Vec<Source>,
+    pub max_event_bytes: usize,
+    pub max_batch_bytes: usize,
+    pub zalo: Option<ZaloConfig>,
+    pub messenger: Option<MessengerConfig>,
+}
+
+/// An HTTP error: a status and a JSON body naming what is wrong.
+#[derive(Debug)]
+pub struct HttpError {
+    status: StatusCode,
+    message: String,
+    violations: Vec<FieldError>,
+}
+
+impl HttpError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        HttpError {
+            status,
+            message: message.into(),
+            violations: Vec::new(),
+        }
+    }
+
+    fn invalid(violations: Vec<FieldError>) -> Self {
+        let message = violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        HttpError {
+            status: StatusCode::BAD_REQUEST,
+            message,
+            violations,
+        }
+    }
+}
+
+impl From<ServiceError> for HttpError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::InvalidArgument(v) => HttpError::invalid(v),
+            ServiceError::NotFound(m) => HttpError::new(StatusCode::NOT_FOUND, m),
+            ServiceError::Unavailable(m) => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, m),
+            other => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        let violations: Vec<Value> = self
+            .violations
+            .iter()
+            .map(|v| json!({"field": v.field, "reason": v.reason}))
+            .collect();
+        let body = json!({"success": false, "error": self.message, "violations": violations});
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"cdp\""),
+            );
+        }
+        response
+    }
+}
+
+fn ok() -> Response {
+    (StatusCode::OK, axum::Json(json!({"success": true}))).into_response()
+}
+
+/// The HTTP router: Segment API, webhooks, and a liveness probe.
+pub fn router(state: Arc<HttpState>) -> Router {
+    let limit = state.max_batch_bytes.saturating_mul(4).max(1024 * 1024);
+    Router::new()
+        .route("/v1/batch", post(batch))
+        .route("/v1/import", post(batch))
+        .route("/v1/{call}", post(single))
+        .route("/webhooks/zalo", post(zalo))
+        .route("/webhooks/messenger", post(messenger).get(messenger_verify))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The body, decompressed when `Content-Encoding: gzip`, at most `max` bytes.
+fn body_bytes(
+    headers: &HeaderMap,
+    body: &Bytes,
+    max: usize,
+    what: &str,
+) -> Result<Vec<u8>, HttpError> {
+    let too_big = |n: usize| {
+        HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("{what} is {n} bytes or more; at most {max} bytes are accepted"),
+        )
+    };
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    let bytes = match encoding.as_deref() {
+        None | Some("") | Some("identity") => body.to_vec(),
+        Some("gzip") => {
+            let mut out = Vec::new();
+            let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+            flate2::read::GzDecoder::new(body.as_ref())
+                .take(limit)
+                .read_to_end(&mut out)
+                .map_err(|e| {
+                    HttpError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("body is not valid gzip: {e}"),
+                    )
+                })?;
+            out
+        }
+        Some(other) => {
+            return Err(HttpError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!("Content-Encoding {other:?} is not supported; send gzip or nothing"),
+            ));
+        }
+    };
+    if bytes.len() > max {
+        return Err(too_big(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+impl HttpState {
+    /// The source whose write key is in the basic-auth user name (or, as
+    /// Segment allows, in the body's `writeKey`).
+    fn source(&self, headers: &HeaderMap, body_key: Option<&str>) -> Result<&Source, HttpError> {
+        let from_header = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Basic ")
+                    .or_else(|| v.strip_prefix("basic "))
+            })
+            .and_then(|b64| {
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .ok()
+            })
+            .and_then(|raw| String::from_utf8(raw).ok())
+            .map(|user_pass| {
+                user_pass
+                    .split_once(':')
+                    .map_or(user_pass.clone(), |(u, _)| u.to_owned())
+            });
+        let key = from_header
+            .or_else(|| body_key.map(str::to_owned))
+            .ok_or_else(|| {
+                HttpError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "missing write key: use HTTP basic auth with the write key as user name",
+                )
+            })?;
+        self.sources
+            .iter()
+            .find(|s| s.write_key == key)
+            .ok_or_else(|| HttpError::new(StatusCode::UNAUTHORIZED, "unknown write key"))
+    }
+
+    /// Maps, checks and validates every message; all or nothing.
+    fn prepare(
+        &self,
+        source: &Source,
+        messages: &[(String, segment::Message, usize)],
+        batch_sent_at: Option<&str>,
+        prefix: impl Fn(usize) -> String,
+    ) -> Result<Vec<Touchpoint>, HttpError> {
+        let now = now_ms();
+        let ctx = SourceContext {
+            source_id: &source.id,
+            channel: source.channel,
+            received_at: now,
+        };
+        let mut violations = Vec::new();
+        let mut valid = Vec::with_capacity(messages.len());
+        for (i, (kind, m, size)) in messages.iter().enumerate() {
+            let p = prefix(i);
+            if *size > self.max_event_bytes {
+                let field = if p.is_empty() {
+                    "event".to_owned()
+                } else {
+                    p.trim_end_matches('.').to_owned()
+                };
+                violations.push(FieldError::new(
+                    field,
+                    format!(
+                        "the event is {size} bytes; at most {} bytes are accepted per event",
+                        self.max_event_bytes
+                    ),
+                ));
+                continue;
+            }
+            let raw: RawTouchpoint = match segment::to_touchpoint(kind, m, batch_sent_at, &ctx) {
+                Ok(r) => r,
+                Err(errs) => {
+                    violations.extend(
+                        errs.into_iter()
+                            .map(|e| FieldError::new(format!("{p}{}", e.field), e.reason)),
+                    );
+                    continue;
+                }
+            };
+            let event_type = raw.event_type.clone().unwrap_or_default();
+            if !source.allows(&event_type) {
+                violations.push(FieldError::new(
+                    format!("{p}event"),
+                    format!(
+                        "event type {event_type:?} is not allowed for source {}",
+                        source.id
+                    ),
+                ));
+                continue;
+            }
+            match self.ingestor.validate(&raw, now) {
+                Ok(t) => valid.push(t),
+                Err(errs) => {
+                    violations.extend(errs.into_iter().map(|e| {
+                        FieldError::new(format!("{p}{}", segment_field(&e.field)), e.reason)
+                    }))
+                }
+            }
+        }
+        if violations.is_empty() {
+            Ok(valid)
+        } else {
+            Err(HttpError::invalid(violations))
+        }
+    }
+}
+
+/// Our field names in the Segment vocabulary, where they differ.
+fn segment_field(field: &str) -> String {
+    match field {
+        "occurred_at" => "timestamp".into(),
+        "type" => "event".into(),
+        "event_id" => "messageId".into(),
+        other if other.starts_with("identifiers") => "userId".into(),
+        other => other.to_owned(),
+    }
+}
+
+const CALLS: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
+
+async fn append(state: &HttpState, touchpoints: Vec<Touchpoint>) -> Result<Response, HttpError> {
+    let outcomes = state.ingestor.append(&touchpoints).await?;
+    let duplicates = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Duplicate(_)))
+        .count();
+    tracing::debug!(
+        events = touchpoints.len(),
+        duplicates,
+        "http events appended"
+    );
+    Ok(ok())
+}
+
+async fn single(
+    State(state): State<Arc<HttpState>>,
+    Path(call): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    if !CALLS.contains(&call.as_str()) {
+        return Err(HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("no endpoint /v1/{call}"),
+        ));
+    }
+    let bytes = body_bytes(&headers, &body, state.max_event_bytes, "the event")?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let source = state
+        .source(&headers, value.get("writeKey").and_then(Value::as_str))?
+        .clone();
+    let message: segment::Message = serde_json::from_value(value)
+        .map_err(|e| HttpError::invalid(vec![FieldError::new("body", e.to_string())]))?;
+    let touchpoints = state.prepare(&source, &[(call, message, bytes.len())], None, |_| {
+        String::new()
+    })?;
+    append(&state, touchpoints).await
+}
+
+async fn batch(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let bytes = body_bytes(&headers, &body, state.max_batch_bytes, "the batch")?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let source = state
+        .source(&headers, value.get("writeKey").and_then(Value::as_str))?
+        .clone();
+    let items = value
+        .get("batch")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            HttpError::invalid(vec![FieldError::new(
+                "batch",
+                "is required and must be a list",
+            )])
+        })?;
+    if items.is_empty() {
+        return Err(HttpError::invalid(vec![FieldError::new(
+            "batch", "is empty",
+        )]));
+    }
+    let sent_at = value
+        .get("sentAt")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let batch_context = value
+        .get("context")
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let mut messages = Vec::with_capacity(items.len());
+    let mut violations = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let size = serde_json::to_vec(item)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
+        match serde_json::from_value::<segment::Message>(item.clone()) {
+            Ok(mut m) => {
+                for (k, v) in &batch_context {
+                    m.context.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+                match m.kind.clone() {
+                    Some(kind) => messages.push((kind, m, size)),
+                    None => violations.push(FieldError::new(
+                        format!("batch[{i}].type"),
+                        "is required in a batch",
+                    )),
+                }
+            }
+            Err(e) => violations.push(FieldError::new(format!("batch[{i}]"), e.to_string())),
+        }
+    }
+    if !violations.is_empty() {
+        return Err(HttpError::invalid(violations));
+    }
+    let touchpoints = state.prepare(&source, &messages, sent_at.as_deref(), |i| {
+        format!("batch[{i}].")
+    })?;
+    append(&state, touchpoints).await
+}
+
+async fn zalo(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let config = state.zalo.as_ref().ok_or_else(|| {
+        HttpError::new(StatusCode::NOT_FOUND, "the Zalo webhook is not configured")
+    })?;
+    let signature = headers
+        .get("x-zevent-signature")
+        .and_then(|v| v.to_str().ok());
+    if !webhooks::zalo_signature_ok(config.oa_secret_key.expose(), &body, signature) {
+        return Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "X-ZEvent-Signature does not match the event",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let Some(raw) =
+        webhooks::zalo_event(&value, &config.source_id).map_err(|e| HttpError::invalid(vec![e]))?
+    else {
+        return Ok(ok());
+    };
+    let touchpoint = state
+        .ingestor
+        .validate(&raw, now_ms())
+        .map_err(HttpError::invalid)?;
+    append(&state, vec![touchpoint]).await
+}
+
+#[derive(Deserialize)]
+struct VerifyQuery {
+    #[serde(rename = "hub.mode")]
+    mode: Option<String>,
+    #[serde(rename = "hub.verify_token")]
+    verify_token: Option<String>,
+    #[serde(rename = "hub.challenge")]
+    challenge: Option<String>,
+}
+
+async fn messenger_verify(
+    State(state): State<Arc<HttpState>>,
+    Query(q): Query<VerifyQuery>,
+) -> Result<Response, HttpError> {
+    let config = state.messenger.as_ref().ok_or_else(|| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            "the Messenger webhook is not configured",
+        )
+    })?;
+    if q.mode.as_deref() == Some("subscribe")
+        && q.verify_token.as_deref() == Some(config.verify_token.expose())
+    {
+        Ok((StatusCode::OK, q.challenge.unwrap_or_default()).into_response())
+    } else {
+        Err(HttpError::new(
+            StatusCode::FORBIDDEN,
+            "hub.verify_token does not match",
+        ))
+    }
+}
+
+async fn messenger(
+    State(state): State<Arc<HttpState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, HttpError> {
+    let config = state.messenger.as_ref().ok_or_else(|| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            "the Messenger webhook is not configured",
+        )
+    })?;
+    let signature = headers
+        .get("x-hub-signature-256")
+        .and_then(|v| v.to_str().ok());
+    if !webhooks::messenger_signature_ok(config.app_secret.expose(), &body, signature) {
+        return Err(HttpError::new(
+            StatusCode::UNAUTHORIZED,
+            "X-Hub-Signature-256 does not match the body",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let raws = webhooks::messenger_events(&value, &config.source_id)
+        .map_err(|e| HttpError::invalid(vec![e]))?;
+    let now = now_ms();
+    let mut touchpoints = Vec::with_capacity(raws.len());
+    for raw in &raws {
+        touchpoints.push(
+            state
+                .ingestor
+                .validate(raw, now)
+                .map_err(HttpError::invalid)?,
+        );
+    }
+    append(&state, touchpoints).await
+}
