@@ -8,3 +8,11 @@ pub mod telemetry;
 
 pub use config::{ConfigError, PlatformConfig};
 pub use error::ServiceError;
+
+/// Milliseconds since the Unix epoch, by the system clock.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

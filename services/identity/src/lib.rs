@@ -60,7 +60,7 @@ impl IdentityWorker {
 impl BatchHandler for IdentityWorker {
     #[tracing::instrument(name = "identity_batch", skip_all, fields(records = records.len()))]
     async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
-        let now = cdp_ingest::now_ms();
+        let now = cdp_runtime::now_ms();
         let mut dead = Vec::new();
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
         for r in records {

@@ -301,6 +301,26 @@ fn segment_field(field: &str) -> String {
     }
 }
 
+/// Parses a JSON body, or answers 400 saying why not.
+fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        HttpError::new(
+            StatusCode::BAD_REQUEST,
+            format!("the body is not valid JSON: {e}"),
+        )
+    })
+}
+
+/// A webhook's configuration, or 404 when it is not configured.
+fn configured<'a, T>(config: &'a Option<T>, name: &str) -> Result<&'a T, HttpError> {
+    config.as_ref().ok_or_else(|| {
+        HttpError::new(
+            StatusCode::NOT_FOUND,
+            format!("the {name} webhook is not configured"),
+        )
+    })
+}
+
 const CALLS: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
 
 async fn append(state: &HttpState, touchpoints: Vec<Touchpoint>) -> Result<Response, HttpError> {
@@ -330,12 +350,7 @@ async fn single(
         ));
     }
     let bytes = body_bytes(&headers, &body, state.max_event_bytes, "the event")?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = json_body(&bytes)?;
     let source = state
         .source(&headers, value.get("writeKey").and_then(Value::as_str))?
         .clone();
@@ -353,12 +368,7 @@ async fn batch(
     body: Bytes,
 ) -> Result<Response, HttpError> {
     let bytes = body_bytes(&headers, &body, state.max_batch_bytes, "the batch")?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = json_body(&bytes)?;
     let source = state
         .source(&headers, value.get("writeKey").and_then(Value::as_str))?
         .clone();
@@ -421,9 +431,7 @@ async fn zalo(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let config = state.zalo.as_ref().ok_or_else(|| {
-        HttpError::new(StatusCode::NOT_FOUND, "the Zalo webhook is not configured")
-    })?;
+    let config = configured(&state.zalo, "Zalo")?;
     let signature = headers
         .get("x-zevent-signature")
         .and_then(|v| v.to_str().ok());
@@ -433,12 +441,7 @@ async fn zalo(
             "X-ZEvent-Signature does not match the event",
         ));
     }
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = json_body(&body)?;
     let Some(raw) =
         webhooks::zalo_event(&value, &config.source_id).map_err(|e| HttpError::invalid(vec![e]))?
     else {
@@ -465,12 +468,7 @@ async fn messenger_verify(
     State(state): State<Arc<HttpState>>,
     Query(q): Query<VerifyQuery>,
 ) -> Result<Response, HttpError> {
-    let config = state.messenger.as_ref().ok_or_else(|| {
-        HttpError::new(
-            StatusCode::NOT_FOUND,
-            "the Messenger webhook is not configured",
-        )
-    })?;
+    let config = configured(&state.messenger, "Messenger")?;
     if q.mode.as_deref() == Some("subscribe")
         && q.verify_token.as_deref() == Some(config.verify_token.expose())
     {
@@ -488,12 +486,7 @@ async fn messenger(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    let config = state.messenger.as_ref().ok_or_else(|| {
-        HttpError::new(
-            StatusCode::NOT_FOUND,
-            "the Messenger webhook is not configured",
-        )
-    })?;
+    let config = configured(&state.messenger, "Messenger")?;
     let signature = headers
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok());
@@ -503,12 +496,7 @@ async fn messenger(
             "X-Hub-Signature-256 does not match the body",
         ));
     }
-    let value: Value = serde_json::from_slice(&body).map_err(|e| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })?;
+    let value: Value = json_body(&body)?;
     let raws = webhooks::messenger_events(&value, &config.source_id)
         .map_err(|e| HttpError::invalid(vec![e]))?;
     let now = now_ms();

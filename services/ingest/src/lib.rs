@@ -2,7 +2,6 @@
 //! touchpoints topic, and answers only after the log has them.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use cdp_domain::{
     EventId, FieldError, IdentityRules, RawTouchpoint, Touchpoint, ValidationLimits, validate,
@@ -34,12 +33,7 @@ pub enum Outcome {
     Rejected(Vec<FieldError>),
 }
 
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use cdp_runtime::now_ms;
 
 /// Validation plus the durable append. Shared by every front door (gRPC,
 /// and later HTTP and webhooks).

@@ -65,7 +65,7 @@ impl BatchHandler for ProfileWorker {
                             "profile",
                             &error.to_string(),
                             &r.value,
-                            cdp_ingest::now_ms(),
+                            cdp_runtime::now_ms(),
                         ),
                         ..Record::default()
                     });

@@ -134,29 +134,38 @@ async fn check_sdk_customer(cdp: &CdpProcess, user: &str, email: &str, total: &s
     assert!(p.recent_timeline.iter().all(|e| e.source_id == "website"));
 }
 
+/// Runs an SDK script against a fresh platform and checks the customer it made.
+async fn sdk_run(mut command: Command, name: &str, total: &str) {
+    let cdp = CdpProcess::start();
+    let (user, email) = (
+        unique(&format!("{name}-")),
+        format!("{}@shop.vn", unique(name)),
+    );
+    let out = command
+        .env("CDP_HTTP", cdp.http_url())
+        .env("CDP_WRITE_KEY", WEB_KEY)
+        .env("CDP_USER_ID", &user)
+        .env("CDP_EMAIL", &email)
+        .env("CDP_ORDER_ID", unique(&format!("{name}-O-")))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{name} SDK failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_sdk_customer(&cdp, &user, &email, total).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_segment_python_sdk_feeds_the_platform() {
     let Some(python) = sdk("CDP_SDK_PYTHON") else {
         return;
     };
-    let cdp = CdpProcess::start();
-    let (user, email) = (unique("py-"), format!("{}@shop.vn", unique("py")));
-    let out = Command::new(python)
-        .arg(script("send_python.py"))
-        .env("CDP_HTTP", cdp.http_url())
-        .env("CDP_WRITE_KEY", WEB_KEY)
-        .env("CDP_USER_ID", &user)
-        .env("CDP_EMAIL", &email)
-        .env("CDP_ORDER_ID", unique("PY-"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "python SDK failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    check_sdk_customer(&cdp, &user, &email, "450000").await;
+    let mut command = Command::new(python);
+    command.arg(script("send_python.py"));
+    sdk_run(command, "python", "450000").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,25 +173,11 @@ async fn the_real_segment_node_sdk_feeds_the_platform() {
     let Some(modules) = sdk("CDP_SDK_NODE_MODULES") else {
         return;
     };
-    let cdp = CdpProcess::start();
-    let (user, email) = (unique("node-"), format!("{}@shop.vn", unique("node")));
-    let out = Command::new("node")
+    let mut command = Command::new("node");
+    command
         .arg(script("send_node.js"))
-        .env("NODE_PATH", modules)
-        .env("CDP_HTTP", cdp.http_url())
-        .env("CDP_WRITE_KEY", WEB_KEY)
-        .env("CDP_USER_ID", &user)
-        .env("CDP_EMAIL", &email)
-        .env("CDP_ORDER_ID", unique("NODE-"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "node SDK failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    check_sdk_customer(&cdp, &user, &email, "990000").await;
+        .env("NODE_PATH", modules);
+    sdk_run(command, "node", "990000").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
