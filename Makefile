@@ -8,12 +8,14 @@ TOOLS_DIR ?= $(HOME)/.cache/cdp-tools
 GRPCURL_VERSION ?= v1.9.3
 SEGMENT_PYTHON_VERSION ?= 2.4.0
 SEGMENT_NODE_VERSION ?= 3.1.0
+PLAYWRIGHT_VERSION ?= 1.65.1
 export PATH := $(TOOLS_DIR)/bin:$(PATH)
 # The real Segment SDKs the end-to-end tests drive.
 export CDP_SDK_PYTHON := $(TOOLS_DIR)/venv/bin/python
 export CDP_SDK_NODE_MODULES := $(TOOLS_DIR)/node/node_modules
+export CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: help run build test check fmt lint unit e2e tools clean
+.PHONY: help run build test bench fmt lint tools infra-up infra-down clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -31,7 +33,7 @@ lint: ## Check formatting and clippy (warnings are errors).
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-tools: ## Install the test tools (grpcurl, the Segment Python and Node SDKs) into $(TOOLS_DIR).
+tools: ## Install the test tools (grpcurl, the Segment SDKs, playwright-core into $(TOOLS_DIR); Debian's chromium).
 	@if ! command -v grpcurl >/dev/null 2>&1; then \
 		echo "installing grpcurl $(GRPCURL_VERSION) into $(TOOLS_DIR)/bin"; \
 		GOBIN=$(TOOLS_DIR)/bin go install github.com/fullstorydev/grpcurl/cmd/grpcurl@$(GRPCURL_VERSION); \
@@ -46,9 +48,28 @@ tools: ## Install the test tools (grpcurl, the Segment Python and Node SDKs) int
 		mkdir -p $(TOOLS_DIR)/node && \
 		npm install --silent --no-audit --no-fund --prefix $(TOOLS_DIR)/node @segment/analytics-node@$(SEGMENT_NODE_VERSION); \
 	fi
+	@if [ ! -d $(CDP_SDK_NODE_MODULES)/playwright-core ]; then \
+		echo "installing playwright-core $(PLAYWRIGHT_VERSION) into $(TOOLS_DIR)/node"; \
+		mkdir -p $(TOOLS_DIR)/node && \
+		npm install --silent --no-audit --no-fund --prefix $(TOOLS_DIR)/node playwright-core@$(PLAYWRIGHT_VERSION); \
+	fi
+	@if [ ! -x $(CHROMIUM) ]; then \
+		echo "installing Debian's chromium (for the console test)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
 
 test: lint tools build ## Build everything and run every test (unit, property, conformance, end-to-end).
 	CDP_REQUIRE_GRPCURL=1 CDP_REQUIRE_SDKS=1 $(CARGO) test --workspace
+
+bench: ## Print the figures (lookup latency and freshness with 100,000 customers, embedded); JSON in target/bench/.
+	$(CARGO) run --release -p cdp --bin cdp-bench -- --profiles $${BENCH_PROFILES:-100000}
+
+infra-up: ## Fetch (Maven Central) and start Kafka (KRaft) and Cassandra on 127.0.0.1; cached in ~/.cache/cdp-infra.
+	deploy/harness/infra.sh up
+
+infra-down: ## Stop Kafka and Cassandra and clear their data.
+	deploy/harness/infra.sh down
 
 clean: ## Remove build output and local data.
 	$(CARGO) clean

@@ -10,6 +10,7 @@ pub mod profile;
 pub mod props;
 pub mod reference;
 pub mod rules;
+pub mod search;
 pub mod timeline;
 pub mod validate;
 
@@ -18,7 +19,7 @@ pub use event::{
     RawIdentifier, RawTouchpoint, Touchpoint, UnixMillis,
 };
 pub use identity::{Decision, Merge, Resolution, ResolvedTouchpoint};
-pub use profile::{Profile, ProfileView};
+pub use profile::{FoldOptions, Profile, ProfileView};
 pub use rules::{IdentityRules, IdentityRulesConfig, ValidationLimits};
 pub use timeline::TimelineEntry;
 pub use validate::{Context, FieldError, Rejection, validate};

@@ -22,10 +22,45 @@ use crate::timeline::TimelineEntry;
 /// Order of "latest" values: time first, the event id breaks ties.
 pub type Stamp = (UnixMillis, EventId);
 
+/// How the fold treats what it folds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FoldOptions {
+    /// Currency of orders that name none.
+    pub default_currency: String,
+    /// Trust of sources, by source id or else by channel name (default 0).
+    /// A trait from a more trusted source wins over one from a less trusted
+    /// source; between equals, the newer value wins.
+    pub source_trust: BTreeMap<String, i64>,
+}
+
+impl Default for FoldOptions {
+    fn default() -> Self {
+        FoldOptions {
+            default_currency: "VND".into(),
+            source_trust: BTreeMap::new(),
+        }
+    }
+}
+
+impl FoldOptions {
+    pub fn trust(&self, t: &Touchpoint) -> i64 {
+        self.source_trust
+            .get(&t.envelope.source_id)
+            .or_else(|| self.source_trust.get(t.envelope.channel.as_str()))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 /// A value with the time and source it came from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sourced<T> {
     pub value: T,
+    /// Trust of the source (see [`FoldOptions::source_trust`]); orders
+    /// conflicting values before time does.
+    #[serde(default)]
+    pub trust: i64,
     pub at: UnixMillis,
     pub event_id: EventId,
     pub channel: Channel,
@@ -34,8 +69,13 @@ pub struct Sourced<T> {
 
 impl<T> Sourced<T> {
     fn of(value: T, t: &Touchpoint) -> Self {
+        Self::trusted(value, t, 0)
+    }
+
+    fn trusted(value: T, t: &Touchpoint, trust: i64) -> Self {
         Sourced {
             value,
+            trust,
             at: t.envelope.occurred_at,
             event_id: t.envelope.event_id,
             channel: t.envelope.channel,
@@ -43,8 +83,8 @@ impl<T> Sourced<T> {
         }
     }
 
-    fn stamp(&self) -> Stamp {
-        (self.at, self.event_id)
+    fn stamp(&self) -> (i64, UnixMillis, EventId) {
+        (self.trust, self.at, self.event_id)
     }
 }
 
@@ -170,7 +210,8 @@ impl Profile {
 
     /// Folds one event in. Returns false (and changes nothing) when the event
     /// was already applied.
-    pub fn apply(&mut self, t: &Touchpoint, default_currency: &str) -> bool {
+    pub fn apply(&mut self, t: &Touchpoint, options: &FoldOptions) -> bool {
+        let default_currency = options.default_currency.as_str();
         if !self.applied.insert(t.envelope.event_id) {
             return false;
         }
@@ -186,7 +227,12 @@ impl Profile {
             .entry(env.event_type.as_str().to_owned())
             .or_default() += 1;
         for (key, value) in &t.personal.traits {
-            lww_map(&mut self.traits, key, &Sourced::of(value.clone(), t));
+            let trust = options.trust(t);
+            lww_map(
+                &mut self.traits,
+                key,
+                &Sourced::trusted(value.clone(), t, trust),
+            );
         }
         let p = &env.properties;
         match &env.event_type {
@@ -715,7 +761,7 @@ pub trait ProfileAccess {
 pub fn fold_resolved<A: ProfileAccess>(
     access: &mut A,
     resolved: &ResolvedTouchpoint,
-    default_currency: &str,
+    options: &FoldOptions,
 ) -> Result<Option<TimelineEntry>, A::Error> {
     for merge in &resolved.merges {
         let survivor = access.live_root(merge.survivor)?;
@@ -740,14 +786,14 @@ pub fn fold_resolved<A: ProfileAccess>(
         Some(ProfileSlot::Live(p)) => *p,
         _ => Profile::new(customer),
     };
-    if !profile.apply(&resolved.touchpoint, default_currency) {
+    if !profile.apply(&resolved.touchpoint, options) {
         return Ok(None);
     }
     access.save(customer, &ProfileSlot::Live(Box::new(profile)))?;
     Ok(Some(TimelineEntry::of(
         customer,
         &resolved.touchpoint,
-        default_currency,
+        &options.default_currency,
     )))
 }
 
@@ -762,5 +808,506 @@ impl ProfileAccess for BTreeMap<CustomerId, ProfileSlot> {
     fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error> {
         self.insert(customer, slot.clone());
         Ok(())
+    }
+}
+
+/// Recency, frequency and monetary scores (1 to 5) and the segment they make.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rfm {
+    pub recency_days: i64,
+    pub frequency: u64,
+    pub monetary: Decimal,
+    pub recency_score: u8,
+    pub frequency_score: u8,
+    pub monetary_score: u8,
+    /// champions, loyal, new, potential, at_risk or hibernating.
+    pub segment: &'static str,
+}
+
+impl Profile {
+    /// RFM as of `now`, on spend in `currency` (thresholds suit VND retail).
+    /// None for a customer who never ordered.
+    pub fn rfm(&self, now: UnixMillis, currency: &str) -> Option<Rfm> {
+        let last = self.orders.values().map(|o| o.at).max()?;
+        let recency_days = (now - last).max(0) / 86_400_000;
+        let frequency = self.orders.len() as u64;
+        let monetary = self.spend.get(currency).map_or(Decimal::ZERO, |m| m.total);
+        let r = match recency_days {
+            0..=30 => 5,
+            31..=90 => 4,
+            91..=180 => 3,
+            181..=365 => 2,
+            _ => 1,
+        };
+        let f = match frequency {
+            10.. => 5,
+            5..=9 => 4,
+            3..=4 => 3,
+            2 => 2,
+            _ => 1,
+        };
+        let m = [20_000_000, 10_000_000, 5_000_000, 1_000_000]
+            .iter()
+            .position(|t| monetary >= Decimal::from(*t))
+            .map_or(1, |i| 5 - i as u8);
+        let segment = match (r, f) {
+            (4..=5, 4..=5) => "champions",
+            (3..=5, 3..=5) => "loyal",
+            (4..=5, 1) => "new",
+            (1..=2, 3..=5) => "at_risk",
+            (1..=2, _) => "hibernating",
+            _ => "potential",
+        };
+        Some(Rfm {
+            recency_days,
+            frequency,
+            monetary,
+            recency_score: r,
+            frequency_score: f,
+            monetary_score: m,
+            segment,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Envelope, Personal};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    const DAY: i64 = 86_400_000;
+
+    fn ev(n: u128, at: i64, ty: &str, channel: Channel, source: &str, props: Value) -> Touchpoint {
+        Touchpoint {
+            envelope: Envelope {
+                event_id: EventId(Uuid::from_u128(n)),
+                event_type: EventType::from(ty),
+                channel,
+                source_id: source.into(),
+                occurred_at: at,
+                received_at: at,
+                properties: props.as_object().cloned().unwrap_or_default(),
+            },
+            personal: Personal::default(),
+        }
+    }
+
+    fn with_traits(mut t: Touchpoint, traits: Value) -> Touchpoint {
+        t.personal.traits = traits.as_object().cloned().unwrap_or_default();
+        t
+    }
+
+    fn fold(events: &[Touchpoint], options: &FoldOptions) -> Profile {
+        let mut p = Profile::new(CustomerId(Uuid::nil()));
+        for e in events {
+            p.apply(e, options);
+        }
+        p
+    }
+
+    fn view(events: &[Touchpoint]) -> ProfileView {
+        fold(events, &FoldOptions::default()).view()
+    }
+
+    #[test]
+    fn orders_spend_average_first_last_and_refunds() {
+        let v = view(&[
+            ev(
+                1,
+                10 * DAY,
+                "Order Completed",
+                Channel::Store,
+                "pos",
+                json!({"order_id": "A", "total": 1_000_000}),
+            ),
+            ev(
+                2,
+                20 * DAY,
+                "Order Completed",
+                Channel::Web,
+                "web",
+                json!({"order_id": "B", "total": 500_000}),
+            ),
+            ev(
+                3,
+                30 * DAY,
+                "Order Completed",
+                Channel::Web,
+                "web",
+                json!({"order_id": "C", "total": 20, "currency": "USD"}),
+            ),
+            ev(
+                4,
+                40 * DAY,
+                "Order Refunded",
+                Channel::Web,
+                "web",
+                json!({"order_id": "B", "total": 500_000}),
+            ),
+        ]);
+        assert_eq!(v.orders_count, 3);
+        let vnd = v.spend.iter().find(|s| s.currency == "VND").unwrap();
+        assert_eq!(
+            (vnd.orders, vnd.total, vnd.average),
+            (2, Decimal::from(1_500_000), Decimal::from(750_000))
+        );
+        assert_eq!(
+            v.spend.iter().find(|s| s.currency == "USD").unwrap().total,
+            Decimal::from(20)
+        );
+        assert_eq!(
+            (v.first_order_at, v.last_order_at),
+            (Some(10 * DAY), Some(30 * DAY))
+        );
+        assert_eq!(v.refunds[0].total, Decimal::from(500_000));
+    }
+
+    #[test]
+    fn one_order_reported_by_two_systems_counts_once() {
+        let v = view(&[
+            ev(
+                1,
+                10,
+                "Order Completed",
+                Channel::Store,
+                "pos",
+                json!({"order_id": "A", "total": 100}),
+            ),
+            ev(
+                2,
+                11,
+                "Order Completed",
+                Channel::Other,
+                "erp",
+                json!({"order_id": "A", "total": 100}),
+            ),
+        ]);
+        assert_eq!(v.orders_count, 1);
+        assert_eq!(v.spend[0].total, Decimal::from(100));
+    }
+
+    #[test]
+    fn last_seen_per_channel_and_the_preferred_channel() {
+        let v = view(&[
+            ev(
+                1,
+                10,
+                "Product Viewed",
+                Channel::Web,
+                "web",
+                json!({"product_id": "p"}),
+            ),
+            ev(
+                2,
+                20,
+                "Product Viewed",
+                Channel::Web,
+                "web",
+                json!({"product_id": "p"}),
+            ),
+            ev(
+                3,
+                30,
+                "Message Received",
+                Channel::Chat,
+                "zalo",
+                json!({"text": "hi"}),
+            ),
+        ]);
+        assert_eq!(v.last_seen_by_channel[&Channel::Web], 20);
+        assert_eq!(v.last_seen_by_channel[&Channel::Chat], 30);
+        assert_eq!(v.preferred_channel, Some(Channel::Web));
+        assert_eq!((v.first_seen, v.last_seen), (Some(10), Some(30)));
+        assert_eq!(v.last_message.as_deref(), Some("hi"));
+    }
+
+    #[test]
+    fn the_cart_moves_across_channels_and_an_order_clears_it() {
+        let added_on_web = ev(
+            1,
+            10,
+            "Product Added",
+            Channel::Web,
+            "web",
+            json!({"product_id": "SHOE", "name": "Giày", "price": 1_250_000, "quantity": 1}),
+        );
+        let added_in_app = ev(
+            2,
+            20,
+            "Product Added",
+            Channel::App,
+            "app",
+            json!({"product_id": "SHIRT", "quantity": 2}),
+        );
+        let removed = ev(
+            3,
+            25,
+            "Product Removed",
+            Channel::App,
+            "app",
+            json!({"product_id": "SHIRT"}),
+        );
+        // What the store sees before the order: the web cart.
+        let before = view(&[added_on_web.clone(), added_in_app.clone(), removed.clone()]);
+        assert_eq!(before.cart.len(), 1);
+        assert_eq!(
+            (before.cart[0].product_id.as_str(), before.cart[0].quantity),
+            ("SHOE", 1)
+        );
+        assert_eq!(before.cart[0].name.as_deref(), Some("Giày"));
+        let ordered = ev(
+            4,
+            30,
+            "Order Completed",
+            Channel::Store,
+            "pos",
+            json!({"order_id": "X", "total": 1_250_000}),
+        );
+        assert!(
+            view(&[added_on_web.clone(), added_in_app, removed, ordered.clone()])
+                .cart
+                .is_empty()
+        );
+        // An item added after the order is in the next cart.
+        let later = ev(
+            5,
+            40,
+            "Product Added",
+            Channel::Web,
+            "web",
+            json!({"product_id": "HAT"}),
+        );
+        assert_eq!(view(&[added_on_web, ordered, later]).cart.len(), 1);
+    }
+
+    #[test]
+    fn tickets_open_resolve_and_keep_their_last_message() {
+        let v = view(&[
+            ev(
+                1,
+                10,
+                "Ticket Opened",
+                Channel::CallCenter,
+                "hotline",
+                json!({"ticket_id": "T1", "subject": "Giao chậm"}),
+            ),
+            ev(
+                2,
+                20,
+                "Message Received",
+                Channel::Chat,
+                "zalo",
+                json!({"ticket_id": "T1", "text": "Đã giao chưa?"}),
+            ),
+            ev(
+                3,
+                30,
+                "Ticket Opened",
+                Channel::Email,
+                "mail",
+                json!({"ticket_id": "T2", "subject": "Đổi size"}),
+            ),
+            ev(
+                4,
+                40,
+                "Ticket Resolved",
+                Channel::Email,
+                "mail",
+                json!({"ticket_id": "T2"}),
+            ),
+        ]);
+        assert_eq!(v.open_tickets, 1);
+        let t1 = v.tickets.iter().find(|t| t.ticket_id == "T1").unwrap();
+        assert!(t1.open);
+        assert_eq!(t1.last_message.as_deref(), Some("Đã giao chưa?"));
+        let t2 = v.tickets.iter().find(|t| t.ticket_id == "T2").unwrap();
+        assert_eq!((t2.open, t2.resolved_at), (false, Some(40)));
+    }
+
+    #[test]
+    fn loyalty_feedback_and_consent() {
+        let v = view(&[
+            ev(
+                1,
+                10,
+                "Points Earned",
+                Channel::Store,
+                "pos",
+                json!({"points": 500}),
+            ),
+            ev(
+                2,
+                20,
+                "Points Redeemed",
+                Channel::Web,
+                "web",
+                json!({"points": 120}),
+            ),
+            ev(
+                3,
+                30,
+                "Feedback Submitted",
+                Channel::Email,
+                "survey",
+                json!({"rating": 2}),
+            ),
+            ev(
+                4,
+                40,
+                "Feedback Submitted",
+                Channel::Email,
+                "survey",
+                json!({"rating": 5}),
+            ),
+            ev(
+                5,
+                50,
+                "Consent Updated",
+                Channel::Web,
+                "web",
+                json!({"purpose": "marketing", "channel": "email", "granted": true}),
+            ),
+            ev(
+                6,
+                60,
+                "Consent Updated",
+                Channel::Chat,
+                "zalo",
+                json!({"purpose": "marketing", "channel": "zalo", "granted": true}),
+            ),
+            ev(
+                7,
+                70,
+                "Consent Updated",
+                Channel::Web,
+                "web",
+                json!({"purpose": "marketing", "channel": "email", "granted": "revoked"}),
+            ),
+        ]);
+        assert_eq!(v.loyalty_points, 380);
+        assert_eq!(v.last_feedback_rating, Some(5));
+        assert!(!v.consent["marketing:email"], "revoked after being granted");
+        assert!(v.consent["marketing:zalo"]);
+    }
+
+    #[test]
+    fn the_journey_stage_follows_the_events() {
+        let viewed = ev(
+            1,
+            10,
+            "Product Viewed",
+            Channel::Web,
+            "web",
+            json!({"product_id": "p"}),
+        );
+        let asked = ev(
+            2,
+            20,
+            "Message Received",
+            Channel::Chat,
+            "zalo",
+            json!({"text": "?"}),
+        );
+        let bought = ev(
+            3,
+            30,
+            "Order Completed",
+            Channel::Store,
+            "pos",
+            json!({"order_id": "1", "total": 1}),
+        );
+        let praised = ev(
+            4,
+            40,
+            "Feedback Submitted",
+            Channel::Email,
+            "s",
+            json!({"rating": 5}),
+        );
+        assert_eq!(
+            view(&[ev(9, 1, "Identify", Channel::Web, "web", json!({}))]).stage,
+            Stage::Aware
+        );
+        assert_eq!(view(std::slice::from_ref(&viewed)).stage, Stage::Appeal);
+        assert_eq!(view(&[viewed.clone(), asked.clone()]).stage, Stage::Ask);
+        assert_eq!(
+            view(&[viewed.clone(), asked.clone(), bought.clone()]).stage,
+            Stage::Act
+        );
+        assert_eq!(
+            view(&[viewed, asked, bought, praised]).stage,
+            Stage::Advocate
+        );
+    }
+
+    #[test]
+    fn a_trusted_source_wins_and_among_equals_the_newer_value() {
+        let options = FoldOptions {
+            source_trust: [("crm".to_string(), 10), ("web".to_string(), 1)]
+                .into_iter()
+                .collect(),
+            ..FoldOptions::default()
+        };
+        let crm = with_traits(
+            ev(1, 10, "Identify", Channel::CallCenter, "crm", json!({})),
+            json!({"name": "Nguyễn Thị Lan"}),
+        );
+        let web_later = with_traits(
+            ev(2, 20, "Identify", Channel::Web, "web", json!({})),
+            json!({"name": "lan123", "city": "HCM"}),
+        );
+        let web_latest = with_traits(
+            ev(3, 30, "Identify", Channel::Web, "web", json!({})),
+            json!({"city": "Hà Nội"}),
+        );
+        for order in [
+            [&crm, &web_later, &web_latest],
+            [&web_latest, &web_later, &crm],
+        ] {
+            let mut p = Profile::new(CustomerId(Uuid::nil()));
+            for e in order {
+                p.apply(e, &options);
+            }
+            assert_eq!(p.traits["name"].value, json!("Nguyễn Thị Lan"));
+            assert_eq!(p.traits["name"].source_id, "crm");
+            assert_eq!(p.traits["name"].at, 10);
+            assert_eq!(p.traits["city"].value, json!("Hà Nội"));
+        }
+    }
+
+    #[test]
+    fn rfm_scores_and_segments() {
+        let now = 400 * DAY;
+        let orders: Vec<Touchpoint> = (0..6)
+            .map(|i| {
+                ev(
+                    i,
+                    now - (i as i64 + 1) * DAY,
+                    "Order Completed",
+                    Channel::Store,
+                    "pos",
+                    json!({"order_id": i.to_string(), "total": 2_000_000}),
+                )
+            })
+            .collect();
+        let p = fold(&orders, &FoldOptions::default());
+        let rfm = p.rfm(now, "VND").unwrap();
+        assert_eq!((rfm.recency_days, rfm.frequency), (1, 6));
+        assert_eq!(
+            (rfm.recency_score, rfm.frequency_score, rfm.monetary_score),
+            (5, 4, 4)
+        );
+        assert_eq!(rfm.segment, "champions");
+        let lapsed = fold(&orders[..1], &FoldOptions::default())
+            .rfm(now + 300 * DAY, "VND")
+            .unwrap();
+        assert_eq!(lapsed.segment, "hibernating");
+        assert!(
+            Profile::new(CustomerId(Uuid::nil()))
+                .rfm(now, "VND")
+                .is_none()
+        );
     }
 }

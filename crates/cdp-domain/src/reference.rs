@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::event::{CustomerId, Identifier, Touchpoint};
 use crate::identity::{self, GraphRead, MemoryGraph, Resolution, ResolvedTouchpoint};
-use crate::profile::{Profile, ProfileSlot, ProfileView, fold_resolved};
+use crate::profile::{FoldOptions, Profile, ProfileSlot, ProfileView, fold_resolved};
 use crate::rules::IdentityRules;
 
 /// One customer as the model sees it: the linked identifiers and the view.
@@ -18,17 +18,17 @@ pub struct CustomerSnapshot {
 
 pub struct ReferenceModel {
     rules: IdentityRules,
-    default_currency: String,
+    options: FoldOptions,
     graph: MemoryGraph,
     profiles: BTreeMap<CustomerId, ProfileSlot>,
     unresolvable: usize,
 }
 
 impl ReferenceModel {
-    pub fn new(rules: IdentityRules, default_currency: impl Into<String>) -> Self {
+    pub fn new(rules: IdentityRules, options: FoldOptions) -> Self {
         ReferenceModel {
             rules,
-            default_currency: default_currency.into(),
+            options,
             graph: MemoryGraph::new(),
             profiles: BTreeMap::new(),
             unresolvable: 0,
@@ -48,9 +48,7 @@ impl ReferenceModel {
                     merges: d.merges.clone(),
                     touchpoint: t.clone(),
                 };
-                if let Err(never) =
-                    fold_resolved(&mut self.profiles, &resolved, &self.default_currency)
-                {
+                if let Err(never) = fold_resolved(&mut self.profiles, &resolved, &self.options) {
                     match never {}
                 }
             }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use cdp_domain::journey::{self, JourneyConfig};
+use cdp_domain::profile::FoldOptions;
 use cdp_domain::reference::ReferenceModel;
 use cdp_domain::{
     Context, CustomerId, IdentityRules, Profile, Touchpoint, ValidationLimits, validate,
@@ -46,7 +47,7 @@ fn touchpoints(seed: u64, customers: usize) -> Vec<(usize, Touchpoint)> {
 fn fold(events: &[&Touchpoint]) -> Profile {
     let mut p = Profile::new(CustomerId(Uuid::nil()));
     for t in events {
-        p.apply(t, "VND");
+        p.apply(t, &FoldOptions::default());
     }
     p
 }
@@ -87,7 +88,7 @@ proptest! {
     fn the_reference_model_finds_every_person_once(seed in any::<u64>(), shuffle in any::<u64>()) {
         let mut events = touchpoints(seed, 8);
         events.shuffle(&mut StdRng::seed_from_u64(shuffle));
-        let mut model = ReferenceModel::new(IdentityRules::default(), "VND");
+        let mut model = ReferenceModel::new(IdentityRules::default(), FoldOptions::default());
         for (_, t) in &events {
             model.apply(t);
         }

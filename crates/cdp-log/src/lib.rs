@@ -28,14 +28,17 @@ pub enum Topic {
     Resolved,
     /// Events accepted but not processed, with the reason.
     DeadLetters,
+    /// Who looked at which customer, when (the console's audit log).
+    Audit,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 4] = [
+    pub const ALL: [Topic; 5] = [
         Topic::Touchpoints,
         Topic::Identity,
         Topic::Resolved,
         Topic::DeadLetters,
+        Topic::Audit,
     ];
 
     pub fn name(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Topic {
             Topic::Identity => "identity",
             Topic::Resolved => "resolved",
             Topic::DeadLetters => "dead-letters",
+            Topic::Audit => "audit",
         }
     }
 }

@@ -181,6 +181,23 @@ pub struct WebhooksConfig {
     pub messenger: Option<MessengerConfig>,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// Trust of sources (by source id, else channel name; default 0). A trait
+    /// from a more trusted source wins; between equals, the newer value.
+    pub source_trust: std::collections::BTreeMap<String, i64>,
+}
+
+/// A customer-service agent who may use the console.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub name: String,
+    /// The agent's bearer token.
+    pub token: Secret,
+}
+
 /// The whole platform's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -196,6 +213,9 @@ pub struct PlatformConfig {
     pub pipeline: PipelineConfig,
     pub identity: IdentityRulesConfig,
     pub validation: ValidationLimits,
+    pub profile: ProfileConfig,
+    /// Agents of the console.
+    pub agents: Vec<AgentConfig>,
     pub telemetry: TelemetryConfig,
 }
 
@@ -211,6 +231,8 @@ impl Default for PlatformConfig {
             pipeline: PipelineConfig::default(),
             identity: IdentityRulesConfig::default(),
             validation: ValidationLimits::default(),
+            profile: ProfileConfig::default(),
+            agents: Vec::new(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -249,6 +271,16 @@ impl PlatformConfig {
             });
         }
         IdentityRules::new(self.identity.clone())?;
+        if self
+            .agents
+            .iter()
+            .any(|a| a.name.trim().is_empty() || a.token.expose().len() < 8)
+        {
+            return Err(ConfigError::Invalid {
+                field: "agents",
+                reason: "every agent needs a name and a token of at least 8 characters".into(),
+            });
+        }
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.sources {
             if s.id.trim().is_empty() || s.write_key.expose().trim().is_empty() {
@@ -271,6 +303,14 @@ impl PlatformConfig {
             }
         }
         Ok(())
+    }
+
+    /// How the profile fold treats events.
+    pub fn fold_options(&self) -> cdp_domain::FoldOptions {
+        cdp_domain::FoldOptions {
+            default_currency: self.validation.default_currency.clone(),
+            source_trust: self.profile.source_trust.clone(),
+        }
     }
 
     pub fn identity_rules(&self) -> Result<IdentityRules, ConfigError> {

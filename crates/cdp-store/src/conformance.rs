@@ -13,6 +13,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::{IdentityStore, ProfileStore, TimelineQuery};
+use cdp_domain::profile::FoldOptions;
 
 fn event(
     prefix: &str,
@@ -231,16 +232,18 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
     ];
     assert_eq!(
         store
-            .apply(&batch, "VND")
+            .apply(&batch, &FoldOptions::default())
             .await
-            .unwrap_or_else(|e| panic!("{e}")),
+            .unwrap_or_else(|e| panic!("{e}"))
+            .new_events,
         3
     );
     assert_eq!(
         store
-            .apply(&batch, "VND")
+            .apply(&batch, &FoldOptions::default())
             .await
-            .unwrap_or_else(|e| panic!("{e}")),
+            .unwrap_or_else(|e| panic!("{e}"))
+            .new_events,
         0,
         "re-delivery must be a no-op"
     );
@@ -271,16 +274,19 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
         ),
     };
     store
-        .apply(std::slice::from_ref(&merging), "VND")
+        .apply(std::slice::from_ref(&merging), &FoldOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // A late event of the merged-away customer lands on the survivor.
     store
-        .apply(&[resolved(c2, order(14, 5000, 50_000))], "VND")
+        .apply(
+            &[resolved(c2, order(14, 5000, 50_000))],
+            &FoldOptions::default(),
+        )
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     store
-        .apply(&[merging], "VND")
+        .apply(&[merging], &FoldOptions::default())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
 
@@ -369,7 +375,7 @@ pub async fn profiles_lose_no_concurrent_update(
                     json!({"points": 1}),
                 );
                 store
-                    .apply(&[resolved(c, t)], "VND")
+                    .apply(&[resolved(c, t)], &FoldOptions::default())
                     .await
                     .unwrap_or_else(|e| panic!("{e}"));
                 tokio::time::sleep(Duration::from_millis(1)).await;
@@ -385,4 +391,48 @@ pub async fn profiles_lose_no_concurrent_update(
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|| panic!("no profile"));
     assert_eq!(p.view().loyalty_points, 40, "an update was lost");
+}
+
+/// Search finds a customer by a name prefix without diacritics, an email
+/// prefix and a national phone prefix, and follows merges.
+pub async fn profiles_are_searchable(store: &dyn ProfileStore, prefix: &str) {
+    let c = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-searchable").as_bytes(),
+    ));
+    let phone = (IdKind::Phone, "+84983334455".to_string());
+    let mut t = event(
+        prefix,
+        500,
+        1000,
+        EventType::Identify,
+        &[email(prefix, "tim"), phone],
+        json!({}),
+    );
+    let name = format!("Nguyễn Thị {prefix}Lâm");
+    t.personal.traits.insert("name".into(), json!(name));
+    store
+        .apply(&[resolved(c, t)], &FoldOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for query in [
+        format!("{}lam", prefix.to_lowercase()),
+        format!("tim.{prefix}"),
+        "0983 334".to_string(),
+    ] {
+        let prefixes = cdp_domain::search::query_prefixes(&query);
+        let found = store
+            .search(&prefixes, 10)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            found.contains(&c),
+            "search {query:?} did not find the customer: {found:?}"
+        );
+    }
+    let none = store
+        .search(&cdp_domain::search::query_prefixes("zzz-nobody"), 10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(none.is_empty());
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cdp_domain::identity::{self, Claim, CustomerNode, GraphRead, GraphWrite};
-use cdp_domain::profile::{Profile, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::profile::{FoldOptions, Profile, ProfileAccess, ProfileSlot, fold_resolved};
 use cdp_domain::{
     CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
     Touchpoint,
@@ -16,7 +16,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDe
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{IdentityStore, ProfileStore, StoreError, TimelinePage, TimelineQuery};
+use crate::{Applied, IdentityStore, ProfileStore, StoreError, TimelinePage, TimelineQuery};
 
 /// identifier key (`kind \0 value`) -> Claim (JSON).
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
@@ -26,6 +26,8 @@ const CUSTOMERS: TableDefinition<u128, &[u8]> = TableDefinition::new("customers"
 const RESOLUTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("resolutions");
 /// customer id -> ProfileSlot (JSON).
 const PROFILES: TableDefinition<u128, &[u8]> = TableDefinition::new("profiles");
+/// (search term, customer id) -> (): see `cdp_domain::search`.
+const SEARCH: TableDefinition<(&str, u128), ()> = TableDefinition::new("search");
 /// (customer id, occurred_at, event id) -> TimelineEntry (JSON).
 const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new("timeline");
 
@@ -65,6 +67,7 @@ impl EmbeddedStore {
             tx.open_table(RESOLUTIONS).map_err(storage)?;
             tx.open_table(PROFILES).map_err(storage)?;
             tx.open_table(TIMELINE).map_err(storage)?;
+            tx.open_table(SEARCH).map_err(storage)?;
         }
         tx.commit().map_err(storage)?;
         Ok(EmbeddedStore { db: Arc::new(db) })
@@ -264,37 +267,83 @@ impl ProfileStore for EmbeddedStore {
     async fn apply(
         &self,
         batch: &[ResolvedTouchpoint],
-        default_currency: &str,
-    ) -> Result<usize, StoreError> {
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
         let batch = batch.to_vec();
-        let currency = default_currency.to_owned();
+        let options = options.clone();
         self.blocking(move |db| {
             let mut tx = db.begin_write().map_err(storage)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
-            let mut applied = 0;
+            let mut applied = Applied::default();
             {
                 let mut access = TxProfiles {
                     profiles: tx.open_table(PROFILES).map_err(storage)?,
                 };
                 let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
+                let mut search = tx.open_table(SEARCH).map_err(storage)?;
                 for resolved in &batch {
-                    if let Some(entry) = fold_resolved(&mut access, resolved, &currency)? {
+                    if let Some(entry) = fold_resolved(&mut access, resolved, &options)? {
+                        let customer = key(entry.customer_id);
                         timeline
                             .insert(
-                                (
-                                    key(entry.customer_id),
-                                    entry.occurred_at,
-                                    entry.event_id.0.as_u128(),
-                                ),
+                                (customer, entry.occurred_at, entry.event_id.0.as_u128()),
                                 to_json(&entry)?.as_slice(),
                             )
                             .map_err(storage)?;
-                        applied += 1;
+                        for term in cdp_domain::search::terms(&resolved.touchpoint) {
+                            search
+                                .insert((term.as_str(), customer), ())
+                                .map_err(storage)?;
+                        }
+                        applied.new_events += 1;
+                        applied.customers.push(entry.customer_id);
+                    }
+                    for merge in &resolved.merges {
+                        applied.customers.push(access.live_root(merge.survivor)?);
                     }
                 }
             }
             tx.commit().map_err(storage)?;
+            applied.customers.sort();
+            applied.customers.dedup();
             Ok(applied)
+        })
+        .await
+    }
+
+    async fn search(
+        &self,
+        prefixes: &[String],
+        limit: usize,
+    ) -> Result<Vec<CustomerId>, StoreError> {
+        let prefixes = prefixes.to_vec();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(SEARCH).map_err(storage)?;
+            let mut found: Vec<CustomerId> = Vec::new();
+            for prefix in &prefixes {
+                for item in table
+                    .range((prefix.as_str(), 0u128)..)
+                    .map_err(storage)?
+                    .take(limit * 20)
+                {
+                    let (k, _) = item.map_err(storage)?;
+                    let (term, customer) = k.value();
+                    if !term.starts_with(prefix.as_str()) {
+                        break;
+                    }
+                    let live = read_profile(db, CustomerId(uuid::Uuid::from_u128(customer)))?;
+                    if let Some(p) = live
+                        && !found.contains(&p.customer_id)
+                    {
+                        found.push(p.customer_id);
+                        if found.len() >= limit {
+                            return Ok(found);
+                        }
+                    }
+                }
+            }
+            Ok(found)
         })
         .await
     }

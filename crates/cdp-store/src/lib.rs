@@ -9,7 +9,7 @@
 
 use async_trait::async_trait;
 use cdp_domain::identity::{Claim, CustomerNode};
-use cdp_domain::profile::Profile;
+use cdp_domain::profile::{FoldOptions, Profile};
 use cdp_domain::{
     Channel, CustomerId, EventId, EventType, Identifier, IdentityRules, Resolution,
     ResolvedTouchpoint, TimelineEntry, Touchpoint, UnixMillis,
@@ -92,16 +92,25 @@ pub struct TimelinePage {
     pub next: Option<(UnixMillis, EventId)>,
 }
 
+/// What a fold changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    /// Events that were new (not re-deliveries).
+    pub new_events: usize,
+    /// The live customers whose view changed.
+    pub customers: Vec<CustomerId>,
+}
+
 /// Profiles and their timeline.
 #[async_trait]
 pub trait ProfileStore: Send + Sync + 'static {
     /// Folds resolved touchpoints in order (merges first, then the event),
-    /// atomically and idempotently. Returns how many events were new.
+    /// atomically and idempotently, and indexes them for search.
     async fn apply(
         &self,
         batch: &[ResolvedTouchpoint],
-        default_currency: &str,
-    ) -> Result<usize, StoreError>;
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError>;
 
     /// The live profile standing for `customer` (merges followed).
     async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError>;
@@ -112,4 +121,41 @@ pub trait ProfileStore: Send + Sync + 'static {
         customer: CustomerId,
         query: &TimelineQuery,
     ) -> Result<TimelinePage, StoreError>;
+
+    /// Live customers with a search term starting with one of `prefixes`
+    /// (see `cdp_domain::search`), at most `limit`.
+    async fn search(
+        &self,
+        prefixes: &[String],
+        limit: usize,
+    ) -> Result<Vec<CustomerId>, StoreError>;
+}
+
+/// Announces which customers' views changed, so live views can refresh.
+/// In one process the profile worker publishes and the query service
+/// listens; a slow listener misses announcements (and refreshes anyway).
+#[derive(Clone)]
+pub struct ProfileChanges(tokio::sync::broadcast::Sender<CustomerId>);
+
+impl ProfileChanges {
+    pub fn new(capacity: usize) -> Self {
+        ProfileChanges(tokio::sync::broadcast::channel(capacity.max(16)).0)
+    }
+
+    pub fn publish(&self, customers: &[CustomerId]) {
+        for c in customers {
+            // No listener is fine.
+            let _ = self.0.send(*c);
+        }
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CustomerId> {
+        self.0.subscribe()
+    }
+}
+
+impl Default for ProfileChanges {
+    fn default() -> Self {
+        Self::new(1024)
+    }
 }

@@ -18,6 +18,7 @@ async fn embedded_profile_store_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(dir.path()).unwrap();
     conformance::profiles_fold_merge_and_page(&store, "emb").await;
+    conformance::profiles_are_searchable(&store, "emb").await;
     let shared: Arc<dyn ProfileStore> = Arc::new(store);
     conformance::profiles_lose_no_concurrent_update(shared, "emb").await;
 }

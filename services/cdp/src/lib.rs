@@ -16,10 +16,11 @@ use cdp_profile::ProfileWorker;
 use cdp_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
 use cdp_proto::v1::ingest_service_server::IngestServiceServer;
 use cdp_proto::v1::profile_service_server::ProfileServiceServer;
+use cdp_query::console::{Agent, ConsoleState};
 use cdp_query::{ProfileGrpc, ProfileQuery};
 use cdp_runtime::PlatformConfig;
 use cdp_runtime::config::PipelineConfig;
-use cdp_store::{EmbeddedStore, IdentityStore, ProfileStore};
+use cdp_store::{EmbeddedStore, IdentityStore, ProfileChanges, ProfileStore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +63,8 @@ fn consumer_options(name: &str, p: &PipelineConfig) -> ConsumerOptions {
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The event log, for operators' and benchmarks' questions (lag).
+    pub log: Arc<dyn EventLog>,
     tasks: JoinSet<()>,
 }
 
@@ -99,6 +102,7 @@ pub async fn start_embedded(
     let identity: Arc<dyn IdentityStore> = Arc::new(store.clone());
     let profiles: Arc<dyn ProfileStore> = Arc::new(store);
 
+    let changes = ProfileChanges::default();
     let mut tasks = JoinSet::new();
     let p = &config.pipeline;
     for i in 0..p.identity_workers.max(1) {
@@ -120,7 +124,8 @@ pub async fn start_embedded(
         let worker = ProfileWorker::new(
             Arc::clone(&log),
             Arc::clone(&profiles),
-            config.validation.default_currency.clone(),
+            config.fold_options(),
+            changes.clone(),
         );
         let membership = Membership {
             index: i,
@@ -136,7 +141,19 @@ pub async fn start_embedded(
     }
 
     let ingestor = Ingestor::new(Arc::clone(&log), Arc::clone(&rules), limits);
-    let query = ProfileQuery::new(identity, profiles, rules);
+    let query = ProfileQuery::new(identity, profiles, rules, config.fold_options(), changes);
+    let console = Arc::new(ConsoleState {
+        query: query.clone(),
+        agents: config
+            .agents
+            .iter()
+            .map(|a| Agent {
+                name: a.name.clone(),
+                token: a.token.expose().to_owned(),
+            })
+            .collect(),
+        log: Arc::clone(&log),
+    });
     let dead_letters = DeadLetters::new(Arc::clone(&log), ingestor.clone());
 
     let http_state = Arc::new(HttpState {
@@ -161,7 +178,7 @@ pub async fn start_embedded(
         .map_err(bind_error(config.http.addr))?;
     let http_cancel = cancel.clone();
     tasks.spawn(async move {
-        let app = cdp_ingest::http::router(http_state);
+        let app = cdp_ingest::http::router(http_state).merge(cdp_query::console::router(console));
         if let Err(error) = axum::serve(http_listener, app)
             .with_graceful_shutdown(http_cancel.cancelled_owned())
             .await
@@ -200,6 +217,7 @@ pub async fn start_embedded(
     Ok(Running {
         grpc_addr,
         http_addr,
+        log,
         tasks,
     })
 }

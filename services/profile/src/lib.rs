@@ -4,11 +4,12 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use cdp_domain::FoldOptions;
 use cdp_domain::ResolvedTouchpoint;
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
 use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
 use cdp_proto::record;
-use cdp_store::ProfileStore;
+use cdp_store::{ProfileChanges, ProfileStore};
 use tokio_util::sync::CancellationToken;
 
 /// The consumer group of profile workers.
@@ -17,19 +18,22 @@ pub const GROUP: &str = "cdp-profile";
 pub struct ProfileWorker {
     log: Arc<dyn EventLog>,
     store: Arc<dyn ProfileStore>,
-    default_currency: String,
+    options: FoldOptions,
+    changes: ProfileChanges,
 }
 
 impl ProfileWorker {
     pub fn new(
         log: Arc<dyn EventLog>,
         store: Arc<dyn ProfileStore>,
-        default_currency: impl Into<String>,
+        options: FoldOptions,
+        changes: ProfileChanges,
     ) -> Self {
         ProfileWorker {
             log,
             store,
-            default_currency: default_currency.into(),
+            options,
+            changes,
         }
     }
 
@@ -74,15 +78,16 @@ impl BatchHandler for ProfileWorker {
         }
         let applied = self
             .store
-            .apply(&batch, &self.default_currency)
+            .apply(&batch, &self.options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
-        if applied < batch.len() {
+        if applied.new_events < batch.len() {
             tracing::debug!(
-                redelivered = batch.len() - applied,
+                redelivered = batch.len() - applied.new_events,
                 "events already folded were skipped"
             );
         }
+        self.changes.publish(&applied.customers);
         if !dead.is_empty() {
             self.log
                 .append(Topic::DeadLetters, dead)

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use cdp_domain::FoldOptions;
 use cdp_domain::normalize::normalize;
 use cdp_domain::{Channel, CustomerId, EventId, EventType, IdKind, Identifier, IdentityRules};
 use cdp_proto::convert;
@@ -12,7 +13,9 @@ use cdp_proto::v1::{
     ListTimelineResponse,
 };
 use cdp_runtime::ServiceError;
-use cdp_store::{IdentityStore, ProfileStore, StoreError, TimelineQuery};
+
+pub mod console;
+use cdp_store::{IdentityStore, ProfileChanges, ProfileStore, StoreError, TimelineQuery};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -36,12 +39,22 @@ fn store_error(e: StoreError) -> ServiceError {
     }
 }
 
+/// The parts of a customer view.
+pub struct Loaded {
+    pub profile: cdp_domain::Profile,
+    pub identifiers: Vec<Identifier>,
+    pub claims: Vec<Option<cdp_domain::identity::Claim>>,
+    pub timeline: Vec<cdp_domain::TimelineEntry>,
+}
+
 /// Reads customer views. Cheap to clone.
 #[derive(Clone)]
 pub struct ProfileQuery {
     identity: Arc<dyn IdentityStore>,
     profiles: Arc<dyn ProfileStore>,
     rules: Arc<IdentityRules>,
+    options: FoldOptions,
+    changes: ProfileChanges,
 }
 
 impl ProfileQuery {
@@ -49,12 +62,133 @@ impl ProfileQuery {
         identity: Arc<dyn IdentityStore>,
         profiles: Arc<dyn ProfileStore>,
         rules: Arc<IdentityRules>,
+        options: FoldOptions,
+        changes: ProfileChanges,
     ) -> Self {
         ProfileQuery {
             identity,
             profiles,
             rules,
+            options,
+            changes,
         }
+    }
+
+    /// Everything the view is made of, as domain values.
+    pub async fn load(
+        &self,
+        lookup: Option<Lookup>,
+        timeline_limit: usize,
+    ) -> Result<Loaded, ServiceError> {
+        let customer = self.customer(lookup).await?;
+        let profile = self
+            .profiles
+            .profile(customer)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                ServiceError::NotFound(format!("customer {customer} has no profile yet"))
+            })?;
+        let node = self
+            .identity
+            .customer(profile.customer_id)
+            .await
+            .map_err(store_error)?;
+        let identifiers: Vec<Identifier> = node
+            .map(|n| n.identifiers.into_iter().collect())
+            .unwrap_or_default();
+        let claims = self
+            .identity
+            .claims(&identifiers)
+            .await
+            .map_err(store_error)?;
+        let query = TimelineQuery {
+            limit: timeline_limit.clamp(1, MAX_TIMELINE),
+            ..TimelineQuery::default()
+        };
+        let timeline = self
+            .profiles
+            .timeline(profile.customer_id, &query)
+            .await
+            .map_err(store_error)?
+            .entries;
+        Ok(Loaded {
+            profile,
+            identifiers,
+            claims,
+            timeline,
+        })
+    }
+
+    /// The default currency (for RFM).
+    pub fn currency(&self) -> &str {
+        &self.options.default_currency
+    }
+
+    /// Candidates for what an agent typed.
+    #[tracing::instrument(skip(self))]
+    pub async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<v1::CustomerCandidate>, ServiceError> {
+        if query.trim().chars().count() < 2 {
+            return Err(ServiceError::invalid("query", "type at least 2 characters"));
+        }
+        let prefixes = cdp_domain::search::query_prefixes(query);
+        let found = self
+            .profiles
+            .search(&prefixes, limit.clamp(1, 50))
+            .await
+            .map_err(store_error)?;
+        let mut out = Vec::with_capacity(found.len());
+        for customer in found {
+            let Some(profile) = self.profiles.profile(customer).await.map_err(store_error)? else {
+                continue;
+            };
+            let node = self
+                .identity
+                .customer(profile.customer_id)
+                .await
+                .map_err(store_error)?;
+            let ids: Vec<Identifier> = node
+                .map(|n| n.identifiers.into_iter().collect())
+                .unwrap_or_default();
+            let of = |k: IdKind| {
+                ids.iter()
+                    .filter(|i| i.kind == k)
+                    .map(|i| i.value.clone())
+                    .collect()
+            };
+            out.push(v1::CustomerCandidate {
+                customer_id: profile.customer_id.to_string(),
+                name: profile
+                    .traits
+                    .get("name")
+                    .and_then(|t| t.value.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                emails: of(IdKind::Email),
+                phones: of(IdKind::Phone),
+                last_seen: profile.last_seen.map(convert::millis_to_timestamp),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The customer that stands for `customer_id` now, if it parses.
+    pub async fn identity_root(&self, customer_id: &str) -> Option<String> {
+        let id = Uuid::parse_str(customer_id).ok()?;
+        self.identity
+            .root(CustomerId(id))
+            .await
+            .ok()
+            .map(|c| c.to_string())
+    }
+
+    /// Announcements of changed customers, for live views.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<CustomerId> {
+        self.changes.subscribe()
     }
 
     /// Normalises an identifier typed by a person or a system.
@@ -108,37 +242,12 @@ impl ProfileQuery {
         lookup: Option<Lookup>,
         timeline_limit: usize,
     ) -> Result<CustomerProfile, ServiceError> {
-        let customer = self.customer(lookup).await?;
-        let profile = self
-            .profiles
-            .profile(customer)
-            .await
-            .map_err(store_error)?
-            .ok_or_else(|| {
-                ServiceError::NotFound(format!("customer {customer} has no profile yet"))
-            })?;
-        let node = self
-            .identity
-            .customer(profile.customer_id)
-            .await
-            .map_err(store_error)?;
-        let identifiers: Vec<Identifier> = node
-            .map(|n| n.identifiers.into_iter().collect())
-            .unwrap_or_default();
-        let claims = self
-            .identity
-            .claims(&identifiers)
-            .await
-            .map_err(store_error)?;
-        let query = TimelineQuery {
-            limit: timeline_limit.clamp(1, MAX_TIMELINE),
-            ..TimelineQuery::default()
-        };
-        let timeline = self
-            .profiles
-            .timeline(profile.customer_id, &query)
-            .await
-            .map_err(store_error)?;
+        let Loaded {
+            profile,
+            identifiers,
+            claims,
+            timeline,
+        } = self.load(lookup, timeline_limit).await?;
         let view = profile.view();
         let traits: cdp_domain::Attributes = view.traits.clone().into_iter().collect();
         Ok(CustomerProfile {
@@ -150,16 +259,34 @@ impl ProfileQuery {
                 .collect(),
             traits: Some(convert::json_to_struct(&traits)),
             metrics: Some(convert::metrics(&view)),
-            recent_timeline: timeline
-                .entries
-                .iter()
-                .map(convert::timeline_entry)
-                .collect(),
+            recent_timeline: timeline.iter().map(convert::timeline_entry).collect(),
             merged_customer_ids: profile
                 .merged_from
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
+            trait_sources: profile
+                .traits
+                .iter()
+                .map(|(key, t)| v1::TraitSource {
+                    key: key.clone(),
+                    source_id: t.source_id.clone(),
+                    channel: t.channel.to_string(),
+                    at: Some(convert::millis_to_timestamp(t.at)),
+                    trust: t.trust,
+                })
+                .collect(),
+            rfm: profile
+                .rfm(cdp_runtime::now_ms(), &self.options.default_currency)
+                .map(|r| v1::Rfm {
+                    recency_days: r.recency_days,
+                    frequency: r.frequency,
+                    monetary: r.monetary.to_string(),
+                    recency_score: r.recency_score.into(),
+                    frequency_score: r.frequency_score.into(),
+                    monetary_score: r.monetary_score.into(),
+                    segment: r.segment.to_owned(),
+                }),
         })
     }
 
@@ -278,6 +405,97 @@ impl ProfileService for ProfileGrpc {
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile),
         }))
+    }
+
+    async fn search_customers(
+        &self,
+        request: Request<v1::SearchCustomersRequest>,
+    ) -> Result<Response<v1::SearchCustomersResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 10 } else { r.limit as usize };
+        let candidates = self.query.search(&r.query, limit).await?;
+        Ok(Response::new(v1::SearchCustomersResponse { candidates }))
+    }
+
+    type WatchProfileStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<GetProfileResponse, Status>> + Send>,
+    >;
+
+    async fn watch_profile(
+        &self,
+        request: Request<GetProfileRequest>,
+    ) -> Result<Response<Self::WatchProfileStream>, Status> {
+        use v1::get_profile_request::Lookup as L;
+        let r = request.into_inner();
+        let lookup = r.lookup.map(|l| match l {
+            L::CustomerId(c) => Lookup::CustomerId(c),
+            L::Identifier(i) => Lookup::Identifier(i),
+        });
+        let limit = if r.timeline_limit == 0 {
+            DEFAULT_TIMELINE
+        } else {
+            r.timeline_limit as usize
+        };
+        // Subscribe before the first read so no change slips between them.
+        let mut changes = self.query.changes();
+        let first = self.query.profile(lookup, limit).await?;
+        let query = self.query.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut current = first;
+            if tx
+                .send(Ok(GetProfileResponse {
+                    profile: Some(current.clone()),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                let relevant = match changes.recv().await {
+                    Ok(c) => {
+                        let id = c.to_string();
+                        id == current.customer_id || current.merged_customer_ids.contains(&id) || {
+                            // A merge may have made another customer the survivor.
+                            query
+                                .identity_root(&current.customer_id)
+                                .await
+                                .is_some_and(|root| root == id)
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if !relevant {
+                    continue;
+                }
+                match query
+                    .profile(Some(Lookup::CustomerId(current.customer_id.clone())), limit)
+                    .await
+                {
+                    Ok(p) => {
+                        current = p;
+                        if tx
+                            .send(Ok(GetProfileResponse {
+                                profile: Some(current.clone()),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn list_timeline(

@@ -51,6 +51,7 @@ pub const POS_KEY: &str = "test-pos-key";
 pub const ZALO_SECRET: &str = "test-zalo-secret";
 pub const MESSENGER_SECRET: &str = "test-messenger-secret";
 pub const MESSENGER_VERIFY: &str = "test-verify-token";
+pub const AGENT_TOKEN: &str = "test-agent-token";
 
 /// The configuration (TOML) of test processes: 4 partitions, 2 identity and
 /// 2 profile workers, two HTTP sources and both webhooks.
@@ -77,6 +78,11 @@ oa_secret_key = "test-zalo-secret"
 source_id = "facebook-page"
 app_secret = "test-messenger-secret"
 verify_token = "test-verify-token"
+[profile]
+source_trust = { crm = 10, website = 1 }
+[[agents]]
+name = "agent.lan"
+token = "test-agent-token"
 "#;
 
 impl CdpProcess {

@@ -67,7 +67,8 @@ fn the_pipeline_converges_to_the_reference_fold() {
             };
             let (_, events) = journey::generate(seed, &config);
             let rules = IdentityRules::default();
-            let mut model = ReferenceModel::new(rules.clone(), "VND");
+            let mut model =
+                ReferenceModel::new(rules.clone(), cdp_domain::profile::FoldOptions::default());
             for g in &events {
                 let t = validate(
                     &g.event,
