@@ -275,11 +275,9 @@ impl HttpState {
             }
             match self.ingestor.validate(&raw, now) {
                 Ok(t) => valid.push(t),
-                Err(errs) => {
-                    violations.extend(errs.into_iter().map(|e| {
-                        FieldError::new(format!("{p}{}", segment_field(&e.field)), e.reason)
-                    }))
-                }
+                Err(errs) => violations.extend(errs.into_iter().map(|e| {
+                    FieldError::new(format!("{p}{}", segment_field(&e.field, &raw)), e.reason)
+                })),
             }
         }
         if violations.is_empty() {
@@ -290,13 +288,29 @@ impl HttpState {
     }
 }
 
-/// Our field names in the Segment vocabulary, where they differ.
-fn segment_field(field: &str) -> String {
+/// Our field names in the Segment vocabulary, where they differ: an
+/// identifier is named by the Segment field it came from.
+fn segment_field(field: &str, raw: &RawTouchpoint) -> String {
+    let identifier_source = |kind: &str| match kind {
+        "user_id" => "userId",
+        "anonymous_id" => "anonymousId",
+        "email" => "traits.email",
+        "phone" => "traits.phone",
+        "device_id" => "context.device.id",
+        _ => "userId",
+    };
     match field {
         "occurred_at" => "timestamp".into(),
         "type" => "event".into(),
         "event_id" => "messageId".into(),
-        other if other.starts_with("identifiers") => "userId".into(),
+        other if other.starts_with("identifiers[") => other
+            .trim_start_matches("identifiers[")
+            .split(']')
+            .next()
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| raw.identifiers.get(i))
+            .map_or("userId", |id| identifier_source(&id.kind))
+            .to_owned(),
         other => other.to_owned(),
     }
 }

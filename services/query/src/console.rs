@@ -236,14 +236,7 @@ async fn watch(
     let stream = async_stream(move |tx| async move {
         loop {
             let relevant = match changes.recv().await {
-                Ok(c) => {
-                    let id = c.to_string();
-                    id == watched
-                        || query
-                            .identity_root(&watched)
-                            .await
-                            .is_some_and(|root| root == id)
-                }
+                Ok(c) => query.concerns(&watched, c).await,
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             };

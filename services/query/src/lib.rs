@@ -89,14 +89,7 @@ impl ProfileQuery {
             .ok_or_else(|| {
                 ServiceError::NotFound(format!("customer {customer} has no profile yet"))
             })?;
-        let node = self
-            .identity
-            .customer(profile.customer_id)
-            .await
-            .map_err(store_error)?;
-        let identifiers: Vec<Identifier> = node
-            .map(|n| n.identifiers.into_iter().collect())
-            .unwrap_or_default();
+        let identifiers = self.identifiers_of(profile.customer_id).await?;
         let claims = self
             .identity
             .claims(&identifiers)
@@ -118,6 +111,29 @@ impl ProfileQuery {
             claims,
             timeline,
         })
+    }
+
+    /// The identifiers linked to a customer.
+    async fn identifiers_of(&self, customer: CustomerId) -> Result<Vec<Identifier>, ServiceError> {
+        let node = self
+            .identity
+            .customer(customer)
+            .await
+            .map_err(store_error)?;
+        Ok(node
+            .map(|n| n.identifiers.into_iter().collect())
+            .unwrap_or_default())
+    }
+
+    /// Whether a change announced for `changed` concerns the view of
+    /// `watched`: the same customer, or the survivor it was merged into.
+    pub async fn concerns(&self, watched: &str, changed: CustomerId) -> bool {
+        let changed = changed.to_string();
+        changed == watched
+            || self
+                .identity_root(watched)
+                .await
+                .is_some_and(|root| root == changed)
     }
 
     /// The default currency (for RFM).
@@ -146,14 +162,7 @@ impl ProfileQuery {
             let Some(profile) = self.profiles.profile(customer).await.map_err(store_error)? else {
                 continue;
             };
-            let node = self
-                .identity
-                .customer(profile.customer_id)
-                .await
-                .map_err(store_error)?;
-            let ids: Vec<Identifier> = node
-                .map(|n| n.identifiers.into_iter().collect())
-                .unwrap_or_default();
+            let ids = self.identifiers_of(profile.customer_id).await?;
             let of = |k: IdKind| {
                 ids.iter()
                     .filter(|i| i.kind == k)
@@ -454,16 +463,7 @@ impl ProfileService for ProfileGrpc {
             }
             loop {
                 let relevant = match changes.recv().await {
-                    Ok(c) => {
-                        let id = c.to_string();
-                        id == current.customer_id || current.merged_customer_ids.contains(&id) || {
-                            // A merge may have made another customer the survivor.
-                            query
-                                .identity_root(&current.customer_id)
-                                .await
-                                .is_some_and(|root| root == id)
-                        }
-                    }
+                    Ok(c) => query.concerns(&current.customer_id, c).await,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };

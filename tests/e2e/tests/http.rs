@@ -308,6 +308,15 @@ async fn limits_and_auth_answer_with_the_documented_status_and_message() {
         "{b}"
     );
 
+    let bad_email = json!({"userId": user, "traits": {"email": "lan.at.shop.vn"}});
+    let (s, b) = http.post("/v1/identify", Some(WEB_KEY), &bad_email).await;
+    assert_eq!(
+        (s, b["violations"][0]["field"].as_str()),
+        (400, Some("traits.email")),
+        "{b}"
+    );
+    assert!(b["error"].as_str().unwrap().contains("missing '@'"), "{b}");
+
     let (s, _) = http
         .post_raw("/v1/track", WEB_KEY, b"{not json".to_vec(), &[])
         .await;
