@@ -5,10 +5,17 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos: Vec<PathBuf> = ["touchpoint", "ingest", "profile", "log", "admin"]
-        .iter()
-        .map(|name| root.join(format!("cdp/v1/{name}.proto")))
-        .collect();
+    let protos: Vec<PathBuf> = [
+        "touchpoint",
+        "ingest",
+        "profile",
+        "log",
+        "admin",
+        "identity",
+    ]
+    .iter()
+    .map(|name| root.join(format!("cdp/v1/{name}.proto")))
+    .collect();
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

@@ -16,11 +16,22 @@ use crate::rules::{BlockReason, IdentityRules};
 /// Who an identifier was linked to, by which event, when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claim {
-    /// The customer the identifier was first linked to. After merges the
-    /// owner is the root of this customer's redirect chain.
+    /// The customer that holds the identifier (rewritten when that customer
+    /// is merged away; follow redirects to be sure).
     pub customer: CustomerId,
+    /// The customer the identifier was first linked to, never rewritten:
+    /// where an explanation of the identifier starts.
+    #[serde(default)]
+    pub first_customer: Option<CustomerId>,
     pub event_id: EventId,
     pub at: UnixMillis,
+}
+
+impl Claim {
+    /// The customer the identifier was first linked to.
+    pub fn linked_to(&self) -> CustomerId {
+        self.first_customer.unwrap_or(self.customer)
+    }
 }
 
 /// Why two customers were merged.
@@ -361,6 +372,7 @@ pub fn apply<G: GraphWrite>(graph: &mut G, decision: &Decision) -> Result<(), G:
             id,
             &Claim {
                 customer: survivor.id,
+                first_customer: Some(survivor.id),
                 event_id: decision.event_id,
                 at: decision.at,
             },
@@ -510,8 +522,16 @@ mod tests {
             m.merges[0].cause.identifier,
             Identifier::new(IdKind::Phone, "+84912345678")
         );
-        // The loser redirects to the survivor.
+        // The loser redirects to the survivor; the claim still knows where it started.
         assert_eq!(g.root(b.customer_id).unwrap(), a.customer_id);
+        let claim = g
+            .claim(&Identifier::new(IdKind::Phone, "+84912345678"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (claim.customer, claim.linked_to()),
+            (a.customer_id, b.customer_id)
+        );
         assert_eq!(
             g.owner(&Identifier::new(IdKind::Phone, "+84912345678"))
                 .unwrap(),

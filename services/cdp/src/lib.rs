@@ -14,9 +14,11 @@ use cdp_log::consumer::ConsumerOptions;
 use cdp_log::{EmbeddedLog, EventLog, Membership};
 use cdp_profile::ProfileWorker;
 use cdp_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
+use cdp_proto::v1::identity_service_server::IdentityServiceServer;
 use cdp_proto::v1::ingest_service_server::IngestServiceServer;
 use cdp_proto::v1::profile_service_server::ProfileServiceServer;
 use cdp_query::console::{Agent, ConsoleState};
+use cdp_query::explain::IdentityGrpc;
 use cdp_query::{ProfileGrpc, ProfileQuery};
 use cdp_runtime::PlatformConfig;
 use cdp_runtime::config::PipelineConfig;
@@ -239,6 +241,9 @@ pub async fn grpc_router(
     health
         .set_serving::<DeadLetterServiceServer<DeadLetters>>()
         .await;
+    health
+        .set_serving::<IdentityServiceServer<IdentityGrpc>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cdp_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -251,6 +256,7 @@ pub async fn grpc_router(
             IngestServiceServer::new(IngestGrpc::new(ingestor))
                 .max_decoding_message_size(max_message_bytes),
         )
-        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query)))
+        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query.clone())))
+        .add_service(IdentityServiceServer::new(IdentityGrpc::new(query)))
         .add_service(DeadLetterServiceServer::new(dead_letters)))
 }

@@ -15,6 +15,7 @@ use cdp_proto::v1::{
 use cdp_runtime::ServiceError;
 
 pub mod console;
+pub mod explain;
 use cdp_store::{IdentityStore, ProfileChanges, ProfileStore, StoreError, TimelineQuery};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -31,7 +32,7 @@ pub enum Lookup {
     Identifier(v1::Identifier),
 }
 
-fn store_error(e: StoreError) -> ServiceError {
+pub(crate) fn store_error(e: StoreError) -> ServiceError {
     match e {
         StoreError::Unavailable(m) => ServiceError::Unavailable(m),
         StoreError::Invalid(m) => ServiceError::invalid("request", m),
