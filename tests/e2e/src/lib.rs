@@ -320,3 +320,21 @@ pub fn metrics(p: &CustomerProfile) -> &v1::ProfileMetrics {
         .as_ref()
         .unwrap_or_else(|| panic!("profile without metrics"))
 }
+
+/// A tag that keeps one test's identifiers apart from every other's.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+/// A random valid Vietnamese mobile number, as the 9 digits after the
+/// national `0` (so `0{mobile}` and `+84{mobile}` are the same number).
+pub fn mobile() -> String {
+    format!(
+        "9{}{:07}",
+        ["1", "7", "8"][(uuid::Uuid::new_v4().as_u128() % 3) as usize],
+        uuid::Uuid::new_v4().as_u128() % 10_000_000
+    )
+}

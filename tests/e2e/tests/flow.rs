@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cdp_e2e::{CdpProcess, id, metrics, profile_when, touchpoint};
+use cdp_e2e::{CdpProcess, id, metrics, mobile, profile_when, touchpoint, unique};
 use cdp_proto::v1::{
     self, EventStatus, GetProfileRequest, ListTimelineRequest, TrackBatchRequest, TrackRequest,
 };
@@ -15,16 +15,6 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn unique(tag: &str) -> String {
-    format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-/// A random valid Vietnamese mobile number, as 9 national digits after the 0.
-fn mobile() -> String {
-    let n = uuid::Uuid::new_v4().as_u128() % 10_000_000;
-    format!("91{n:07}")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_omnichannel_journey_ends_as_one_customer() {

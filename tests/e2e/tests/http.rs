@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cdp_e2e::{
     CdpProcess, MESSENGER_SECRET, MESSENGER_VERIFY, POS_KEY, WEB_KEY, ZALO_SECRET, id, metrics,
-    profile_when, touchpoint,
+    profile_when, touchpoint, unique,
 };
 use cdp_proto::v1::dead_letter_service_client::DeadLetterServiceClient;
 use cdp_proto::v1::{
@@ -21,10 +21,6 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn unique(tag: &str) -> String {
-    format!("{tag}{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
-}
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cdp_e2e::{CdpProcess, id, metrics, profile_when, touchpoint};
+use cdp_e2e::{CdpProcess, id, metrics, mobile, profile_when, touchpoint, unique};
 use cdp_proto::v1::identity_service_client::IdentityServiceClient;
 use cdp_proto::v1::{ExplainRequest, ListMergesRequest, TrackRequest, list_merges_request};
 use serde_json::json;
@@ -13,9 +13,9 @@ use serde_json::json;
 async fn explain_returns_the_real_cause_of_a_merge() {
     let cdp = CdpProcess::start();
     let mut ingest = cdp.ingest().await;
-    let tag = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
+    let tag = unique("");
     let email = format!("explain.{tag}@shop.vn");
-    let digits = format!("97{:07}", uuid::Uuid::new_v4().as_u128() % 10_000_000);
+    let digits = mobile();
     let phone = format!("0{digits}");
     // Two customers: one known by email on the web, one by phone in the app.
     for t in [

@@ -6,19 +6,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cdp_e2e::{AGENT_TOKEN, CdpProcess, id, metrics, profile_when, touchpoint};
+use cdp_e2e::{AGENT_TOKEN, CdpProcess, id, metrics, mobile, profile_when, touchpoint, unique};
 use cdp_proto::v1::{self, GetProfileRequest, SearchCustomersRequest, TrackRequest};
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-fn unique() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
-}
-
-fn mobile() -> String {
-    format!("98{:07}", uuid::Uuid::new_v4().as_u128() % 10_000_000)
-}
 
 async fn track(cdp: &CdpProcess, t: v1::Touchpoint) {
     cdp.ingest()
@@ -40,7 +32,7 @@ fn with_traits(mut t: v1::Touchpoint, traits: Value) -> v1::Touchpoint {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn search_finds_customers_by_phone_forms_and_names_with_or_without_diacritics() {
     let cdp = CdpProcess::start();
-    let tag = unique();
+    let tag = unique("");
     let digits = mobile();
     let name = format!("Nguyễn Thị Hồng{tag}");
     let t = touchpoint(
@@ -106,7 +98,7 @@ async fn search_finds_customers_by_phone_forms_and_names_with_or_without_diacrit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_profile_delivers_the_update_after_an_event() {
     let cdp = CdpProcess::start();
-    let email = format!("watch.{}@shop.vn", unique());
+    let email = format!("watch.{}@shop.vn", unique(""));
     track(
         &cdp,
         touchpoint(
@@ -142,7 +134,7 @@ async fn watch_profile_delivers_the_update_after_an_event() {
             "store",
             "pos-q1",
             vec![id("email", &email)],
-            json!({"order_id": unique(), "total": 700000}),
+            json!({"order_id": unique(""), "total": 700000}),
         ),
     )
     .await;
@@ -163,7 +155,7 @@ async fn watch_profile_delivers_the_update_after_an_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trait_sources_and_the_rfm_segment_are_in_the_view() {
     let cdp = CdpProcess::start();
-    let email = format!("trust.{}@shop.vn", unique());
+    let email = format!("trust.{}@shop.vn", unique(""));
     let crm = touchpoint(
         "Identify",
         "call_center",
@@ -187,7 +179,7 @@ async fn trait_sources_and_the_rfm_segment_are_in_the_view() {
             "web",
             "website",
             vec![id("email", &email)],
-            json!({"order_id": unique(), "total": 300000}),
+            json!({"order_id": unique(""), "total": 300000}),
         ),
     )
     .await;
@@ -238,7 +230,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
                 "store",
                 "pos-q1",
                 who.clone(),
-                json!({"order_id": unique(), "total": total}),
+                json!({"order_id": unique(""), "total": total}),
             ),
         )
         .await;
@@ -250,7 +242,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
             "call_center",
             "hotline",
             who.clone(),
-            json!({"ticket_id": unique(), "subject": "Giao hàng chậm"}),
+            json!({"ticket_id": unique(""), "subject": "Giao hàng chậm"}),
         ),
     )
     .await;
@@ -272,7 +264,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         .unwrap();
     assert_eq!(refused.status().as_u16(), 401);
 
-    let shot = std::env::temp_dir().join(format!("console-{}.png", unique()));
+    let shot = std::env::temp_dir().join(format!("console-{}.png", unique("")));
     let mut child = Command::new("node")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/console/agent.js"))
         .env("NODE_PATH", &modules)
@@ -320,7 +312,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
             "web",
             "website",
             who.clone(),
-            json!({"order_id": unique(), "total": 99_000}),
+            json!({"order_id": unique(""), "total": 99_000}),
         ),
     )
     .await;
