@@ -15,7 +15,7 @@ export CDP_SDK_PYTHON := $(TOOLS_DIR)/venv/bin/python
 export CDP_SDK_NODE_MODULES := $(TOOLS_DIR)/node/node_modules
 export CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: help run build test bench fmt lint tools infra-up infra-down clean
+.PHONY: help run build test bench bench-identity fmt lint tools infra-up infra-down clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -62,8 +62,11 @@ tools: ## Install the test tools (grpcurl, the Segment SDKs, playwright-core int
 test: lint tools build ## Build everything and run every test (unit, property, conformance, end-to-end).
 	CDP_REQUIRE_GRPCURL=1 CDP_REQUIRE_SDKS=1 $(CARGO) test --workspace
 
-bench: ## Print the figures (lookup latency and freshness with 100,000 customers, embedded); JSON in target/bench/.
+bench: bench-identity ## Print the figures (lookup latency and freshness with 100,000 customers, embedded; identity accuracy); JSON in target/bench/.
 	$(CARGO) run --release -p cdp --bin cdp-bench -- --profiles $${BENCH_PROFILES:-100000}
+
+bench-identity: ## Identity-resolution precision, recall, F1 and decisions/s on a synthetic population with traps.
+	$(CARGO) run --release -p cdp --bin cdp-bench-identity
 
 infra-up: ## Fetch (Maven Central) and start Kafka (KRaft) and Cassandra on 127.0.0.1; cached in ~/.cache/cdp-infra.
 	deploy/harness/infra.sh up

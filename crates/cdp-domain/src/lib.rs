@@ -2,6 +2,7 @@
 //! identity rules and the profile fold. Pure logic: no async runtime, no
 //! network, no storage. Everything else in the workspace calls into it.
 
+pub mod accuracy;
 pub mod event;
 pub mod identity;
 pub mod journey;
