@@ -8,8 +8,8 @@ use cdp_domain::{CustomerId, Identifier};
 use cdp_proto::convert;
 use cdp_proto::v1::identity_service_server::IdentityService;
 use cdp_proto::v1::{
-    self, ExplainRequest, ExplainResponse, IdentifierExplanation, ListMergesRequest,
-    ListMergesResponse, MergeStep,
+    ExplainRequest, ExplainResponse, IdentifierExplanation, ListMergesRequest, ListMergesResponse,
+    MergeStep,
 };
 use cdp_runtime::ServiceError;
 use tonic::{Request, Response, Status};
@@ -150,11 +150,7 @@ impl IdentityService for IdentityGrpc {
         &self,
         request: Request<ListMergesRequest>,
     ) -> Result<Response<ListMergesResponse>, Status> {
-        use v1::list_merges_request::Lookup as L;
-        let lookup = request.into_inner().lookup.map(|l| match l {
-            L::CustomerId(c) => Lookup::CustomerId(c),
-            L::Identifier(i) => Lookup::Identifier(i),
-        });
+        let lookup = request.into_inner().lookup.map(Lookup::from);
         let customer = self.query.customer(lookup).await?;
         let merges = self.query.merges(customer).await?;
         Ok(Response::new(ListMergesResponse {

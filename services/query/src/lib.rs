@@ -32,6 +32,36 @@ pub enum Lookup {
     Identifier(v1::Identifier),
 }
 
+/// The requests' `lookup` oneofs are one choice; they map to [`Lookup`] alike.
+macro_rules! lookup_from {
+    ($($oneof:path),+) => {$(
+        impl From<$oneof> for Lookup {
+            fn from(l: $oneof) -> Self {
+                use $oneof as L;
+                match l {
+                    L::CustomerId(c) => Lookup::CustomerId(c),
+                    L::Identifier(i) => Lookup::Identifier(i),
+                }
+            }
+        }
+    )+};
+}
+
+lookup_from!(
+    v1::get_profile_request::Lookup,
+    v1::list_timeline_request::Lookup,
+    v1::list_merges_request::Lookup
+);
+
+/// The lookup and timeline length a `GetProfileRequest` asks for.
+fn profile_request(r: GetProfileRequest) -> (Option<Lookup>, usize) {
+    let limit = match r.timeline_limit {
+        0 => DEFAULT_TIMELINE,
+        n => n as usize,
+    };
+    (r.lookup.map(Lookup::from), limit)
+}
+
 pub(crate) fn store_error(e: StoreError) -> ServiceError {
     match e {
         StoreError::Unavailable(m) => ServiceError::Unavailable(m),
@@ -401,16 +431,7 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<GetProfileResponse>, Status> {
-        use v1::get_profile_request::Lookup as L;
-        let r = request.into_inner();
-        let lookup = r.lookup.map(|l| match l {
-            L::CustomerId(c) => Lookup::CustomerId(c),
-            L::Identifier(i) => Lookup::Identifier(i),
-        });
-        let limit = match r.timeline_limit {
-            0 => DEFAULT_TIMELINE,
-            n => n as usize,
-        };
+        let (lookup, limit) = profile_request(request.into_inner());
         let profile = self.query.profile(lookup, limit).await?;
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile),
@@ -435,17 +456,7 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<Self::WatchProfileStream>, Status> {
-        use v1::get_profile_request::Lookup as L;
-        let r = request.into_inner();
-        let lookup = r.lookup.map(|l| match l {
-            L::CustomerId(c) => Lookup::CustomerId(c),
-            L::Identifier(i) => Lookup::Identifier(i),
-        });
-        let limit = if r.timeline_limit == 0 {
-            DEFAULT_TIMELINE
-        } else {
-            r.timeline_limit as usize
-        };
+        let (lookup, limit) = profile_request(request.into_inner());
         // Subscribe before the first read so no change slips between them.
         let mut changes = self.query.changes();
         let first = self.query.profile(lookup, limit).await?;
@@ -503,12 +514,8 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<ListTimelineRequest>,
     ) -> Result<Response<ListTimelineResponse>, Status> {
-        use v1::list_timeline_request::Lookup as L;
         let r = request.into_inner();
-        let lookup = r.lookup.clone().map(|l| match l {
-            L::CustomerId(c) => Lookup::CustomerId(c),
-            L::Identifier(i) => Lookup::Identifier(i),
-        });
+        let lookup = r.lookup.clone().map(Lookup::from);
         Ok(Response::new(self.query.timeline(lookup, &r).await?))
     }
 }
