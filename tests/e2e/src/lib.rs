@@ -338,3 +338,17 @@ pub fn mobile() -> String {
         uuid::Uuid::new_v4().as_u128() % 10_000_000
     )
 }
+
+/// A test tool that `make test` installs, or None when it is missing and
+/// `require_var` is unset (a developer's plain `cargo test`); when
+/// `require_var` is set, a missing tool fails the test.
+pub fn tool<T>(found: Option<T>, require_var: &str, what: &str) -> Option<T> {
+    if found.is_none() {
+        assert!(
+            std::env::var_os(require_var).is_none(),
+            "{what} is required but missing"
+        );
+        eprintln!("{what} missing; `make test` installs it");
+    }
+    found
+}

@@ -622,12 +622,7 @@ async fn grpcurl_works_through_reflection() {
                 .output()
                 .is_ok()
         });
-    let Some(grpcurl) = grpcurl else {
-        assert!(
-            std::env::var_os("CDP_REQUIRE_GRPCURL").is_none(),
-            "grpcurl is required but not installed"
-        );
-        eprintln!("grpcurl not installed; `make test` installs it");
+    let Some(grpcurl) = cdp_e2e::tool(grpcurl, "CDP_REQUIRE_GRPCURL", "grpcurl") else {
         return;
     };
     let cdp = CdpProcess::start();

@@ -76,17 +76,14 @@ impl Http {
 /// The SDK runtimes installed by `make test`, or None (then the test is
 /// skipped unless CDP_REQUIRE_SDKS is set).
 fn sdk(var: &str) -> Option<PathBuf> {
-    match std::env::var_os(var) {
-        Some(p) if PathBuf::from(&p).exists() => Some(PathBuf::from(p)),
-        _ => {
-            assert!(
-                std::env::var_os("CDP_REQUIRE_SDKS").is_none(),
-                "{var} is required but not set or missing"
-            );
-            eprintln!("{var} not set; `make test` installs the Segment SDKs");
-            None
-        }
-    }
+    let found = std::env::var_os(var)
+        .map(PathBuf::from)
+        .filter(|p| p.exists());
+    cdp_e2e::tool(
+        found,
+        "CDP_REQUIRE_SDKS",
+        &format!("the Segment SDK at ${var}"),
+    )
 }
 
 fn script(name: &str) -> PathBuf {

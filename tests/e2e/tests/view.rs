@@ -207,15 +207,12 @@ async fn trait_sources_and_the_rfm_segment_are_in_the_view() {
 /// says WAITING, so the page must update live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
-    let modules = std::env::var_os("CDP_SDK_NODE_MODULES")
-        .filter(|m| std::path::Path::new(m).join("playwright-core").exists());
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    let (Some(modules), true) = (modules, std::path::Path::new(&chromium).exists()) else {
-        assert!(
-            std::env::var_os("CDP_REQUIRE_SDKS").is_none(),
-            "playwright-core and chromium are required"
-        );
-        eprintln!("playwright-core or chromium missing; `make test` installs them");
+    let found = std::env::var_os("CDP_SDK_NODE_MODULES")
+        .filter(|m| std::path::Path::new(m).join("playwright-core").exists())
+        .filter(|_| std::path::Path::new(&chromium).exists());
+    let Some(modules) = cdp_e2e::tool(found, "CDP_REQUIRE_SDKS", "playwright-core with chromium")
+    else {
         return;
     };
     let cdp = CdpProcess::start();
