@@ -21,10 +21,10 @@ help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
 run: ## Start the whole platform in one process (embedded log and store; gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8080).
-	$(CARGO) run --release -p cdp -- --config cdp.example.toml dev
+	$(CARGO) run --release -p cdp -- dev --config cdp.example.toml
 
 build: ## Build every crate and binary.
-	$(CARGO) build --workspace --all-targets
+	$(CARGO) build --workspace --all-targets --bins
 
 fmt: ## Format the code.
 	$(CARGO) fmt --all
@@ -59,8 +59,21 @@ tools: ## Install the test tools (grpcurl, the Segment SDKs, playwright-core int
 		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
 
-test: lint tools build ## Build everything and run every test (unit, property, conformance, end-to-end).
-	CDP_REQUIRE_GRPCURL=1 CDP_REQUIRE_SDKS=1 $(CARGO) test --workspace
+test: lint tools build ## Build everything, start Kafka and Cassandra (deploy/harness), run every test on both back ends, stop them.
+	@trap 'deploy/harness/infra.sh down' EXIT; \
+	deploy/harness/infra.sh up || exit 1; \
+	status=0; export CDP_REQUIRE_INFRA=1 CDP_REQUIRE_GRPCURL=1 CDP_REQUIRE_SDKS=1; \
+	echo "== every test; end-to-end on the embedded back end"; \
+	$(CARGO) test --workspace || status=$$?; \
+	if [ $$status = 0 ]; then \
+		echo "== the end-to-end journeys again on the distributed back end (Kafka + Cassandra, one process per service)"; \
+		CDP_E2E_BACKEND=distributed $(CARGO) test -p cdp-e2e --test flow --test convergence --test crash --test rebuild --test identity || status=$$?; \
+	fi; \
+	if [ $$status = 0 ]; then \
+		echo "== outages (stops the shared servers, so alone and last)"; \
+		CDP_E2E_BACKEND=distributed $(CARGO) test -p cdp-e2e --test outage || status=$$?; \
+	fi; \
+	exit $$status
 
 bench: bench-identity ## Print the figures (lookup latency and freshness with 100,000 customers, embedded; identity accuracy); JSON in target/bench/.
 	$(CARGO) run --release -p cdp --bin cdp-bench -- --profiles $${BENCH_PROFILES:-100000}

@@ -8,6 +8,8 @@
 #   infra.sh down     stop both, delete their data (succeeds if not running)
 #   infra.sh status   show state; exit 0 only if both are running and ready
 #   infra.sh smoke    create a Kafka topic + run a CQL round trip (needs `up`)
+#   infra.sh stop S   stop one server (kafka|cassandra), keeping its data
+#   infra.sh start S  start one stopped server again on its data
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -469,10 +471,26 @@ EOF
 }
 
 usage() {
-  sed -n '2,10p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+}
+
+one_server() { # validates $1 as a server name
+  case "${1:-}" in
+    kafka | cassandra) ;;
+    *) die "name a server: kafka or cassandra" ;;
+  esac
 }
 
 case "${1:-}" in
+  stop)
+    one_server "${2:-}"
+    stop_one "$2"
+    ;;
+  start)
+    one_server "${2:-}"
+    SERVERS=("$2")
+    cmd_up
+    ;;
   fetch) cmd_fetch ;;
   up) cmd_up ;;
   down) cmd_down ;;

@@ -278,6 +278,29 @@ pub async fn deduplicates_by_idempotency_key(log: &dyn EventLog, prefix: &str) {
     );
 }
 
+/// A [`crate::DedupeIndex`] remembers where keys landed and knows nothing
+/// of keys it was not told.
+pub async fn dedupe_index_remembers(index: &dyn crate::DedupeIndex, prefix: &str) {
+    let keys: Vec<Vec<u8>> = (0..3)
+        .map(|i| format!("{prefix}-dedupe-{i}").into_bytes())
+        .collect();
+    let unknown = index
+        .lookup(&keys)
+        .await
+        .unwrap_or_else(|e| panic!("lookup: {e}"));
+    assert_eq!(unknown, vec![None, None, None]);
+    let remembered = index
+        .remember(&[(keys[0].clone(), 2, 40), (keys[1].clone(), 3, 7)])
+        .await
+        .unwrap_or_else(|e| panic!("remember: {e}"));
+    assert_eq!(remembered, vec![(2, 40), (3, 7)]);
+    let known = index
+        .lookup(&keys)
+        .await
+        .unwrap_or_else(|e| panic!("lookup: {e}"));
+    assert_eq!(known, vec![Some((2, 40)), Some((3, 7)), None]);
+}
+
 /// Runs every check.
 pub async fn run_all(log: &dyn EventLog, prefix: &str) {
     keeps_order_per_key(log, prefix).await;

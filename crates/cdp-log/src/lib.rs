@@ -189,6 +189,46 @@ pub trait Subscription: Send {
     async fn rewind(&mut self) -> Result<(), LogError>;
 }
 
+/// An index of idempotency keys, for logs that cannot deduplicate by
+/// themselves (Kafka). Best effort by design: the records carry event ids and
+/// every consumer is idempotent per event, so a duplicate that slips past the
+/// index (two racing retries) costs a record, never a double count.
+#[async_trait]
+pub trait DedupeIndex: Send + Sync + 'static {
+    /// Where records with these keys were appended, if they were.
+    async fn lookup(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<(u32, u64)>>, LogError>;
+
+    /// Remembers where records with these keys landed; returns, for each,
+    /// the position remembered first (this one, or an earlier append's).
+    async fn remember(&self, entries: &[(Vec<u8>, u32, u64)]) -> Result<Vec<(u32, u64)>, LogError>;
+}
+
+/// An in-memory [`DedupeIndex`] for tests and single-process use.
+#[derive(Debug, Default)]
+pub struct MemoryDedupe(std::sync::Mutex<std::collections::HashMap<Vec<u8>, (u32, u64)>>);
+
+#[async_trait]
+impl DedupeIndex for MemoryDedupe {
+    async fn lookup(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<(u32, u64)>>, LogError> {
+        let map = self
+            .0
+            .lock()
+            .map_err(|_| LogError::Storage("dedupe index poisoned".into()))?;
+        Ok(keys.iter().map(|k| map.get(k).copied()).collect())
+    }
+
+    async fn remember(&self, entries: &[(Vec<u8>, u32, u64)]) -> Result<Vec<(u32, u64)>, LogError> {
+        let mut map = self
+            .0
+            .lock()
+            .map_err(|_| LogError::Storage("dedupe index poisoned".into()))?;
+        Ok(entries
+            .iter()
+            .map(|(k, p, o)| *map.entry(k.clone()).or_insert((*p, *o)))
+            .collect())
+    }
+}
+
 /// Stable partitioner: FNV-1a of the key, modulo the partition count.
 pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -10,6 +10,11 @@ async fn embedded_log_passes_the_conformance_suite() {
     conformance::run_all(&log, "embedded").await;
 }
 
+#[tokio::test]
+async fn the_memory_dedupe_index_conforms() {
+    conformance::dedupe_index_remembers(&cdp_log::MemoryDedupe::default(), "memory").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();

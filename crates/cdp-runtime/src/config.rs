@@ -40,14 +40,48 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
-    /// Partitions of the touchpoints topic (and of the resolved topic).
+    /// Where the log lives: `embedded` (files under `data_dir`, one process)
+    /// or `kafka`.
+    pub backend: LogBackend,
+    /// Partitions of every topic (fixed when the topics are created).
     pub partitions: u32,
+    /// Settings of the Kafka back end (`backend = "kafka"`).
+    pub kafka: cdp_kafka::KafkaConfig,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { partitions: 4 }
+        LogConfig {
+            backend: LogBackend::Embedded,
+            partitions: 4,
+            kafka: cdp_kafka::KafkaConfig::default(),
+        }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackend {
+    Embedded,
+    Kafka,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Where identity graph and profiles live: `embedded` (files under
+    /// `data_dir`, one process) or `scylla` (ScyllaDB or any CQL server).
+    pub backend: StoreBackend,
+    /// Settings of the ScyllaDB back end (`backend = "scylla"`).
+    pub scylla: cdp_scylla::ScyllaConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    #[default]
+    Embedded,
+    Scylla,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +126,9 @@ pub struct TelemetryConfig {
     /// `tracing` filter, as in RUST_LOG (which overrides it).
     pub filter: String,
     pub format: LogFormat,
+    /// OpenTelemetry collector to export spans to over OTLP/gRPC, such as
+    /// `http://127.0.0.1:4317`. Export is off when unset.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for TelemetryConfig {
@@ -99,6 +136,7 @@ impl Default for TelemetryConfig {
         TelemetryConfig {
             filter: "info".into(),
             format: LogFormat::Text,
+            otlp_endpoint: None,
         }
     }
 }
@@ -210,6 +248,7 @@ pub struct PlatformConfig {
     pub sources: Vec<SourceConfig>,
     pub webhooks: WebhooksConfig,
     pub log: LogConfig,
+    pub store: StoreConfig,
     pub pipeline: PipelineConfig,
     pub identity: IdentityRulesConfig,
     pub validation: ValidationLimits,
@@ -228,6 +267,7 @@ impl Default for PlatformConfig {
             sources: Vec::new(),
             webhooks: WebhooksConfig::default(),
             log: LogConfig::default(),
+            store: StoreConfig::default(),
             pipeline: PipelineConfig::default(),
             identity: IdentityRulesConfig::default(),
             validation: ValidationLimits::default(),
@@ -250,7 +290,10 @@ impl PlatformConfig {
             config::Environment::with_prefix("CDP")
                 .prefix_separator("__")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                // CDP__STORE__SCYLLA__NODES=host1:9042,host2:9042
+                .list_separator(",")
+                .with_list_parse_key("store.scylla.nodes"),
         );
         let loaded: PlatformConfig = builder.build()?.try_deserialize()?;
         loaded.check()?;
@@ -340,6 +383,29 @@ mod tests {
             vec!["shared-kiosk".to_string()]
         );
         assert!(c.identity.kinds.contains_key("email"));
+    }
+
+    #[test]
+    fn the_distributed_back_ends_are_chosen_in_the_file() {
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        writeln!(
+            f,
+            "[log]\nbackend = \"kafka\"\n[log.kafka]\nbrokers = \"k1:9092,k2:9092\"\n[store]\nbackend = \"scylla\"\n[store.scylla]\nnodes = [\"s1:9042\", \"s2:9042\"]\nkeyspace = \"shop\""
+        )
+        .unwrap();
+        let c = PlatformConfig::load(Some(f.path())).unwrap();
+        assert_eq!(c.log.backend, LogBackend::Kafka);
+        assert_eq!(c.log.kafka.brokers, "k1:9092,k2:9092");
+        assert_eq!(c.log.kafka.topic_prefix, "cdp.", "unset keys keep defaults");
+        assert_eq!(c.store.backend, StoreBackend::Scylla);
+        assert_eq!(c.store.scylla.nodes, vec!["s1:9042", "s2:9042"]);
+        assert_eq!(c.store.scylla.keyspace, "shop");
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        writeln!(f, "[log]\nbackend = \"rabbitmq\"").unwrap();
+        let err = PlatformConfig::load(Some(f.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rabbitmq"), "{err}");
     }
 
     #[test]

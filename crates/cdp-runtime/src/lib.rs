@@ -1,10 +1,13 @@
 //! Shared plumbing for the CDP services: configuration, telemetry,
 //! shutdown and the one place where errors become gRPC statuses.
 
+pub mod backend;
 pub mod config;
 pub mod error;
+pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 
 pub use config::{ConfigError, PlatformConfig};
 pub use error::ServiceError;

@@ -63,9 +63,14 @@ impl BatchHandler for IdentityWorker {
         let now = cdp_runtime::now_ms();
         let mut dead = Vec::new();
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
+        // Each event's trace context, passed on to its resolved record.
+        let mut traces: Vec<Option<Vec<u8>>> = Vec::with_capacity(records.len());
         for r in records {
             match record::decode_touchpoint(&r.value) {
-                Ok(t) => events.push(t),
+                Ok(t) => {
+                    events.push(t);
+                    traces.push(r.header(cdp_runtime::trace::HEADER).map(<[u8]>::to_vec));
+                }
                 Err(error) => {
                     tracing::error!(partition = r.partition, offset = r.offset, %error, "undecodable touchpoint record");
                     dead.push(dead_letter(
@@ -87,7 +92,7 @@ impl BatchHandler for IdentityWorker {
             .map_err(|e| Retry(format!("identity store: {e}")))?;
         let mut resolved = Vec::with_capacity(events.len());
         let mut graph_changes = Vec::new();
-        for (event, resolution) in events.into_iter().zip(resolutions) {
+        for ((event, resolution), trace) in events.into_iter().zip(resolutions).zip(traces) {
             match resolution {
                 Resolution::Resolved(decision) => {
                     let key = decision.customer_id.to_string().into_bytes();
@@ -106,13 +111,17 @@ impl BatchHandler for IdentityWorker {
                         merges: decision.merges,
                         touchpoint: event,
                     };
+                    let mut headers = vec![(
+                        "cdp-event-id".into(),
+                        r.touchpoint.event_id().to_string().into_bytes(),
+                    )];
+                    if let Some(t) = trace {
+                        headers.push((cdp_runtime::trace::HEADER.into(), t));
+                    }
                     resolved.push(Record {
                         key,
                         value: record::encode_resolved(&r),
-                        headers: vec![(
-                            "cdp-event-id".into(),
-                            r.touchpoint.event_id().to_string().into_bytes(),
-                        )],
+                        headers,
                         idempotency_key: None,
                     });
                 }
@@ -150,4 +159,30 @@ impl BatchHandler for IdentityWorker {
         }
         Ok(())
     }
+}
+
+/// Installs `pipeline.identity_workers` identity workers in a process.
+pub async fn install(
+    ctx: &cdp_runtime::serve::Context,
+    parts: &mut cdp_runtime::serve::Parts,
+) -> Result<(), cdp_runtime::serve::StartError> {
+    let members = ctx.config.pipeline.identity_workers.max(1);
+    for index in 0..members {
+        let worker = IdentityWorker::new(
+            Arc::clone(&ctx.backends.log),
+            Arc::clone(&ctx.backends.identity),
+            Arc::clone(&ctx.rules),
+        );
+        let options = ctx.consumer_options(&format!("identity-{index}"));
+        let cancel = ctx.cancel.clone();
+        parts.tasks.spawn(async move {
+            if let Err(error) = worker
+                .run(Membership { index, members }, options, cancel)
+                .await
+            {
+                tracing::error!(%error, "identity worker could not start");
+            }
+        });
+    }
+    Ok(())
 }

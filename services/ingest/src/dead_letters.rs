@@ -192,11 +192,12 @@ impl DeadLetters {
             }
         }
         // Without the idempotency key: the log has seen these event ids.
+        let traceparent = cdp_runtime::trace::current_traceparent();
         let appended: Vec<Record> = touchpoints
             .iter()
             .map(|t| Record {
                 idempotency_key: None,
-                ..self.ingestor.record(t)
+                ..self.ingestor.record(t, &traceparent)
             })
             .collect();
         if !appended.is_empty() {

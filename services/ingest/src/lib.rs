@@ -53,7 +53,7 @@ impl Ingestor {
         Ingestor { log, rules, limits }
     }
 
-    pub(crate) fn record(&self, t: &Touchpoint) -> Record {
+    pub(crate) fn record(&self, t: &Touchpoint, traceparent: &str) -> Record {
         let key = t
             .routing_identifier(&self.rules)
             .map_or_else(|| t.event_id().to_string(), |id| id.key());
@@ -65,6 +65,10 @@ impl Ingestor {
                 (
                     "cdp-schema".into(),
                     format!("cdp.v1.TouchpointRecord/{}", cdp_proto::SCHEMA_VERSION).into_bytes(),
+                ),
+                (
+                    cdp_runtime::trace::HEADER.into(),
+                    traceparent.as_bytes().to_vec(),
                 ),
             ],
             idempotency_key: Some(t.event_id().0.as_bytes().to_vec()),
@@ -87,7 +91,11 @@ impl Ingestor {
         if touchpoints.is_empty() {
             return Ok(Vec::new());
         }
-        let records = touchpoints.iter().map(|t| self.record(t)).collect();
+        let traceparent = cdp_runtime::trace::current_traceparent();
+        let records = touchpoints
+            .iter()
+            .map(|t| self.record(t, &traceparent))
+            .collect();
         let appended = self
             .log
             .append(Topic::Touchpoints, records)
@@ -243,4 +251,56 @@ impl IngestService for IngestGrpc {
         }
         Ok(Response::new(response))
     }
+}
+
+/// Installs ingest in a process: `IngestService` and `DeadLetterService`
+/// over gRPC, the Segment-compatible HTTP API and the channel webhooks.
+pub async fn install(
+    ctx: &cdp_runtime::serve::Context,
+    parts: &mut cdp_runtime::serve::Parts,
+) -> Result<(), cdp_runtime::serve::StartError> {
+    use cdp_proto::v1::dead_letter_service_server::DeadLetterServiceServer;
+    use cdp_proto::v1::ingest_service_server::IngestServiceServer;
+
+    let config = &ctx.config;
+    let ingestor = Ingestor::new(
+        Arc::clone(&ctx.backends.log),
+        Arc::clone(&ctx.rules),
+        Arc::new(config.validation.clone()),
+    );
+    let dead_letters =
+        dead_letters::DeadLetters::new(Arc::clone(&ctx.backends.log), ingestor.clone());
+    let state = Arc::new(http::HttpState {
+        ingestor: ingestor.clone(),
+        sources: config
+            .sources
+            .iter()
+            .map(http::Source::from_config)
+            .collect::<Result<_, _>>()
+            .map_err(|reason| cdp_runtime::serve::StartError::Invalid {
+                field: "sources",
+                reason,
+            })?,
+        max_event_bytes: config.validation.max_event_bytes,
+        max_batch_bytes: config.http.max_batch_bytes,
+        zalo: config.webhooks.zalo.clone(),
+        messenger: config.webhooks.messenger.clone(),
+    });
+    parts.http(http::router(state));
+    parts
+        .health
+        .set_serving::<IngestServiceServer<IngestGrpc>>()
+        .await;
+    parts
+        .health
+        .set_serving::<DeadLetterServiceServer<dead_letters::DeadLetters>>()
+        .await;
+    parts
+        .grpc
+        .add_service(
+            IngestServiceServer::new(IngestGrpc::new(ingestor))
+                .max_decoding_message_size(config.server.max_message_bytes),
+        )
+        .add_service(DeadLetterServiceServer::new(dead_letters));
+    Ok(())
 }

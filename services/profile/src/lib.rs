@@ -97,3 +97,31 @@ impl BatchHandler for ProfileWorker {
         Ok(())
     }
 }
+
+/// Installs `pipeline.profile_workers` profile workers in a process; they
+/// announce changed customers on the context's [`ProfileChanges`].
+pub async fn install(
+    ctx: &cdp_runtime::serve::Context,
+    parts: &mut cdp_runtime::serve::Parts,
+) -> Result<(), cdp_runtime::serve::StartError> {
+    let members = ctx.config.pipeline.profile_workers.max(1);
+    for index in 0..members {
+        let worker = ProfileWorker::new(
+            Arc::clone(&ctx.backends.log),
+            Arc::clone(&ctx.backends.profiles),
+            ctx.config.fold_options(),
+            ctx.changes.clone(),
+        );
+        let options = ctx.consumer_options(&format!("profile-{index}"));
+        let cancel = ctx.cancel.clone();
+        parts.tasks.spawn(async move {
+            if let Err(error) = worker
+                .run(Membership { index, members }, options, cancel)
+                .await
+            {
+                tracing::error!(%error, "profile worker could not start");
+            }
+        });
+    }
+    Ok(())
+}

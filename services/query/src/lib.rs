@@ -519,3 +519,50 @@ impl ProfileService for ProfileGrpc {
         Ok(Response::new(self.query.timeline(lookup, &r).await?))
     }
 }
+
+/// Installs the query side in a process: `ProfileService` and
+/// `IdentityService` over gRPC and the agent console over HTTP.
+pub async fn install(
+    ctx: &cdp_runtime::serve::Context,
+    parts: &mut cdp_runtime::serve::Parts,
+) -> Result<(), cdp_runtime::serve::StartError> {
+    use cdp_proto::v1::identity_service_server::IdentityServiceServer;
+    use cdp_proto::v1::profile_service_server::ProfileServiceServer;
+
+    let query = ProfileQuery::new(
+        Arc::clone(&ctx.backends.identity),
+        Arc::clone(&ctx.backends.profiles),
+        Arc::clone(&ctx.rules),
+        ctx.config.fold_options(),
+        ctx.changes.clone(),
+    );
+    let console = Arc::new(console::ConsoleState {
+        query: query.clone(),
+        agents: ctx
+            .config
+            .agents
+            .iter()
+            .map(|a| console::Agent {
+                name: a.name.clone(),
+                token: a.token.expose().to_owned(),
+            })
+            .collect(),
+        log: Arc::clone(&ctx.backends.log),
+    });
+    parts.http(console::router(console));
+    parts
+        .health
+        .set_serving::<ProfileServiceServer<ProfileGrpc>>()
+        .await;
+    parts
+        .health
+        .set_serving::<IdentityServiceServer<explain::IdentityGrpc>>()
+        .await;
+    parts
+        .grpc
+        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query.clone())))
+        .add_service(IdentityServiceServer::new(explain::IdentityGrpc::new(
+            query,
+        )));
+    Ok(())
+}

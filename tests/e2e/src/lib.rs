@@ -15,33 +15,153 @@ use cdp_proto::v1::{
 use serde_json::Value;
 use tonic::transport::Channel;
 
-/// The `cdp` binary: `$CDP_BIN`, else next to the test executable's target dir.
-pub fn cdp_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("CDP_BIN") {
+/// A binary of this workspace: `$CDP_BIN_DIR/<name>`, else next to the
+/// test executable's target dir (`cdp` may also be given as `$CDP_BIN`).
+pub fn binary(name: &str) -> PathBuf {
+    if name == "cdp"
+        && let Some(p) = std::env::var_os("CDP_BIN")
+    {
         return PathBuf::from(p);
     }
-    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
-    // target/<profile>/deps/<test> -> target/<profile>/cdp
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or_else(|| panic!("odd test path {}", exe.display()));
-    let bin = dir.join("cdp");
+    let dir = match std::env::var_os("CDP_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
+            // target/<profile>/deps/<test> -> target/<profile>/
+            exe.parent()
+                .and_then(Path::parent)
+                .unwrap_or_else(|| panic!("odd test path {}", exe.display()))
+                .to_path_buf()
+        }
+    };
+    let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} not found: build it first (cargo build -p cdp) or set CDP_BIN",
+        "{} not found: build it first (cargo build --workspace --bins) or set CDP_BIN_DIR",
         bin.display()
     );
     bin
 }
 
-/// A `cdp dev` process with its own data directory.
-pub struct CdpProcess {
+/// The `cdp` binary.
+pub fn cdp_binary() -> PathBuf {
+    binary("cdp")
+}
+
+/// Which back end the end-to-end tests run on: `CDP_E2E_BACKEND=embedded`
+/// (the default: one `cdp dev` process) or `distributed` (the four service
+/// binaries on Kafka and ScyllaDB/Cassandra, see `make infra-up`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Embedded,
+    Distributed,
+}
+
+impl Backend {
+    pub fn from_env() -> Self {
+        match std::env::var("CDP_E2E_BACKEND").as_deref() {
+            Ok("distributed") => Backend::Distributed,
+            Ok("embedded") | Err(_) => Backend::Embedded,
+            Ok(other) => panic!("CDP_E2E_BACKEND={other}: use embedded or distributed"),
+        }
+    }
+}
+
+/// Where the distributed back end's servers are.
+fn infra_env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// One process of the platform under test.
+struct Proc {
+    name: &'static str,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
+    grpc: SocketAddr,
+    http: Option<SocketAddr>,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(&mut self, config: &Path, data: &Path) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("log file: {e}"));
+        let mut child = Command::new(binary(self.name))
+            .args(&self.args)
+            .arg("--config")
+            .arg(config)
+            .arg("--grpc-addr")
+            .arg("127.0.0.1:0")
+            .arg("--http-addr")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let mut lines = BufReader::new(stdout).lines();
+        let (grpc, http) = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(rest) = line.strip_prefix("CDP_READY grpc=") {
+                        let (grpc, http) = rest
+                            .split_once(" http=")
+                            .unwrap_or_else(|| panic!("bad ready line {line}"));
+                        let parse = |a: &str| {
+                            a.parse::<SocketAddr>()
+                                .unwrap_or_else(|e| panic!("bad address {a}: {e}"))
+                        };
+                        break (parse(grpc), (http != "none").then(|| parse(http)));
+                    }
+                }
+                _ => panic!(
+                    "{} exited before it was ready; its log:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                ),
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        self.grpc = grpc;
+        self.http = http;
+        self.child = Some(child);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The platform under test: one `cdp dev` process (embedded back end) or
+/// the four service processes (distributed back end), each with its own
+/// data, topics or keyspace.
+pub struct CdpProcess {
+    procs: Vec<Proc>,
+    pub backend: Backend,
+    /// The gRPC address of ingest (the one process when embedded).
     pub addr: SocketAddr,
+    /// The HTTP address of ingest (the Segment API and webhooks).
     pub http: SocketAddr,
     data: PathBuf,
     config: PathBuf,
+    /// The ScyllaDB keyspace and Kafka topic prefix (distributed).
+    pub namespace: String,
     _dir: tempfile::TempDir,
 }
 
@@ -90,18 +210,63 @@ impl CdpProcess {
         Self::start_with(DEFAULT_CONFIG)
     }
 
+    /// Starts the platform on the back end of [`Backend::from_env`].
     pub fn start_with(config_toml: &str) -> Self {
+        Self::start_on(Backend::from_env(), config_toml)
+    }
+
+    pub fn start_on(backend: Backend, config_toml: &str) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let config = dir.path().join("cdp.toml");
         std::fs::write(&config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
         let data = dir.path().join("data");
         let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut p = CdpProcess {
+        let namespace = format!("e2e_{}", uuid::Uuid::new_v4().simple());
+        let proc = |name: &'static str, args: &[&str], env: &[(String, String)]| Proc {
+            name,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: env.to_vec(),
             child: None,
+            grpc: unbound,
+            http: None,
+            log: dir.path().join(format!("{name}.log")),
+        };
+        let procs = match backend {
+            Backend::Embedded => vec![proc("cdp", &["dev"], &[])],
+            Backend::Distributed => {
+                let env = [
+                    ("CDP__LOG__BACKEND", "kafka".to_owned()),
+                    (
+                        "CDP__LOG__KAFKA__BROKERS",
+                        infra_env("CDP_KAFKA_BROKERS", "127.0.0.1:9092"),
+                    ),
+                    ("CDP__LOG__KAFKA__TOPIC_PREFIX", format!("{namespace}.")),
+                    ("CDP__STORE__BACKEND", "scylla".to_owned()),
+                    (
+                        "CDP__STORE__SCYLLA__NODES",
+                        infra_env("CDP_CQL_ADDR", "127.0.0.1:9042"),
+                    ),
+                    ("CDP__STORE__SCYLLA__KEYSPACE", namespace.clone()),
+                ]
+                .map(|(k, v)| (k.to_owned(), v));
+                // The first process creates the keyspace and the topics;
+                // the others start after it is ready.
+                vec![
+                    proc("cdp-query", &[], &env),
+                    proc("cdp-ingest", &[], &env),
+                    proc("cdp-identity", &[], &env),
+                    proc("cdp-profile", &[], &env),
+                ]
+            }
+        };
+        let mut p = CdpProcess {
+            procs,
+            backend,
             addr: unbound,
             http: unbound,
             data,
             config,
+            namespace,
             _dir: dir,
         };
         p.spawn();
@@ -109,73 +274,70 @@ impl CdpProcess {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.with_extension("log"))
-            .unwrap_or_else(|e| panic!("log file: {e}"));
-        let mut child = Command::new(cdp_binary())
-            .arg("--config")
-            .arg(&self.config)
-            .arg("dev")
-            .arg("--grpc-addr")
-            .arg("127.0.0.1:0")
-            .arg("--http-addr")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(&self.data)
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start cdp: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let mut lines = BufReader::new(stdout).lines();
-        let (addr, http) = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(rest) = line.strip_prefix("CDP_READY grpc=") {
-                        let (grpc, http) = rest
-                            .split_once(" http=")
-                            .unwrap_or_else(|| panic!("bad ready line {line}"));
-                        let parse = |a: &str| {
-                            a.parse::<SocketAddr>()
-                                .unwrap_or_else(|e| panic!("bad address {a}: {e}"))
-                        };
-                        break (parse(grpc), parse(http));
-                    }
-                }
-                _ => panic!("cdp exited before it was ready; its log:\n{}", self.log()),
+        for proc in &mut self.procs {
+            if proc.child.is_none() {
+                proc.spawn(&self.config, &self.data);
             }
+        }
+        let (grpc, http) = {
+            let ingest = self.proc("cdp-ingest");
+            (ingest.grpc, ingest.http)
         };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        self.addr = addr;
-        self.http = http;
-        self.child = Some(child);
+        self.addr = grpc;
+        self.http = http.unwrap_or_else(|| panic!("ingest serves no HTTP"));
     }
 
-    /// The process's log so far.
+    /// The process running `service` (`cdp-ingest`, `cdp-identity`,
+    /// `cdp-profile`, `cdp-query`): the one `cdp` process when embedded.
+    fn proc(&self, service: &str) -> &Proc {
+        self.procs
+            .iter()
+            .find(|p| p.name == service)
+            .or_else(|| self.procs.iter().find(|p| p.name == "cdp"))
+            .unwrap_or_else(|| panic!("no process for {service}"))
+    }
+
+    fn proc_mut(&mut self, service: &str) -> &mut Proc {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.name == service)
+            .or_else(|| self.procs.iter().position(|p| p.name == "cdp"))
+            .unwrap_or_else(|| panic!("no process for {service}"));
+        &mut self.procs[i]
+    }
+
+    /// The logs of every process so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data.with_extension("log")).unwrap_or_default()
+        self.procs
+            .iter()
+            .map(|p| {
+                format!(
+                    "--- {} ---\n{}",
+                    p.name,
+                    std::fs::read_to_string(&p.log).unwrap_or_default()
+                )
+            })
+            .collect()
     }
 
-    /// SIGKILL: no chance to flush or commit anything.
+    /// SIGKILL every process: no chance to flush or commit anything.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        for p in &mut self.procs {
+            p.kill();
         }
     }
 
-    /// SIGTERM and wait: the graceful path.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let Some(mut c) = self.child.take() else {
-            panic!("not running")
+    /// SIGKILL the process running `service` (all of them when embedded).
+    pub fn kill_service(&mut self, service: &str) {
+        self.proc_mut(service).kill();
+    }
+
+    /// SIGTERM the process running `service` and wait for it to exit.
+    pub fn stop_service(&mut self, service: &str) -> std::process::ExitStatus {
+        let p = self.proc_mut(service);
+        let Some(mut c) = p.child.take() else {
+            panic!("{} is not running", p.name)
         };
         let _ = Command::new("kill")
             .arg("-TERM")
@@ -184,32 +346,84 @@ impl CdpProcess {
         c.wait().unwrap_or_else(|e| panic!("wait: {e}"))
     }
 
-    /// Starts again on the same data directory with another configuration.
+    /// Starts every process that is not running.
+    pub fn start_stopped(&mut self) {
+        self.spawn();
+    }
+
+    /// SIGTERM every process and wait: the graceful path. Returns the first
+    /// unsuccessful exit status, if any, else the last one.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut result = None;
+        for p in self.procs.iter_mut().rev() {
+            let Some(mut c) = p.child.take() else {
+                panic!("{} is not running", p.name)
+            };
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let status = c.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+            if result.is_none_or(|r: std::process::ExitStatus| r.success()) {
+                result = Some(status);
+            }
+        }
+        result.unwrap_or_else(|| panic!("no process"))
+    }
+
+    /// Starts again on the same data with another configuration.
     pub fn restart_with(&mut self, config_toml: &str) {
         std::fs::write(&self.config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
         self.restart();
     }
 
+    /// The Segment-compatible HTTP API and the webhooks.
     pub fn http_url(&self) -> String {
         format!("http://{}", self.http)
     }
 
-    /// Starts again on the same data directory.
+    /// The agent console (the query service's HTTP).
+    pub fn console_url(&self) -> String {
+        let q = self.proc("cdp-query");
+        format!(
+            "http://{}",
+            q.http.unwrap_or_else(|| panic!("query serves no HTTP"))
+        )
+    }
+
+    /// Starts again on the same data.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
     }
 
+    /// The gRPC endpoint of ingest.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
+    /// The gRPC address of the query service (profiles, identity).
+    pub fn query_addr(&self) -> SocketAddr {
+        self.proc("cdp-query").grpc
+    }
+
+    async fn connect(addr: SocketAddr) -> Channel {
+        let url = format!("http://{addr}");
+        Channel::from_shared(url.clone())
             .unwrap_or_else(|e| panic!("url: {e}"))
             .connect()
             .await
-            .unwrap_or_else(|e| panic!("connect {}: {e}", self.url()))
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"))
+    }
+
+    /// A channel to ingest (IngestService, DeadLetterService).
+    pub async fn channel(&self) -> Channel {
+        Self::connect(self.addr).await
+    }
+
+    /// A channel to the query service (ProfileService, IdentityService).
+    pub async fn query_channel(&self) -> Channel {
+        Self::connect(self.query_addr()).await
     }
 
     pub async fn ingest(&self) -> IngestServiceClient<Channel> {
@@ -217,7 +431,7 @@ impl CdpProcess {
     }
 
     pub async fn profiles(&self) -> ProfileServiceClient<Channel> {
-        ProfileServiceClient::new(self.channel().await)
+        ProfileServiceClient::new(self.query_channel().await)
     }
 }
 
@@ -302,7 +516,8 @@ pub async fn profile_until(
                     last = Some(p);
                 }
             }
-            Err(s) if s.code() == tonic::Code::NotFound => {}
+            // Not folded yet, or a back end restarting.
+            Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::Unavailable) => {}
             Err(s) => panic!("GetProfile failed: {s}"),
         }
         if tokio::time::Instant::now() > deadline {
@@ -351,4 +566,104 @@ pub fn tool<T>(found: Option<T>, require_var: &str, what: &str) -> Option<T> {
         eprintln!("{what} missing; `make test` installs it");
     }
     found
+}
+
+/// A generated event as an adapter sends it.
+pub fn to_api(raw: &cdp_domain::RawTouchpoint) -> Touchpoint {
+    Touchpoint {
+        event_id: raw.event_id.clone().unwrap_or_default(),
+        r#type: raw.event_type.clone().unwrap_or_default(),
+        channel: raw.channel.clone().unwrap_or_default(),
+        source_id: raw.source_id.clone().unwrap_or_default(),
+        occurred_at: raw.occurred_at.map(cdp_proto::convert::millis_to_timestamp),
+        properties: Some(cdp_proto::convert::json_to_struct(&raw.properties)),
+        personal: Some(PersonalData {
+            identifiers: raw
+                .identifiers
+                .iter()
+                .map(|i| id(&i.kind, &i.value))
+                .collect(),
+            traits: Some(cdp_proto::convert::json_to_struct(&raw.traits)),
+        }),
+    }
+}
+
+/// The reference fold (`cdp_domain::reference`) of generated events,
+/// validated as ingest validates them at `now`.
+pub fn reference_of(
+    events: &[cdp_domain::journey::GeneratedEvent],
+    now: i64,
+) -> Result<cdp_domain::reference::ReferenceModel, String> {
+    use cdp_domain::{IdentityRules, ValidationLimits, validate};
+    let rules = IdentityRules::default();
+    let mut model = cdp_domain::reference::ReferenceModel::new(
+        rules.clone(),
+        cdp_domain::profile::FoldOptions::default(),
+    );
+    for g in events {
+        let t = validate(
+            &g.event,
+            &rules,
+            &ValidationLimits::default(),
+            cdp_domain::Context {
+                now,
+                fresh_event_id: uuid::Uuid::nil(),
+            },
+        )
+        .map_err(|e| format!("generated event rejected: {e}"))?;
+        model.apply(&t);
+    }
+    Ok(model)
+}
+
+/// Waits until the platform shows every customer of the reference fold with
+/// the reference's metrics and identifiers, each as its own profile; the
+/// first difference after `patience` is the error.
+pub async fn expect_reference(
+    profiles: &mut ProfileServiceClient<Channel>,
+    model: &cdp_domain::reference::ReferenceModel,
+    patience: Duration,
+) -> Result<usize, String> {
+    use std::collections::BTreeSet;
+    let mut seen = BTreeSet::new();
+    let expected = model.customers();
+    for customer in &expected {
+        let want = cdp_proto::convert::metrics(&customer.view);
+        let Some(any) = customer.identifiers.iter().next() else {
+            return Err("a reference customer without identifiers".into());
+        };
+        let p = profile_until(profiles, id(any.kind.as_str(), &any.value), patience, |p| {
+            metrics(p) == &want
+        })
+        .await
+        .map_err(|e| format!("expected {want:#?}\n{e}"))?;
+        let got: BTreeSet<(String, String)> = p
+            .identifiers
+            .iter()
+            .map(|i| (i.kind.clone(), i.value.clone()))
+            .collect();
+        let wanted: BTreeSet<(String, String)> = customer
+            .identifiers
+            .iter()
+            .map(|i| (i.kind.to_string(), i.value.clone()))
+            .collect();
+        if got != wanted {
+            return Err(format!("identifiers differ: got {got:?}, want {wanted:?}"));
+        }
+        if !seen.insert(p.customer_id.clone()) {
+            return Err(format!(
+                "two reference customers map to profile {}",
+                p.customer_id
+            ));
+        }
+    }
+    Ok(expected.len())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

@@ -626,7 +626,9 @@ async fn grpcurl_works_through_reflection() {
         return;
     };
     let cdp = CdpProcess::start();
+    // Ingest and query are one process when embedded, two when distributed.
     let addr = cdp.addr.to_string();
+    let query = cdp.query_addr().to_string();
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&grpcurl)
             .arg("-plaintext")
@@ -640,13 +642,15 @@ async fn grpcurl_works_through_reflection() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let services = run(&[&addr, "list"]);
+    let services = run(&[&addr, "list"]) + &run(&[&query, "list"]);
     assert!(
         services.contains("cdp.v1.IngestService") && services.contains("cdp.v1.ProfileService"),
         "{services}"
     );
-    let health = run(&[&addr, "grpc.health.v1.Health/Check"]);
-    assert!(health.contains("SERVING"), "{health}");
+    for a in [&addr, &query] {
+        let health = run(&[a, "grpc.health.v1.Health/Check"]);
+        assert!(health.contains("SERVING"), "{health}");
+    }
     let email = format!("{}@shop.vn", unique("grpcurl"));
     let body =
         json!({"touchpoint": {"type": "Order Completed", "channel": "store", "source_id": "pos-q1",
@@ -661,6 +665,6 @@ async fn grpcurl_works_through_reflection() {
     })
     .await;
     let lookup = json!({"identifier": {"kind": "email", "value": email}}).to_string();
-    let view = run(&["-d", &lookup, &addr, "cdp.v1.ProfileService/GetProfile"]);
+    let view = run(&["-d", &lookup, &query, "cdp.v1.ProfileService/GetProfile"]);
     assert!(view.contains("\"ordersCount\": \"1\""), "{view}");
 }

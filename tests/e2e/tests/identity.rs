@@ -72,7 +72,7 @@ async fn explain_returns_the_real_cause_of_a_merge() {
     )
     .await;
 
-    let mut identity = IdentityServiceClient::new(cdp.channel().await);
+    let mut identity = IdentityServiceClient::new(cdp.query_channel().await);
     let typed_phone = format!("+84 {} {} {}", &digits[..3], &digits[3..6], &digits[6..]);
     let r = identity
         .explain(ExplainRequest {

@@ -254,7 +254,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
     let refused = http
         .get(format!(
             "{}/api/profile?kind=phone&value={phone}",
-            cdp.http_url()
+            cdp.console_url()
         ))
         .send()
         .await
@@ -266,7 +266,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/console/agent.js"))
         .env("NODE_PATH", &modules)
         .env("CHROMIUM", &chromium)
-        .env("CDP_HTTP", cdp.http_url())
+        .env("CDP_HTTP", cdp.console_url())
         .env("CDP_AGENT_TOKEN", AGENT_TOKEN)
         .env(
             "CDP_PHONE",
@@ -329,7 +329,7 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
     assert!(shot.exists(), "no screenshot at {}", shot.display());
 
     let audit: Value = http
-        .get(format!("{}/api/audit", cdp.http_url()))
+        .get(format!("{}/api/audit", cdp.console_url()))
         .bearer_auth(AGENT_TOKEN)
         .send()
         .await

@@ -109,9 +109,9 @@ async fn main() -> anyhow::Result<()> {
     config.http.addr = "127.0.0.1:0".parse()?;
     config.pipeline.poll_interval_ms = 50;
     config.telemetry.filter = "warn".into();
-    cdp_runtime::telemetry::init(&config.telemetry);
+    let _telemetry = cdp_runtime::telemetry::init(&config.telemetry, "cdp-bench");
     let cancel = CancellationToken::new();
-    let running = cdp::start_embedded(&config, cancel.clone()).await?;
+    let running = cdp::start(&config, cancel.clone()).await?;
     let url = format!("http://{}", running.grpc_addr);
     let mut ingest = IngestServiceClient::connect(url.clone()).await?;
 

@@ -1,0 +1,100 @@
+//! Opens the configured back ends: the event log (embedded or Kafka) and the
+//! stores (embedded or ScyllaDB). Services only see the ports.
+
+use std::sync::Arc;
+
+use cdp_kafka::KafkaLog;
+use cdp_log::{DedupeIndex, EmbeddedLog, EventLog, LogError};
+use cdp_scylla::ScyllaStore;
+use cdp_store::{EmbeddedStore, IdentityStore, ProfileStore, StoreError};
+use thiserror::Error;
+
+use crate::PlatformConfig;
+use crate::config::{LogBackend, StoreBackend};
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("event log ({what}): {source}")]
+    Log { what: String, source: LogError },
+    #[error("store ({what}): {source}")]
+    Store { what: String, source: StoreError },
+}
+
+/// The ports every service is wired with.
+#[derive(Clone)]
+pub struct Backends {
+    pub log: Arc<dyn EventLog>,
+    pub identity: Arc<dyn IdentityStore>,
+    pub profiles: Arc<dyn ProfileStore>,
+}
+
+/// The two stores, and the log's idempotency index when the store has one.
+type Stores = (
+    Arc<dyn IdentityStore>,
+    Arc<dyn ProfileStore>,
+    Option<Arc<dyn DedupeIndex>>,
+);
+
+/// Opens the store and the log named by the configuration. With Kafka and
+/// ScyllaDB, the ScyllaDB store is also the log's idempotency-key index.
+pub async fn open(config: &PlatformConfig) -> Result<Backends, BackendError> {
+    let (identity, profiles, dedupe): Stores = match config.store.backend {
+        StoreBackend::Embedded => {
+            let dir = config.data_dir.join("store");
+            let store = EmbeddedStore::open(&dir).map_err(|source| BackendError::Store {
+                what: dir.display().to_string(),
+                source,
+            })?;
+            (Arc::new(store.clone()), Arc::new(store), None)
+        }
+        StoreBackend::Scylla => {
+            let c = &config.store.scylla;
+            let store = ScyllaStore::connect(c)
+                .await
+                .map_err(|source| BackendError::Store {
+                    what: format!("scylla {} keyspace {}", c.nodes.join(","), c.keyspace),
+                    source,
+                })?;
+            (
+                Arc::new(store.clone()),
+                Arc::new(store.clone()),
+                Some(Arc::new(store)),
+            )
+        }
+    };
+    let log: Arc<dyn EventLog> = match config.log.backend {
+        LogBackend::Embedded => {
+            let dir = config.data_dir.join("log");
+            Arc::new(
+                EmbeddedLog::open(&dir, config.log.partitions).map_err(|source| {
+                    BackendError::Log {
+                        what: dir.display().to_string(),
+                        source,
+                    }
+                })?,
+            )
+        }
+        LogBackend::Kafka => {
+            let k = &config.log.kafka;
+            if dedupe.is_none() {
+                tracing::warn!(
+                    "Kafka without the ScyllaDB store: retried events are not reported as duplicates (consumers still ignore them)"
+                );
+            }
+            Arc::new(
+                KafkaLog::connect(k.clone(), config.log.partitions, dedupe)
+                    .await
+                    .map_err(|source| BackendError::Log {
+                        what: format!("kafka {} prefix {:?}", k.brokers, k.topic_prefix),
+                        source,
+                    })?,
+            )
+        }
+    };
+    tracing::info!(log = ?config.log.backend, store = ?config.store.backend, "back ends open");
+    Ok(Backends {
+        log,
+        identity,
+        profiles,
+    })
+}

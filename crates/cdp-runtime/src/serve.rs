@@ -1,0 +1,308 @@
+//! What every CDP process shares: load the configuration, open the back
+//! ends, let the services install their gRPC services, HTTP routes and
+//! background tasks, serve them with health and reflection, and shut down
+//! gracefully on SIGTERM (stop intake, let workers finish and commit).
+//!
+//! The per-service binaries (`cdp-ingest`, `cdp-identity`, `cdp-profile`,
+//! `cdp-query`) and `cdp dev` differ only in which services they install.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cdp_domain::IdentityRules;
+use cdp_log::consumer::ConsumerOptions;
+use cdp_store::ProfileChanges;
+use clap::Parser;
+use thiserror::Error;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::service::RoutesBuilder;
+use tonic_health::server::HealthReporter;
+
+use crate::backend::{self, BackendError, Backends};
+use crate::config::PipelineConfig;
+use crate::{ConfigError, PlatformConfig};
+
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+/// What services are wired with.
+pub struct Context {
+    pub config: PlatformConfig,
+    pub backends: Backends,
+    pub rules: Arc<IdentityRules>,
+    /// Which customers' views changed (in this process).
+    pub changes: ProfileChanges,
+    /// Fires on shutdown.
+    pub cancel: CancellationToken,
+}
+
+impl Context {
+    pub async fn open(
+        config: PlatformConfig,
+        cancel: CancellationToken,
+    ) -> Result<Self, StartError> {
+        let rules = Arc::new(config.identity_rules()?);
+        let backends = backend::open(&config).await?;
+        Ok(Context {
+            config,
+            backends,
+            rules,
+            changes: ProfileChanges::default(),
+            cancel,
+        })
+    }
+
+    /// Options of a consumer loop named `name`.
+    pub fn consumer_options(&self, name: &str) -> ConsumerOptions {
+        consumer_options(name, &self.config.pipeline)
+    }
+}
+
+pub fn consumer_options(name: &str, p: &PipelineConfig) -> ConsumerOptions {
+    ConsumerOptions {
+        name: name.to_owned(),
+        batch_size: p.batch_size,
+        poll_interval: Duration::from_millis(p.poll_interval_ms),
+        retry_min: Duration::from_millis(p.retry_min_ms),
+        retry_max: Duration::from_millis(p.retry_max_ms),
+    }
+}
+
+/// The pieces services add to a process.
+pub struct Parts {
+    pub grpc: RoutesBuilder,
+    pub health: HealthReporter,
+    http: Option<axum::Router>,
+    pub tasks: JoinSet<()>,
+}
+
+impl Parts {
+    /// gRPC health and reflection, nothing else yet.
+    pub fn new() -> Result<Self, StartError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(cdp_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let mut grpc = RoutesBuilder::default();
+        grpc.add_service(health_service).add_service(reflection);
+        Ok(Parts {
+            grpc,
+            health,
+            http: None,
+            tasks: JoinSet::new(),
+        })
+    }
+
+    /// Adds HTTP routes (the Segment API, webhooks, the console).
+    pub fn http(&mut self, router: axum::Router) {
+        self.http = Some(match self.http.take() {
+            Some(r) => r.merge(router),
+            None => router,
+        });
+    }
+}
+
+/// A running process.
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    /// Set when a service installed HTTP routes.
+    pub http_addr: Option<SocketAddr>,
+    tasks: JoinSet<()>,
+}
+
+impl Running {
+    /// Waits until every task has stopped (after the cancellation token fired).
+    pub async fn wait(mut self) {
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(%error, "a task failed");
+            }
+        }
+    }
+}
+
+/// Binds and serves the parts until `cancel` fires.
+pub async fn serve(
+    parts: Parts,
+    config: &PlatformConfig,
+    cancel: CancellationToken,
+) -> Result<Running, StartError> {
+    let Parts {
+        grpc,
+        http,
+        mut tasks,
+        ..
+    } = parts;
+    let bind_error = |addr| move |source| StartError::Bind { addr, source };
+    let mut http_addr = None;
+    if let Some(app) = http {
+        let listener = tokio::net::TcpListener::bind(config.http.addr)
+            .await
+            .map_err(bind_error(config.http.addr))?;
+        http_addr = Some(
+            listener
+                .local_addr()
+                .map_err(bind_error(config.http.addr))?,
+        );
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(error) = axum::serve(listener, app)
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await
+            {
+                tracing::error!(%error, "HTTP server failed");
+            }
+            tracing::info!("HTTP server stopped");
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(config.server.grpc_addr)
+        .await
+        .map_err(bind_error(config.server.grpc_addr))?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(bind_error(config.server.grpc_addr))?;
+    let router = tonic::transport::Server::builder().add_routes(grpc.routes());
+    tasks.spawn(async move {
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        if let Err(error) = router
+            .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+            .await
+        {
+            tracing::error!(%error, "gRPC server failed");
+        }
+        tracing::info!("gRPC server stopped");
+    });
+    Ok(Running {
+        grpc_addr,
+        http_addr,
+        tasks,
+    })
+}
+
+/// The command line of every CDP process.
+#[derive(Debug, Clone, Parser)]
+pub struct ProcessArgs {
+    /// Configuration file (TOML). Environment variables CDP__SECTION__KEY override it.
+    #[arg(long, env = "CDP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where gRPC listens (overrides server.grpc_addr).
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Where the HTTP API listens (overrides http.addr).
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// Where embedded data is kept (overrides data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ProcessArgs {
+    /// Loads the configuration and applies the overrides.
+    pub fn load(&self) -> Result<PlatformConfig, ConfigError> {
+        let mut config = PlatformConfig::load(self.config.as_deref())?;
+        if let Some(a) = self.grpc_addr {
+            config.server.grpc_addr = a;
+        }
+        if let Some(a) = self.http_addr {
+            config.http.addr = a;
+        }
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Runs one process: opens the back ends, lets `install` add the services,
+/// serves them, prints `CDP_READY grpc=<addr> http=<addr|none>` (for scripts
+/// and tests that listen on port 0) and waits for SIGTERM or Ctrl-C.
+pub async fn run_process<F>(
+    name: &str,
+    config: PlatformConfig,
+    install: F,
+) -> Result<(), StartError>
+where
+    F: AsyncFnOnce(&Context, &mut Parts) -> Result<(), StartError>,
+{
+    let cancel = CancellationToken::new();
+    crate::shutdown::on_signal(cancel.clone());
+    let context = Context::open(config, cancel.clone()).await?;
+    let mut parts = Parts::new()?;
+    install(&context, &mut parts).await?;
+    let running = serve(parts, &context.config, cancel).await?;
+    let http = running
+        .http_addr
+        .map_or_else(|| "none".to_owned(), |a| a.to_string());
+    println!("CDP_READY grpc={} http={http}", running.grpc_addr);
+    tracing::info!(process = name, grpc = %running.grpc_addr, http = %http, "ready");
+    running.wait().await;
+    tracing::info!(process = name, "stopped");
+    Ok(())
+}
+
+/// `main` of a service binary: parses [`ProcessArgs`] and runs [`main_with`].
+pub fn main<F>(name: &str, install: F) -> ExitCode
+where
+    F: AsyncFnOnce(&Context, &mut Parts) -> Result<(), StartError>,
+{
+    main_with(name, &ProcessArgs::parse(), install)
+}
+
+/// Loads the configuration, sets up telemetry and a multi-threaded runtime,
+/// and runs [`run_process`].
+pub fn main_with<F>(name: &str, args: &ProcessArgs, install: F) -> ExitCode
+where
+    F: AsyncFnOnce(&Context, &mut Parts) -> Result<(), StartError>,
+{
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(error) => {
+            eprintln!("{name}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(name)
+        .build()
+    {
+        Ok(r) => r,
+        Err(error) => {
+            eprintln!("{name}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _telemetry = {
+        let _entered = runtime.enter();
+        crate::telemetry::init(&config.telemetry, name)
+    };
+    match runtime.block_on(run_process(name, config, install)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "{name} failed to start");
+            eprintln!("{name}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,730 @@
+//! [`IdentityStore`] on ScyllaDB: one lease, fenced writes and an intent
+//! rolled forward (see the crate docs for why each is needed).
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cdp_domain::identity::{self, Claim, CustomerNode, GraphRead, GraphWrite};
+use cdp_domain::{CustomerId, EventId, Identifier, IdentityRules, Resolution, Touchpoint};
+use cdp_store::{IdentityStore, StoreError};
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt, stream};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+use uuid::Uuid;
+
+use crate::{Fence, Lwt, ScyllaStore, exec_error, from_json, jitter, now_ms, storage, to_json};
+
+/// Reads issued at once.
+const READ_CONCURRENCY: usize = 32;
+/// Writes issued at once when applying an intent.
+const WRITE_CONCURRENCY: usize = 64;
+/// How many times a call may lose the lease before it gives up.
+const MAX_LEASE_LOSSES: u32 = 5;
+/// Rounds of fetching missing rows for one event before giving up (a
+/// redirect chain is at most 64 long, so this is never reached normally).
+const MAX_FETCH_ROUNDS: usize = 256;
+
+/// What one `resolve` call writes: stored in the lease row as `pending`
+/// before any of it is applied, so whoever holds the lease next can finish
+/// applying it if this holder dies half-way.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Intent {
+    pub claims: Vec<(Identifier, Claim)>,
+    pub nodes: Vec<CustomerNode>,
+    pub resolutions: Vec<(EventId, Resolution)>,
+}
+
+impl Intent {
+    fn is_empty(&self) -> bool {
+        self.claims.is_empty() && self.nodes.is_empty() && self.resolutions.is_empty()
+    }
+}
+
+/// The lease row as read with `SERIAL`.
+#[derive(Debug)]
+pub(crate) struct LeaseRow {
+    pub holder: Option<Uuid>,
+    pub epoch: i64,
+    pub until: i64,
+    pub pending: Option<Vec<u8>>,
+}
+
+/// The lease held by one call.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    pub holder: Uuid,
+    pub epoch: i64,
+    /// The intent left by a previous holder, to roll forward first.
+    pub pending: Option<Vec<u8>>,
+}
+
+/// A row looked up in the overlay.
+enum Lookup<T> {
+    /// Known: read from the database in this call, or written by it.
+    Known(Option<T>),
+    /// Not read yet.
+    Missing,
+}
+
+/// The graph as one `resolve` call sees it: rows read from the database
+/// (`None` when there is no row) and the writes of the events decided so
+/// far, which later events read.
+#[derive(Default)]
+struct Overlay {
+    claims: HashMap<String, Option<Claim>>,
+    nodes: HashMap<CustomerId, Option<CustomerNode>>,
+    decisions: HashMap<EventId, Option<Resolution>>,
+    new_claims: BTreeMap<String, (Identifier, Claim)>,
+    new_nodes: BTreeMap<CustomerId, CustomerNode>,
+    new_decisions: BTreeMap<EventId, Resolution>,
+}
+
+impl Overlay {
+    fn claim(&self, key: &str) -> Lookup<Claim> {
+        if let Some((_, claim)) = self.new_claims.get(key) {
+            return Lookup::Known(Some(claim.clone()));
+        }
+        match self.claims.get(key) {
+            Some(claim) => Lookup::Known(claim.clone()),
+            None => Lookup::Missing,
+        }
+    }
+
+    fn node(&self, customer: CustomerId) -> Lookup<CustomerNode> {
+        if let Some(node) = self.new_nodes.get(&customer) {
+            return Lookup::Known(Some(node.clone()));
+        }
+        match self.nodes.get(&customer) {
+            Some(node) => Lookup::Known(node.clone()),
+            None => Lookup::Missing,
+        }
+    }
+
+    fn decision(&self, event: EventId) -> Lookup<Resolution> {
+        if let Some(r) = self.new_decisions.get(&event) {
+            return Lookup::Known(Some(r.clone()));
+        }
+        match self.decisions.get(&event) {
+            Some(r) => Lookup::Known(r.clone()),
+            None => Lookup::Missing,
+        }
+    }
+
+    fn absorb(&mut self, writes: EventWrites) {
+        self.new_claims.extend(writes.claims);
+        self.new_nodes.extend(writes.nodes);
+    }
+
+    fn into_intent(self) -> Intent {
+        Intent {
+            claims: self.new_claims.into_values().collect(),
+            nodes: self.new_nodes.into_values().collect(),
+            resolutions: self.new_decisions.into_iter().collect(),
+        }
+    }
+}
+
+/// Rows an attempt needed but the overlay did not have.
+#[derive(Debug, Default)]
+struct Missing {
+    claims: BTreeSet<String>,
+    nodes: BTreeSet<CustomerId>,
+}
+
+impl Missing {
+    fn is_empty(&self) -> bool {
+        self.claims.is_empty() && self.nodes.is_empty()
+    }
+}
+
+/// The writes of one event's resolution.
+#[derive(Default)]
+struct EventWrites {
+    claims: BTreeMap<String, (Identifier, Claim)>,
+    nodes: BTreeMap<CustomerId, CustomerNode>,
+}
+
+/// One attempt at resolving one event on the overlay. Its writes stay
+/// here until the attempt is known to have read nothing missing; a missing
+/// row reads as absent and is recorded, and the attempt is then discarded.
+struct EventGraph<'a> {
+    base: &'a Overlay,
+    writes: EventWrites,
+    missing: RefCell<Missing>,
+}
+
+impl<'a> EventGraph<'a> {
+    fn new(base: &'a Overlay) -> Self {
+        EventGraph {
+            base,
+            writes: EventWrites::default(),
+            missing: RefCell::new(Missing::default()),
+        }
+    }
+
+    fn finish(self) -> (EventWrites, Missing) {
+        (self.writes, self.missing.into_inner())
+    }
+}
+
+impl GraphRead for EventGraph<'_> {
+    type Error = StoreError;
+
+    fn claim(&self, id: &Identifier) -> Result<Option<Claim>, StoreError> {
+        let key = id.key();
+        if let Some((_, claim)) = self.writes.claims.get(&key) {
+            return Ok(Some(claim.clone()));
+        }
+        match self.base.claim(&key) {
+            Lookup::Known(claim) => Ok(claim),
+            Lookup::Missing => {
+                self.missing.borrow_mut().claims.insert(key);
+                Ok(None)
+            }
+        }
+    }
+
+    fn node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        if let Some(node) = self.writes.nodes.get(&customer) {
+            return Ok(Some(node.clone()));
+        }
+        match self.base.node(customer) {
+            Lookup::Known(node) => Ok(node),
+            Lookup::Missing => {
+                self.missing.borrow_mut().nodes.insert(customer);
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl GraphWrite for EventGraph<'_> {
+    fn put_claim(&mut self, id: &Identifier, claim: &Claim) -> Result<(), StoreError> {
+        self.writes
+            .claims
+            .insert(id.key(), (id.clone(), claim.clone()));
+        Ok(())
+    }
+
+    fn put_node(&mut self, node: &CustomerNode) -> Result<(), StoreError> {
+        self.writes.nodes.insert(node.id, node.clone());
+        Ok(())
+    }
+}
+
+impl ScyllaStore {
+    // ---- rows ----------------------------------------------------------
+
+    async fn fetch_claim(&self, key: &str) -> Result<Option<Claim>, StoreError> {
+        match self.read_blob(&self.st().claim_get, (key,)).await? {
+            Some(bytes) => Ok(Some(from_json("claim", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn fetch_node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        match self.read_blob(&self.st().node_get, (customer.0,)).await? {
+            Some(bytes) => Ok(Some(from_json("customer", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn fetch_decision(&self, event: EventId) -> Result<Option<Resolution>, StoreError> {
+        match self
+            .read_blob(&self.st().resolution_get, (event.0,))
+            .await?
+        {
+            Some(bytes) => Ok(Some(from_json("resolution", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Fetches the stored decisions of `events` not in the overlay yet.
+    async fn fetch_decisions(
+        &self,
+        overlay: &mut Overlay,
+        events: impl IntoIterator<Item = EventId>,
+    ) -> Result<(), StoreError> {
+        let wanted: BTreeSet<EventId> = events
+            .into_iter()
+            .filter(|e| !overlay.decisions.contains_key(e))
+            .collect();
+        let found: Vec<(EventId, Option<Resolution>)> = stream::iter(wanted)
+            .map(|e| async move { Ok::<_, StoreError>((e, self.fetch_decision(e).await?)) })
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        overlay.decisions.extend(found);
+        Ok(())
+    }
+
+    /// Fetches missing claims and nodes, then the nodes the claims point at
+    /// and the redirects of every node fetched, so the next attempt rarely
+    /// misses again.
+    async fn fetch_rows(&self, overlay: &mut Overlay, missing: Missing) -> Result<(), StoreError> {
+        let keys: Vec<String> = missing
+            .claims
+            .into_iter()
+            .filter(|k| !overlay.claims.contains_key(k))
+            .collect();
+        let claims: Vec<(String, Option<Claim>)> = stream::iter(keys)
+            .map(|k| async move {
+                let claim = self.fetch_claim(&k).await?;
+                Ok::<_, StoreError>((k, claim))
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut nodes = missing.nodes;
+        nodes.extend(
+            claims
+                .iter()
+                .filter_map(|(_, c)| c.as_ref().map(|c| c.customer)),
+        );
+        overlay.claims.extend(claims);
+        for _ in 0..64 {
+            let wanted: Vec<CustomerId> = nodes
+                .iter()
+                .copied()
+                .filter(|c| !overlay.nodes.contains_key(c))
+                .collect();
+            if wanted.is_empty() {
+                break;
+            }
+            let found: Vec<(CustomerId, Option<CustomerNode>)> = stream::iter(wanted)
+                .map(|c| async move { Ok::<_, StoreError>((c, self.fetch_node(c).await?)) })
+                .buffer_unordered(READ_CONCURRENCY)
+                .try_collect()
+                .await?;
+            nodes = found
+                .iter()
+                .filter_map(|(_, n)| n.as_ref().and_then(|n| n.merged_into))
+                .collect();
+            overlay.nodes.extend(found);
+        }
+        Ok(())
+    }
+
+    /// Reads what the batch will need: stored decisions, the claims of the
+    /// identifiers of undecided events, their customers and redirects.
+    async fn prefetch(
+        &self,
+        overlay: &mut Overlay,
+        events: &[Touchpoint],
+    ) -> Result<(), StoreError> {
+        self.fetch_decisions(overlay, events.iter().map(Touchpoint::event_id))
+            .await?;
+        let mut missing = Missing::default();
+        for event in events {
+            if matches!(overlay.decision(event.event_id()), Lookup::Known(Some(_))) {
+                continue;
+            }
+            missing
+                .claims
+                .extend(event.personal.identifiers.iter().map(Identifier::key));
+        }
+        self.fetch_rows(overlay, missing).await
+    }
+
+    // ---- the lease -------------------------------------------------------
+
+    /// Creates the lease row when it does not exist.
+    pub(crate) async fn init_lease(&self) -> Result<(), StoreError> {
+        match self.lwt(&self.st().lease_init, (Uuid::nil(),)).await? {
+            Lwt::Applied => debug!("created the identity lease row"),
+            Lwt::NotApplied => {}
+            // The next read of the row tells.
+            Lwt::Unknown(e) => debug!(error = %e, "creating the identity lease row"),
+        }
+        Ok(())
+    }
+
+    /// Drops the pending intent and frees the lease (after a truncate).
+    pub(crate) async fn reset_lease(&self) -> Result<(), StoreError> {
+        match self.lwt(&self.st().lease_reset, ()).await? {
+            Lwt::Applied | Lwt::NotApplied => Ok(()),
+            Lwt::Unknown(e) => Err(e),
+        }
+    }
+
+    /// Reads the lease row linearizably (`SERIAL`).
+    pub(crate) async fn read_lease(&self) -> Result<Option<LeaseRow>, StoreError> {
+        type Columns = (Option<Uuid>, Option<i64>, Option<i64>, Option<Vec<u8>>);
+        let result = self
+            .session()
+            .execute_unpaged(&self.st().lease_read, ())
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(storage)?;
+        let row: Option<Columns> = result.maybe_first_row().map_err(storage)?;
+        Ok(row.map(|(holder, epoch, until, pending)| LeaseRow {
+            holder,
+            epoch: epoch.unwrap_or(0),
+            until: until.unwrap_or(0),
+            pending,
+        }))
+    }
+
+    /// Takes the lease with a new epoch, waiting while another holder's
+    /// lease runs; gives up after about twice the lease time.
+    pub(crate) async fn acquire_lease(&self) -> Result<Lease, StoreError> {
+        let holder = Uuid::new_v4();
+        let lease_ms = self.inner.lease_ms;
+        let patience = Duration::from_millis(lease_ms.saturating_mul(2));
+        let started = Instant::now();
+        let mut backoff_ms: u64 = 2;
+        loop {
+            let Some(row) = self.read_lease().await? else {
+                self.init_lease().await?;
+                if started.elapsed() > patience {
+                    return Err(StoreError::Unavailable(
+                        "the identity lease row cannot be created".into(),
+                    ));
+                }
+                continue;
+            };
+            let now = now_ms();
+            if row.until <= now {
+                let epoch = row
+                    .epoch
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::Storage("identity lease epoch overflow".into()))?;
+                let until = now.saturating_add(i64::try_from(lease_ms).unwrap_or(i64::MAX));
+                let acquired = match self
+                    .lwt(
+                        &self.st().lease_acquire,
+                        (holder, epoch, until, row.epoch, now),
+                    )
+                    .await?
+                {
+                    Lwt::Applied => true,
+                    Lwt::NotApplied => false,
+                    Lwt::Unknown(e) => {
+                        debug!(error = %e, "taking the identity lease: outcome unknown, reading it");
+                        self.read_lease()
+                            .await?
+                            .is_some_and(|r| r.holder == Some(holder) && r.epoch == epoch)
+                    }
+                };
+                if acquired {
+                    // The previous holder may have stored an intent between
+                    // our read and our update: read what we hold now.
+                    let current = self.read_lease().await?;
+                    match current {
+                        Some(r) if r.holder == Some(holder) && r.epoch == epoch => {
+                            debug!(
+                                epoch,
+                                pending = r.pending.is_some(),
+                                "took the identity lease"
+                            );
+                            return Ok(Lease {
+                                holder,
+                                epoch,
+                                pending: r.pending,
+                            });
+                        }
+                        _ => {
+                            warn!(epoch, "lost the identity lease right after taking it");
+                            continue;
+                        }
+                    }
+                }
+            }
+            if started.elapsed() > patience {
+                return Err(StoreError::Unavailable(format!(
+                    "the identity lease is held by {} (epoch {}, until {}); gave up after {} ms",
+                    row.holder.map(|h| h.to_string()).unwrap_or_default(),
+                    row.epoch,
+                    row.until,
+                    patience.as_millis()
+                )));
+            }
+            let remaining = u64::try_from(row.until.saturating_sub(now)).unwrap_or(0);
+            let wait = if remaining > 0 {
+                backoff_ms.min(remaining)
+            } else {
+                // Lost a race for a free lease: retry soon.
+                1
+            };
+            tokio::time::sleep(Duration::from_millis(wait) + jitter(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(200);
+        }
+    }
+
+    /// Sets or clears the intent while holding `lease`. False when the lease
+    /// was lost.
+    pub(crate) async fn set_pending(
+        &self,
+        lease: &Lease,
+        intent: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        for _ in 0..3 {
+            let outcome = self
+                .lwt(
+                    &self.st().lease_set_pending,
+                    (intent.as_deref(), lease.holder, lease.epoch),
+                )
+                .await?;
+            match outcome {
+                Lwt::Applied => return Ok(true),
+                Lwt::NotApplied => return Ok(false),
+                Lwt::Unknown(e) => {
+                    debug!(error = %e, "storing the identity intent: outcome unknown, reading it");
+                    let Some(row) = self.read_lease().await? else {
+                        return Ok(false);
+                    };
+                    if row.holder != Some(lease.holder) || row.epoch != lease.epoch {
+                        return Ok(false);
+                    }
+                    if row.pending == intent {
+                        return Ok(true);
+                    }
+                    // Still ours, not applied: try again.
+                }
+            }
+        }
+        Err(StoreError::Unavailable(
+            "cannot store the identity intent".into(),
+        ))
+    }
+
+    /// Clears the intent and frees the lease. Failing here loses nothing:
+    /// the next holder re-applies the intent.
+    async fn release_lease(&self, lease: &Lease) {
+        match self
+            .lwt(&self.st().lease_release, (lease.holder, lease.epoch))
+            .await
+        {
+            Ok(Lwt::Applied) => debug!(epoch = lease.epoch, "released the identity lease"),
+            Ok(Lwt::NotApplied) => warn!(
+                epoch = lease.epoch,
+                "the identity lease expired before its release; the next holder re-applies its intent"
+            ),
+            Ok(Lwt::Unknown(e)) | Err(e) => warn!(
+                epoch = lease.epoch,
+                error = %e,
+                "cannot release the identity lease; it expires on its own"
+            ),
+        }
+    }
+
+    /// Frees the lease after a failure, keeping any intent for the next
+    /// holder.
+    async fn abandon_lease(&self, lease: &Lease) {
+        match self
+            .lwt(&self.st().lease_abandon, (lease.holder, lease.epoch))
+            .await
+        {
+            Ok(Lwt::Applied | Lwt::NotApplied) => {}
+            Ok(Lwt::Unknown(e)) | Err(e) => warn!(
+                epoch = lease.epoch,
+                error = %e,
+                "cannot free the identity lease; it expires on its own"
+            ),
+        }
+    }
+
+    // ---- resolution ------------------------------------------------------
+
+    /// Writes every row of `intent` with the fencing timestamps of this
+    /// call's epoch.
+    pub(crate) async fn apply_intent(
+        &self,
+        intent: &Intent,
+        fence: &mut Fence,
+    ) -> Result<(), StoreError> {
+        let st = self.st();
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> =
+            Vec::with_capacity(intent.claims.len() + intent.nodes.len() + intent.resolutions.len());
+        for (id, claim) in &intent.claims {
+            let values = (id.key(), to_json(claim)?, fence.next()?);
+            writes.push(Box::pin(self.write(&st.claim_put, values)));
+        }
+        for node in &intent.nodes {
+            let values = (node.id.0, to_json(node)?, fence.next()?);
+            writes.push(Box::pin(self.write(&st.node_put, values)));
+        }
+        for (event, resolution) in &intent.resolutions {
+            let values = (event.0, to_json(resolution)?, fence.next()?);
+            writes.push(Box::pin(self.write(&st.resolution_put, values)));
+        }
+        stream::iter(writes)
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Resolves the batch in memory: stored decisions first, then
+    /// `identity::resolve` on the overlay, fetching what an event missed and
+    /// deciding it again. Returns the outcomes and what to write.
+    async fn decide_batch(
+        &self,
+        events: &[Touchpoint],
+        rules: &IdentityRules,
+    ) -> Result<(Vec<Resolution>, Intent), StoreError> {
+        let mut overlay = Overlay::default();
+        self.prefetch(&mut overlay, events).await?;
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            let event_id = event.event_id();
+            let mut rounds = 0;
+            let resolution = loop {
+                rounds += 1;
+                if rounds > MAX_FETCH_ROUNDS {
+                    return Err(StoreError::Storage(format!(
+                        "resolving event {event_id} kept missing rows"
+                    )));
+                }
+                match overlay.decision(event_id) {
+                    Lookup::Known(Some(stored)) => break stored,
+                    Lookup::Missing => {
+                        self.fetch_decisions(&mut overlay, [event_id]).await?;
+                        continue;
+                    }
+                    Lookup::Known(None) => {}
+                }
+                let mut graph = EventGraph::new(&overlay);
+                let result = identity::resolve(&mut graph, rules, event);
+                let (writes, missing) = graph.finish();
+                if !missing.is_empty() {
+                    self.fetch_rows(&mut overlay, missing).await?;
+                    continue;
+                }
+                let resolution = result?;
+                overlay.absorb(writes);
+                // Only decisions are kept: an unresolvable event may resolve
+                // once the rules change and it is re-driven.
+                if matches!(resolution, Resolution::Resolved(_)) {
+                    overlay.new_decisions.insert(event_id, resolution.clone());
+                }
+                break resolution;
+            };
+            out.push(resolution);
+        }
+        Ok((out, overlay.into_intent()))
+    }
+
+    /// One attempt under `lease`. `None` when the lease was lost before the
+    /// intent was stored (nothing of this attempt counts).
+    async fn resolve_holding(
+        &self,
+        lease: &Lease,
+        events: &[Touchpoint],
+        rules: &IdentityRules,
+    ) -> Result<Option<Vec<Resolution>>, StoreError> {
+        let mut fence = Fence::new(lease.epoch)?;
+        if let Some(bytes) = &lease.pending {
+            let intent: Intent = from_json("identity intent", bytes)?;
+            info!(
+                epoch = lease.epoch,
+                claims = intent.claims.len(),
+                customers = intent.nodes.len(),
+                decisions = intent.resolutions.len(),
+                "rolling forward the intent of a previous identity lease holder"
+            );
+            self.apply_intent(&intent, &mut fence).await?;
+            if !self.set_pending(lease, None).await? {
+                return Ok(None);
+            }
+        }
+        let (out, intent) = self.decide_batch(events, rules).await?;
+        if intent.is_empty() {
+            self.release_lease(lease).await;
+            return Ok(Some(out));
+        }
+        // The commit point: from here the outcome is durable (whoever holds
+        // the lease next rolls it forward).
+        if !self.set_pending(lease, Some(to_json(&intent)?)).await? {
+            return Ok(None);
+        }
+        #[cfg(test)]
+        self.inner.faults.hit("identity.after_intent");
+        self.apply_intent(&intent, &mut fence).await?;
+        #[cfg(test)]
+        self.inner.faults.hit("identity.after_apply");
+        self.release_lease(lease).await;
+        debug!(
+            epoch = lease.epoch,
+            events = events.len(),
+            claims = intent.claims.len(),
+            customers = intent.nodes.len(),
+            "resolved a batch"
+        );
+        Ok(Some(out))
+    }
+}
+
+#[async_trait]
+impl IdentityStore for ScyllaStore {
+    async fn resolve(
+        &self,
+        events: &[Touchpoint],
+        rules: &IdentityRules,
+    ) -> Result<Vec<Resolution>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let _gate = self.inner.identity_gate.lock().await;
+        let mut losses = 0;
+        loop {
+            let lease = self.acquire_lease().await?;
+            match self.resolve_holding(&lease, events, rules).await {
+                Ok(Some(out)) => return Ok(out),
+                Ok(None) => {
+                    losses += 1;
+                    warn!(
+                        epoch = lease.epoch,
+                        losses, "lost the identity lease while resolving; resolving again"
+                    );
+                    if losses >= MAX_LEASE_LOSSES {
+                        return Err(StoreError::Unavailable(format!(
+                            "lost the identity lease {losses} times in a row"
+                        )));
+                    }
+                }
+                Err(e) => {
+                    // An intent stored before the failure stays for the next
+                    // holder; the lease is freed so it need not wait.
+                    self.abandon_lease(&lease).await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
+        match self.fetch_claim(&id.key()).await? {
+            Some(claim) => self.root(claim.customer).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
+        let mut current = customer;
+        for _ in 0..64 {
+            match self.fetch_node(current).await?.and_then(|n| n.merged_into) {
+                Some(next) if next != current => current = next,
+                _ => return Ok(current),
+            }
+        }
+        Ok(current)
+    }
+
+    async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+        self.fetch_node(customer).await
+    }
+
+    async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
+        let keys: Vec<String> = ids.iter().map(Identifier::key).collect();
+        stream::iter(keys)
+            .map(|key| async move { self.fetch_claim(&key).await })
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await
+    }
+}

@@ -1,0 +1,836 @@
+//! [`ProfileStore`] on ScyllaDB: optimistic concurrency per profile row, and
+//! merges committed in three phases (freeze the loser, absorb, settle) so a
+//! merge is absorbed exactly once (see the crate docs).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cdp_domain::profile::{FoldOptions, Profile, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry};
+use cdp_store::{Applied, ProfileStore, StoreError, TimelinePage, TimelineQuery};
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt, stream};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::{
+    Lwt, ScyllaStore, exec_error, from_json, jitter, next_row_error, pager_error, storage, to_json,
+};
+
+/// Reads issued at once.
+const READ_CONCURRENCY: usize = 32;
+/// Writes issued at once.
+const WRITE_CONCURRENCY: usize = 64;
+/// Folds of one batch before `apply` gives up on conflicting writers.
+const MAX_ATTEMPTS: u32 = 100;
+/// Rounds of fetching missing rows for one event.
+const MAX_FETCH_ROUNDS: usize = 256;
+/// Longest redirect chain followed.
+const MAX_CHAIN: usize = 64;
+
+/// A merge not completed yet: the loser's row is already a redirect, and
+/// keeps the profile the survivor must absorb until the survivor did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PendingMerge {
+    /// The loser's live profile when it was merged away (`None`: it had none).
+    pub absorbed: Option<Box<Profile>>,
+}
+
+/// What a profile row holds.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Entry {
+    pub slot: ProfileSlot,
+    pub pending: Option<PendingMerge>,
+    /// In an overlay: the pending merge was made by this fold, whose
+    /// survivor has absorbed it already (so it needs no completing).
+    pub fresh: bool,
+}
+
+/// A profile row as read, with its version.
+#[derive(Debug, Clone)]
+pub(crate) struct Stored {
+    pub version: i64,
+    pub entry: Entry,
+}
+
+/// Profile rows read by one `apply` call (`None`: no row). Kept across the
+/// attempts of the call and updated with what it commits.
+type Rows = HashMap<CustomerId, Option<Stored>>;
+
+/// Completes the pending merges along a redirect chain. `chain` lists the
+/// redirects from the first row towards the root, each with its pending
+/// merge if any; `root` is the live profile at the end of the chain. The
+/// merges are completed nearest to the root first, because the profile a
+/// nearer loser keeps may already contain a farther one (then the root
+/// lists that one in `merged_from` once the nearer one is absorbed). A
+/// merge whose loser the root already lists was completed before and is
+/// skipped: that is what makes completing a merge idempotent.
+///
+/// Returns the root's profile and whether it changed.
+pub(crate) fn settle_chain(
+    chain: &[(CustomerId, Option<&PendingMerge>)],
+    root_id: CustomerId,
+    root: Option<Profile>,
+) -> (Option<Profile>, bool) {
+    let mut root = root;
+    let mut changed = false;
+    for (loser, pending) in chain.iter().rev() {
+        let Some(pending) = pending else {
+            continue;
+        };
+        if root.as_ref().is_some_and(|r| r.merged_from.contains(loser)) {
+            continue;
+        }
+        let target = root.get_or_insert_with(|| Profile::new(root_id));
+        match &pending.absorbed {
+            Some(profile) => target.absorb((**profile).clone()),
+            None => {
+                target.merged_from.insert(*loser);
+            }
+        }
+        changed = true;
+    }
+    (root, changed)
+}
+
+/// The partition of a search term: the term's kind (`name:`, `email:`,
+/// `tel:`) and its first characters (2, or 4 digits of a phone), or the
+/// whole term when it is shorter. A prefix that is at least that long has
+/// the bucket of every term it matches, so a prefix search is one range
+/// read in one partition; a shorter prefix only finds the term equal to it.
+pub(crate) fn search_bucket(term: &str) -> String {
+    let (kind, rest) = match term.find(':') {
+        Some(i) => term.split_at(i + 1),
+        None => ("", term),
+    };
+    let width = if kind == "tel:" { 4 } else { 2 };
+    let head: String = rest.chars().take(width).collect();
+    format!("{kind}{head}")
+}
+
+/// The smallest string greater than every string starting with `prefix`
+/// (UTF-8 order is code point order).
+pub(crate) fn prefix_upper_bound(prefix: &str) -> String {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = match last {
+            '\u{D7FF}' => Some('\u{E000}'),
+            c => char::from_u32(u32::from(c) + 1),
+        };
+        if let Some(next) = next {
+            chars.push(next);
+            return chars.into_iter().collect();
+        }
+    }
+    // Every character is the largest one: nothing is greater but this.
+    format!("{prefix}{}", char::MAX)
+}
+
+enum Lookup<T> {
+    Known(Option<T>),
+    Missing,
+}
+
+/// The profiles as one event's fold sees them: its own writes, over the
+/// writes of the batch so far, over the rows read. Missing rows read as
+/// absent and are recorded; the attempt is then discarded and run again.
+pub(crate) struct EventAccess<'a> {
+    rows: &'a Rows,
+    batch: &'a HashMap<CustomerId, Entry>,
+    pub(crate) writes: HashMap<CustomerId, Entry>,
+    pub(crate) missing: BTreeSet<CustomerId>,
+}
+
+impl<'a> EventAccess<'a> {
+    pub(crate) fn new(rows: &'a Rows, batch: &'a HashMap<CustomerId, Entry>) -> Self {
+        EventAccess {
+            rows,
+            batch,
+            writes: HashMap::new(),
+            missing: BTreeSet::new(),
+        }
+    }
+
+    fn get(&self, customer: CustomerId) -> Lookup<Entry> {
+        if let Some(e) = self
+            .writes
+            .get(&customer)
+            .or_else(|| self.batch.get(&customer))
+        {
+            return Lookup::Known(Some(e.clone()));
+        }
+        match self.rows.get(&customer) {
+            Some(row) => Lookup::Known(row.as_ref().map(|s| s.entry.clone())),
+            None => Lookup::Missing,
+        }
+    }
+
+    /// Completes the pending merge of `customer` (and any on its way to the
+    /// live root). False when a row was missing.
+    fn settle(&mut self, customer: CustomerId, entry: &Entry) -> Result<bool, StoreError> {
+        let mut chain: Vec<(CustomerId, Entry)> = vec![(customer, entry.clone())];
+        let ProfileSlot::MergedInto(mut current) = entry.slot else {
+            return Err(StoreError::Corrupt {
+                what: "profile",
+                reason: format!("live profile {customer} has a pending merge"),
+            });
+        };
+        let root = loop {
+            if chain.len() > MAX_CHAIN || chain.iter().any(|(c, _)| *c == current) {
+                return Err(StoreError::Corrupt {
+                    what: "profile",
+                    reason: format!("redirect chain from {customer} loops or is too long"),
+                });
+            }
+            match self.get(current) {
+                Lookup::Missing => {
+                    self.missing.insert(current);
+                    return Ok(false);
+                }
+                Lookup::Known(None) => break None,
+                Lookup::Known(Some(e)) => match e.slot {
+                    ProfileSlot::MergedInto(next) => {
+                        let here = current;
+                        current = next;
+                        chain.push((here, e));
+                    }
+                    ProfileSlot::Live(p) => break Some(*p),
+                },
+            }
+        };
+        let pending: Vec<(CustomerId, Option<&PendingMerge>)> = chain
+            .iter()
+            .map(|(c, e)| (*c, e.pending.as_ref().filter(|_| !e.fresh)))
+            .collect();
+        let (root_profile, changed) = settle_chain(&pending, current, root);
+        if changed && let Some(p) = root_profile {
+            debug!(loser = %customer, survivor = %current, "completing a pending merge");
+            self.writes.insert(
+                current,
+                Entry {
+                    slot: ProfileSlot::Live(Box::new(p)),
+                    pending: None,
+                    fresh: false,
+                },
+            );
+        }
+        for (c, e) in chain {
+            if e.pending.is_some() && !e.fresh {
+                self.writes.insert(
+                    c,
+                    Entry {
+                        slot: e.slot,
+                        pending: None,
+                        fresh: false,
+                    },
+                );
+            }
+        }
+        Ok(true)
+    }
+}
+
+impl ProfileAccess for EventAccess<'_> {
+    type Error = StoreError;
+
+    fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, StoreError> {
+        let entry = match self.get(customer) {
+            Lookup::Missing => {
+                self.missing.insert(customer);
+                return Ok(None);
+            }
+            Lookup::Known(None) => return Ok(None),
+            Lookup::Known(Some(e)) => e,
+        };
+        if entry.pending.is_some() && !entry.fresh && !self.settle(customer, &entry)? {
+            return Ok(None);
+        }
+        Ok(Some(entry.slot))
+    }
+
+    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
+        let entry = match slot {
+            ProfileSlot::Live(_) => Entry {
+                slot: slot.clone(),
+                pending: None,
+                fresh: false,
+            },
+            // The loser of a merge: keep what the survivor absorbs with the
+            // redirect, until the survivor is stored.
+            ProfileSlot::MergedInto(_) => {
+                let (pending, fresh) = match self.get(customer) {
+                    Lookup::Known(Some(Entry {
+                        slot: ProfileSlot::Live(p),
+                        ..
+                    })) => (Some(PendingMerge { absorbed: Some(p) }), true),
+                    Lookup::Known(Some(Entry { pending, fresh, .. })) => (pending, fresh),
+                    Lookup::Known(None) => (Some(PendingMerge { absorbed: None }), true),
+                    Lookup::Missing => {
+                        self.missing.insert(customer);
+                        (None, false)
+                    }
+                };
+                Entry {
+                    slot: slot.clone(),
+                    pending,
+                    fresh,
+                }
+            }
+        };
+        self.writes.insert(customer, entry);
+        Ok(())
+    }
+}
+
+/// What one fold of the batch produced.
+#[derive(Default)]
+struct Folded {
+    /// Rows to write.
+    writes: HashMap<CustomerId, Entry>,
+    /// Events new to this fold, with their timeline entry and search terms.
+    new_events: Vec<(TimelineEntry, Vec<String>)>,
+    /// The live survivors of the batch's merges.
+    survivors: Vec<CustomerId>,
+}
+
+/// The three commit phases, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Losers of merges made by this fold: redirect + what to absorb.
+    Freeze,
+    /// Live profiles.
+    Live,
+    /// Redirects whose pending merge is complete: drop what was kept.
+    Settle,
+}
+
+fn contains_event(entry: &Entry, event: EventId) -> bool {
+    let live = match &entry.slot {
+        ProfileSlot::Live(p) => p.applied.contains(&event),
+        ProfileSlot::MergedInto(_) => false,
+    };
+    live || entry
+        .pending
+        .as_ref()
+        .and_then(|m| m.absorbed.as_ref())
+        .is_some_and(|p| p.applied.contains(&event))
+}
+
+impl ScyllaStore {
+    pub(crate) async fn fetch_profile(
+        &self,
+        customer: CustomerId,
+    ) -> Result<Option<Stored>, StoreError> {
+        type Columns = (Option<i64>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let result = self
+            .session()
+            .execute_unpaged(&self.st().profile_get, (customer.0,))
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(storage)?;
+        let Some((version, slot, pending)): Option<Columns> =
+            result.maybe_first_row().map_err(storage)?
+        else {
+            return Ok(None);
+        };
+        let (Some(version), Some(slot)) = (version, slot) else {
+            return Err(StoreError::Corrupt {
+                what: "profile",
+                reason: format!("row of {customer} has no version or slot"),
+            });
+        };
+        Ok(Some(Stored {
+            version,
+            entry: Entry {
+                slot: from_json("profile", &slot)?,
+                pending: pending
+                    .map(|p| from_json("pending merge", &p))
+                    .transpose()?,
+                fresh: false,
+            },
+        }))
+    }
+
+    /// Reads the rows of `customers` not read yet, and the rows their
+    /// redirects point at.
+    async fn fetch_profiles(
+        &self,
+        rows: &mut Rows,
+        customers: impl IntoIterator<Item = CustomerId>,
+    ) -> Result<(), StoreError> {
+        let mut wanted: BTreeSet<CustomerId> = customers.into_iter().collect();
+        for _ in 0..MAX_CHAIN {
+            wanted.retain(|c| !rows.contains_key(c));
+            if wanted.is_empty() {
+                break;
+            }
+            let found: Vec<(CustomerId, Option<Stored>)> =
+                stream::iter(std::mem::take(&mut wanted))
+                    .map(|c| async move { Ok::<_, StoreError>((c, self.fetch_profile(c).await?)) })
+                    .buffer_unordered(READ_CONCURRENCY)
+                    .try_collect()
+                    .await?;
+            for (_, row) in &found {
+                if let Some(Stored {
+                    entry:
+                        Entry {
+                            slot: ProfileSlot::MergedInto(next),
+                            ..
+                        },
+                    ..
+                }) = row
+                {
+                    wanted.insert(*next);
+                }
+            }
+            rows.extend(found);
+        }
+        Ok(())
+    }
+
+    /// The live profile standing for `customer`, with any pending merge on
+    /// the way completed in memory.
+    async fn read_profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
+        let mut chain: Vec<(CustomerId, Option<PendingMerge>)> = Vec::new();
+        let mut current = customer;
+        for _ in 0..MAX_CHAIN {
+            let root = match self.fetch_profile(current).await? {
+                None => None,
+                Some(Stored { entry, .. }) => match entry.slot {
+                    ProfileSlot::MergedInto(next) => {
+                        chain.push((current, entry.pending));
+                        current = next;
+                        continue;
+                    }
+                    ProfileSlot::Live(p) => Some(*p),
+                },
+            };
+            let pending: Vec<(CustomerId, Option<&PendingMerge>)> =
+                chain.iter().map(|(c, p)| (*c, p.as_ref())).collect();
+            return Ok(settle_chain(&pending, current, root).0);
+        }
+        Err(StoreError::Corrupt {
+            what: "profile",
+            reason: format!("redirect chain from {customer} is too long"),
+        })
+    }
+
+    /// Folds the batch in memory over `rows`, fetching what an event
+    /// missed and folding it again.
+    async fn fold_batch(
+        &self,
+        rows: &mut Rows,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+    ) -> Result<Folded, StoreError> {
+        let mut folded = Folded::default();
+        for resolved in batch {
+            let mut rounds = 0;
+            loop {
+                rounds += 1;
+                if rounds > MAX_FETCH_ROUNDS {
+                    return Err(StoreError::Storage(format!(
+                        "folding event {} kept missing rows",
+                        resolved.touchpoint.event_id()
+                    )));
+                }
+                let mut access = EventAccess::new(rows, &folded.writes);
+                let entry = fold_resolved(&mut access, resolved, options);
+                let survivors: Vec<Result<CustomerId, StoreError>> = resolved
+                    .merges
+                    .iter()
+                    .map(|m| access.live_root(m.survivor))
+                    .collect();
+                let EventAccess {
+                    writes, missing, ..
+                } = access;
+                if !missing.is_empty() {
+                    self.fetch_profiles(rows, missing).await?;
+                    continue;
+                }
+                let entry = entry?;
+                let survivors = survivors.into_iter().collect::<Result<Vec<_>, _>>()?;
+                folded.writes.extend(writes);
+                if let Some(entry) = entry {
+                    folded
+                        .new_events
+                        .push((entry, cdp_domain::search::terms(&resolved.touchpoint)));
+                }
+                folded.survivors.extend(survivors);
+                break;
+            }
+        }
+        Ok(folded)
+    }
+
+    /// Writes the timeline entries and search terms of new events (plain,
+    /// idempotent inserts).
+    async fn index(
+        &self,
+        new_events: &[(TimelineEntry, Vec<String>)],
+        done: &mut HashSet<(CustomerId, EventId)>,
+    ) -> Result<(), StoreError> {
+        let st = self.st();
+        let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
+        for (entry, terms) in new_events {
+            if !done.insert((entry.customer_id, entry.event_id)) {
+                continue;
+            }
+            let customer = entry.customer_id.0;
+            let values = (
+                customer,
+                entry.occurred_at,
+                entry.event_id.0,
+                to_json(entry)?,
+            );
+            writes.push(Box::pin(self.write(&st.timeline_put, values)));
+            for term in terms {
+                let values = (search_bucket(term), term.clone(), customer);
+                writes.push(Box::pin(self.write(&st.search_put, values)));
+            }
+        }
+        stream::iter(writes)
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    /// Writes `entry` if the row is still as read (`stored`). The row as
+    /// written, or `None` when it changed meanwhile (or the outcome is
+    /// unknown: the caller reads it again either way).
+    async fn put_profile(
+        &self,
+        customer: CustomerId,
+        entry: &Entry,
+        stored: Option<&Stored>,
+    ) -> Result<Option<Stored>, StoreError> {
+        let slot = to_json(&entry.slot)?;
+        let pending = entry.pending.as_ref().map(to_json).transpose()?;
+        let (outcome, version) = match stored {
+            None => (
+                self.lwt(&self.st().profile_insert, (customer.0, slot, pending))
+                    .await?,
+                1,
+            ),
+            Some(s) => {
+                let version = s.version + 1;
+                let values = (version, slot, pending, customer.0, s.version);
+                (self.lwt(&self.st().profile_update, values).await?, version)
+            }
+        };
+        match outcome {
+            Lwt::Applied => Ok(Some(Stored {
+                version,
+                entry: Entry {
+                    slot: entry.slot.clone(),
+                    pending: entry.pending.clone(),
+                    fresh: false,
+                },
+            })),
+            Lwt::NotApplied => Ok(None),
+            Lwt::Unknown(e) => {
+                debug!(%customer, error = %e, "profile write with an unknown outcome; reading it again");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Writes one phase's rows concurrently. Returns the customers written
+    /// and whether every write applied; a row that changed meanwhile is
+    /// dropped from `rows` so the next attempt reads it again.
+    async fn commit_phase(
+        &self,
+        rows: &mut Rows,
+        phase: Vec<(CustomerId, Entry)>,
+    ) -> Result<(Vec<CustomerId>, bool), StoreError> {
+        let snapshot: &Rows = rows;
+        let results: Vec<(CustomerId, Option<Stored>)> = stream::iter(phase)
+            .map(|(c, entry)| async move {
+                let stored = snapshot.get(&c).and_then(Option::as_ref);
+                let written = self.put_profile(c, &entry, stored).await?;
+                Ok::<_, StoreError>((c, written))
+            })
+            .buffer_unordered(WRITE_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut written = Vec::new();
+        let mut complete = true;
+        for (c, row) in results {
+            match row {
+                Some(row) => {
+                    rows.insert(c, Some(row));
+                    written.push(c);
+                }
+                None => {
+                    rows.remove(&c);
+                    complete = false;
+                }
+            }
+        }
+        Ok((written, complete))
+    }
+
+    /// Commits a fold: frozen losers, then live profiles, then settled
+    /// redirects. Returns the customers written and whether all were.
+    async fn commit(
+        &self,
+        rows: &mut Rows,
+        writes: &HashMap<CustomerId, Entry>,
+    ) -> Result<(Vec<CustomerId>, bool), StoreError> {
+        let mut phases: BTreeMap<Phase, Vec<(CustomerId, Entry)>> = BTreeMap::new();
+        for (c, entry) in writes {
+            let stored_pending = rows
+                .get(c)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| s.entry.pending.is_some());
+            let phase = match (&entry.slot, &entry.pending) {
+                (ProfileSlot::MergedInto(_), Some(_)) => Phase::Freeze,
+                (ProfileSlot::MergedInto(_), None) if stored_pending => Phase::Settle,
+                _ => Phase::Live,
+            };
+            if phase == Phase::Freeze {
+                // Once the survivor is stored, drop what the loser kept.
+                let settled = Entry {
+                    slot: entry.slot.clone(),
+                    pending: None,
+                    fresh: false,
+                };
+                phases.entry(Phase::Settle).or_default().push((*c, settled));
+            }
+            phases.entry(phase).or_default().push((*c, entry.clone()));
+        }
+        let mut written = Vec::new();
+        for (phase, entries) in phases {
+            let (done, complete) = self.commit_phase(rows, entries).await?;
+            written.extend(done);
+            // Settling only saves space: a row left pending is settled by
+            // the next fold that reads it.
+            if !complete && phase != Phase::Settle {
+                return Ok((written, false));
+            }
+            #[cfg(test)]
+            self.inner.faults.hit(match phase {
+                Phase::Freeze => "profile.after_freeze",
+                Phase::Live => "profile.after_live",
+                Phase::Settle => "profile.after_settle",
+            });
+        }
+        Ok((written, true))
+    }
+
+    async fn timeline_of(
+        &self,
+        customer: CustomerId,
+        query: &TimelineQuery,
+        lower: i64,
+        upper: i64,
+        limit: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        // Pages about the size of what is wanted; more follow when filters
+        // skip entries.
+        let mut statement = self.st().timeline_range.clone();
+        statement.set_page_size(
+            i32::try_from(limit.saturating_add(1).saturating_mul(2).clamp(16, 1000))
+                .unwrap_or(1000),
+        );
+        let pager = self
+            .session()
+            .execute_iter(statement, (customer.0, lower, upper))
+            .await
+            .map_err(pager_error)?;
+        let mut rows = pager
+            .rows_stream::<(i64, Option<Vec<u8>>)>()
+            .map_err(storage)?;
+        let mut found = Vec::new();
+        // Once more than `limit` match, finish the entries at the same
+        // instant (the server orders event ids differently from us) and stop.
+        let mut cut: Option<i64> = None;
+        while let Some((at, bytes)) = rows.try_next().await.map_err(next_row_error)? {
+            if cut.is_some_and(|c| at < c) {
+                break;
+            }
+            let Some(bytes) = bytes else { continue };
+            let entry: TimelineEntry = from_json("timeline entry", &bytes)?;
+            if query.matches(&entry) {
+                found.push(entry);
+                if found.len() > limit && cut.is_none() {
+                    cut = Some(at);
+                }
+            }
+        }
+        Ok(found)
+    }
+}
+
+#[async_trait]
+impl ProfileStore for ScyllaStore {
+    async fn apply(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        if batch.is_empty() {
+            return Ok(Applied::default());
+        }
+        let mut rows: Rows = HashMap::new();
+        let mut indexed: HashSet<(CustomerId, EventId)> = HashSet::new();
+        // Events this call folded in, with the customer of their entry.
+        let mut committed: BTreeMap<EventId, CustomerId> = BTreeMap::new();
+        let mut wanted: Vec<CustomerId> = Vec::new();
+        for r in batch {
+            wanted.push(r.customer_id);
+            for m in &r.merges {
+                wanted.extend([m.survivor, m.loser]);
+            }
+        }
+        for attempt in 1..=MAX_ATTEMPTS {
+            self.fetch_profiles(&mut rows, wanted.iter().copied())
+                .await?;
+            let folded = self.fold_batch(&mut rows, batch, options).await?;
+            // Before the profiles: once they are stored, a re-delivery no
+            // longer sees these events as new and would not index them.
+            self.index(&folded.new_events, &mut indexed).await?;
+            let (written, complete) = self.commit(&mut rows, &folded.writes).await?;
+            for (entry, _) in &folded.new_events {
+                let event = entry.event_id;
+                let stored = written.iter().any(|c| {
+                    folded
+                        .writes
+                        .get(c)
+                        .is_some_and(|e| contains_event(e, event))
+                });
+                if stored {
+                    committed.entry(event).or_insert(entry.customer_id);
+                }
+            }
+            if complete {
+                let mut customers: Vec<CustomerId> = committed.values().copied().collect();
+                customers.extend(folded.survivors);
+                customers.sort();
+                customers.dedup();
+                debug!(
+                    events = batch.len(),
+                    new = committed.len(),
+                    attempt,
+                    "folded a batch"
+                );
+                return Ok(Applied {
+                    new_events: committed.len(),
+                    customers,
+                });
+            }
+            debug!(
+                attempt,
+                "profile rows changed under the fold; folding again"
+            );
+            let cap = 1u64 << attempt.min(6);
+            tokio::time::sleep(Duration::from_millis(1) + jitter(cap)).await;
+        }
+        warn!(
+            events = batch.len(),
+            "profile rows kept changing under the fold; giving up"
+        );
+        Err(StoreError::Unavailable(format!(
+            "profile rows kept changing; gave up after {MAX_ATTEMPTS} attempts"
+        )))
+    }
+
+    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
+        self.read_profile(customer).await
+    }
+
+    async fn timeline(
+        &self,
+        customer: CustomerId,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage, StoreError> {
+        let mut customers = vec![customer];
+        if let Some(p) = self.read_profile(customer).await? {
+            customers = vec![p.customer_id];
+            customers.extend(p.merged_from.iter().copied());
+        }
+        let limit = query.limit.max(1);
+        let upper = match (query.to, query.after) {
+            (Some(to), Some((at, _))) => to.min(at.saturating_add(1)),
+            (Some(to), None) => to,
+            (None, Some((at, _))) => at.saturating_add(1),
+            (None, None) => i64::MAX,
+        };
+        let lower = query.from.unwrap_or(i64::MIN);
+        let mut found: Vec<TimelineEntry> = if lower < upper {
+            stream::iter(customers)
+                .map(|c| self.timeline_of(c, query, lower, upper, limit))
+                .buffer_unordered(READ_CONCURRENCY)
+                .try_concat()
+                .await?
+        } else {
+            Vec::new()
+        };
+        found.sort_by_key(|e| std::cmp::Reverse((e.occurred_at, e.event_id)));
+        // An event indexed under two customers (a fold retried across a
+        // merge) shows once.
+        found.dedup_by_key(|e| e.event_id);
+        let next = if found.len() > limit {
+            found.truncate(limit);
+            found.last().map(|e| (e.occurred_at, e.event_id))
+        } else {
+            None
+        };
+        Ok(TimelinePage {
+            entries: found,
+            next,
+        })
+    }
+
+    async fn search(
+        &self,
+        prefixes: &[String],
+        limit: usize,
+    ) -> Result<Vec<CustomerId>, StoreError> {
+        let mut found: Vec<CustomerId> = Vec::new();
+        if limit == 0 {
+            return Ok(found);
+        }
+        let scan = i32::try_from(limit.saturating_mul(20)).unwrap_or(i32::MAX);
+        for prefix in prefixes {
+            let values = (
+                search_bucket(prefix),
+                prefix.as_str(),
+                prefix_upper_bound(prefix),
+                scan,
+            );
+            let result = self
+                .session()
+                .execute_unpaged(&self.st().search_range, values)
+                .await
+                .map_err(exec_error)?
+                .into_rows_result()
+                .map_err(storage)?;
+            let mut candidates: Vec<CustomerId> = Vec::new();
+            for row in result.rows::<(String, uuid::Uuid)>().map_err(storage)? {
+                let (term, customer) = row.map_err(storage)?;
+                if !term.starts_with(prefix.as_str()) {
+                    break;
+                }
+                candidates.push(CustomerId(customer));
+            }
+            let mut live = stream::iter(candidates)
+                .map(|c| self.read_profile(c))
+                .buffered(8);
+            while let Some(profile) = live.try_next().await? {
+                if let Some(p) = profile
+                    && !found.contains(&p.customer_id)
+                {
+                    found.push(p.customer_id);
+                    if found.len() >= limit {
+                        return Ok(found);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+}
