@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "log",
         "admin",
         "identity",
+        "replay",
     ]
     .iter()
     .map(|name| root.join(format!("cdp/v1/{name}.proto")))

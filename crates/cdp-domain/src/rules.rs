@@ -80,8 +80,8 @@ impl Default for IdentityRulesConfig {
                 ..rule(2, 3, true)
             },
         );
-        kinds.insert("phone".into(), rule(3, 2, true));
-        kinds.insert("loyalty_id".into(), rule(4, 2, true));
+        kinds.insert("loyalty_id".into(), rule(3, 2, true));
+        kinds.insert("phone".into(), rule(4, 2, true));
         kinds.insert("zalo_id".into(), rule(5, 2, true));
         kinds.insert("facebook_psid".into(), rule(5, 5, true));
         kinds.insert("shopee_buyer_id".into(), rule(6, 2, true));

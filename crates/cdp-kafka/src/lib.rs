@@ -91,6 +91,27 @@ fn retriable(e: &KafkaError) -> bool {
     )
 }
 
+/// Errors of a consumer while brokers are unreachable; librdkafka keeps
+/// reconnecting.
+fn transient(e: &KafkaError) -> bool {
+    match e.rdkafka_error_code() {
+        Some(code) => {
+            matches!(
+                code,
+                RDKafkaErrorCode::AllBrokersDown
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::NetworkException
+                    | RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::RequestTimedOut
+                    | RDKafkaErrorCode::LeaderNotAvailable
+                    | RDKafkaErrorCode::NotLeaderForPartition
+                    | RDKafkaErrorCode::Resolve
+            ) || retriable(e)
+        }
+        None => false,
+    }
+}
+
 fn partition_i32(p: u32) -> Result<i32, LogError> {
     i32::try_from(p).map_err(|_| LogError::Invalid(format!("partition {p} out of range")))
 }
@@ -613,21 +634,33 @@ impl Subscription for KafkaSubscription {
             return Ok(out);
         }
         // Wait for the first record, then take what is already fetched.
+        // librdkafka reports broker outages as errors in the same queue and
+        // reconnects by itself: skip them (a backlog of them must not hold
+        // up the records behind), and report one only when nothing came.
+        let deadline = tokio::time::Instant::now() + max_wait;
         let mut wait = max_wait;
+        let mut last_error = None;
         while out.len() < max {
             match tokio::time::timeout(wait, self.consumer.recv()).await {
-                Ok(Ok(m)) => out.push(to_record(self.topic, &m)),
-                Ok(Err(e)) => {
-                    if out.is_empty() {
-                        return Err(unavailable(e));
-                    }
-                    break;
+                Ok(Ok(m)) => {
+                    out.push(to_record(self.topic, &m));
+                    wait = Duration::from_millis(1);
                 }
+                Ok(Err(e)) if transient(&e) => {
+                    last_error = Some(e);
+                    wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if wait.is_zero() {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => return Err(unavailable(e)),
                 Err(_) => break,
             }
-            wait = Duration::from_millis(1);
         }
-        Ok(out)
+        match last_error {
+            Some(e) if out.is_empty() => Err(unavailable(e)),
+            _ => Ok(out),
+        }
     }
 
     async fn commit(&mut self, positions: &[(u32, u64)]) -> Result<(), LogError> {

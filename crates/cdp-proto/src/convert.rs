@@ -96,6 +96,23 @@ pub fn raw_touchpoint(t: &v1::Touchpoint) -> RawTouchpoint {
     }
 }
 
+/// A validated touchpoint as the API shows it (identifiers normalised).
+pub fn api_touchpoint(t: &cdp_domain::Touchpoint) -> v1::Touchpoint {
+    let e = &t.envelope;
+    v1::Touchpoint {
+        event_id: e.event_id.to_string(),
+        r#type: e.event_type.to_string(),
+        channel: e.channel.to_string(),
+        source_id: e.source_id.clone(),
+        occurred_at: Some(millis_to_timestamp(e.occurred_at)),
+        properties: Some(json_to_struct(&e.properties)),
+        personal: Some(v1::PersonalData {
+            identifiers: t.personal.identifiers.iter().map(identifier).collect(),
+            traits: Some(json_to_struct(&t.personal.traits)),
+        }),
+    }
+}
+
 pub fn identifier(id: &Identifier) -> v1::Identifier {
     v1::Identifier {
         kind: id.kind.to_string(),

@@ -3,6 +3,8 @@
 //! on whichever back ends the configuration names (embedded by default).
 //! The per-service binaries (`cdp-ingest`, ...) install one each.
 
+pub mod replay;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 

@@ -20,10 +20,32 @@ enum Command {
     /// Runs the whole platform in one process (on the embedded log and
     /// store unless the configuration names Kafka and ScyllaDB).
     Dev(cdp_runtime::serve::ProcessArgs),
+    /// Replays touchpoints from the event log into a JSON Lines file
+    /// (filters, progress bar, resumable).
+    Replay(cdp::replay::ReplayArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Dev(args) => cdp_runtime::serve::main_with("cdp", &args, cdp::install_all),
+        Command::Replay(args) => {
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(error) => {
+                    eprintln!("cdp replay: cannot start the async runtime: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(cdp::replay::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("cdp replay: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }

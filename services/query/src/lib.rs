@@ -16,6 +16,8 @@ use cdp_runtime::ServiceError;
 
 pub mod console;
 pub mod explain;
+pub mod history;
+pub mod replay;
 use cdp_store::{IdentityStore, ProfileChanges, ProfileStore, StoreError, TimelineQuery};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
@@ -50,7 +52,8 @@ macro_rules! lookup_from {
 lookup_from!(
     v1::get_profile_request::Lookup,
     v1::list_timeline_request::Lookup,
-    v1::list_merges_request::Lookup
+    v1::list_merges_request::Lookup,
+    v1::replay_request::Customer
 );
 
 /// The lookup and timeline length a `GetProfileRequest` asks for.
@@ -86,9 +89,21 @@ pub struct ProfileQuery {
     rules: Arc<IdentityRules>,
     options: FoldOptions,
     changes: ProfileChanges,
+    /// Past views from the event log (time travel), when wired.
+    history: Option<Arc<history::History>>,
 }
 
 impl ProfileQuery {
+    /// The identity graph this query reads.
+    pub fn identity(&self) -> &Arc<dyn IdentityStore> {
+        &self.identity
+    }
+
+    /// The identity rules (how identifiers are normalised and ranked).
+    pub fn rules(&self) -> &IdentityRules {
+        &self.rules
+    }
+
     pub fn new(
         identity: Arc<dyn IdentityStore>,
         profiles: Arc<dyn ProfileStore>,
@@ -102,7 +117,14 @@ impl ProfileQuery {
             rules,
             options,
             changes,
+            history: None,
         }
+    }
+
+    /// Answers views as of a past instant from `log` (time travel).
+    pub fn with_history(mut self, log: Arc<dyn cdp_log::EventLog>) -> Self {
+        self.history = Some(Arc::new(history::History::new(log, self.options.clone())));
+        self
     }
 
     /// Everything the view is made of, as domain values.
@@ -282,15 +304,100 @@ impl ProfileQuery {
         lookup: Option<Lookup>,
         timeline_limit: usize,
     ) -> Result<CustomerProfile, ServiceError> {
+        let loaded = self.load(lookup, timeline_limit).await?;
+        Ok(self.render(loaded, cdp_runtime::now_ms()))
+    }
+
+    /// The view as it was at `as_of`, folded from the event log.
+    #[tracing::instrument(skip(self))]
+    pub async fn profile_as_of(
+        &self,
+        lookup: Option<Lookup>,
+        timeline_limit: usize,
+        as_of: cdp_domain::UnixMillis,
+    ) -> Result<CustomerProfile, ServiceError> {
+        let history = self.history.as_ref().ok_or_else(|| {
+            ServiceError::Unavailable("this query service has no event log for time travel".into())
+        })?;
+        // Who the lookup named then: an identifier's first customer, or the id given.
+        let then = match lookup {
+            Some(Lookup::Identifier(raw)) => {
+                let id = self.identifier(&raw)?;
+                let claims = self
+                    .identity
+                    .claims(std::slice::from_ref(&id))
+                    .await
+                    .map_err(store_error)?;
+                claims
+                    .into_iter()
+                    .flatten()
+                    .next()
+                    .map(|c| c.linked_to())
+                    .ok_or_else(|| ServiceError::NotFound(format!("no customer has {id}")))?
+            }
+            Some(Lookup::CustomerId(s)) => {
+                Uuid::parse_str(s.trim()).map(CustomerId).map_err(|_| {
+                    ServiceError::invalid("customer_id", format!("{s:?} is not a UUID"))
+                })?
+            }
+            None => {
+                return Err(ServiceError::invalid(
+                    "lookup",
+                    "give a customer_id or an identifier",
+                ));
+            }
+        };
+        let root = self.identity.root(then).await.map_err(store_error)?;
+        let mut family = std::collections::BTreeSet::from([root, then]);
+        if let Some(now) = self.profiles.profile(root).await.map_err(store_error)? {
+            family.extend(now.merged_from);
+        }
+        let past = history.view(root, &family, then, as_of).await?;
+        // The identifiers it had then: those linked by an event folded by then.
+        let mut identifiers = Vec::new();
+        for member in &family {
+            identifiers.extend(self.identifiers_of(*member).await?);
+        }
+        identifiers.sort();
+        identifiers.dedup();
+        let claims = self
+            .identity
+            .claims(&identifiers)
+            .await
+            .map_err(store_error)?;
+        let (identifiers, claims): (Vec<_>, Vec<_>) = identifiers
+            .into_iter()
+            .zip(claims)
+            .filter(|(_, c)| {
+                c.as_ref()
+                    .is_some_and(|c| past.profile.applied.contains(&c.event_id))
+            })
+            .unzip();
+        let mut timeline = past.timeline;
+        timeline.truncate(timeline_limit.clamp(1, MAX_TIMELINE));
+        tracing::debug!(records_read = past.records_read, "past view folded");
+        Ok(self.render(
+            Loaded {
+                profile: past.profile,
+                identifiers,
+                claims,
+                timeline,
+            },
+            as_of,
+        ))
+    }
+
+    /// The API view of what was loaded; RFM as of `now`.
+    fn render(&self, loaded: Loaded, now: cdp_domain::UnixMillis) -> CustomerProfile {
         let Loaded {
             profile,
             identifiers,
             claims,
             timeline,
-        } = self.load(lookup, timeline_limit).await?;
+        } = loaded;
         let view = profile.view();
         let traits: cdp_domain::Attributes = view.traits.clone().into_iter().collect();
-        Ok(CustomerProfile {
+        CustomerProfile {
             customer_id: profile.customer_id.to_string(),
             identifiers: identifiers
                 .iter()
@@ -317,7 +424,7 @@ impl ProfileQuery {
                 })
                 .collect(),
             rfm: profile
-                .rfm(cdp_runtime::now_ms(), &self.options.default_currency)
+                .rfm(now, &self.options.default_currency)
                 .map(|r| v1::Rfm {
                     recency_days: r.recency_days,
                     frequency: r.frequency,
@@ -327,7 +434,7 @@ impl ProfileQuery {
                     monetary_score: r.monetary_score.into(),
                     segment: r.segment.to_owned(),
                 }),
-        })
+        }
     }
 
     /// One page of the timeline.
@@ -431,8 +538,13 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<GetProfileResponse>, Status> {
-        let (lookup, limit) = profile_request(request.into_inner());
-        let profile = self.query.profile(lookup, limit).await?;
+        let r = request.into_inner();
+        let as_of = r.as_of.as_ref().map(convert::timestamp_to_millis);
+        let (lookup, limit) = profile_request(r);
+        let profile = match as_of {
+            Some(t) => self.query.profile_as_of(lookup, limit, t).await?,
+            None => self.query.profile(lookup, limit).await?,
+        };
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile),
         }))
@@ -528,6 +640,7 @@ pub async fn install(
 ) -> Result<(), cdp_runtime::serve::StartError> {
     use cdp_proto::v1::identity_service_server::IdentityServiceServer;
     use cdp_proto::v1::profile_service_server::ProfileServiceServer;
+    use cdp_proto::v1::replay_service_server::ReplayServiceServer;
 
     let query = ProfileQuery::new(
         Arc::clone(&ctx.backends.identity),
@@ -535,7 +648,8 @@ pub async fn install(
         Arc::clone(&ctx.rules),
         ctx.config.fold_options(),
         ctx.changes.clone(),
-    );
+    )
+    .with_history(Arc::clone(&ctx.backends.log));
     let console = Arc::new(console::ConsoleState {
         query: query.clone(),
         agents: ctx
@@ -559,7 +673,15 @@ pub async fn install(
         .set_serving::<IdentityServiceServer<explain::IdentityGrpc>>()
         .await;
     parts
+        .health
+        .set_serving::<ReplayServiceServer<replay::ReplayGrpc>>()
+        .await;
+    parts
         .grpc
+        .add_service(ReplayServiceServer::new(replay::ReplayGrpc::new(
+            Arc::clone(&ctx.backends.log),
+            query.clone(),
+        )))
         .add_service(ProfileServiceServer::new(ProfileGrpc::new(query.clone())))
         .add_service(IdentityServiceServer::new(explain::IdentityGrpc::new(
             query,

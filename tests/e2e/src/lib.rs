@@ -402,6 +402,15 @@ impl CdpProcess {
         format!("http://{}", self.addr)
     }
 
+    /// The process id of the process running `service`.
+    pub fn pid(&self, service: &str) -> u32 {
+        self.proc(service)
+            .child
+            .as_ref()
+            .map(Child::id)
+            .unwrap_or_else(|| panic!("{service} is not running"))
+    }
+
     /// The gRPC address of the query service (profiles, identity).
     pub fn query_addr(&self) -> SocketAddr {
         self.proc("cdp-query").grpc
@@ -506,6 +515,7 @@ pub async fn profile_until(
                 identifier.clone(),
             )),
             timeline_limit: 200,
+            as_of: None,
         };
         match client.get_profile(request).await {
             Ok(r) => {

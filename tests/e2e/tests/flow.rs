@@ -316,6 +316,7 @@ async fn two_shoppers_at_one_pos_device_stay_two_customers() {
                 pos,
             ))),
             timeline_limit: 0,
+            as_of: None,
         })
         .await
         .unwrap_err();
@@ -575,6 +576,7 @@ async fn lookups_explain_what_is_wrong() {
     let ask = |lookup| GetProfileRequest {
         lookup: Some(lookup),
         timeline_limit: 0,
+        as_of: None,
     };
     let cases = [
         (

@@ -59,6 +59,7 @@ async fn truncated_views_are_rebuilt_from_the_log() {
                 &any.value,
             ))),
             timeline_limit: 0,
+            as_of: None,
         })
         .await;
     assert_eq!(
@@ -165,7 +166,7 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
 
     rebuild(&mut cdp).await;
     let blocked = format!(
-        "{}\n[identity.kinds.phone]\npriority = 3\nlimit = 2\nmerge = true\nblocked = [\"{home_e164}\"]\n",
+        "{}\n[identity.kinds.phone]\npriority = 4\nlimit = 2\nmerge = true\nblocked = [\"{home_e164}\"]\n",
         cdp_e2e::DEFAULT_CONFIG
     );
     cdp.restart_with(&blocked);

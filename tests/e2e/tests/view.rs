@@ -121,6 +121,7 @@ async fn watch_profile_delivers_the_update_after_an_event() {
                 "email", &email,
             ))),
             timeline_limit: 5,
+            as_of: None,
         })
         .await
         .unwrap()

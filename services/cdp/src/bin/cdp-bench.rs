@@ -80,6 +80,7 @@ fn lookup(i: usize) -> GetProfileRequest {
             },
         )),
         timeline_limit: 20,
+        as_of: None,
     }
 }
 

@@ -1,0 +1,224 @@
+//! Time travel: a customer's profile as it was at a past instant, folded
+//! from the event log (the `resolved` topic) up to that instant.
+//!
+//! Only the partitions that hold the customer's family (the customer and
+//! every customer merged into it; `resolved` is keyed by customer id) are
+//! read. A record counts when the log accepted it at or before the instant.
+//!
+//! **Snapshots.** Each answer leaves a snapshot: the folded state, the
+//! position reached in each partition, and the records already read whose
+//! time was after the instant. A later question about the same customer at
+//! the same or a later instant starts from the latest such snapshot and
+//! reads only what follows, so asking "and a day later?" is not a full
+//! scan. Reading stops once a partition shows records more than
+//! [`CLOCK_SKEW_MS`] after the instant (several processes append with their
+//! own clocks); the records in that window are kept with the snapshot.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+
+use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::{CustomerId, Profile, ResolvedTouchpoint, TimelineEntry, UnixMillis};
+use cdp_log::{EventLog, Topic, partition_for};
+use cdp_runtime::ServiceError;
+
+/// How far apart the clocks of two appending processes may be.
+pub const CLOCK_SKEW_MS: i64 = 60_000;
+/// Snapshots kept per customer family, and families kept.
+const SNAPSHOTS_PER_FAMILY: usize = 8;
+const FAMILIES: usize = 1024;
+const CHUNK: usize = 512;
+
+/// The fold of a family's records up to an instant.
+#[derive(Clone)]
+struct Snapshot {
+    as_of: UnixMillis,
+    /// Next offset to read, per partition.
+    positions: BTreeMap<u32, u64>,
+    /// Records already read but after `as_of`, in read order.
+    later: Vec<(UnixMillis, ResolvedTouchpoint)>,
+    slots: BTreeMap<CustomerId, ProfileSlot>,
+    timeline: Vec<TimelineEntry>,
+}
+
+/// What a past view is made of.
+pub struct PastView {
+    pub profile: Profile,
+    /// Newest first.
+    pub timeline: Vec<TimelineEntry>,
+    /// Records read from the log to answer (0 when a snapshot sufficed).
+    pub records_read: usize,
+}
+
+pub struct History {
+    log: Arc<dyn EventLog>,
+    options: FoldOptions,
+    /// Family root -> snapshots, oldest instant first.
+    snapshots: Mutex<HashMap<CustomerId, Vec<Snapshot>>>,
+}
+
+fn unavailable(e: cdp_log::LogError) -> ServiceError {
+    ServiceError::Unavailable(format!("reading the log: {e}"))
+}
+
+impl History {
+    pub fn new(log: Arc<dyn EventLog>, options: FoldOptions) -> Self {
+        History {
+            log,
+            options,
+            snapshots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, root: CustomerId, as_of: UnixMillis) -> Option<Snapshot> {
+        let map = self.snapshots.lock().ok()?;
+        map.get(&root)?
+            .iter()
+            .rev()
+            .find(|s| s.as_of <= as_of)
+            .cloned()
+    }
+
+    fn keep(&self, root: CustomerId, snapshot: Snapshot) {
+        let Ok(mut map) = self.snapshots.lock() else {
+            return;
+        };
+        if map.len() >= FAMILIES && !map.contains_key(&root) {
+            map.clear();
+        }
+        let list = map.entry(root).or_default();
+        list.retain(|s| s.as_of != snapshot.as_of);
+        list.push(snapshot);
+        list.sort_by_key(|s| s.as_of);
+        if list.len() > SNAPSHOTS_PER_FAMILY {
+            list.remove(0);
+        }
+    }
+
+    /// The view of `customer` (a member of the family of `root`, whose
+    /// members are `family`) at `as_of`.
+    pub async fn view(
+        &self,
+        root: CustomerId,
+        family: &BTreeSet<CustomerId>,
+        customer: CustomerId,
+        as_of: UnixMillis,
+    ) -> Result<PastView, ServiceError> {
+        let partitions = self.log.partitions(Topic::Resolved);
+        let wanted: BTreeSet<u32> = family
+            .iter()
+            .map(|c| partition_for(c.to_string().as_bytes(), partitions))
+            .collect();
+        let mut snap = self.cached(root, as_of).unwrap_or_else(|| Snapshot {
+            as_of,
+            positions: wanted.iter().map(|p| (*p, 0)).collect(),
+            later: Vec::new(),
+            slots: BTreeMap::new(),
+            timeline: Vec::new(),
+        });
+        // A family that grew since the snapshot needs its new partitions from the start.
+        for p in &wanted {
+            snap.positions.entry(*p).or_insert(0);
+        }
+        let concerns = |r: &ResolvedTouchpoint| {
+            family.contains(&r.customer_id)
+                || r.merges
+                    .iter()
+                    .any(|m| family.contains(&m.loser) || family.contains(&m.survivor))
+        };
+        let fold = |snap: &mut Snapshot, r: &ResolvedTouchpoint| match fold_resolved(
+            &mut snap.slots,
+            r,
+            &self.options,
+        ) {
+            Ok(Some(entry)) => snap.timeline.push(entry),
+            Ok(None) => {}
+            Err(never) => match never {},
+        };
+        // Records read earlier that now fall within the instant.
+        let later = std::mem::take(&mut snap.later);
+        for (at, r) in later {
+            if at <= as_of {
+                fold(&mut snap, &r);
+            } else {
+                snap.later.push((at, r));
+            }
+        }
+        snap.as_of = as_of;
+        let ends = self
+            .log
+            .end_offsets(Topic::Resolved)
+            .await
+            .map_err(unavailable)?;
+        let mut read = 0;
+        for (p, position) in snap.positions.clone() {
+            let end = ends.get(p as usize).copied().unwrap_or(0);
+            let mut next = position;
+            'partition: while next < end {
+                let records = self
+                    .log
+                    .read(Topic::Resolved, p, next, CHUNK)
+                    .await
+                    .map_err(unavailable)?;
+                if records.is_empty() {
+                    break;
+                }
+                for rec in records {
+                    if rec.timestamp > as_of + CLOCK_SKEW_MS {
+                        break 'partition;
+                    }
+                    next = rec.offset + 1;
+                    read += 1;
+                    let Ok(r) = cdp_proto::record::decode_resolved(&rec.value) else {
+                        tracing::warn!(
+                            partition = p,
+                            offset = rec.offset,
+                            "undecodable resolved record skipped"
+                        );
+                        continue;
+                    };
+                    if !concerns(&r) {
+                        continue;
+                    }
+                    if rec.timestamp <= as_of {
+                        fold(&mut snap, &r);
+                    } else {
+                        snap.later.push((rec.timestamp, r));
+                    }
+                }
+            }
+            snap.positions.insert(p, next);
+        }
+        let live = snap
+            .slots
+            .live_root(customer)
+            .unwrap_or_else(|never| match never {});
+        let view = match snap.slots.get(&live) {
+            Some(ProfileSlot::Live(p)) => Some((**p).clone()),
+            _ => None,
+        };
+        let mut timeline: Vec<TimelineEntry> = match &view {
+            Some(p) => snap
+                .timeline
+                .iter()
+                .filter(|e| {
+                    e.customer_id == p.customer_id || p.merged_from.contains(&e.customer_id)
+                })
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        timeline.sort_by_key(|e| std::cmp::Reverse((e.occurred_at, e.event_id)));
+        self.keep(root, snap);
+        let profile = view.ok_or_else(|| {
+            ServiceError::NotFound(format!(
+                "customer {customer} had no profile at that instant"
+            ))
+        })?;
+        Ok(PastView {
+            profile,
+            timeline,
+            records_read: read,
+        })
+    }
+}

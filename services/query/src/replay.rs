@@ -1,0 +1,318 @@
+//! `ReplayService`: analysts read the touchpoints back from the event log,
+//! filtered, in log order per partition, with a cursor after every event.
+//!
+//! - **Bounded**: the replay ends at the log's end offsets taken when the
+//!   call starts, so it terminates while events keep arriving.
+//! - **Flow control**: a reader task fills a channel of [`BUFFER`] events;
+//!   when the client stops reading, HTTP/2 flow control stops the stream,
+//!   the channel fills and the reader waits. Memory per call is bounded by
+//!   the channel and one read chunk, whatever the client does.
+//! - **Resumable**: the cursor is the next offset of every partition; the
+//!   cursor of an event resumes right after it, with no gap and no repeat.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use cdp_domain::{Channel, CustomerId, EventType, Identifier, IdentityRules, Touchpoint};
+use cdp_log::{EventLog, LogRecord, Topic};
+use cdp_proto::convert;
+use cdp_proto::v1::replay_service_server::ReplayService;
+use cdp_proto::v1::{ReplayEvent, ReplayRequest};
+use cdp_runtime::ServiceError;
+use cdp_store::IdentityStore;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::{Lookup, ProfileQuery, store_error};
+
+/// Events buffered per call between the log reader and the client.
+pub const BUFFER: usize = 64;
+/// Records read from one partition at a time.
+const CHUNK: usize = 256;
+const CURSOR_PREFIX: &str = "v1:";
+
+/// The next offset of every partition, as an opaque string.
+pub fn encode_cursor(positions: &[u64]) -> String {
+    let offsets: Vec<String> = positions.iter().map(u64::to_string).collect();
+    format!("{CURSOR_PREFIX}{}", offsets.join(","))
+}
+
+/// Reads a cursor of a log with `partitions` partitions.
+pub fn decode_cursor(cursor: &str, partitions: u32) -> Result<Vec<u64>, ServiceError> {
+    let bad = |why: &str| ServiceError::invalid("cursor", why.to_owned());
+    let body = cursor
+        .strip_prefix(CURSOR_PREFIX)
+        .ok_or_else(|| bad("is not a cursor of this service (take it from a ReplayEvent)"))?;
+    let positions: Vec<u64> = body
+        .split(',')
+        .map(|o| o.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad("is damaged: offsets must be numbers"))?;
+    if positions.len() != partitions as usize {
+        return Err(bad(&format!(
+            "names {} partitions; the log has {partitions}",
+            positions.len()
+        )));
+    }
+    Ok(positions)
+}
+
+/// What a replay keeps.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayFilter {
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub channels: Vec<Channel>,
+    pub types: Vec<EventType>,
+    /// The identifiers of the customer asked for (merged identities included).
+    pub identifiers: Option<BTreeSet<Identifier>>,
+}
+
+impl ReplayFilter {
+    pub fn matches(&self, t: &Touchpoint) -> bool {
+        let e = &t.envelope;
+        self.from.is_none_or(|f| e.occurred_at >= f)
+            && self.to.is_none_or(|to| e.occurred_at < to)
+            && (self.channels.is_empty() || self.channels.contains(&e.channel))
+            && (self.types.is_empty() || self.types.contains(&e.event_type))
+            && self
+                .identifiers
+                .as_ref()
+                .is_none_or(|ids| t.personal.identifiers.iter().any(|i| ids.contains(i)))
+    }
+}
+
+#[derive(Clone)]
+pub struct ReplayGrpc {
+    log: Arc<dyn EventLog>,
+    query: ProfileQuery,
+}
+
+impl ReplayGrpc {
+    pub fn new(log: Arc<dyn EventLog>, query: ProfileQuery) -> Self {
+        ReplayGrpc { log, query }
+    }
+
+    async fn filter(&self, r: &ReplayRequest) -> Result<ReplayFilter, ServiceError> {
+        let mut errors = Vec::new();
+        let from = r.from.as_ref().map(convert::timestamp_to_millis);
+        let to = r.to.as_ref().map(convert::timestamp_to_millis);
+        if let (Some(f), Some(t)) = (from, to)
+            && f >= t
+        {
+            errors.push(cdp_domain::FieldError::new("to", "must be after from"));
+        }
+        let mut channels = Vec::new();
+        for (i, c) in r.channels.iter().enumerate() {
+            match c.parse::<Channel>() {
+                Ok(c) => channels.push(c),
+                Err(e) => errors.push(cdp_domain::FieldError::new(format!("channels[{i}]"), e)),
+            }
+        }
+        let types = r
+            .types
+            .iter()
+            .map(|t| EventType::from(t.as_str()))
+            .collect();
+        if !errors.is_empty() {
+            return Err(ServiceError::InvalidArgument(errors));
+        }
+        let identifiers = match r.customer.clone() {
+            None => None,
+            Some(c) => {
+                let root = self.query.customer(Some(Lookup::from(c))).await?;
+                let node = self
+                    .query
+                    .identity()
+                    .customer(root)
+                    .await
+                    .map_err(store_error)?
+                    .ok_or_else(|| ServiceError::NotFound(format!("no customer {root}")))?;
+                Some(node.identifiers)
+            }
+        };
+        Ok(ReplayFilter {
+            from,
+            to,
+            channels,
+            types,
+            identifiers,
+        })
+    }
+}
+
+/// Which customer an event belongs to now: the owner of its strongest
+/// identifier that has one, merges followed.
+async fn customer_of(
+    identity: &dyn IdentityStore,
+    rules: &IdentityRules,
+    t: &Touchpoint,
+    cache: &mut HashMap<Identifier, Option<CustomerId>>,
+) -> Result<Option<CustomerId>, ServiceError> {
+    let mut ids: Vec<&Identifier> = t.personal.identifiers.iter().collect();
+    ids.sort_by_key(|i| (rules.priority(&i.kind), *i));
+    for id in ids {
+        let owner = match cache.get(id) {
+            Some(o) => *o,
+            None => {
+                let o = identity.owner(id).await.map_err(store_error)?;
+                if cache.len() > 100_000 {
+                    cache.clear();
+                }
+                cache.insert(id.clone(), o);
+                o
+            }
+        };
+        if owner.is_some() {
+            return Ok(owner);
+        }
+    }
+    Ok(None)
+}
+
+/// Reads the partitions round-robin up to `ends` and sends what matches.
+/// Returns when done or when the client went away.
+async fn pump(
+    log: Arc<dyn EventLog>,
+    query: ProfileQuery,
+    filter: ReplayFilter,
+    with_customers: bool,
+    mut positions: Vec<u64>,
+    ends: Vec<u64>,
+    tx: mpsc::Sender<Result<ReplayEvent, Status>>,
+) -> Result<(), ServiceError> {
+    let mut owners = HashMap::new();
+    let total: u64 = ends
+        .iter()
+        .zip(&positions)
+        .map(|(e, p)| e.saturating_sub(*p))
+        .sum();
+    let mut scanned: u64 = 0;
+    loop {
+        let mut progressed = false;
+        for p in 0..positions.len() {
+            if positions[p] >= ends[p] {
+                continue;
+            }
+            let partition = u32::try_from(p).unwrap_or(u32::MAX);
+            let records: Vec<LogRecord> = log
+                .read(Topic::Touchpoints, partition, positions[p], CHUNK)
+                .await
+                .map_err(|e| ServiceError::Unavailable(format!("reading the log: {e}")))?;
+            if records.is_empty() {
+                tracing::warn!(
+                    partition,
+                    from = positions[p],
+                    end = ends[p],
+                    "records missing from the log (retention?); skipping to the end"
+                );
+                positions[p] = ends[p];
+                continue;
+            }
+            progressed = true;
+            for r in records {
+                if r.offset >= ends[p] {
+                    positions[p] = ends[p];
+                    break;
+                }
+                scanned += r.offset + 1 - positions[p].min(r.offset + 1);
+                positions[p] = r.offset + 1;
+                let t = match cdp_proto::record::decode_touchpoint(&r.value) {
+                    Ok(t) => t,
+                    Err(error) => {
+                        tracing::warn!(partition, offset = r.offset, %error, "undecodable record skipped");
+                        continue;
+                    }
+                };
+                if !filter.matches(&t) {
+                    continue;
+                }
+                let customer_id = if with_customers {
+                    customer_of(query.identity().as_ref(), query.rules(), &t, &mut owners)
+                        .await?
+                        .map(|c| c.to_string())
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                let event = ReplayEvent {
+                    touchpoint: Some(convert::api_touchpoint(&t)),
+                    customer_id,
+                    partition,
+                    offset: r.offset,
+                    appended_at: Some(convert::millis_to_timestamp(r.timestamp)),
+                    cursor: encode_cursor(&positions),
+                    records_scanned: scanned,
+                    records_total: total,
+                };
+                if tx.send(Ok(event)).await.is_err() {
+                    tracing::debug!("replay reader went away");
+                    return Ok(());
+                }
+            }
+        }
+        if !progressed {
+            return Ok(());
+        }
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<ReplayEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ReplayService for ReplayGrpc {
+    type ReplayStream = EventStream;
+
+    #[tracing::instrument(skip_all)]
+    async fn replay(
+        &self,
+        request: Request<ReplayRequest>,
+    ) -> Result<Response<Self::ReplayStream>, Status> {
+        let r = request.into_inner();
+        let filter = self.filter(&r).await?;
+        let partitions = self.log.partitions(Topic::Touchpoints);
+        let positions = if r.cursor.is_empty() {
+            vec![0; partitions as usize]
+        } else {
+            decode_cursor(&r.cursor, partitions)?
+        };
+        let ends = self
+            .log
+            .end_offsets(Topic::Touchpoints)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("reading the log: {e}")))?;
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let (log, query) = (Arc::clone(&self.log), self.query.clone());
+        let with_customers = r.with_customers;
+        tokio::spawn(async move {
+            let failed = tx.clone();
+            if let Err(e) = pump(log, query, filter, with_customers, positions, ends, tx).await {
+                tracing::warn!(error = %e, "replay failed");
+                let _ = failed.send(Err(e.into())).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_bad_ones_name_the_field() {
+        let c = encode_cursor(&[3, 0, 17, 42]);
+        assert_eq!(decode_cursor(&c, 4).unwrap(), vec![3, 0, 17, 42]);
+        for (bad, why) in [
+            ("3,0,17,42", "not a cursor"),
+            ("v1:3,x,17,42", "damaged"),
+            ("v1:3,0", "names 2 partitions"),
+        ] {
+            let e = decode_cursor(bad, 4).unwrap_err().to_string();
+            assert!(e.contains("cursor") && e.contains(why), "{bad}: {e}");
+        }
+    }
+}
