@@ -79,7 +79,7 @@ bench: bench-identity ## Print the figures (lookup latency and freshness with 10
 	$(CARGO) run --release -p cdp --bin cdp-bench -- --profiles $${BENCH_PROFILES:-100000}
 
 bench-identity: ## Identity-resolution precision, recall, F1 and decisions/s on a synthetic population with traps.
-	$(CARGO) run --release -p cdp --bin cdp-bench-identity
+	$(CARGO) run --release -p cdp-domain --example bench-identity
 
 infra-up: ## Fetch (Maven Central) and start Kafka (KRaft) and Cassandra on 127.0.0.1; cached in ~/.cache/cdp-infra.
 	deploy/harness/infra.sh up

@@ -10,12 +10,14 @@
 //! - **Topics** (`<prefix>touchpoints`, `identity`, `resolved`,
 //!   `dead-letters`, `audit`) are created on connect with the configured
 //!   partition count and replication factor when they do not exist.
-//! - **Consumers** are members of a Kafka consumer group whose partitions are
-//!   assigned statically by [`Membership`] (member `i` of `n` owns the
-//!   partitions `p` with `p % n == i`), and positions are committed to the
-//!   group only by [`Subscription::commit`], which workers call after their
-//!   effects are stored. Static assignment keeps partition ownership stable
-//!   across restarts (no rebalance storms when a worker is SIGKILLed).
+//! - **Consumers** commit their positions to a Kafka consumer group, but their
+//!   partitions are assigned statically by [`Membership`] (member `i` of `n`
+//!   owns the partitions `p` with `p % n == i`; `pipeline.processes` and
+//!   `pipeline.process_index` number the replicas), not by Kafka's group
+//!   protocol. Positions are committed only by [`Subscription::commit`],
+//!   which workers call after their effects are stored. Static assignment
+//!   keeps partition ownership stable across restarts (no rebalance storms
+//!   when a worker is SIGKILLed); each replica must get its own index.
 //! - **Deduplication** of adapter retries uses an optional [`DedupeIndex`]
 //!   (ScyllaDB in production); Kafka itself only deduplicates producer
 //!   retries within a session.
@@ -550,10 +552,12 @@ impl EventLog for KafkaLog {
             .map_err(unavailable)?;
         let timeout = self.timeout();
         blocking(move || {
-            let (_, high) = consumer
+            let (low, high) = consumer
                 .fetch_watermarks(&name, partition_i32(partition)?, timeout)
                 .map_err(unavailable)?;
             let end = u64::try_from(high).unwrap_or(0);
+            // Records before the low watermark are gone (retention).
+            let from = from.max(u64::try_from(low).unwrap_or(0));
             let mut out = Vec::new();
             if from >= end || max == 0 {
                 return Ok(out);
@@ -578,9 +582,16 @@ impl EventLog for KafkaLog {
                         }
                     }
                     Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    Some(Err(e)) if transient(&e) => {}
                     Some(Err(e)) => return Err(unavailable(e)),
                     None => {}
                 }
+            }
+            if out.is_empty() {
+                // Records exist (from < end) but none came: never report "nothing".
+                return Err(LogError::Unavailable(format!(
+                    "no records of {name}/{partition} from {from} arrived in time"
+                )));
             }
             Ok(out)
         })
@@ -653,7 +664,12 @@ impl Subscription for KafkaSubscription {
                         break;
                     }
                 }
-                Ok(Err(e)) => return Err(unavailable(e)),
+                Ok(Err(e)) if out.is_empty() => return Err(unavailable(e)),
+                // Hand over what was read; the error shows again if it lasts.
+                Ok(Err(e)) => {
+                    warn!(error = %e, "consumer error after {} records", out.len());
+                    break;
+                }
                 Err(_) => break,
             }
         }

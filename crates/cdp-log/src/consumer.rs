@@ -75,6 +75,31 @@ pub fn next_positions(records: &[LogRecord]) -> Vec<(u32, u64)> {
     next.into_iter().collect()
 }
 
+/// Joins `group` on `topic`, retrying with back-off while the log cannot
+/// be reached (a new cluster's group coordinator may take a while). None
+/// when cancelled first.
+pub async fn subscribe(
+    log: &dyn crate::EventLog,
+    group: &str,
+    topic: crate::Topic,
+    membership: crate::Membership,
+    options: &ConsumerOptions,
+    cancel: &CancellationToken,
+) -> Option<Box<dyn Subscription>> {
+    let mut backoff = Backoff::new(options.retry_min, options.retry_max);
+    loop {
+        match log.subscribe(group, topic, membership).await {
+            Ok(sub) => return Some(sub),
+            Err(error) => {
+                tracing::warn!(consumer = options.name.as_str(), %error, "cannot join the consumer group; retrying");
+                if !backoff.wait(cancel).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// Runs until `cancel` fires; returns after the batch in hand is committed.
 pub async fn run(
     mut sub: Box<dyn Subscription>,
@@ -97,6 +122,10 @@ pub async fn run(
                 tracing::warn!(consumer = name, %error, "poll failed; backing off");
                 if !backoff.wait(&cancel).await {
                     break;
+                }
+                // Whatever the failed poll had read is not handled: read it again.
+                if let Err(error) = sub.rewind().await {
+                    tracing::warn!(consumer = name, %error, "rewind failed");
                 }
                 continue;
             }

@@ -199,7 +199,8 @@ pub trait DedupeIndex: Send + Sync + 'static {
     async fn lookup(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<(u32, u64)>>, LogError>;
 
     /// Remembers where records with these keys landed; returns, for each,
-    /// the position remembered first (this one, or an earlier append's).
+    /// the position the index now holds (this one, or an earlier append's
+    /// when the index keeps the first).
     async fn remember(&self, entries: &[(Vec<u8>, u32, u64)]) -> Result<Vec<(u32, u64)>, LogError>;
 }
 

@@ -98,6 +98,23 @@ pub struct PipelineConfig {
     pub identity_workers: u32,
     /// Profile workers in this process.
     pub profile_workers: u32,
+    /// Processes that run these workers side by side (replicas of
+    /// `cdp-identity` or `cdp-profile`), and which one this is (0-based,
+    /// for example a StatefulSet ordinal). Together they split the
+    /// partitions: no partition is consumed twice.
+    pub processes: u32,
+    pub process_index: u32,
+}
+
+impl PipelineConfig {
+    /// The share of the partitions of worker `worker` of `workers` in this process.
+    pub fn membership(&self, worker: u32, workers: u32) -> cdp_log::Membership {
+        let workers = workers.max(1);
+        cdp_log::Membership {
+            index: self.process_index * workers + worker,
+            members: self.processes.max(1) * workers,
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -108,6 +125,8 @@ impl Default for PipelineConfig {
             retry_min_ms: 50,
             retry_max_ms: 5_000,
             identity_workers: 1,
+            processes: 1,
+            process_index: 0,
             profile_workers: 1,
         }
     }
@@ -305,6 +324,15 @@ impl PlatformConfig {
             return Err(ConfigError::Invalid {
                 field: "log.partitions",
                 reason: format!("must be between 1 and 1024, not {}", self.log.partitions),
+            });
+        }
+        if self.pipeline.process_index >= self.pipeline.processes.max(1) {
+            return Err(ConfigError::Invalid {
+                field: "pipeline.process_index",
+                reason: format!(
+                    "must be below pipeline.processes ({}), not {}",
+                    self.pipeline.processes, self.pipeline.process_index
+                ),
             });
         }
         if self.pipeline.batch_size == 0 {

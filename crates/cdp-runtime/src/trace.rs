@@ -1,9 +1,10 @@
-//! W3C trace context (`traceparent`) on log records, so one event can be
-//! followed from ingest through identity to the profile fold.
+//! W3C trace context (`traceparent`) on log records: ingest writes it on
+//! touchpoint records and identity copies it onto the resolved record, so
+//! the records of one request carry one trace id through the log.
 //!
-//! With OTLP export on, the header carries the current span's context, so the
-//! exported trace and the record agree; without it, a fresh trace id still
-//! ties the records of one request together in the logs.
+//! With OTLP export on, the header carries the ingest span's context, so the
+//! exported trace and the records agree. The workers' batch spans are not
+//! yet linked to the records' traces (a batch holds many).
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;

@@ -46,13 +46,20 @@ impl IdentityWorker {
         membership: Membership,
         options: ConsumerOptions,
         cancel: CancellationToken,
-    ) -> Result<(), cdp_log::LogError> {
-        let sub = self
-            .log
-            .subscribe(GROUP, Topic::Touchpoints, membership)
-            .await?;
-        cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
-        Ok(())
+    ) {
+        let log = std::sync::Arc::clone(&self.log);
+        let joined = cdp_log::consumer::subscribe(
+            log.as_ref(),
+            GROUP,
+            Topic::Touchpoints,
+            membership,
+            &options,
+            &cancel,
+        )
+        .await;
+        if let Some(sub) = joined {
+            cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
+        }
     }
 }
 
@@ -175,14 +182,8 @@ pub async fn install(
         );
         let options = ctx.consumer_options(&format!("identity-{index}"));
         let cancel = ctx.cancel.clone();
-        parts.tasks.spawn(async move {
-            if let Err(error) = worker
-                .run(Membership { index, members }, options, cancel)
-                .await
-            {
-                tracing::error!(%error, "identity worker could not start");
-            }
-        });
+        let membership = ctx.config.pipeline.membership(index, members);
+        parts.tasks.spawn(worker.run(membership, options, cancel));
     }
     Ok(())
 }

@@ -42,13 +42,20 @@ impl ProfileWorker {
         membership: Membership,
         options: ConsumerOptions,
         cancel: CancellationToken,
-    ) -> Result<(), cdp_log::LogError> {
-        let sub = self
-            .log
-            .subscribe(GROUP, Topic::Resolved, membership)
-            .await?;
-        cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
-        Ok(())
+    ) {
+        let log = std::sync::Arc::clone(&self.log);
+        let joined = cdp_log::consumer::subscribe(
+            log.as_ref(),
+            GROUP,
+            Topic::Resolved,
+            membership,
+            &options,
+            &cancel,
+        )
+        .await;
+        if let Some(sub) = joined {
+            cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
+        }
     }
 }
 
@@ -114,14 +121,8 @@ pub async fn install(
         );
         let options = ctx.consumer_options(&format!("profile-{index}"));
         let cancel = ctx.cancel.clone();
-        parts.tasks.spawn(async move {
-            if let Err(error) = worker
-                .run(Membership { index, members }, options, cancel)
-                .await
-            {
-                tracing::error!(%error, "profile worker could not start");
-            }
-        });
+        let membership = ctx.config.pipeline.membership(index, members);
+        parts.tasks.spawn(worker.run(membership, options, cancel));
     }
     Ok(())
 }

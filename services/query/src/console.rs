@@ -235,10 +235,10 @@ async fn watch(
     let watched = w.customer_id;
     let stream = async_stream(move |tx| async move {
         loop {
-            let relevant = match changes.recv().await {
-                Ok(c) => query.concerns(&watched, c).await,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            let relevant = match query.next_change(&mut changes).await {
+                Some(Ok(c)) => query.concerns(&watched, c).await,
+                Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
+                Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => return,
             };
             if relevant
                 && tx

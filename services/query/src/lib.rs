@@ -91,6 +91,8 @@ pub struct ProfileQuery {
     changes: ProfileChanges,
     /// Past views from the event log (time travel), when wired.
     history: Option<Arc<history::History>>,
+    /// Fires when the process shuts down: live streams end.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl ProfileQuery {
@@ -118,6 +120,25 @@ impl ProfileQuery {
             options,
             changes,
             history: None,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Ends live streams (`WatchProfile`, the console's events) when
+    /// `shutdown` fires, so a graceful shutdown does not wait for watchers.
+    pub fn with_shutdown(mut self, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// The next announced change; None once the process shuts down.
+    pub async fn next_change(
+        &self,
+        changes: &mut tokio::sync::broadcast::Receiver<CustomerId>,
+    ) -> Option<Result<CustomerId, tokio::sync::broadcast::error::RecvError>> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            r = changes.recv() => Some(r),
         }
     }
 
@@ -586,10 +607,10 @@ impl ProfileService for ProfileGrpc {
                 return;
             }
             loop {
-                let relevant = match changes.recv().await {
-                    Ok(c) => query.concerns(&current.customer_id, c).await,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                let relevant = match query.next_change(&mut changes).await {
+                    Some(Ok(c)) => query.concerns(&current.customer_id, c).await,
+                    Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
+                    Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => return,
                 };
                 if !relevant {
                     continue;
@@ -649,7 +670,8 @@ pub async fn install(
         ctx.config.fold_options(),
         ctx.changes.clone(),
     )
-    .with_history(Arc::clone(&ctx.backends.log));
+    .with_history(Arc::clone(&ctx.backends.log))
+    .with_shutdown(ctx.cancel.clone());
     let console = Arc::new(console::ConsoleState {
         query: query.clone(),
         agents: ctx

@@ -12,8 +12,8 @@ use std::time::Duration;
 use cdp_e2e::{CdpProcess, id, metrics, mobile, profile_when, touchpoint, unique};
 use cdp_proto::v1::replay_service_client::ReplayServiceClient;
 use cdp_proto::v1::{
-    GetProfileRequest, ReplayEvent, ReplayRequest, TrackBatchRequest, get_profile_request::Lookup,
-    replay_request,
+    self, GetProfileRequest, ReplayEvent, ReplayRequest, TrackBatchRequest,
+    get_profile_request::Lookup, replay_request,
 };
 use serde_json::json;
 
@@ -353,4 +353,92 @@ async fn the_profile_as_of_a_past_instant_is_the_fold_of_the_events_up_to_it() {
         .await
         .unwrap_err();
     assert_eq!(before.code(), tonic::Code::NotFound, "{before}");
+}
+
+/// `cdp replay` writes every matching event once as a JSON line, and after
+/// an interruption `--resume` cuts what was written after the last
+/// checkpoint and continues from its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_cli_writes_json_lines_and_resumes() {
+    let cdp = CdpProcess::start();
+    let mut ingest = cdp.ingest().await;
+    let email = format!("{}@shop.vn", unique("cli"));
+    let batch: Vec<v1::Touchpoint> = (0..30)
+        .map(|i| {
+            touchpoint(
+                "Product Viewed",
+                "web",
+                "website",
+                vec![id("email", &email)],
+                json!({"n": i}),
+            )
+        })
+        .collect();
+    ingest
+        .track_batch(TrackBatchRequest { touchpoints: batch })
+        .await
+        .unwrap();
+    // The customer filter needs the customer resolved.
+    let mut profiles = cdp.profiles().await;
+    profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        metrics(p).events_count == 30
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    let endpoint = format!("http://{}", cdp.query_addr());
+    let run = |extra: &[&str]| {
+        let status = std::process::Command::new(cdp_e2e::cdp_binary())
+            .args(["replay", "--endpoint", &endpoint, "--out"])
+            .arg(&out)
+            .args([
+                "--identifier",
+                &format!("email={email}"),
+                "--checkpoint-every",
+                "10",
+            ])
+            .args(extra)
+            .status()
+            .unwrap();
+        assert!(status.success(), "cdp replay {extra:?} failed");
+    };
+    run(&[]);
+    let full = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<serde_json::Value> = full
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 30);
+    let ns: BTreeSet<i64> = lines
+        .iter()
+        .map(|l| l["properties"]["n"].as_f64().unwrap() as i64)
+        .collect();
+    assert_eq!(ns, (0..30).collect());
+    // An interruption after the second checkpoint, with half a line written since.
+    let twenty: usize = full.lines().take(20).map(|l| l.len() + 1).sum();
+    let cursor_of_20th = {
+        let mut replay = ReplayServiceClient::new(cdp.query_channel().await);
+        let events = replay_all(
+            &mut replay,
+            ReplayRequest {
+                customer: Some(replay_request::Customer::Identifier(id("email", &email))),
+                ..Default::default()
+            },
+        )
+        .await;
+        events[19].cursor.clone()
+    };
+    std::fs::write(&out, format!("{}{{\"event_id\": \"half", &full[..twenty])).unwrap();
+    let checkpoint = json!({"cursor": cursor_of_20th, "bytes": twenty, "events": 20});
+    std::fs::write(
+        dir.path().join("events.jsonl.cursor"),
+        checkpoint.to_string(),
+    )
+    .unwrap();
+    run(&["--resume"]);
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        full,
+        "resume wrote a different file"
+    );
 }

@@ -2,8 +2,9 @@
 //! population with ground truth (shared POS devices, family phones,
 //! customers who change email, marketplace ids seen once, identifiers in
 //! many forms). Prints pairwise precision, recall and F1 of the resolved
-//! customers, on everyone and on each trap, with and without the family
-//! phones on the block list, plus identity decisions per second; writes
+//! customers, on everyone and on each trap: with the default rules, with the
+//! family phones on the block list, and with a phone outranking the loyalty
+//! card (the trap), plus identity decisions per second; writes
 //! `target/bench/identity.json`.
 
 use cdp_domain::accuracy::{self, Evaluation, PopulationConfig};
@@ -62,6 +63,12 @@ fn main() -> anyhow::Result<()> {
             .extend(population.family_phones.iter().cloned());
     }
     let guarded = IdentityRules::new(guarded)?;
+    // The trap itself: a phone given at the counter outranking the loyalty card.
+    let mut phone_first = IdentityRulesConfig::default();
+    if let Some(phone) = phone_first.kinds.get_mut("phone") {
+        phone.priority = 2;
+    }
+    let phone_first = IdentityRules::new(phone_first)?;
     println!(
         "identity resolution, {} customers, {} events, {} family phones (seed {})",
         args.customers,
@@ -71,14 +78,17 @@ fn main() -> anyhow::Result<()> {
     );
     let unguarded = accuracy::evaluate(&population, &default_rules);
     let blocked = accuracy::evaluate(&population, &guarded);
+    let trapped = accuracy::evaluate(&population, &phone_first);
     line("default rules", &unguarded);
     line("family phones blocked", &blocked);
+    line("phone before loyalty card", &trapped);
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }
     let figures = serde_json::json!({
         "customers": args.customers, "events": population.events.len(), "seed": args.seed,
         "default_rules": json(&unguarded), "family_phones_blocked": json(&blocked),
+        "phone_before_loyalty": json(&trapped),
     });
     std::fs::write(&args.out, serde_json::to_vec_pretty(&figures)?)?;
     println!("  written to {}", args.out.display());
