@@ -67,7 +67,7 @@ test: lint tools build ## Build everything, start Kafka and Cassandra (deploy/ha
 	$(CARGO) test --workspace || status=$$?; \
 	if [ $$status = 0 ]; then \
 		echo "== the end-to-end journeys again on the distributed back end (Kafka + Cassandra, one process per service)"; \
-		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --test flow --test convergence --test crash --test rebuild --test identity --test replay || status=$$?; \
+		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --test flow --test convergence --test crash --test rebuild --test identity --test replay --test view --test http || status=$$?; \
 	fi; \
 	if [ $$status = 0 ]; then \
 		echo "== outages (stops the shared servers, so alone and last)"; \

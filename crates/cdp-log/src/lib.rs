@@ -30,15 +30,20 @@ pub enum Topic {
     DeadLetters,
     /// Who looked at which customer, when (the console's audit log).
     Audit,
+    /// Customers whose view changed, announced by the profile workers after
+    /// their store commit, so query services in other processes can refresh
+    /// live views.
+    Changes,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 5] = [
+    pub const ALL: [Topic; 6] = [
         Topic::Touchpoints,
         Topic::Identity,
         Topic::Resolved,
         Topic::DeadLetters,
         Topic::Audit,
+        Topic::Changes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -48,6 +53,7 @@ impl Topic {
             Topic::Resolved => "resolved",
             Topic::DeadLetters => "dead-letters",
             Topic::Audit => "audit",
+            Topic::Changes => "profile-changes",
         }
     }
 }

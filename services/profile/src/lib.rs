@@ -20,6 +20,9 @@ pub struct ProfileWorker {
     store: Arc<dyn ProfileStore>,
     options: FoldOptions,
     changes: ProfileChanges,
+    /// Also announce changed customers on the `profile-changes` topic, for
+    /// query services in other processes.
+    announce_on_log: bool,
 }
 
 impl ProfileWorker {
@@ -34,7 +37,14 @@ impl ProfileWorker {
             store,
             options,
             changes,
+            announce_on_log: false,
         }
+    }
+
+    /// Announces changed customers on the log too (distributed deployments).
+    pub fn announce_on_log(mut self, on: bool) -> Self {
+        self.announce_on_log = on;
+        self
     }
 
     pub async fn run(
@@ -95,6 +105,22 @@ impl BatchHandler for ProfileWorker {
             );
         }
         self.changes.publish(&applied.customers);
+        if self.announce_on_log && !applied.customers.is_empty() {
+            let records = applied
+                .customers
+                .iter()
+                .map(|c| Record {
+                    key: c.to_string().into_bytes(),
+                    value: c.0.as_bytes().to_vec(),
+                    ..Record::default()
+                })
+                .collect();
+            // Best effort: the fold is stored; a missed announcement only
+            // delays a live view until its next change.
+            if let Err(error) = self.log.append(Topic::Changes, records).await {
+                tracing::warn!(%error, "could not announce changed customers");
+            }
+        }
         if !dead.is_empty() {
             self.log
                 .append(Topic::DeadLetters, dead)
@@ -119,6 +145,8 @@ pub async fn install(
             ctx.config.fold_options(),
             ctx.changes.clone(),
         );
+        let worker = worker
+            .announce_on_log(ctx.config.log.backend == cdp_runtime::config::LogBackend::Kafka);
         let options = ctx.consumer_options(&format!("profile-{index}"));
         let cancel = ctx.cancel.clone();
         let membership = ctx.config.pipeline.membership(index, members);

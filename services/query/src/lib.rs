@@ -16,6 +16,7 @@ use cdp_runtime::ServiceError;
 
 pub mod console;
 pub mod explain;
+pub mod follow;
 pub mod history;
 pub mod replay;
 use cdp_store::{IdentityStore, ProfileChanges, ProfileStore, StoreError, TimelineQuery};
@@ -686,6 +687,15 @@ pub async fn install(
         log: Arc::clone(&ctx.backends.log),
     });
     parts.http(console::router(console));
+    if ctx.config.log.backend == cdp_runtime::config::LogBackend::Kafka {
+        // Profile workers may run elsewhere: follow what they announce.
+        parts.tasks.spawn(follow::follow_changes(
+            Arc::clone(&ctx.backends.log),
+            ctx.changes.clone(),
+            ctx.consumer_options("query-changes"),
+            ctx.cancel.clone(),
+        ));
+    }
     parts
         .health
         .set_serving::<ProfileServiceServer<ProfileGrpc>>()
