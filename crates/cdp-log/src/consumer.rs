@@ -100,6 +100,22 @@ pub async fn subscribe(
     }
 }
 
+/// Joins `group` on `topic` (retrying) and runs `handler` until `cancel`
+/// fires: the whole life of a worker.
+pub async fn join_and_run(
+    log: &dyn crate::EventLog,
+    group: &str,
+    topic: crate::Topic,
+    membership: crate::Membership,
+    handler: &mut dyn BatchHandler,
+    options: &ConsumerOptions,
+    cancel: CancellationToken,
+) {
+    if let Some(sub) = subscribe(log, group, topic, membership, options, &cancel).await {
+        run(sub, handler, options, cancel).await;
+    }
+}
+
 /// Runs until `cancel` fires; returns after the batch in hand is committed.
 pub async fn run(
     mut sub: Box<dyn Subscription>,

@@ -48,18 +48,16 @@ impl IdentityWorker {
         cancel: CancellationToken,
     ) {
         let log = std::sync::Arc::clone(&self.log);
-        let joined = cdp_log::consumer::subscribe(
+        cdp_log::consumer::join_and_run(
             log.as_ref(),
             GROUP,
             Topic::Touchpoints,
             membership,
+            &mut self,
             &options,
-            &cancel,
+            cancel,
         )
         .await;
-        if let Some(sub) = joined {
-            cdp_log::consumer::run(sub, &mut self, &options, cancel).await;
-        }
     }
 }
 

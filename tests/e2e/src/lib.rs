@@ -146,6 +146,18 @@ impl Proc {
             let _ = c.wait();
         }
     }
+
+    /// SIGTERM and wait for the exit.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let Some(mut c) = self.child.take() else {
+            panic!("{} is not running", self.name)
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().unwrap_or_else(|e| panic!("wait: {e}"))
+    }
 }
 
 /// The platform under test: one `cdp dev` process (embedded back end) or
@@ -335,15 +347,7 @@ impl CdpProcess {
 
     /// SIGTERM the process running `service` and wait for it to exit.
     pub fn stop_service(&mut self, service: &str) -> std::process::ExitStatus {
-        let p = self.proc_mut(service);
-        let Some(mut c) = p.child.take() else {
-            panic!("{} is not running", p.name)
-        };
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        c.wait().unwrap_or_else(|e| panic!("wait: {e}"))
+        self.proc_mut(service).terminate()
     }
 
     /// Starts every process that is not running.
@@ -356,14 +360,7 @@ impl CdpProcess {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut result = None;
         for p in self.procs.iter_mut().rev() {
-            let Some(mut c) = p.child.take() else {
-                panic!("{} is not running", p.name)
-            };
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let status = c.wait().unwrap_or_else(|e| panic!("wait: {e}"));
+            let status = p.terminate();
             if result.is_none_or(|r: std::process::ExitStatus| r.success()) {
                 result = Some(status);
             }
