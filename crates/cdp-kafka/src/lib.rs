@@ -659,9 +659,12 @@ impl Subscription for KafkaSubscription {
                 }
                 Ok(Err(e)) if transient(&e) => {
                     last_error = Some(e);
-                    wait = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    if wait.is_zero() {
-                        break;
+                    if out.is_empty() {
+                        // Still waiting for the first record.
+                        wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+                        if wait.is_zero() {
+                            break;
+                        }
                     }
                 }
                 Ok(Err(e)) if out.is_empty() => return Err(unavailable(e)),

@@ -10,7 +10,8 @@
 //! time was after the instant. A later question about the same customer at
 //! the same or a later instant starts from the latest such snapshot and
 //! reads only what follows, so asking "and a day later?" is not a full
-//! scan. Reading stops once a partition shows records more than
+//! scan. A snapshot serves only the family it was folded for (after a new
+//! merge the family is read again). Reading stops once a partition shows records more than
 //! [`CLOCK_SKEW_MS`] after the instant (several processes append with their
 //! own clocks); the records in that window are kept with the snapshot.
 
@@ -33,6 +34,9 @@ const CHUNK: usize = 512;
 #[derive(Clone)]
 struct Snapshot {
     as_of: UnixMillis,
+    /// The family it was folded for: records of members merged in later
+    /// were skipped, so a bigger family cannot reuse it.
+    family: BTreeSet<CustomerId>,
     /// Next offset to read, per partition.
     positions: BTreeMap<u32, u64>,
     /// Records already read but after `as_of`, in read order.
@@ -70,12 +74,17 @@ impl History {
         }
     }
 
-    fn cached(&self, root: CustomerId, as_of: UnixMillis) -> Option<Snapshot> {
+    fn cached(
+        &self,
+        root: CustomerId,
+        family: &BTreeSet<CustomerId>,
+        as_of: UnixMillis,
+    ) -> Option<Snapshot> {
         let map = self.snapshots.lock().ok()?;
         map.get(&root)?
             .iter()
             .rev()
-            .find(|s| s.as_of <= as_of)
+            .find(|s| s.as_of <= as_of && &s.family == family)
             .cloned()
     }
 
@@ -87,7 +96,7 @@ impl History {
             map.clear();
         }
         let list = map.entry(root).or_default();
-        list.retain(|s| s.as_of != snapshot.as_of);
+        list.retain(|s| s.as_of != snapshot.as_of || s.family != snapshot.family);
         list.push(snapshot);
         list.sort_by_key(|s| s.as_of);
         if list.len() > SNAPSHOTS_PER_FAMILY {
@@ -109,17 +118,16 @@ impl History {
             .iter()
             .map(|c| partition_for(c.to_string().as_bytes(), partitions))
             .collect();
-        let mut snap = self.cached(root, as_of).unwrap_or_else(|| Snapshot {
-            as_of,
-            positions: wanted.iter().map(|p| (*p, 0)).collect(),
-            later: Vec::new(),
-            slots: BTreeMap::new(),
-            timeline: Vec::new(),
-        });
-        // A family that grew since the snapshot needs its new partitions from the start.
-        for p in &wanted {
-            snap.positions.entry(*p).or_insert(0);
-        }
+        let mut snap = self
+            .cached(root, family, as_of)
+            .unwrap_or_else(|| Snapshot {
+                as_of,
+                family: family.clone(),
+                positions: wanted.iter().map(|p| (*p, 0)).collect(),
+                later: Vec::new(),
+                slots: BTreeMap::new(),
+                timeline: Vec::new(),
+            });
         let concerns = |r: &ResolvedTouchpoint| {
             family.contains(&r.customer_id)
                 || r.merges
