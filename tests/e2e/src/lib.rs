@@ -72,6 +72,9 @@ fn infra_env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
+/// How long a process may take to print its ready line.
+const STARTUP_PATIENCE: Duration = Duration::from_secs(90);
+
 /// One process of the platform under test.
 struct Proc {
     name: &'static str,
@@ -111,30 +114,48 @@ impl Proc {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name));
         let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let mut lines = BufReader::new(stdout).lines();
-        let (grpc, http) = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(rest) = line.strip_prefix("CDP_READY grpc=") {
-                        let (grpc, http) = rest
-                            .split_once(" http=")
-                            .unwrap_or_else(|| panic!("bad ready line {line}"));
-                        let parse = |a: &str| {
-                            a.parse::<SocketAddr>()
-                                .unwrap_or_else(|e| panic!("bad address {a}: {e}"))
-                        };
-                        break (parse(grpc), (http != "none").then(|| parse(http)));
-                    }
+        // Read stdout on a thread (it keeps draining it, so the child never
+        // blocks on a full pipe) and wait for the ready line with a deadline:
+        // a process that hangs while starting fails the test, not the run.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("CDP_READY ") {
+                    let _ = ready_tx.send(line);
                 }
-                _ => panic!(
-                    "{} exited before it was ready; its log:\n{}",
+            }
+        });
+        let line = match ready_rx.recv_timeout(STARTUP_PATIENCE) {
+            Ok(line) => line,
+            Err(why) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let what = match why {
+                    std::sync::mpsc::RecvTimeoutError::Timeout => {
+                        format!("was not ready after {STARTUP_PATIENCE:?}")
+                    }
+                    std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                        "exited before it was ready".to_owned()
+                    }
+                };
+                panic!(
+                    "{} {what}; its log:\n{}",
                     self.name,
                     std::fs::read_to_string(&self.log).unwrap_or_default()
-                ),
+                )
             }
         };
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        let rest = line
+            .strip_prefix("CDP_READY grpc=")
+            .unwrap_or_else(|| panic!("bad ready line {line}"));
+        let (grpc, http) = rest
+            .split_once(" http=")
+            .unwrap_or_else(|| panic!("bad ready line {line}"));
+        let parse = |a: &str| {
+            a.parse::<SocketAddr>()
+                .unwrap_or_else(|e| panic!("bad address {a}: {e}"))
+        };
+        let (grpc, http) = (parse(grpc), (http != "none").then(|| parse(http)));
         self.grpc = grpc;
         self.http = http;
         self.child = Some(child);
