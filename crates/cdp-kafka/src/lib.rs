@@ -523,7 +523,6 @@ impl EventLog for KafkaLog {
             name,
             consumer,
             owned,
-            committed: BTreeMap::new(),
             timeout: self.timeout(),
         };
         sub.rewind().await?;
@@ -631,8 +630,6 @@ struct KafkaSubscription {
     name: String,
     consumer: Arc<StreamConsumer>,
     owned: Vec<u32>,
-    /// The last committed position of every owned partition.
-    committed: BTreeMap<u32, u64>,
     timeout: Duration,
 }
 
@@ -710,9 +707,6 @@ impl Subscription for KafkaSubscription {
             }
         })
         .await?;
-        for (p, o) in positions {
-            self.committed.insert(*p, *o);
-        }
         Ok(())
     }
 
@@ -721,7 +715,7 @@ impl Subscription for KafkaSubscription {
         let name = self.name.clone();
         let owned = self.owned.clone();
         let timeout = self.timeout;
-        let committed = blocking(move || {
+        let positions = blocking(move || {
             // The group's committed positions are the truth (another member
             // may have committed before a restart).
             let committed = committed_of(consumer.as_ref(), &name, &owned, timeout)?;
@@ -738,8 +732,7 @@ impl Subscription for KafkaSubscription {
             Ok(committed)
         })
         .await?;
-        self.committed = self.owned.iter().copied().zip(committed).collect();
-        debug!(topic = %self.topic, positions = ?self.committed, "rewound to committed positions");
+        debug!(topic = %self.topic, partitions = ?self.owned, ?positions, "rewound to committed positions");
         Ok(())
     }
 }
