@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "admin",
         "identity",
         "replay",
+        "projection",
     ]
     .iter()
     .map(|name| root.join(format!("cdp/v1/{name}.proto")))

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use cdp_kafka::KafkaLog;
 use cdp_log::{DedupeIndex, EmbeddedLog, EventLog, LogError};
-use cdp_scylla::ScyllaStore;
-use cdp_store::{EmbeddedStore, IdentityStore, ProfileStore, StoreError};
+use cdp_scylla::ScyllaGenerations;
+use cdp_store::{
+    EmbeddedGenerations, Generations, IdentityStore, LiveStores, ProfileStore, StoreError,
+};
 use thiserror::Error;
 
 use crate::PlatformConfig;
@@ -24,44 +26,49 @@ pub enum BackendError {
 #[derive(Clone)]
 pub struct Backends {
     pub log: Arc<dyn EventLog>,
+    /// The active projection generation (see `cdp_store::generations`):
+    /// `identity` and `profiles` are this, seen through each port.
+    pub live: Arc<LiveStores>,
     pub identity: Arc<dyn IdentityStore>,
     pub profiles: Arc<dyn ProfileStore>,
 }
 
-/// The two stores, and the log's idempotency index when the store has one.
-type Stores = (
-    Arc<dyn IdentityStore>,
-    Arc<dyn ProfileStore>,
-    Option<Arc<dyn DedupeIndex>>,
-);
-
 /// Opens the store and the log named by the configuration. With Kafka and
 /// ScyllaDB, the ScyllaDB store is also the log's idempotency-key index.
 pub async fn open(config: &PlatformConfig) -> Result<Backends, BackendError> {
-    let (identity, profiles, dedupe): Stores = match config.store.backend {
-        StoreBackend::Embedded => {
-            let dir = config.data_dir.join("store");
-            let store = EmbeddedStore::open(&dir).map_err(|source| BackendError::Store {
-                what: dir.display().to_string(),
-                source,
-            })?;
-            (Arc::new(store.clone()), Arc::new(store), None)
-        }
-        StoreBackend::Scylla => {
-            let c = &config.store.scylla;
-            let store = ScyllaStore::connect(c)
+    let (generations, dedupe): (Arc<dyn Generations>, Option<Arc<dyn DedupeIndex>>) =
+        match config.store.backend {
+            StoreBackend::Embedded => {
+                let dir = config.data_dir.join("store");
+                let generations =
+                    EmbeddedGenerations::open(&dir).map_err(|source| BackendError::Store {
+                        what: dir.display().to_string(),
+                        source,
+                    })?;
+                (Arc::new(generations), None)
+            }
+            StoreBackend::Scylla => {
+                let c = &config.store.scylla;
+                let generations =
+                    ScyllaGenerations::connect(c)
+                        .await
+                        .map_err(|source| BackendError::Store {
+                            what: format!("scylla {} keyspace {}", c.nodes.join(","), c.keyspace),
+                            source,
+                        })?;
+                let dedupe: Arc<dyn DedupeIndex> = Arc::new(generations.base().clone());
+                (Arc::new(generations), Some(dedupe))
+            }
+        };
+    let live =
+        Arc::new(
+            LiveStores::open(generations)
                 .await
                 .map_err(|source| BackendError::Store {
-                    what: format!("scylla {} keyspace {}", c.nodes.join(","), c.keyspace),
+                    what: "the active projection generation".into(),
                     source,
-                })?;
-            (
-                Arc::new(store.clone()),
-                Arc::new(store.clone()),
-                Some(Arc::new(store)),
-            )
-        }
-    };
+                })?,
+        );
     let log: Arc<dyn EventLog> = match config.log.backend {
         LogBackend::Embedded => {
             let dir = config.data_dir.join("log");
@@ -94,7 +101,8 @@ pub async fn open(config: &PlatformConfig) -> Result<Backends, BackendError> {
     tracing::info!(log = ?config.log.backend, store = ?config.store.backend, "back ends open");
     Ok(Backends {
         log,
-        identity,
-        profiles,
+        identity: Arc::clone(&live) as Arc<dyn IdentityStore>,
+        profiles: Arc::clone(&live) as Arc<dyn ProfileStore>,
+        live,
     })
 }

@@ -104,6 +104,9 @@ pub struct PipelineConfig {
     /// partitions: no partition is consumed twice.
     pub processes: u32,
     pub process_index: u32,
+    /// How often a process checks which projection generation is active
+    /// (after a rebuild switched it), in ms.
+    pub generation_refresh_ms: u64,
 }
 
 impl PipelineConfig {
@@ -127,6 +130,7 @@ impl Default for PipelineConfig {
             identity_workers: 1,
             processes: 1,
             process_index: 0,
+            generation_refresh_ms: 1_000,
             profile_workers: 1,
         }
     }
@@ -333,6 +337,12 @@ impl PlatformConfig {
                     "must be below pipeline.processes ({}), not {}",
                     self.pipeline.processes, self.pipeline.process_index
                 ),
+            });
+        }
+        if self.pipeline.generation_refresh_ms == 0 {
+            return Err(ConfigError::Invalid {
+                field: "pipeline.generation_refresh_ms",
+                reason: "must be at least 1".into(),
             });
         }
         if self.pipeline.batch_size == 0 {

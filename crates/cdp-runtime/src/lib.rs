@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

@@ -70,6 +70,28 @@ impl Context {
         })
     }
 
+    /// Follows the active projection generation: when a rebuild switches
+    /// it, this process's stores move to the new one within
+    /// `pipeline.generation_refresh_ms`.
+    pub fn watch_generations(&self, parts: &mut Parts) {
+        let live = Arc::clone(&self.backends.live);
+        let every = Duration::from_millis(self.config.pipeline.generation_refresh_ms);
+        let cancel = self.cancel.clone();
+        parts.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = live.refresh().await {
+                    tracing::warn!(%error, "cannot read the active projection generation");
+                }
+            }
+        });
+    }
+
     /// Options of a consumer loop named `name`.
     pub fn consumer_options(&self, name: &str) -> ConsumerOptions {
         consumer_options(name, &self.config.pipeline)
@@ -249,6 +271,7 @@ where
     crate::shutdown::on_signal(cancel.clone());
     let context = Context::open(config, cancel.clone()).await?;
     let mut parts = Parts::new()?;
+    context.watch_generations(&mut parts);
     install(&context, &mut parts).await?;
     let running = serve(parts, &context.config, cancel).await?;
     let http = running

@@ -140,12 +140,15 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 mod dedupe;
+mod generations;
 mod identity;
 mod profile;
 mod schema;
 
 #[cfg(test)]
 mod tests;
+
+pub use generations::ScyllaGenerations;
 
 /// ScyllaDB settings (`[store.scylla]` in the config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -56,6 +56,16 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
          log_partition int, log_offset bigint) WITH default_time_to_live = 604800",
         ],
     },
+    Migration {
+        version: 3,
+        name: "registry of projection generations and the active pointer",
+        statements: &[
+            // Generations that exist (1 is this keyspace, n > 1 is `{ks}_gn`).
+            "CREATE TABLE IF NOT EXISTS {ks}.generations (id int PRIMARY KEY, created_at bigint)",
+            // One row (k = 0): the generation that serves.
+            "CREATE TABLE IF NOT EXISTS {ks}.generation_active (k int PRIMARY KEY, id int)",
+        ],
+    },
 ];
 
 /// The tables holding data, emptied by `truncate` (not the lease nor the

@@ -582,3 +582,47 @@ async fn cassandra_truncate_empties_the_stores() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cassandra_generations_conform() {
+    with_keyspace("cassandra_generations_conform", 1, |stores| async move {
+        let base = stores[0].clone();
+        let config = ScyllaConfig {
+            nodes: vec![cql_addr()],
+            keyspace: base.keyspace().to_owned(),
+            ..ScyllaConfig::default()
+        };
+        let generations = Arc::new(
+            cdp_scylla::ScyllaGenerations::with_base(&config, base)
+                .await
+                .unwrap(),
+        );
+        conformance::generations_switch_and_drop(
+            Arc::clone(&generations) as Arc<dyn cdp_store::Generations>,
+            "cas",
+        )
+        .await;
+        // A second client (another process) sees the switch.
+        let other = cdp_scylla::ScyllaGenerations::connect(&config)
+            .await
+            .unwrap();
+        use cdp_store::Generations as _;
+        assert_eq!(other.active().await.unwrap(), 2);
+        // Generation 2 lives in its own keyspace; drop it to clean up.
+        generations.activate(3).await.unwrap_err();
+        generations.open(3).await.unwrap();
+        generations.activate(3).await.unwrap();
+        generations.drop_generation(2).await.unwrap();
+        generations.drop_generation(1).await.unwrap();
+        let ids: Vec<u32> = other.list().await.unwrap().iter().map(|g| g.id).collect();
+        assert_eq!(ids, vec![3]);
+        let g3 = ScyllaStore::connect(&ScyllaConfig {
+            keyspace: format!("{}_g3", config.keyspace),
+            ..config.clone()
+        })
+        .await
+        .unwrap();
+        g3.drop_keyspace().await.unwrap();
+    })
+    .await;
+}

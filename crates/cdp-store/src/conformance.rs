@@ -436,3 +436,124 @@ pub async fn profiles_are_searchable(store: &dyn ProfileStore, prefix: &str) {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(none.is_empty());
 }
+
+/// Generations: a new generation starts empty beside the active one, the
+/// switch moves every reader of [`crate::LiveStores`] in one step, the
+/// active generation cannot be dropped, and a dropped one is gone.
+pub async fn generations_switch_and_drop(
+    generations: std::sync::Arc<dyn crate::Generations>,
+    prefix: &str,
+) {
+    use crate::{FIRST_GENERATION, LiveStores};
+    let rules = IdentityRules::default();
+    let options = FoldOptions::default();
+    let live = LiveStores::open(std::sync::Arc::clone(&generations))
+        .await
+        .expect("generations");
+    assert_eq!(live.generation(), FIRST_GENERATION);
+    let ana = email(prefix, "gen-ana");
+    let first = event(
+        prefix,
+        9001,
+        1_000,
+        EventType::Identify,
+        std::slice::from_ref(&ana),
+        json!({}),
+    );
+    let resolved = live
+        .resolve(std::slice::from_ref(&first), &rules)
+        .await
+        .expect("generations");
+    let customer = decided(&resolved[0]).customer_id;
+    live.apply(
+        &[ResolvedTouchpoint {
+            customer_id: customer,
+            merges: Vec::new(),
+            touchpoint: first.clone(),
+        }],
+        &options,
+    )
+    .await
+    .expect("generations");
+    let id = Identifier::new(ana.0.clone(), ana.1.clone());
+    assert_eq!(live.owner(&id).await.expect("generations"), Some(customer));
+
+    // A new generation is empty and does not disturb the active one.
+    let next = generations
+        .open(FIRST_GENERATION + 1)
+        .await
+        .expect("generations");
+    assert_eq!(next.identity.owner(&id).await.expect("generations"), None);
+    assert_eq!(live.refresh().await.expect("generations"), FIRST_GENERATION);
+    assert_eq!(live.owner(&id).await.expect("generations"), Some(customer));
+    let listed = generations.list().await.expect("generations");
+    assert!(listed.iter().any(|g| g.id == FIRST_GENERATION && g.active));
+    assert!(
+        listed
+            .iter()
+            .any(|g| g.id == FIRST_GENERATION + 1 && !g.active)
+    );
+
+    // Fill it (as a rebuild does) and switch.
+    let again = next
+        .identity
+        .resolve(std::slice::from_ref(&first), &rules)
+        .await
+        .expect("generations");
+    assert_eq!(
+        decided(&again[0]).customer_id,
+        customer,
+        "a rebuild under the same rules gives the same customer id"
+    );
+    assert!(
+        generations.activate(FIRST_GENERATION).await.is_err(),
+        "the active generation cannot be activated again"
+    );
+    assert!(generations.activate(FIRST_GENERATION + 5).await.is_err());
+    generations
+        .activate(FIRST_GENERATION + 1)
+        .await
+        .expect("generations");
+    assert_eq!(
+        generations.active().await.expect("generations"),
+        FIRST_GENERATION + 1
+    );
+    assert_eq!(
+        live.refresh().await.expect("generations"),
+        FIRST_GENERATION + 1
+    );
+    assert_eq!(live.generation(), FIRST_GENERATION + 1);
+    assert_eq!(live.owner(&id).await.expect("generations"), Some(customer));
+    assert!(
+        live.profile(customer).await.expect("generations").is_none(),
+        "the new generation's profiles hold only what was folded into it"
+    );
+    assert!(
+        generations.activate(FIRST_GENERATION).await.is_err(),
+        "going back to a retired generation is refused"
+    );
+    assert!(
+        generations
+            .drop_generation(FIRST_GENERATION + 1)
+            .await
+            .is_err(),
+        "the active generation cannot be dropped"
+    );
+
+    // The old generation can be dropped; opened again, it is empty.
+    generations
+        .drop_generation(FIRST_GENERATION)
+        .await
+        .expect("generations");
+    let listed = generations.list().await.expect("generations");
+    assert!(!listed.iter().any(|g| g.id == FIRST_GENERATION));
+    assert!(generations.drop_generation(FIRST_GENERATION).await.is_err());
+    let reopened = generations
+        .open(FIRST_GENERATION)
+        .await
+        .expect("generations");
+    assert_eq!(
+        reopened.identity.owner(&id).await.expect("generations"),
+        None
+    );
+}

@@ -18,8 +18,13 @@ use thiserror::Error;
 
 pub mod conformance;
 pub mod embedded;
+pub mod generations;
 
 pub use embedded::EmbeddedStore;
+pub use generations::{
+    EmbeddedGenerations, FIRST_GENERATION, GenerationInfo, Generations, LiveStores,
+    ProjectionStores,
+};
 
 #[derive(Debug, Error)]
 pub enum StoreError {

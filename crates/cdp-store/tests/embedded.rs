@@ -22,3 +22,22 @@ async fn embedded_profile_store_conforms() {
     let shared: Arc<dyn ProfileStore> = Arc::new(store);
     conformance::profiles_lose_no_concurrent_update(shared, "emb").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_generations_conform_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let generations = Arc::new(cdp_store::EmbeddedGenerations::open(dir.path()).unwrap());
+    conformance::generations_switch_and_drop(generations, "emb").await;
+    // The registry is on disk: a restarted process serves generation 2.
+    let reopened = cdp_store::EmbeddedGenerations::open(dir.path()).unwrap();
+    use cdp_store::Generations as _;
+    assert_eq!(reopened.active().await.unwrap(), 2);
+    let ids: Vec<u32> = reopened
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .map(|g| g.id)
+        .collect();
+    assert_eq!(ids, vec![1, 2]);
+}

@@ -3,6 +3,8 @@
 //! on whichever back ends the configuration names (embedded by default).
 //! The per-service binaries (`cdp-ingest`, ...) install one each.
 
+pub mod parquet;
+pub mod rebuild;
 pub mod replay;
 
 use std::net::SocketAddr;
@@ -46,6 +48,7 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     let ctx = Context::open(config.clone(), cancel.clone()).await?;
     let mut parts = Parts::new()?;
+    ctx.watch_generations(&mut parts);
     install_all(&ctx, &mut parts).await?;
     let inner = serve::serve(parts, config, cancel).await?;
     let http_addr = inner.http_addr.unwrap_or(config.http.addr);

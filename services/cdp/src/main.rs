@@ -23,29 +23,39 @@ enum Command {
     /// Replays touchpoints from the event log into a JSON Lines file
     /// (filters, progress bar, resumable).
     Replay(cdp::replay::ReplayArgs),
+    /// Rebuilds the views (identity graph, profiles, timeline) from the log
+    /// into a new generation while the active one keeps serving.
+    Rebuild(cdp::rebuild::RebuildArgs),
+    /// Lists, activates or drops projection generations.
+    Generations(cdp::rebuild::GenerationsArgs),
+}
+
+/// Runs one client command on a fresh runtime.
+fn client<F: std::future::Future<Output = anyhow::Result<()>>>(name: &str, f: F) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(error) => {
+            eprintln!("cdp {name}: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(f) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cdp {name}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Dev(args) => cdp_runtime::serve::main_with("cdp", &args, cdp::install_all),
-        Command::Replay(args) => {
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(error) => {
-                    eprintln!("cdp replay: cannot start the async runtime: {error}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(cdp::replay::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("cdp replay: {error:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Replay(args) => client("replay", cdp::replay::run(args)),
+        Command::Rebuild(args) => client("rebuild", cdp::rebuild::rebuild(args)),
+        Command::Generations(args) => client("generations", cdp::rebuild::generations(args)),
     }
 }

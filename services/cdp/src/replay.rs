@@ -1,10 +1,14 @@
-//! `cdp replay`: streams `ReplayService/Replay` into a JSON Lines file, with
-//! a progress bar (rate, ETA) on a terminal, resumable after an interruption.
+//! `cdp replay`: streams `ReplayService/Replay` into a JSON Lines file or a
+//! Parquet dataset, with a progress bar (rate, ETA) on a terminal,
+//! resumable after an interruption.
 //!
 //! Next to the output, `<out>.cursor` records the cursor of the last event
-//! written and the file's length at that point, saved after every flush. On
-//! `--resume` the file is cut back to that length and the replay continues
-//! from that cursor: each event ends up in the file exactly once.
+//! made durable and how much output holds it: the JSON Lines file's length
+//! (saved after every flush), or the number of complete Parquet parts
+//! (`<out>/part-00000.parquet`, ...; a part is written to a temporary name
+//! and renamed when complete). On `--resume` the output is cut back to that
+//! point and the replay continues from that cursor: each event ends up in
+//! the output exactly once.
 
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -22,9 +26,15 @@ pub struct ReplayArgs {
     /// The query service's gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
-    /// Output file (JSON Lines).
+    /// Output: a file (JSON Lines) or a directory of parts (Parquet).
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    pub format: Format,
+    /// Events per Parquet part (one file each).
+    #[arg(long, default_value_t = 100_000)]
+    pub part_rows: usize,
     /// Events that happened at or after this instant (RFC 3339).
     #[arg(long)]
     pub from: Option<String>,
@@ -54,10 +64,23 @@ pub struct ReplayArgs {
     pub checkpoint_every: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// One JSON object per line.
+    Jsonl,
+    /// Apache Parquet (Snappy), one file per `--part-rows` events.
+    Parquet,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Checkpoint {
     cursor: String,
+    /// JSON Lines: bytes of the file that hold the events so far.
+    #[serde(default)]
     bytes: u64,
+    /// Parquet: complete parts.
+    #[serde(default)]
+    parts: u64,
     events: u64,
 }
 
@@ -125,32 +148,33 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             value: value.trim().to_owned(),
         }));
     }
-    let mut written: u64 = 0;
     let mut events: u64 = 0;
-    let file = if args.resume {
+    let mut sink: Box<dyn Sink> = if args.resume {
         let path = checkpoint_path(&args.out);
         let saved: Checkpoint = serde_json::from_slice(
             &std::fs::read(&path).with_context(|| format!("--resume needs {}", path.display()))?,
         )
         .with_context(|| format!("{} is damaged", path.display()))?;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&args.out)
-            .with_context(|| format!("opening {}", args.out.display()))?;
-        // Drop whatever was written after the last checkpoint.
-        file.set_len(saved.bytes)?;
-        request.cursor = saved.cursor;
-        written = saved.bytes;
+        request.cursor = saved.cursor.clone();
         events = saved.events;
         eprintln!("resuming after {events} events");
-        file
+        match args.format {
+            Format::Jsonl => Box::new(JsonLines::resume(&args.out, saved.bytes)?),
+            Format::Parquet => Box::new(crate::parquet::PartWriter::resume(
+                &args.out,
+                saved.parts,
+                args.part_rows,
+            )?),
+        }
     } else {
-        std::fs::File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))?
+        match args.format {
+            Format::Jsonl => Box::new(JsonLines::create(&args.out)?),
+            Format::Parquet => Box::new(crate::parquet::PartWriter::create(
+                &args.out,
+                args.part_rows,
+            )?),
+        }
     };
-    let mut out = BufWriter::new(file);
-    use std::io::Seek as _;
-    out.seek(std::io::SeekFrom::Start(written))?;
 
     let mut client = ReplayServiceClient::connect(args.endpoint.clone())
         .await
@@ -170,48 +194,101 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     );
     let mut last_cursor = None;
     let mut since_checkpoint = 0;
+    let checkpoint = |sink: &mut dyn Sink, cursor: &str, events: u64| -> anyhow::Result<()> {
+        let (bytes, parts) = sink.flush()?;
+        save_checkpoint(
+            &args.out,
+            &Checkpoint {
+                cursor: cursor.to_owned(),
+                bytes,
+                parts,
+                events,
+            },
+        )
+    };
     while let Some(event) = stream
         .message()
         .await
         .map_err(|s| anyhow::anyhow!("replay failed: {}", s.message()))?
     {
-        let line = serde_json::to_vec(&to_json(&event))?;
-        out.write_all(&line)?;
-        out.write_all(b"\n")?;
-        written += line.len() as u64 + 1;
+        sink.write(&event)?;
         events += 1;
         bar.set_length(event.records_total);
         bar.set_position(event.records_scanned);
         bar.set_message(format!("{events} events written"));
         last_cursor = Some(event.cursor);
         since_checkpoint += 1;
-        if since_checkpoint >= args.checkpoint_every.max(1)
-            && let Some(cursor) = &last_cursor
-        {
-            out.flush()?;
-            save_checkpoint(
-                &args.out,
-                &Checkpoint {
-                    cursor: cursor.clone(),
-                    bytes: written,
-                    events,
-                },
-            )?;
+        let due = match args.format {
+            Format::Jsonl => since_checkpoint >= args.checkpoint_every.max(1),
+            Format::Parquet => sink.part_full(),
+        };
+        if due && let Some(cursor) = &last_cursor {
+            checkpoint(sink.as_mut(), cursor, events)?;
             since_checkpoint = 0;
         }
     }
-    out.flush()?;
-    if let Some(cursor) = last_cursor {
-        save_checkpoint(
-            &args.out,
-            &Checkpoint {
-                cursor,
-                bytes: written,
-                events,
-            },
-        )?;
+    if let Some(cursor) = &last_cursor {
+        checkpoint(sink.as_mut(), cursor, events)?;
     }
     bar.finish_with_message(format!("{events} events written"));
     eprintln!("{events} events in {}", args.out.display());
     Ok(())
+}
+
+/// Where replayed events go.
+pub(crate) trait Sink {
+    fn write(&mut self, event: &ReplayEvent) -> anyhow::Result<()>;
+    /// Whether the current Parquet part is complete.
+    fn part_full(&self) -> bool {
+        false
+    }
+    /// Makes what was written durable; returns (file bytes, complete parts).
+    fn flush(&mut self) -> anyhow::Result<(u64, u64)>;
+}
+
+struct JsonLines {
+    out: BufWriter<std::fs::File>,
+    written: u64,
+}
+
+impl JsonLines {
+    fn create(path: &Path) -> anyhow::Result<Self> {
+        let file =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(JsonLines {
+            out: BufWriter::new(file),
+            written: 0,
+        })
+    }
+
+    /// Cuts the file back to `bytes` (what the checkpoint covers).
+    fn resume(path: &Path, bytes: u64) -> anyhow::Result<Self> {
+        use std::io::Seek as _;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        file.set_len(bytes)?;
+        let mut out = BufWriter::new(file);
+        out.seek(std::io::SeekFrom::Start(bytes))?;
+        Ok(JsonLines {
+            out,
+            written: bytes,
+        })
+    }
+}
+
+impl Sink for JsonLines {
+    fn write(&mut self, event: &ReplayEvent) -> anyhow::Result<()> {
+        let line = serde_json::to_vec(&to_json(event))?;
+        self.out.write_all(&line)?;
+        self.out.write_all(b"\n")?;
+        self.written += line.len() as u64 + 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<(u64, u64)> {
+        self.out.flush()?;
+        Ok((self.written, 0))
+    }
 }

@@ -4,22 +4,30 @@
 //! that cannot be attributed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use cdp_domain::{IdentityRules, Resolution, ResolvedTouchpoint, Touchpoint};
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
 use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
 use cdp_proto::record;
-use cdp_store::IdentityStore;
+use cdp_runtime::generation;
+use cdp_store::{IdentityStore, LiveStores};
 use tokio_util::sync::CancellationToken;
 
-/// The consumer group of identity workers.
-pub const GROUP: &str = "cdp-identity";
+/// The consumer group of identity workers of the first projection
+/// generation (see [`cdp_runtime::generation::identity_group`]).
+pub const GROUP: &str = cdp_runtime::generation::IDENTITY_GROUP;
 
 pub struct IdentityWorker {
     log: Arc<dyn EventLog>,
-    store: Arc<dyn IdentityStore>,
+    live: Arc<LiveStores>,
     rules: Arc<IdentityRules>,
+    /// The generation being written, and its store.
+    generation: u32,
+    store: Arc<dyn IdentityStore>,
+    /// How often to check for a generation switch.
+    refresh: Duration,
 }
 
 fn dead_letter(key: &[u8], value: Vec<u8>) -> Record {
@@ -34,30 +42,56 @@ fn dead_letter(key: &[u8], value: Vec<u8>) -> Record {
 impl IdentityWorker {
     pub fn new(
         log: Arc<dyn EventLog>,
-        store: Arc<dyn IdentityStore>,
+        live: Arc<LiveStores>,
         rules: Arc<IdentityRules>,
+        refresh: Duration,
     ) -> Self {
-        IdentityWorker { log, store, rules }
+        let current = live.current();
+        IdentityWorker {
+            log,
+            live,
+            rules,
+            generation: current.generation,
+            store: current.identity,
+            refresh,
+        }
     }
 
-    /// Consumes until `cancel` fires, as member `membership` of the group.
+    /// Consumes until `cancel` fires, as member `membership` of the group of
+    /// the active generation. When a rebuild activates another generation,
+    /// the batch in hand is finished and committed, and the worker goes on
+    /// in the new generation's group, where the rebuild stopped.
     pub async fn run(
         mut self,
         membership: Membership,
         options: ConsumerOptions,
         cancel: CancellationToken,
     ) {
-        let log = std::sync::Arc::clone(&self.log);
-        cdp_log::consumer::join_and_run(
-            log.as_ref(),
-            GROUP,
-            Topic::Touchpoints,
-            membership,
-            &mut self,
-            &options,
-            cancel,
-        )
-        .await;
+        let log = Arc::clone(&self.log);
+        while !cancel.is_cancelled() {
+            let current = self.live.current();
+            self.generation = current.generation;
+            self.store = current.identity;
+            let group = generation::identity_group(self.generation);
+            let until = generation::until_switch(
+                Arc::clone(&self.live),
+                self.generation,
+                self.refresh,
+                &cancel,
+            );
+            tracing::info!(generation = self.generation, %group, "identity worker joins");
+            cdp_log::consumer::join_and_run(
+                log.as_ref(),
+                &group,
+                Topic::Touchpoints,
+                membership,
+                &mut self,
+                &options,
+                until.clone(),
+            )
+            .await;
+            until.cancel();
+        }
     }
 }
 
@@ -116,10 +150,16 @@ impl BatchHandler for IdentityWorker {
                         merges: decision.merges,
                         touchpoint: event,
                     };
-                    let mut headers = vec![(
-                        "cdp-event-id".into(),
-                        r.touchpoint.event_id().to_string().into_bytes(),
-                    )];
+                    let mut headers = vec![
+                        (
+                            "cdp-event-id".into(),
+                            r.touchpoint.event_id().to_string().into_bytes(),
+                        ),
+                        (
+                            generation::HEADER.into(),
+                            self.generation.to_string().into_bytes(),
+                        ),
+                    ];
                     if let Some(t) = trace {
                         headers.push((cdp_runtime::trace::HEADER.into(), t));
                     }
@@ -175,8 +215,9 @@ pub async fn install(
     for index in 0..members {
         let worker = IdentityWorker::new(
             Arc::clone(&ctx.backends.log),
-            Arc::clone(&ctx.backends.identity),
+            Arc::clone(&ctx.backends.live),
             Arc::clone(&ctx.rules),
+            Duration::from_millis(ctx.config.pipeline.generation_refresh_ms),
         );
         let options = ctx.consumer_options(&format!("identity-{index}"));
         let cancel = ctx.cancel.clone();

@@ -9,7 +9,8 @@ use cdp_domain::ResolvedTouchpoint;
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
 use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
 use cdp_proto::record;
-use cdp_store::{ProfileChanges, ProfileStore};
+use cdp_runtime::generation;
+use cdp_store::{FIRST_GENERATION, LiveStores, ProfileChanges};
 use tokio_util::sync::CancellationToken;
 
 /// The consumer group of profile workers.
@@ -17,7 +18,7 @@ pub const GROUP: &str = "cdp-profile";
 
 pub struct ProfileWorker {
     log: Arc<dyn EventLog>,
-    store: Arc<dyn ProfileStore>,
+    live: Arc<LiveStores>,
     options: FoldOptions,
     changes: ProfileChanges,
     /// Also announce changed customers on the `profile-changes` topic, for
@@ -28,13 +29,13 @@ pub struct ProfileWorker {
 impl ProfileWorker {
     pub fn new(
         log: Arc<dyn EventLog>,
-        store: Arc<dyn ProfileStore>,
+        live: Arc<LiveStores>,
         options: FoldOptions,
         changes: ProfileChanges,
     ) -> Self {
         ProfileWorker {
             log,
-            store,
+            live,
             options,
             changes,
             announce_on_log: false,
@@ -71,9 +72,29 @@ impl ProfileWorker {
 impl BatchHandler for ProfileWorker {
     #[tracing::instrument(name = "profile_batch", skip_all, fields(records = records.len()))]
     async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
+        // Records name the projection generation that resolved them: only
+        // the active generation's are folded, into that generation (a
+        // record of a newer one means a switch this process has not seen).
+        let newest = records
+            .iter()
+            .filter_map(|r| generation::of_record(r.header(generation::HEADER)))
+            .max()
+            .unwrap_or(FIRST_GENERATION);
+        if newest > self.live.generation() {
+            self.live
+                .refresh()
+                .await
+                .map_err(|e| Retry(format!("projection generation: {e}")))?;
+        }
+        let stores = self.live.current();
         let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
+        let mut other_generation = 0usize;
         for r in records {
+            if generation::of_record(r.header(generation::HEADER)) != Some(stores.generation) {
+                other_generation += 1;
+                continue;
+            }
             match record::decode_resolved(&r.value) {
                 Ok(resolved) => batch.push(resolved),
                 Err(error) => {
@@ -91,8 +112,15 @@ impl BatchHandler for ProfileWorker {
                 }
             }
         }
-        let applied = self
-            .store
+        if other_generation > 0 {
+            tracing::debug!(
+                skipped = other_generation,
+                generation = stores.generation,
+                "records of another projection generation skipped"
+            );
+        }
+        let applied = stores
+            .profiles
             .apply(&batch, &self.options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
@@ -139,7 +167,7 @@ pub async fn install(
     for index in 0..members {
         let worker = ProfileWorker::new(
             Arc::clone(&ctx.backends.log),
-            Arc::clone(&ctx.backends.profiles),
+            Arc::clone(&ctx.backends.live),
             ctx.config.fold_options(),
             ctx.changes.clone(),
         );

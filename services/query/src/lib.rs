@@ -18,6 +18,7 @@ pub mod console;
 pub mod explain;
 pub mod follow;
 pub mod history;
+pub mod rebuild;
 pub mod replay;
 use cdp_store::{IdentityStore, ProfileChanges, ProfileStore, StoreError, TimelineQuery};
 use tonic::{Request, Response, Status};
@@ -662,6 +663,7 @@ pub async fn install(
 ) -> Result<(), cdp_runtime::serve::StartError> {
     use cdp_proto::v1::identity_service_server::IdentityServiceServer;
     use cdp_proto::v1::profile_service_server::ProfileServiceServer;
+    use cdp_proto::v1::projection_service_server::ProjectionServiceServer;
     use cdp_proto::v1::replay_service_server::ReplayServiceServer;
 
     let query = ProfileQuery::new(
@@ -709,7 +711,21 @@ pub async fn install(
         .set_serving::<ReplayServiceServer<replay::ReplayGrpc>>()
         .await;
     parts
+        .health
+        .set_serving::<ProjectionServiceServer<rebuild::ProjectionGrpc>>()
+        .await;
+    let rebuilder = rebuild::Rebuilder::new(
+        Arc::clone(&ctx.backends.log),
+        Arc::clone(ctx.backends.live.generations()),
+        Arc::clone(&ctx.rules),
+        ctx.config.fold_options(),
+        ctx.cancel.clone(),
+    );
+    parts
         .grpc
+        .add_service(ProjectionServiceServer::new(rebuild::ProjectionGrpc::new(
+            rebuilder,
+        )))
         .add_service(ReplayServiceServer::new(replay::ReplayGrpc::new(
             Arc::clone(&ctx.backends.log),
             query.clone(),

@@ -1,131 +1,200 @@
-//! I4 on the distributed back end: truncate the identity and profile tables
-//! of ScyllaDB (Cassandra here), replay the Kafka log from the start, and
-//! get the same views.
+//! Projection rebuild (issue #7, I4): the views are rebuilt from the log
+//! into a new generation while the active one keeps answering, then every
+//! process switches to it; on both back ends (Kafka + Cassandra with
+//! `CDP_E2E_BACKEND=distributed`, where the query process runs the rebuild
+//! and the identity and profile processes switch on their own).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use cdp_domain::journey::{self, JourneyConfig};
-use cdp_e2e::{Backend, CdpProcess, expect_reference, now_ms, reference_of, to_api};
-use cdp_kafka::{KafkaConfig, KafkaLog};
-use cdp_log::{EventLog, Membership, Topic};
-use cdp_proto::v1::{GetProfileRequest, TrackBatchRequest, get_profile_request::Lookup};
-use cdp_scylla::{ScyllaConfig, ScyllaStore};
+use cdp_e2e::{CdpProcess, expect_reference, now_ms, reference_of, to_api};
+use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
+use cdp_proto::v1::rebuild_status::State;
+use cdp_proto::v1::{
+    DropGenerationRequest, GetProfileRequest, GetRebuildRequest, Identifier,
+    ListGenerationsRequest, StartRebuildRequest, TrackBatchRequest, get_profile_request::Lookup,
+};
+use tonic::transport::Channel;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncated_views_are_rebuilt_from_the_log() {
-    if Backend::from_env() != Backend::Distributed {
-        eprintln!("skipped: needs CDP_E2E_BACKEND=distributed (make test runs it)");
-        return;
+fn lookup(id: Identifier) -> GetProfileRequest {
+    GetProfileRequest {
+        lookup: Some(Lookup::Identifier(id)),
+        timeline_limit: 5,
+        as_of: None,
     }
-    let mut cdp = CdpProcess::start();
+}
+
+/// Starts a rebuild that activates its generation, and waits until it has.
+async fn rebuild_and_switch(
+    projections: &mut ProjectionServiceClient<Channel>,
+    cdp: &CdpProcess,
+) -> u32 {
+    let started = projections
+        .start_rebuild(StartRebuildRequest {
+            activate: true,
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = projections
+            .get_rebuild(GetRebuildRequest {
+                generation: started.generation,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match status.state() {
+            State::Activated => {
+                assert!(status.records_done >= status.records_total.min(1));
+                return status.generation;
+            }
+            State::Running => {}
+            other => panic!(
+                "the rebuild ended {other:?}: {}\n{}",
+                status.error,
+                cdp.log()
+            ),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rebuild did not finish in 120 s: {status:?}\n{}",
+            cdp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Events keep arriving and agents keep looking customers up while the
+/// views are rebuilt; after the switch the views are the reference fold of
+/// every event, the old generation can be dropped, the active one cannot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_while_events_arrive_switches_to_the_same_views() {
+    let cdp = CdpProcess::start();
     let now = now_ms();
     let config = JourneyConfig {
-        customers: 40,
+        customers: 60,
         namespace: cdp_e2e::unique("rebuild"),
         start: now - 20 * 86_400_000,
         span_ms: 19 * 86_400_000,
         ..JourneyConfig::default()
     };
     let (_, events) = journey::generate(11, &config);
-    let model = reference_of(&events, now).unwrap();
+    let batches: Vec<TrackBatchRequest> = events
+        .chunks(20)
+        .map(|chunk| TrackBatchRequest {
+            touchpoints: chunk.iter().map(|g| to_api(&g.event)).collect(),
+        })
+        .collect();
+    let third = batches.len() / 3;
+    let mut batches = batches.into_iter();
     let mut ingest = cdp.ingest().await;
-    for chunk in events.chunks(100) {
-        let r = ingest
-            .track_batch(TrackBatchRequest {
-                touchpoints: chunk.iter().map(|g| to_api(&g.event)).collect(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.accepted as usize, chunk.len());
+    for b in batches.by_ref().take(third) {
+        let n = b.touchpoints.len();
+        let r = ingest.track_batch(b).await.unwrap().into_inner();
+        assert_eq!(r.accepted as usize, n);
     }
+    let first_third: usize = events.len().min(third * 20);
+    let early = reference_of(&events[..first_third], now).unwrap();
     let mut profiles = cdp.profiles().await;
-    expect_reference(&mut profiles, &model, Duration::from_secs(60))
+    expect_reference(&mut profiles, &early, Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cdp.log()));
-
-    rebuild(&mut cdp).await;
-    let any = model.customers()[0]
-        .identifiers
+    let known: Vec<Identifier> = early
+        .customers()
         .iter()
-        .next()
-        .unwrap()
-        .clone();
-    let gone = profiles
-        .get_profile(GetProfileRequest {
-            lookup: Some(Lookup::Identifier(cdp_e2e::id(
-                any.kind.as_str(),
-                &any.value,
-            ))),
-            timeline_limit: 0,
-            as_of: None,
+        .filter_map(|c| c.identifiers.iter().next())
+        .map(|i| cdp_e2e::id(i.kind.as_str(), &i.value))
+        .collect();
+
+    // During the rebuild: the second third arrives, lookups go on.
+    let during: Vec<TrackBatchRequest> = batches.by_ref().take(third).collect();
+    let done = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let traffic = {
+        let mut ingest = cdp.ingest().await;
+        let mut profiles = cdp.profiles().await;
+        let (done, answered, known) = (Arc::clone(&done), Arc::clone(&answered), known.clone());
+        tokio::spawn(async move {
+            let mut pending = during.into_iter();
+            let mut k = 0usize;
+            while !done.load(Ordering::SeqCst) || pending.len() > 0 {
+                if let Some(b) = pending.next() {
+                    let n = b.touchpoints.len();
+                    let r = ingest.track_batch(b).await.unwrap().into_inner();
+                    assert_eq!(r.accepted as usize, n);
+                }
+                let id = known[k % known.len()].clone();
+                k += 1;
+                let p = profiles
+                    .get_profile(lookup(id.clone()))
+                    .await
+                    .unwrap_or_else(|e| panic!("lookup of {id:?} failed during the rebuild: {e}"))
+                    .into_inner();
+                assert!(cdp_e2e::metrics(p.profile.as_ref().unwrap()).events_count > 0);
+                answered.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         })
-        .await;
-    assert_eq!(
-        gone.map(|_| ()).unwrap_err().code(),
-        tonic::Code::NotFound,
-        "the views were not truncated"
-    );
-    cdp.start_stopped();
+    };
+    let mut projections = ProjectionServiceClient::new(cdp.query_channel().await);
+    let before = answered.load(Ordering::SeqCst);
+    let generation = rebuild_and_switch(&mut projections, &cdp).await;
+    assert_eq!(generation, 2);
+    let during_rebuild = answered.load(Ordering::SeqCst) - before;
+    done.store(true, Ordering::SeqCst);
+    traffic.await.unwrap();
+
+    // After the switch: the last third goes to the new generation.
+    for b in batches {
+        let n = b.touchpoints.len();
+        let r = ingest.track_batch(b).await.unwrap().into_inner();
+        assert_eq!(r.accepted as usize, n);
+    }
+    let model = reference_of(&events, now).unwrap();
     expect_reference(&mut profiles, &model, Duration::from_secs(90))
         .await
-        .unwrap_or_else(|e| panic!("after the rebuild: {e}\n{}", cdp.log()));
-}
+        .unwrap_or_else(|e| panic!("after the switch: {e}\n{}", cdp.log()));
+    eprintln!(
+        "{} lookups answered while generation 2 was rebuilt; {} customers checked",
+        during_rebuild,
+        model.customers().len()
+    );
 
-/// Stops the projections (identity and profile), truncates their tables,
-/// rewinds identity to the start of the touchpoints and moves the profile
-/// fold past the resolved records of the old graph (the new graph may
-/// assign events to other customer ids). Start the stopped processes again
-/// to replay.
-async fn rebuild(cdp: &mut CdpProcess) {
-    assert!(cdp.stop_service("cdp-identity").success());
-    assert!(cdp.stop_service("cdp-profile").success());
-    let nodes = std::env::var("CDP_CQL_ADDR").unwrap_or_else(|_| "127.0.0.1:9042".into());
-    let store = ScyllaStore::connect(&ScyllaConfig {
-        nodes: vec![nodes],
-        keyspace: cdp.namespace.clone(),
-        ..ScyllaConfig::default()
-    })
-    .await
-    .unwrap();
-    store.truncate().await.unwrap();
-    let log = KafkaLog::connect(
-        KafkaConfig {
-            brokers: std::env::var("CDP_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
-            topic_prefix: format!("{}.", cdp.namespace),
-            ..KafkaConfig::default()
-        },
-        4,
-        None,
-    )
-    .await
-    .unwrap();
-    let resolved_end = log.end_offsets(Topic::Resolved).await.unwrap();
-    let touchpoints_start = vec![0; log.partitions(Topic::Touchpoints) as usize];
-    for (group, topic, to) in [
-        ("cdp-identity", Topic::Touchpoints, touchpoints_start),
-        ("cdp-profile", Topic::Resolved, resolved_end),
-    ] {
-        let mut sub = log
-            .subscribe(group, topic, Membership::default())
-            .await
-            .unwrap();
-        let positions: Vec<(u32, u64)> = (0u32..).zip(to.iter().copied()).collect();
-        sub.commit(&positions).await.unwrap();
-        assert_eq!(log.committed(group, topic).await.unwrap(), to);
-    }
+    let listed = projections
+        .list_generations(ListGenerationsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.active, 2);
+    let err = projections
+        .drop_generation(DropGenerationRequest { generation: 2 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("active"), "{}", err.message());
+    let after = projections
+        .drop_generation(DropGenerationRequest { generation: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<u32> = after.generations.iter().map(|g| g.id).collect();
+    assert_eq!(ids, vec![2]);
+    expect_reference(&mut profiles, &model, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("after dropping generation 1: {e}\n{}", cdp.log()));
 }
 
 /// Unmerge by correction: a family shared a home phone, which merged two
 /// customers. The phone is then blocked in the rules, and a rebuild from the
-/// log splits them again, each with their own events.
+/// log into a new generation splits them again, each with their own events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
-    if Backend::from_env() != Backend::Distributed {
-        eprintln!("skipped: needs CDP_E2E_BACKEND=distributed (make test runs it)");
-        return;
-    }
     let mut cdp = CdpProcess::start();
     let mut ingest = cdp.ingest().await;
     let mut profiles = cdp.profiles().await;
@@ -164,13 +233,46 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
     .unwrap_or_else(|e| panic!("the shared phone did not merge the family: {e}"));
     assert!(merged.identifiers.iter().any(|i| i.value == mother));
 
-    rebuild(&mut cdp).await;
     let blocked = format!(
         "{}\n[identity.kinds.phone]\npriority = 4\nlimit = 2\nmerge = true\nblocked = [\"{home_e164}\"]\n",
         cdp_e2e::DEFAULT_CONFIG
     );
     cdp.restart_with(&blocked);
     let mut profiles = cdp.profiles().await;
+    // New rules apply to new events; the views change once rebuilt.
+    let still = profiles
+        .get_profile(lookup(cdp_e2e::id("zalo_id", &mai)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        cdp_e2e::metrics(still.profile.as_ref().unwrap()).events_count,
+        4
+    );
+    // The operator's command: rebuild, switch when caught up.
+    let endpoint = format!("http://{}", cdp.query_addr());
+    let out = std::process::Command::new(cdp_e2e::cdp_binary())
+        .args(["rebuild", "--activate", "--endpoint", &endpoint])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cdp rebuild failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cdp.log()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("generation 2 is active"));
+    let listed = std::process::Command::new(cdp_e2e::cdp_binary())
+        .args(["generations", "--endpoint", &endpoint, "list"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.trim_start().starts_with('2') && l.ends_with("active")),
+        "{listed}"
+    );
     let mut split = Vec::new();
     for who in [&mai, &mother] {
         let p = cdp_e2e::profile_until(

@@ -1,0 +1,149 @@
+//! `cdp rebuild` and `cdp generations`: operators' commands for projection
+//! generations, against `ProjectionService` of a running query service.
+
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
+use cdp_proto::v1::rebuild_status::State;
+use cdp_proto::v1::{
+    ActivateGenerationRequest, DropGenerationRequest, GetRebuildRequest, ListGenerationsRequest,
+    ListGenerationsResponse, StartRebuildRequest,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use tonic::transport::Channel;
+
+#[derive(Debug, clap::Args)]
+pub struct RebuildArgs {
+    /// The query service's gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub endpoint: String,
+    /// Switch to the new generation once it has caught up with the log.
+    #[arg(long)]
+    pub activate: bool,
+    /// Resume the rebuild of this generation (interrupted or cancelled).
+    #[arg(long)]
+    pub generation: Option<u32>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum GenerationsCommand {
+    /// Lists the generations and which one is active.
+    List,
+    /// Switches to a rebuilt generation.
+    Activate { generation: u32 },
+    /// Deletes a generation that is not active, with its data.
+    Drop { generation: u32 },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerationsArgs {
+    /// The query service's gRPC endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub endpoint: String,
+    #[command(subcommand)]
+    pub command: GenerationsCommand,
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<ProjectionServiceClient<Channel>> {
+    ProjectionServiceClient::connect(endpoint.to_owned())
+        .await
+        .with_context(|| format!("connecting to {endpoint}"))
+}
+
+fn refused(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// Starts (or resumes) a rebuild and follows it with a progress bar.
+pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.endpoint).await?;
+    let started = client
+        .start_rebuild(StartRebuildRequest {
+            activate: args.activate,
+            generation: args.generation.unwrap_or(0),
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let generation = started.generation;
+    eprintln!("rebuilding generation {generation}");
+    let bar = ProgressBar::new(started.records_total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} touchpoints ({per_sec}, ETA {eta}) {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    loop {
+        let status = client
+            .get_rebuild(GetRebuildRequest { generation })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        bar.set_length(status.records_total);
+        bar.set_position(status.records_done);
+        match status.state() {
+            State::Running | State::Unspecified => {}
+            State::CaughtUp => {
+                bar.finish_with_message("caught up");
+                eprintln!(
+                    "generation {generation} has caught up; switch to it with `cdp generations activate {generation}`"
+                );
+                return Ok(());
+            }
+            State::Activated => {
+                bar.finish_with_message("activated");
+                eprintln!("generation {generation} is active");
+                return Ok(());
+            }
+            State::Cancelled => {
+                bar.abandon_with_message("cancelled");
+                bail!("the rebuild was cancelled; resume it with --generation {generation}");
+            }
+            State::Failed => {
+                bar.abandon_with_message("failed");
+                bail!(
+                    "the rebuild failed: {}; resume it with --generation {generation}",
+                    status.error
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn print(list: &ListGenerationsResponse) {
+    for g in &list.generations {
+        let created = g
+            .created_at
+            .as_ref()
+            .map(cdp_proto::convert::timestamp_to_millis)
+            .and_then(chrono::DateTime::from_timestamp_millis)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
+        let mark = if g.active { "active" } else { "" };
+        println!("{:>4}  {created}  {mark}", g.id);
+    }
+}
+
+pub async fn generations(args: GenerationsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.endpoint).await?;
+    let list = match args.command {
+        GenerationsCommand::List => client.list_generations(ListGenerationsRequest {}).await,
+        GenerationsCommand::Activate { generation } => {
+            client
+                .activate_generation(ActivateGenerationRequest { generation })
+                .await
+        }
+        GenerationsCommand::Drop { generation } => {
+            client
+                .drop_generation(DropGenerationRequest { generation })
+                .await
+        }
+    }
+    .map_err(refused)?
+    .into_inner();
+    print(&list);
+    Ok(())
+}
