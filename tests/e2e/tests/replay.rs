@@ -237,15 +237,18 @@ async fn a_reader_that_stops_reading_does_not_grow_the_server() {
     let mut ingest = cdp.ingest().await;
     // About 96 MB of events: 6,000 of 16 KB.
     let padding = "x".repeat(16 * 1024);
-    let email = format!("{}@shop.vn", unique("slow"));
-    for _ in 0..60 {
+    // 60 customers of 100 events each.
+    let emails: Vec<String> = (0..60)
+        .map(|_| format!("{}@shop.vn", unique("slow")))
+        .collect();
+    for email in &emails {
         let batch = (0..100)
             .map(|_| {
                 touchpoint(
                     "Product Viewed",
                     "web",
                     "website",
-                    vec![id("email", &email)],
+                    vec![id("email", email)],
                     json!({"note": padding}),
                 )
             })
@@ -254,6 +257,14 @@ async fn a_reader_that_stops_reading_does_not_grow_the_server() {
             .track_batch(TrackBatchRequest { touchpoints: batch })
             .await
             .unwrap();
+    }
+    // Let the pipeline finish first (in one process, its work would count).
+    let mut profiles = cdp.profiles().await;
+    for email in &emails {
+        profile_when(&mut profiles, id("email", email), PATIENCE, |p| {
+            metrics(p).events_count == 100
+        })
+        .await;
     }
     let pid = cdp.pid("cdp-query");
     let mut replay =
