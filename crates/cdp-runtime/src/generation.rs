@@ -20,6 +20,10 @@ use tokio_util::sync::CancellationToken;
 /// Records without it belong to the first generation.
 pub const HEADER: &str = "cdp-generation";
 
+/// The consumer group of the profile workers (on `resolved`, whatever the
+/// generation: records name theirs).
+pub const PROFILE_GROUP: &str = "cdp-profile";
+
 /// The identity consumer group of the first generation.
 pub const IDENTITY_GROUP: &str = "cdp-identity";
 

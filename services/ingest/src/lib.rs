@@ -199,6 +199,48 @@ impl IngestService for IngestGrpc {
         request: Request<TrackBatchRequest>,
     ) -> Result<Response<TrackBatchResponse>, Status> {
         let touchpoints = request.into_inner().touchpoints;
+        self.batch(touchpoints).await.map(Response::new)
+    }
+
+    type TrackStreamStream =
+        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<TrackBatchResponse, Status>> + Send>>;
+
+    async fn track_stream(
+        &self,
+        request: Request<tonic::Streaming<TrackBatchRequest>>,
+    ) -> Result<Response<Self::TrackStreamStream>, Status> {
+        let mut incoming = request.into_inner();
+        let this = IngestGrpc {
+            ingestor: self.ingestor.clone(),
+        };
+        // One batch at a time, in order; a few responses may wait for a slow
+        // reader, then the stream stops taking batches (flow control).
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let next = match incoming.message().await {
+                    Ok(Some(batch)) => this.batch(batch.touchpoints).await,
+                    Ok(None) => break,
+                    Err(status) => Err(status),
+                };
+                let failed = next.is_err();
+                if tx.send(next).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+impl IngestGrpc {
+    /// Validates and appends one batch (TrackBatch and TrackStream).
+    async fn batch(
+        &self,
+        touchpoints: Vec<cdp_proto::v1::Touchpoint>,
+    ) -> Result<TrackBatchResponse, Status> {
         if touchpoints.is_empty() {
             return Err(ServiceError::invalid("touchpoints", "is empty").into());
         }
@@ -249,7 +291,7 @@ impl IngestService for IngestGrpc {
             };
             response.results.push(result);
         }
-        Ok(Response::new(response))
+        Ok(response)
     }
 }
 

@@ -14,7 +14,7 @@ use cdp_store::{FIRST_GENERATION, LiveStores, ProfileChanges};
 use tokio_util::sync::CancellationToken;
 
 /// The consumer group of profile workers.
-pub const GROUP: &str = "cdp-profile";
+pub const GROUP: &str = generation::PROFILE_GROUP;
 
 pub struct ProfileWorker {
     log: Arc<dyn EventLog>,

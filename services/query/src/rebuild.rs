@@ -22,8 +22,9 @@ use cdp_log::{EventLog, LogError, Membership, Topic};
 use cdp_proto::v1::projection_service_server::ProjectionService;
 use cdp_proto::v1::rebuild_status::State;
 use cdp_proto::v1::{
-    ActivateGenerationRequest, DropGenerationRequest, GetRebuildRequest, ListGenerationsRequest,
-    ListGenerationsResponse, RebuildStatus, StartRebuildRequest,
+    ActivateGenerationRequest, DropGenerationRequest, GetPipelineStatusRequest, GetRebuildRequest,
+    ListGenerationsRequest, ListGenerationsResponse, PipelineStatus, RebuildStatus,
+    StartRebuildRequest,
 };
 use cdp_proto::{convert, record};
 use cdp_runtime::generation::identity_group;
@@ -429,6 +430,42 @@ impl ProjectionService for ProjectionGrpc {
             .await
             .map_err(store_status)?;
         self.listing().await.map(Response::new)
+    }
+
+    async fn get_pipeline_status(
+        &self,
+        _request: Request<GetPipelineStatusRequest>,
+    ) -> Result<Response<PipelineStatus>, Status> {
+        let r = &self.rebuilder;
+        let log_status = |e: LogError| Status::unavailable(e.to_string());
+        let generation = r.generations.active().await.map_err(store_status)?;
+        let touchpoints: u64 = r
+            .log
+            .end_offsets(Topic::Touchpoints)
+            .await
+            .map_err(log_status)?
+            .iter()
+            .sum();
+        let identity_lag = cdp_log::lag(
+            r.log.as_ref(),
+            &identity_group(generation),
+            Topic::Touchpoints,
+        )
+        .await
+        .map_err(log_status)?;
+        let profile_lag = cdp_log::lag(
+            r.log.as_ref(),
+            cdp_runtime::generation::PROFILE_GROUP,
+            Topic::Resolved,
+        )
+        .await
+        .map_err(log_status)?;
+        Ok(Response::new(PipelineStatus {
+            generation,
+            touchpoints,
+            identity_lag,
+            profile_lag,
+        }))
     }
 
     async fn drop_generation(

@@ -27,11 +27,18 @@ pub fn binary(name: &str) -> PathBuf {
         Some(d) => PathBuf::from(d),
         None => {
             let exe = std::env::current_exe().unwrap_or_else(|e| panic!("no current exe: {e}"));
-            // target/<profile>/deps/<test> -> target/<profile>/
-            exe.parent()
-                .and_then(Path::parent)
-                .unwrap_or_else(|| panic!("odd test path {}", exe.display()))
-                .to_path_buf()
+            let here = exe
+                .parent()
+                .unwrap_or_else(|| panic!("odd executable path {}", exe.display()));
+            if here.join(name).exists() {
+                // A binary beside this one (the benchmark in target/<profile>/).
+                here.to_path_buf()
+            } else {
+                // A test: target/<profile>/deps/<test> -> target/<profile>/
+                here.parent()
+                    .unwrap_or_else(|| panic!("odd test path {}", exe.display()))
+                    .to_path_buf()
+            }
         }
     };
     let bin = dir.join(name);
@@ -427,6 +434,11 @@ impl CdpProcess {
             .as_ref()
             .map(Child::id)
             .unwrap_or_else(|| panic!("{service} is not running"))
+    }
+
+    /// Where the embedded back end keeps its data.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
     }
 
     /// The gRPC address of the query service (profiles, identity).

@@ -670,3 +670,51 @@ async fn grpcurl_works_through_reflection() {
     let view = run(&["-d", &lookup, &query, "cdp.v1.ProfileService/GetProfile"]);
     assert!(view.contains("\"ordersCount\": \"1\""), "{view}");
 }
+
+/// A high-volume adapter keeps one stream open: each batch is answered in
+/// order once durable, with per-event results; a malformed batch ends the
+/// stream with INVALID_ARGUMENT after the batches before it were taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_batches_is_acknowledged_in_order() {
+    let cdp = CdpProcess::start();
+    let mut ingest = cdp.ingest().await;
+    let email = format!("{}@shop.vn", unique("stream"));
+    let batch = |n: usize| cdp_proto::v1::TrackBatchRequest {
+        touchpoints: (0..n)
+            .map(|i| {
+                touchpoint(
+                    "Product Viewed",
+                    "web",
+                    "website",
+                    vec![id("email", &email)],
+                    json!({"i": i}),
+                )
+            })
+            .collect(),
+    };
+    let mut bad = batch(2);
+    bad.touchpoints[1].channel = "carrier-pigeon".into();
+    let requests = vec![batch(3), bad, batch(4), batch(0)];
+    let mut responses = ingest
+        .track_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = Vec::new();
+    let end = loop {
+        match responses.message().await {
+            Ok(Some(r)) => answers.push((r.accepted, r.rejected)),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    assert_eq!(answers, vec![(3, 0), (1, 1), (4, 0)]);
+    let end = end.expect("the empty batch ends the stream with an error");
+    assert_eq!(end.code(), Code::InvalidArgument);
+    assert!(end.message().contains("touchpoints"), "{}", end.message());
+    let mut profiles = cdp.profiles().await;
+    profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        metrics(p).events_count == 8
+    })
+    .await;
+}
