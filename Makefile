@@ -75,8 +75,16 @@ test: lint tools build ## Build everything, start Kafka and Cassandra (deploy/ha
 	fi; \
 	exit $$status
 
-bench: bench-identity ## Print the figures (lookup latency and freshness with 100,000 customers, embedded; identity accuracy); JSON in target/bench/.
-	$(CARGO) run --release -p cdp --bin cdp-bench -- --profiles $${BENCH_PROFILES:-100000}
+# Populations of `make bench` (customers, comma separated), per back end.
+BENCH_CUSTOMERS ?= 10000,100000,1000000
+BENCH_DISTRIBUTED_CUSTOMERS ?= 10000,100000
+
+bench: bench-identity ## Print the figures on both back ends (ingest, freshness, lookups, replay, rebuild, memory, disk, naive baseline); JSON in target/bench/. See docs/benchmarks.md.
+	$(CARGO) build --release --workspace --bins
+	target/release/cdp-bench --backend embedded --customers $(BENCH_CUSTOMERS)
+	@trap 'deploy/harness/infra.sh down' EXIT; \
+	deploy/harness/infra.sh up || exit 1; \
+	target/release/cdp-bench --backend distributed --customers $(BENCH_DISTRIBUTED_CUSTOMERS)
 
 bench-identity: ## Identity-resolution precision, recall, F1 and decisions/s on a synthetic population with traps.
 	$(CARGO) run --release -p cdp-domain --example bench-identity

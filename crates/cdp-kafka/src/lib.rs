@@ -135,6 +135,8 @@ struct Inner {
     meta: Arc<BaseConsumer>,
     partitions: HashMap<Topic, u32>,
     dedupe: Option<Arc<dyn DedupeIndex>>,
+    /// Idle consumers of `read` (creating one per call costs a connection).
+    readers: std::sync::Mutex<Vec<BaseConsumer>>,
 }
 
 impl KafkaLog {
@@ -228,6 +230,7 @@ impl KafkaLog {
                 meta,
                 partitions: counts,
                 dedupe,
+                readers: std::sync::Mutex::new(Vec::new()),
             }),
         })
     }
@@ -538,19 +541,23 @@ impl EventLog for KafkaLog {
         max: usize,
     ) -> Result<Vec<LogRecord>, LogError> {
         let name = self.name(topic);
-        // librdkafka wants a group even for assigned partitions; this one
-        // never commits.
-        let consumer: BaseConsumer = client_config(&self.inner.config, "reader")
-            .set(
-                "group.id",
-                format!("{}reader", self.inner.config.topic_prefix),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()
-            .map_err(unavailable)?;
+        let pooled = self.inner.readers.lock().ok().and_then(|mut r| r.pop());
+        let consumer: BaseConsumer = match pooled {
+            Some(c) => c,
+            // librdkafka wants a group even for assigned partitions; this
+            // one never commits.
+            None => client_config(&self.inner.config, "reader")
+                .set(
+                    "group.id",
+                    format!("{}reader", self.inner.config.topic_prefix),
+                )
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "true")
+                .create()
+                .map_err(unavailable)?,
+        };
         let timeout = self.timeout();
-        blocking(move || {
+        let (consumer, out) = blocking(move || {
             let (low, high) = consumer
                 .fetch_watermarks(&name, partition_i32(partition)?, timeout)
                 .map_err(unavailable)?;
@@ -559,7 +566,7 @@ impl EventLog for KafkaLog {
             let from = from.max(u64::try_from(low).unwrap_or(0));
             let mut out = Vec::new();
             if from >= end || max == 0 {
-                return Ok(out);
+                return Ok((consumer, out));
             }
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(
@@ -570,17 +577,31 @@ impl EventLog for KafkaLog {
             .map_err(unavailable)?;
             consumer.assign(&tpl).map_err(unavailable)?;
             let deadline = std::time::Instant::now() + timeout;
+            let mut expected = from;
             while out.len() < max && std::time::Instant::now() < deadline {
                 match consumer.poll(Duration::from_millis(200)) {
                     Some(Ok(m)) => {
                         let r = to_record(topic, &m);
+                        // A reused consumer may still hold a message of an
+                        // earlier assignment: keep only what follows `from`.
+                        if m.topic() != name || r.partition != partition || r.offset < expected {
+                            continue;
+                        }
+                        expected = r.offset + 1;
                         let last = r.offset + 1 >= end;
                         out.push(r);
                         if last {
                             break;
                         }
                     }
-                    Some(Err(KafkaError::PartitionEOF(_))) => break,
+                    // The end of this partition (an end event of an earlier
+                    // assignment says nothing about this one).
+                    Some(Err(KafkaError::PartitionEOF(p)))
+                        if u32::try_from(p).ok() == Some(partition) && !out.is_empty() =>
+                    {
+                        break;
+                    }
+                    Some(Err(KafkaError::PartitionEOF(_))) => {}
                     Some(Err(e)) if transient(&e) => {}
                     Some(Err(e)) => return Err(unavailable(e)),
                     None => {}
@@ -592,9 +613,15 @@ impl EventLog for KafkaLog {
                     "no records of {name}/{partition} from {from} arrived in time"
                 )));
             }
-            Ok(out)
+            Ok((consumer, out))
         })
-        .await
+        .await?;
+        if let Ok(mut readers) = self.inner.readers.lock()
+            && readers.len() < 4
+        {
+            readers.push(consumer);
+        }
+        Ok(out)
     }
 
     async fn end_offsets(&self, topic: Topic) -> Result<Vec<u64>, LogError> {

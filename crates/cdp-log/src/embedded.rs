@@ -126,8 +126,22 @@ impl EmbeddedLog {
     /// Opens (or creates) the log in `dir/log.redb`. `partitions` applies to
     /// every topic; a log created with another count keeps its own.
     pub fn open(dir: &Path, partitions: u32) -> Result<Self, LogError> {
+        Self::open_with_cache(dir, partitions, 64 << 20)
+    }
+
+    /// [`open`](Self::open) with a page cache of `cache_bytes`.
+    pub fn open_with_cache(
+        dir: &Path,
+        partitions: u32,
+        cache_bytes: usize,
+    ) -> Result<Self, LogError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
-        let db = Arc::new(Database::create(dir.join("log.redb")).map_err(storage)?);
+        let db = Arc::new(
+            redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(dir.join("log.redb"))
+                .map_err(storage)?,
+        );
         let partitions = Self::init_partitions(&db, partitions.max(1))?;
         let (tx, rx) = mpsc::channel::<AppendRequest>(4096);
         let (notify, appended) = watch::channel(0u64);

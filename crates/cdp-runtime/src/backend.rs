@@ -40,11 +40,14 @@ pub async fn open(config: &PlatformConfig) -> Result<Backends, BackendError> {
         match config.store.backend {
             StoreBackend::Embedded => {
                 let dir = config.data_dir.join("store");
-                let generations =
-                    EmbeddedGenerations::open(&dir).map_err(|source| BackendError::Store {
+                let cache =
+                    usize::try_from(config.store.embedded_cache_mib << 20).unwrap_or(usize::MAX);
+                let generations = EmbeddedGenerations::open(&dir)
+                    .map_err(|source| BackendError::Store {
                         what: dir.display().to_string(),
                         source,
-                    })?;
+                    })?
+                    .with_cache(cache);
                 (Arc::new(generations), None)
             }
             StoreBackend::Scylla => {
@@ -73,11 +76,14 @@ pub async fn open(config: &PlatformConfig) -> Result<Backends, BackendError> {
         LogBackend::Embedded => {
             let dir = config.data_dir.join("log");
             Arc::new(
-                EmbeddedLog::open(&dir, config.log.partitions).map_err(|source| {
-                    BackendError::Log {
-                        what: dir.display().to_string(),
-                        source,
-                    }
+                EmbeddedLog::open_with_cache(
+                    &dir,
+                    config.log.partitions,
+                    usize::try_from(config.log.embedded_cache_mib << 20).unwrap_or(usize::MAX),
+                )
+                .map_err(|source| BackendError::Log {
+                    what: dir.display().to_string(),
+                    source,
                 })?,
             )
         }

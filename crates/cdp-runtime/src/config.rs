@@ -47,6 +47,8 @@ pub struct LogConfig {
     pub partitions: u32,
     /// Settings of the Kafka back end (`backend = "kafka"`).
     pub kafka: cdp_kafka::KafkaConfig,
+    /// Page cache of the embedded log, in MiB (part of the process's memory).
+    pub embedded_cache_mib: u64,
 }
 
 impl Default for LogConfig {
@@ -55,6 +57,7 @@ impl Default for LogConfig {
             backend: LogBackend::Embedded,
             partitions: 4,
             kafka: cdp_kafka::KafkaConfig::default(),
+            embedded_cache_mib: 64,
         }
     }
 }
@@ -66,7 +69,7 @@ pub enum LogBackend {
     Kafka,
 }
 
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     /// Where identity graph and profiles live: `embedded` (files under
@@ -74,6 +77,19 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// Settings of the ScyllaDB back end (`backend = "scylla"`).
     pub scylla: cdp_scylla::ScyllaConfig,
+    /// Page cache of each embedded store generation, in MiB (part of the
+    /// process's memory; reads beyond it go to the OS page cache).
+    pub embedded_cache_mib: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: StoreBackend::Embedded,
+            scylla: cdp_scylla::ScyllaConfig::default(),
+            embedded_cache_mib: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -58,8 +58,16 @@ pub struct EmbeddedStore {
 
 impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(dir, 256 << 20)
+    }
+
+    /// [`open`](Self::open) with a page cache of `cache_bytes`.
+    pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
-        let db = Database::create(dir.join("store.redb")).map_err(storage)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(dir.join("store.redb"))
+            .map_err(storage)?;
         let tx = db.begin_write().map_err(storage)?;
         {
             tx.open_table(CLAIMS).map_err(storage)?;

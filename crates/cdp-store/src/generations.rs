@@ -211,6 +211,7 @@ struct Registry {
 /// the registry in `dir/generations.json` (replaced atomically).
 pub struct EmbeddedGenerations {
     dir: PathBuf,
+    cache_bytes: usize,
     state: Mutex<(Registry, BTreeMap<u32, EmbeddedStore>)>,
 }
 
@@ -241,8 +242,15 @@ impl EmbeddedGenerations {
         };
         Ok(EmbeddedGenerations {
             dir: dir.to_path_buf(),
+            cache_bytes: 256 << 20,
             state: Mutex::new((registry, BTreeMap::new())),
         })
+    }
+
+    /// The page cache of each generation's store.
+    pub fn with_cache(mut self, cache_bytes: usize) -> Self {
+        self.cache_bytes = cache_bytes;
+        self
     }
 
     fn dir_of(&self, id: u32) -> PathBuf {
@@ -308,7 +316,7 @@ impl Generations for EmbeddedGenerations {
             Some(s) => s.clone(),
             None => {
                 // redb opens a file once per process: keep the handle.
-                let store = EmbeddedStore::open(&self.dir_of(id))?;
+                let store = EmbeddedStore::open_with_cache(&self.dir_of(id), self.cache_bytes)?;
                 state.1.insert(id, store.clone());
                 store
             }

@@ -202,8 +202,9 @@ impl IngestService for IngestGrpc {
         self.batch(touchpoints).await.map(Response::new)
     }
 
-    type TrackStreamStream =
-        std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<TrackBatchResponse, Status>> + Send>>;
+    type TrackStreamStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<TrackBatchResponse, Status>> + Send>,
+    >;
 
     async fn track_stream(
         &self,
