@@ -340,7 +340,12 @@ pub fn decide<G: GraphRead>(
 /// Writes a decision into the graph: creates the customer, links the claimed
 /// identifiers, and turns merged customers into redirects to the survivor.
 pub fn apply<G: GraphWrite>(graph: &mut G, decision: &Decision) -> Result<(), G::Error> {
-    let mut survivor = match graph.node(decision.customer_id)? {
+    let existing = graph.node(decision.customer_id)?;
+    if existing.is_some() && decision.claims.is_empty() && decision.merges.is_empty() {
+        // A known customer seen again: the graph does not change (most events).
+        return Ok(());
+    }
+    let mut survivor = match existing {
         Some(n) => n,
         None => CustomerNode {
             id: decision.customer_id,

@@ -299,9 +299,12 @@ impl ProfileStore for EmbeddedStore {
                             )
                             .map_err(storage)?;
                         for term in cdp_domain::search::terms(&resolved.touchpoint) {
-                            search
-                                .insert((term.as_str(), customer), ())
-                                .map_err(storage)?;
+                            // Most terms are known already: a read leaves the
+                            // page clean, a rewrite would copy it.
+                            let key = (term.as_str(), customer);
+                            if search.get(key).map_err(storage)?.is_none() {
+                                search.insert(key, ()).map_err(storage)?;
+                            }
                         }
                         applied.new_events += 1;
                         applied.customers.push(entry.customer_id);
