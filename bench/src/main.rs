@@ -118,7 +118,10 @@ fn dir_bytes(path: &std::path::Path) -> u64 {
         return 0;
     };
     if meta.is_file() {
-        return meta.len();
+        // Blocks allocated, not the apparent length: redb grows its files
+        // ahead of the data.
+        use std::os::unix::fs::MetadataExt as _;
+        return meta.blocks() * 512;
     }
     std::fs::read_dir(path)
         .map(|entries| {

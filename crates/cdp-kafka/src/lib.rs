@@ -553,6 +553,9 @@ impl EventLog for KafkaLog {
                 )
                 .set("enable.auto.commit", "false")
                 .set("enable.partition.eof", "true")
+                // A reused reader must not wait out a fetch the broker holds
+                // open for its previous assignment.
+                .set("fetch.wait.max.ms", "10")
                 .create()
                 .map_err(unavailable)?,
         };

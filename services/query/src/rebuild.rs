@@ -78,6 +78,8 @@ pub enum RebuildError {
     Store(#[from] StoreError),
     #[error("generation {0}: {1}")]
     Generation(u32, String),
+    #[error("generation {0} is being rebuilt in this process; one rebuild at a time")]
+    AlreadyRunning(u32),
 }
 
 /// Rebuilds generations; one at a time per process.
@@ -89,6 +91,8 @@ pub struct Rebuilder {
     options: FoldOptions,
     shutdown: CancellationToken,
     current: Arc<Mutex<Option<(Progress, CancellationToken)>>>,
+    /// Held while a rebuild starts, so two requests cannot both start one.
+    starting: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -113,6 +117,7 @@ impl Rebuilder {
             options,
             shutdown,
             current: Arc::new(Mutex::new(None)),
+            starting: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -124,13 +129,11 @@ impl Rebuilder {
     /// Checks the request, prepares the generation and starts the rebuild
     /// in the background.
     pub async fn start(&self, requested: u32, activate: bool) -> Result<Progress, RebuildError> {
+        let _starting = self.starting.lock().await;
         if let Some((p, _)) = lock(&self.current).as_ref()
             && p.state == State::Running
         {
-            return Err(RebuildError::Generation(
-                p.generation,
-                "a rebuild is already running in this process".into(),
-            ));
+            return Err(RebuildError::AlreadyRunning(p.generation));
         }
         let active = self.generations.active().await?;
         let list = self.generations.list().await?;
@@ -347,6 +350,18 @@ impl ProjectionGrpc {
         })
     }
 
+    /// FAILED_PRECONDITION while `generation` is being rebuilt here.
+    fn refuse_while_rebuilding(&self, generation: u32, advice: &str) -> Result<(), Status> {
+        match self.rebuilder.progress() {
+            Some(p) if p.generation == generation && p.state == State::Running => {
+                Err(Status::failed_precondition(format!(
+                    "generation {generation} is being rebuilt: {advice}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn status_of(&self, generation: u32) -> Result<RebuildStatus, Status> {
         match self.rebuilder.progress() {
             Some(p) if generation == 0 || p.generation == generation => Ok(p.to_proto()),
@@ -373,8 +388,8 @@ impl ProjectionService for ProjectionGrpc {
         let r = request.into_inner();
         match self.rebuilder.start(r.generation, r.activate).await {
             Ok(p) => Ok(Response::new(p.to_proto())),
-            Err(RebuildError::Generation(_, m)) if m.contains("already running") => {
-                Err(Status::failed_precondition(m))
+            Err(e @ RebuildError::AlreadyRunning(_)) => {
+                Err(Status::failed_precondition(e.to_string()))
             }
             Err(RebuildError::Generation(g, m)) => Err(cdp_runtime::ServiceError::invalid(
                 "generation",
@@ -416,14 +431,7 @@ impl ProjectionService for ProjectionGrpc {
         request: Request<ActivateGenerationRequest>,
     ) -> Result<Response<ListGenerationsResponse>, Status> {
         let generation = request.into_inner().generation;
-        if let Some(p) = self.rebuilder.progress()
-            && p.generation == generation
-            && p.state == State::Running
-        {
-            return Err(Status::failed_precondition(format!(
-                "generation {generation} is still being rebuilt"
-            )));
-        }
+        self.refuse_while_rebuilding(generation, "activate it when the rebuild has caught up")?;
         self.rebuilder
             .generations
             .activate(generation)
@@ -473,14 +481,7 @@ impl ProjectionService for ProjectionGrpc {
         request: Request<DropGenerationRequest>,
     ) -> Result<Response<ListGenerationsResponse>, Status> {
         let generation = request.into_inner().generation;
-        if let Some(p) = self.rebuilder.progress()
-            && p.generation == generation
-            && p.state == State::Running
-        {
-            return Err(Status::failed_precondition(format!(
-                "generation {generation} is being rebuilt: cancel the rebuild first"
-            )));
-        }
+        self.refuse_while_rebuilding(generation, "cancel the rebuild first")?;
         self.rebuilder
             .generations
             .drop_generation(generation)
