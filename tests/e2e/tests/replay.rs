@@ -366,15 +366,13 @@ async fn the_profile_as_of_a_past_instant_is_the_fold_of_the_events_up_to_it() {
     assert_eq!(before.code(), tonic::Code::NotFound, "{before}");
 }
 
-/// `cdp replay` writes every matching event once as a JSON line, and after
-/// an interruption `--resume` cuts what was written after the last
-/// checkpoint and continues from its cursor.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_replay_cli_writes_json_lines_and_resumes() {
-    let cdp = CdpProcess::start();
+/// Sends `n` product views (properties `{"n": i}`) of one new customer and
+/// waits until they are folded (the customer filter needs the customer
+/// resolved); returns the customer's email.
+async fn one_customer_viewing(cdp: &CdpProcess, prefix: &str, n: u64) -> String {
     let mut ingest = cdp.ingest().await;
-    let email = format!("{}@shop.vn", unique("cli"));
-    let batch: Vec<v1::Touchpoint> = (0..30)
+    let email = format!("{}@shop.vn", unique(prefix));
+    let batch: Vec<v1::Touchpoint> = (0..n)
         .map(|i| {
             touchpoint(
                 "Product Viewed",
@@ -389,12 +387,21 @@ async fn the_replay_cli_writes_json_lines_and_resumes() {
         .track_batch(TrackBatchRequest { touchpoints: batch })
         .await
         .unwrap();
-    // The customer filter needs the customer resolved.
     let mut profiles = cdp.profiles().await;
     profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
-        metrics(p).events_count == 30
+        metrics(p).events_count == n
     })
     .await;
+    email
+}
+
+/// `cdp replay` writes every matching event once as a JSON line, and after
+/// an interruption `--resume` cuts what was written after the last
+/// checkpoint and continues from its cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_cli_writes_json_lines_and_resumes() {
+    let cdp = CdpProcess::start();
+    let email = one_customer_viewing(&cdp, "cli", 30).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("events.jsonl");
     let endpoint = format!("http://{}", cdp.query_addr());
@@ -463,28 +470,7 @@ async fn the_replay_cli_writes_parquet_and_resumes() {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
     let cdp = CdpProcess::start();
-    let mut ingest = cdp.ingest().await;
-    let email = format!("{}@shop.vn", unique("pq"));
-    let batch: Vec<v1::Touchpoint> = (0..25)
-        .map(|i| {
-            touchpoint(
-                "Product Viewed",
-                "web",
-                "website",
-                vec![id("email", &email)],
-                json!({"n": i}),
-            )
-        })
-        .collect();
-    ingest
-        .track_batch(TrackBatchRequest { touchpoints: batch })
-        .await
-        .unwrap();
-    let mut profiles = cdp.profiles().await;
-    profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
-        metrics(p).events_count == 25
-    })
-    .await;
+    let email = one_customer_viewing(&cdp, "pq", 25).await;
     let expected = {
         let mut replay = ReplayServiceClient::new(cdp.query_channel().await);
         replay_all(
