@@ -10,9 +10,6 @@
 //! - Resolved records name their generation ([`HEADER`]); profile workers
 //!   fold only the active generation's records into it.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use cdp_store::{FIRST_GENERATION, LiveStores};
 use tokio_util::sync::CancellationToken;
 
@@ -44,25 +41,24 @@ pub fn of_record(header: Option<&[u8]>) -> Option<u32> {
     }
 }
 
-/// A token that fires when `parent` does or when the active generation of
-/// `live` is no longer `generation`, checked every `every`.
+/// A token that fires when `parent` does or when `live` switches away from
+/// `generation`.
 pub fn until_switch(
-    live: Arc<LiveStores>,
+    live: &LiveStores,
     generation: u32,
-    every: Duration,
     parent: &CancellationToken,
 ) -> CancellationToken {
     let token = parent.child_token();
     let fire = token.clone();
+    let mut switches = live.switches();
     tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = fire.cancelled() => return,
-                _ = tokio::time::sleep(every) => {}
-            }
-            if live.generation() != generation {
-                fire.cancel();
-                return;
+        tokio::select! {
+            _ = fire.cancelled() => {}
+            switched = switches.wait_for(|served| *served != generation) => {
+                // An error means the stores are gone: the process is ending.
+                if switched.is_ok() {
+                    fire.cancel();
+                }
             }
         }
     });

@@ -88,6 +88,8 @@ pub fn check_activation(list: &[GenerationInfo], active: u32, id: u32) -> Result
 pub struct LiveStores {
     generations: Arc<dyn Generations>,
     current: RwLock<ProjectionStores>,
+    /// The generation served, announced on every switch.
+    switched: tokio::sync::watch::Sender<u32>,
 }
 
 impl LiveStores {
@@ -99,6 +101,7 @@ impl LiveStores {
         Ok(LiveStores {
             generations,
             current: RwLock::new(stores),
+            switched: tokio::sync::watch::Sender::new(active),
         })
     }
 
@@ -114,6 +117,12 @@ impl LiveStores {
         self.current().generation
     }
 
+    /// The generation served, updated when [`refresh`](Self::refresh)
+    /// switches to another one.
+    pub fn switches(&self) -> tokio::sync::watch::Receiver<u32> {
+        self.switched.subscribe()
+    }
+
     pub fn generations(&self) -> &Arc<dyn Generations> {
         &self.generations
     }
@@ -127,11 +136,14 @@ impl LiveStores {
             return Ok(active);
         }
         let stores = self.generations.open(active).await?;
-        let mut current = match self.current.write() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *current = stores;
+        {
+            let mut current = match self.current.write() {
+                Ok(c) => c,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *current = stores;
+        }
+        self.switched.send_replace(active);
         tracing::info!(
             from = served,
             to = active,

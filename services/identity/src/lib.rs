@@ -4,7 +4,6 @@
 //! that cannot be attributed.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use cdp_domain::{IdentityRules, Resolution, ResolvedTouchpoint, Touchpoint};
@@ -26,8 +25,6 @@ pub struct IdentityWorker {
     /// The generation being written, and its store.
     generation: u32,
     store: Arc<dyn IdentityStore>,
-    /// How often to check for a generation switch.
-    refresh: Duration,
 }
 
 fn dead_letter(key: &[u8], value: Vec<u8>) -> Record {
@@ -40,12 +37,7 @@ fn dead_letter(key: &[u8], value: Vec<u8>) -> Record {
 }
 
 impl IdentityWorker {
-    pub fn new(
-        log: Arc<dyn EventLog>,
-        live: Arc<LiveStores>,
-        rules: Arc<IdentityRules>,
-        refresh: Duration,
-    ) -> Self {
+    pub fn new(log: Arc<dyn EventLog>, live: Arc<LiveStores>, rules: Arc<IdentityRules>) -> Self {
         let current = live.current();
         IdentityWorker {
             log,
@@ -53,7 +45,6 @@ impl IdentityWorker {
             rules,
             generation: current.generation,
             store: current.identity,
-            refresh,
         }
     }
 
@@ -73,12 +64,7 @@ impl IdentityWorker {
             self.generation = current.generation;
             self.store = current.identity;
             let group = generation::identity_group(self.generation);
-            let until = generation::until_switch(
-                Arc::clone(&self.live),
-                self.generation,
-                self.refresh,
-                &cancel,
-            );
+            let until = generation::until_switch(&self.live, self.generation, &cancel);
             tracing::info!(generation = self.generation, %group, "identity worker joins");
             cdp_log::consumer::join_and_run(
                 log.as_ref(),
@@ -217,7 +203,6 @@ pub async fn install(
             Arc::clone(&ctx.backends.log),
             Arc::clone(&ctx.backends.live),
             Arc::clone(&ctx.rules),
-            Duration::from_millis(ctx.config.pipeline.generation_refresh_ms),
         );
         let options = ctx.consumer_options(&format!("identity-{index}"));
         let cancel = ctx.cancel.clone();

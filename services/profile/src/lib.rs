@@ -75,10 +75,15 @@ impl BatchHandler for ProfileWorker {
         // Records name the projection generation that resolved them: only
         // the active generation's are folded, into that generation (a
         // record of a newer one means a switch this process has not seen).
-        let newest = records
+        let generations: Vec<Option<u32>> = records
             .iter()
-            .filter_map(|r| generation::of_record(r.header(generation::HEADER)))
+            .map(|r| generation::of_record(r.header(generation::HEADER)))
+            .collect();
+        let newest = generations
+            .iter()
+            .flatten()
             .max()
+            .copied()
             .unwrap_or(FIRST_GENERATION);
         if newest > self.live.generation() {
             self.live
@@ -90,8 +95,8 @@ impl BatchHandler for ProfileWorker {
         let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
         let mut dead = Vec::new();
         let mut other_generation = 0usize;
-        for r in records {
-            if generation::of_record(r.header(generation::HEADER)) != Some(stores.generation) {
+        for (r, of) in records.iter().zip(&generations) {
+            if *of != Some(stores.generation) {
                 other_generation += 1;
                 continue;
             }
