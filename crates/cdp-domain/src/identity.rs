@@ -310,7 +310,10 @@ pub fn decide<G: GraphRead>(
         .min_by_key(|m| (m.node.created_at, m.node.id))
     {
         Some(s) => (s.node.id, false),
-        None => (CustomerId::derived_from(event_id), true),
+        None => (
+            CustomerId::derived_from(event_id, event.envelope.received_at),
+            true,
+        ),
     };
     let merges = members
         .into_iter()
@@ -485,7 +488,10 @@ mod tests {
         let e = event(1, 10, &[(IdKind::Email, "a@shop.vn")]);
         let d = resolved(&mut g, &rules, &e);
         assert!(d.created);
-        assert_eq!(d.customer_id, CustomerId::derived_from(e.event_id()));
+        assert_eq!(
+            d.customer_id,
+            CustomerId::derived_from(e.event_id(), e.envelope.received_at)
+        );
         assert_eq!(
             g.owner(&Identifier::new(IdKind::Email, "a@shop.vn"))
                 .unwrap(),

@@ -477,7 +477,8 @@ mod server {
             let other = event("crash-2", 20, EventType::Identify, std::slice::from_ref(&y));
             b.resolve(&[other], &rules).await.unwrap();
             assert!(started.elapsed() > Duration::from_millis(200));
-            let expected = CustomerId::derived_from(crashed.event_id());
+            let expected =
+                CustomerId::derived_from(crashed.event_id(), crashed.envelope.received_at);
             assert_eq!(b.owner(&x).await.unwrap(), Some(expected));
             assert!(b.read_lease().await.unwrap().unwrap().pending.is_none());
             // The crashed event's decision was kept: a re-delivery gets it.
@@ -504,7 +505,10 @@ mod server {
             assert!(run.await.is_err());
             let linked = b.resolve(&[link], &rules).await.unwrap();
             let d = decided(&linked[0]);
-            assert_eq!(d.customer_id, CustomerId::derived_from(first.event_id()));
+            assert_eq!(
+                d.customer_id,
+                CustomerId::derived_from(first.event_id(), first.envelope.received_at)
+            );
             assert_eq!(b.owner(&y).await.unwrap(), Some(d.customer_id));
             let node = b.customer(d.customer_id).await.unwrap().unwrap();
             assert_eq!(node.identifiers, [x, y].into_iter().collect());

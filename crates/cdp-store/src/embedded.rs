@@ -22,8 +22,11 @@ use crate::{Applied, IdentityStore, ProfileStore, StoreError, TimelinePage, Time
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
 /// customer id -> CustomerNode (JSON).
 const CUSTOMERS: TableDefinition<u128, &[u8]> = TableDefinition::new("customers");
-/// event id -> Resolution (JSON): what identity decided for the event.
-const RESOLUTIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("resolutions");
+/// (received_at, event id) -> Resolution (JSON): what identity decided for
+/// the event. Keyed by arrival first so each batch's decisions land at the
+/// end of the tree instead of on a random page each; a re-delivered event
+/// carries the same arrival time, so it finds its decision.
+const DECISIONS: TableDefinition<(i64, u128), &[u8]> = TableDefinition::new("decisions");
 /// customer id -> ProfileSlot (JSON).
 const PROFILES: TableDefinition<u128, &[u8]> = TableDefinition::new("profiles");
 /// (search term, customer id) -> (): see `cdp_domain::search`.
@@ -72,7 +75,7 @@ impl EmbeddedStore {
         {
             tx.open_table(CLAIMS).map_err(storage)?;
             tx.open_table(CUSTOMERS).map_err(storage)?;
-            tx.open_table(RESOLUTIONS).map_err(storage)?;
+            tx.open_table(DECISIONS).map_err(storage)?;
             tx.open_table(PROFILES).map_err(storage)?;
             tx.open_table(TIMELINE).map_err(storage)?;
             tx.open_table(SEARCH).map_err(storage)?;
@@ -175,13 +178,13 @@ impl IdentityStore for EmbeddedStore {
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             let mut out = Vec::with_capacity(events.len());
             {
-                let mut decisions = tx.open_table(RESOLUTIONS).map_err(storage)?;
+                let mut decisions = tx.open_table(DECISIONS).map_err(storage)?;
                 let mut graph = TxGraph {
                     claims: tx.open_table(CLAIMS).map_err(storage)?,
                     customers: tx.open_table(CUSTOMERS).map_err(storage)?,
                 };
                 for event in &events {
-                    let event_key = event.event_id().0.as_u128();
+                    let event_key = (event.envelope.received_at, event.event_id().0.as_u128());
                     if let Some(stored) = decisions.get(event_key).map_err(storage)? {
                         out.push(from_json("resolution", stored.value())?);
                         continue;
