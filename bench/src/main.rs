@@ -83,9 +83,9 @@ const CONFIG: &str = r#"
 [log]
 partitions = 4
 [pipeline]
-identity_workers = 2
-profile_workers = 2
-batch_size = 1000
+identity_workers = 1
+profile_workers = 1
+batch_size = 2000
 poll_interval_ms = 20
 [[sources]]
 id = "website"

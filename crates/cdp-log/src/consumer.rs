@@ -20,8 +20,16 @@ pub struct Retry(pub String);
 #[async_trait]
 pub trait BatchHandler: Send {
     /// Processes records (in offset order per partition) and stores the
-    /// effects durably before returning Ok.
+    /// effects, visible at once; durable now or by the next
+    /// [`sync`](Self::sync).
     async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry>;
+
+    /// Makes the effects of every handled batch durable. The loop calls it
+    /// before it commits positions, so positions never run ahead of what
+    /// is stored.
+    async fn sync(&mut self) -> Result<(), Retry> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -30,6 +38,11 @@ pub struct ConsumerOptions {
     pub name: String,
     pub batch_size: usize,
     pub poll_interval: Duration,
+    /// Longest time handled batches wait for their positions to be synced
+    /// and committed while records keep coming (an idle consumer commits at
+    /// once). Longer means fewer syncs, and more records delivered again
+    /// after a crash.
+    pub commit_interval: Duration,
     pub retry_min: Duration,
     pub retry_max: Duration,
 }
@@ -116,7 +129,8 @@ pub async fn join_and_run(
     }
 }
 
-/// Runs until `cancel` fires; returns after the batch in hand is committed.
+/// Runs until `cancel` fires; returns after the batches in hand are synced
+/// and committed.
 pub async fn run(
     mut sub: Box<dyn Subscription>,
     handler: &mut dyn BatchHandler,
@@ -125,6 +139,9 @@ pub async fn run(
 ) {
     let name = options.name.as_str();
     let mut backoff = Backoff::new(options.retry_min, options.retry_max);
+    // Positions of handled batches not committed yet, and since when.
+    let mut pending: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut pending_since = tokio::time::Instant::now();
     tracing::info!(consumer = name, "consumer started");
     'outer: while !cancel.is_cancelled() {
         let polled = tokio::select! {
@@ -132,7 +149,22 @@ pub async fn run(
             polled = sub.poll(options.batch_size, options.poll_interval) => polled,
         };
         let records = match polled {
-            Ok(r) if r.is_empty() => continue,
+            Ok(r) if r.is_empty() => {
+                // Idle: nothing is gained by waiting longer to commit.
+                if !commit(
+                    sub.as_mut(),
+                    handler,
+                    &mut pending,
+                    &mut backoff,
+                    &cancel,
+                    name,
+                )
+                .await
+                {
+                    break;
+                }
+                continue;
+            }
             Ok(r) => r,
             Err(error) => {
                 tracing::warn!(consumer = name, %error, "poll failed; backing off");
@@ -153,15 +185,216 @@ pub async fn run(
                 break 'outer;
             }
         }
-        let positions = next_positions(&records);
-        while let Err(error) = sub.commit(&positions).await {
-            tracing::warn!(consumer = name, %error, "commit failed; retrying");
-            if !backoff.wait(&cancel).await {
-                break 'outer;
-            }
+        if pending.is_empty() {
+            pending_since = tokio::time::Instant::now();
+        }
+        for (partition, next) in next_positions(&records) {
+            let e = pending.entry(partition).or_insert(next);
+            *e = (*e).max(next);
         }
         backoff.reset();
-        tracing::debug!(consumer = name, records = records.len(), "batch committed");
+        tracing::debug!(consumer = name, records = records.len(), "batch handled");
+        if pending_since.elapsed() >= options.commit_interval
+            && !commit(
+                sub.as_mut(),
+                handler,
+                &mut pending,
+                &mut backoff,
+                &cancel,
+                name,
+            )
+            .await
+        {
+            break;
+        }
+    }
+    // Shutdown or a generation switch: what was handled is committed, if
+    // the store and the log answer within a few retries.
+    if !pending.is_empty() {
+        let not_cancelled = CancellationToken::new();
+        let last_try = commit(
+            sub.as_mut(),
+            handler,
+            &mut pending,
+            &mut backoff,
+            &not_cancelled,
+            name,
+        );
+        if tokio::time::timeout(FINAL_COMMIT, last_try).await.is_err() {
+            tracing::warn!(
+                consumer = name,
+                "positions not committed at stop; their records will be delivered again"
+            );
+        }
     }
     tracing::info!(consumer = name, "consumer stopped");
+}
+
+/// How long a stopping consumer tries to commit what it handled.
+const FINAL_COMMIT: Duration = Duration::from_secs(5);
+
+/// Syncs the handler and commits `pending`, retrying with back-off. False
+/// when cancelled before it succeeded (positions stay uncommitted, and
+/// their records are delivered again after a restart).
+async fn commit(
+    sub: &mut dyn Subscription,
+    handler: &mut dyn BatchHandler,
+    pending: &mut BTreeMap<u32, u64>,
+    backoff: &mut Backoff,
+    cancel: &CancellationToken,
+    name: &str,
+) -> bool {
+    if pending.is_empty() {
+        return true;
+    }
+    while let Err(error) = handler.sync().await {
+        tracing::warn!(consumer = name, %error, "sync failed; retrying");
+        if !backoff.wait(cancel).await {
+            return false;
+        }
+    }
+    let positions: Vec<(u32, u64)> = pending.iter().map(|(p, o)| (*p, *o)).collect();
+    while let Err(error) = sub.commit(&positions).await {
+        tracing::warn!(consumer = name, %error, "commit failed; retrying");
+        if !backoff.wait(cancel).await {
+            return false;
+        }
+    }
+    pending.clear();
+    backoff.reset();
+    tracing::debug!(consumer = name, "positions committed");
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::embedded::EmbeddedLog;
+    use crate::{EventLog, Membership, Record, Topic};
+
+    /// Records how many records it handled, and how many of them were
+    /// handled when positions could last have been committed (its syncs).
+    #[derive(Default)]
+    struct Counting {
+        handled: usize,
+        synced: Arc<Mutex<Vec<usize>>>,
+    }
+
+    #[async_trait]
+    impl BatchHandler for Counting {
+        async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
+            self.handled += records.len();
+            Ok(())
+        }
+        async fn sync(&mut self) -> Result<(), Retry> {
+            self.synced
+                .lock()
+                .map_err(|e| Retry(e.to_string()))?
+                .push(self.handled);
+            Ok(())
+        }
+    }
+
+    fn options(commit_interval: Duration) -> ConsumerOptions {
+        ConsumerOptions {
+            name: "test".into(),
+            batch_size: 4,
+            poll_interval: Duration::from_millis(20),
+            commit_interval,
+            retry_min: Duration::from_millis(5),
+            retry_max: Duration::from_millis(50),
+        }
+    }
+
+    async fn append(log: &EmbeddedLog, n: usize) {
+        let records = (0..n)
+            .map(|i| Record {
+                key: format!("k{i}").into_bytes(),
+                value: vec![1, 2, 3],
+                ..Record::default()
+            })
+            .collect();
+        log.append(Topic::Touchpoints, records).await.unwrap();
+    }
+
+    async fn committed(log: &EmbeddedLog) -> u64 {
+        log.committed("g", Topic::Touchpoints)
+            .await
+            .unwrap()
+            .iter()
+            .sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn positions_are_committed_after_a_sync_and_at_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+        append(&log, 10).await;
+        let synced = Arc::new(Mutex::new(Vec::new()));
+        let mut handler = Counting {
+            handled: 0,
+            synced: Arc::clone(&synced),
+        };
+        let sub = log
+            .subscribe("g", Topic::Touchpoints, Membership::default())
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        // An interval longer than the test: only idleness and the stop commit.
+        let opts = options(Duration::from_secs(3600));
+        let run = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                run(sub, &mut handler, &opts, cancel).await;
+                handler.handled
+            })
+        };
+        // Three batches of up to 4 are handled, then the idle poll syncs and commits.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while committed(&log).await < 10 {
+            assert!(tokio::time::Instant::now() < deadline, "never committed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(synced.lock().unwrap().last(), Some(&10));
+        // One sync covered every batch handled while records kept coming.
+        assert_eq!(synced.lock().unwrap().len(), 1);
+        cancel.cancel();
+        assert_eq!(run.await.unwrap(), 10);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_consumer_commits_every_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+        append(&log, 40).await;
+        let synced = Arc::new(Mutex::new(Vec::new()));
+        let mut handler = Counting {
+            handled: 0,
+            synced: Arc::clone(&synced),
+        };
+        let sub = log
+            .subscribe("g", Topic::Touchpoints, Membership::default())
+            .await
+            .unwrap();
+        let cancel = CancellationToken::new();
+        // A zero interval: every batch is synced and committed as it is handled.
+        let opts = options(Duration::ZERO);
+        let run = {
+            let cancel = cancel.clone();
+            tokio::spawn(async move { run(sub, &mut handler, &opts, cancel).await })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while committed(&log).await < 40 {
+            assert!(tokio::time::Instant::now() < deadline, "never committed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        cancel.cancel();
+        run.await.unwrap();
+        assert_eq!(
+            *synced.lock().unwrap(),
+            vec![4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+        );
+    }
 }

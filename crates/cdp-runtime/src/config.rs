@@ -107,6 +107,10 @@ pub struct PipelineConfig {
     pub batch_size: usize,
     /// Longest a worker waits for new records before polling again, in ms.
     pub poll_interval_ms: u64,
+    /// Longest a worker keeps handled batches before it makes them durable
+    /// and commits their positions, while records keep coming, in ms (an
+    /// idle worker commits at once). See `docs/ARCHITECTURE.md`.
+    pub commit_interval_ms: u64,
     /// Retry back-off bounds for a failing store or log, in ms.
     pub retry_min_ms: u64,
     pub retry_max_ms: u64,
@@ -141,6 +145,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             batch_size: 256,
             poll_interval_ms: 200,
+            commit_interval_ms: 1_000,
             retry_min_ms: 50,
             retry_max_ms: 5_000,
             identity_workers: 1,

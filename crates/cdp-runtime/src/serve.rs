@@ -103,6 +103,7 @@ pub fn consumer_options(name: &str, p: &PipelineConfig) -> ConsumerOptions {
         name: name.to_owned(),
         batch_size: p.batch_size,
         poll_interval: Duration::from_millis(p.poll_interval_ms),
+        commit_interval: Duration::from_millis(p.commit_interval_ms),
         retry_min: Duration::from_millis(p.retry_min_ms),
         retry_max: Duration::from_millis(p.retry_max_ms),
     }

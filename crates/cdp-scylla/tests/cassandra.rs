@@ -224,6 +224,7 @@ async fn cassandra_profile_store_conforms() {
         let store = stores[0].clone();
         conformance::profiles_fold_merge_and_page(&store, "cas").await;
         conformance::profiles_are_searchable(&store, "cas").await;
+        conformance::unsynced_folds_are_visible_then_synced(&store, "cas").await;
         let shared: Arc<dyn ProfileStore> = Arc::new(store);
         conformance::profiles_lose_no_concurrent_update(shared, "cas").await;
     })

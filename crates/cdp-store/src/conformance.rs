@@ -437,6 +437,66 @@ pub async fn profiles_are_searchable(store: &dyn ProfileStore, prefix: &str) {
     assert!(none.is_empty());
 }
 
+/// Unsynced folds are visible at once, idempotent like synced ones, and a
+/// sync makes them durable (the caller reopens the store to check that).
+pub async fn unsynced_folds_are_visible_then_synced(
+    store: &dyn ProfileStore,
+    prefix: &str,
+) -> CustomerId {
+    let c = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-unsynced").as_bytes(),
+    ));
+    let options = FoldOptions::default();
+    let first = event(
+        prefix,
+        600,
+        1000,
+        EventType::Identify,
+        &[email(prefix, "una")],
+        json!({}),
+    );
+    let order = event(
+        prefix,
+        601,
+        2000,
+        EventType::OrderCompleted,
+        &[email(prefix, "una")],
+        json!({"order_id": "U-1", "revenue": 120000, "currency": "VND"}),
+    );
+    let applied = store
+        .apply_unsynced(&[resolved(c, first.clone())], &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(applied.new_events, 1);
+    assert_eq!(applied.customers, vec![c]);
+    let seen = store
+        .profile(c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("an unsynced fold is not visible"));
+    assert_eq!(seen.customer_id, c);
+    // A re-delivery (after a crash before the sync) folds nothing twice.
+    let again = store
+        .apply_unsynced(&[resolved(c, first), resolved(c, order)], &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.new_events, 1);
+    store.sync().await.unwrap_or_else(|e| panic!("{e}"));
+    let page = store
+        .timeline(
+            c,
+            &TimelineQuery {
+                limit: 10,
+                ..TimelineQuery::default()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(page.entries.len(), 2);
+    c
+}
+
 /// Generations: a new generation starts empty beside the active one, the
 /// switch moves every reader of [`crate::LiveStores`] in one step, the
 /// active generation cannot be dropped, and a dropped one is gone.

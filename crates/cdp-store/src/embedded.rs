@@ -12,7 +12,10 @@ use cdp_domain::{
     CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
     Touchpoint,
 };
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, Table, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -53,10 +56,45 @@ fn key(c: CustomerId) -> u128 {
     c.0.as_u128()
 }
 
-/// The embedded identity and profile stores, in `dir/store.redb`. Cheap to clone.
+/// The files of one embedded store: the identity graph, and the views
+/// (profiles, timeline, search). Two files are two redb writers, so the
+/// identity and profile workers commit side by side instead of taking
+/// turns on one write lock.
+pub const FILES: [&str; 2] = ["store.redb", "views.redb"];
+
+/// The embedded identity and profile stores, in `dir/store.redb` (the
+/// identity graph) and `dir/views.redb` (profiles, timeline and search). A
+/// store written before the split keeps its views in `store.redb`, and goes
+/// on using it. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    graph: Arc<Database>,
+    views: Arc<Database>,
+}
+
+fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreError> {
+    let tx = db.begin_write().map_err(storage)?;
+    if graph {
+        tx.open_table(CLAIMS).map_err(storage)?;
+        tx.open_table(CUSTOMERS).map_err(storage)?;
+        tx.open_table(DECISIONS).map_err(storage)?;
+    }
+    if views {
+        tx.open_table(PROFILES).map_err(storage)?;
+        tx.open_table(TIMELINE).map_err(storage)?;
+        tx.open_table(SEARCH).map_err(storage)?;
+    }
+    tx.commit().map_err(storage)
+}
+
+/// Whether `db` holds profiles: a store from before the split.
+fn holds_views(db: &Database) -> Result<bool, StoreError> {
+    let tx = db.begin_read().map_err(storage)?;
+    match tx.open_table(PROFILES) {
+        Ok(table) => Ok(!table.is_empty().map_err(storage)?),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(storage(e)),
+    }
 }
 
 impl EmbeddedStore {
@@ -64,34 +102,66 @@ impl EmbeddedStore {
         Self::open_with_cache(dir, 256 << 20)
     }
 
-    /// [`open`](Self::open) with a page cache of `cache_bytes`.
+    /// [`open`](Self::open) with page caches of `cache_bytes` in all.
     pub fn open_with_cache(dir: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(storage)?;
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(dir.join("store.redb"))
-            .map_err(storage)?;
-        let tx = db.begin_write().map_err(storage)?;
-        {
-            tx.open_table(CLAIMS).map_err(storage)?;
-            tx.open_table(CUSTOMERS).map_err(storage)?;
-            tx.open_table(DECISIONS).map_err(storage)?;
-            tx.open_table(PROFILES).map_err(storage)?;
-            tx.open_table(TIMELINE).map_err(storage)?;
-            tx.open_table(SEARCH).map_err(storage)?;
+        let (graph_file, views_file) = (dir.join(FILES[0]), dir.join(FILES[1]));
+        if graph_file.exists() && !views_file.exists() {
+            let db = redb::Builder::new()
+                .set_cache_size(cache_bytes)
+                .create(&graph_file)
+                .map_err(storage)?;
+            if holds_views(&db)? {
+                tracing::info!(dir = %dir.display(), "store from before the views split: one file");
+                create_tables(&db, true, true)?;
+                let db = Arc::new(db);
+                return Ok(EmbeddedStore {
+                    graph: Arc::clone(&db),
+                    views: db,
+                });
+            }
+            drop(db);
         }
-        tx.commit().map_err(storage)?;
-        Ok(EmbeddedStore { db: Arc::new(db) })
+        let open = |path: &Path| {
+            redb::Builder::new()
+                .set_cache_size(cache_bytes / 2)
+                .create(path)
+                .map_err(storage)
+        };
+        let graph = open(&graph_file)?;
+        create_tables(&graph, true, false)?;
+        let views = open(&views_file)?;
+        create_tables(&views, false, true)?;
+        Ok(EmbeddedStore {
+            graph: Arc::new(graph),
+            views: Arc::new(views),
+        })
     }
 
     async fn blocking<T: Send + 'static>(
-        &self,
+        db: &Arc<Database>,
         f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = Arc::clone(&self.db);
+        let db = Arc::clone(db);
         tokio::task::spawn_blocking(move || f(&db))
             .await
             .map_err(|e| StoreError::Storage(format!("store task failed: {e}")))?
+    }
+
+    /// Runs `f` on the identity graph's database.
+    async fn on_graph<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Self::blocking(&self.graph, f).await
+    }
+
+    /// Runs `f` on the views' database.
+    async fn on_views<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        Self::blocking(&self.views, f).await
     }
 
     fn read_node(db: &Database, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
@@ -173,7 +243,7 @@ impl IdentityStore for EmbeddedStore {
     ) -> Result<Vec<Resolution>, StoreError> {
         let events = events.to_vec();
         let rules = rules.clone();
-        self.blocking(move |db| {
+        self.on_graph(move |db| {
             let mut tx = db.begin_write().map_err(storage)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             let mut out = Vec::with_capacity(events.len());
@@ -208,20 +278,20 @@ impl IdentityStore for EmbeddedStore {
 
     async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
         let id = id.clone();
-        self.blocking(move |db| ReadGraph(db).owner(&id)).await
+        self.on_graph(move |db| ReadGraph(db).owner(&id)).await
     }
 
     async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
-        self.blocking(move |db| ReadGraph(db).root(customer)).await
+        self.on_graph(move |db| ReadGraph(db).root(customer)).await
     }
 
     async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        self.blocking(move |db| Self::read_node(db, customer)).await
+        self.on_graph(move |db| Self::read_node(db, customer)).await
     }
 
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
         let ids = ids.to_vec();
-        self.blocking(move |db| {
+        self.on_graph(move |db| {
             let graph = ReadGraph(db);
             ids.iter().map(|id| graph.claim(id)).collect()
         })
@@ -273,18 +343,20 @@ fn read_profile(db: &Database, customer: CustomerId) -> Result<Option<Profile>, 
     })
 }
 
-#[async_trait]
-impl ProfileStore for EmbeddedStore {
-    async fn apply(
+impl EmbeddedStore {
+    /// One fold transaction; `durability` None leaves its pages in redb's
+    /// write buffer until a durable commit (see `ProfileStore::sync`).
+    async fn fold(
         &self,
         batch: &[ResolvedTouchpoint],
         options: &FoldOptions,
+        durability: Durability,
     ) -> Result<Applied, StoreError> {
         let batch = batch.to_vec();
         let options = options.clone();
-        self.blocking(move |db| {
+        self.on_views(move |db| {
             let mut tx = db.begin_write().map_err(storage)?;
-            tx.set_durability(Durability::Immediate).map_err(storage)?;
+            tx.set_durability(durability).map_err(storage)?;
             let mut applied = Applied::default();
             {
                 let mut access = TxProfiles {
@@ -324,6 +396,35 @@ impl ProfileStore for EmbeddedStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl ProfileStore for EmbeddedStore {
+    async fn apply(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        self.fold(batch, options, Durability::Immediate).await
+    }
+
+    async fn apply_unsynced(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        self.fold(batch, options, Durability::None).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        // A durable commit persists every non-durable one before it.
+        self.on_views(|db| {
+            let mut tx = db.begin_write().map_err(storage)?;
+            tx.set_durability(Durability::Immediate).map_err(storage)?;
+            tx.commit().map_err(storage)
+        })
+        .await
+    }
 
     async fn search(
         &self,
@@ -331,7 +432,7 @@ impl ProfileStore for EmbeddedStore {
         limit: usize,
     ) -> Result<Vec<CustomerId>, StoreError> {
         let prefixes = prefixes.to_vec();
-        self.blocking(move |db| {
+        self.on_views(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let table = tx.open_table(SEARCH).map_err(storage)?;
             let mut found: Vec<CustomerId> = Vec::new();
@@ -363,7 +464,7 @@ impl ProfileStore for EmbeddedStore {
     }
 
     async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
-        self.blocking(move |db| read_profile(db, customer)).await
+        self.on_views(move |db| read_profile(db, customer)).await
     }
 
     async fn timeline(
@@ -372,7 +473,7 @@ impl ProfileStore for EmbeddedStore {
         query: &TimelineQuery,
     ) -> Result<TimelinePage, StoreError> {
         let query = query.clone();
-        self.blocking(move |db| {
+        self.on_views(move |db| {
             let mut customers = vec![customer];
             if let Some(p) = read_profile(db, customer)? {
                 customers = vec![p.customer_id];

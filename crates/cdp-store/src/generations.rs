@@ -218,8 +218,9 @@ struct Registry {
     generations: Vec<(u32, UnixMillis)>,
 }
 
-/// Embedded generations: generation 1 in `dir/store.redb` (where the
-/// embedded store always was), generation `n` in `dir/gen-n/store.redb`,
+/// Embedded generations: generation 1 in `dir/store.redb` and
+/// `dir/views.redb` (where the embedded store always was), generation `n`
+/// in `dir/gen-n/`,
 /// the registry in `dir/generations.json` (replaced atomically).
 pub struct EmbeddedGenerations {
     dir: PathBuf,
@@ -391,15 +392,20 @@ impl Generations for EmbeddedGenerations {
         state.0 = registry;
         // The data goes after the registry forgot it: a crash in between
         // leaves files nothing refers to, never a registered empty generation.
-        let removed = if id == FIRST_GENERATION {
-            std::fs::remove_file(self.dir.join("store.redb"))
+        let removed: Vec<std::io::Result<()>> = if id == FIRST_GENERATION {
+            crate::embedded::FILES
+                .iter()
+                .map(|f| std::fs::remove_file(self.dir.join(f)))
+                .collect()
         } else {
-            std::fs::remove_dir_all(self.dir_of(id))
+            vec![std::fs::remove_dir_all(self.dir_of(id))]
         };
-        match removed {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(storage(e)),
+        for r in removed {
+            match r {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(storage(e)),
+            }
         }
         tracing::info!(generation = id, "generation dropped");
         Ok(())

@@ -117,6 +117,25 @@ pub trait ProfileStore: Send + Sync + 'static {
         options: &FoldOptions,
     ) -> Result<Applied, StoreError>;
 
+    /// [`apply`](Self::apply), visible to readers at once but durable only
+    /// after the next [`sync`](Self::sync): a worker that commits its log
+    /// positions only after a sync loses nothing in a crash (the log
+    /// delivers the unsynced events again, and folding is idempotent), and
+    /// writes each hot page once per sync instead of once per batch. A
+    /// store whose writes are always durable keeps this default.
+    async fn apply_unsynced(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        self.apply(batch, options).await
+    }
+
+    /// Makes every [`apply_unsynced`](Self::apply_unsynced) so far durable.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The live profile standing for `customer` (merges followed).
     async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError>;
 

@@ -10,7 +10,7 @@ use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
 use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
 use cdp_proto::record;
 use cdp_runtime::generation;
-use cdp_store::{FIRST_GENERATION, LiveStores, ProfileChanges};
+use cdp_store::{FIRST_GENERATION, LiveStores, ProfileChanges, ProfileStore};
 use tokio_util::sync::CancellationToken;
 
 /// The consumer group of profile workers.
@@ -24,6 +24,8 @@ pub struct ProfileWorker {
     /// Also announce changed customers on the `profile-changes` topic, for
     /// query services in other processes.
     announce_on_log: bool,
+    /// The store folded into since the last sync, and its generation.
+    unsynced: Option<(u32, Arc<dyn ProfileStore>)>,
 }
 
 impl ProfileWorker {
@@ -39,6 +41,7 @@ impl ProfileWorker {
             options,
             changes,
             announce_on_log: false,
+            unsynced: None,
         }
     }
 
@@ -124,11 +127,21 @@ impl BatchHandler for ProfileWorker {
                 "records of another projection generation skipped"
             );
         }
+        // A switch to another generation: the old one is made durable
+        // before anything is folded into the new one.
+        if self
+            .unsynced
+            .as_ref()
+            .is_some_and(|(generation, _)| *generation != stores.generation)
+        {
+            self.sync().await?;
+        }
         let applied = stores
             .profiles
-            .apply(&batch, &self.options)
+            .apply_unsynced(&batch, &self.options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
+        self.unsynced = Some((stores.generation, Arc::clone(&stores.profiles)));
         if applied.new_events < batch.len() {
             tracing::debug!(
                 redelivered = batch.len() - applied.new_events,
@@ -158,6 +171,17 @@ impl BatchHandler for ProfileWorker {
                 .await
                 .map_err(|e| Retry(format!("append to dead letters: {e}")))?;
         }
+        Ok(())
+    }
+
+    async fn sync(&mut self) -> Result<(), Retry> {
+        if let Some((generation, store)) = &self.unsynced {
+            store
+                .sync()
+                .await
+                .map_err(|e| Retry(format!("profile store sync (generation {generation}): {e}")))?;
+        }
+        self.unsynced = None;
         Ok(())
     }
 }
