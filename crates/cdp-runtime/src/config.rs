@@ -57,7 +57,7 @@ impl Default for LogConfig {
             backend: LogBackend::Embedded,
             partitions: 4,
             kafka: cdp_kafka::KafkaConfig::default(),
-            embedded_cache_mib: 64,
+            embedded_cache_mib: 32,
         }
     }
 }
@@ -77,8 +77,9 @@ pub struct StoreConfig {
     pub backend: StoreBackend,
     /// Settings of the ScyllaDB back end (`backend = "scylla"`).
     pub scylla: cdp_scylla::ScyllaConfig,
-    /// Page cache of each embedded store generation, in MiB (part of the
-    /// process's memory; reads beyond it go to the OS page cache).
+    /// Page cache of each embedded store generation, in MiB, shared by its
+    /// graph and views files (part of the process's memory; reads beyond it
+    /// go to the OS page cache; pages written between syncs wait in half of it).
     pub embedded_cache_mib: u64,
 }
 
@@ -87,7 +88,7 @@ impl Default for StoreConfig {
         StoreConfig {
             backend: StoreBackend::Embedded,
             scylla: cdp_scylla::ScyllaConfig::default(),
-            embedded_cache_mib: 256,
+            embedded_cache_mib: 128,
         }
     }
 }
