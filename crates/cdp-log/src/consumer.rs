@@ -327,11 +327,13 @@ mod tests {
             .sum()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn positions_are_committed_after_a_sync_and_at_stop() {
+    /// A consumer of `n` records with `commit_interval`, run until every
+    /// position is committed and then stopped: the handled count at each
+    /// sync, and the records handled in all.
+    async fn consume(n: usize, commit_interval: Duration) -> (Vec<usize>, usize) {
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(dir.path(), 1).unwrap();
-        append(&log, 10).await;
+        append(&log, n).await;
         let synced = Arc::new(Mutex::new(Vec::new()));
         let mut handler = Counting {
             handled: 0,
@@ -342,8 +344,7 @@ mod tests {
             .await
             .unwrap();
         let cancel = CancellationToken::new();
-        // An interval longer than the test: only idleness and the stop commit.
-        let opts = options(Duration::from_secs(3600));
+        let opts = options(commit_interval);
         let run = {
             let cancel = cancel.clone();
             tokio::spawn(async move {
@@ -351,50 +352,32 @@ mod tests {
                 handler.handled
             })
         };
-        // Three batches of up to 4 are handled, then the idle poll syncs and commits.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while committed(&log).await < 10 {
+        while committed(&log).await < n as u64 {
             assert!(tokio::time::Instant::now() < deadline, "never committed");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(synced.lock().unwrap().last(), Some(&10));
-        // One sync covered every batch handled while records kept coming.
-        assert_eq!(synced.lock().unwrap().len(), 1);
+        // Positions never run ahead of a sync.
+        let at_commit = synced.lock().unwrap().clone();
         cancel.cancel();
-        assert_eq!(run.await.unwrap(), 10);
+        let handled = run.await.unwrap();
+        (at_commit, handled)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn positions_are_committed_after_a_sync_and_at_stop() {
+        // An interval longer than the test: three batches of up to 4 are
+        // handled, then the idle poll syncs once and commits.
+        let (synced, handled) = consume(10, Duration::from_secs(3600)).await;
+        assert_eq!(synced, vec![10]);
+        assert_eq!(handled, 10);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_busy_consumer_commits_every_interval() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path(), 1).unwrap();
-        append(&log, 40).await;
-        let synced = Arc::new(Mutex::new(Vec::new()));
-        let mut handler = Counting {
-            handled: 0,
-            synced: Arc::clone(&synced),
-        };
-        let sub = log
-            .subscribe("g", Topic::Touchpoints, Membership::default())
-            .await
-            .unwrap();
-        let cancel = CancellationToken::new();
         // A zero interval: every batch is synced and committed as it is handled.
-        let opts = options(Duration::ZERO);
-        let run = {
-            let cancel = cancel.clone();
-            tokio::spawn(async move { run(sub, &mut handler, &opts, cancel).await })
-        };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while committed(&log).await < 40 {
-            assert!(tokio::time::Instant::now() < deadline, "never committed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        cancel.cancel();
-        run.await.unwrap();
-        assert_eq!(
-            *synced.lock().unwrap(),
-            vec![4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
-        );
+        let (synced, handled) = consume(40, Duration::ZERO).await;
+        assert_eq!(synced, vec![4, 8, 12, 16, 20, 24, 28, 32, 36, 40]);
+        assert_eq!(handled, 40);
     }
 }
