@@ -149,22 +149,6 @@ pub async fn run(
             polled = sub.poll(options.batch_size, options.poll_interval) => polled,
         };
         let records = match polled {
-            Ok(r) if r.is_empty() => {
-                // Idle: nothing is gained by waiting longer to commit.
-                if !commit(
-                    sub.as_mut(),
-                    handler,
-                    &mut pending,
-                    &mut backoff,
-                    &cancel,
-                    name,
-                )
-                .await
-                {
-                    break;
-                }
-                continue;
-            }
             Ok(r) => r,
             Err(error) => {
                 tracing::warn!(consumer = name, %error, "poll failed; backing off");
@@ -178,23 +162,28 @@ pub async fn run(
                 continue;
             }
         };
-        while let Err(error) = handler.handle(&records).await {
-            tracing::warn!(consumer = name, %error, records = records.len(), "batch failed; retrying");
-            if !backoff.wait(&cancel).await {
-                // Not committed: the batch is delivered again after a restart.
-                break 'outer;
+        if !records.is_empty() {
+            while let Err(error) = handler.handle(&records).await {
+                tracing::warn!(consumer = name, %error, records = records.len(), "batch failed; retrying");
+                if !backoff.wait(&cancel).await {
+                    // Not committed: the batch is delivered again after a restart.
+                    break 'outer;
+                }
             }
+            if pending.is_empty() {
+                pending_since = tokio::time::Instant::now();
+            }
+            for (partition, next) in next_positions(&records) {
+                let e = pending.entry(partition).or_insert(next);
+                *e = (*e).max(next);
+            }
+            backoff.reset();
+            tracing::debug!(consumer = name, records = records.len(), "batch handled");
         }
-        if pending.is_empty() {
-            pending_since = tokio::time::Instant::now();
-        }
-        for (partition, next) in next_positions(&records) {
-            let e = pending.entry(partition).or_insert(next);
-            *e = (*e).max(next);
-        }
-        backoff.reset();
-        tracing::debug!(consumer = name, records = records.len(), "batch handled");
-        if pending_since.elapsed() >= options.commit_interval
+        // Commit once the interval is up, or when idle: nothing is gained
+        // by waiting longer then.
+        let due = records.is_empty() || pending_since.elapsed() >= options.commit_interval;
+        if due
             && !commit(
                 sub.as_mut(),
                 handler,
