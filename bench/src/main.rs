@@ -470,8 +470,8 @@ async fn freshness(
 }
 
 async fn replay(cdp: &CdpProcess) -> anyhow::Result<Value> {
-    let mut client =
-        ReplayServiceClient::new(cdp.query_channel().await).max_decoding_message_size(16 << 20);
+    let mut client = ReplayServiceClient::new(cdp.projection_channel().await)
+        .max_decoding_message_size(16 << 20);
     let started = Instant::now();
     let mut stream = client.replay(ReplayRequest::default()).await?.into_inner();
     let mut n = 0u64;
@@ -523,7 +523,7 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
     let events = pop.events;
     let emails = Arc::new(pop.emails);
     let cdp = CdpProcess::start_on(backend, CONFIG);
-    let mut projections = ProjectionServiceClient::new(cdp.query_channel().await);
+    let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
 
     eprintln!("[bench] ingesting {events} events");
     let started = Instant::now();

@@ -358,22 +358,17 @@ pub fn evaluate(population: &Population, rules: &crate::rules::IdentityRules) ->
             rejected += 1;
             continue;
         };
-        if let Resolution::Resolved(d) = model.apply(&t) {
-            assigned.push((*person, d.customer_id));
+        match model.apply(&t) {
+            Ok(Resolution::Resolved(d)) => assigned.push((*person, d.customer_id)),
+            Ok(Resolution::Unresolvable { .. }) => {}
+            // The model writes sound redirects; count a broken one as a miss.
+            Err(_) => rejected += 1,
         }
     }
     let elapsed = started.elapsed();
     let records: Vec<(usize, crate::event::CustomerId)> = assigned
         .iter()
-        .map(|(p, c)| {
-            (
-                *p,
-                model
-                    .graph()
-                    .root(*c)
-                    .unwrap_or_else(|never| match never {}),
-            )
-        })
+        .filter_map(|(p, c)| Some((*p, model.graph().root(*c).ok()?)))
         .collect();
     let of_role = |role: Role| -> Vec<(usize, crate::event::CustomerId)> {
         records

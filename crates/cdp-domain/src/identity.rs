@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::event::{CustomerId, EventId, IdKind, Identifier, Touchpoint, UnixMillis};
+use crate::redirect::{self, RedirectError};
 use crate::rules::{BlockReason, IdentityRules};
 
 /// Who an identifier was linked to, by which event, when.
@@ -156,21 +157,13 @@ pub struct ResolvedTouchpoint {
 
 /// Read access to an identity graph.
 pub trait GraphRead {
-    type Error;
+    type Error: From<RedirectError>;
     fn claim(&self, id: &Identifier) -> Result<Option<Claim>, Self::Error>;
     fn node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, Self::Error>;
 
     /// Follows redirects to the customer that currently stands for `customer`.
     fn root(&self, customer: CustomerId) -> Result<CustomerId, Self::Error> {
-        let mut current = customer;
-        // Chains are short (each merge rewrites claims), but guard against cycles.
-        for _ in 0..64 {
-            match self.node(current)?.and_then(|n| n.merged_into) {
-                Some(next) if next != current => current = next,
-                _ => return Ok(current),
-            }
-        }
-        Ok(current)
+        redirect::follow(customer, |c| Ok(self.node(c)?.and_then(|n| n.merged_into)))
     }
 
     /// The customer that owns `id` now, if any.
@@ -403,6 +396,38 @@ pub fn resolve<G: GraphWrite>(
     Ok(resolution)
 }
 
+/// The decision taken for each event, kept beside the graph (in the same
+/// transaction, or the same commit point) so that a re-delivered event gets
+/// the same customer and the same merges.
+pub trait DecisionLog: GraphWrite {
+    /// The decision stored for `event`, if any.
+    fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, Self::Error>;
+    fn put_decision(
+        &mut self,
+        event: &Touchpoint,
+        resolution: &Resolution,
+    ) -> Result<(), Self::Error>;
+}
+
+/// Resolves `event` once: the decision stored for it is returned as it was;
+/// otherwise it is decided, applied to the graph and stored. Only decisions
+/// are stored: an event no identifier may attribute may resolve once the
+/// rules change and it is re-driven.
+pub fn resolve_once<G: DecisionLog>(
+    graph: &mut G,
+    rules: &IdentityRules,
+    event: &Touchpoint,
+) -> Result<Resolution, G::Error> {
+    if let Some(stored) = graph.decision(event)? {
+        return Ok(stored);
+    }
+    let resolution = resolve(graph, rules, event)?;
+    if matches!(resolution, Resolution::Resolved(_)) {
+        graph.put_decision(event, &resolution)?;
+    }
+    Ok(resolution)
+}
+
 /// An in-memory identity graph: the reference model and the unit-test store.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryGraph {
@@ -422,7 +447,7 @@ impl MemoryGraph {
 }
 
 impl GraphRead for MemoryGraph {
-    type Error = std::convert::Infallible;
+    type Error = RedirectError;
 
     fn claim(&self, id: &Identifier) -> Result<Option<Claim>, Self::Error> {
         Ok(self.claims.get(id).cloned())

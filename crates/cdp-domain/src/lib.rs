@@ -1,14 +1,23 @@
 //! The CDP's domain: the event model, validation, identifier normalisation,
 //! identity rules and the profile fold. Pure logic: no async runtime, no
 //! network, no storage. Everything else in the workspace calls into it.
+//!
+//! The `testsuite` feature adds what tests and benchmarks need and
+//! production does not: generated journeys (`journey`), the sequential
+//! reference model (`reference`) and the identity accuracy benchmark
+//! (`accuracy`), with the `rand` they use.
 
+#[cfg(any(test, feature = "testsuite"))]
 pub mod accuracy;
 pub mod event;
 pub mod identity;
+#[cfg(any(test, feature = "testsuite"))]
 pub mod journey;
 pub mod normalize;
 pub mod profile;
 pub mod props;
+pub mod redirect;
+#[cfg(any(test, feature = "testsuite"))]
 pub mod reference;
 pub mod rules;
 pub mod search;

@@ -737,20 +737,18 @@ pub enum ProfileSlot {
 /// Storage access for [`fold_resolved`]; stores implement it over their own
 /// transaction (or with optimistic concurrency).
 pub trait ProfileAccess {
-    type Error;
+    type Error: From<crate::redirect::RedirectError>;
     fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, Self::Error>;
     fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error>;
 
     /// Follows merge redirects to the live customer.
     fn live_root(&mut self, customer: CustomerId) -> Result<CustomerId, Self::Error> {
-        let mut current = customer;
-        for _ in 0..64 {
-            match self.load(current)? {
-                Some(ProfileSlot::MergedInto(next)) if next != current => current = next,
-                _ => return Ok(current),
-            }
-        }
-        Ok(current)
+        crate::redirect::follow(customer, |c| {
+            Ok(match self.load(c)? {
+                Some(ProfileSlot::MergedInto(next)) => Some(next),
+                _ => None,
+            })
+        })
     }
 }
 
@@ -799,7 +797,7 @@ pub fn fold_resolved<A: ProfileAccess>(
 
 /// Profiles in memory: the reference model's store.
 impl ProfileAccess for BTreeMap<CustomerId, ProfileSlot> {
-    type Error = std::convert::Infallible;
+    type Error = crate::redirect::RedirectError;
 
     fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, Self::Error> {
         Ok(self.get(&customer).cloned())

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::event::{CustomerId, Identifier, Touchpoint};
 use crate::identity::{self, GraphRead, MemoryGraph, Resolution, ResolvedTouchpoint};
 use crate::profile::{FoldOptions, Profile, ProfileSlot, ProfileView, fold_resolved};
+use crate::redirect::RedirectError;
 use crate::rules::IdentityRules;
 
 /// One customer as the model sees it: the linked identifiers and the view.
@@ -35,12 +36,10 @@ impl ReferenceModel {
         }
     }
 
-    /// Resolves and folds one event.
-    pub fn apply(&mut self, t: &Touchpoint) -> Resolution {
-        let resolution = match identity::resolve(&mut self.graph, &self.rules, t) {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
+    /// Resolves and folds one event. Fails only on a broken redirect
+    /// chain, which the model itself never writes.
+    pub fn apply(&mut self, t: &Touchpoint) -> Result<Resolution, RedirectError> {
+        let resolution = identity::resolve(&mut self.graph, &self.rules, t)?;
         match &resolution {
             Resolution::Resolved(d) => {
                 let resolved = ResolvedTouchpoint {
@@ -48,13 +47,11 @@ impl ReferenceModel {
                     merges: d.merges.clone(),
                     touchpoint: t.clone(),
                 };
-                if let Err(never) = fold_resolved(&mut self.profiles, &resolved, &self.options) {
-                    match never {}
-                }
+                fold_resolved(&mut self.profiles, &resolved, &self.options)?;
             }
             Resolution::Unresolvable { .. } => self.unresolvable += 1,
         }
-        resolution
+        Ok(resolution)
     }
 
     pub fn graph(&self) -> &MemoryGraph {
@@ -67,10 +64,7 @@ impl ReferenceModel {
 
     /// The profile of the customer who owns `id`.
     pub fn profile_of(&self, id: &Identifier) -> Option<&Profile> {
-        let owner = match self.graph.owner(id) {
-            Ok(o) => o?,
-            Err(never) => match never {},
-        };
+        let owner = self.graph.owner(id).ok()??;
         match self.profiles.get(&owner) {
             Some(ProfileSlot::Live(p)) => Some(p.as_ref()),
             _ => None,

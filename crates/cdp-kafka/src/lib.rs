@@ -7,9 +7,9 @@
 //!   [`LogError::Unavailable`] after `message_timeout_ms`.
 //! - **Partitioning** uses [`cdp_log::partition_for`], the same partitioner as
 //!   the embedded log, so one key keeps its order on both back ends.
-//! - **Topics** (`<prefix>touchpoints`, `identity`, `resolved`,
-//!   `dead-letters`, `audit`) are created on connect with the configured
-//!   partition count and replication factor when they do not exist.
+//! - **Topics** (the pipeline's, `<prefix>touchpoints` and so on, named by
+//!   `cdp-pipeline`) are created on connect with the configured partition
+//!   count and replication factor when they do not exist.
 //! - **Consumers** commit their positions to a Kafka consumer group, but their
 //!   partitions are assigned statically by [`Membership`] (member `i` of `n`
 //!   owns the partitions `p` with `p % n == i`; `pipeline.processes` and
@@ -22,7 +22,7 @@
 //!   (ScyllaDB in production); Kafka itself only deduplicates producer
 //!   retries within a session.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,42 +39,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-/// Kafka settings (`[log.kafka]` in the config file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct KafkaConfig {
-    /// `bootstrap.servers`.
-    pub brokers: String,
-    /// Prepended to every topic name, so several deployments (or test runs)
-    /// can share a cluster.
-    pub topic_prefix: String,
-    pub replication_factor: i32,
-    /// How long an append may wait for the broker before it fails.
-    pub message_timeout_ms: u64,
-    /// Timeout of metadata, offset and commit requests.
-    pub request_timeout_ms: u64,
-    /// `client.id` prefix.
-    pub client_id: String,
-    /// Extra librdkafka properties for every client (e.g. security settings).
-    pub properties: BTreeMap<String, String>,
-}
-
-impl Default for KafkaConfig {
-    fn default() -> Self {
-        KafkaConfig {
-            brokers: "127.0.0.1:9092".into(),
-            topic_prefix: "cdp.".into(),
-            replication_factor: 1,
-            message_timeout_ms: 10_000,
-            request_timeout_ms: 10_000,
-            client_id: "cdp".into(),
-            properties: BTreeMap::new(),
-        }
-    }
-}
+pub use cdp_config::KafkaConfig;
 
 fn unavailable(e: KafkaError) -> LogError {
     LogError::Unavailable(e.to_string())
@@ -140,10 +107,11 @@ struct Inner {
 }
 
 impl KafkaLog {
-    /// Connects, creates missing topics (with `partitions` partitions each)
-    /// and reads their partition counts.
+    /// Connects, creates the missing ones of `topics` (with `partitions`
+    /// partitions each) and reads their partition counts.
     pub async fn connect(
         config: KafkaConfig,
+        topics: &[Topic],
         partitions: u32,
         dedupe: Option<Arc<dyn DedupeIndex>>,
     ) -> Result<Self, LogError> {
@@ -161,7 +129,7 @@ impl KafkaLog {
         let admin: AdminClient<DefaultClientContext> = client_config(&config, "admin")
             .create()
             .map_err(unavailable)?;
-        let names: Vec<String> = Topic::ALL.iter().map(|t| topic_name(&config, *t)).collect();
+        let names: Vec<String> = topics.iter().map(|t| topic_name(&config, *t)).collect();
         let new: Vec<NewTopic<'_>> = names
             .iter()
             .map(|n| {
@@ -190,7 +158,7 @@ impl KafkaLog {
         }
         let meta = Arc::new(meta);
         let mut counts = HashMap::new();
-        for topic in Topic::ALL {
+        for &topic in topics {
             let name = topic_name(&config, topic);
             let count = blocking({
                 let meta = Arc::clone(&meta);
@@ -237,6 +205,15 @@ impl KafkaLog {
 
     fn name(&self, topic: Topic) -> String {
         topic_name(&self.inner.config, topic)
+    }
+
+    /// The Kafka name of `topic`, if the log was opened with it.
+    fn known(&self, topic: Topic) -> Result<String, LogError> {
+        if self.inner.partitions.contains_key(&topic) {
+            Ok(self.name(topic))
+        } else {
+            Err(cdp_log::unknown_topic(topic))
+        }
     }
 
     fn timeout(&self) -> Duration {
@@ -407,6 +384,7 @@ fn committed_of(
 #[async_trait]
 impl EventLog for KafkaLog {
     async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Appended>, LogError> {
+        self.known(topic)?;
         let dedupe = self.inner.dedupe.clone();
         let keys: Vec<Option<Vec<u8>>> = match &dedupe {
             Some(_) => records.iter().map(|r| r.idempotency_key.clone()).collect(),
@@ -503,7 +481,7 @@ impl EventLog for KafkaLog {
     }
 
     fn partitions(&self, topic: Topic) -> u32 {
-        self.inner.partitions.get(&topic).copied().unwrap_or(1)
+        self.inner.partitions.get(&topic).copied().unwrap_or(0)
     }
 
     fn deduplicates(&self) -> bool {
@@ -516,7 +494,7 @@ impl EventLog for KafkaLog {
         topic: Topic,
         membership: Membership,
     ) -> Result<Box<dyn Subscription>, LogError> {
-        let name = self.name(topic);
+        let name = self.known(topic)?;
         let owned: Vec<u32> = (0..self.partitions(topic))
             .filter(|p| membership.owns(*p))
             .collect();
@@ -540,7 +518,7 @@ impl EventLog for KafkaLog {
         from: u64,
         max: usize,
     ) -> Result<Vec<LogRecord>, LogError> {
-        let name = self.name(topic);
+        let name = self.known(topic)?;
         let pooled = self.inner.readers.lock().ok().and_then(|mut r| r.pop());
         let consumer: BaseConsumer = match pooled {
             Some(c) => c,
@@ -628,7 +606,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn end_offsets(&self, topic: Topic) -> Result<Vec<u64>, LogError> {
-        let name = self.name(topic);
+        let name = self.known(topic)?;
         let partitions = self.partitions(topic);
         let meta = Arc::clone(&self.inner.meta);
         let timeout = self.timeout();
@@ -646,7 +624,7 @@ impl EventLog for KafkaLog {
     }
 
     async fn committed(&self, group: &str, topic: Topic) -> Result<Vec<u64>, LogError> {
-        let name = self.name(topic);
+        let name = self.known(topic)?;
         let partitions: Vec<u32> = (0..self.partitions(topic)).collect();
         let consumer: BaseConsumer = self.consumer(group)?;
         let timeout = self.timeout();

@@ -2,11 +2,73 @@
 //! it (the embedded log in this crate's tests, Kafka against a real broker),
 //! so the implementations cannot drift apart. Each check panics with a
 //! message on failure.
+//!
+//! [`event_log_test_suite!`](crate::event_log_test_suite) turns the suite
+//! into one test per case for a [`LogUnderTest`], so the first failure does
+//! not hide the others (the shape of Quickwit's `metastore_test_suite!`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use async_trait::async_trait;
+
 use crate::{Appended, EventLog, Membership, Record, Topic};
+
+/// The topics the suite appends to: open a log under test with them.
+pub const TOPICS: [Topic; 4] = [
+    Topic::new("conformance-a"),
+    Topic::new("conformance-b"),
+    Topic::new("conformance-c"),
+    Topic::new("conformance-d"),
+];
+
+/// Partitions a log under test should have (the split check needs two or more).
+pub const PARTITIONS: u32 = 4;
+
+/// An implementation of the port as the suite runs it: a fresh log (its
+/// own files or topics) for every case.
+#[async_trait]
+pub trait LogUnderTest: Send + Sync + Sized + 'static {
+    /// Opens a fresh, empty log with [`TOPICS`] and [`PARTITIONS`].
+    async fn open() -> Self;
+    fn log(&self) -> &dyn EventLog;
+}
+
+/// One test per conformance case for a [`LogUnderTest`]:
+/// `event_log_test_suite!(module_name, Fixture)`, optionally followed by
+/// attributes for every test (`#[ignore = "needs Kafka"]`). The calling
+/// crate needs `tokio` with its test macros.
+#[macro_export]
+macro_rules! event_log_test_suite {
+    ($module:ident, $fixture:ty $(, #[$attr:meta])*) => {
+        $crate::event_log_test_suite!(@cases $module, $fixture, [$(#[$attr])*];
+            keeps_order_per_key,
+            resumes_from_committed_positions,
+            poll_wakes_up_on_append,
+            members_split_partitions,
+            deduplicates_by_idempotency_key,
+            refuses_unknown_topics);
+    };
+    (@cases $module:ident, $fixture:ty, $attrs:tt; $($case:ident),+) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $($crate::event_log_test_suite!(@case $fixture, $attrs, $case);)+
+        }
+    };
+    (@case $fixture:ty, [$($attr:tt)*], $case:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $($attr)*
+        async fn $case() {
+            let fixture = <$fixture as $crate::conformance::LogUnderTest>::open().await;
+            $crate::conformance::$case(
+                $crate::conformance::LogUnderTest::log(&fixture),
+                stringify!($case),
+            )
+            .await;
+        }
+    };
+}
 
 fn record(key: &str, value: &str) -> Record {
     Record {
@@ -51,7 +113,7 @@ pub async fn keeps_order_per_key(log: &dyn EventLog, prefix: &str) {
     let key = format!("{prefix}-customer-1");
     let appended = log
         .append(
-            Topic::Touchpoints,
+            TOPICS[0],
             (0..10).map(|i| record(&key, &format!("v{i}"))).collect(),
         )
         .await
@@ -66,7 +128,7 @@ pub async fn keeps_order_per_key(log: &dyn EventLog, prefix: &str) {
         "offsets not consecutive: {pos:?}"
     );
     let read = log
-        .read(Topic::Touchpoints, pos[0].0, pos[0].1, 10)
+        .read(TOPICS[0], pos[0].0, pos[0].1, 10)
         .await
         .unwrap_or_else(|e| panic!("read failed: {e}"));
     let values: Vec<String> = read
@@ -80,7 +142,7 @@ pub async fn keeps_order_per_key(log: &dyn EventLog, prefix: &str) {
         Some(b"00-abc-def-01".as_slice())
     );
     let ends = log
-        .end_offsets(Topic::Touchpoints)
+        .end_offsets(TOPICS[0])
         .await
         .unwrap_or_else(|e| panic!("end offsets: {e}"));
     assert!(
@@ -93,7 +155,7 @@ pub async fn keeps_order_per_key(log: &dyn EventLog, prefix: &str) {
 /// same group resumes after the committed position.
 pub async fn resumes_from_committed_positions(log: &dyn EventLog, prefix: &str) {
     let group = format!("{prefix}-group");
-    let topic = Topic::Resolved;
+    let topic = TOPICS[1];
     let mut sub = log
         .subscribe(&group, topic, Membership::default())
         .await
@@ -168,14 +230,13 @@ pub async fn resumes_from_committed_positions(log: &dyn EventLog, prefix: &str) 
 pub async fn poll_wakes_up_on_append(log: &dyn EventLog, prefix: &str) {
     let group = format!("{prefix}-waker");
     let mut sub = log
-        .subscribe(&group, Topic::Identity, Membership::default())
+        .subscribe(&group, TOPICS[2], Membership::default())
         .await
         .unwrap_or_else(|e| panic!("subscribe failed: {e}"));
     drain(sub.as_mut(), usize::MAX, Duration::from_millis(500)).await;
     let writer = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        log.append(Topic::Identity, vec![record(prefix, "wake")])
-            .await
+        log.append(TOPICS[2], vec![record(prefix, "wake")]).await
     };
     let reader = sub.poll(10, Duration::from_secs(20));
     let (appended, polled) = tokio::join!(writer, reader);
@@ -189,15 +250,16 @@ pub async fn poll_wakes_up_on_append(log: &dyn EventLog, prefix: &str) {
 
 /// Members of one group split the partitions between them.
 pub async fn members_split_partitions(log: &dyn EventLog, prefix: &str) {
-    let n = log.partitions(Topic::DeadLetters);
-    if n < 2 {
-        return;
-    }
+    let n = log.partitions(TOPICS[3]);
+    assert!(
+        n >= 2,
+        "open the log under test with {PARTITIONS} partitions, not {n}"
+    );
     let group = format!("{prefix}-split");
     let mut a = log
         .subscribe(
             &group,
-            Topic::DeadLetters,
+            TOPICS[3],
             Membership {
                 index: 0,
                 members: 2,
@@ -208,7 +270,7 @@ pub async fn members_split_partitions(log: &dyn EventLog, prefix: &str) {
     let mut b = log
         .subscribe(
             &group,
-            Topic::DeadLetters,
+            TOPICS[3],
             Membership {
                 index: 1,
                 members: 2,
@@ -219,7 +281,7 @@ pub async fn members_split_partitions(log: &dyn EventLog, prefix: &str) {
     let records: Vec<Record> = (0..40)
         .map(|i| record(&format!("{prefix}-{i}"), prefix))
         .collect();
-    log.append(Topic::DeadLetters, records)
+    log.append(TOPICS[3], records)
         .await
         .unwrap_or_else(|e| panic!("append failed: {e}"));
     let mut got_a = drain(a.as_mut(), 40, Duration::from_secs(3)).await;
@@ -245,22 +307,27 @@ pub async fn members_split_partitions(log: &dyn EventLog, prefix: &str) {
     );
 }
 
-/// A record whose idempotency key was seen is not appended again.
+/// A record whose idempotency key was seen is not appended again, by a log
+/// that says it deduplicates; one that does not appends every record.
 pub async fn deduplicates_by_idempotency_key(log: &dyn EventLog, prefix: &str) {
-    if !log.deduplicates() {
-        return;
-    }
     let mut r = record(prefix, "once");
     r.idempotency_key = Some(format!("{prefix}-event-1").into_bytes());
     let first = log
-        .append(Topic::Touchpoints, vec![r.clone(), r.clone()])
+        .append(TOPICS[0], vec![r.clone(), r.clone()])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let again = log
-        .append(Topic::Touchpoints, vec![r])
+        .append(TOPICS[0], vec![r])
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(first[0], Appended::New { .. }));
+    if !log.deduplicates() {
+        assert!(
+            matches!(first[1], Appended::New { .. }) && matches!(again[0], Appended::New { .. }),
+            "a log that does not deduplicate appended {first:?} then {again:?}"
+        );
+        return;
+    }
     let pos = positions(&first)[0];
     assert_eq!(
         first[1],
@@ -301,11 +368,23 @@ pub async fn dedupe_index_remembers(index: &dyn crate::DedupeIndex, prefix: &str
     assert_eq!(known, vec![Some((2, 40)), Some((3, 7)), None]);
 }
 
-/// Runs every check.
-pub async fn run_all(log: &dyn EventLog, prefix: &str) {
-    keeps_order_per_key(log, prefix).await;
-    resumes_from_committed_positions(log, prefix).await;
-    poll_wakes_up_on_append(log, prefix).await;
-    members_split_partitions(log, prefix).await;
-    deduplicates_by_idempotency_key(log, prefix).await;
+/// A topic the log was not opened with is refused by name, never created
+/// on the fly or mixed up with another.
+pub async fn refuses_unknown_topics(log: &dyn EventLog, prefix: &str) {
+    let stranger = Topic::new("conformance-not-opened");
+    assert_eq!(log.partitions(stranger), 0);
+    let refused = log
+        .append(stranger, vec![record(prefix, "lost")])
+        .await
+        .expect_err("an append to an unknown topic must fail");
+    assert!(
+        refused.to_string().contains("conformance-not-opened"),
+        "the error names the topic: {refused}"
+    );
+    assert!(log.read(stranger, 0, 0, 1).await.is_err());
+    assert!(
+        log.subscribe(prefix, stranger, Membership::default())
+            .await
+            .is_err()
+    );
 }

@@ -263,6 +263,8 @@ mod tests {
     use crate::embedded::EmbeddedLog;
     use crate::{EventLog, Membership, Record, Topic};
 
+    const TOPIC: Topic = Topic::new("test");
+
     /// Records how many records it handled, and how many of them were
     /// handled when positions could last have been committed (its syncs).
     #[derive(Default)]
@@ -305,15 +307,11 @@ mod tests {
                 ..Record::default()
             })
             .collect();
-        log.append(Topic::Touchpoints, records).await.unwrap();
+        log.append(TOPIC, records).await.unwrap();
     }
 
     async fn committed(log: &EmbeddedLog) -> u64 {
-        log.committed("g", Topic::Touchpoints)
-            .await
-            .unwrap()
-            .iter()
-            .sum()
+        log.committed("g", TOPIC).await.unwrap().iter().sum()
     }
 
     /// A consumer of `n` records with `commit_interval`, run until every
@@ -321,7 +319,7 @@ mod tests {
     /// sync, and the records handled in all.
     async fn consume(n: usize, commit_interval: Duration) -> (Vec<usize>, usize) {
         let dir = tempfile::tempdir().unwrap();
-        let log = EmbeddedLog::open(dir.path(), 1).unwrap();
+        let log = EmbeddedLog::open(dir.path(), &[TOPIC], 1).unwrap();
         append(&log, n).await;
         let synced = Arc::new(Mutex::new(Vec::new()));
         let mut handler = Counting {
@@ -329,7 +327,7 @@ mod tests {
             synced: Arc::clone(&synced),
         };
         let sub = log
-            .subscribe("g", Topic::Touchpoints, Membership::default())
+            .subscribe("g", TOPIC, Membership::default())
             .await
             .unwrap();
         let cancel = CancellationToken::new();

@@ -123,15 +123,17 @@ pub struct EmbeddedLog {
 }
 
 impl EmbeddedLog {
-    /// Opens (or creates) the log in `dir/log.redb`. `partitions` applies to
-    /// every topic; a log created with another count keeps its own.
-    pub fn open(dir: &Path, partitions: u32) -> Result<Self, LogError> {
-        Self::open_with_cache(dir, partitions, 64 << 20)
+    /// Opens (or creates) the log of `topics` in `dir/log.redb`.
+    /// `partitions` applies to every topic created now; a topic created with
+    /// another count keeps its own.
+    pub fn open(dir: &Path, topics: &[Topic], partitions: u32) -> Result<Self, LogError> {
+        Self::open_with_cache(dir, topics, partitions, 64 << 20)
     }
 
     /// [`open`](Self::open) with a page cache of `cache_bytes`.
     pub fn open_with_cache(
         dir: &Path,
+        topics: &[Topic],
         partitions: u32,
         cache_bytes: usize,
     ) -> Result<Self, LogError> {
@@ -142,7 +144,7 @@ impl EmbeddedLog {
                 .create(dir.join("log.redb"))
                 .map_err(storage)?,
         );
-        let partitions = Self::init_partitions(&db, partitions.max(1))?;
+        let partitions = Self::init_partitions(&db, topics, partitions.max(1))?;
         let (tx, rx) = mpsc::channel::<AppendRequest>(4096);
         let (notify, appended) = watch::channel(0u64);
         let writer_db = Arc::clone(&db);
@@ -163,12 +165,16 @@ impl EmbeddedLog {
     }
 
     /// Every topic's partition count, fixed when the log was created.
-    fn init_partitions(db: &Database, wanted: u32) -> Result<BTreeMap<Topic, u32>, LogError> {
+    fn init_partitions(
+        db: &Database,
+        topics: &[Topic],
+        wanted: u32,
+    ) -> Result<BTreeMap<Topic, u32>, LogError> {
         let tx = db.begin_write().map_err(storage)?;
         let mut out = BTreeMap::new();
         {
             let mut heads = tx.open_table(HEADS).map_err(storage)?;
-            for topic in Topic::ALL {
+            for &topic in topics {
                 let mut existing = 0;
                 while heads
                     .get((topic.name(), existing))
@@ -270,6 +276,7 @@ fn write_batch(
         let mut next: BTreeMap<(Topic, u32), u64> = BTreeMap::new();
         for req in batch {
             let n = partitions.get(&req.topic).copied().unwrap_or(1);
+            debug_assert!(partitions.contains_key(&req.topic), "checked at append");
             let mut out = Vec::with_capacity(req.records.len());
             for record in &req.records {
                 if let Some(key) = &record.idempotency_key
@@ -338,6 +345,9 @@ fn read_range(
 #[async_trait]
 impl EventLog for EmbeddedLog {
     async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Appended>, LogError> {
+        if !self.inner.partitions.contains_key(&topic) {
+            return Err(crate::unknown_topic(topic));
+        }
         if records.is_empty() {
             return Ok(Vec::new());
         }
@@ -355,7 +365,7 @@ impl EventLog for EmbeddedLog {
     }
 
     fn partitions(&self, topic: Topic) -> u32 {
-        self.inner.partitions.get(&topic).copied().unwrap_or(1)
+        self.inner.partitions.get(&topic).copied().unwrap_or(0)
     }
 
     fn deduplicates(&self) -> bool {
@@ -368,6 +378,9 @@ impl EventLog for EmbeddedLog {
         topic: Topic,
         membership: Membership,
     ) -> Result<Box<dyn Subscription>, LogError> {
+        if !self.inner.partitions.contains_key(&topic) {
+            return Err(crate::unknown_topic(topic));
+        }
         if membership.members == 0 || membership.index >= membership.members {
             return Err(LogError::Invalid(format!(
                 "member {} of {} does not exist",
@@ -396,6 +409,9 @@ impl EventLog for EmbeddedLog {
         from: u64,
         max: usize,
     ) -> Result<Vec<LogRecord>, LogError> {
+        if !self.inner.partitions.contains_key(&topic) {
+            return Err(crate::unknown_topic(topic));
+        }
         if partition >= self.partitions(topic) {
             return Err(LogError::Invalid(format!(
                 "topic {topic} has no partition {partition}"
@@ -407,6 +423,9 @@ impl EventLog for EmbeddedLog {
 
     async fn end_offsets(&self, topic: Topic) -> Result<Vec<u64>, LogError> {
         let n = self.partitions(topic);
+        if n == 0 {
+            return Err(crate::unknown_topic(topic));
+        }
         self.blocking(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let heads = tx.open_table(HEADS).map_err(storage)?;
@@ -424,6 +443,9 @@ impl EventLog for EmbeddedLog {
 
     async fn committed(&self, group: &str, topic: Topic) -> Result<Vec<u64>, LogError> {
         let n = self.partitions(topic);
+        if n == 0 {
+            return Err(crate::unknown_topic(topic));
+        }
         let group = group.to_owned();
         self.blocking(move |db| {
             let tx = db.begin_read().map_err(storage)?;

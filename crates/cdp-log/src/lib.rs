@@ -11,57 +11,38 @@ use std::time::Duration;
 use async_trait::async_trait;
 use thiserror::Error;
 
+#[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 pub mod consumer;
 pub mod embedded;
 
 pub use embedded::EmbeddedLog;
 
-/// The platform's topics.
+/// A topic of the log. The log itself is generic: which topics exist and
+/// what their records mean is the pipeline's contract (`cdp-pipeline`), and
+/// a log is opened with the topics it serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Topic {
-    /// Accepted touchpoints, keyed by routing identifier: the source of truth.
-    Touchpoints,
-    /// The identity graph's changes (links, merges, ignored identifiers).
-    Identity,
-    /// Touchpoints with their customer id, keyed by customer id.
-    Resolved,
-    /// Events accepted but not processed, with the reason.
-    DeadLetters,
-    /// Who looked at which customer, when (the console's audit log).
-    Audit,
-    /// Customers whose view changed, announced by the profile workers after
-    /// their store commit, so query services in other processes can refresh
-    /// live views.
-    Changes,
-}
+pub struct Topic(&'static str);
 
 impl Topic {
-    pub const ALL: [Topic; 6] = [
-        Topic::Touchpoints,
-        Topic::Identity,
-        Topic::Resolved,
-        Topic::DeadLetters,
-        Topic::Audit,
-        Topic::Changes,
-    ];
+    pub const fn new(name: &'static str) -> Self {
+        Topic(name)
+    }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            Topic::Touchpoints => "touchpoints",
-            Topic::Identity => "identity",
-            Topic::Resolved => "resolved",
-            Topic::DeadLetters => "dead-letters",
-            Topic::Audit => "audit",
-            Topic::Changes => "profile-changes",
-        }
+    pub const fn name(self) -> &'static str {
+        self.0
     }
 }
 
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.0)
     }
+}
+
+/// The error of a call on a topic the log was not opened with.
+pub fn unknown_topic(topic: Topic) -> LogError {
+    LogError::Invalid(format!("topic {topic} is not one of this log's topics"))
 }
 
 #[derive(Debug, Error)]
@@ -150,7 +131,8 @@ pub trait EventLog: Send + Sync + 'static {
     /// result per record, in order.
     async fn append(&self, topic: Topic, records: Vec<Record>) -> Result<Vec<Appended>, LogError>;
 
-    /// Number of partitions of `topic`.
+    /// Number of partitions of `topic` (0 for a topic the log was not
+    /// opened with).
     fn partitions(&self, topic: Topic) -> u32;
 
     /// Whether [`Record::idempotency_key`] is honoured at append.

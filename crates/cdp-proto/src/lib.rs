@@ -1,5 +1,7 @@
 //! The `cdp.v1` API, generated from `proto/` at build time, and the
-//! conversions between its messages and the domain model.
+//! conversions between its messages and the domain model. The encoding of
+//! log records lives with the rest of the pipeline's contract, in
+//! `cdp-pipeline`.
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
@@ -10,6 +12,3 @@ pub mod v1 {
 }
 
 pub mod convert;
-pub mod record;
-
-pub use record::{CodecError, SCHEMA_VERSION};

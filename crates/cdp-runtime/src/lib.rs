@@ -1,23 +1,18 @@
-//! Shared plumbing for the CDP services: configuration, telemetry,
-//! shutdown and the one place where errors become gRPC statuses.
+//! The scaffolding of a CDP process: the services it installs, gRPC and
+//! HTTP serving, telemetry, graceful shutdown, and the one error model
+//! (one code, mapped to a gRPC status and to an HTTP status). It sees the
+//! ports only: which back ends fill them is `cdp-wiring`'s choice.
 
-pub mod backend;
-pub mod config;
 pub mod error;
-pub mod generation;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace;
 
-pub use config::{ConfigError, PlatformConfig};
-pub use error::ServiceError;
-
-/// Every binary linking the runtime allocates with mimalloc: with many
-/// worker threads folding JSON, glibc's per-thread arenas fragment and hold
-/// on to freed memory (peak RSS measured by `make bench`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+/// The configuration (`cdp-config`), as services read it.
+pub use cdp_config as config;
+pub use cdp_config::{ConfigError, PlatformConfig};
+pub use error::{ErrorCode, ServiceError};
 
 /// Milliseconds since the Unix epoch, by the system clock.
 pub fn now_ms() -> i64 {

@@ -14,17 +14,35 @@ use std::time::Duration;
 
 use cdp_domain::IdentityRules;
 use cdp_log::consumer::ConsumerOptions;
-use cdp_store::ProfileChanges;
-use clap::Parser;
+use cdp_log::{EventLog, LogError};
+use cdp_store::{LiveStores, ProfileChanges, StoreError};
 use thiserror::Error;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::service::RoutesBuilder;
 use tonic_health::server::HealthReporter;
 
-use crate::backend::{self, BackendError, Backends};
 use crate::config::PipelineConfig;
 use crate::{ConfigError, PlatformConfig};
+
+/// The ports every service is wired with. Which implementation fills them
+/// (embedded, or Kafka and ScyllaDB) is the binary's choice (`cdp-wiring`).
+#[derive(Clone)]
+pub struct Backends {
+    pub log: Arc<dyn EventLog>,
+    /// The stores of the active projection generation (see
+    /// `cdp_store::generations`): take one generation's stores with
+    /// `live.current()` for a whole request or batch.
+    pub live: Arc<LiveStores>,
+}
+
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("event log ({what}): {source}")]
+    Log { what: String, source: LogError },
+    #[error("store ({what}): {source}")]
+    Store { what: String, source: StoreError },
+}
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -55,12 +73,12 @@ pub struct Context {
 }
 
 impl Context {
-    pub async fn open(
+    pub fn new(
         config: PlatformConfig,
+        backends: Backends,
         cancel: CancellationToken,
     ) -> Result<Self, StartError> {
         let rules = Arc::new(config.identity_rules()?);
-        let backends = backend::open(&config).await?;
         Ok(Context {
             config,
             backends,
@@ -224,7 +242,7 @@ pub async fn serve(
 }
 
 /// The command line of every CDP process.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 pub struct ProcessArgs {
     /// Configuration file (TOML). Environment variables CDP__SECTION__KEY override it.
     #[arg(long, env = "CDP_CONFIG")]
@@ -257,20 +275,24 @@ impl ProcessArgs {
     }
 }
 
-/// Runs one process: opens the back ends, lets `install` add the services,
-/// serves them, prints `CDP_READY grpc=<addr> http=<addr|none>` (for scripts
-/// and tests that listen on port 0) and waits for SIGTERM or Ctrl-C.
-pub async fn run_process<F>(
+/// Runs one process: opens the back ends with `open`, lets `install` add
+/// the services, serves them, prints `CDP_READY grpc=<addr> http=<addr|none>`
+/// (for scripts and tests that listen on port 0) and waits for SIGTERM or
+/// Ctrl-C.
+pub async fn run_process<O, F>(
     name: &str,
     config: PlatformConfig,
+    open: O,
     install: F,
 ) -> Result<(), StartError>
 where
+    O: AsyncFnOnce(&PlatformConfig) -> Result<Backends, BackendError>,
     F: AsyncFnOnce(&Context, &mut Parts) -> Result<(), StartError>,
 {
     let cancel = CancellationToken::new();
     crate::shutdown::on_signal(cancel.clone());
-    let context = Context::open(config, cancel.clone()).await?;
+    let backends = open(&config).await?;
+    let context = Context::new(config, backends, cancel.clone())?;
     let mut parts = Parts::new()?;
     context.watch_generations(&mut parts);
     install(&context, &mut parts).await?;
@@ -285,18 +307,12 @@ where
     Ok(())
 }
 
-/// `main` of a service binary: parses [`ProcessArgs`] and runs [`main_with`].
-pub fn main<F>(name: &str, install: F) -> ExitCode
-where
-    F: AsyncFnOnce(&Context, &mut Parts) -> Result<(), StartError>,
-{
-    main_with(name, &ProcessArgs::parse(), install)
-}
-
 /// Loads the configuration, sets up telemetry and a multi-threaded runtime,
-/// and runs [`run_process`].
-pub fn main_with<F>(name: &str, args: &ProcessArgs, install: F) -> ExitCode
+/// and runs [`run_process`]. Binaries call it through `cdp-wiring`, which
+/// supplies `open`.
+pub fn main_with<O, F>(name: &str, args: &ProcessArgs, open: O, install: F) -> ExitCode
 where
+    O: AsyncFnOnce(&PlatformConfig) -> Result<Backends, BackendError>,
     F: AsyncFnOnce(&Context, &mut Parts) -> Result<(), StartError>,
 {
     let config = match args.load() {
@@ -321,7 +337,7 @@ where
         let _entered = runtime.enter();
         crate::telemetry::init(&config.telemetry, name)
     };
-    match runtime.block_on(run_process(name, config, install)) {
+    match runtime.block_on(run_process(name, config, open, install)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "{name} failed to start");

@@ -1,6 +1,7 @@
-//! W3C trace context (`traceparent`) on log records: ingest writes it on
-//! touchpoint records and identity copies it onto the resolved record, so
-//! the records of one request carry one trace id through the log.
+//! W3C trace context (`traceparent`) on log records (the header is
+//! `cdp_pipeline::header::TRACEPARENT`): ingest writes it on touchpoint
+//! records and identity copies it onto the resolved record, so the records
+//! of one request carry one trace id through the log.
 //!
 //! With OTLP export on, the header carries the ingest span's context, so the
 //! exported trace and the records agree. The workers' batch spans are not
@@ -8,9 +9,6 @@
 
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-
-/// The record header that carries the trace context.
-pub const HEADER: &str = "traceparent";
 
 /// The `traceparent` of the current span, or a new trace's.
 pub fn current_traceparent() -> String {

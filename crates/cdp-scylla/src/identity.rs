@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use cdp_domain::identity::{self, Claim, CustomerNode, GraphRead, GraphWrite};
+use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, GraphWrite};
+use cdp_domain::redirect::MAX_REDIRECTS;
 use cdp_domain::{CustomerId, EventId, Identifier, IdentityRules, Resolution, Touchpoint};
 use cdp_store::{IdentityStore, StoreError};
 use futures::future::BoxFuture;
@@ -24,8 +25,9 @@ const WRITE_CONCURRENCY: usize = 64;
 /// How many times a call may lose the lease before it gives up.
 const MAX_LEASE_LOSSES: u32 = 5;
 /// Rounds of fetching missing rows for one event before giving up (a
-/// redirect chain is at most 64 long, so this is never reached normally).
-const MAX_FETCH_ROUNDS: usize = 256;
+/// redirect chain is at most `MAX_REDIRECTS` long, so this is never
+/// reached normally).
+const MAX_FETCH_ROUNDS: usize = 4 * MAX_REDIRECTS;
 
 /// What one `resolve` call writes: stored in the lease row as `pending`
 /// before any of it is applied, so whoever holds the lease next can finish
@@ -116,6 +118,7 @@ impl Overlay {
     fn absorb(&mut self, writes: EventWrites) {
         self.new_claims.extend(writes.claims);
         self.new_nodes.extend(writes.nodes);
+        self.new_decisions.extend(writes.decisions);
     }
 
     fn into_intent(self) -> Intent {
@@ -132,11 +135,12 @@ impl Overlay {
 struct Missing {
     claims: BTreeSet<String>,
     nodes: BTreeSet<CustomerId>,
+    decisions: BTreeSet<EventId>,
 }
 
 impl Missing {
     fn is_empty(&self) -> bool {
-        self.claims.is_empty() && self.nodes.is_empty()
+        self.claims.is_empty() && self.nodes.is_empty() && self.decisions.is_empty()
     }
 }
 
@@ -145,6 +149,7 @@ impl Missing {
 struct EventWrites {
     claims: BTreeMap<String, (Identifier, Claim)>,
     nodes: BTreeMap<CustomerId, CustomerNode>,
+    decisions: BTreeMap<EventId, Resolution>,
 }
 
 /// One attempt at resolving one event on the overlay. Its writes stay
@@ -215,6 +220,33 @@ impl GraphWrite for EventGraph<'_> {
     }
 }
 
+impl DecisionLog for EventGraph<'_> {
+    fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
+        let id = event.event_id();
+        if let Some(r) = self.writes.decisions.get(&id) {
+            return Ok(Some(r.clone()));
+        }
+        match self.base.decision(id) {
+            Lookup::Known(r) => Ok(r),
+            Lookup::Missing => {
+                self.missing.borrow_mut().decisions.insert(id);
+                Ok(None)
+            }
+        }
+    }
+
+    fn put_decision(
+        &mut self,
+        event: &Touchpoint,
+        resolution: &Resolution,
+    ) -> Result<(), StoreError> {
+        self.writes
+            .decisions
+            .insert(event.event_id(), resolution.clone());
+        Ok(())
+    }
+}
+
 impl ScyllaStore {
     // ---- rows ----------------------------------------------------------
 
@@ -265,6 +297,7 @@ impl ScyllaStore {
     /// and the redirects of every node fetched, so the next attempt rarely
     /// misses again.
     async fn fetch_rows(&self, overlay: &mut Overlay, missing: Missing) -> Result<(), StoreError> {
+        self.fetch_decisions(overlay, missing.decisions).await?;
         let keys: Vec<String> = missing
             .claims
             .into_iter()
@@ -285,7 +318,9 @@ impl ScyllaStore {
                 .filter_map(|(_, c)| c.as_ref().map(|c| c.customer)),
         );
         overlay.claims.extend(claims);
-        for _ in 0..64 {
+        // A redirect chain is at most `MAX_REDIRECTS` long: the walk fails
+        // beyond it, so there is nothing more to prefetch.
+        for _ in 0..=MAX_REDIRECTS {
             let wanted: Vec<CustomerId> = nodes
                 .iter()
                 .copied()
@@ -571,25 +606,17 @@ impl ScyllaStore {
         self.prefetch(&mut overlay, events).await?;
         let mut out = Vec::with_capacity(events.len());
         for event in events {
-            let event_id = event.event_id();
             let mut rounds = 0;
             let resolution = loop {
                 rounds += 1;
                 if rounds > MAX_FETCH_ROUNDS {
                     return Err(StoreError::Storage(format!(
-                        "resolving event {event_id} kept missing rows"
+                        "resolving event {} kept missing rows",
+                        event.event_id()
                     )));
                 }
-                match overlay.decision(event_id) {
-                    Lookup::Known(Some(stored)) => break stored,
-                    Lookup::Missing => {
-                        self.fetch_decisions(&mut overlay, [event_id]).await?;
-                        continue;
-                    }
-                    Lookup::Known(None) => {}
-                }
                 let mut graph = EventGraph::new(&overlay);
-                let result = identity::resolve(&mut graph, rules, event);
+                let result = identity::resolve_once(&mut graph, rules, event);
                 let (writes, missing) = graph.finish();
                 if !missing.is_empty() {
                     self.fetch_rows(&mut overlay, missing).await?;
@@ -597,11 +624,6 @@ impl ScyllaStore {
                 }
                 let resolution = result?;
                 overlay.absorb(writes);
-                // Only decisions are kept: an unresolvable event may resolve
-                // once the rules change and it is re-driven.
-                if matches!(resolution, Resolution::Resolved(_)) {
-                    overlay.new_decisions.insert(event_id, resolution.clone());
-                }
                 break resolution;
             };
             out.push(resolution);
@@ -695,24 +717,6 @@ impl IdentityStore for ScyllaStore {
                 }
             }
         }
-    }
-
-    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
-        match self.fetch_claim(&id.key()).await? {
-            Some(claim) => self.root(claim.customer).await.map(Some),
-            None => Ok(None),
-        }
-    }
-
-    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
-        let mut current = customer;
-        for _ in 0..64 {
-            match self.fetch_node(current).await?.and_then(|n| n.merged_into) {
-                Some(next) if next != current => current = next,
-                _ => return Ok(current),
-            }
-        }
-        Ok(current)
     }
 
     async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {

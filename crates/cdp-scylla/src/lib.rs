@@ -135,8 +135,8 @@ use scylla::serialize::row::SerializeRow;
 use scylla::statement::Statement;
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlValue, Row};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 mod dedupe;
@@ -150,40 +150,7 @@ mod tests;
 
 pub use generations::ScyllaGenerations;
 
-/// ScyllaDB settings (`[store.scylla]` in the config file).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ScyllaConfig {
-    /// Contact points, `host:port`.
-    pub nodes: Vec<String>,
-    /// Keyspace of every table; created when it does not exist.
-    pub keyspace: String,
-    /// The CQL replication map of the keyspace, used when creating it.
-    pub replication: String,
-    /// Appended to `CREATE KEYSPACE` (e.g. ` AND tablets = {'enabled':
-    /// false}` on ScyllaDB versions without LWT on tablets). Empty by default.
-    pub keyspace_options: String,
-    /// How long an identity worker may hold the identity lease.
-    pub lease_ms: u64,
-    /// Timeout of establishing a connection.
-    pub connect_timeout_ms: u64,
-    /// Client-side timeout of one request.
-    pub request_timeout_ms: u64,
-}
-
-impl Default for ScyllaConfig {
-    fn default() -> Self {
-        ScyllaConfig {
-            nodes: vec!["127.0.0.1:9042".into()],
-            keyspace: "cdp".into(),
-            replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
-            keyspace_options: String::new(),
-            lease_ms: 10_000,
-            connect_timeout_ms: 5_000,
-            request_timeout_ms: 12_000,
-        }
-    }
-}
+pub use cdp_config::ScyllaConfig;
 
 /// The identity and profile stores on one keyspace. Cheap to clone.
 #[derive(Clone)]

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cdp_domain::profile::{FoldOptions, Profile, ProfileAccess, ProfileSlot, fold_resolved};
-use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry};
-use cdp_store::{Applied, ProfileStore, StoreError, TimelinePage, TimelineQuery};
+use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::redirect::{MAX_REDIRECTS, Walk};
+use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry, UnixMillis};
+pub(crate) use cdp_store::PendingMerge;
+pub(crate) use cdp_store::read::settle_chain;
+use cdp_store::{Applied, ProfileRow, ProfileStore, StoreError, TimelineQuery};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt, stream};
-use serde::{Deserialize, Serialize};
 use tracing::{debug, warn};
 
 use crate::{
@@ -25,17 +27,7 @@ const WRITE_CONCURRENCY: usize = 64;
 /// Folds of one batch before `apply` gives up on conflicting writers.
 const MAX_ATTEMPTS: u32 = 100;
 /// Rounds of fetching missing rows for one event.
-const MAX_FETCH_ROUNDS: usize = 256;
-/// Longest redirect chain followed.
-const MAX_CHAIN: usize = 64;
-
-/// A merge not completed yet: the loser's row is already a redirect, and
-/// keeps the profile the survivor must absorb until the survivor did.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub(crate) struct PendingMerge {
-    /// The loser's live profile when it was merged away (`None`: it had none).
-    pub absorbed: Option<Box<Profile>>,
-}
+const MAX_FETCH_ROUNDS: usize = 4 * MAX_REDIRECTS;
 
 /// What a profile row holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,42 +49,6 @@ pub(crate) struct Stored {
 /// Profile rows read by one `apply` call (`None`: no row). Kept across the
 /// attempts of the call and updated with what it commits.
 type Rows = HashMap<CustomerId, Option<Stored>>;
-
-/// Completes the pending merges along a redirect chain. `chain` lists the
-/// redirects from the first row towards the root, each with its pending
-/// merge if any; `root` is the live profile at the end of the chain. The
-/// merges are completed nearest to the root first, because the profile a
-/// nearer loser keeps may already contain a farther one (then the root
-/// lists that one in `merged_from` once the nearer one is absorbed). A
-/// merge whose loser the root already lists was completed before and is
-/// skipped: that is what makes completing a merge idempotent.
-///
-/// Returns the root's profile and whether it changed.
-pub(crate) fn settle_chain(
-    chain: &[(CustomerId, Option<&PendingMerge>)],
-    root_id: CustomerId,
-    root: Option<Profile>,
-) -> (Option<Profile>, bool) {
-    let mut root = root;
-    let mut changed = false;
-    for (loser, pending) in chain.iter().rev() {
-        let Some(pending) = pending else {
-            continue;
-        };
-        if root.as_ref().is_some_and(|r| r.merged_from.contains(loser)) {
-            continue;
-        }
-        let target = root.get_or_insert_with(|| Profile::new(root_id));
-        match &pending.absorbed {
-            Some(profile) => target.absorb((**profile).clone()),
-            None => {
-                target.merged_from.insert(*loser);
-            }
-        }
-        changed = true;
-    }
-    (root, changed)
-}
 
 /// The partition of a search term: the term's kind (`name:`, `email:`,
 /// `tel:`) and its first characters (2, or 4 digits of a phone), or the
@@ -170,35 +126,31 @@ impl<'a> EventAccess<'a> {
     /// live root). False when a row was missing.
     fn settle(&mut self, customer: CustomerId, entry: &Entry) -> Result<bool, StoreError> {
         let mut chain: Vec<(CustomerId, Entry)> = vec![(customer, entry.clone())];
-        let ProfileSlot::MergedInto(mut current) = entry.slot else {
+        let ProfileSlot::MergedInto(next) = entry.slot else {
             return Err(StoreError::Corrupt {
                 what: "profile",
                 reason: format!("live profile {customer} has a pending merge"),
             });
         };
+        let mut walk = Walk::new(customer);
+        walk.hop(next)?;
         let root = loop {
-            if chain.len() > MAX_CHAIN || chain.iter().any(|(c, _)| *c == current) {
-                return Err(StoreError::Corrupt {
-                    what: "profile",
-                    reason: format!("redirect chain from {customer} loops or is too long"),
-                });
-            }
-            match self.get(current) {
+            match self.get(walk.at()) {
                 Lookup::Missing => {
-                    self.missing.insert(current);
+                    self.missing.insert(walk.at());
                     return Ok(false);
                 }
                 Lookup::Known(None) => break None,
                 Lookup::Known(Some(e)) => match e.slot {
                     ProfileSlot::MergedInto(next) => {
-                        let here = current;
-                        current = next;
-                        chain.push((here, e));
+                        chain.push((walk.at(), e));
+                        walk.hop(next)?;
                     }
                     ProfileSlot::Live(p) => break Some(*p),
                 },
             }
         };
+        let current = walk.at();
         let pending: Vec<(CustomerId, Option<&PendingMerge>)> = chain
             .iter()
             .map(|(c, e)| (*c, e.pending.as_ref().filter(|_| !e.fresh)))
@@ -361,7 +313,9 @@ impl ScyllaStore {
         customers: impl IntoIterator<Item = CustomerId>,
     ) -> Result<(), StoreError> {
         let mut wanted: BTreeSet<CustomerId> = customers.into_iter().collect();
-        for _ in 0..MAX_CHAIN {
+        // A redirect chain is at most `MAX_REDIRECTS` long: the walk fails
+        // beyond it, so there is nothing more to prefetch.
+        for _ in 0..=MAX_REDIRECTS {
             wanted.retain(|c| !rows.contains_key(c));
             if wanted.is_empty() {
                 break;
@@ -388,33 +342,6 @@ impl ScyllaStore {
             rows.extend(found);
         }
         Ok(())
-    }
-
-    /// The live profile standing for `customer`, with any pending merge on
-    /// the way completed in memory.
-    async fn read_profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
-        let mut chain: Vec<(CustomerId, Option<PendingMerge>)> = Vec::new();
-        let mut current = customer;
-        for _ in 0..MAX_CHAIN {
-            let root = match self.fetch_profile(current).await? {
-                None => None,
-                Some(Stored { entry, .. }) => match entry.slot {
-                    ProfileSlot::MergedInto(next) => {
-                        chain.push((current, entry.pending));
-                        current = next;
-                        continue;
-                    }
-                    ProfileSlot::Live(p) => Some(*p),
-                },
-            };
-            let pending: Vec<(CustomerId, Option<&PendingMerge>)> =
-                chain.iter().map(|(c, p)| (*c, p.as_ref())).collect();
-            return Ok(settle_chain(&pending, current, root).0);
-        }
-        Err(StoreError::Corrupt {
-            what: "profile",
-            reason: format!("redirect chain from {customer} is too long"),
-        })
     }
 
     /// Folds the batch in memory over `rows`, fetching what an event
@@ -621,21 +548,20 @@ impl ScyllaStore {
         Ok((written, true))
     }
 
+    /// See [`ProfileStore::timeline_range`].
     async fn timeline_of(
         &self,
         customer: CustomerId,
         query: &TimelineQuery,
         lower: i64,
         upper: i64,
-        limit: usize,
+        want: usize,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
         // Pages about the size of what is wanted; more follow when filters
         // skip entries.
         let mut statement = self.st().timeline_range.clone();
-        statement.set_page_size(
-            i32::try_from(limit.saturating_add(1).saturating_mul(2).clamp(16, 1000))
-                .unwrap_or(1000),
-        );
+        statement
+            .set_page_size(i32::try_from(want.saturating_mul(2).clamp(16, 1000)).unwrap_or(1000));
         let pager = self
             .session()
             .execute_iter(statement, (customer.0, lower, upper))
@@ -645,8 +571,8 @@ impl ScyllaStore {
             .rows_stream::<(i64, Option<Vec<u8>>)>()
             .map_err(storage)?;
         let mut found = Vec::new();
-        // Once more than `limit` match, finish the entries at the same
-        // instant (the server orders event ids differently from us) and stop.
+        // Once `want` match, finish the entries at the same instant (the
+        // server orders event ids differently from us) and stop.
         let mut cut: Option<i64> = None;
         while let Some((at, bytes)) = rows.try_next().await.map_err(next_row_error)? {
             if cut.is_some_and(|c| at < c) {
@@ -656,7 +582,7 @@ impl ScyllaStore {
             let entry: TimelineEntry = from_json("timeline entry", &bytes)?;
             if query.matches(&entry) {
                 found.push(entry);
-                if found.len() > limit && cut.is_none() {
+                if found.len() >= want && cut.is_none() {
                     cut = Some(at);
                 }
             }
@@ -738,98 +664,48 @@ impl ProfileStore for ScyllaStore {
         )))
     }
 
-    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
-        self.read_profile(customer).await
+    async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
+        Ok(self
+            .fetch_profile(customer)
+            .await?
+            .map(|stored| ProfileRow {
+                slot: stored.entry.slot,
+                pending: stored.entry.pending,
+            }))
     }
 
-    async fn timeline(
+    async fn timeline_range(
         &self,
         customer: CustomerId,
+        lower: UnixMillis,
+        upper: UnixMillis,
         query: &TimelineQuery,
-    ) -> Result<TimelinePage, StoreError> {
-        let mut customers = vec![customer];
-        if let Some(p) = self.read_profile(customer).await? {
-            customers = vec![p.customer_id];
-            customers.extend(p.merged_from.iter().copied());
-        }
-        let limit = query.limit.max(1);
-        let upper = match (query.to, query.after) {
-            (Some(to), Some((at, _))) => to.min(at.saturating_add(1)),
-            (Some(to), None) => to,
-            (None, Some((at, _))) => at.saturating_add(1),
-            (None, None) => i64::MAX,
-        };
-        let lower = query.from.unwrap_or(i64::MIN);
-        let mut found: Vec<TimelineEntry> = if lower < upper {
-            stream::iter(customers)
-                .map(|c| self.timeline_of(c, query, lower, upper, limit))
-                .buffer_unordered(READ_CONCURRENCY)
-                .try_concat()
-                .await?
-        } else {
-            Vec::new()
-        };
-        found.sort_by_key(|e| std::cmp::Reverse((e.occurred_at, e.event_id)));
-        // An event indexed under two customers (a fold retried across a
-        // merge) shows once.
-        found.dedup_by_key(|e| e.event_id);
-        let next = if found.len() > limit {
-            found.truncate(limit);
-            found.last().map(|e| (e.occurred_at, e.event_id))
-        } else {
-            None
-        };
-        Ok(TimelinePage {
-            entries: found,
-            next,
-        })
+        want: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        self.timeline_of(customer, query, lower, upper, want).await
     }
 
-    async fn search(
-        &self,
-        prefixes: &[String],
-        limit: usize,
-    ) -> Result<Vec<CustomerId>, StoreError> {
-        let mut found: Vec<CustomerId> = Vec::new();
-        if limit == 0 {
-            return Ok(found);
-        }
-        let scan = i32::try_from(limit.saturating_mul(20)).unwrap_or(i32::MAX);
-        for prefix in prefixes {
-            let values = (
-                search_bucket(prefix),
-                prefix.as_str(),
-                prefix_upper_bound(prefix),
-                scan,
-            );
-            let result = self
-                .session()
-                .execute_unpaged(&self.st().search_range, values)
-                .await
-                .map_err(exec_error)?
-                .into_rows_result()
-                .map_err(storage)?;
-            let mut candidates: Vec<CustomerId> = Vec::new();
-            for row in result.rows::<(String, uuid::Uuid)>().map_err(storage)? {
-                let (term, customer) = row.map_err(storage)?;
-                if !term.starts_with(prefix.as_str()) {
-                    break;
-                }
-                candidates.push(CustomerId(customer));
+    async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError> {
+        let values = (
+            search_bucket(prefix),
+            prefix,
+            prefix_upper_bound(prefix),
+            i32::try_from(scan).unwrap_or(i32::MAX),
+        );
+        let result = self
+            .session()
+            .execute_unpaged(&self.st().search_range, values)
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(storage)?;
+        let mut found = Vec::new();
+        for row in result.rows::<(String, uuid::Uuid)>().map_err(storage)? {
+            let (term, customer) = row.map_err(storage)?;
+            if !term.starts_with(prefix) {
+                break;
             }
-            let mut live = stream::iter(candidates)
-                .map(|c| self.read_profile(c))
-                .buffered(8);
-            while let Some(profile) = live.try_next().await? {
-                if let Some(p) = profile
-                    && !found.contains(&p.customer_id)
-                {
-                    found.push(p.customer_id);
-                    if found.len() >= limit {
-                        return Ok(found);
-                    }
-                }
-            }
+            found.push(CustomerId(customer));
         }
         Ok(found)
     }

@@ -1,8 +1,15 @@
 //! The conformance suites of the store ports. Every implementation runs
 //! them (the embedded store in this crate's tests, ScyllaDB/Cassandra
 //! against a real server). `prefix` keeps runs on a shared server apart.
+//!
+//! [`store_test_suite!`](crate::store_test_suite) turns the suites into one
+//! test per case for a [`StoresUnderTest`], so the first failure does not
+//! hide the others (the shape of Quickwit's `metastore_test_suite!`).
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use async_trait::async_trait;
 
 use cdp_domain::identity::Resolution;
 use cdp_domain::{
@@ -12,8 +19,79 @@ use cdp_domain::{
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::{IdentityStore, ProfileStore, TimelineQuery};
+use crate::{Generations, IdentityStore, ProfileStore, TimelineQuery};
 use cdp_domain::profile::FoldOptions;
+
+/// An implementation of the ports as the suites run it: fresh, empty stores
+/// for every case.
+#[async_trait]
+pub trait StoresUnderTest: Send + Sync + Sized + 'static {
+    /// Opens fresh, empty stores.
+    async fn open() -> Self;
+    fn identity(&self) -> Arc<dyn IdentityStore>;
+    fn profiles(&self) -> Arc<dyn ProfileStore>;
+    /// A registry of generations on data of its own.
+    async fn generations(&self) -> Arc<dyn Generations>;
+    /// Releases what the stores hold on a shared server (a keyspace); runs
+    /// after the case, whether it passed or not.
+    async fn close(&self) {}
+}
+
+/// One test per conformance case for a [`StoresUnderTest`]:
+/// `store_test_suite!(module_name, Fixture)`, optionally followed by
+/// attributes for every test (`#[ignore = "needs a CQL server"]`). The
+/// calling crate needs `tokio` with its test macros.
+#[macro_export]
+macro_rules! store_test_suite {
+    ($module:ident, $fixture:ty $(, #[$attr:meta])*) => {
+        $crate::store_test_suite!(@cases $module, $fixture, [$(#[$attr])*];
+            identity_links_merges_and_replays(identity_ref),
+            identity_races_end_in_one_graph(identity),
+            profiles_fold_merge_and_page(profiles_ref),
+            profiles_page_ties_and_families_without_loss(profiles_ref),
+            profiles_lose_no_concurrent_update(profiles),
+            profiles_are_searchable(profiles_ref),
+            unsynced_folds_are_visible_then_synced(profiles_ref),
+            generations_switch_and_drop(generations));
+    };
+    (@arg identity_ref, $f:expr) => { &*$f.identity() };
+    (@arg identity, $f:expr) => { $f.identity() };
+    (@arg profiles_ref, $f:expr) => { &*$f.profiles() };
+    (@arg profiles, $f:expr) => { $f.profiles() };
+    (@arg generations, $f:expr) => { $f.generations().await };
+    (@cases $module:ident, $fixture:ty, $attrs:tt; $($case:ident($arg:ident)),+) => {
+        mod $module {
+            #[allow(unused_imports)]
+            use super::*;
+            $($crate::store_test_suite!(@case $fixture, $attrs, $case, $arg);)+
+        }
+    };
+    (@case $fixture:ty, [$($attr:tt)*], $case:ident, $arg:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        $($attr)*
+        async fn $case() {
+            let fixture = std::sync::Arc::new(
+                <$fixture as $crate::conformance::StoresUnderTest>::open().await,
+            );
+            let running = {
+                let fixture = std::sync::Arc::clone(&fixture);
+                tokio::spawn(async move {
+                    use $crate::conformance::StoresUnderTest as _;
+                    let _ = $crate::conformance::$case(
+                        $crate::store_test_suite!(@arg $arg, fixture),
+                        stringify!($case),
+                    )
+                    .await;
+                })
+            };
+            let outcome = running.await;
+            $crate::conformance::StoresUnderTest::close(&*fixture).await;
+            if let Err(e) = outcome {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    };
+}
 
 fn event(
     prefix: &str,
@@ -344,6 +422,92 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
     );
 }
 
+/// The timeline of a customer and of the customer merged into it pages
+/// through entries at one instant and across both, each once, in order.
+pub async fn profiles_page_ties_and_families_without_loss(store: &dyn ProfileStore, prefix: &str) {
+    let survivor = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-tie-s").as_bytes(),
+    ));
+    let loser = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-tie-l").as_bytes(),
+    ));
+    let ids = [email(prefix, "tie")];
+    let at = |n: u64, at: i64| {
+        event(
+            prefix,
+            n,
+            at,
+            EventType::ProductViewed,
+            &ids,
+            json!({"product_id": format!("p{n}")}),
+        )
+    };
+    // Three events at one instant on each customer, and one apart.
+    let mut batch = Vec::new();
+    for n in 0..3 {
+        batch.push(resolved(survivor, at(700 + n, 5_000)));
+        batch.push(resolved(loser, at(710 + n, 5_000)));
+    }
+    batch.push(resolved(loser, at(720, 4_000)));
+    batch.push(resolved(survivor, at(721, 6_000)));
+    store
+        .apply(&batch, &FoldOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let merge = cdp_domain::Merge {
+        loser,
+        survivor,
+        at: 7_000,
+        cause: cdp_domain::identity::MergeCause {
+            event_id: EventId(Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{prefix}-tie-m").as_bytes(),
+            )),
+            identifier: Identifier::new(ids[0].0.clone(), ids[0].1.clone()),
+            rule: "email may merge customers".into(),
+        },
+    };
+    store
+        .apply(
+            &[ResolvedTouchpoint {
+                customer_id: survivor,
+                merges: vec![merge],
+                touchpoint: at(730, 7_000),
+            }],
+            &FoldOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut expected: Vec<(i64, EventId)> = batch
+        .iter()
+        .map(|r| (r.touchpoint.envelope.occurred_at, r.touchpoint.event_id()))
+        .chain(std::iter::once((7_000, at(730, 7_000).event_id())))
+        .collect();
+    expected.sort_by_key(|e| std::cmp::Reverse(*e));
+    for (size, by) in [(1, survivor), (2, loser), (4, survivor), (100, survivor)] {
+        let mut query = TimelineQuery {
+            limit: size,
+            ..TimelineQuery::default()
+        };
+        let mut seen = Vec::new();
+        for _ in 0..expected.len() + 1 {
+            let page = store
+                .timeline(by, &query)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(page.entries.len() <= size, "a page longer than asked");
+            seen.extend(page.entries.iter().map(|e| (e.occurred_at, e.event_id)));
+            match page.next {
+                Some(next) => query.after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "pages of {size} read through {by}");
+    }
+}
+
 fn rust_decimal_total(n: i64) -> rust_decimal::Decimal {
     rust_decimal::Decimal::from(n)
 }
@@ -500,10 +664,7 @@ pub async fn unsynced_folds_are_visible_then_synced(
 /// Generations: a new generation starts empty beside the active one, the
 /// switch moves every reader of [`crate::LiveStores`] in one step, the
 /// active generation cannot be dropped, and a dropped one is gone.
-pub async fn generations_switch_and_drop(
-    generations: std::sync::Arc<dyn crate::Generations>,
-    prefix: &str,
-) {
+pub async fn generations_switch_and_drop(generations: Arc<dyn crate::Generations>, prefix: &str) {
     use crate::{FIRST_GENERATION, LiveStores};
     let rules = IdentityRules::default();
     let options = FoldOptions::default();
@@ -521,22 +682,31 @@ pub async fn generations_switch_and_drop(
         json!({}),
     );
     let resolved = live
+        .current()
+        .identity
         .resolve(std::slice::from_ref(&first), &rules)
         .await
         .expect("generations");
     let customer = decided(&resolved[0]).customer_id;
-    live.apply(
-        &[ResolvedTouchpoint {
-            customer_id: customer,
-            merges: Vec::new(),
-            touchpoint: first.clone(),
-        }],
-        &options,
-    )
-    .await
-    .expect("generations");
+    live.current()
+        .profiles
+        .apply(
+            &[ResolvedTouchpoint {
+                customer_id: customer,
+                merges: Vec::new(),
+                touchpoint: first.clone(),
+            }],
+            &options,
+        )
+        .await
+        .expect("generations");
     let id = Identifier::new(ana.0.clone(), ana.1.clone());
-    assert_eq!(live.owner(&id).await.expect("generations"), Some(customer));
+    let owner = |live: &LiveStores| {
+        let identity = live.current().identity;
+        let id = id.clone();
+        async move { identity.owner(&id).await.expect("generations") }
+    };
+    assert_eq!(owner(&live).await, Some(customer));
 
     // A new generation is empty and does not disturb the active one.
     let next = generations
@@ -545,7 +715,7 @@ pub async fn generations_switch_and_drop(
         .expect("generations");
     assert_eq!(next.identity.owner(&id).await.expect("generations"), None);
     assert_eq!(live.refresh().await.expect("generations"), FIRST_GENERATION);
-    assert_eq!(live.owner(&id).await.expect("generations"), Some(customer));
+    assert_eq!(owner(&live).await, Some(customer));
     let listed = generations.list().await.expect("generations");
     assert!(listed.iter().any(|g| g.id == FIRST_GENERATION && g.active));
     assert!(
@@ -583,9 +753,14 @@ pub async fn generations_switch_and_drop(
         FIRST_GENERATION + 1
     );
     assert_eq!(live.generation(), FIRST_GENERATION + 1);
-    assert_eq!(live.owner(&id).await.expect("generations"), Some(customer));
+    assert_eq!(owner(&live).await, Some(customer));
     assert!(
-        live.profile(customer).await.expect("generations").is_none(),
+        live.current()
+            .profiles
+            .profile(customer)
+            .await
+            .expect("generations")
+            .is_none(),
         "the new generation's profiles hold only what was folded into it"
     );
     assert!(

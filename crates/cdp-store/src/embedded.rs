@@ -6,11 +6,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cdp_domain::identity::{self, Claim, CustomerNode, GraphRead, GraphWrite};
-use cdp_domain::profile::{FoldOptions, Profile, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, GraphWrite};
+use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
 use cdp_domain::{
     CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
-    Touchpoint,
+    Touchpoint, UnixMillis,
 };
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
@@ -19,7 +19,7 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::{Applied, IdentityStore, ProfileStore, StoreError, TimelinePage, TimelineQuery};
+use crate::{Applied, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery};
 
 /// identifier key (`kind \0 value`) -> Claim (JSON).
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
@@ -174,10 +174,18 @@ impl EmbeddedStore {
     }
 }
 
-/// The identity graph over the tables of one write transaction.
+/// The identity graph and the decisions over the tables of one write
+/// transaction.
 struct TxGraph<'t> {
     claims: Table<'t, &'static str, &'static [u8]>,
     customers: Table<'t, u128, &'static [u8]>,
+    decisions: Table<'t, (i64, u128), &'static [u8]>,
+}
+
+/// Where an event's decision is filed: by arrival first, so each batch's
+/// decisions land at the end of the tree (see [`DECISIONS`]).
+fn decision_key(event: &Touchpoint) -> (i64, u128) {
+    (event.envelope.received_at, event.event_id().0.as_u128())
 }
 
 impl GraphRead for TxGraph<'_> {
@@ -209,6 +217,26 @@ impl GraphWrite for TxGraph<'_> {
     fn put_node(&mut self, node: &CustomerNode) -> Result<(), StoreError> {
         self.customers
             .insert(key(node.id), to_json(node)?.as_slice())
+            .map_err(storage)?;
+        Ok(())
+    }
+}
+
+impl DecisionLog for TxGraph<'_> {
+    fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
+        match self.decisions.get(decision_key(event)).map_err(storage)? {
+            Some(v) => Ok(Some(from_json("resolution", v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_decision(
+        &mut self,
+        event: &Touchpoint,
+        resolution: &Resolution,
+    ) -> Result<(), StoreError> {
+        self.decisions
+            .insert(decision_key(event), to_json(resolution)?.as_slice())
             .map_err(storage)?;
         Ok(())
     }
@@ -248,26 +276,13 @@ impl IdentityStore for EmbeddedStore {
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             let mut out = Vec::with_capacity(events.len());
             {
-                let mut decisions = tx.open_table(DECISIONS).map_err(storage)?;
                 let mut graph = TxGraph {
                     claims: tx.open_table(CLAIMS).map_err(storage)?,
                     customers: tx.open_table(CUSTOMERS).map_err(storage)?,
+                    decisions: tx.open_table(DECISIONS).map_err(storage)?,
                 };
                 for event in &events {
-                    let event_key = (event.envelope.received_at, event.event_id().0.as_u128());
-                    if let Some(stored) = decisions.get(event_key).map_err(storage)? {
-                        out.push(from_json("resolution", stored.value())?);
-                        continue;
-                    }
-                    let resolution = identity::resolve(&mut graph, &rules, event)?;
-                    // Only decisions are kept: an unresolvable event may
-                    // resolve once the rules change and it is re-driven.
-                    if matches!(resolution, Resolution::Resolved(_)) {
-                        decisions
-                            .insert(event_key, to_json(&resolution)?.as_slice())
-                            .map_err(storage)?;
-                    }
-                    out.push(resolution);
+                    out.push(identity::resolve_once(&mut graph, &rules, event)?);
                 }
             }
             tx.commit().map_err(storage)?;
@@ -276,6 +291,8 @@ impl IdentityStore for EmbeddedStore {
         .await
     }
 
+    /// The domain's walk over one blocking read (the provided method would
+    /// hop between threads once per redirect).
     async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
         let id = id.clone();
         self.on_graph(move |db| ReadGraph(db).owner(&id)).await
@@ -320,27 +337,6 @@ impl ProfileAccess for TxProfiles<'_> {
             .map_err(storage)?;
         Ok(())
     }
-}
-
-fn read_profile(db: &Database, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
-    let tx = db.begin_read().map_err(storage)?;
-    let table = tx.open_table(PROFILES).map_err(storage)?;
-    let mut current = customer;
-    for _ in 0..64 {
-        let slot: Option<ProfileSlot> = match table.get(key(current)).map_err(storage)? {
-            Some(v) => Some(from_json("profile", v.value())?),
-            None => None,
-        };
-        match slot {
-            Some(ProfileSlot::Live(p)) => return Ok(Some(*p)),
-            Some(ProfileSlot::MergedInto(next)) => current = next,
-            None => return Ok(None),
-        }
-    }
-    Err(StoreError::Corrupt {
-        what: "profile",
-        reason: format!("redirect chain from {customer} is too long"),
-    })
 }
 
 impl EmbeddedStore {
@@ -426,35 +422,47 @@ impl ProfileStore for EmbeddedStore {
         .await
     }
 
-    async fn search(
-        &self,
-        prefixes: &[String],
-        limit: usize,
-    ) -> Result<Vec<CustomerId>, StoreError> {
-        let prefixes = prefixes.to_vec();
+    async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         self.on_views(move |db| {
             let tx = db.begin_read().map_err(storage)?;
-            let table = tx.open_table(SEARCH).map_err(storage)?;
-            let mut found: Vec<CustomerId> = Vec::new();
-            for prefix in &prefixes {
-                for item in table
-                    .range((prefix.as_str(), 0u128)..)
-                    .map_err(storage)?
-                    .take(limit * 20)
-                {
-                    let (k, _) = item.map_err(storage)?;
-                    let (term, customer) = k.value();
-                    if !term.starts_with(prefix.as_str()) {
+            let table = tx.open_table(PROFILES).map_err(storage)?;
+            match table.get(key(customer)).map_err(storage)? {
+                Some(v) => Ok(Some(ProfileRow {
+                    slot: from_json("profile", v.value())?,
+                    // One transaction per fold: a merge is never left half done.
+                    pending: None,
+                })),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn timeline_range(
+        &self,
+        customer: CustomerId,
+        lower: UnixMillis,
+        upper: UnixMillis,
+        query: &TimelineQuery,
+        want: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError> {
+        let query = query.clone();
+        self.on_views(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(TIMELINE).map_err(storage)?;
+            let c = key(customer);
+            let mut found = Vec::new();
+            for item in table
+                .range((c, lower, 0u128)..(c, upper, 0u128))
+                .map_err(storage)?
+                .rev()
+            {
+                let (_, v) = item.map_err(storage)?;
+                let entry: TimelineEntry = from_json("timeline entry", v.value())?;
+                if query.matches(&entry) {
+                    found.push(entry);
+                    if found.len() >= want {
                         break;
-                    }
-                    let live = read_profile(db, CustomerId(uuid::Uuid::from_u128(customer)))?;
-                    if let Some(p) = live
-                        && !found.contains(&p.customer_id)
-                    {
-                        found.push(p.customer_id);
-                        if found.len() >= limit {
-                            return Ok(found);
-                        }
                     }
                 }
             }
@@ -463,63 +471,25 @@ impl ProfileStore for EmbeddedStore {
         .await
     }
 
-    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
-        self.on_views(move |db| read_profile(db, customer)).await
-    }
-
-    async fn timeline(
-        &self,
-        customer: CustomerId,
-        query: &TimelineQuery,
-    ) -> Result<TimelinePage, StoreError> {
-        let query = query.clone();
+    async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError> {
+        let prefix = prefix.to_owned();
         self.on_views(move |db| {
-            let mut customers = vec![customer];
-            if let Some(p) = read_profile(db, customer)? {
-                customers = vec![p.customer_id];
-                customers.extend(p.merged_from.iter().copied());
-            }
             let tx = db.begin_read().map_err(storage)?;
-            let table = tx.open_table(TIMELINE).map_err(storage)?;
-            let limit = query.limit.max(1);
-            let upper = match (query.to, query.after) {
-                (Some(to), Some((at, _))) => to.min(at.saturating_add(1)),
-                (Some(to), None) => to,
-                (None, Some((at, _))) => at.saturating_add(1),
-                (None, None) => i64::MAX,
-            };
-            let lower = query.from.unwrap_or(i64::MIN);
-            let mut found: Vec<TimelineEntry> = Vec::new();
-            for c in customers {
-                let c = key(c);
-                let mut taken = 0;
-                for item in table
-                    .range((c, lower, 0u128)..(c, upper, 0u128))
-                    .map_err(storage)?
-                    .rev()
-                {
-                    let (_, v) = item.map_err(storage)?;
-                    let entry: TimelineEntry = from_json("timeline entry", v.value())?;
-                    if query.matches(&entry) {
-                        found.push(entry);
-                        taken += 1;
-                        if taken > limit {
-                            break;
-                        }
-                    }
+            let table = tx.open_table(SEARCH).map_err(storage)?;
+            let mut found = Vec::new();
+            for item in table
+                .range((prefix.as_str(), 0u128)..)
+                .map_err(storage)?
+                .take(scan)
+            {
+                let (k, _) = item.map_err(storage)?;
+                let (term, customer) = k.value();
+                if !term.starts_with(prefix.as_str()) {
+                    break;
                 }
+                found.push(CustomerId(uuid::Uuid::from_u128(customer)));
             }
-            found.sort_by_key(|e| std::cmp::Reverse((e.occurred_at, e.event_id)));
-            let next = if found.len() > limit {
-                found.truncate(limit);
-                found.last().map(|e| (e.occurred_at, e.event_id))
-            } else {
-                None
-            };
-            Ok(TimelinePage {
-                entries: found,
-                next,
-            })
+            Ok(found)
         })
         .await
     }

@@ -9,21 +9,20 @@
 //! [`Generations`] is the port (the registry plus each generation's stores);
 //! [`LiveStores`] is what services hold: the active generation's stores,
 //! swapped in one step when the pointer moves ([`LiveStores::refresh`]).
+//! It is not a store itself: a request or a batch takes one generation's
+//! stores with [`LiveStores::current`] and uses them throughout, so it
+//! never reads one generation and writes another.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
-use cdp_domain::identity::{Claim, CustomerNode};
-use cdp_domain::profile::{FoldOptions, Profile};
-use cdp_domain::{CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint};
-use cdp_domain::{Touchpoint, UnixMillis};
+use cdp_domain::UnixMillis;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
-use crate::{
-    Applied, EmbeddedStore, IdentityStore, ProfileStore, StoreError, TimelinePage, TimelineQuery,
-};
+use crate::{EmbeddedStore, IdentityStore, ProfileStore, StoreError};
 
 /// The generation every deployment starts with.
 pub const FIRST_GENERATION: u32 = 1;
@@ -81,10 +80,9 @@ pub fn check_activation(list: &[GenerationInfo], active: u32, id: u32) -> Result
     Ok(())
 }
 
-/// The active generation's stores, as every service holds them. Reads and
-/// writes go to the generation that was active at the last
-/// [`refresh`](Self::refresh); workers that must not mix generations within
-/// a batch take a [`current`](Self::current) snapshot instead.
+/// The active generation's stores, as every service holds them: take the
+/// generation active at the last [`refresh`](Self::refresh) with
+/// [`current`](Self::current), once per request or batch.
 pub struct LiveStores {
     generations: Arc<dyn Generations>,
     current: RwLock<ProjectionStores>,
@@ -127,6 +125,26 @@ impl LiveStores {
         &self.generations
     }
 
+    /// A token that fires when `parent` does, or when this process switches
+    /// away from `generation`.
+    pub fn until_switch(&self, generation: u32, parent: &CancellationToken) -> CancellationToken {
+        let token = parent.child_token();
+        let fire = token.clone();
+        let mut switches = self.switches();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = fire.cancelled() => {}
+                switched = switches.wait_for(|served| *served != generation) => {
+                    // An error means the stores are gone: the process is ending.
+                    if switched.is_ok() {
+                        fire.cancel();
+                    }
+                }
+            }
+        });
+        token
+    }
+
     /// Reads the active pointer and, when it moved, opens the new active
     /// generation and swaps it in. Returns the generation now served.
     pub async fn refresh(&self) -> Result<u32, StoreError> {
@@ -150,64 +168,6 @@ impl LiveStores {
             "switched to a new projection generation"
         );
         Ok(active)
-    }
-}
-
-#[async_trait]
-impl IdentityStore for LiveStores {
-    async fn resolve(
-        &self,
-        events: &[Touchpoint],
-        rules: &IdentityRules,
-    ) -> Result<Vec<Resolution>, StoreError> {
-        self.current().identity.resolve(events, rules).await
-    }
-
-    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
-        self.current().identity.owner(id).await
-    }
-
-    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
-        self.current().identity.root(customer).await
-    }
-
-    async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        self.current().identity.customer(customer).await
-    }
-
-    async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
-        self.current().identity.claims(ids).await
-    }
-}
-
-#[async_trait]
-impl ProfileStore for LiveStores {
-    async fn apply(
-        &self,
-        batch: &[ResolvedTouchpoint],
-        options: &FoldOptions,
-    ) -> Result<Applied, StoreError> {
-        self.current().profiles.apply(batch, options).await
-    }
-
-    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
-        self.current().profiles.profile(customer).await
-    }
-
-    async fn timeline(
-        &self,
-        customer: CustomerId,
-        query: &TimelineQuery,
-    ) -> Result<TimelinePage, StoreError> {
-        self.current().profiles.timeline(customer, query).await
-    }
-
-    async fn search(
-        &self,
-        prefixes: &[String],
-        limit: usize,
-    ) -> Result<Vec<CustomerId>, StoreError> {
-        self.current().profiles.search(prefixes, limit).await
     }
 }
 
@@ -392,20 +352,16 @@ impl Generations for EmbeddedGenerations {
         state.0 = registry;
         // The data goes after the registry forgot it: a crash in between
         // leaves files nothing refers to, never a registered empty generation.
-        let removed: Vec<std::io::Result<()>> = if id == FIRST_GENERATION {
-            crate::embedded::FILES
-                .iter()
-                .map(|f| std::fs::remove_file(self.dir.join(f)))
-                .collect()
-        } else {
-            vec![std::fs::remove_dir_all(self.dir_of(id))]
+        let gone = |r: std::io::Result<()>| match r {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(storage(e)),
+            _ => Ok(()),
         };
-        for r in removed {
-            match r {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(storage(e)),
+        if id == FIRST_GENERATION {
+            for f in crate::embedded::FILES {
+                gone(std::fs::remove_file(self.dir.join(f)))?;
             }
+        } else {
+            gone(std::fs::remove_dir_all(self.dir_of(id)))?;
         }
         tracing::info!(generation = id, "generation dropped");
         Ok(())

@@ -5,20 +5,29 @@
 //! - [`ProfileStore`]: folded profiles and the timeline.
 //!
 //! The rules are in `cdp-domain`; a store only provides atomic access
-//! (a redb transaction here, conditional writes on ScyllaDB).
+//! (a redb transaction here, conditional writes on ScyllaDB) and reads and
+//! writes rows. What is the same for every store — following merge
+//! redirects, completing a merge left pending, paging a customer's family
+//! timeline, turning search terms into live customers — is written once,
+//! here, as the provided methods of the ports (see [`read`]), over a few
+//! row primitives each adapter implements.
 
 use async_trait::async_trait;
 use cdp_domain::identity::{Claim, CustomerNode};
-use cdp_domain::profile::{FoldOptions, Profile};
+use cdp_domain::profile::{FoldOptions, Profile, ProfileSlot};
+use cdp_domain::redirect::RedirectError;
 use cdp_domain::{
     Channel, CustomerId, EventId, EventType, Identifier, IdentityRules, Resolution,
     ResolvedTouchpoint, TimelineEntry, Touchpoint, UnixMillis,
 };
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+#[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 pub mod embedded;
 pub mod generations;
+pub mod read;
 
 pub use embedded::EmbeddedStore;
 pub use generations::{
@@ -40,29 +49,64 @@ pub enum StoreError {
     Invalid(String),
 }
 
+impl From<RedirectError> for StoreError {
+    fn from(e: RedirectError) -> Self {
+        StoreError::Corrupt {
+            what: "merge redirects",
+            reason: e.to_string(),
+        }
+    }
+}
+
 /// The identity graph.
 #[async_trait]
 pub trait IdentityStore: Send + Sync + 'static {
     /// Resolves each event in order and stores the outcome atomically with
-    /// the decision. Resolving an event again returns the stored decision,
-    /// so a re-delivered event gets the same customer and the same merges.
+    /// the decision (`cdp_domain::identity::resolve_once`). Resolving an
+    /// event again returns the stored decision, so a re-delivered event
+    /// gets the same customer and the same merges.
     async fn resolve(
         &self,
         events: &[Touchpoint],
         rules: &IdentityRules,
     ) -> Result<Vec<Resolution>, StoreError>;
 
-    /// The customer that owns `id` now (merges followed).
-    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError>;
-
-    /// The customer that stands for `customer` now (merges followed).
-    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError>;
-
     /// A customer node as stored (a merged one has `merged_into` set).
     async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError>;
 
     /// How each identifier was linked.
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError>;
+
+    /// The customer that stands for `customer` now (merges followed).
+    async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
+        read::root(self, customer).await
+    }
+
+    /// The customer that owns `id` now (merges followed).
+    async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
+        match self.claims(std::slice::from_ref(id)).await?.pop().flatten() {
+            Some(claim) => self.root(claim.customer).await.map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+/// A merge not completed yet, for stores that cannot write the loser and
+/// the survivor in one transaction (ScyllaDB): the loser's row is already a
+/// redirect and keeps the profile the survivor must absorb, until the
+/// survivor has absorbed it (see [`read::settle_chain`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingMerge {
+    /// The loser's live profile when it was merged away (`None`: it had none).
+    pub absorbed: Option<Box<Profile>>,
+}
+
+/// A profile row as stored under a customer id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileRow {
+    pub slot: ProfileSlot,
+    /// Set on the redirect of a merge that is not complete yet.
+    pub pending: Option<PendingMerge>,
 }
 
 /// Filters and position of a timeline read.
@@ -80,6 +124,18 @@ pub struct TimelineQuery {
 }
 
 impl TimelineQuery {
+    /// The instants to read: `occurred_at` in `[lower, upper)`, narrowed by
+    /// the page position.
+    pub fn range(&self) -> (UnixMillis, UnixMillis) {
+        let upper = match (self.to, self.after) {
+            (Some(to), Some((at, _))) => to.min(at.saturating_add(1)),
+            (Some(to), None) => to,
+            (None, Some((at, _))) => at.saturating_add(1),
+            (None, None) => i64::MAX,
+        };
+        (self.from.unwrap_or(i64::MIN), upper)
+    }
+
     pub fn matches(&self, e: &TimelineEntry) -> bool {
         (self.channels.is_empty() || self.channels.contains(&e.channel))
             && (self.types.is_empty() || self.types.contains(&e.event_type))
@@ -136,23 +192,52 @@ pub trait ProfileStore: Send + Sync + 'static {
         Ok(())
     }
 
-    /// The live profile standing for `customer` (merges followed).
-    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError>;
+    /// The row stored under `customer`, as it is (no redirect followed).
+    async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError>;
 
-    /// Timeline entries of a customer and of every customer merged into it.
+    /// Timeline entries filed under exactly `customer` with `occurred_at`
+    /// in `[lower, upper)` that match `query`'s filters, newest first: at
+    /// least `want` of them when there are that many (an adapter may return
+    /// more, for example every entry of the last instant it read).
+    async fn timeline_range(
+        &self,
+        customer: CustomerId,
+        lower: UnixMillis,
+        upper: UnixMillis,
+        query: &TimelineQuery,
+        want: usize,
+    ) -> Result<Vec<TimelineEntry>, StoreError>;
+
+    /// The customers filed under a search term that starts with `prefix`
+    /// (see `cdp_domain::search`), in term order, at most `scan` of them;
+    /// merged-away customers included.
+    async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError>;
+
+    /// The live profile standing for `customer` (merges followed, a merge
+    /// left pending completed in memory).
+    async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
+        read::live_profile(self, customer).await
+    }
+
+    /// Timeline entries of a customer and of every customer merged into
+    /// it, newest first, one per event.
     async fn timeline(
         &self,
         customer: CustomerId,
         query: &TimelineQuery,
-    ) -> Result<TimelinePage, StoreError>;
+    ) -> Result<TimelinePage, StoreError> {
+        read::timeline(self, customer, query).await
+    }
 
     /// Live customers with a search term starting with one of `prefixes`
-    /// (see `cdp_domain::search`), at most `limit`.
+    /// (see `cdp_domain::search`), at most `limit`, each once.
     async fn search(
         &self,
         prefixes: &[String],
         limit: usize,
-    ) -> Result<Vec<CustomerId>, StoreError>;
+    ) -> Result<Vec<CustomerId>, StoreError> {
+        read::search(self, prefixes, limit).await
+    }
 }
 
 /// Announces which customers' views changed, so live views can refresh.

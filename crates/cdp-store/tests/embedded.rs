@@ -1,30 +1,47 @@
-//! The store conformance suites on the embedded store.
+//! The store conformance suites on the embedded store, plus what only the
+//! embedded store promises (durability across a reopen, old layouts).
 
 use std::sync::Arc;
 
-use cdp_store::{EmbeddedStore, IdentityStore, ProfileStore, conformance};
+use async_trait::async_trait;
+use cdp_store::conformance::{self, StoresUnderTest};
+use cdp_store::{EmbeddedStore, Generations, IdentityStore, ProfileStore};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_identity_store_conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    conformance::identity_links_merges_and_replays(&store, "emb").await;
-    let shared: Arc<dyn IdentityStore> = Arc::new(store);
-    conformance::identity_races_end_in_one_graph(shared, "emb").await;
+/// A fresh embedded store in a temporary directory; its generations in
+/// another.
+struct Embedded {
+    store: EmbeddedStore,
+    dir: tempfile::TempDir,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_profile_store_conforms() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = EmbeddedStore::open(dir.path()).unwrap();
-    conformance::profiles_fold_merge_and_page(&store, "emb").await;
-    conformance::profiles_are_searchable(&store, "emb").await;
-    let shared: Arc<dyn ProfileStore> = Arc::new(store);
-    conformance::profiles_lose_no_concurrent_update(shared, "emb").await;
+#[async_trait]
+impl StoresUnderTest for Embedded {
+    async fn open() -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = EmbeddedStore::open(&dir.path().join("store")).expect("the store opens");
+        Embedded { store, dir }
+    }
+
+    fn identity(&self) -> Arc<dyn IdentityStore> {
+        Arc::new(self.store.clone())
+    }
+
+    fn profiles(&self) -> Arc<dyn ProfileStore> {
+        Arc::new(self.store.clone())
+    }
+
+    async fn generations(&self) -> Arc<dyn Generations> {
+        Arc::new(
+            cdp_store::EmbeddedGenerations::open(&self.dir.path().join("generations"))
+                .expect("the registry opens"),
+        )
+    }
 }
 
+cdp_store::store_test_suite!(embedded_store, Embedded);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn embedded_generations_conform_and_survive_a_restart() {
+async fn embedded_generations_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let generations = Arc::new(cdp_store::EmbeddedGenerations::open(dir.path()).unwrap());
     conformance::generations_switch_and_drop(generations, "emb").await;

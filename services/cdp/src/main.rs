@@ -53,7 +53,7 @@ fn client<F: std::future::Future<Output = anyhow::Result<()>>>(name: &str, f: F)
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Dev(args) => cdp_runtime::serve::main_with("cdp", &args, cdp::install_all),
+        Command::Dev(args) => cdp_wiring::main_with("cdp", &args, cdp::install_all),
         Command::Replay(args) => client("replay", cdp::replay::run(args)),
         Command::Rebuild(args) => client("rebuild", cdp::rebuild::rebuild(args)),
         Command::Generations(args) => client("generations", cdp::rebuild::generations(args)),

@@ -1,5 +1,5 @@
 //! `cdp rebuild` and `cdp generations`: operators' commands for projection
-//! generations, against `ProjectionService` of a running query service.
+//! generations, against `ProjectionService` of a running projection service (or `cdp dev`).
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
 pub struct RebuildArgs {
-    /// The query service's gRPC endpoint.
+    /// The projection service's gRPC endpoint (`cdp dev` serves it too).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
     /// Switch to the new generation once it has caught up with the log.
@@ -38,7 +38,7 @@ pub enum GenerationsCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct GenerationsArgs {
-    /// The query service's gRPC endpoint.
+    /// The projection service's gRPC endpoint (`cdp dev` serves it too).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
     #[command(subcommand)]

@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// The query service's gRPC endpoint.
+    /// The projection service's gRPC endpoint (`cdp dev` serves it too).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
     /// Output: a file (JSON Lines) or a directory of parts (Parquet).

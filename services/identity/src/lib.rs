@@ -1,22 +1,19 @@
 //! The identity-resolution worker: consumes the touchpoints topic, resolves
-//! each event against the identity graph, and publishes the resolved event
-//! (keyed by customer id), the graph's changes, and dead letters for events
-//! that cannot be attributed.
+//! each event against the identity graph of the active projection
+//! generation, and appends what the pipeline's contract says identity
+//! emits (`cdp_pipeline::Outputs`): the resolved event keyed by customer
+//! id, the graph's changes, and dead letters for events that cannot be
+//! attributed.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use cdp_domain::{IdentityRules, Resolution, ResolvedTouchpoint, Touchpoint};
+use cdp_domain::{IdentityRules, Resolution, Touchpoint};
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
-use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
-use cdp_proto::record;
-use cdp_runtime::generation;
+use cdp_log::{EventLog, LogRecord, Membership};
+use cdp_pipeline::{Outputs, Stage, emit, group, topic};
 use cdp_store::{IdentityStore, LiveStores};
 use tokio_util::sync::CancellationToken;
-
-/// The consumer group of identity workers of the first projection
-/// generation (see [`cdp_runtime::generation::identity_group`]).
-pub const GROUP: &str = cdp_runtime::generation::IDENTITY_GROUP;
 
 pub struct IdentityWorker {
     log: Arc<dyn EventLog>,
@@ -25,15 +22,6 @@ pub struct IdentityWorker {
     /// The generation being written, and its store.
     generation: u32,
     store: Arc<dyn IdentityStore>,
-}
-
-fn dead_letter(key: &[u8], value: Vec<u8>) -> Record {
-    Record {
-        key: key.to_vec(),
-        value,
-        headers: Vec::new(),
-        idempotency_key: None,
-    }
 }
 
 impl IdentityWorker {
@@ -63,13 +51,13 @@ impl IdentityWorker {
             let current = self.live.current();
             self.generation = current.generation;
             self.store = current.identity;
-            let group = generation::identity_group(self.generation);
-            let until = generation::until_switch(&self.live, self.generation, &cancel);
+            let group = group::identity(self.generation);
+            let until = self.live.until_switch(self.generation, &cancel);
             tracing::info!(generation = self.generation, %group, "identity worker joins");
             cdp_log::consumer::join_and_run(
                 log.as_ref(),
                 &group,
-                Topic::Touchpoints,
+                topic::TOUCHPOINTS,
                 membership,
                 &mut self,
                 &options,
@@ -86,27 +74,19 @@ impl BatchHandler for IdentityWorker {
     #[tracing::instrument(name = "identity_batch", skip_all, fields(records = records.len()))]
     async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
         let now = cdp_runtime::now_ms();
-        let mut dead = Vec::new();
+        let mut out = Outputs::default();
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
-        // Each event's trace context, passed on to its resolved record.
-        let mut traces: Vec<Option<Vec<u8>>> = Vec::with_capacity(records.len());
+        // Each event's record, whose trace context its resolved record carries.
+        let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
         for r in records {
-            match record::decode_touchpoint(&r.value) {
+            match emit::read_touchpoint(r) {
                 Ok(t) => {
                     events.push(t);
-                    traces.push(r.header(cdp_runtime::trace::HEADER).map(<[u8]>::to_vec));
+                    sources.push(r);
                 }
                 Err(error) => {
                     tracing::error!(partition = r.partition, offset = r.offset, %error, "undecodable touchpoint record");
-                    dead.push(dead_letter(
-                        &r.key,
-                        record::encode_raw_dead_letter(
-                            "identity",
-                            &error.to_string(),
-                            &r.value,
-                            now,
-                        ),
-                    ));
+                    out.undecodable(Stage::Identity, r, &error.to_string(), now);
                 }
             }
         }
@@ -115,78 +95,32 @@ impl BatchHandler for IdentityWorker {
             .resolve(&events, &self.rules)
             .await
             .map_err(|e| Retry(format!("identity store: {e}")))?;
-        let mut resolved = Vec::with_capacity(events.len());
-        let mut graph_changes = Vec::new();
-        for ((event, resolution), trace) in events.into_iter().zip(resolutions).zip(traces) {
-            match resolution {
-                Resolution::Resolved(decision) => {
-                    let key = decision.customer_id.to_string().into_bytes();
-                    for change in record::identity_records(&decision) {
-                        graph_changes.push(Record {
-                            key: key.clone(),
-                            value: change,
-                            ..Record::default()
-                        });
-                    }
-                    if !decision.merges.is_empty() {
-                        tracing::info!(customer = %decision.customer_id, merged = decision.merges.len(), event = %decision.event_id, "customers merged");
-                    }
-                    let r = ResolvedTouchpoint {
-                        customer_id: decision.customer_id,
-                        merges: decision.merges,
-                        touchpoint: event,
-                    };
-                    let mut headers = vec![
-                        (
-                            "cdp-event-id".into(),
-                            r.touchpoint.event_id().to_string().into_bytes(),
-                        ),
-                        (
-                            generation::HEADER.into(),
-                            self.generation.to_string().into_bytes(),
-                        ),
-                    ];
-                    if let Some(t) = trace {
-                        headers.push((cdp_runtime::trace::HEADER.into(), t));
-                    }
-                    resolved.push(Record {
-                        key,
-                        value: record::encode_resolved(&r),
-                        headers,
-                        idempotency_key: None,
-                    });
+        for ((event, resolution), source) in events.into_iter().zip(resolutions).zip(sources) {
+            match &resolution {
+                Resolution::Resolved(d) if !d.merges.is_empty() => {
+                    tracing::info!(customer = %d.customer_id, merged = d.merges.len(), event = %d.event_id, "customers merged");
                 }
                 Resolution::Unresolvable { ignored } => {
-                    let reasons: Vec<String> = ignored
-                        .iter()
-                        .map(|(id, why)| format!("{}: {}", id.kind, why.describe()))
-                        .collect();
-                    let reason = format!(
-                        "no identifier of the event may link it to a customer ({})",
-                        reasons.join("; ")
-                    );
-                    tracing::warn!(event = %event.event_id(), %reason, "event sent to dead letters");
-                    dead.push(dead_letter(
-                        event.event_id().to_string().as_bytes(),
-                        record::encode_dead_letter("identity", &reason, &event, now),
-                    ));
+                    tracing::warn!(event = %event.event_id(), reason = %emit::unresolvable_reason(ignored), "event sent to dead letters");
                 }
+                Resolution::Resolved(_) => {}
             }
+            out.resolution(
+                event,
+                resolution,
+                self.generation,
+                emit::trace_of(source),
+                now,
+            );
         }
-        // The resolved events first: they are what profiles need. A crash
-        // before the commit re-resolves the batch, and the store answers
-        // with the same decisions.
-        for (topic, batch) in [
-            (Topic::Resolved, resolved),
-            (Topic::Identity, graph_changes),
-            (Topic::DeadLetters, dead),
-        ] {
-            if !batch.is_empty() {
-                self.log
-                    .append(topic, batch)
-                    .await
-                    .map_err(|e| Retry(format!("append to {topic}: {e}")))?;
-            }
+        // In the contract's order, resolved records first: they are what
+        // profiles need. A crash before the commit re-resolves the batch,
+        // and the store answers with the same decisions.
+        for (topic, batch) in out.appends() {
+            self.log
+                .append(topic, batch)
+                .await
+                .map_err(|e| Retry(format!("append to {topic}: {e}")))?;
         }
         Ok(())
     }
@@ -210,4 +144,183 @@ pub async fn install(
         parts.tasks.spawn(worker.run(membership, options, cancel));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use cdp_domain::{
+        Attributes, Channel, CustomerId, Envelope, EventId, EventType, IdKind, Identifier, Personal,
+    };
+    use cdp_log::EmbeddedLog;
+    use cdp_pipeline::codec;
+    use cdp_store::EmbeddedGenerations;
+    use uuid::Uuid;
+
+    use super::*;
+
+    struct Fixture {
+        log: Arc<EmbeddedLog>,
+        worker: IdentityWorker,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A worker on a fresh embedded log and store.
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 2).unwrap());
+        let generations = EmbeddedGenerations::open(&dir.path().join("store")).unwrap();
+        let live = LiveStores::open(Arc::new(generations)).await.unwrap();
+        let rules = Arc::new(IdentityRules::default());
+        let worker = IdentityWorker::new(log.clone(), Arc::new(live), rules);
+        Fixture {
+            log,
+            worker,
+            _dir: dir,
+        }
+    }
+
+    fn event(n: u128, ids: &[(IdKind, &str)]) -> Touchpoint {
+        Touchpoint {
+            envelope: Envelope {
+                event_id: EventId(Uuid::from_u128(n)),
+                event_type: EventType::ProductViewed,
+                channel: Channel::Web,
+                source_id: "web".into(),
+                occurred_at: 1_000 + n as i64,
+                received_at: 1_000 + n as i64,
+                properties: Attributes::new(),
+            },
+            personal: Personal {
+                identifiers: ids
+                    .iter()
+                    .map(|(k, v)| Identifier::new(k.clone(), *v))
+                    .collect(),
+                traits: Attributes::new(),
+            },
+        }
+    }
+
+    /// Appends touchpoints as ingest does and reads them back as the
+    /// worker's consumer would get them.
+    async fn delivered(log: &EmbeddedLog, events: &[Touchpoint]) -> Vec<LogRecord> {
+        let rules = IdentityRules::default();
+        let records = events
+            .iter()
+            .map(|t| {
+                emit::touchpoint(
+                    t,
+                    &rules,
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )
+            })
+            .collect();
+        log.append(topic::TOUCHPOINTS, records).await.unwrap();
+        read_all(log, topic::TOUCHPOINTS).await
+    }
+
+    async fn read_all(log: &EmbeddedLog, t: cdp_log::Topic) -> Vec<LogRecord> {
+        let mut out = Vec::new();
+        for p in 0..log.partitions(t) {
+            out.extend(log.read(t, p, 0, 10_000).await.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_emits_resolved_records_graph_changes_and_dead_letters() {
+        let mut f = fixture().await;
+        let a = event(1, &[(IdKind::Email, "a@shop.vn")]);
+        let b = event(
+            2,
+            &[
+                (IdKind::Email, "a@shop.vn"),
+                (IdKind::Phone, "+84912345678"),
+            ],
+        );
+        let blocked = event(3, &[(IdKind::DeviceId, "pos-q1-tablet")]);
+        let mut records = delivered(&f.log, &[a.clone(), b.clone(), blocked.clone()]).await;
+        // A record no build can read: kept as a dead letter, never dropped.
+        records.push(LogRecord {
+            value: b"not protobuf".to_vec(),
+            offset: 99,
+            ..records[0].clone()
+        });
+        f.worker.handle(&records).await.unwrap();
+
+        let resolved = read_all(&f.log, topic::RESOLVED).await;
+        assert_eq!(resolved.len(), 2, "two attributable events");
+        let customers: Vec<CustomerId> = resolved
+            .iter()
+            .map(|r| {
+                assert_eq!(emit::generation_of(r), Some(1));
+                assert!(emit::trace_of(r).is_some(), "the trace context travels on");
+                let rt = emit::read_resolved(r).unwrap();
+                assert_eq!(r.key, cdp_pipeline::key::customer(rt.customer_id));
+                rt.customer_id
+            })
+            .collect();
+        assert_eq!(customers[0], customers[1], "one email, one customer");
+        let changes = read_all(&f.log, topic::IDENTITY).await;
+        assert_eq!(changes.len(), 2, "the email, then the phone linked");
+        let dead = read_all(&f.log, topic::DEAD_LETTERS).await;
+        assert_eq!(dead.len(), 2);
+        let reasons: Vec<String> = dead
+            .iter()
+            .map(|d| codec::decode_dead_letter(&d.value).unwrap().reason)
+            .collect();
+        assert!(reasons.iter().any(|r| r.contains("pos-*")), "{reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r.contains("protobuf")),
+            "{reasons:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redelivered_batch_gets_the_same_customers() {
+        let mut f = fixture().await;
+        let events = [
+            event(1, &[(IdKind::Email, "x@shop.vn")]),
+            event(2, &[(IdKind::Phone, "+84912345670")]),
+            event(
+                3,
+                &[
+                    (IdKind::Email, "x@shop.vn"),
+                    (IdKind::Phone, "+84912345670"),
+                ],
+            ),
+        ];
+        let records = delivered(&f.log, &events).await;
+        f.worker.handle(&records).await.unwrap();
+        f.worker.handle(&records).await.unwrap();
+        let resolved = read_all(&f.log, topic::RESOLVED).await;
+        assert_eq!(resolved.len(), 6);
+        let mut by_event: std::collections::BTreeMap<EventId, Vec<(CustomerId, usize)>> =
+            Default::default();
+        for r in &resolved {
+            let rt = emit::read_resolved(r).unwrap();
+            by_event
+                .entry(rt.touchpoint.event_id())
+                .or_default()
+                .push((rt.customer_id, rt.merges.len()));
+        }
+        for (event, outcomes) in by_event {
+            assert_eq!(outcomes.len(), 2);
+            assert_eq!(
+                outcomes[0], outcomes[1],
+                "event {event} decided twice differently"
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unavailable_log_is_a_retry_not_a_loss() {
+        let mut f = fixture().await;
+        let records = delivered(&f.log, &[event(1, &[(IdKind::Email, "r@shop.vn")])]).await;
+        // A log without the resolved topic refuses the append.
+        let dir = tempfile::tempdir().unwrap();
+        let narrow = EmbeddedLog::open(dir.path(), &[topic::TOUCHPOINTS], 1).unwrap();
+        f.worker.log = Arc::new(narrow);
+        let err = f.worker.handle(&records).await.unwrap_err();
+        assert!(err.0.contains("resolved"), "{err}");
+    }
 }

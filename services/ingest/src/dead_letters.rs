@@ -3,13 +3,15 @@
 
 use std::sync::Arc;
 
-use cdp_log::{EventLog, LogRecord, Record, Topic};
+use cdp_log::{EventLog, LogRecord, Record};
+use cdp_pipeline::codec as record;
+use cdp_pipeline::topic;
+use cdp_proto::convert;
 use cdp_proto::v1::dead_letter_service_server::DeadLetterService;
 use cdp_proto::v1::{
     DeadLetter, DeadLetterRef, ListDeadLettersRequest, ListDeadLettersResponse, RedriveRequest,
     RedriveResponse,
 };
-use cdp_proto::{convert, record};
 use cdp_runtime::ServiceError;
 use tonic::{Request, Response, Status};
 
@@ -102,12 +104,12 @@ impl DeadLetters {
         } else {
             page_size.min(MAX_PAGE)
         };
-        let partitions = self.log.partitions(Topic::DeadLetters);
+        let partitions = self.log.partitions(topic::DEAD_LETTERS);
         let mut out = Vec::new();
         while partition < partitions && out.len() < size {
             let records = self
                 .log
-                .read(Topic::DeadLetters, partition, offset, size - out.len())
+                .read(topic::DEAD_LETTERS, partition, offset, size - out.len())
                 .await
                 .map_err(log_error)?;
             match records.last() {
@@ -138,12 +140,12 @@ impl DeadLetters {
     ) -> Result<RedriveResponse, ServiceError> {
         let mut records = Vec::new();
         if all {
-            for p in 0..self.log.partitions(Topic::DeadLetters) {
+            for p in 0..self.log.partitions(topic::DEAD_LETTERS) {
                 let mut from = 0;
                 loop {
                     let batch = self
                         .log
-                        .read(Topic::DeadLetters, p, from, 1000)
+                        .read(topic::DEAD_LETTERS, p, from, 1000)
                         .await
                         .map_err(log_error)?;
                     let Some(last) = batch.last() else { break };
@@ -161,7 +163,7 @@ impl DeadLetters {
             for (i, r) in refs.iter().enumerate() {
                 let found = self
                     .log
-                    .read(Topic::DeadLetters, r.partition, r.offset, 1)
+                    .read(topic::DEAD_LETTERS, r.partition, r.offset, 1)
                     .await
                     .map_err(|e| match e {
                         cdp_log::LogError::Invalid(m) => {
@@ -202,7 +204,7 @@ impl DeadLetters {
             .collect();
         if !appended.is_empty() {
             self.log
-                .append(Topic::Touchpoints, appended)
+                .append(topic::TOUCHPOINTS, appended)
                 .await
                 .map_err(log_error)?;
         }

@@ -58,64 +58,16 @@ pub struct HttpState {
     pub messenger: Option<MessengerConfig>,
 }
 
-/// An HTTP error: a status and a JSON body naming what is wrong.
-#[derive(Debug)]
-pub struct HttpError {
-    status: StatusCode,
-    message: String,
-    violations: Vec<FieldError>,
-}
+/// A refused request: the platform's one error model, whose code decides
+/// the HTTP status (`cdp_runtime::error`).
+pub type HttpError = ServiceError;
 
-impl HttpError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        HttpError {
-            status,
-            message: message.into(),
-            violations: Vec::new(),
-        }
-    }
-
-    fn invalid(violations: Vec<FieldError>) -> Self {
-        let message = violations
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
-        HttpError {
-            status: StatusCode::BAD_REQUEST,
-            message,
-            violations,
-        }
-    }
-}
-
-impl From<ServiceError> for HttpError {
-    fn from(e: ServiceError) -> Self {
-        match e {
-            ServiceError::InvalidArgument(v) => HttpError::invalid(v),
-            ServiceError::NotFound(m) => HttpError::new(StatusCode::NOT_FOUND, m),
-            ServiceError::Unavailable(m) => HttpError::new(StatusCode::SERVICE_UNAVAILABLE, m),
-            other => HttpError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-        }
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let violations: Vec<Value> = self
-            .violations
-            .iter()
-            .map(|v| json!({"field": v.field, "reason": v.reason}))
-            .collect();
-        let body = json!({"success": false, "error": self.message, "violations": violations});
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Basic realm=\"cdp\""),
-            );
-        }
-        response
+/// A missing or unknown write key (Segment's clients authenticate with
+/// HTTP basic auth).
+fn unauthenticated(message: impl Into<String>) -> HttpError {
+    ServiceError::Unauthenticated {
+        message: message.into(),
+        challenge: Some("Basic realm=\"cdp\""),
     }
 }
 
@@ -145,10 +97,9 @@ fn body_bytes(
     what: &str,
 ) -> Result<Vec<u8>, HttpError> {
     let too_big = |n: usize| {
-        HttpError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{what} is {n} bytes or more; at most {max} bytes are accepted"),
-        )
+        ServiceError::TooLarge(format!(
+            "{what} is {n} bytes or more; at most {max} bytes are accepted"
+        ))
     };
     let encoding = headers
         .get(header::CONTENT_ENCODING)
@@ -162,19 +113,13 @@ fn body_bytes(
             flate2::read::GzDecoder::new(body.as_ref())
                 .take(limit)
                 .read_to_end(&mut out)
-                .map_err(|e| {
-                    HttpError::new(
-                        StatusCode::BAD_REQUEST,
-                        format!("body is not valid gzip: {e}"),
-                    )
-                })?;
+                .map_err(|e| ServiceError::invalid("body", format!("is not valid gzip: {e}")))?;
             out
         }
         Some(other) => {
-            return Err(HttpError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!("Content-Encoding {other:?} is not supported; send gzip or nothing"),
-            ));
+            return Err(ServiceError::UnsupportedMediaType(format!(
+                "Content-Encoding {other:?} is not supported; send gzip or nothing"
+            )));
         }
     };
     if bytes.len() > max {
@@ -208,15 +153,14 @@ impl HttpState {
         let key = from_header
             .or_else(|| body_key.map(str::to_owned))
             .ok_or_else(|| {
-                HttpError::new(
-                    StatusCode::UNAUTHORIZED,
+                unauthenticated(
                     "missing write key: use HTTP basic auth with the write key as user name",
                 )
             })?;
         self.sources
             .iter()
             .find(|s| s.write_key == key)
-            .ok_or_else(|| HttpError::new(StatusCode::UNAUTHORIZED, "unknown write key"))
+            .ok_or_else(|| unauthenticated("unknown write key"))
     }
 
     /// Maps, checks and validates every message; all or nothing.
@@ -283,7 +227,7 @@ impl HttpState {
         if violations.is_empty() {
             Ok(valid)
         } else {
-            Err(HttpError::invalid(violations))
+            Err(ServiceError::InvalidArgument(violations))
         }
     }
 }
@@ -317,22 +261,15 @@ fn segment_field(field: &str, raw: &RawTouchpoint) -> String {
 
 /// Parses a JSON body, or answers 400 saying why not.
 fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        HttpError::new(
-            StatusCode::BAD_REQUEST,
-            format!("the body is not valid JSON: {e}"),
-        )
-    })
+    serde_json::from_slice(bytes)
+        .map_err(|e| ServiceError::invalid("body", format!("is not valid JSON: {e}")))
 }
 
 /// A webhook's configuration, or 404 when it is not configured.
 fn configured<'a, T>(config: &'a Option<T>, name: &str) -> Result<&'a T, HttpError> {
-    config.as_ref().ok_or_else(|| {
-        HttpError::new(
-            StatusCode::NOT_FOUND,
-            format!("the {name} webhook is not configured"),
-        )
-    })
+    config
+        .as_ref()
+        .ok_or_else(|| ServiceError::NotFound(format!("the {name} webhook is not configured")))
 }
 
 const CALLS: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
@@ -358,18 +295,15 @@ async fn single(
     body: Bytes,
 ) -> Result<Response, HttpError> {
     if !CALLS.contains(&call.as_str()) {
-        return Err(HttpError::new(
-            StatusCode::NOT_FOUND,
-            format!("no endpoint /v1/{call}"),
-        ));
+        return Err(ServiceError::NotFound(format!("no endpoint /v1/{call}")));
     }
     let bytes = body_bytes(&headers, &body, state.max_event_bytes, "the event")?;
     let value: Value = json_body(&bytes)?;
     let source = state
         .source(&headers, value.get("writeKey").and_then(Value::as_str))?
         .clone();
-    let message: segment::Message = serde_json::from_value(value)
-        .map_err(|e| HttpError::invalid(vec![FieldError::new("body", e.to_string())]))?;
+    let message: segment::Message =
+        serde_json::from_value(value).map_err(|e| ServiceError::invalid("body", e.to_string()))?;
     let touchpoints = state.prepare(&source, &[(call, message, bytes.len())], None, |_| {
         String::new()
     })?;
@@ -389,16 +323,9 @@ async fn batch(
     let items = value
         .get("batch")
         .and_then(Value::as_array)
-        .ok_or_else(|| {
-            HttpError::invalid(vec![FieldError::new(
-                "batch",
-                "is required and must be a list",
-            )])
-        })?;
+        .ok_or_else(|| ServiceError::invalid("batch", "is required and must be a list"))?;
     if items.is_empty() {
-        return Err(HttpError::invalid(vec![FieldError::new(
-            "batch", "is empty",
-        )]));
+        return Err(ServiceError::invalid("batch", "is empty"));
     }
     let sent_at = value
         .get("sentAt")
@@ -432,7 +359,7 @@ async fn batch(
         }
     }
     if !violations.is_empty() {
-        return Err(HttpError::invalid(violations));
+        return Err(ServiceError::InvalidArgument(violations));
     }
     let touchpoints = state.prepare(&source, &messages, sent_at.as_deref(), |i| {
         format!("batch[{i}].")
@@ -450,21 +377,21 @@ async fn zalo(
         .get("x-zevent-signature")
         .and_then(|v| v.to_str().ok());
     if !webhooks::zalo_signature_ok(config.oa_secret_key.expose(), &body, signature) {
-        return Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "X-ZEvent-Signature does not match the event",
-        ));
+        return Err(ServiceError::Unauthenticated {
+            message: "X-ZEvent-Signature does not match the event".into(),
+            challenge: None,
+        });
     }
     let value: Value = json_body(&body)?;
-    let Some(raw) =
-        webhooks::zalo_event(&value, &config.source_id).map_err(|e| HttpError::invalid(vec![e]))?
+    let Some(raw) = webhooks::zalo_event(&value, &config.source_id)
+        .map_err(|e| ServiceError::InvalidArgument(vec![e]))?
     else {
         return Ok(ok());
     };
     let touchpoint = state
         .ingestor
         .validate(&raw, now_ms())
-        .map_err(HttpError::invalid)?;
+        .map_err(ServiceError::InvalidArgument)?;
     append(&state, vec![touchpoint]).await
 }
 
@@ -488,9 +415,8 @@ async fn messenger_verify(
     {
         Ok((StatusCode::OK, q.challenge.unwrap_or_default()).into_response())
     } else {
-        Err(HttpError::new(
-            StatusCode::FORBIDDEN,
-            "hub.verify_token does not match",
+        Err(ServiceError::PermissionDenied(
+            "hub.verify_token does not match".into(),
         ))
     }
 }
@@ -505,14 +431,14 @@ async fn messenger(
         .get("x-hub-signature-256")
         .and_then(|v| v.to_str().ok());
     if !webhooks::messenger_signature_ok(config.app_secret.expose(), &body, signature) {
-        return Err(HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "X-Hub-Signature-256 does not match the body",
-        ));
+        return Err(ServiceError::Unauthenticated {
+            message: "X-Hub-Signature-256 does not match the body".into(),
+            challenge: None,
+        });
     }
     let value: Value = json_body(&body)?;
     let raws = webhooks::messenger_events(&value, &config.source_id)
-        .map_err(|e| HttpError::invalid(vec![e]))?;
+        .map_err(|e| ServiceError::InvalidArgument(vec![e]))?;
     let now = now_ms();
     let mut touchpoints = Vec::with_capacity(raws.len());
     for raw in &raws {
@@ -520,7 +446,7 @@ async fn messenger(
             state
                 .ingestor
                 .validate(raw, now)
-                .map_err(HttpError::invalid)?,
+                .map_err(ServiceError::InvalidArgument)?,
         );
     }
     append(&state, touchpoints).await

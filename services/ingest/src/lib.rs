@@ -6,7 +6,8 @@ use std::sync::Arc;
 use cdp_domain::{
     EventId, FieldError, IdentityRules, RawTouchpoint, Touchpoint, ValidationLimits, validate,
 };
-use cdp_log::{Appended, EventLog, Record, Topic};
+use cdp_log::{Appended, EventLog, Record};
+use cdp_pipeline::{emit, topic};
 use cdp_proto::convert;
 use cdp_proto::v1::ingest_service_server::IngestService;
 use cdp_proto::v1::{
@@ -53,26 +54,10 @@ impl Ingestor {
         Ingestor { log, rules, limits }
     }
 
+    /// The `touchpoints` record of an accepted event (see the contract,
+    /// `cdp_pipeline::emit::touchpoint`).
     pub(crate) fn record(&self, t: &Touchpoint, traceparent: &str) -> Record {
-        let key = t
-            .routing_identifier(&self.rules)
-            .map_or_else(|| t.event_id().to_string(), |id| id.key());
-        Record {
-            key: key.into_bytes(),
-            value: cdp_proto::record::encode_touchpoint(t),
-            headers: vec![
-                ("cdp-event-id".into(), t.event_id().to_string().into_bytes()),
-                (
-                    "cdp-schema".into(),
-                    format!("cdp.v1.TouchpointRecord/{}", cdp_proto::SCHEMA_VERSION).into_bytes(),
-                ),
-                (
-                    cdp_runtime::trace::HEADER.into(),
-                    traceparent.as_bytes().to_vec(),
-                ),
-            ],
-            idempotency_key: Some(t.event_id().0.as_bytes().to_vec()),
-        }
+        emit::touchpoint(t, &self.rules, traceparent)
     }
 
     /// Validates one raw touchpoint.
@@ -98,7 +83,7 @@ impl Ingestor {
             .collect();
         let appended = self
             .log
-            .append(Topic::Touchpoints, records)
+            .append(topic::TOUCHPOINTS, records)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "append to the event log failed");

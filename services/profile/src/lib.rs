@@ -1,5 +1,6 @@
 //! The profile worker: consumes the resolved topic and folds each event
-//! (and the merges that came with it) into the profile store.
+//! (and the merges that came with it) into the profile store of the
+//! active projection generation.
 
 use std::sync::Arc;
 
@@ -7,14 +8,10 @@ use async_trait::async_trait;
 use cdp_domain::FoldOptions;
 use cdp_domain::ResolvedTouchpoint;
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
-use cdp_log::{EventLog, LogRecord, Membership, Record, Topic};
-use cdp_proto::record;
-use cdp_runtime::generation;
+use cdp_log::{EventLog, LogRecord, Membership};
+use cdp_pipeline::{Outputs, Stage, emit, group, topic};
 use cdp_store::{FIRST_GENERATION, LiveStores, ProfileChanges, ProfileStore};
 use tokio_util::sync::CancellationToken;
-
-/// The consumer group of profile workers.
-pub const GROUP: &str = generation::PROFILE_GROUP;
 
 pub struct ProfileWorker {
     log: Arc<dyn EventLog>,
@@ -57,11 +54,11 @@ impl ProfileWorker {
         options: ConsumerOptions,
         cancel: CancellationToken,
     ) {
-        let log = std::sync::Arc::clone(&self.log);
+        let log = Arc::clone(&self.log);
         cdp_log::consumer::join_and_run(
             log.as_ref(),
-            GROUP,
-            Topic::Resolved,
+            group::PROFILE,
+            topic::RESOLVED,
             membership,
             &mut self,
             &options,
@@ -78,10 +75,7 @@ impl BatchHandler for ProfileWorker {
         // Records name the projection generation that resolved them: only
         // the active generation's are folded, into that generation (a
         // record of a newer one means a switch this process has not seen).
-        let generations: Vec<Option<u32>> = records
-            .iter()
-            .map(|r| generation::of_record(r.header(generation::HEADER)))
-            .collect();
+        let generations: Vec<Option<u32>> = records.iter().map(emit::generation_of).collect();
         let newest = generations
             .iter()
             .flatten()
@@ -95,28 +89,20 @@ impl BatchHandler for ProfileWorker {
                 .map_err(|e| Retry(format!("projection generation: {e}")))?;
         }
         let stores = self.live.current();
+        let now = cdp_runtime::now_ms();
         let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
-        let mut dead = Vec::new();
+        let mut out = Outputs::default();
         let mut other_generation = 0usize;
         for (r, of) in records.iter().zip(&generations) {
             if *of != Some(stores.generation) {
                 other_generation += 1;
                 continue;
             }
-            match record::decode_resolved(&r.value) {
+            match emit::read_resolved(r) {
                 Ok(resolved) => batch.push(resolved),
                 Err(error) => {
                     tracing::error!(partition = r.partition, offset = r.offset, %error, "undecodable resolved record");
-                    dead.push(Record {
-                        key: r.key.clone(),
-                        value: record::encode_raw_dead_letter(
-                            "profile",
-                            &error.to_string(),
-                            &r.value,
-                            cdp_runtime::now_ms(),
-                        ),
-                        ..Record::default()
-                    });
+                    out.undecodable(Stage::Profile, r, &error.to_string(), now);
                 }
             }
         }
@@ -153,23 +139,19 @@ impl BatchHandler for ProfileWorker {
             let records = applied
                 .customers
                 .iter()
-                .map(|c| Record {
-                    key: c.to_string().into_bytes(),
-                    value: c.0.as_bytes().to_vec(),
-                    ..Record::default()
-                })
+                .map(|c| emit::profile_change(*c))
                 .collect();
             // Best effort: the fold is stored; a missed announcement only
             // delays a live view until its next change.
-            if let Err(error) = self.log.append(Topic::Changes, records).await {
+            if let Err(error) = self.log.append(topic::PROFILE_CHANGES, records).await {
                 tracing::warn!(%error, "could not announce changed customers");
             }
         }
-        if !dead.is_empty() {
+        for (topic, records) in out.appends() {
             self.log
-                .append(Topic::DeadLetters, dead)
+                .append(topic, records)
                 .await
-                .map_err(|e| Retry(format!("append to dead letters: {e}")))?;
+                .map_err(|e| Retry(format!("append to {topic}: {e}")))?;
         }
         Ok(())
     }
@@ -208,4 +190,251 @@ pub async fn install(
         parts.tasks.spawn(worker.run(membership, options, cancel));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use cdp_domain::identity::{Claim, CustomerNode};
+    use cdp_domain::{
+        Attributes, Channel, CustomerId, Decision, Envelope, EventId, EventType, IdKind,
+        Identifier, IdentityRules, Personal, Resolution, Touchpoint,
+    };
+    use cdp_log::EmbeddedLog;
+    use cdp_store::{
+        Applied, EmbeddedGenerations, GenerationInfo, Generations, IdentityStore, ProfileRow,
+        ProjectionStores, StoreError, TimelineQuery,
+    };
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn event(n: u128, ty: EventType) -> Touchpoint {
+        Touchpoint {
+            envelope: Envelope {
+                event_id: EventId(Uuid::from_u128(n)),
+                event_type: ty,
+                channel: Channel::Store,
+                source_id: "pos".into(),
+                occurred_at: 1_000 + n as i64,
+                received_at: 1_000 + n as i64,
+                properties: serde_json::json!({"order_id": format!("O-{n}"), "total": 100_000})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+            },
+            personal: Personal {
+                identifiers: vec![Identifier::new(IdKind::Email, "p@shop.vn")],
+                traits: Attributes::new(),
+            },
+        }
+    }
+
+    /// The `resolved` record identity emits for `event` on `customer` in
+    /// `generation`, as a consumer reads it.
+    fn resolved_record(
+        customer: CustomerId,
+        event: Touchpoint,
+        generation: u32,
+        offset: u64,
+    ) -> LogRecord {
+        let decision = Decision {
+            event_id: event.event_id(),
+            at: event.envelope.occurred_at,
+            customer_id: customer,
+            created: true,
+            claims: Vec::new(),
+            merges: Vec::new(),
+            ignored: Vec::new(),
+        };
+        let mut out = Outputs::default();
+        out.resolution(event, Resolution::Resolved(decision), generation, None, 0);
+        let r = out.resolved.remove(0);
+        LogRecord {
+            topic: topic::RESOLVED,
+            partition: 0,
+            offset,
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            timestamp: 0,
+        }
+    }
+
+    async fn live_on(generations: Arc<dyn Generations>) -> Arc<LiveStores> {
+        Arc::new(LiveStores::open(generations).await.unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_active_generations_records_are_folded_and_announced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 1).unwrap());
+        let generations = Arc::new(EmbeddedGenerations::open(&dir.path().join("store")).unwrap());
+        let live = live_on(generations.clone()).await;
+        let changes = ProfileChanges::default();
+        let mut announced = changes.subscribe();
+        let mut worker = ProfileWorker::new(
+            log.clone(),
+            Arc::clone(&live),
+            FoldOptions::default(),
+            changes,
+        )
+        .announce_on_log(true);
+        let customer = CustomerId(Uuid::from_u128(42));
+        let records = vec![
+            resolved_record(customer, event(1, EventType::OrderCompleted), 1, 0),
+            // Resolved by a generation that is not active: not folded here.
+            resolved_record(customer, event(2, EventType::OrderCompleted), 0, 1),
+            LogRecord {
+                value: b"garbage".to_vec(),
+                offset: 2,
+                ..resolved_record(customer, event(3, EventType::OrderCompleted), 1, 2)
+            },
+        ];
+        worker.handle(&records).await.unwrap();
+        // Delivered again after a crash: nothing counts twice.
+        worker.handle(&records).await.unwrap();
+        worker.sync().await.unwrap();
+        let profile = live
+            .current()
+            .profiles
+            .profile(customer)
+            .await
+            .unwrap()
+            .expect("a folded profile");
+        assert_eq!(profile.view().orders_count, 1);
+        assert_eq!(announced.recv().await.unwrap(), customer);
+        let on_log = log.read(topic::PROFILE_CHANGES, 0, 0, 10).await.unwrap();
+        assert_eq!(emit::read_profile_change(&on_log[0]), Some(customer));
+        let dead = log.read(topic::DEAD_LETTERS, 0, 0, 10).await.unwrap();
+        assert_eq!(dead.len(), 2, "the undecodable record, once per delivery");
+        assert_eq!(
+            cdp_pipeline::codec::decode_dead_letter(&dead[0].value)
+                .unwrap()
+                .stage,
+            "profile"
+        );
+    }
+
+    /// A profile store that records which of its fold calls are used.
+    #[derive(Default)]
+    struct Spy {
+        calls: Mutex<Vec<&'static str>>,
+    }
+
+    impl Spy {
+        fn saw(&self, call: &'static str) {
+            if let Ok(mut calls) = self.calls.lock() {
+                calls.push(call);
+            }
+        }
+    }
+
+    #[async_trait]
+    impl ProfileStore for Spy {
+        async fn apply(
+            &self,
+            _: &[ResolvedTouchpoint],
+            _: &FoldOptions,
+        ) -> Result<Applied, StoreError> {
+            self.saw("apply");
+            Ok(Applied::default())
+        }
+        async fn apply_unsynced(
+            &self,
+            _: &[ResolvedTouchpoint],
+            _: &FoldOptions,
+        ) -> Result<Applied, StoreError> {
+            self.saw("apply_unsynced");
+            Ok(Applied::default())
+        }
+        async fn sync(&self) -> Result<(), StoreError> {
+            self.saw("sync");
+            Ok(())
+        }
+        async fn row(&self, _: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
+            Ok(None)
+        }
+        async fn timeline_range(
+            &self,
+            _: CustomerId,
+            _: i64,
+            _: i64,
+            _: &TimelineQuery,
+            _: usize,
+        ) -> Result<Vec<cdp_domain::TimelineEntry>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn search_range(&self, _: &str, _: usize) -> Result<Vec<CustomerId>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[async_trait]
+    impl IdentityStore for Spy {
+        async fn resolve(
+            &self,
+            _: &[Touchpoint],
+            _: &IdentityRules,
+        ) -> Result<Vec<Resolution>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn customer(&self, _: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
+            Ok(None)
+        }
+        async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
+            Ok(vec![None; ids.len()])
+        }
+    }
+
+    /// One generation whose stores are spies.
+    struct SpyGenerations(Arc<Spy>);
+
+    #[async_trait]
+    impl Generations for SpyGenerations {
+        async fn active(&self) -> Result<u32, StoreError> {
+            Ok(1)
+        }
+        async fn list(&self) -> Result<Vec<GenerationInfo>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn open(&self, id: u32) -> Result<ProjectionStores, StoreError> {
+            Ok(ProjectionStores {
+                generation: id,
+                identity: self.0.clone(),
+                profiles: self.0.clone(),
+            })
+        }
+        async fn activate(&self, _: u32) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn drop_generation(&self, _: u32) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// The live generation's own fold path is used: unsynced folds, then
+    /// one sync (the forwarding `LiveStores` once had took the durable
+    /// default for every batch).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn folds_go_unsynced_to_the_live_generation_and_are_synced_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(EmbeddedLog::open(dir.path(), &topic::ALL, 1).unwrap());
+        let spy = Arc::new(Spy::default());
+        let live = live_on(Arc::new(SpyGenerations(spy.clone()))).await;
+        let mut worker =
+            ProfileWorker::new(log, live, FoldOptions::default(), ProfileChanges::default());
+        let customer = CustomerId(Uuid::from_u128(7));
+        for n in 0..3 {
+            let record = resolved_record(customer, event(n, EventType::ProductViewed), 1, n as u64);
+            worker.handle(&[record]).await.unwrap();
+        }
+        worker.sync().await.unwrap();
+        let calls = spy.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls,
+            vec!["apply_unsynced", "apply_unsynced", "apply_unsynced", "sync"]
+        );
+    }
 }

@@ -8,14 +8,17 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use cdp_log::{EventLog, Record, Topic};
+use cdp_log::EventLog;
+use cdp_pipeline::{emit, topic};
 use cdp_runtime::ServiceError;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
+
+pub use cdp_pipeline::AuditEntry;
 
 use crate::{Loaded, Lookup, ProfileQuery};
 
@@ -34,16 +37,6 @@ pub struct ConsoleState {
     pub log: Arc<dyn EventLog>,
 }
 
-/// One line of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    pub agent: String,
-    pub customer_id: String,
-    /// How the agent found the customer: `phone:+84…`, `customer_id:…`.
-    pub lookup: String,
-    pub at: i64,
-}
-
 pub fn router(state: Arc<ConsoleState>) -> Router {
     Router::new()
         .route("/console", get(|| async { Html(PAGE) }))
@@ -55,53 +48,27 @@ pub fn router(state: Arc<ConsoleState>) -> Router {
         .with_state(state)
 }
 
-/// An API error: a status and a message, as JSON.
-struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, axum::Json(json!({"error": self.message}))).into_response()
+/// A missing or unknown agent token.
+fn unauthenticated(message: &str) -> ServiceError {
+    ServiceError::Unauthenticated {
+        message: message.to_owned(),
+        challenge: Some("Bearer realm=\"cdp-console\""),
     }
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    ApiError {
-        status,
-        message: message.into(),
-    }
-    .into_response()
-}
-
-fn service_error(e: ServiceError) -> Response {
-    let status = match e {
-        ServiceError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
-        ServiceError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    error(status, e.to_string())
 }
 
 impl ConsoleState {
     /// The agent whose bearer token the request carries.
-    fn agent(&self, headers: &HeaderMap) -> Result<&Agent, ApiError> {
-        let unauthorized = |message: &str| ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            message: message.to_owned(),
-        };
+    fn agent(&self, headers: &HeaderMap) -> Result<&Agent, ServiceError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
-            .ok_or_else(|| unauthorized("sign in: an agent token is required"))?;
+            .ok_or_else(|| unauthenticated("sign in: an agent token is required"))?;
         self.agents
             .iter()
             .find(|a| a.token == token)
-            .ok_or_else(|| unauthorized("unknown agent token"))
+            .ok_or_else(|| unauthenticated("unknown agent token"))
     }
 }
 
@@ -116,7 +83,7 @@ async fn login(
 ) -> Response {
     match state.agents.iter().find(|a| a.token == body.token.trim()) {
         Some(a) => axum::Json(json!({"agent": a.name})).into_response(),
-        None => error(StatusCode::UNAUTHORIZED, "unknown agent token"),
+        None => unauthenticated("unknown agent token").into_response(),
     }
 }
 
@@ -141,7 +108,7 @@ async fn search(
                 .collect();
             axum::Json(json!({"candidates": list})).into_response()
         }
-        Err(e) => service_error(e),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -183,15 +150,13 @@ async fn profile(
             format!("{kind}:{value}"),
         ),
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "give customer_id, or kind and value",
-            );
+            return ServiceError::invalid("customer_id", "give customer_id, or kind and value")
+                .into_response();
         }
     };
     let loaded = match state.query.load(Some(lookup), 50).await {
         Ok(l) => l,
-        Err(e) => return service_error(e),
+        Err(e) => return e.into_response(),
     };
     let entry = AuditEntry {
         agent: agent.name.clone(),
@@ -199,18 +164,15 @@ async fn profile(
         lookup: described,
         at: cdp_runtime::now_ms(),
     };
-    let record = Record {
-        key: entry.customer_id.clone().into_bytes(),
-        value: serde_json::to_vec(&entry).unwrap_or_default(),
-        ..Record::default()
+    let record = match emit::audit(&entry) {
+        Ok(r) => r,
+        Err(e) => return ServiceError::Internal(format!("audit entry: {e}")).into_response(),
     };
     // No audit record, no view: an agent's access is always accounted for.
-    if let Err(e) = state.log.append(Topic::Audit, vec![record]).await {
+    if let Err(e) = state.log.append(topic::AUDIT, vec![record]).await {
         tracing::error!(error = %e, "audit log append failed");
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("the audit log is unavailable: {e}"),
-        );
+        return ServiceError::Unavailable(format!("the audit log is unavailable: {e}"))
+            .into_response();
     }
     tracing::info!(agent = %entry.agent, customer = %entry.customer_id, "profile viewed");
     axum::Json(profile_json(&loaded, state.query.currency())).into_response()
@@ -221,7 +183,10 @@ struct WatchQuery {
     customer_id: String,
 }
 
-/// Server-sent events: `changed` whenever the customer's view changes.
+/// Server-sent events: `changed` whenever the customer's view changes. When
+/// a rebuild switches the projection generation, `switched` carries the id
+/// of the customer the watched one is in the new generation (the page
+/// reloads it), or `gone` when there is none, and the stream ends.
 async fn watch(
     State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
@@ -231,21 +196,42 @@ async fn watch(
         return e.into_response();
     }
     let mut changes = state.query.changes();
+    let mut switches = state.query.live().switches();
+    switches.borrow_and_update();
     let query = state.query.clone();
-    let watched = w.customer_id;
+    let mut watched = w.customer_id;
     let stream = async_stream(move |tx| async move {
         loop {
-            let relevant = match query.next_change(&mut changes).await {
-                Some(Ok(c)) => query.concerns(&watched, c).await,
-                Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
-                Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => return,
+            let event = tokio::select! {
+                change = query.next_change(&mut changes) => {
+                    let relevant = match change {
+                        Some(Ok(c)) => query.concerns(&watched, c).await,
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => return,
+                    };
+                    if !relevant {
+                        continue;
+                    }
+                    Event::default().event("changed").data(watched.clone())
+                }
+                switched = switches.changed() => {
+                    if switched.is_err() {
+                        return;
+                    }
+                    switches.borrow_and_update();
+                    match query.load(Some(Lookup::CustomerId(watched.clone())), 1).await {
+                        Ok(loaded) => {
+                            watched = loaded.profile.customer_id.to_string();
+                            Event::default().event("switched").data(watched.clone())
+                        }
+                        Err(_) => {
+                            let _ = tx.send(Ok(Event::default().event("gone").data(watched.clone()))).await;
+                            return;
+                        }
+                    }
+                }
             };
-            if relevant
-                && tx
-                    .send(Ok(Event::default().event("changed").data(watched.clone())))
-                    .await
-                    .is_err()
-            {
+            if tx.send(Ok(event)).await.is_err() {
                 return;
             }
         }
@@ -273,22 +259,18 @@ async fn audit(State(state): State<Arc<ConsoleState>>, headers: HeaderMap) -> Re
         return e.into_response();
     }
     let mut entries: Vec<AuditEntry> = Vec::new();
-    for p in 0..state.log.partitions(Topic::Audit) {
-        let end = match state.log.end_offsets(Topic::Audit).await {
-            Ok(ends) => ends.get(p as usize).copied().unwrap_or(0),
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        };
+    let ends = match state.log.end_offsets(topic::AUDIT).await {
+        Ok(ends) => ends,
+        Err(e) => return ServiceError::from(e).into_response(),
+    };
+    for (p, end) in (0u32..).zip(ends) {
         match state
             .log
-            .read(Topic::Audit, p, end.saturating_sub(200), 200)
+            .read(topic::AUDIT, p, end.saturating_sub(200), 200)
             .await
         {
-            Ok(records) => entries.extend(
-                records
-                    .iter()
-                    .filter_map(|r| serde_json::from_slice(&r.value).ok()),
-            ),
-            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Ok(records) => entries.extend(records.iter().filter_map(|r| emit::read_audit(r).ok())),
+            Err(e) => return ServiceError::from(e).into_response(),
         }
     }
     entries.sort_by_key(|e| std::cmp::Reverse(e.at));

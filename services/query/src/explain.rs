@@ -4,19 +4,15 @@
 use std::collections::BTreeSet;
 
 use cdp_domain::identity::Merge;
+use cdp_domain::redirect::Walk;
 use cdp_domain::{CustomerId, Identifier};
 use cdp_proto::convert;
-use cdp_proto::v1::identity_service_server::IdentityService;
-use cdp_proto::v1::{
-    ExplainRequest, ExplainResponse, IdentifierExplanation, ListMergesRequest, ListMergesResponse,
-    MergeStep,
-};
+use cdp_proto::v1::{IdentifierExplanation, MergeStep};
 use cdp_runtime::ServiceError;
-use tonic::{Request, Response, Status};
 
-use crate::{Lookup, ProfileQuery, store_error};
+use crate::ProfileQuery;
 
-fn step(m: &Merge) -> MergeStep {
+pub(crate) fn step(m: &Merge) -> MergeStep {
     MergeStep {
         loser_customer_id: m.loser.to_string(),
         survivor_customer_id: m.survivor.to_string(),
@@ -34,11 +30,11 @@ impl ProfileQuery {
         &self,
         id: &Identifier,
     ) -> Result<IdentifierExplanation, ServiceError> {
-        let claim = self
+        let stores = self.stores();
+        let claim = stores
             .identity
             .claims(std::slice::from_ref(id))
-            .await
-            .map_err(store_error)?
+            .await?
             .pop()
             .flatten();
         let Some(claim) = claim else {
@@ -50,20 +46,23 @@ impl ProfileQuery {
         };
         let mut merges = Vec::new();
         let first = claim.linked_to();
-        let mut current = first;
-        for _ in 0..64 {
-            let node = self.identity.customer(current).await.map_err(store_error)?;
-            let Some(next) = node.and_then(|n| n.merged_into) else {
-                break;
-            };
-            let survivor = self.identity.customer(next).await.map_err(store_error)?;
-            if let Some(m) =
-                survivor.and_then(|s| s.merges.into_iter().find(|m| m.loser == current))
+        let mut walk = Walk::new(first);
+        while let Some(next) = stores
+            .identity
+            .customer(walk.at())
+            .await?
+            .and_then(|n| n.merged_into)
+        {
+            let loser = walk.at();
+            walk.hop(next)
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            let survivor = stores.identity.customer(next).await?;
+            if let Some(m) = survivor.and_then(|s| s.merges.into_iter().find(|m| m.loser == loser))
             {
                 merges.push(step(&m));
             }
-            current = next;
         }
+        let current = walk.at();
         Ok(IdentifierExplanation {
             identifier: Some(convert::identifier(id)),
             linked: true,
@@ -77,6 +76,7 @@ impl ProfileQuery {
 
     /// Every merge into `customer` and, recursively, into the customers it absorbed.
     pub async fn merges(&self, customer: CustomerId) -> Result<Vec<Merge>, ServiceError> {
+        let stores = self.stores();
         let mut out = Vec::new();
         let mut queue = vec![customer];
         let mut seen = BTreeSet::new();
@@ -84,7 +84,7 @@ impl ProfileQuery {
             if !seen.insert(c) {
                 continue;
             }
-            if let Some(node) = self.identity.customer(c).await.map_err(store_error)? {
+            if let Some(node) = stores.identity.customer(c).await? {
                 for m in node.merges {
                     queue.push(m.loser);
                     out.push(m);
@@ -93,69 +93,5 @@ impl ProfileQuery {
         }
         out.sort_by_key(|m| (m.at, m.cause.event_id));
         Ok(out)
-    }
-}
-
-/// The gRPC face of identity explanations.
-pub struct IdentityGrpc {
-    query: ProfileQuery,
-}
-
-impl IdentityGrpc {
-    pub fn new(query: ProfileQuery) -> Self {
-        IdentityGrpc { query }
-    }
-}
-
-#[tonic::async_trait]
-impl IdentityService for IdentityGrpc {
-    async fn explain(
-        &self,
-        request: Request<ExplainRequest>,
-    ) -> Result<Response<ExplainResponse>, Status> {
-        let r = request.into_inner();
-        if r.identifiers.is_empty() {
-            return Err(
-                ServiceError::invalid("identifiers", "give at least one identifier").into(),
-            );
-        }
-        let mut out = Vec::with_capacity(r.identifiers.len());
-        for (i, raw) in r.identifiers.iter().enumerate() {
-            let id = self.query.identifier(raw).map_err(|e| match e {
-                ServiceError::InvalidArgument(fields) => ServiceError::InvalidArgument(
-                    fields
-                        .into_iter()
-                        .map(|f| {
-                            cdp_domain::FieldError::new(
-                                f.field
-                                    .replacen("identifier", &format!("identifiers[{i}]"), 1),
-                                f.reason,
-                            )
-                        })
-                        .collect(),
-                ),
-                other => other,
-            })?;
-            out.push(self.query.explain_one(&id).await?);
-        }
-        let roots: BTreeSet<&str> = out.iter().map(|e| e.customer_id.as_str()).collect();
-        let same_customer = out.iter().all(|e| e.linked) && roots.len() == 1;
-        Ok(Response::new(ExplainResponse {
-            identifiers: out,
-            same_customer,
-        }))
-    }
-
-    async fn list_merges(
-        &self,
-        request: Request<ListMergesRequest>,
-    ) -> Result<Response<ListMergesResponse>, Status> {
-        let lookup = request.into_inner().lookup.map(Lookup::from);
-        let customer = self.query.customer(lookup).await?;
-        let merges = self.query.merges(customer).await?;
-        Ok(Response::new(ListMergesResponse {
-            customer_id: customer.to_string(),
-            merges: merges.iter().map(step).collect(),
-        }))
     }
 }

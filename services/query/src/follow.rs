@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use cdp_domain::CustomerId;
 use cdp_log::consumer::ConsumerOptions;
-use cdp_log::{EventLog, Membership, Topic};
+use cdp_log::{EventLog, Membership};
+use cdp_pipeline::{emit, group, topic};
 use cdp_store::ProfileChanges;
 use tokio_util::sync::CancellationToken;
 
@@ -23,11 +24,11 @@ pub async fn follow_changes(
     options: ConsumerOptions,
     cancel: CancellationToken,
 ) {
-    let group = format!("cdp-query-{}", uuid::Uuid::new_v4().simple());
+    let group = group::changes_follower(uuid::Uuid::new_v4());
     let Some(mut sub) = cdp_log::consumer::subscribe(
         log.as_ref(),
         &group,
-        Topic::Changes,
+        topic::PROFILE_CHANGES,
         Membership::default(),
         &options,
         &cancel,
@@ -37,7 +38,7 @@ pub async fn follow_changes(
         return;
     };
     // Start at the end: what changed before this process started is in the views already.
-    match log.end_offsets(Topic::Changes).await {
+    match log.end_offsets(topic::PROFILE_CHANGES).await {
         Ok(ends) => {
             let positions: Vec<(u32, u64)> = (0u32..).zip(ends).collect();
             if let Err(error) = sub.commit(&positions).await {
@@ -59,7 +60,7 @@ pub async fn follow_changes(
             Ok(records) => {
                 let customers: Vec<CustomerId> = records
                     .iter()
-                    .filter_map(|r| uuid::Uuid::from_slice(&r.value).ok().map(CustomerId))
+                    .filter_map(emit::read_profile_change)
                     .collect();
                 changes.publish(&customers);
             }

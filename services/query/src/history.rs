@@ -2,8 +2,11 @@
 //! from the event log (the `resolved` topic) up to that instant.
 //!
 //! Only the partitions that hold the customer's family (the customer and
-//! every customer merged into it; `resolved` is keyed by customer id) are
-//! read. A record counts when the log accepted it at or before the instant.
+//! every customer merged into it; the contract keys `resolved` by customer,
+//! `cdp_pipeline::key::customer`) are read, and only the records of the
+//! projection generation being served (after a rebuild with other rules
+//! the old generation's records name other customers and merges). A record
+//! counts when the log accepted it at or before the instant.
 //!
 //! **Snapshots.** Each answer leaves a snapshot: the folded state, the
 //! position reached in each partition, and the records already read whose
@@ -20,7 +23,8 @@ use std::sync::{Arc, Mutex};
 
 use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
 use cdp_domain::{CustomerId, Profile, ResolvedTouchpoint, TimelineEntry, UnixMillis};
-use cdp_log::{EventLog, Topic, partition_for};
+use cdp_log::EventLog;
+use cdp_pipeline::{emit, topic};
 use cdp_runtime::ServiceError;
 
 /// How far apart the clocks of two appending processes may be.
@@ -57,8 +61,8 @@ pub struct PastView {
 pub struct History {
     log: Arc<dyn EventLog>,
     options: FoldOptions,
-    /// Family root -> snapshots, oldest instant first.
-    snapshots: Mutex<HashMap<CustomerId, Vec<Snapshot>>>,
+    /// (generation, family root) -> snapshots, oldest instant first.
+    snapshots: Mutex<HashMap<(u32, CustomerId), Vec<Snapshot>>>,
 }
 
 fn unavailable(e: cdp_log::LogError) -> ServiceError {
@@ -76,7 +80,7 @@ impl History {
 
     fn cached(
         &self,
-        root: CustomerId,
+        root: (u32, CustomerId),
         family: &BTreeSet<CustomerId>,
         as_of: UnixMillis,
     ) -> Option<Snapshot> {
@@ -88,7 +92,7 @@ impl History {
             .cloned()
     }
 
-    fn keep(&self, root: CustomerId, snapshot: Snapshot) {
+    fn keep(&self, root: (u32, CustomerId), snapshot: Snapshot) {
         let Ok(mut map) = self.snapshots.lock() else {
             return;
         };
@@ -105,18 +109,21 @@ impl History {
     }
 
     /// The view of `customer` (a member of the family of `root`, whose
-    /// members are `family`) at `as_of`.
+    /// members are `family`) at `as_of`, from the records of projection
+    /// `generation`.
     pub async fn view(
         &self,
+        generation: u32,
         root: CustomerId,
         family: &BTreeSet<CustomerId>,
         customer: CustomerId,
         as_of: UnixMillis,
     ) -> Result<PastView, ServiceError> {
-        let partitions = self.log.partitions(Topic::Resolved);
+        let root = (generation, root);
+        let partitions = self.log.partitions(topic::RESOLVED);
         let wanted: BTreeSet<u32> = family
             .iter()
-            .map(|c| partition_for(c.to_string().as_bytes(), partitions))
+            .map(|c| emit::resolved_partition(*c, partitions))
             .collect();
         let mut snap = self
             .cached(root, family, as_of)
@@ -134,20 +141,17 @@ impl History {
                     .iter()
                     .any(|m| family.contains(&m.loser) || family.contains(&m.survivor))
         };
-        let fold = |snap: &mut Snapshot, r: &ResolvedTouchpoint| match fold_resolved(
-            &mut snap.slots,
-            r,
-            &self.options,
-        ) {
-            Ok(Some(entry)) => snap.timeline.push(entry),
-            Ok(None) => {}
-            Err(never) => match never {},
+        let fold = |snap: &mut Snapshot, r: &ResolvedTouchpoint| -> Result<(), ServiceError> {
+            let entry = fold_resolved(&mut snap.slots, r, &self.options)
+                .map_err(|e| ServiceError::Internal(format!("folding the past: {e}")))?;
+            snap.timeline.extend(entry);
+            Ok(())
         };
         // Records read earlier that now fall within the instant.
         let later = std::mem::take(&mut snap.later);
         for (at, r) in later {
             if at <= as_of {
-                fold(&mut snap, &r);
+                fold(&mut snap, &r)?;
             } else {
                 snap.later.push((at, r));
             }
@@ -155,7 +159,7 @@ impl History {
         snap.as_of = as_of;
         let ends = self
             .log
-            .end_offsets(Topic::Resolved)
+            .end_offsets(topic::RESOLVED)
             .await
             .map_err(unavailable)?;
         let mut read = 0;
@@ -165,7 +169,7 @@ impl History {
             'partition: while next < end {
                 let records = self
                     .log
-                    .read(Topic::Resolved, p, next, CHUNK)
+                    .read(topic::RESOLVED, p, next, CHUNK)
                     .await
                     .map_err(unavailable)?;
                 if records.is_empty() {
@@ -177,7 +181,10 @@ impl History {
                     }
                     next = rec.offset + 1;
                     read += 1;
-                    let Ok(r) = cdp_proto::record::decode_resolved(&rec.value) else {
+                    if emit::generation_of(&rec) != Some(generation) {
+                        continue;
+                    }
+                    let Ok(r) = emit::read_resolved(&rec) else {
                         tracing::warn!(
                             partition = p,
                             offset = rec.offset,
@@ -189,7 +196,7 @@ impl History {
                         continue;
                     }
                     if rec.timestamp <= as_of {
-                        fold(&mut snap, &r);
+                        fold(&mut snap, &r)?;
                     } else {
                         snap.later.push((rec.timestamp, r));
                     }
@@ -200,7 +207,7 @@ impl History {
         let live = snap
             .slots
             .live_root(customer)
-            .unwrap_or_else(|never| match never {});
+            .map_err(|e| ServiceError::Internal(format!("the past's merges: {e}")))?;
         let view = match snap.slots.get(&live) {
             Some(ProfileSlot::Live(p)) => Some((**p).clone()),
             _ => None,

@@ -56,7 +56,7 @@ pub fn cdp_binary() -> PathBuf {
 }
 
 /// Which back end the end-to-end tests run on: `CDP_E2E_BACKEND=embedded`
-/// (the default: one `cdp dev` process) or `distributed` (the four service
+/// (the default: one `cdp dev` process) or `distributed` (the five service
 /// binaries on Kafka and ScyllaDB/Cassandra, see `make infra-up`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -189,7 +189,7 @@ impl Proc {
 }
 
 /// The platform under test: one `cdp dev` process (embedded back end) or
-/// the four service processes (distributed back end), each with its own
+/// the five service processes (distributed back end), each with its own
 /// data, topics or keyspace.
 pub struct CdpProcess {
     procs: Vec<Proc>,
@@ -296,6 +296,7 @@ impl CdpProcess {
                     proc("cdp-ingest", &[], &env),
                     proc("cdp-identity", &[], &env),
                     proc("cdp-profile", &[], &env),
+                    proc("cdp-projection", &[], &env),
                 ]
             }
         };
@@ -328,7 +329,8 @@ impl CdpProcess {
     }
 
     /// The process running `service` (`cdp-ingest`, `cdp-identity`,
-    /// `cdp-profile`, `cdp-query`): the one `cdp` process when embedded.
+    /// `cdp-profile`, `cdp-query`, `cdp-projection`): the one `cdp` process
+    /// when embedded.
     fn proc(&self, service: &str) -> &Proc {
         self.procs
             .iter()
@@ -465,6 +467,17 @@ impl CdpProcess {
         Self::connect(self.query_addr()).await
     }
 
+    /// The gRPC address of the projection service (rebuilds, generations,
+    /// replay).
+    pub fn projection_addr(&self) -> SocketAddr {
+        self.proc("cdp-projection").grpc
+    }
+
+    /// A channel to the projection service (ProjectionService, ReplayService).
+    pub async fn projection_channel(&self) -> Channel {
+        Self::connect(self.projection_addr()).await
+    }
+
     pub async fn ingest(&self) -> IngestServiceClient<Channel> {
         IngestServiceClient::new(self.channel().await)
     }
@@ -594,18 +607,11 @@ pub fn mobile() -> String {
     )
 }
 
-/// A test tool that `make test` installs, or None when it is missing and
-/// `require_var` is unset (a developer's plain `cargo test`); when
-/// `require_var` is set, a missing tool fails the test.
-pub fn tool<T>(found: Option<T>, require_var: &str, what: &str) -> Option<T> {
-    if found.is_none() {
-        assert!(
-            std::env::var_os(require_var).is_none(),
-            "{what} is required but missing"
-        );
-        eprintln!("{what} missing; `make test` installs it");
-    }
-    found
+/// A test tool that `make test` installs. Tests that need one are
+/// `#[ignore]`d (a plain `cargo test` reports them as ignored, never as
+/// passed); run with `--include-ignored`, a missing tool fails the test.
+pub fn tool<T>(found: Option<T>, what: &str) -> T {
+    found.unwrap_or_else(|| panic!("{what} is missing: `make tools` installs it"))
 }
 
 /// A generated event as an adapter sends it.
@@ -651,7 +657,9 @@ pub fn reference_of(
             },
         )
         .map_err(|e| format!("generated event rejected: {e}"))?;
-        model.apply(&t);
+        model
+            .apply(&t)
+            .map_err(|e| format!("the reference model: {e}"))?;
     }
     Ok(model)
 }

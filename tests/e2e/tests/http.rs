@@ -73,17 +73,13 @@ impl Http {
     }
 }
 
-/// The SDK runtimes installed by `make test`, or None (then the test is
-/// skipped unless CDP_REQUIRE_SDKS is set).
-fn sdk(var: &str) -> Option<PathBuf> {
+/// The SDK runtime installed by `make test` at `$var`; a test that needs it
+/// fails without it.
+fn sdk(var: &str) -> PathBuf {
     let found = std::env::var_os(var)
         .map(PathBuf::from)
         .filter(|p| p.exists());
-    cdp_e2e::tool(
-        found,
-        "CDP_REQUIRE_SDKS",
-        &format!("the Segment SDK at ${var}"),
-    )
+    cdp_e2e::tool(found, &format!("the Segment SDK at ${var}"))
 }
 
 fn script(name: &str) -> PathBuf {
@@ -152,20 +148,18 @@ async fn sdk_run(mut command: Command, name: &str, total: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs segment-analytics-python: `make test` installs it"]
 async fn the_real_segment_python_sdk_feeds_the_platform() {
-    let Some(python) = sdk("CDP_SDK_PYTHON") else {
-        return;
-    };
+    let python = sdk("CDP_SDK_PYTHON");
     let mut command = Command::new(python);
     command.arg(script("send_python.py"));
     sdk_run(command, "python", "450000").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs @segment/analytics-node: `make test` installs it"]
 async fn the_real_segment_node_sdk_feeds_the_platform() {
-    let Some(modules) = sdk("CDP_SDK_NODE_MODULES") else {
-        return;
-    };
+    let modules = sdk("CDP_SDK_NODE_MODULES");
     let mut command = Command::new("node");
     command
         .arg(script("send_node.js"))
@@ -240,10 +234,12 @@ async fn limits_and_auth_answer_with_the_documented_status_and_message() {
         "{b}"
     );
     let (s, b) = http.post("/v1/track", Some("not-a-key"), &good).await;
-    assert_eq!(
-        (s, b["error"].as_str().unwrap()),
-        (401, "unknown write key")
+    assert_eq!(s, 401);
+    assert!(
+        b["error"].as_str().unwrap().contains("unknown write key"),
+        "{b}"
     );
+    assert_eq!(b["code"], "UNAUTHENTICATED", "{b}");
 
     let (s, b) = http.post("/v1/track", Some(POS_KEY), &good).await;
     assert_eq!(s, 400);
@@ -336,16 +332,20 @@ async fn limits_and_auth_answer_with_the_documented_status_and_message() {
     );
     let (s, _) = http.post("/v1/track", Some(WEB_KEY), &good).await;
     assert_eq!(s, 200);
+    // A marker from the same user lands after anything sent before it (one
+    // routing key, one partition): once it is visible, so would the refused
+    // batch be.
+    let marker = json!({"userId": user, "event": "Marker Sent"});
+    let (s, _) = http.post("/v1/track", Some(WEB_KEY), &marker).await;
+    assert_eq!(s, 200);
     let mut profiles = cdp.profiles().await;
     let p = profile_when(&mut profiles, id("user_id", &user), PATIENCE, |p| {
-        metrics(p).events_count >= 1
+        p.recent_timeline.iter().any(|e| e.r#type == "Marker Sent")
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let p2 = profile_when(&mut profiles, id("user_id", &user), PATIENCE, |_| true).await;
     assert_eq!(
-        metrics(&p2).events_count,
-        1,
+        metrics(&p).events_count,
+        2,
         "nothing of the refused batch may land"
     );
     assert_eq!(metrics(&p).orders_count, 0);

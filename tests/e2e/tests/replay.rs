@@ -102,7 +102,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
         metrics(p).events_count == 20
     })
     .await;
-    let mut replay = ReplayServiceClient::new(cdp.query_channel().await);
+    let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
     let ours = |events: &[ReplayEvent]| -> Vec<String> {
         let mine: BTreeSet<String> = sent.iter().map(|s| s.4.clone()).collect();
         ids_of(events)
@@ -268,7 +268,7 @@ async fn a_reader_that_stops_reading_does_not_grow_the_server() {
     }
     let pid = cdp.pid("cdp-query");
     let mut replay =
-        ReplayServiceClient::new(cdp.query_channel().await).max_decoding_message_size(1 << 20);
+        ReplayServiceClient::new(cdp.projection_channel().await).max_decoding_message_size(1 << 20);
     let mut stream = replay
         .replay(ReplayRequest::default())
         .await
@@ -404,7 +404,7 @@ async fn the_replay_cli_writes_json_lines_and_resumes() {
     let email = one_customer_viewing(&cdp, "cli", 30).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("events.jsonl");
-    let endpoint = format!("http://{}", cdp.query_addr());
+    let endpoint = format!("http://{}", cdp.projection_addr());
     let run = |extra: &[&str]| {
         let status = std::process::Command::new(cdp_e2e::cdp_binary())
             .args(["replay", "--endpoint", &endpoint, "--out"])
@@ -435,7 +435,7 @@ async fn the_replay_cli_writes_json_lines_and_resumes() {
     // An interruption after the second checkpoint, with half a line written since.
     let twenty: usize = full.lines().take(20).map(|l| l.len() + 1).sum();
     let cursor_of_20th = {
-        let mut replay = ReplayServiceClient::new(cdp.query_channel().await);
+        let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
         let events = replay_all(
             &mut replay,
             ReplayRequest {
@@ -472,7 +472,7 @@ async fn the_replay_cli_writes_parquet_and_resumes() {
     let cdp = CdpProcess::start();
     let email = one_customer_viewing(&cdp, "pq", 25).await;
     let expected = {
-        let mut replay = ReplayServiceClient::new(cdp.query_channel().await);
+        let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
         replay_all(
             &mut replay,
             ReplayRequest {
@@ -485,7 +485,7 @@ async fn the_replay_cli_writes_parquet_and_resumes() {
     assert_eq!(expected.len(), 25);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("events");
-    let endpoint = format!("http://{}", cdp.query_addr());
+    let endpoint = format!("http://{}", cdp.projection_addr());
     let run = |extra: &[&str]| {
         let status = std::process::Command::new(cdp_e2e::cdp_binary())
             .args([

@@ -207,15 +207,13 @@ async fn trait_sources_and_the_rfm_segment_are_in_the_view() {
 /// Runs the console script in headless Chromium; sends a third order when it
 /// says WAITING, so the page must update live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs playwright-core and Chromium: `make test` installs them"]
 async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     let found = std::env::var_os("CDP_SDK_NODE_MODULES")
         .filter(|m| std::path::Path::new(m).join("playwright-core").exists())
         .filter(|_| std::path::Path::new(&chromium).exists());
-    let Some(modules) = cdp_e2e::tool(found, "CDP_REQUIRE_SDKS", "playwright-core with chromium")
-    else {
-        return;
-    };
+    let modules = cdp_e2e::tool(found, "playwright-core with Chromium");
     let cdp = CdpProcess::start();
     let digits = mobile();
     let phone = format!("0{digits}");

@@ -1,5 +1,5 @@
 //! `cdp-ingest`: the gRPC and HTTP intake as its own process.
 
 fn main() -> std::process::ExitCode {
-    cdp_runtime::serve::main("cdp-ingest", cdp_ingest::install)
+    cdp_wiring::main("cdp-ingest", cdp_ingest::install)
 }

@@ -1,5 +1,5 @@
-//! Event-log records: protobuf with a schema version, the same bytes in
-//! Kafka and in the embedded log.
+//! The values of log records: protobuf with a schema version
+//! (`proto/cdp/v1/log.proto`), the same bytes in Kafka and in the embedded log.
 
 use cdp_domain::identity::{Merge, MergeCause};
 use cdp_domain::{
@@ -10,7 +10,7 @@ use prost::Message;
 use thiserror::Error;
 use uuid::Uuid;
 
-use crate::v1;
+use cdp_proto::v1;
 
 /// The schema version written by this build. Readers accept it and older.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -68,7 +68,7 @@ pub fn touchpoint_record(t: &Touchpoint) -> v1::TouchpointRecord {
             .personal
             .identifiers
             .iter()
-            .map(crate::convert::identifier)
+            .map(cdp_proto::convert::identifier)
             .collect(),
         traits_json: json_bytes(&t.personal.traits),
     };
@@ -133,7 +133,7 @@ pub fn merge_record(m: &Merge) -> v1::MergeRecord {
         survivor: m.survivor.to_string(),
         at_ms: m.at,
         cause_event_id: m.cause.event_id.to_string(),
-        cause_identifier: Some(crate::convert::identifier(&m.cause.identifier)),
+        cause_identifier: Some(cdp_proto::convert::identifier(&m.cause.identifier)),
         rule: m.cause.rule.clone(),
     }
 }
@@ -188,7 +188,7 @@ pub fn identity_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
     use v1::identity_record::Change;
     let linked = d.claims.iter().map(|id| {
         Change::Linked(v1::IdentifierLinked {
-            identifier: Some(crate::convert::identifier(id)),
+            identifier: Some(cdp_proto::convert::identifier(id)),
             customer_id: d.customer_id.to_string(),
             event_id: d.event_id.to_string(),
             at_ms: d.at,
@@ -197,7 +197,7 @@ pub fn identity_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
     let merged = d.merges.iter().map(|m| Change::Merged(merge_record(m)));
     let ignored = d.ignored.iter().map(|(id, why)| {
         Change::Ignored(v1::IdentifierIgnored {
-            identifier: Some(crate::convert::identifier(id)),
+            identifier: Some(cdp_proto::convert::identifier(id)),
             event_id: d.event_id.to_string(),
             reason: why.describe(),
         })

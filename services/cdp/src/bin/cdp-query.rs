@@ -2,5 +2,5 @@
 //! its own process.
 
 fn main() -> std::process::ExitCode {
-    cdp_runtime::serve::main("cdp-query", cdp_query::install)
+    cdp_wiring::main("cdp-query", cdp_query::install)
 }

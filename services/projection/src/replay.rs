@@ -15,18 +15,18 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use cdp_domain::{Channel, CustomerId, EventType, Identifier, IdentityRules, Touchpoint};
-use cdp_log::{EventLog, LogRecord, Topic};
+use cdp_log::{EventLog, LogRecord};
+use cdp_pipeline::{emit, topic};
 use cdp_proto::convert;
 use cdp_proto::v1::replay_service_server::ReplayService;
 use cdp_proto::v1::{ReplayEvent, ReplayRequest};
+use cdp_query::{Lookup, ProfileQuery};
 use cdp_runtime::ServiceError;
 use cdp_store::IdentityStore;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-
-use crate::{Lookup, ProfileQuery, store_error};
 
 /// Events buffered per call between the log reader and the client.
 pub const BUFFER: usize = 64;
@@ -123,13 +123,15 @@ impl ReplayGrpc {
         let identifiers = match r.customer.clone() {
             None => None,
             Some(c) => {
-                let root = self.query.customer(Some(Lookup::from(c))).await?;
-                let node = self
+                let stores = self.query.stores();
+                let root = self
                     .query
-                    .identity()
+                    .customer_in(&stores, Some(Lookup::from(c)))
+                    .await?;
+                let node = stores
+                    .identity
                     .customer(root)
-                    .await
-                    .map_err(store_error)?
+                    .await?
                     .ok_or_else(|| ServiceError::NotFound(format!("no customer {root}")))?;
                 Some(node.identifiers)
             }
@@ -158,7 +160,7 @@ async fn customer_of(
         let owner = match cache.get(id) {
             Some(o) => *o,
             None => {
-                let o = identity.owner(id).await.map_err(store_error)?;
+                let o = identity.owner(id).await?;
                 if cache.len() > 100_000 {
                     cache.clear();
                 }
@@ -185,6 +187,8 @@ async fn pump(
     tx: mpsc::Sender<Result<ReplayEvent, Status>>,
 ) -> Result<(), ServiceError> {
     let mut owners = HashMap::new();
+    // One generation's graph for the whole replay.
+    let identity = query.stores().identity;
     let total: u64 = ends
         .iter()
         .zip(&positions)
@@ -199,7 +203,7 @@ async fn pump(
             }
             let partition = u32::try_from(p).unwrap_or(u32::MAX);
             let records: Vec<LogRecord> = log
-                .read(Topic::Touchpoints, partition, positions[p], CHUNK)
+                .read(topic::TOUCHPOINTS, partition, positions[p], CHUNK)
                 .await
                 .map_err(|e| ServiceError::Unavailable(format!("reading the log: {e}")))?;
             if records.is_empty() {
@@ -220,7 +224,7 @@ async fn pump(
                 }
                 scanned += r.offset + 1 - positions[p].min(r.offset + 1);
                 positions[p] = r.offset + 1;
-                let t = match cdp_proto::record::decode_touchpoint(&r.value) {
+                let t = match emit::read_touchpoint(&r) {
                     Ok(t) => t,
                     Err(error) => {
                         tracing::warn!(partition, offset = r.offset, %error, "undecodable record skipped");
@@ -231,7 +235,7 @@ async fn pump(
                     continue;
                 }
                 let customer_id = if with_customers {
-                    customer_of(query.identity().as_ref(), query.rules(), &t, &mut owners)
+                    customer_of(identity.as_ref(), query.rules(), &t, &mut owners)
                         .await?
                         .map(|c| c.to_string())
                         .unwrap_or_default()
@@ -273,7 +277,7 @@ impl ReplayService for ReplayGrpc {
     ) -> Result<Response<Self::ReplayStream>, Status> {
         let r = request.into_inner();
         let filter = self.filter(&r).await?;
-        let partitions = self.log.partitions(Topic::Touchpoints);
+        let partitions = self.log.partitions(topic::TOUCHPOINTS);
         let positions = if r.cursor.is_empty() {
             vec![0; partitions as usize]
         } else {
@@ -281,7 +285,7 @@ impl ReplayService for ReplayGrpc {
         };
         let ends = self
             .log
-            .end_offsets(Topic::Touchpoints)
+            .end_offsets(topic::TOUCHPOINTS)
             .await
             .map_err(|e| ServiceError::Unavailable(format!("reading the log: {e}")))?;
         let (tx, rx) = mpsc::channel(BUFFER);

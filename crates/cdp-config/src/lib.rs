@@ -9,6 +9,10 @@ use cdp_domain::{IdentityRules, IdentityRulesConfig, ValidationLimits};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod backends;
+
+pub use backends::{KafkaConfig, ScyllaConfig};
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("configuration: {0}")]
@@ -46,7 +50,7 @@ pub struct LogConfig {
     /// Partitions of every topic (fixed when the topics are created).
     pub partitions: u32,
     /// Settings of the Kafka back end (`backend = "kafka"`).
-    pub kafka: cdp_kafka::KafkaConfig,
+    pub kafka: KafkaConfig,
     /// Page cache of the embedded log, in MiB (part of the process's memory).
     pub embedded_cache_mib: u64,
 }
@@ -56,7 +60,7 @@ impl Default for LogConfig {
         LogConfig {
             backend: LogBackend::Embedded,
             partitions: 4,
-            kafka: cdp_kafka::KafkaConfig::default(),
+            kafka: KafkaConfig::default(),
             embedded_cache_mib: 32,
         }
     }
@@ -76,7 +80,7 @@ pub struct StoreConfig {
     /// `data_dir`, one process) or `scylla` (ScyllaDB or any CQL server).
     pub backend: StoreBackend,
     /// Settings of the ScyllaDB back end (`backend = "scylla"`).
-    pub scylla: cdp_scylla::ScyllaConfig,
+    pub scylla: ScyllaConfig,
     /// Page cache of each embedded store generation, in MiB, shared by its
     /// graph and views files (part of the process's memory; reads beyond it
     /// go to the OS page cache; pages written between syncs wait in half of it).
@@ -87,7 +91,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             backend: StoreBackend::Embedded,
-            scylla: cdp_scylla::ScyllaConfig::default(),
+            scylla: ScyllaConfig::default(),
             embedded_cache_mib: 128,
         }
     }

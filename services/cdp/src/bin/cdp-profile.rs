@@ -1,5 +1,5 @@
 //! `cdp-profile`: the profile-fold workers as their own process.
 
 fn main() -> std::process::ExitCode {
-    cdp_runtime::serve::main("cdp-profile", cdp_profile::install)
+    cdp_wiring::main("cdp-profile", cdp_profile::install)
 }

@@ -1,0 +1,409 @@
+//! The records each stage appends, built by pure functions, and the readers
+//! of records other stages appended. A stage that builds its records here
+//! cannot disagree with the stages that read them.
+
+use cdp_domain::identity::Ignored;
+use cdp_domain::{
+    CustomerId, Decision, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, Touchpoint,
+    UnixMillis,
+};
+use cdp_log::{LogRecord, Record, Topic};
+use cdp_store::FIRST_GENERATION;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError};
+use crate::{header, key, topic};
+
+/// The stage that gave up on an event, as written in its dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Identity,
+    Profile,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Identity => "identity",
+            Stage::Profile => "profile",
+        }
+    }
+}
+
+// ---- touchpoints ---------------------------------------------------------
+
+/// The `touchpoints` record of an accepted event, with its trace context.
+/// The event id is the idempotency key: a retried event is not appended twice.
+pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules, traceparent: &str) -> Record {
+    Record {
+        key: key::touchpoint(t, rules),
+        value: codec::encode_touchpoint(t),
+        headers: vec![
+            (
+                header::EVENT_ID.into(),
+                t.event_id().to_string().into_bytes(),
+            ),
+            (
+                header::SCHEMA.into(),
+                format!("cdp.v1.TouchpointRecord/{}", codec::SCHEMA_VERSION).into_bytes(),
+            ),
+            (header::TRACEPARENT.into(), traceparent.as_bytes().to_vec()),
+        ],
+        idempotency_key: Some(t.event_id().0.as_bytes().to_vec()),
+    }
+}
+
+/// Decodes a `touchpoints` record.
+pub fn read_touchpoint(r: &LogRecord) -> Result<Touchpoint, CodecError> {
+    codec::decode_touchpoint(&r.value)
+}
+
+/// The trace context a record carries, to pass on to what it causes.
+pub fn trace_of(r: &LogRecord) -> Option<&[u8]> {
+    r.header(header::TRACEPARENT)
+}
+
+// ---- what identity emits ---------------------------------------------------
+
+/// The event with the customer a decision gave it, and the merges the
+/// decision caused (the profile fold applies them before the event).
+pub fn resolved(touchpoint: Touchpoint, decision: Decision) -> ResolvedTouchpoint {
+    ResolvedTouchpoint {
+        customer_id: decision.customer_id,
+        merges: decision.merges,
+        touchpoint,
+    }
+}
+
+/// Why an event no identifier may attribute goes to the dead letters.
+pub fn unresolvable_reason(ignored: &[(Identifier, Ignored)]) -> String {
+    let reasons: Vec<String> = ignored
+        .iter()
+        .map(|(id, why)| format!("{}: {}", id.kind, why.describe()))
+        .collect();
+    format!(
+        "no identifier of the event may link it to a customer ({})",
+        reasons.join("; ")
+    )
+}
+
+/// The records of a batch, per topic.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Outputs {
+    /// `resolved`: what the profile stage folds.
+    pub resolved: Vec<Record>,
+    /// `identity`: the graph's changes, naming their generation.
+    pub identity: Vec<Record>,
+    /// `dead-letters`: what could not be processed, with the reason.
+    pub dead_letters: Vec<Record>,
+}
+
+impl Outputs {
+    /// Adds what identity emits for `event` resolved as `resolution` into
+    /// projection `generation`: the resolved record (carrying the event's
+    /// trace context) and the graph's changes, or a dead letter.
+    pub fn resolution(
+        &mut self,
+        event: Touchpoint,
+        resolution: Resolution,
+        generation: u32,
+        trace: Option<&[u8]>,
+        now: UnixMillis,
+    ) {
+        match resolution {
+            Resolution::Resolved(decision) => {
+                let customer = key::customer(decision.customer_id);
+                let of_generation = (
+                    header::GENERATION.to_owned(),
+                    generation.to_string().into_bytes(),
+                );
+                self.identity
+                    .extend(
+                        codec::identity_records(&decision)
+                            .into_iter()
+                            .map(|value| Record {
+                                key: customer.clone(),
+                                value,
+                                headers: vec![of_generation.clone()],
+                                idempotency_key: None,
+                            }),
+                    );
+                let resolved = resolved(event, decision);
+                let mut headers = vec![
+                    (
+                        header::EVENT_ID.into(),
+                        resolved.touchpoint.event_id().to_string().into_bytes(),
+                    ),
+                    (
+                        header::GENERATION.into(),
+                        generation.to_string().into_bytes(),
+                    ),
+                ];
+                if let Some(t) = trace {
+                    headers.push((header::TRACEPARENT.into(), t.to_vec()));
+                }
+                self.resolved.push(Record {
+                    key: customer,
+                    value: codec::encode_resolved(&resolved),
+                    headers,
+                    idempotency_key: None,
+                });
+            }
+            Resolution::Unresolvable { ignored } => {
+                let reason = unresolvable_reason(&ignored);
+                self.dead_letter(Stage::Identity, &reason, &event, now);
+            }
+        }
+    }
+
+    /// Adds a dead letter for a decoded event.
+    pub fn dead_letter(&mut self, stage: Stage, reason: &str, event: &Touchpoint, now: UnixMillis) {
+        self.dead_letters.push(Record {
+            key: key::event(event.event_id()),
+            value: codec::encode_dead_letter(stage.name(), reason, event, now),
+            ..Record::default()
+        });
+    }
+
+    /// Adds a dead letter for a record that could not be decoded, keeping
+    /// its bytes.
+    pub fn undecodable(&mut self, stage: Stage, record: &LogRecord, error: &str, now: UnixMillis) {
+        self.dead_letters.push(Record {
+            key: record.key.clone(),
+            value: codec::encode_raw_dead_letter(stage.name(), error, &record.value, now),
+            ..Record::default()
+        });
+    }
+
+    /// The appends, in the order they must happen: the resolved records
+    /// first (what profiles need), then the graph's changes, then dead
+    /// letters. Empty ones are left out.
+    pub fn appends(self) -> Vec<(Topic, Vec<Record>)> {
+        [
+            (topic::RESOLVED, self.resolved),
+            (topic::IDENTITY, self.identity),
+            (topic::DEAD_LETTERS, self.dead_letters),
+        ]
+        .into_iter()
+        .filter(|(_, records)| !records.is_empty())
+        .collect()
+    }
+}
+
+// ---- resolved records ------------------------------------------------------
+
+/// The projection generation a `resolved` record belongs to (the first
+/// when it names none); `None` when the header is unreadable.
+pub fn generation_of(r: &LogRecord) -> Option<u32> {
+    match r.header(header::GENERATION) {
+        None => Some(FIRST_GENERATION),
+        Some(h) => std::str::from_utf8(h).ok()?.parse().ok(),
+    }
+}
+
+/// Decodes a `resolved` record.
+pub fn read_resolved(r: &LogRecord) -> Result<ResolvedTouchpoint, CodecError> {
+    codec::decode_resolved(&r.value)
+}
+
+/// Whether a `resolved` record could concern `customer`: it sits in the
+/// partition of the customer's key.
+pub fn resolved_partition(customer: CustomerId, partitions: u32) -> u32 {
+    key::customer_partition(customer, partitions)
+}
+
+// ---- profile changes -------------------------------------------------------
+
+/// The announcement that `customer`'s view changed.
+pub fn profile_change(customer: CustomerId) -> Record {
+    Record {
+        key: key::customer(customer),
+        value: customer.0.as_bytes().to_vec(),
+        ..Record::default()
+    }
+}
+
+/// The customer a `profile-changes` record announces.
+pub fn read_profile_change(r: &LogRecord) -> Option<CustomerId> {
+    uuid::Uuid::from_slice(&r.value).ok().map(CustomerId)
+}
+
+// ---- audit -----------------------------------------------------------------
+
+/// One access to a customer's data, as the `audit` topic keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Who: the agent's name.
+    pub agent: String,
+    pub customer_id: String,
+    /// How the agent found the customer: `phone:+84…`, `customer_id:…`.
+    pub lookup: String,
+    pub at: UnixMillis,
+}
+
+/// The `audit` record of an access.
+pub fn audit(entry: &AuditEntry) -> Result<Record, serde_json::Error> {
+    Ok(Record {
+        key: entry.customer_id.clone().into_bytes(),
+        value: serde_json::to_vec(entry)?,
+        ..Record::default()
+    })
+}
+
+/// Decodes an `audit` record.
+pub fn read_audit(r: &LogRecord) -> Result<AuditEntry, serde_json::Error> {
+    serde_json::from_slice(&r.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use cdp_domain::identity::{Merge, MergeCause};
+    use cdp_domain::rules::BlockReason;
+    use cdp_domain::{Channel, Envelope, EventId, EventType, IdKind, Personal};
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn event() -> Touchpoint {
+        Touchpoint {
+            envelope: Envelope {
+                event_id: EventId(Uuid::from_u128(7)),
+                event_type: EventType::OrderCompleted,
+                channel: Channel::Store,
+                source_id: "pos".into(),
+                occurred_at: 1_000,
+                received_at: 1_001,
+                properties: Default::default(),
+            },
+            personal: Personal {
+                identifiers: vec![Identifier::new(IdKind::Phone, "+84912345678")],
+                traits: Default::default(),
+            },
+        }
+    }
+
+    fn as_read(topic: Topic, r: &Record) -> LogRecord {
+        LogRecord {
+            topic,
+            partition: 0,
+            offset: 0,
+            key: r.key.clone(),
+            value: r.value.clone(),
+            headers: r.headers.clone(),
+            timestamp: 0,
+        }
+    }
+
+    #[test]
+    fn a_decision_emits_a_resolved_record_of_its_generation_and_the_graph_changes() {
+        let customer = CustomerId(Uuid::from_u128(1));
+        let merge = Merge {
+            loser: CustomerId(Uuid::from_u128(2)),
+            survivor: customer,
+            at: 1_000,
+            cause: MergeCause {
+                event_id: event().event_id(),
+                identifier: Identifier::new(IdKind::Phone, "+84912345678"),
+                rule: "phone may merge customers".into(),
+            },
+        };
+        let decision = Decision {
+            event_id: event().event_id(),
+            at: 1_000,
+            customer_id: customer,
+            created: false,
+            claims: vec![Identifier::new(IdKind::Phone, "+84912345678")],
+            merges: vec![merge.clone()],
+            ignored: Vec::new(),
+        };
+        let mut out = Outputs::default();
+        out.resolution(
+            event(),
+            Resolution::Resolved(decision),
+            3,
+            Some(b"00-trace"),
+            5,
+        );
+        assert_eq!(out.identity.len(), 2, "one link and one merge");
+        assert!(out.dead_letters.is_empty());
+        let [resolved] = out.resolved.as_slice() else {
+            panic!("one resolved record, got {:?}", out.resolved)
+        };
+        assert_eq!(resolved.key, key::customer(customer));
+        let read = as_read(topic::RESOLVED, resolved);
+        assert_eq!(generation_of(&read), Some(3));
+        assert_eq!(trace_of(&read), Some(b"00-trace".as_slice()));
+        let back = read_resolved(&read).unwrap();
+        assert_eq!(back.customer_id, customer);
+        assert_eq!(back.merges, vec![merge]);
+        assert_eq!(back.touchpoint, event());
+        let topics: Vec<Topic> = out.appends().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(topics, vec![topic::RESOLVED, topic::IDENTITY]);
+    }
+
+    #[test]
+    fn an_unresolvable_event_is_a_dead_letter_naming_every_reason() {
+        let id = Identifier::new(IdKind::DeviceId, "kiosk-1");
+        let mut out = Outputs::default();
+        out.resolution(
+            event(),
+            Resolution::Unresolvable {
+                ignored: vec![(id, Ignored::Blocked(BlockReason::Pattern("kiosk-*".into())))],
+            },
+            1,
+            None,
+            9,
+        );
+        assert!(out.resolved.is_empty() && out.identity.is_empty());
+        let [dead] = out.dead_letters.as_slice() else {
+            panic!("one dead letter")
+        };
+        let letter = codec::decode_dead_letter(&dead.value).unwrap();
+        assert_eq!(letter.stage, "identity");
+        assert!(letter.reason.contains("kiosk-*"), "{}", letter.reason);
+        assert_eq!(letter.failed_at_ms, 9);
+    }
+
+    #[test]
+    fn records_without_a_generation_header_belong_to_the_first() {
+        let mut r = as_read(topic::RESOLVED, &Record::default());
+        assert_eq!(generation_of(&r), Some(FIRST_GENERATION));
+        r.headers.push((header::GENERATION.into(), b"x".to_vec()));
+        assert_eq!(generation_of(&r), None);
+    }
+
+    #[test]
+    fn touchpoints_are_keyed_by_their_strongest_identifier_and_deduplicated_by_event_id() {
+        let rules = IdentityRules::default();
+        let r = touchpoint(&event(), &rules, "00-t");
+        assert_eq!(r.key, key::touchpoint(&event(), &rules));
+        assert_eq!(
+            r.idempotency_key.as_deref(),
+            Some(event().event_id().0.as_bytes().as_slice())
+        );
+        let read = as_read(topic::TOUCHPOINTS, &r);
+        assert_eq!(read_touchpoint(&read).unwrap(), event());
+        assert_eq!(
+            read.header(header::EVENT_ID),
+            Some(event().event_id().to_string().as_bytes())
+        );
+    }
+
+    #[test]
+    fn audit_entries_and_profile_changes_round_trip() {
+        let entry = AuditEntry {
+            agent: "lan".into(),
+            customer_id: "c".into(),
+            lookup: "phone:+84912345678".into(),
+            at: 3,
+        };
+        let r = audit(&entry).unwrap();
+        assert_eq!(read_audit(&as_read(topic::AUDIT, &r)).unwrap(), entry);
+        let c = CustomerId(Uuid::from_u128(44));
+        let change = profile_change(c);
+        assert_eq!(
+            read_profile_change(&as_read(topic::PROFILE_CHANGES, &change)),
+            Some(c)
+        );
+    }
+}

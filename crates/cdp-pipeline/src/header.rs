@@ -1,0 +1,18 @@
+//! The headers of log records.
+
+/// The event id of a touchpoint or resolved record (text UUID), so a tool
+/// can tell which event a record carries without decoding it.
+pub const EVENT_ID: &str = "cdp-event-id";
+
+/// The message and schema version of a record's value,
+/// `cdp.v1.TouchpointRecord/1`.
+pub const SCHEMA: &str = "cdp-schema";
+
+/// The projection generation (decimal) that resolved a `resolved` record.
+/// Records without it belong to the first generation.
+pub const GENERATION: &str = "cdp-generation";
+
+/// The W3C trace context of the request that brought the event in: ingest
+/// writes it on the touchpoint record and identity copies it onto the
+/// resolved one, so one trace id follows the event through the log.
+pub const TRACEPARENT: &str = "traceparent";

@@ -1,0 +1,36 @@
+//! The topics of the pipeline. Every process opens the log with [`ALL`].
+
+pub use cdp_log::Topic;
+
+/// Accepted touchpoints, keyed by routing identifier ([`crate::key::touchpoint`]):
+/// the source of truth.
+pub const TOUCHPOINTS: Topic = Topic::new("touchpoints");
+
+/// The identity graph's changes (links, merges, ignored identifiers), keyed
+/// by customer id.
+pub const IDENTITY: Topic = Topic::new("identity");
+
+/// Touchpoints with their customer id (and the merges their resolution
+/// caused), keyed by customer id; each names its projection generation.
+pub const RESOLVED: Topic = Topic::new("resolved");
+
+/// Events accepted but not processed, with the stage and the reason.
+pub const DEAD_LETTERS: Topic = Topic::new("dead-letters");
+
+/// Who looked at which customer, when.
+pub const AUDIT: Topic = Topic::new("audit");
+
+/// Customers whose view changed, announced by the profile workers after
+/// their store commit, so query services in other processes can refresh
+/// live views.
+pub const PROFILE_CHANGES: Topic = Topic::new("profile-changes");
+
+/// Every topic of the pipeline.
+pub const ALL: [Topic; 6] = [
+    TOUCHPOINTS,
+    IDENTITY,
+    RESOLVED,
+    DEAD_LETTERS,
+    AUDIT,
+    PROFILE_CHANGES,
+];

@@ -1,0 +1,191 @@
+//! `ProjectionService` over gRPC: start, follow and cancel rebuilds, list,
+//! activate and drop generations, and the pipeline's lag.
+
+use cdp_pipeline::{group, topic};
+use cdp_proto::convert;
+use cdp_proto::v1::projection_service_server::ProjectionService;
+use cdp_proto::v1::rebuild_status::State;
+use cdp_proto::v1::{
+    ActivateGenerationRequest, DropGenerationRequest, GetPipelineStatusRequest, GetRebuildRequest,
+    ListGenerationsRequest, ListGenerationsResponse, PipelineStatus, RebuildStatus,
+    StartRebuildRequest,
+};
+use cdp_runtime::ServiceError;
+use cdp_store::StoreError;
+use tonic::{Request, Response, Status};
+
+use crate::rebuild::{RebuildError, Rebuilder};
+
+/// `cdp.v1.ProjectionService`: rebuilds, generations, and the pipeline's lag.
+pub struct ProjectionGrpc {
+    rebuilder: Rebuilder,
+}
+
+impl ProjectionGrpc {
+    pub fn new(rebuilder: Rebuilder) -> Self {
+        ProjectionGrpc { rebuilder }
+    }
+
+    async fn listing(&self) -> Result<ListGenerationsResponse, Status> {
+        let list = self
+            .rebuilder
+            .generations()
+            .list()
+            .await
+            .map_err(store_status)?;
+        Ok(ListGenerationsResponse {
+            active: list.iter().find(|g| g.active).map_or(0, |g| g.id),
+            generations: list
+                .into_iter()
+                .map(|g| cdp_proto::v1::Generation {
+                    id: g.id,
+                    active: g.active,
+                    created_at: Some(convert::millis_to_timestamp(g.created_at)),
+                })
+                .collect(),
+        })
+    }
+
+    /// FAILED_PRECONDITION while `generation` is being rebuilt here.
+    fn refuse_while_rebuilding(&self, generation: u32, advice: &str) -> Result<(), ServiceError> {
+        match self.rebuilder.progress() {
+            Some(p) if p.generation == generation && p.state == State::Running => {
+                Err(ServiceError::FailedPrecondition(format!(
+                    "generation {generation} is being rebuilt: {advice}"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn status_of(&self, generation: u32) -> Result<RebuildStatus, ServiceError> {
+        match self.rebuilder.progress() {
+            Some(p) if generation == 0 || p.generation == generation => Ok(p.to_proto()),
+            _ => Err(ServiceError::NotFound(format!(
+                "no rebuild of generation {generation} was started in this process"
+            ))),
+        }
+    }
+}
+
+/// A refused generation request names the generation field.
+fn store_status(e: StoreError) -> ServiceError {
+    match e {
+        StoreError::Invalid(m) => ServiceError::invalid("generation", m),
+        other => other.into(),
+    }
+}
+
+impl From<RebuildError> for ServiceError {
+    fn from(e: RebuildError) -> Self {
+        match e {
+            RebuildError::AlreadyRunning(_) => ServiceError::FailedPrecondition(e.to_string()),
+            RebuildError::Generation(g, m) => {
+                ServiceError::invalid("generation", format!("generation {g} {m}"))
+            }
+            RebuildError::Store(e) => store_status(e),
+            RebuildError::Log(e) => e.into(),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ProjectionService for ProjectionGrpc {
+    async fn start_rebuild(
+        &self,
+        request: Request<StartRebuildRequest>,
+    ) -> Result<Response<RebuildStatus>, Status> {
+        let r = request.into_inner();
+        let started = self
+            .rebuilder
+            .start(r.generation, r.activate)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(started.to_proto()))
+    }
+
+    async fn get_rebuild(
+        &self,
+        request: Request<GetRebuildRequest>,
+    ) -> Result<Response<RebuildStatus>, Status> {
+        Ok(Response::new(
+            self.status_of(request.into_inner().generation)?,
+        ))
+    }
+
+    async fn cancel_rebuild(
+        &self,
+        request: Request<GetRebuildRequest>,
+    ) -> Result<Response<RebuildStatus>, Status> {
+        let generation = request.into_inner().generation;
+        self.status_of(generation)?;
+        self.rebuilder.cancel();
+        Ok(Response::new(self.status_of(generation)?))
+    }
+
+    async fn list_generations(
+        &self,
+        _request: Request<ListGenerationsRequest>,
+    ) -> Result<Response<ListGenerationsResponse>, Status> {
+        self.listing().await.map(Response::new)
+    }
+
+    async fn activate_generation(
+        &self,
+        request: Request<ActivateGenerationRequest>,
+    ) -> Result<Response<ListGenerationsResponse>, Status> {
+        let generation = request.into_inner().generation;
+        self.refuse_while_rebuilding(generation, "activate it when the rebuild has caught up")?;
+        self.rebuilder
+            .generations()
+            .activate(generation)
+            .await
+            .map_err(store_status)?;
+        self.listing().await.map(Response::new)
+    }
+
+    async fn get_pipeline_status(
+        &self,
+        _request: Request<GetPipelineStatusRequest>,
+    ) -> Result<Response<PipelineStatus>, Status> {
+        let log = self.rebuilder.log().as_ref();
+        let generation = self
+            .rebuilder
+            .generations()
+            .active()
+            .await
+            .map_err(store_status)?;
+        let touchpoints: u64 = log
+            .end_offsets(topic::TOUCHPOINTS)
+            .await
+            .map_err(ServiceError::from)?
+            .iter()
+            .sum();
+        let identity_lag = cdp_log::lag(log, &group::identity(generation), topic::TOUCHPOINTS)
+            .await
+            .map_err(ServiceError::from)?;
+        let profile_lag = cdp_log::lag(log, group::PROFILE, topic::RESOLVED)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(PipelineStatus {
+            generation,
+            touchpoints,
+            identity_lag,
+            profile_lag,
+        }))
+    }
+
+    async fn drop_generation(
+        &self,
+        request: Request<DropGenerationRequest>,
+    ) -> Result<Response<ListGenerationsResponse>, Status> {
+        let generation = request.into_inner().generation;
+        self.refuse_while_rebuilding(generation, "cancel the rebuild first")?;
+        self.rebuilder
+            .generations()
+            .drop_generation(generation)
+            .await
+            .map_err(store_status)?;
+        self.listing().await.map(Response::new)
+    }
+}

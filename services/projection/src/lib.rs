@@ -1,0 +1,55 @@
+//! Projection administration and replay: what operators and analysts do
+//! with the log as a whole, apart from the customer view.
+//!
+//! - [`rebuild`]: fold the log again into a new projection generation while
+//!   the active one serves, then switch to it;
+//! - [`grpc`]: `ProjectionService` (rebuilds, generations, pipeline lag);
+//! - [`replay`]: `ReplayService`, the touchpoints streamed back, filtered,
+//!   with a resumable cursor.
+
+use std::sync::Arc;
+
+use cdp_proto::v1::projection_service_server::ProjectionServiceServer;
+use cdp_proto::v1::replay_service_server::ReplayServiceServer;
+use cdp_runtime::serve::{Context, Parts, StartError};
+
+pub mod grpc;
+pub mod rebuild;
+pub mod replay;
+
+/// Installs `ProjectionService` and `ReplayService` in a process.
+pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError> {
+    let rebuilder = rebuild::Rebuilder::new(
+        Arc::clone(&ctx.backends.log),
+        Arc::clone(ctx.backends.live.generations()),
+        Arc::clone(&ctx.rules),
+        ctx.config.fold_options(),
+        ctx.consumer_options("rebuild"),
+        ctx.cancel.clone(),
+    );
+    // Replay resolves a customer lookup the way the view does.
+    let query = cdp_query::ProfileQuery::new(
+        Arc::clone(&ctx.backends.live),
+        Arc::clone(&ctx.rules),
+        ctx.config.fold_options(),
+        ctx.changes.clone(),
+    );
+    parts
+        .health
+        .set_serving::<ProjectionServiceServer<grpc::ProjectionGrpc>>()
+        .await;
+    parts
+        .health
+        .set_serving::<ReplayServiceServer<replay::ReplayGrpc>>()
+        .await;
+    parts
+        .grpc
+        .add_service(ProjectionServiceServer::new(grpc::ProjectionGrpc::new(
+            rebuilder,
+        )))
+        .add_service(ReplayServiceServer::new(replay::ReplayGrpc::new(
+            Arc::clone(&ctx.backends.log),
+            query,
+        )));
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The gRPC surface of the query side: `ProfileService` (the view, search,
+//! the live view, the timeline) and `IdentityService` (why identifiers are
+//! one customer).
+
+use std::collections::BTreeSet;
+
+use cdp_proto::convert;
+use cdp_proto::v1::identity_service_server::IdentityService;
+use cdp_proto::v1::profile_service_server::ProfileService;
+use cdp_proto::v1::{
+    self, ExplainRequest, ExplainResponse, GetProfileRequest, GetProfileResponse,
+    ListMergesRequest, ListMergesResponse, ListTimelineRequest, ListTimelineResponse,
+};
+use cdp_runtime::ServiceError;
+use tonic::{Request, Response, Status};
+
+use crate::explain::step;
+use crate::view::profile_request;
+use crate::{Lookup, ProfileQuery};
+
+/// The gRPC face of [`ProfileQuery`].
+pub struct ProfileGrpc {
+    query: ProfileQuery,
+}
+
+impl ProfileGrpc {
+    pub fn new(query: ProfileQuery) -> Self {
+        ProfileGrpc { query }
+    }
+}
+
+#[tonic::async_trait]
+impl ProfileService for ProfileGrpc {
+    async fn get_profile(
+        &self,
+        request: Request<GetProfileRequest>,
+    ) -> Result<Response<GetProfileResponse>, Status> {
+        let r = request.into_inner();
+        let as_of = r.as_of.as_ref().map(convert::timestamp_to_millis);
+        let (lookup, limit) = profile_request(r);
+        let profile = match as_of {
+            Some(t) => self.query.profile_as_of(lookup, limit, t).await?,
+            None => self.query.profile(lookup, limit).await?,
+        };
+        Ok(Response::new(GetProfileResponse {
+            profile: Some(profile),
+        }))
+    }
+
+    async fn search_customers(
+        &self,
+        request: Request<v1::SearchCustomersRequest>,
+    ) -> Result<Response<v1::SearchCustomersResponse>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 10 } else { r.limit as usize };
+        let candidates = self.query.search(&r.query, limit).await?;
+        Ok(Response::new(v1::SearchCustomersResponse { candidates }))
+    }
+
+    type WatchProfileStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<GetProfileResponse, Status>> + Send>,
+    >;
+
+    /// The view now, then again whenever it changes. When a rebuild
+    /// switches the projection generation, the lookup the watch started
+    /// with is answered again from the new generation (its customer id may
+    /// differ); the stream ends with `NOT_FOUND` if it no longer names a
+    /// customer there.
+    async fn watch_profile(
+        &self,
+        request: Request<GetProfileRequest>,
+    ) -> Result<Response<Self::WatchProfileStream>, Status> {
+        let (lookup, limit) = profile_request(request.into_inner());
+        // Subscribe before the first read so no change slips between them.
+        let mut changes = self.query.changes();
+        let mut switches = self.query.live().switches();
+        switches.borrow_and_update();
+        let first = self.query.profile(lookup.clone(), limit).await?;
+        let query = self.query.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut current = first;
+            if tx
+                .send(Ok(GetProfileResponse {
+                    profile: Some(current.clone()),
+                }))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    change = query.next_change(&mut changes) => match change {
+                        Some(Ok(c)) => {
+                            if !query.concerns(&current.customer_id, c).await {
+                                continue;
+                            }
+                            Lookup::CustomerId(current.customer_id.clone())
+                        }
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                            Lookup::CustomerId(current.customer_id.clone())
+                        }
+                        Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => {
+                            return;
+                        }
+                    },
+                    switched = switches.changed() => {
+                        if switched.is_err() {
+                            return;
+                        }
+                        let generation = *switches.borrow_and_update();
+                        tracing::debug!(generation, "watched view follows a generation switch");
+                        match lookup.clone() {
+                            Some(l) => l,
+                            None => return,
+                        }
+                    }
+                };
+                match query.profile(Some(next), limit).await {
+                    Ok(p) => {
+                        current = p;
+                        if tx
+                            .send(Ok(GetProfileResponse {
+                                profile: Some(current.clone()),
+                            }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn list_timeline(
+        &self,
+        request: Request<ListTimelineRequest>,
+    ) -> Result<Response<ListTimelineResponse>, Status> {
+        let r = request.into_inner();
+        let lookup = r.lookup.clone().map(Lookup::from);
+        Ok(Response::new(self.query.timeline(lookup, &r).await?))
+    }
+}
+
+/// The gRPC face of identity explanations.
+pub struct IdentityGrpc {
+    query: ProfileQuery,
+}
+
+impl IdentityGrpc {
+    pub fn new(query: ProfileQuery) -> Self {
+        IdentityGrpc { query }
+    }
+}
+
+#[tonic::async_trait]
+impl IdentityService for IdentityGrpc {
+    async fn explain(
+        &self,
+        request: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainResponse>, Status> {
+        let r = request.into_inner();
+        if r.identifiers.is_empty() {
+            return Err(
+                ServiceError::invalid("identifiers", "give at least one identifier").into(),
+            );
+        }
+        let mut out = Vec::with_capacity(r.identifiers.len());
+        for (i, raw) in r.identifiers.iter().enumerate() {
+            let id = self.query.identifier(raw).map_err(|e| match e {
+                ServiceError::InvalidArgument(fields) => ServiceError::InvalidArgument(
+                    fields
+                        .into_iter()
+                        .map(|f| {
+                            cdp_domain::FieldError::new(
+                                f.field
+                                    .replacen("identifier", &format!("identifiers[{i}]"), 1),
+                                f.reason,
+                            )
+                        })
+                        .collect(),
+                ),
+                other => other,
+            })?;
+            out.push(self.query.explain_one(&id).await?);
+        }
+        let roots: BTreeSet<&str> = out.iter().map(|e| e.customer_id.as_str()).collect();
+        let same_customer = out.iter().all(|e| e.linked) && roots.len() == 1;
+        Ok(Response::new(ExplainResponse {
+            identifiers: out,
+            same_customer,
+        }))
+    }
+
+    async fn list_merges(
+        &self,
+        request: Request<ListMergesRequest>,
+    ) -> Result<Response<ListMergesResponse>, Status> {
+        let lookup = request.into_inner().lookup.map(Lookup::from);
+        let customer = self.query.customer(lookup).await?;
+        let merges = self.query.merges(customer).await?;
+        Ok(Response::new(ListMergesResponse {
+            customer_id: customer.to_string(),
+            merges: merges.iter().map(step).collect(),
+        }))
+    }
+}

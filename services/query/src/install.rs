@@ -1,0 +1,58 @@
+//! Installs the query side in a process: `ProfileService` and
+//! `IdentityService` over gRPC and the agent console over HTTP.
+
+use std::sync::Arc;
+
+use cdp_proto::v1::identity_service_server::IdentityServiceServer;
+use cdp_proto::v1::profile_service_server::ProfileServiceServer;
+use cdp_runtime::serve::{Context, Parts, StartError};
+
+use crate::grpc::{IdentityGrpc, ProfileGrpc};
+use crate::{ProfileQuery, console, follow};
+
+pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError> {
+    let query = ProfileQuery::new(
+        Arc::clone(&ctx.backends.live),
+        Arc::clone(&ctx.rules),
+        ctx.config.fold_options(),
+        ctx.changes.clone(),
+    )
+    .with_history(Arc::clone(&ctx.backends.log))
+    .with_shutdown(ctx.cancel.clone());
+    let console = Arc::new(console::ConsoleState {
+        query: query.clone(),
+        agents: ctx
+            .config
+            .agents
+            .iter()
+            .map(|a| console::Agent {
+                name: a.name.clone(),
+                token: a.token.expose().to_owned(),
+            })
+            .collect(),
+        log: Arc::clone(&ctx.backends.log),
+    });
+    parts.http(console::router(console));
+    if ctx.config.log.backend == cdp_runtime::config::LogBackend::Kafka {
+        // Profile workers may run elsewhere: follow what they announce.
+        parts.tasks.spawn(follow::follow_changes(
+            Arc::clone(&ctx.backends.log),
+            ctx.changes.clone(),
+            ctx.consumer_options("query-changes"),
+            ctx.cancel.clone(),
+        ));
+    }
+    parts
+        .health
+        .set_serving::<ProfileServiceServer<ProfileGrpc>>()
+        .await;
+    parts
+        .health
+        .set_serving::<IdentityServiceServer<IdentityGrpc>>()
+        .await;
+    parts
+        .grpc
+        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query.clone())))
+        .add_service(IdentityServiceServer::new(IdentityGrpc::new(query)));
+    Ok(())
+}

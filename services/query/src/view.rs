@@ -1,0 +1,530 @@
+//! The single customer view: a customer found by any identifier in any
+//! common form, their profile, identifiers and timeline, as domain values
+//! and as the API's messages. Every call reads one projection generation
+//! (the one active when it starts), never two.
+
+use std::sync::Arc;
+
+use cdp_domain::FoldOptions;
+use cdp_domain::normalize::normalize;
+use cdp_domain::{Channel, CustomerId, EventId, EventType, IdKind, Identifier, IdentityRules};
+use cdp_proto::convert;
+use cdp_proto::v1::{
+    self, CustomerProfile, GetProfileRequest, ListTimelineRequest, ListTimelineResponse,
+};
+use cdp_runtime::ServiceError;
+use cdp_store::{LiveStores, ProfileChanges, ProjectionStores, TimelineQuery};
+use uuid::Uuid;
+
+use crate::history;
+
+const DEFAULT_TIMELINE: usize = 20;
+const MAX_TIMELINE: usize = 200;
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+/// How a request names its customer.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    CustomerId(String),
+    Identifier(v1::Identifier),
+}
+
+/// The requests' `lookup` oneofs are one choice; they map to [`Lookup`] alike.
+macro_rules! lookup_from {
+    ($($oneof:path),+) => {$(
+        impl From<$oneof> for Lookup {
+            fn from(l: $oneof) -> Self {
+                use $oneof as L;
+                match l {
+                    L::CustomerId(c) => Lookup::CustomerId(c),
+                    L::Identifier(i) => Lookup::Identifier(i),
+                }
+            }
+        }
+    )+};
+}
+
+lookup_from!(
+    v1::get_profile_request::Lookup,
+    v1::list_timeline_request::Lookup,
+    v1::list_merges_request::Lookup,
+    v1::replay_request::Customer
+);
+
+/// The lookup and timeline length a `GetProfileRequest` asks for.
+pub(crate) fn profile_request(r: GetProfileRequest) -> (Option<Lookup>, usize) {
+    let limit = match r.timeline_limit {
+        0 => DEFAULT_TIMELINE,
+        n => n as usize,
+    };
+    (r.lookup.map(Lookup::from), limit)
+}
+
+/// The parts of a customer view.
+pub struct Loaded {
+    pub profile: cdp_domain::Profile,
+    pub identifiers: Vec<Identifier>,
+    pub claims: Vec<Option<cdp_domain::identity::Claim>>,
+    pub timeline: Vec<cdp_domain::TimelineEntry>,
+}
+
+/// Reads customer views. Cheap to clone.
+#[derive(Clone)]
+pub struct ProfileQuery {
+    live: Arc<LiveStores>,
+    rules: Arc<IdentityRules>,
+    options: FoldOptions,
+    changes: ProfileChanges,
+    /// Past views from the event log (time travel), when wired.
+    history: Option<Arc<history::History>>,
+    /// Fires when the process shuts down: live streams end.
+    shutdown: tokio_util::sync::CancellationToken,
+}
+
+impl ProfileQuery {
+    /// The stores of the generation active now: take them once per request.
+    pub fn stores(&self) -> ProjectionStores {
+        self.live.current()
+    }
+
+    /// The projection generations this query follows.
+    pub fn live(&self) -> &Arc<LiveStores> {
+        &self.live
+    }
+
+    /// The identity rules (how identifiers are normalised and ranked).
+    pub fn rules(&self) -> &IdentityRules {
+        &self.rules
+    }
+
+    pub fn new(
+        live: Arc<LiveStores>,
+        rules: Arc<IdentityRules>,
+        options: FoldOptions,
+        changes: ProfileChanges,
+    ) -> Self {
+        ProfileQuery {
+            live,
+            rules,
+            options,
+            changes,
+            history: None,
+            shutdown: tokio_util::sync::CancellationToken::new(),
+        }
+    }
+
+    /// Ends live streams (`WatchProfile`, the console's events) when
+    /// `shutdown` fires, so a graceful shutdown does not wait for watchers.
+    pub fn with_shutdown(mut self, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// The next announced change; None once the process shuts down.
+    pub async fn next_change(
+        &self,
+        changes: &mut tokio::sync::broadcast::Receiver<CustomerId>,
+    ) -> Option<Result<CustomerId, tokio::sync::broadcast::error::RecvError>> {
+        tokio::select! {
+            _ = self.shutdown.cancelled() => None,
+            r = changes.recv() => Some(r),
+        }
+    }
+
+    /// Answers views as of a past instant from `log` (time travel).
+    pub fn with_history(mut self, log: Arc<dyn cdp_log::EventLog>) -> Self {
+        self.history = Some(Arc::new(history::History::new(log, self.options.clone())));
+        self
+    }
+
+    /// Fires when the process shuts down.
+    pub fn shutdown(&self) -> &tokio_util::sync::CancellationToken {
+        &self.shutdown
+    }
+
+    /// Everything the view is made of, as domain values.
+    pub async fn load(
+        &self,
+        lookup: Option<Lookup>,
+        timeline_limit: usize,
+    ) -> Result<Loaded, ServiceError> {
+        let stores = self.stores();
+        let customer = self.customer_in(&stores, lookup).await?;
+        let profile = stores.profiles.profile(customer).await?.ok_or_else(|| {
+            ServiceError::NotFound(format!("customer {customer} has no profile yet"))
+        })?;
+        let identifiers = identifiers_of(&stores, profile.customer_id).await?;
+        let claims = stores.identity.claims(&identifiers).await?;
+        let query = TimelineQuery {
+            limit: timeline_limit.clamp(1, MAX_TIMELINE),
+            ..TimelineQuery::default()
+        };
+        let timeline = stores
+            .profiles
+            .timeline(profile.customer_id, &query)
+            .await?
+            .entries;
+        Ok(Loaded {
+            profile,
+            identifiers,
+            claims,
+            timeline,
+        })
+    }
+
+    /// Whether a change announced for `changed` concerns the view of
+    /// `watched`: the same customer, or the survivor it was merged into.
+    pub async fn concerns(&self, watched: &str, changed: CustomerId) -> bool {
+        let changed = changed.to_string();
+        changed == watched
+            || self
+                .identity_root(watched)
+                .await
+                .is_some_and(|root| root == changed)
+    }
+
+    /// The default currency (for RFM).
+    pub fn currency(&self) -> &str {
+        &self.options.default_currency
+    }
+
+    /// Candidates for what an agent typed.
+    #[tracing::instrument(skip(self))]
+    pub async fn search(
+        &self,
+        query: &str,
+        limit: usize,
+    ) -> Result<Vec<v1::CustomerCandidate>, ServiceError> {
+        if query.trim().chars().count() < 2 {
+            return Err(ServiceError::invalid("query", "type at least 2 characters"));
+        }
+        let prefixes = cdp_domain::search::query_prefixes(query);
+        let stores = self.stores();
+        let found = stores
+            .profiles
+            .search(&prefixes, limit.clamp(1, 50))
+            .await?;
+        let mut out = Vec::with_capacity(found.len());
+        for customer in found {
+            let Some(profile) = stores.profiles.profile(customer).await? else {
+                continue;
+            };
+            let ids = identifiers_of(&stores, profile.customer_id).await?;
+            let of = |k: IdKind| {
+                ids.iter()
+                    .filter(|i| i.kind == k)
+                    .map(|i| i.value.clone())
+                    .collect()
+            };
+            out.push(v1::CustomerCandidate {
+                customer_id: profile.customer_id.to_string(),
+                name: profile
+                    .traits
+                    .get("name")
+                    .and_then(|t| t.value.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+                emails: of(IdKind::Email),
+                phones: of(IdKind::Phone),
+                last_seen: profile.last_seen.map(convert::millis_to_timestamp),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The customer that stands for `customer_id` now, if it parses.
+    pub async fn identity_root(&self, customer_id: &str) -> Option<String> {
+        let id = Uuid::parse_str(customer_id).ok()?;
+        self.stores()
+            .identity
+            .root(CustomerId(id))
+            .await
+            .ok()
+            .map(|c| c.to_string())
+    }
+
+    /// Announcements of changed customers, for live views.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<CustomerId> {
+        self.changes.subscribe()
+    }
+
+    /// Normalises an identifier typed by a person or a system.
+    pub fn identifier(&self, id: &v1::Identifier) -> Result<Identifier, ServiceError> {
+        let kind = IdKind::parse(&id.kind)
+            .ok()
+            .filter(|k| self.rules.is_known(k))
+            .ok_or_else(|| {
+                ServiceError::invalid(
+                    "identifier.kind",
+                    format!("unknown identifier kind {:?}", id.kind),
+                )
+            })?;
+        normalize(
+            &kind,
+            &id.value,
+            self.rules.email_policy(),
+            self.rules.phone_policy(),
+        )
+        .map_err(|e| ServiceError::invalid("identifier.value", format!("{kind} {e}")))
+    }
+
+    /// The customer a lookup names, merges followed.
+    pub async fn customer(&self, lookup: Option<Lookup>) -> Result<CustomerId, ServiceError> {
+        self.customer_in(&self.stores(), lookup).await
+    }
+
+    /// The customer a lookup names in one generation's stores.
+    pub async fn customer_in(
+        &self,
+        stores: &ProjectionStores,
+        lookup: Option<Lookup>,
+    ) -> Result<CustomerId, ServiceError> {
+        match lookup {
+            None => Err(ServiceError::invalid(
+                "lookup",
+                "give a customer_id or an identifier",
+            )),
+            Some(Lookup::CustomerId(s)) => {
+                let id = Uuid::parse_str(s.trim()).map(CustomerId).map_err(|_| {
+                    ServiceError::invalid("customer_id", format!("{s:?} is not a UUID"))
+                })?;
+                Ok(stores.identity.root(id).await?)
+            }
+            Some(Lookup::Identifier(raw)) => {
+                let id = self.identifier(&raw)?;
+                stores
+                    .identity
+                    .owner(&id)
+                    .await?
+                    .ok_or_else(|| ServiceError::NotFound(format!("no customer has {id}")))
+            }
+        }
+    }
+
+    /// The full customer view.
+    #[tracing::instrument(skip(self))]
+    pub async fn profile(
+        &self,
+        lookup: Option<Lookup>,
+        timeline_limit: usize,
+    ) -> Result<CustomerProfile, ServiceError> {
+        let loaded = self.load(lookup, timeline_limit).await?;
+        Ok(self.render(loaded, cdp_runtime::now_ms()))
+    }
+
+    /// The view as it was at `as_of`, folded from the event log.
+    #[tracing::instrument(skip(self))]
+    pub async fn profile_as_of(
+        &self,
+        lookup: Option<Lookup>,
+        timeline_limit: usize,
+        as_of: cdp_domain::UnixMillis,
+    ) -> Result<CustomerProfile, ServiceError> {
+        let history = self.history.as_ref().ok_or_else(|| {
+            ServiceError::Unavailable("this query service has no event log for time travel".into())
+        })?;
+        let stores = self.stores();
+        // Who the lookup named then: an identifier's first customer, or the id given.
+        let then = match lookup {
+            Some(Lookup::Identifier(raw)) => {
+                let id = self.identifier(&raw)?;
+                let claims = stores.identity.claims(std::slice::from_ref(&id)).await?;
+                claims
+                    .into_iter()
+                    .flatten()
+                    .next()
+                    .map(|c| c.linked_to())
+                    .ok_or_else(|| ServiceError::NotFound(format!("no customer has {id}")))?
+            }
+            Some(Lookup::CustomerId(s)) => {
+                Uuid::parse_str(s.trim()).map(CustomerId).map_err(|_| {
+                    ServiceError::invalid("customer_id", format!("{s:?} is not a UUID"))
+                })?
+            }
+            None => {
+                return Err(ServiceError::invalid(
+                    "lookup",
+                    "give a customer_id or an identifier",
+                ));
+            }
+        };
+        let root = stores.identity.root(then).await?;
+        let mut family = std::collections::BTreeSet::from([root, then]);
+        if let Some(now) = stores.profiles.profile(root).await? {
+            family.extend(now.merged_from);
+        }
+        let past = history
+            .view(stores.generation, root, &family, then, as_of)
+            .await?;
+        // The identifiers it had then: those linked by an event folded by then.
+        let mut identifiers = Vec::new();
+        for member in &family {
+            identifiers.extend(identifiers_of(&stores, *member).await?);
+        }
+        identifiers.sort();
+        identifiers.dedup();
+        let claims = stores.identity.claims(&identifiers).await?;
+        let (identifiers, claims): (Vec<_>, Vec<_>) = identifiers
+            .into_iter()
+            .zip(claims)
+            .filter(|(_, c)| {
+                c.as_ref()
+                    .is_some_and(|c| past.profile.applied.contains(&c.event_id))
+            })
+            .unzip();
+        let mut timeline = past.timeline;
+        timeline.truncate(timeline_limit.clamp(1, MAX_TIMELINE));
+        tracing::debug!(records_read = past.records_read, "past view folded");
+        Ok(self.render(
+            Loaded {
+                profile: past.profile,
+                identifiers,
+                claims,
+                timeline,
+            },
+            as_of,
+        ))
+    }
+
+    /// The API view of what was loaded; RFM as of `now`.
+    fn render(&self, loaded: Loaded, now: cdp_domain::UnixMillis) -> CustomerProfile {
+        let Loaded {
+            profile,
+            identifiers,
+            claims,
+            timeline,
+        } = loaded;
+        let view = profile.view();
+        let traits: cdp_domain::Attributes = view.traits.clone().into_iter().collect();
+        CustomerProfile {
+            customer_id: profile.customer_id.to_string(),
+            identifiers: identifiers
+                .iter()
+                .zip(&claims)
+                .map(|(id, claim)| convert::linked_identifier(id, claim.as_ref()))
+                .collect(),
+            traits: Some(convert::json_to_struct(&traits)),
+            metrics: Some(convert::metrics(&view)),
+            recent_timeline: timeline.iter().map(convert::timeline_entry).collect(),
+            merged_customer_ids: profile
+                .merged_from
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            trait_sources: profile
+                .traits
+                .iter()
+                .map(|(key, t)| v1::TraitSource {
+                    key: key.clone(),
+                    source_id: t.source_id.clone(),
+                    channel: t.channel.to_string(),
+                    at: Some(convert::millis_to_timestamp(t.at)),
+                    trust: t.trust,
+                })
+                .collect(),
+            rfm: profile
+                .rfm(now, &self.options.default_currency)
+                .map(|r| v1::Rfm {
+                    recency_days: r.recency_days,
+                    frequency: r.frequency,
+                    monetary: r.monetary.to_string(),
+                    recency_score: r.recency_score.into(),
+                    frequency_score: r.frequency_score.into(),
+                    monetary_score: r.monetary_score.into(),
+                    segment: r.segment.to_owned(),
+                }),
+        }
+    }
+
+    /// One page of the timeline.
+    #[tracing::instrument(skip(self))]
+    pub async fn timeline(
+        &self,
+        lookup: Option<Lookup>,
+        request: &ListTimelineRequest,
+    ) -> Result<ListTimelineResponse, ServiceError> {
+        let mut errors = Vec::new();
+        let channels: Vec<Channel> = request
+            .channels
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                c.parse::<Channel>()
+                    .map_err(|reason| {
+                        errors.push(cdp_domain::FieldError::new(
+                            format!("channels[{i}]"),
+                            reason,
+                        ))
+                    })
+                    .ok()
+            })
+            .collect();
+        let after = match request.page_token.as_str() {
+            "" => None,
+            token => match parse_token(token) {
+                Some(t) => Some(t),
+                None => {
+                    errors.push(cdp_domain::FieldError::new(
+                        "page_token",
+                        "is not a token from a previous response",
+                    ));
+                    None
+                }
+            },
+        };
+        let from = request.from.as_ref().map(convert::timestamp_to_millis);
+        let to = request.to.as_ref().map(convert::timestamp_to_millis);
+        if let (Some(f), Some(t)) = (from, to)
+            && f >= t
+        {
+            errors.push(cdp_domain::FieldError::new("to", "must be after from"));
+        }
+        if !errors.is_empty() {
+            return Err(ServiceError::InvalidArgument(errors));
+        }
+        let stores = self.stores();
+        let customer = self.customer_in(&stores, lookup).await?;
+        let size = match request.page_size {
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let query = TimelineQuery {
+            channels,
+            types: request
+                .types
+                .iter()
+                .map(|t| EventType::from(t.as_str()))
+                .collect(),
+            from,
+            to,
+            after,
+            limit: size,
+        };
+        let page = stores.profiles.timeline(customer, &query).await?;
+        Ok(ListTimelineResponse {
+            customer_id: customer.to_string(),
+            entries: page.entries.iter().map(convert::timeline_entry).collect(),
+            next_page_token: page
+                .next
+                .map(|(at, id)| format!("{at}_{id}"))
+                .unwrap_or_default(),
+        })
+    }
+}
+
+fn parse_token(token: &str) -> Option<(i64, EventId)> {
+    let (at, id) = token.split_once('_')?;
+    Some((at.parse().ok()?, EventId(Uuid::parse_str(id).ok()?)))
+}
+
+/// The identifiers linked to a customer.
+pub(crate) async fn identifiers_of(
+    stores: &ProjectionStores,
+    customer: CustomerId,
+) -> Result<Vec<Identifier>, ServiceError> {
+    let node = stores.identity.customer(customer).await?;
+    Ok(node
+        .map(|n| n.identifiers.into_iter().collect())
+        .unwrap_or_default())
+}
