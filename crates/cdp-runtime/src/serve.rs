@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use cdp_domain::IdentityRules;
 use cdp_log::consumer::ConsumerOptions;
-use cdp_log::{EventLog, LogError};
+use cdp_log::{EventLog, LogError, Membership};
 use cdp_store::{LiveStores, ProfileChanges, StoreError};
 use thiserror::Error;
 use tokio::task::JoinSet;
@@ -113,6 +113,25 @@ impl Context {
     /// Options of a consumer loop named `name`.
     pub fn consumer_options(&self, name: &str) -> ConsumerOptions {
         consumer_options(name, &self.config.pipeline)
+    }
+
+    /// Spawns `count` workers of a consumer group in this process (at least
+    /// one): worker `i` is `run(membership, options, cancel)`, named
+    /// `name-i`, owning its share of the partitions among every replica of
+    /// the process (`pipeline.processes`), and stopped on shutdown.
+    pub fn spawn_workers<F, Fut>(&self, parts: &mut Parts, name: &str, count: u32, run: F)
+    where
+        F: Fn(Membership, ConsumerOptions, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let members = count.max(1);
+        for index in 0..members {
+            parts.tasks.spawn(run(
+                self.config.pipeline.membership(index, members),
+                self.consumer_options(&format!("{name}-{index}")),
+                self.cancel.clone(),
+            ));
+        }
     }
 }
 

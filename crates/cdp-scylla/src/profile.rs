@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
 use cdp_domain::redirect::{MAX_REDIRECTS, Walk};
-use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry, UnixMillis};
+use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry};
 pub(crate) use cdp_store::PendingMerge;
 pub(crate) use cdp_store::read::settle_chain;
 use cdp_store::{Applied, ProfileRow, ProfileStore, StoreError, TimelineQuery};
@@ -677,12 +677,11 @@ impl ProfileStore for ScyllaStore {
     async fn timeline_range(
         &self,
         customer: CustomerId,
-        lower: UnixMillis,
-        upper: UnixMillis,
         query: &TimelineQuery,
-        want: usize,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
-        self.timeline_of(customer, query, lower, upper, want).await
+        let (lower, upper) = query.range();
+        self.timeline_of(customer, query, lower, upper, query.limit)
+            .await
     }
 
     async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError> {

@@ -16,7 +16,7 @@ use cdp_domain::profile::FoldOptions;
 use cdp_domain::{
     Attributes, Channel, CustomerId, Envelope, EventId, EventType, IdKind, Identifier,
     IdentityRules, IdentityRulesConfig, Personal, Resolution, ResolvedTouchpoint, TimelineEntry,
-    Touchpoint, UnixMillis,
+    Touchpoint,
 };
 use cdp_scylla::{ScyllaConfig, ScyllaGenerations, ScyllaStore};
 use cdp_store::conformance::StoresUnderTest;
@@ -274,14 +274,9 @@ impl ProfileStore for RoundRobin {
     async fn timeline_range(
         &self,
         customer: CustomerId,
-        lower: UnixMillis,
-        upper: UnixMillis,
         query: &TimelineQuery,
-        want: usize,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
-        self.pick()
-            .timeline_range(customer, lower, upper, query, want)
-            .await
+        self.pick().timeline_range(customer, query).await
     }
 
     async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError> {

@@ -10,7 +10,7 @@ use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, Gr
 use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
 use cdp_domain::{
     CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
-    Touchpoint, UnixMillis,
+    Touchpoint,
 };
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
@@ -441,16 +441,13 @@ impl ProfileStore for EmbeddedStore {
     async fn timeline_range(
         &self,
         customer: CustomerId,
-        lower: UnixMillis,
-        upper: UnixMillis,
         query: &TimelineQuery,
-        want: usize,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
         let query = query.clone();
         self.on_views(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let table = tx.open_table(TIMELINE).map_err(storage)?;
-            let c = key(customer);
+            let (c, (lower, upper)) = (key(customer), query.range());
             let mut found = Vec::new();
             for item in table
                 .range((c, lower, 0u128)..(c, upper, 0u128))
@@ -461,7 +458,7 @@ impl ProfileStore for EmbeddedStore {
                 let entry: TimelineEntry = from_json("timeline entry", v.value())?;
                 if query.matches(&entry) {
                     found.push(entry);
-                    if found.len() >= want {
+                    if found.len() >= query.limit {
                         break;
                     }
                 }

@@ -195,17 +195,14 @@ pub trait ProfileStore: Send + Sync + 'static {
     /// The row stored under `customer`, as it is (no redirect followed).
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError>;
 
-    /// Timeline entries filed under exactly `customer` with `occurred_at`
-    /// in `[lower, upper)` that match `query`'s filters, newest first: at
-    /// least `want` of them when there are that many (an adapter may return
-    /// more, for example every entry of the last instant it read).
+    /// Timeline entries filed under exactly `customer` that match `query`
+    /// (its instants are [`TimelineQuery::range`]), newest first: at least
+    /// `query.limit` of them when there are that many (an adapter may
+    /// return more, for example every entry of the last instant it read).
     async fn timeline_range(
         &self,
         customer: CustomerId,
-        lower: UnixMillis,
-        upper: UnixMillis,
         query: &TimelineQuery,
-        want: usize,
     ) -> Result<Vec<TimelineEntry>, StoreError>;
 
     /// The customers filed under a search term that starts with `prefix`

@@ -118,9 +118,14 @@ pub async fn timeline<S: ProfileStore + ?Sized>(
     };
     let limit = query.limit.max(1);
     let (lower, upper) = query.range();
+    // One more than a page tells whether another page follows.
+    let wanted = TimelineQuery {
+        limit: limit + 1,
+        ..query.clone()
+    };
     let mut found: Vec<TimelineEntry> = if lower < upper {
         stream::iter(family)
-            .map(|member| store.timeline_range(member, lower, upper, query, limit + 1))
+            .map(|member| store.timeline_range(member, &wanted))
             .buffer_unordered(CONCURRENCY)
             .try_concat()
             .await?

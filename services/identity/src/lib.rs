@@ -131,18 +131,15 @@ pub async fn install(
     ctx: &cdp_runtime::serve::Context,
     parts: &mut cdp_runtime::serve::Parts,
 ) -> Result<(), cdp_runtime::serve::StartError> {
-    let members = ctx.config.pipeline.identity_workers.max(1);
-    for index in 0..members {
-        let worker = IdentityWorker::new(
+    let count = ctx.config.pipeline.identity_workers;
+    ctx.spawn_workers(parts, "identity", count, |membership, options, cancel| {
+        IdentityWorker::new(
             Arc::clone(&ctx.backends.log),
             Arc::clone(&ctx.backends.live),
             Arc::clone(&ctx.rules),
-        );
-        let options = ctx.consumer_options(&format!("identity-{index}"));
-        let cancel = ctx.cancel.clone();
-        let membership = ctx.config.pipeline.membership(index, members);
-        parts.tasks.spawn(worker.run(membership, options, cancel));
-    }
+        )
+        .run(membership, options, cancel)
+    });
     Ok(())
 }
 

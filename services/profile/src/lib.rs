@@ -169,26 +169,24 @@ impl BatchHandler for ProfileWorker {
 }
 
 /// Installs `pipeline.profile_workers` profile workers in a process; they
-/// announce changed customers on the context's [`ProfileChanges`].
+/// announce changed customers on the context's [`ProfileChanges`], and on
+/// the log too when other processes may serve views (Kafka).
 pub async fn install(
     ctx: &cdp_runtime::serve::Context,
     parts: &mut cdp_runtime::serve::Parts,
 ) -> Result<(), cdp_runtime::serve::StartError> {
-    let members = ctx.config.pipeline.profile_workers.max(1);
-    for index in 0..members {
-        let worker = ProfileWorker::new(
+    let count = ctx.config.pipeline.profile_workers;
+    let on_log = ctx.config.log.backend == cdp_runtime::config::LogBackend::Kafka;
+    ctx.spawn_workers(parts, "profile", count, |membership, options, cancel| {
+        ProfileWorker::new(
             Arc::clone(&ctx.backends.log),
             Arc::clone(&ctx.backends.live),
             ctx.config.fold_options(),
             ctx.changes.clone(),
-        );
-        let worker = worker
-            .announce_on_log(ctx.config.log.backend == cdp_runtime::config::LogBackend::Kafka);
-        let options = ctx.consumer_options(&format!("profile-{index}"));
-        let cancel = ctx.cancel.clone();
-        let membership = ctx.config.pipeline.membership(index, members);
-        parts.tasks.spawn(worker.run(membership, options, cancel));
-    }
+        )
+        .announce_on_log(on_log)
+        .run(membership, options, cancel)
+    });
     Ok(())
 }
 
@@ -359,10 +357,7 @@ mod tests {
         async fn timeline_range(
             &self,
             _: CustomerId,
-            _: i64,
-            _: i64,
             _: &TimelineQuery,
-            _: usize,
         ) -> Result<Vec<cdp_domain::TimelineEntry>, StoreError> {
             Ok(Vec::new())
         }

@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 
 pub use cdp_pipeline::AuditEntry;
 
+use crate::view::Update;
 use crate::{Loaded, Lookup, ProfileQuery};
 
 const PAGE: &str = include_str!("console.html");
@@ -185,8 +186,9 @@ struct WatchQuery {
 
 /// Server-sent events: `changed` whenever the customer's view changes. When
 /// a rebuild switches the projection generation, `switched` carries the id
-/// of the customer the watched one is in the new generation (the page
-/// reloads it), or `gone` when there is none, and the stream ends.
+/// of the customer the view is in the new generation (the same id, else the
+/// holder of its strongest identifier; the page reloads it), or `gone`
+/// when there is none, and the stream ends.
 async fn watch(
     State(state): State<Arc<ConsoleState>>,
     headers: HeaderMap,
@@ -195,41 +197,41 @@ async fn watch(
     if let Err(e) = state.agent(&headers) {
         return e.into_response();
     }
-    let mut changes = state.query.changes();
-    let mut switches = state.query.live().switches();
-    switches.borrow_and_update();
+    let mut watch = state.query.watch();
     let query = state.query.clone();
     let mut watched = w.customer_id;
+    // The identifiers of the view, to find it again after a generation switch.
+    let mut identifiers = match query
+        .load(Some(Lookup::CustomerId(watched.clone())), 1)
+        .await
+    {
+        Ok(loaded) => loaded.identifiers,
+        Err(e) => return e.into_response(),
+    };
     let stream = async_stream(move |tx| async move {
         loop {
-            let event = tokio::select! {
-                change = query.next_change(&mut changes) => {
-                    let relevant = match change {
-                        Some(Ok(c)) => query.concerns(&watched, c).await,
-                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => true,
-                        Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => return,
+            let event = match query.next_update(&mut watch, &watched).await {
+                Update::Changed => Event::default().event("changed").data(watched.clone()),
+                Update::Switched(_) => {
+                    let found = match query.relocate(&watched, &identifiers).await {
+                        Ok(c) => query.load(Some(Lookup::CustomerId(c.to_string())), 1).await,
+                        Err(e) => Err(e),
                     };
-                    if !relevant {
-                        continue;
-                    }
-                    Event::default().event("changed").data(watched.clone())
-                }
-                switched = switches.changed() => {
-                    if switched.is_err() {
-                        return;
-                    }
-                    switches.borrow_and_update();
-                    match query.load(Some(Lookup::CustomerId(watched.clone())), 1).await {
+                    match found {
                         Ok(loaded) => {
                             watched = loaded.profile.customer_id.to_string();
+                            identifiers = loaded.identifiers;
                             Event::default().event("switched").data(watched.clone())
                         }
-                        Err(_) => {
-                            let _ = tx.send(Ok(Event::default().event("gone").data(watched.clone()))).await;
+                        Err(error) => {
+                            tracing::info!(%error, customer = %watched, "a watched customer is not in the new generation");
+                            let gone = Event::default().event("gone").data(watched.clone());
+                            let _ = tx.send(Ok(gone)).await;
                             return;
                         }
                     }
                 }
+                Update::Ended => return,
             };
             if tx.send(Ok(event)).await.is_err() {
                 return;

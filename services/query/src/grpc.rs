@@ -15,7 +15,7 @@ use cdp_runtime::ServiceError;
 use tonic::{Request, Response, Status};
 
 use crate::explain::step;
-use crate::view::profile_request;
+use crate::view::{Update, profile_request};
 use crate::{Lookup, ProfileQuery};
 
 /// The gRPC face of [`ProfileQuery`].
@@ -71,65 +71,52 @@ impl ProfileService for ProfileGrpc {
         request: Request<GetProfileRequest>,
     ) -> Result<Response<Self::WatchProfileStream>, Status> {
         let (lookup, limit) = profile_request(request.into_inner());
-        // Subscribe before the first read so no change slips between them.
-        let mut changes = self.query.changes();
-        let mut switches = self.query.live().switches();
-        switches.borrow_and_update();
+        let mut watch = self.query.watch();
         let first = self.query.profile(lookup.clone(), limit).await?;
         let query = self.query.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut current = first;
-            if tx
-                .send(Ok(GetProfileResponse {
-                    profile: Some(current.clone()),
-                }))
-                .await
-                .is_err()
-            {
-                return;
-            }
             loop {
-                let next = tokio::select! {
-                    change = query.next_change(&mut changes) => match change {
-                        Some(Ok(c)) => {
-                            if !query.concerns(&current.customer_id, c).await {
-                                continue;
-                            }
-                            Lookup::CustomerId(current.customer_id.clone())
-                        }
-                        Some(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
-                            Lookup::CustomerId(current.customer_id.clone())
-                        }
-                        Some(Err(tokio::sync::broadcast::error::RecvError::Closed)) | None => {
-                            return;
-                        }
-                    },
-                    switched = switches.changed() => {
-                        if switched.is_err() {
-                            return;
-                        }
-                        let generation = *switches.borrow_and_update();
-                        tracing::debug!(generation, "watched view follows a generation switch");
-                        match lookup.clone() {
-                            Some(l) => l,
-                            None => return,
-                        }
-                    }
+                let response = GetProfileResponse {
+                    profile: Some(current.clone()),
                 };
-                match query.profile(Some(next), limit).await {
-                    Ok(p) => {
-                        current = p;
-                        if tx
-                            .send(Ok(GetProfileResponse {
-                                profile: Some(current.clone()),
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            return;
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                let next = match query.next_update(&mut watch, &current.customer_id).await {
+                    Update::Changed => Ok(Lookup::CustomerId(current.customer_id.clone())),
+                    // The lookup the watch started with, asked again; one by
+                    // customer id follows the identifiers the view had.
+                    Update::Switched(_) => match lookup.clone() {
+                        Some(Lookup::CustomerId(_)) | None => {
+                            let identifiers: Vec<_> = current
+                                .identifiers
+                                .iter()
+                                .filter_map(|i| {
+                                    query
+                                        .identifier(&v1::Identifier {
+                                            kind: i.kind.clone(),
+                                            value: i.value.clone(),
+                                        })
+                                        .ok()
+                                })
+                                .collect();
+                            query
+                                .relocate(&current.customer_id, &identifiers)
+                                .await
+                                .map(|c| Lookup::CustomerId(c.to_string()))
                         }
-                    }
+                        Some(l) => Ok(l),
+                    },
+                    Update::Ended => return,
+                };
+                let view = match next {
+                    Ok(lookup) => query.profile(Some(lookup), limit).await,
+                    Err(e) => Err(e),
+                };
+                match view {
+                    Ok(p) => current = p,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;

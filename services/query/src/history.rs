@@ -5,8 +5,10 @@
 //! every customer merged into it; the contract keys `resolved` by customer,
 //! `cdp_pipeline::key::customer`) are read, and only the records of the
 //! projection generation being served (after a rebuild with other rules
-//! the old generation's records name other customers and merges). A record
-//! counts when the log accepted it at or before the instant.
+//! the old generation's records name other customers and merges). An event
+//! counts when the platform accepted it (its `received_at`) at or before
+//! the instant: a rebuild appends its generation's records long after the
+//! events arrived, so the record's own append time says nothing then.
 //!
 //! **Snapshots.** Each answer leaves a snapshot: the folded state, the
 //! position reached in each partition, and the records already read whose
@@ -14,9 +16,13 @@
 //! the same or a later instant starts from the latest such snapshot and
 //! reads only what follows, so asking "and a day later?" is not a full
 //! scan. A snapshot serves only the family it was folded for (after a new
-//! merge the family is read again). Reading stops once a partition shows records more than
-//! [`CLOCK_SKEW_MS`] after the instant (several processes append with their
-//! own clocks); the records in that window are kept with the snapshot.
+//! merge the family is read again). Reading a partition stops at a record
+//! of the served generation appended live (within [`CLOCK_SKEW_MS`] of its
+//! arrival) more than [`CLOCK_SKEW_MS`] after the instant (several
+//! processes append with their own clocks); the records read past the
+//! instant are kept with the snapshot. The records of other generations
+//! before it are read and skipped. (An event re-driven from the dead
+//! letters counts from its first arrival, not from its re-drive.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -176,12 +182,9 @@ impl History {
                     break;
                 }
                 for rec in records {
-                    if rec.timestamp > as_of + CLOCK_SKEW_MS {
-                        break 'partition;
-                    }
-                    next = rec.offset + 1;
-                    read += 1;
                     if emit::generation_of(&rec) != Some(generation) {
+                        next = rec.offset + 1;
+                        read += 1;
                         continue;
                     }
                     let Ok(r) = emit::read_resolved(&rec) else {
@@ -190,15 +193,27 @@ impl History {
                             offset = rec.offset,
                             "undecodable resolved record skipped"
                         );
+                        next = rec.offset + 1;
+                        read += 1;
                         continue;
                     };
+                    let arrived = r.touchpoint.envelope.received_at;
+                    // Appended live (near its arrival) well after the
+                    // instant: what follows arrived later still.
+                    if rec.timestamp > as_of + CLOCK_SKEW_MS
+                        && rec.timestamp.saturating_sub(arrived) <= CLOCK_SKEW_MS
+                    {
+                        break 'partition;
+                    }
+                    next = rec.offset + 1;
+                    read += 1;
                     if !concerns(&r) {
                         continue;
                     }
-                    if rec.timestamp <= as_of {
+                    if arrived <= as_of {
                         fold(&mut snap, &r)?;
                     } else {
-                        snap.later.push((rec.timestamp, r));
+                        snap.later.push((arrived, r));
                     }
                 }
             }

@@ -61,6 +61,24 @@ pub(crate) fn profile_request(r: GetProfileRequest) -> (Option<Lookup>, usize) {
     (r.lookup.map(Lookup::from), limit)
 }
 
+/// What a live view follows (see [`ProfileQuery::watch`]).
+pub struct Watch {
+    changes: tokio::sync::broadcast::Receiver<CustomerId>,
+    switches: tokio::sync::watch::Receiver<u32>,
+}
+
+/// What a live view waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// The view changed: read it again.
+    Changed,
+    /// The projection generation switched (to this one): the customer id
+    /// may stand for another customer now; look the customer up again.
+    Switched(u32),
+    /// The process is shutting down.
+    Ended,
+}
+
 /// The parts of a customer view.
 pub struct Loaded {
     pub profile: cdp_domain::Profile,
@@ -121,15 +139,71 @@ impl ProfileQuery {
         self
     }
 
-    /// The next announced change; None once the process shuts down.
-    pub async fn next_change(
-        &self,
-        changes: &mut tokio::sync::broadcast::Receiver<CustomerId>,
-    ) -> Option<Result<CustomerId, tokio::sync::broadcast::error::RecvError>> {
-        tokio::select! {
-            _ = self.shutdown.cancelled() => None,
-            r = changes.recv() => Some(r),
+    /// Starts following live updates (before the first read of the view,
+    /// so no update slips between them).
+    pub fn watch(&self) -> Watch {
+        let mut switches = self.live.switches();
+        switches.borrow_and_update();
+        Watch {
+            changes: self.changes.subscribe(),
+            switches,
         }
+    }
+
+    /// Waits for the next update that concerns the view of `watched` (a
+    /// customer id): a change of that customer or of the survivor it was
+    /// merged into, a missed change (a slow listener reads again), or a
+    /// switch to another projection generation.
+    pub async fn next_update(&self, watch: &mut Watch, watched: &str) -> Update {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Update::Ended,
+                change = watch.changes.recv() => match change {
+                    Ok(c) if self.concerns(watched, c).await => return Update::Changed,
+                    Ok(_) => {}
+                    Err(RecvError::Lagged(_)) => return Update::Changed,
+                    Err(RecvError::Closed) => return Update::Ended,
+                },
+                switched = watch.switches.changed() => {
+                    if switched.is_err() {
+                        return Update::Ended;
+                    }
+                    let generation = *watch.switches.borrow_and_update();
+                    tracing::debug!(generation, "a watched view follows a generation switch");
+                    return Update::Switched(generation);
+                }
+            }
+        }
+    }
+
+    /// Finds again, after a switch to another projection generation, the
+    /// customer a live view showed: the same customer id if it still names
+    /// a profile (ids depend on the order events were resolved in, so a
+    /// rebuild may mint others), else the customer that now holds the
+    /// strongest of the identifiers the view had.
+    pub async fn relocate(
+        &self,
+        customer_id: &str,
+        identifiers: &[Identifier],
+    ) -> Result<CustomerId, ServiceError> {
+        let stores = self.stores();
+        if let Ok(id) = Uuid::parse_str(customer_id.trim()).map(CustomerId)
+            && let Some(p) = stores.profiles.profile(id).await?
+        {
+            return Ok(p.customer_id);
+        }
+        let mut ids: Vec<&Identifier> = identifiers.iter().collect();
+        ids.sort_by_key(|i| (self.rules.priority(&i.kind), *i));
+        for id in ids {
+            if let Some(owner) = stores.identity.owner(id).await? {
+                return Ok(owner);
+            }
+        }
+        Err(ServiceError::NotFound(format!(
+            "neither customer {customer_id} nor any of its identifiers is in projection generation {}",
+            stores.generation
+        )))
     }
 
     /// Answers views as of a past instant from `log` (time travel).
@@ -242,11 +316,6 @@ impl ProfileQuery {
             .await
             .ok()
             .map(|c| c.to_string())
-    }
-
-    /// Announcements of changed customers, for live views.
-    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<CustomerId> {
-        self.changes.subscribe()
     }
 
     /// Normalises an identifier typed by a person or a system.

@@ -232,6 +232,9 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
     .await
     .unwrap_or_else(|e| panic!("the shared phone did not merge the family: {e}"));
     assert!(merged.identifiers.iter().any(|i| i.value == mother));
+    // Every event had arrived by then: time travel to this instant, after
+    // the rebuild, must show the rebuilt view of them.
+    let all_arrived = now_ms();
 
     let blocked = format!(
         "{}\n[identity.kinds.phone]\npriority = 4\nlimit = 2\nmerge = true\nblocked = [\"{home_e164}\"]\n",
@@ -262,6 +265,30 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
         cdp_e2e::metrics(first.profile.as_ref().unwrap()).events_count,
         4
     );
+    // And an agent has the family's customer open in the console.
+    let console = {
+        let url = format!(
+            "{}/api/watch?customer_id={}",
+            cdp.console_url(),
+            first.profile.as_ref().unwrap().customer_id
+        );
+        tokio::spawn(async move {
+            let mut stream = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(cdp_e2e::AGENT_TOKEN)
+                .send()
+                .await
+                .unwrap();
+            let mut seen = String::new();
+            while let Some(chunk) = stream.chunk().await.unwrap() {
+                seen.push_str(&String::from_utf8_lossy(&chunk));
+                if seen.contains("event: switched") || seen.contains("event: gone") {
+                    return seen;
+                }
+            }
+            seen
+        })
+    };
     // The operator's command: rebuild, switch when caught up.
     let endpoint = format!("http://{}", cdp.projection_addr());
     let out = std::process::Command::new(cdp_e2e::cdp_binary())
@@ -319,11 +346,27 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
     .unwrap_or_else(|_| panic!("the watch never showed the rebuilt view\n{}", cdp.log()));
     assert!(followed.identifiers.iter().all(|i| i.kind != "phone"));
 
-    // Time travel answers from the active generation's records: the split
-    // view, not the old generation's merge.
+    // The console's live stream tells the page which customer the view is
+    // in the new generation (the rebuild may have minted other ids: one of
+    // the two the family split into).
+    let told = tokio::time::timeout(Duration::from_secs(30), console)
+        .await
+        .unwrap_or_else(|_| panic!("the console stream said nothing of the switch"))
+        .unwrap();
+    assert!(
+        split
+            .iter()
+            .any(|c| told.contains(&format!("event: switched\ndata: {c}"))),
+        "{told}\nsplit into {split:?}\n{}",
+        cdp.log()
+    );
+
+    // Time travel answers from the active generation's records (appended by
+    // the rebuild, long after the events arrived): the split view, not the
+    // old generation's merge.
     let past = profiles
         .get_profile(GetProfileRequest {
-            as_of: Some(cdp_proto::convert::millis_to_timestamp(now_ms() + 1_000)),
+            as_of: Some(cdp_proto::convert::millis_to_timestamp(all_arrived)),
             ..lookup(cdp_e2e::id("zalo_id", &mother))
         })
         .await
