@@ -40,7 +40,7 @@ use tonic::transport::Channel;
 #[derive(Parser)]
 #[command(about = "Benchmarks the CDP on the real binaries")]
 struct Args {
-    /// embedded (one `cdp dev` process) or distributed (the four services
+    /// embedded (one `cdp dev` process) or distributed (the five services
     /// on Kafka and Cassandra, which must be running: `make infra-up`).
     #[arg(long, default_value = "embedded")]
     backend: String,

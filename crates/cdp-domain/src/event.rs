@@ -390,10 +390,10 @@ impl Touchpoint {
         &'a self,
         rules: &crate::rules::IdentityRules,
     ) -> Option<&'a Identifier> {
-        self.personal
-            .identifiers
-            .iter()
-            .min_by_key(|id| (rules.priority(&id.kind), id.kind.clone(), id.value.clone()))
+        rules
+            .strongest_first(&self.personal.identifiers)
+            .into_iter()
+            .next()
     }
 }
 

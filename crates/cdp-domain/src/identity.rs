@@ -203,17 +203,10 @@ pub fn decide<G: GraphRead>(
             None => usable.push(id.clone()),
         }
     }
-    usable.sort_by(|a, b| {
-        (rules.priority(&a.kind), &a.kind, &a.value).cmp(&(
-            rules.priority(&b.kind),
-            &b.kind,
-            &b.value,
-        ))
-    });
     let mut owned = Vec::with_capacity(usable.len());
-    for id in usable {
-        let owner = graph.owner(&id)?;
-        owned.push((id, owner));
+    for id in rules.strongest_first(&usable) {
+        let owner = graph.owner(id)?;
+        owned.push((id.clone(), owner));
     }
 
     // The strongest identifier that already belongs to someone anchors the event.

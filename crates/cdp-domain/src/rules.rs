@@ -180,6 +180,25 @@ impl IdentityRules {
             .map_or(KindRule::default().priority, |r| r.priority)
     }
 
+    /// Identifiers strongest first: by priority, then kind and value, so
+    /// equals always come in one order. The strongest identifier of an
+    /// event routes and anchors it; the strongest of a customer's finds the
+    /// customer again.
+    pub fn strongest_first<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a Identifier>,
+    ) -> Vec<&'a Identifier> {
+        let mut ids: Vec<&Identifier> = ids.into_iter().collect();
+        ids.sort_by(|a, b| {
+            (self.priority(&a.kind), &a.kind, &a.value).cmp(&(
+                self.priority(&b.kind),
+                &b.kind,
+                &b.value,
+            ))
+        });
+        ids
+    }
+
     pub fn limit(&self, kind: &IdKind) -> u32 {
         self.rule(kind)
             .map_or(KindRule::default().limit, |r| r.limit)

@@ -152,8 +152,27 @@ impl Outputs {
             Resolution::Unresolvable { ignored } => {
                 let reason = unresolvable_reason(&ignored);
                 self.dead_letter(Stage::Identity, &reason, &event, now);
+                if let Some(letter) = self.dead_letters.last_mut() {
+                    letter.headers.push((
+                        header::GENERATION.to_owned(),
+                        generation.to_string().into_bytes(),
+                    ));
+                }
             }
         }
+    }
+
+    /// Marks the records as a rebuild's (see [`header::REBUILT`]).
+    pub fn rebuilt(mut self) -> Self {
+        for r in self
+            .resolved
+            .iter_mut()
+            .chain(&mut self.identity)
+            .chain(&mut self.dead_letters)
+        {
+            r.headers.push((header::REBUILT.to_owned(), b"1".to_vec()));
+        }
+        self
     }
 
     /// Adds a dead letter for a decoded event.
@@ -204,6 +223,22 @@ pub fn generation_of(r: &LogRecord) -> Option<u32> {
 /// Decodes a `resolved` record.
 pub fn read_resolved(r: &LogRecord) -> Result<ResolvedTouchpoint, CodecError> {
     codec::decode_resolved(&r.value)
+}
+
+/// Whether a rebuild appended the record (see [`header::REBUILT`]).
+pub fn is_rebuilt(r: &LogRecord) -> bool {
+    r.header(header::REBUILT).is_some()
+}
+
+/// When the event of a `resolved` record reached the views of its
+/// generation: when the record was appended, for the live pipeline; when
+/// the event arrived, for a rebuild, which appends long after.
+pub fn reached_views_at(r: &LogRecord, resolved: &ResolvedTouchpoint) -> UnixMillis {
+    if is_rebuilt(r) {
+        resolved.touchpoint.envelope.received_at
+    } else {
+        r.timestamp
+    }
 }
 
 /// Whether a `resolved` record could concern `customer`: it sits in the
@@ -362,6 +397,34 @@ mod tests {
         assert_eq!(letter.stage, "identity");
         assert!(letter.reason.contains("kiosk-*"), "{}", letter.reason);
         assert_eq!(letter.failed_at_ms, 9);
+    }
+
+    #[test]
+    fn rebuilt_records_reached_the_views_when_their_events_arrived() {
+        let decision = Decision {
+            event_id: event().event_id(),
+            at: 1_000,
+            customer_id: CustomerId(Uuid::from_u128(1)),
+            created: true,
+            claims: Vec::new(),
+            merges: Vec::new(),
+            ignored: Vec::new(),
+        };
+        let mut live = Outputs::default();
+        live.resolution(event(), Resolution::Resolved(decision), 2, None, 0);
+        let rebuilt = live.clone().rebuilt();
+        let mut read = as_read(topic::RESOLVED, &live.resolved[0]);
+        read.timestamp = 90_000;
+        let resolved = read_resolved(&read).unwrap();
+        assert!(!is_rebuilt(&read));
+        assert_eq!(reached_views_at(&read, &resolved), 90_000);
+        let mut read = as_read(topic::RESOLVED, &rebuilt.resolved[0]);
+        read.timestamp = 90_000;
+        assert!(is_rebuilt(&read));
+        assert_eq!(
+            reached_views_at(&read, &resolved),
+            event().envelope.received_at
+        );
     }
 
     #[test]

@@ -16,3 +16,9 @@ pub const GENERATION: &str = "cdp-generation";
 /// writes it on the touchpoint record and identity copies it onto the
 /// resolved one, so one trace id follows the event through the log.
 pub const TRACEPARENT: &str = "traceparent";
+
+/// Set on the records a rebuild appends for its generation, long after the
+/// events arrived: their append time says nothing of when the events
+/// reached the views, their arrival does (see
+/// [`crate::emit::reached_views_at`]).
+pub const REBUILT: &str = "cdp-rebuilt";

@@ -67,7 +67,9 @@ impl ErrorCode {
         }
     }
 
-    /// The code's name in HTTP bodies, as gRPC spells it.
+    /// The code's name in HTTP bodies (gRPC's names where it has the kind;
+    /// `TOO_LARGE` and `UNSUPPORTED_MEDIA_TYPE` are HTTP's finer kinds of
+    /// `RESOURCE_EXHAUSTED` and `INVALID_ARGUMENT`).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::InvalidArgument => "INVALID_ARGUMENT",

@@ -1,10 +1,12 @@
 //! What every CDP process shares: load the configuration, open the back
-//! ends, let the services install their gRPC services, HTTP routes and
-//! background tasks, serve them with health and reflection, and shut down
-//! gracefully on SIGTERM (stop intake, let workers finish and commit).
+//! ends (with the opener `cdp-wiring` passes in), let the services install
+//! their gRPC services, HTTP routes and background tasks, serve them with
+//! health and reflection, and shut down gracefully on SIGTERM (stop intake,
+//! let workers finish and commit).
 //!
 //! The per-service binaries (`cdp-ingest`, `cdp-identity`, `cdp-profile`,
-//! `cdp-query`) and `cdp dev` differ only in which services they install.
+//! `cdp-query`, `cdp-projection`) and `cdp dev` differ only in which
+//! services they install.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

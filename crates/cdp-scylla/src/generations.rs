@@ -161,6 +161,21 @@ impl Generations for ScyllaGenerations {
             )
             .await
             .map_err(exec_error)?;
+        if id > self.highest().await? {
+            // One projection service opens generations; a lost race only
+            // keeps a lower mark, which the listed generations still cover.
+            self.base
+                .session()
+                .query_unpaged(
+                    format!(
+                        "INSERT INTO {}.generation_active (k, id) VALUES ({HIGHEST_ROW}, ?)",
+                        self.ks()
+                    ),
+                    (to_i32(id)?,),
+                )
+                .await
+                .map_err(exec_error)?;
+        }
         Ok(ProjectionStores {
             generation: id,
             identity: Arc::new(store.clone()),
@@ -242,4 +257,32 @@ impl Generations for ScyllaGenerations {
         info!(generation = id, "generation dropped");
         Ok(())
     }
+
+    async fn highest(&self) -> Result<u32, StoreError> {
+        let rows = self
+            .base
+            .session()
+            .query_unpaged(
+                format!(
+                    "SELECT id FROM {}.generation_active WHERE k = {HIGHEST_ROW}",
+                    self.ks()
+                ),
+                (),
+            )
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(storage)?;
+        let row: Option<(Option<i32>,)> = rows.maybe_first_row().map_err(storage)?;
+        let kept = row
+            .and_then(|(id,)| id)
+            .and_then(|id| u32::try_from(id).ok())
+            .unwrap_or(FIRST_GENERATION);
+        let listed = self.list().await?.iter().map(|g| g.id).max();
+        Ok(kept.max(listed.unwrap_or(FIRST_GENERATION)))
+    }
 }
+
+/// The row of `generation_active` that keeps the highest generation number
+/// ever opened (row 0 is the active pointer).
+const HIGHEST_ROW: i32 = 1;

@@ -267,6 +267,22 @@ impl ProfileStore for RoundRobin {
         self.pick().apply(batch, options).await
     }
 
+    async fn apply_unsynced(
+        &self,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        self.pick().apply_unsynced(batch, options).await
+    }
+
+    async fn sync(&self) -> Result<(), StoreError> {
+        // Every client's writes, as a sync after folds spread over them.
+        for store in &self.stores {
+            store.sync().await?;
+        }
+        Ok(())
+    }
+
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         self.pick().row(customer).await
     }

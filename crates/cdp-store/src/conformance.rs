@@ -780,6 +780,21 @@ pub async fn generations_switch_and_drop(generations: Arc<dyn crate::Generations
         .drop_generation(FIRST_GENERATION)
         .await
         .expect("generations");
+    // A dropped number is never handed out again as new.
+    let extra = generations
+        .open(FIRST_GENERATION + 2)
+        .await
+        .expect("generations");
+    assert_eq!(extra.generation, FIRST_GENERATION + 2);
+    generations
+        .drop_generation(FIRST_GENERATION + 2)
+        .await
+        .expect("generations");
+    assert_eq!(
+        generations.highest().await.expect("generations"),
+        FIRST_GENERATION + 2,
+        "the highest number opened is kept after its generation is dropped"
+    );
     let listed = generations.list().await.expect("generations");
     assert!(!listed.iter().any(|g| g.id == FIRST_GENERATION));
     assert!(generations.drop_generation(FIRST_GENERATION).await.is_err());

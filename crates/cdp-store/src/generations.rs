@@ -63,6 +63,12 @@ pub trait Generations: Send + Sync + 'static {
 
     /// Deletes generation `id` and its data. The active one cannot be dropped.
     async fn drop_generation(&self, id: u32) -> Result<(), StoreError>;
+
+    /// The highest generation number ever opened, dropped ones included.
+    /// A new generation takes a number above it: records a dropped
+    /// generation left in the log name its number, and a reused number
+    /// would mix them into the new generation's history.
+    async fn highest(&self) -> Result<u32, StoreError>;
 }
 
 /// Checks an activation against the registry's state.
@@ -176,6 +182,10 @@ impl LiveStores {
 struct Registry {
     active: u32,
     generations: Vec<(u32, UnixMillis)>,
+    /// The highest number ever opened (absent in registries written
+    /// before it was kept: then the highest listed).
+    #[serde(default)]
+    highest: u32,
 }
 
 /// Embedded generations: generation 1 in `dir/store.redb` and
@@ -210,6 +220,7 @@ impl EmbeddedGenerations {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Registry {
                 active: FIRST_GENERATION,
                 generations: vec![(FIRST_GENERATION, now_ms())],
+                highest: FIRST_GENERATION,
             },
             Err(e) => return Err(storage(e)),
         };
@@ -298,6 +309,7 @@ impl Generations for EmbeddedGenerations {
             let mut registry = Registry {
                 active: state.0.active,
                 generations: state.0.generations.clone(),
+                highest: state.0.highest.max(id),
             };
             registry.generations.push((id, now_ms()));
             registry.generations.sort_unstable();
@@ -318,6 +330,7 @@ impl Generations for EmbeddedGenerations {
         let registry = Registry {
             active: id,
             generations: state.0.generations.clone(),
+            highest: state.0.highest,
         };
         self.save(&registry)?;
         state.0 = registry;
@@ -347,6 +360,7 @@ impl Generations for EmbeddedGenerations {
                 .copied()
                 .filter(|g| g.0 != id)
                 .collect(),
+            highest: state.0.highest.max(id),
         };
         self.save(&registry)?;
         state.0 = registry;
@@ -365,5 +379,11 @@ impl Generations for EmbeddedGenerations {
         }
         tracing::info!(generation = id, "generation dropped");
         Ok(())
+    }
+
+    async fn highest(&self) -> Result<u32, StoreError> {
+        let state = self.lock();
+        let listed = state.0.generations.iter().map(|g| g.0).max();
+        Ok(listed.unwrap_or(FIRST_GENERATION).max(state.0.highest))
     }
 }

@@ -83,6 +83,8 @@ pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
             .into_inner();
         bar.set_length(status.records_total);
         bar.set_position(status.records_done);
+        // A batch failing and retried says why.
+        bar.set_message(status.error.clone());
         match status.state() {
             State::Running | State::Unspecified => {}
             State::CaughtUp => {

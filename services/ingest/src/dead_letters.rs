@@ -23,10 +23,6 @@ pub struct DeadLetters {
     ingestor: crate::Ingestor,
 }
 
-fn log_error(e: cdp_log::LogError) -> ServiceError {
-    ServiceError::Unavailable(format!("event log: {e}"))
-}
-
 impl DeadLetters {
     pub fn new(log: Arc<dyn EventLog>, ingestor: crate::Ingestor) -> Self {
         DeadLetters { log, ingestor }
@@ -111,7 +107,7 @@ impl DeadLetters {
                 .log
                 .read(topic::DEAD_LETTERS, partition, offset, size - out.len())
                 .await
-                .map_err(log_error)?;
+                .map_err(ServiceError::from)?;
             match records.last() {
                 Some(last) => offset = last.offset + 1,
                 None => {
@@ -147,7 +143,7 @@ impl DeadLetters {
                         .log
                         .read(topic::DEAD_LETTERS, p, from, 1000)
                         .await
-                        .map_err(log_error)?;
+                        .map_err(ServiceError::from)?;
                     let Some(last) = batch.last() else { break };
                     from = last.offset + 1;
                     records.extend(batch);
@@ -169,7 +165,7 @@ impl DeadLetters {
                         cdp_log::LogError::Invalid(m) => {
                             ServiceError::invalid(format!("refs[{i}].partition"), m)
                         }
-                        other => log_error(other),
+                        other => other.into(),
                     })?;
                 match found.into_iter().next() {
                     Some(rec) if rec.offset == r.offset => records.push(rec),
@@ -206,7 +202,7 @@ impl DeadLetters {
             self.log
                 .append(topic::TOUCHPOINTS, appended)
                 .await
-                .map_err(log_error)?;
+                .map_err(ServiceError::from)?;
         }
         tracing::info!(redriven = touchpoints.len(), "dead letters re-driven");
         Ok(RedriveResponse {

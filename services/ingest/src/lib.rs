@@ -87,7 +87,7 @@ impl Ingestor {
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "append to the event log failed");
-                ServiceError::Unavailable(format!("the event log did not take the events: {e}"))
+                ServiceError::from(e)
             })?;
         Ok(touchpoints
             .iter()

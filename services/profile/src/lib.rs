@@ -23,7 +23,15 @@ pub struct ProfileWorker {
     announce_on_log: bool,
     /// The store folded into since the last sync, and its generation.
     unsynced: Option<(u32, Arc<dyn ProfileStore>)>,
+    /// A newer generation seen in records while it was not active yet (a
+    /// rebuild running), and when the registry last said so: it is asked
+    /// again at most once per `RECHECK`, not for every batch.
+    not_active_yet: Option<(u32, std::time::Instant)>,
 }
+
+/// How often records of a generation that is not active yet make a worker
+/// read the registry again.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl ProfileWorker {
     pub fn new(
@@ -39,6 +47,7 @@ impl ProfileWorker {
             changes,
             announce_on_log: false,
             unsynced: None,
+            not_active_yet: None,
         }
     }
 
@@ -82,11 +91,16 @@ impl BatchHandler for ProfileWorker {
             .max()
             .copied()
             .unwrap_or(FIRST_GENERATION);
-        if newest > self.live.generation() {
-            self.live
+        let asked_lately = self
+            .not_active_yet
+            .is_some_and(|(g, at)| g >= newest && at.elapsed() < RECHECK);
+        if newest > self.live.generation() && !asked_lately {
+            let active = self
+                .live
                 .refresh()
                 .await
                 .map_err(|e| Retry(format!("projection generation: {e}")))?;
+            self.not_active_yet = (active < newest).then(|| (newest, std::time::Instant::now()));
         }
         let stores = self.live.current();
         let now = cdp_runtime::now_ms();
@@ -406,6 +420,9 @@ mod tests {
         }
         async fn drop_generation(&self, _: u32) -> Result<(), StoreError> {
             Ok(())
+        }
+        async fn highest(&self) -> Result<u32, StoreError> {
+            Ok(1)
         }
     }
 

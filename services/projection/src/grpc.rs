@@ -79,7 +79,9 @@ fn store_status(e: StoreError) -> ServiceError {
 impl From<RebuildError> for ServiceError {
     fn from(e: RebuildError) -> Self {
         match e {
-            RebuildError::AlreadyRunning(_) => ServiceError::FailedPrecondition(e.to_string()),
+            RebuildError::AlreadyRunning(_) | RebuildError::GaveUp(_) => {
+                ServiceError::FailedPrecondition(e.to_string())
+            }
             RebuildError::Generation(g, m) => {
                 ServiceError::invalid("generation", format!("generation {g} {m}"))
             }

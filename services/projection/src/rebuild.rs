@@ -8,9 +8,10 @@
 //! identity group, with the one consumer loop every worker runs
 //! (`cdp_log::consumer`), resolves each batch against the new graph,
 //! appends what the contract says identity emits for the new generation
-//! (`cdp_pipeline::Outputs`: resolved records and graph changes, so time
-//! travel in the new generation reads its own records), and folds the
-//! resolved events straight into the new profiles. Profile workers skip the
+//! (`cdp_pipeline::Outputs`, marked rebuilt: resolved records, graph
+//! changes and dead letters, so time travel in the new generation reads its
+//! own records), and folds the resolved events straight into the new
+//! profiles. Profile workers skip the
 //! new generation's records until it is active. Positions are committed
 //! after the new stores are synced, so a stopped rebuild resumes where it
 //! was. Once it has caught up (fewer than a batch behind the log's end) it
@@ -33,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Touchpoints resolved and folded per batch.
 const BATCH: usize = 1_000;
+/// Failures of one batch in a row after which a rebuild gives up (with the
+/// consumer loop's back-off, about a minute and a half): a store that stays
+/// down, or data it cannot fold. It resumes from its last commit.
+const GIVE_UP_AFTER: u32 = 20;
 /// How often a running rebuild reads its progress from the log.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -82,6 +87,8 @@ pub enum RebuildError {
     Generation(u32, String),
     #[error("generation {0} is being rebuilt in this process; one rebuild at a time")]
     AlreadyRunning(u32),
+    #[error("gave up after {GIVE_UP_AFTER} failures of one batch in a row: {0}")]
+    GaveUp(String),
 }
 
 type Current = Arc<Mutex<Option<(Progress, CancellationToken)>>>;
@@ -165,9 +172,10 @@ impl Rebuilder {
         }
         let active = self.generations.active().await?;
         let list = self.generations.list().await?;
-        let newest = list.iter().map(|g| g.id).max().unwrap_or(active);
+        // Never a number used before: its records may still be in the log.
+        let highest = self.generations.highest().await?;
         let generation = if requested == 0 {
-            newest.max(active) + 1
+            highest.max(active) + 1
         } else {
             requested
         };
@@ -264,15 +272,20 @@ impl Rebuilder {
         cancel: CancellationToken,
     ) -> Result<State, RebuildError> {
         let generation = stores.generation;
+        // The loop runs until the watcher sees it caught up, the handler
+        // gives up, or `cancel`.
+        let caught_up = cancel.child_token();
         let mut handler = RebuildHandler {
             log: Arc::clone(&self.log),
             rules: Arc::clone(&self.rules),
             fold: self.fold.clone(),
             stores,
             current: Arc::clone(&self.current),
+            appended: None,
+            failures: 0,
+            gave_up: None,
+            stop: caught_up.clone(),
         };
-        // The loop runs until the watcher sees it caught up, or `cancel`.
-        let caught_up = cancel.child_token();
         let watcher = tokio::spawn(watch_progress(
             Arc::clone(&self.log),
             group::identity(generation),
@@ -284,6 +297,9 @@ impl Rebuilder {
         caught_up.cancel();
         if let Err(error) = watcher.await {
             tracing::warn!(%error, "rebuild progress watcher failed");
+        }
+        if let Some(error) = handler.gave_up {
+            return Err(RebuildError::GaveUp(error));
         }
         if cancel.is_cancelled() {
             return Ok(State::Cancelled);
@@ -369,6 +385,15 @@ struct RebuildHandler {
     fold: FoldOptions,
     stores: ProjectionStores,
     current: Current,
+    /// The batch (its next positions) whose records are appended already,
+    /// so a retry after a failed fold does not append them again.
+    appended: Option<Vec<(u32, u64)>>,
+    /// Failures of the batch in hand in a row, and the last one once the
+    /// rebuild gave up.
+    failures: u32,
+    gave_up: Option<String>,
+    /// Stops the consumer loop when the rebuild gives up.
+    stop: CancellationToken,
 }
 
 impl RebuildHandler {
@@ -391,12 +416,9 @@ impl RebuildHandler {
             .map_err(|e| format!("identity store: {e}"))?;
         let mut out = Outputs::default();
         let mut folded: Vec<ResolvedTouchpoint> = Vec::with_capacity(events.len());
-        let mut unattributed = 0usize;
         for ((event, resolution), source) in events.into_iter().zip(resolutions).zip(sources) {
             if let Resolution::Resolved(d) = &resolution {
                 folded.push(emit::resolved(event.clone(), d.clone()));
-            } else {
-                unattributed += 1;
             }
             out.resolution(
                 event,
@@ -406,21 +428,19 @@ impl RebuildHandler {
                 now,
             );
         }
-        if unattributed > 0 {
-            tracing::info!(
-                generation = self.stores.generation,
-                unattributed,
-                "events the rebuilt rules cannot attribute (their dead letters are from the live pass)"
-            );
-        }
-        // Dead letters of these touchpoints were written by the live pass.
-        out.dead_letters.clear();
+        // The dead letters too: events the new rules cannot attribute may
+        // have had a customer under the old ones.
+        let out = out.rebuilt();
+        let batch = cdp_log::consumer::next_positions(records);
+        let already = self.appended.as_ref() == Some(&batch);
         let append = async {
-            for (topic, batch) in out.appends() {
-                self.log
-                    .append(topic, batch)
-                    .await
-                    .map_err(|e| format!("append to {topic}: {e}"))?;
+            if !already {
+                for (topic, records) in out.appends() {
+                    self.log
+                        .append(topic, records)
+                        .await
+                        .map_err(|e| format!("append to {topic}: {e}"))?;
+                }
             }
             Ok::<_, String>(())
         };
@@ -432,6 +452,9 @@ impl RebuildHandler {
                 .map_err(|e| format!("profile store: {e}"))
         };
         let (appended, folded) = tokio::join!(append, fold);
+        if appended.is_ok() {
+            self.appended = Some(batch);
+        }
         appended?;
         folded?;
         Ok(())
@@ -444,14 +467,18 @@ impl BatchHandler for RebuildHandler {
     async fn handle(&mut self, records: &[LogRecord]) -> Result<(), Retry> {
         match self.rebuild(records).await {
             Ok(()) => {
+                self.failures = 0;
                 update(&self.current, |p| p.error = None);
                 Ok(())
             }
             Err(e) => {
-                let shown = e.clone();
-                update(&self.current, |p| {
-                    p.error = Some(format!("retrying after: {shown}"));
-                });
+                self.failures += 1;
+                if self.failures >= GIVE_UP_AFTER {
+                    self.gave_up = Some(e.clone());
+                    self.stop.cancel();
+                }
+                let shown = format!("retrying (failure {}): {e}", self.failures);
+                update(&self.current, |p| p.error = Some(shown));
                 Err(Retry(e))
             }
         }

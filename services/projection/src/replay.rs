@@ -154,9 +154,7 @@ async fn customer_of(
     t: &Touchpoint,
     cache: &mut HashMap<Identifier, Option<CustomerId>>,
 ) -> Result<Option<CustomerId>, ServiceError> {
-    let mut ids: Vec<&Identifier> = t.personal.identifiers.iter().collect();
-    ids.sort_by_key(|i| (rules.priority(&i.kind), *i));
-    for id in ids {
+    for id in rules.strongest_first(&t.personal.identifiers) {
         let owner = match cache.get(id) {
             Some(o) => *o,
             None => {
@@ -205,7 +203,7 @@ async fn pump(
             let records: Vec<LogRecord> = log
                 .read(topic::TOUCHPOINTS, partition, positions[p], CHUNK)
                 .await
-                .map_err(|e| ServiceError::Unavailable(format!("reading the log: {e}")))?;
+                .map_err(ServiceError::from)?;
             if records.is_empty() {
                 tracing::warn!(
                     partition,
@@ -287,7 +285,7 @@ impl ReplayService for ReplayGrpc {
             .log
             .end_offsets(topic::TOUCHPOINTS)
             .await
-            .map_err(|e| ServiceError::Unavailable(format!("reading the log: {e}")))?;
+            .map_err(ServiceError::from)?;
         let (tx, rx) = mpsc::channel(BUFFER);
         let (log, query) = (Arc::clone(&self.log), self.query.clone());
         let with_customers = r.with_customers;

@@ -55,7 +55,7 @@ impl ProfileQuery {
         {
             let loser = walk.at();
             walk.hop(next)
-                .map_err(|e| ServiceError::Internal(e.to_string()))?;
+                .map_err(|e| ServiceError::from(cdp_store::StoreError::from(e)))?;
             let survivor = stores.identity.customer(next).await?;
             if let Some(m) = survivor.and_then(|s| s.merges.into_iter().find(|m| m.loser == loser))
             {

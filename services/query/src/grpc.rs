@@ -86,29 +86,9 @@ impl ProfileService for ProfileGrpc {
                 }
                 let next = match query.next_update(&mut watch, &current.customer_id).await {
                     Update::Changed => Ok(Lookup::CustomerId(current.customer_id.clone())),
-                    // The lookup the watch started with, asked again; one by
-                    // customer id follows the identifiers the view had.
-                    Update::Switched(_) => match lookup.clone() {
-                        Some(Lookup::CustomerId(_)) | None => {
-                            let identifiers: Vec<_> = current
-                                .identifiers
-                                .iter()
-                                .filter_map(|i| {
-                                    query
-                                        .identifier(&v1::Identifier {
-                                            kind: i.kind.clone(),
-                                            value: i.value.clone(),
-                                        })
-                                        .ok()
-                                })
-                                .collect();
-                            query
-                                .relocate(&current.customer_id, &identifiers)
-                                .await
-                                .map(|c| Lookup::CustomerId(c.to_string()))
-                        }
-                        Some(l) => Ok(l),
-                    },
+                    // The lookup the watch started with, asked again, else
+                    // the customer holding the view's strongest identifier.
+                    Update::Switched(_) => query.refind(lookup.clone(), &current).await,
                     Update::Ended => return,
                 };
                 let view = match next {

@@ -6,9 +6,10 @@
 //! `cdp_pipeline::key::customer`) are read, and only the records of the
 //! projection generation being served (after a rebuild with other rules
 //! the old generation's records name other customers and merges). An event
-//! counts when the platform accepted it (its `received_at`) at or before
-//! the instant: a rebuild appends its generation's records long after the
-//! events arrived, so the record's own append time says nothing then.
+//! counts when it had reached the views by the instant: when the log
+//! accepted its record ("what the agent could have seen"), or, for the
+//! records a rebuild appended long after, when the event arrived
+//! (`cdp_pipeline::emit::reached_views_at`).
 //!
 //! **Snapshots.** Each answer leaves a snapshot: the folded state, the
 //! position reached in each partition, and the records already read whose
@@ -17,12 +18,12 @@
 //! reads only what follows, so asking "and a day later?" is not a full
 //! scan. A snapshot serves only the family it was folded for (after a new
 //! merge the family is read again). Reading a partition stops at a record
-//! of the served generation appended live (within [`CLOCK_SKEW_MS`] of its
-//! arrival) more than [`CLOCK_SKEW_MS`] after the instant (several
-//! processes append with their own clocks); the records read past the
-//! instant are kept with the snapshot. The records of other generations
-//! before it are read and skipped. (An event re-driven from the dead
-//! letters counts from its first arrival, not from its re-drive.)
+//! of the served generation appended by the live pipeline more than
+//! [`CLOCK_SKEW_MS`] after the instant (several processes append with their
+//! own clocks); the records read past the instant are kept with the
+//! snapshot. The records of other generations on the way are read and
+//! skipped, and a rebuilt generation's history is read whole (its records
+//! are in the order the rebuild read the partitions, not by time).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -69,10 +70,6 @@ pub struct History {
     options: FoldOptions,
     /// (generation, family root) -> snapshots, oldest instant first.
     snapshots: Mutex<HashMap<(u32, CustomerId), Vec<Snapshot>>>,
-}
-
-fn unavailable(e: cdp_log::LogError) -> ServiceError {
-    ServiceError::Unavailable(format!("reading the log: {e}"))
 }
 
 impl History {
@@ -167,7 +164,7 @@ impl History {
             .log
             .end_offsets(topic::RESOLVED)
             .await
-            .map_err(unavailable)?;
+            .map_err(ServiceError::from)?;
         let mut read = 0;
         for (p, position) in snap.positions.clone() {
             let end = ends.get(p as usize).copied().unwrap_or(0);
@@ -177,7 +174,7 @@ impl History {
                     .log
                     .read(topic::RESOLVED, p, next, CHUNK)
                     .await
-                    .map_err(unavailable)?;
+                    .map_err(ServiceError::from)?;
                 if records.is_empty() {
                     break;
                 }
@@ -197,12 +194,10 @@ impl History {
                         read += 1;
                         continue;
                     };
-                    let arrived = r.touchpoint.envelope.received_at;
-                    // Appended live (near its arrival) well after the
-                    // instant: what follows arrived later still.
-                    if rec.timestamp > as_of + CLOCK_SKEW_MS
-                        && rec.timestamp.saturating_sub(arrived) <= CLOCK_SKEW_MS
-                    {
+                    // Appended by the live pipeline well after the instant:
+                    // what follows was appended later still. (A rebuild's
+                    // records come before its generation's live ones.)
+                    if !emit::is_rebuilt(&rec) && rec.timestamp > as_of + CLOCK_SKEW_MS {
                         break 'partition;
                     }
                     next = rec.offset + 1;
@@ -210,10 +205,11 @@ impl History {
                     if !concerns(&r) {
                         continue;
                     }
-                    if arrived <= as_of {
+                    let at = emit::reached_views_at(&rec, &r);
+                    if at <= as_of {
                         fold(&mut snap, &r)?;
                     } else {
-                        snap.later.push((arrived, r));
+                        snap.later.push((at, r));
                     }
                 }
             }

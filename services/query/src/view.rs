@@ -193,9 +193,7 @@ impl ProfileQuery {
         {
             return Ok(p.customer_id);
         }
-        let mut ids: Vec<&Identifier> = identifiers.iter().collect();
-        ids.sort_by_key(|i| (self.rules.priority(&i.kind), *i));
-        for id in ids {
+        for id in self.rules.strongest_first(identifiers) {
             if let Some(owner) = stores.identity.owner(id).await? {
                 return Ok(owner);
             }
@@ -204,6 +202,35 @@ impl ProfileQuery {
             "neither customer {customer_id} nor any of its identifiers is in projection generation {}",
             stores.generation
         )))
+    }
+
+    /// The lookup of a live view, asked again after a generation switch:
+    /// a lookup by identifier as it was, unless it names nobody now (the
+    /// new rules may block it); then, and for a lookup by customer id,
+    /// [`relocate`](Self::relocate) from the view last shown.
+    pub async fn refind(
+        &self,
+        lookup: Option<Lookup>,
+        last: &CustomerProfile,
+    ) -> Result<Lookup, ServiceError> {
+        if let Some(l @ Lookup::Identifier(_)) = &lookup
+            && self.customer(Some(l.clone())).await.is_ok()
+        {
+            return Ok(l.clone());
+        }
+        let identifiers: Vec<Identifier> = last
+            .identifiers
+            .iter()
+            .filter_map(|i| {
+                self.identifier(&v1::Identifier {
+                    kind: i.kind.clone(),
+                    value: i.value.clone(),
+                })
+                .ok()
+            })
+            .collect();
+        let found = self.relocate(&last.customer_id, &identifiers).await?;
+        Ok(Lookup::CustomerId(found.to_string()))
     }
 
     /// Answers views as of a past instant from `log` (time travel).

@@ -266,7 +266,7 @@ async fn a_reader_that_stops_reading_does_not_grow_the_server() {
         })
         .await;
     }
-    let pid = cdp.pid("cdp-query");
+    let pid = cdp.pid("cdp-projection");
     let mut replay =
         ReplayServiceClient::new(cdp.projection_channel().await).max_decoding_message_size(1 << 20);
     let mut stream = replay
