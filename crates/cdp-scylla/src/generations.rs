@@ -161,7 +161,7 @@ impl Generations for ScyllaGenerations {
             )
             .await
             .map_err(exec_error)?;
-        if id > self.highest().await? {
+        if id > self.kept_highest().await? {
             // One projection service opens generations; a lost race only
             // keeps a lower mark, which the listed generations still cover.
             self.base
@@ -259,6 +259,17 @@ impl Generations for ScyllaGenerations {
     }
 
     async fn highest(&self) -> Result<u32, StoreError> {
+        let listed = self.list().await?.iter().map(|g| g.id).max();
+        Ok(self
+            .kept_highest()
+            .await?
+            .max(listed.unwrap_or(FIRST_GENERATION)))
+    }
+}
+
+impl ScyllaGenerations {
+    /// The high-water mark kept in the registry (without the listed ones).
+    async fn kept_highest(&self) -> Result<u32, StoreError> {
         let rows = self
             .base
             .session()
@@ -274,12 +285,10 @@ impl Generations for ScyllaGenerations {
             .into_rows_result()
             .map_err(storage)?;
         let row: Option<(Option<i32>,)> = rows.maybe_first_row().map_err(storage)?;
-        let kept = row
+        Ok(row
             .and_then(|(id,)| id)
             .and_then(|id| u32::try_from(id).ok())
-            .unwrap_or(FIRST_GENERATION);
-        let listed = self.list().await?.iter().map(|g| g.id).max();
-        Ok(kept.max(listed.unwrap_or(FIRST_GENERATION)))
+            .unwrap_or(FIRST_GENERATION))
     }
 }
 
