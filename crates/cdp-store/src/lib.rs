@@ -226,6 +226,16 @@ pub trait ProfileStore: Send + Sync + 'static {
         read::timeline(self, customer, query).await
     }
 
+    /// [`timeline`](Self::timeline) of the customer whose live profile the
+    /// caller holds already (no second read of it).
+    async fn timeline_of(
+        &self,
+        profile: &Profile,
+        query: &TimelineQuery,
+    ) -> Result<TimelinePage, StoreError> {
+        read::family_timeline(self, read::family(profile), query).await
+    }
+
     /// Live customers with a search term starting with one of `prefixes`
     /// (see `cdp_domain::search`), at most `limit`, each once.
     async fn search(

@@ -110,12 +110,27 @@ pub async fn timeline<S: ProfileStore + ?Sized>(
     customer: CustomerId,
     query: &TimelineQuery,
 ) -> Result<TimelinePage, StoreError> {
-    let family: Vec<CustomerId> = match store.profile(customer).await? {
-        Some(p) => std::iter::once(p.customer_id)
-            .chain(p.merged_from.iter().copied())
-            .collect(),
+    let family = match store.profile(customer).await? {
+        Some(p) => family(&p),
         None => vec![customer],
     };
+    family_timeline(store, family, query).await
+}
+
+/// The customers whose timelines make a live profile's: its own, and every
+/// customer merged into it.
+pub fn family(profile: &Profile) -> Vec<CustomerId> {
+    std::iter::once(profile.customer_id)
+        .chain(profile.merged_from.iter().copied())
+        .collect()
+}
+
+/// One page of the timeline of `family` (see [`timeline`]).
+pub async fn family_timeline<S: ProfileStore + ?Sized>(
+    store: &S,
+    family: Vec<CustomerId>,
+    query: &TimelineQuery,
+) -> Result<TimelinePage, StoreError> {
     let limit = query.limit.max(1);
     let (lower, upper) = query.range();
     // One more than a page tells whether another page follows.

@@ -261,11 +261,7 @@ impl ProfileQuery {
             limit: timeline_limit.clamp(1, MAX_TIMELINE),
             ..TimelineQuery::default()
         };
-        let timeline = stores
-            .profiles
-            .timeline(profile.customer_id, &query)
-            .await?
-            .entries;
+        let timeline = stores.profiles.timeline_of(&profile, &query).await?.entries;
         Ok(Loaded {
             profile,
             identifiers,
