@@ -241,6 +241,13 @@ pub struct SourceConfig {
     /// Event types it may send (empty: any).
     #[serde(default)]
     pub allowed_types: Vec<String>,
+    /// Whether its events may link identifiers like a server-side source.
+    /// A write key is public by nature (it ships in a web page or an app),
+    /// so by default its events may add identifiers only to the customer
+    /// they are already on, never attach to a customer found only through a
+    /// typed email or phone (see `identity.untrusted_sources`).
+    #[serde(default)]
+    pub trusted_to_link: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -420,8 +427,17 @@ impl PlatformConfig {
         }
     }
 
+    /// The identity rules, with the Segment sources not trusted to link
+    /// added to the untrusted ones.
     pub fn identity_rules(&self) -> Result<IdentityRules, ConfigError> {
-        Ok(IdentityRules::new(self.identity.clone())?)
+        Ok(
+            IdentityRules::new(self.identity.clone())?.with_untrusted_sources(
+                self.sources
+                    .iter()
+                    .filter(|s| !s.trusted_to_link)
+                    .map(|s| s.id.clone()),
+            ),
+        )
     }
 }
 

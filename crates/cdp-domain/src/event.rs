@@ -370,6 +370,20 @@ pub struct Personal {
     /// Normalised, de-duplicated, sorted identifiers.
     pub identifiers: Vec<Identifier>,
     pub traits: Attributes,
+    /// Identifiers sent with values that are not valid for their kind (a
+    /// phone number mistyped at the till): kept out of identity, kept on
+    /// the event with the reason, so the event itself is not lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped: Vec<DroppedIdentifier>,
+}
+
+/// An identifier value dropped at validation, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedIdentifier {
+    pub kind: IdKind,
+    /// As sent (trimmed, at most 256 characters).
+    pub value: String,
+    pub reason: String,
 }
 
 /// A validated, normalised touchpoint.

@@ -124,10 +124,12 @@ pub fn generate(seed: u64, config: &JourneyConfig) -> (Vec<Person>, Vec<Generate
         for k in 0..n {
             let at = config.start + rng.random_range(0..config.span_ms.max(1));
             let event = if k == link_at {
+                // The sign-up, sent by the shop's own server (a source trusted
+                // to link), not by the browser's public write key.
                 RawTouchpoint {
                     event_type: Some("Identify".into()),
                     channel: Some("web".into()),
-                    source_id: Some("website".into()),
+                    source_id: Some("web-backend".into()),
                     identifiers: person.all_identifiers(&mut rng),
                     traits: attrs(json!({"name": format!("Khách {}", person.index)})),
                     ..RawTouchpoint::default()

@@ -25,8 +25,8 @@ pub mod timeline;
 pub mod validate;
 
 pub use event::{
-    Attributes, Channel, CustomerId, Envelope, EventId, EventType, IdKind, Identifier, Personal,
-    RawIdentifier, RawTouchpoint, Touchpoint, UnixMillis,
+    Attributes, Channel, CustomerId, DroppedIdentifier, Envelope, EventId, EventType, IdKind,
+    Identifier, Personal, RawIdentifier, RawTouchpoint, Touchpoint, UnixMillis,
 };
 pub use identity::{Decision, Merge, Resolution, ResolvedTouchpoint};
 pub use profile::{FoldOptions, Profile, ProfileView};

@@ -1,13 +1,14 @@
 //! Identity rules and validation limits, read from configuration.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::event::UnixMillis;
 use crate::event::{IdKind, Identifier};
-use crate::normalize::{EmailPolicy, PhonePolicy};
+use crate::normalize::{EmailPolicy, PhonePolicy, normalize};
 
 #[derive(Debug, Error)]
 pub enum RulesError {
@@ -19,6 +20,13 @@ pub enum RulesError {
     },
     #[error("identity rule for kind {kind:?}: {reason}")]
     BadKind { kind: String, reason: String },
+    #[error("identity rule for kind {kind:?}: {field} value {value:?} {reason}")]
+    BadValue {
+        kind: String,
+        field: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// How one identifier kind takes part in identity resolution.
@@ -35,11 +43,30 @@ pub struct KindRule {
     /// merge only attach to one profile (they can still fold an anonymous
     /// profile, one holding only such weak kinds, into an identified one).
     pub merge: bool,
-    /// Exact normalised values that never link (a placeholder phone, a test email).
+    /// Values that never link (a placeholder phone, a test email), in any
+    /// form an event may carry them: they are normalised like events when the
+    /// rules load, and a value that is not a valid identifier of the kind is a
+    /// configuration error.
     pub blocked: Vec<String>,
     /// Glob patterns over normalised values that never link (`pos-*` for
-    /// a store's shared POS devices, `*@test.invalid`).
+    /// a store's shared POS devices, `*@test.invalid`). Matched without
+    /// regard to case for kinds whose values are case-folded (email, device
+    /// and anonymous ids, loyalty cards).
     pub blocked_patterns: Vec<String>,
+    /// How many different people (customers with identifiers of their own)
+    /// one value of this kind may be seen with, within
+    /// `shared_window_days`, before it is quarantined as shared: it then
+    /// stops linking and attributing until an operator blocks or releases
+    /// it. 0 turns detection off for the kind.
+    pub shared_by_at_most: u32,
+    /// Values the operator released from quarantine (normalised like
+    /// `blocked`): they are never quarantined again.
+    pub released: Vec<String>,
+    /// For reassignable kinds (phone numbers, recycled by carriers): after
+    /// this many days without being seen, a value that comes back with
+    /// another person's identifiers starts a new claim instead of joining
+    /// its old owner. Unset: never reassigned.
+    pub recycle_after_days: Option<u32>,
 }
 
 impl Default for KindRule {
@@ -50,6 +77,9 @@ impl Default for KindRule {
             merge: false,
             blocked: Vec::new(),
             blocked_patterns: Vec::new(),
+            shared_by_at_most: 3,
+            released: Vec::new(),
+            recycle_after_days: None,
         }
     }
 }
@@ -61,6 +91,20 @@ pub struct IdentityRulesConfig {
     pub kinds: BTreeMap<String, KindRule>,
     pub email: EmailPolicy,
     pub phone: PhonePolicy,
+    /// The window in which different people seen with one value count
+    /// towards its kind's `shared_by_at_most`.
+    pub shared_window_days: u32,
+    /// Sources whose credentials are public by nature (a website's or an
+    /// app's write key): their events may add identifiers to the customer
+    /// they are already on (through an identifier such as an anonymous or
+    /// device id), but may not attach anything to a customer found only
+    /// through a contact identifier they carry (anyone can type someone
+    /// else's email into a form). The platform adds the Segment sources
+    /// that are not marked trusted.
+    pub untrusted_sources: Vec<String>,
+    /// The kinds anyone can type for someone else: what an untrusted source
+    /// may not link through.
+    pub contact_kinds: Vec<String>,
 }
 
 impl Default for IdentityRulesConfig {
@@ -81,7 +125,15 @@ impl Default for IdentityRulesConfig {
             },
         );
         kinds.insert("loyalty_id".into(), rule(3, 2, true));
-        kinds.insert("phone".into(), rule(4, 2, true));
+        kinds.insert(
+            "phone".into(),
+            KindRule {
+                // A family's home phone is given by up to four people.
+                shared_by_at_most: 4,
+                recycle_after_days: Some(180),
+                ..rule(4, 2, true)
+            },
+        );
         kinds.insert("zalo_id".into(), rule(5, 2, true));
         kinds.insert("facebook_psid".into(), rule(5, 5, true));
         kinds.insert("shopee_buyer_id".into(), rule(6, 2, true));
@@ -99,6 +151,9 @@ impl Default for IdentityRulesConfig {
             kinds,
             email: EmailPolicy::default(),
             phone: PhonePolicy::default(),
+            shared_window_days: 90,
+            untrusted_sources: Vec::new(),
+            contact_kinds: vec!["email".into(), "phone".into()],
         }
     }
 }
@@ -106,6 +161,8 @@ impl Default for IdentityRulesConfig {
 #[derive(Debug, Clone)]
 struct CompiledRule {
     rule: KindRule,
+    blocked: BTreeSet<String>,
+    released: BTreeSet<String>,
     patterns: Vec<(String, GlobMatcher)>,
 }
 
@@ -114,6 +171,43 @@ struct CompiledRule {
 pub struct IdentityRules {
     config: IdentityRulesConfig,
     kinds: BTreeMap<IdKind, CompiledRule>,
+    untrusted_sources: BTreeSet<String>,
+    contact_kinds: BTreeSet<IdKind>,
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Normalises configured values of `kind` like event values.
+fn normalise_values(
+    kind: &IdKind,
+    field: &'static str,
+    values: &[String],
+    email: &EmailPolicy,
+    phone: &PhonePolicy,
+) -> Result<BTreeSet<String>, RulesError> {
+    values
+        .iter()
+        .map(|v| {
+            normalize(kind, v, email, phone)
+                .map(|id| id.value)
+                .map_err(|e| RulesError::BadValue {
+                    kind: kind.as_str().to_owned(),
+                    field,
+                    value: v.clone(),
+                    reason: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+/// Case-folds a blocked pattern the way the kind's values are folded.
+fn fold_pattern(kind: &IdKind, pattern: &str) -> String {
+    let pattern = pattern.trim();
+    match kind {
+        IdKind::Email | IdKind::AnonymousId | IdKind::DeviceId => pattern.to_lowercase(),
+        IdKind::LoyaltyId => pattern.to_uppercase(),
+        _ => pattern.to_owned(),
+    }
 }
 
 /// Why an identifier of an event was not linked.
@@ -137,11 +231,25 @@ impl IdentityRules {
                     reason: "limit must be at least 1".into(),
                 });
             }
+            let blocked = normalise_values(
+                &kind,
+                "blocked",
+                &rule.blocked,
+                &config.email,
+                &config.phone,
+            )?;
+            let released = normalise_values(
+                &kind,
+                "released",
+                &rule.released,
+                &config.email,
+                &config.phone,
+            )?;
             let patterns = rule
                 .blocked_patterns
                 .iter()
                 .map(|p| {
-                    Glob::new(p)
+                    Glob::new(&fold_pattern(&kind, p))
                         .map(|g| (p.clone(), g.compile_matcher()))
                         .map_err(|e| RulesError::BadPattern {
                             kind: name.clone(),
@@ -154,11 +262,82 @@ impl IdentityRules {
                 kind,
                 CompiledRule {
                     rule: rule.clone(),
+                    blocked,
+                    released,
                     patterns,
                 },
             );
         }
-        Ok(IdentityRules { config, kinds })
+        let contact_kinds = config
+            .contact_kinds
+            .iter()
+            .map(|name| {
+                IdKind::parse(name).map_err(|reason| RulesError::BadKind {
+                    kind: name.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let untrusted_sources = config.untrusted_sources.iter().cloned().collect();
+        Ok(IdentityRules {
+            config,
+            kinds,
+            untrusted_sources,
+            contact_kinds,
+        })
+    }
+
+    /// These rules, with `sources` added to the untrusted ones.
+    pub fn with_untrusted_sources(
+        mut self,
+        sources: impl IntoIterator<Item = String>,
+    ) -> IdentityRules {
+        for s in sources {
+            if self.untrusted_sources.insert(s.clone()) {
+                self.config.untrusted_sources.push(s);
+            }
+        }
+        self
+    }
+
+    /// Whether events of `source_id` may link only to the customer they are on.
+    pub fn is_untrusted(&self, source_id: &str) -> bool {
+        self.untrusted_sources.contains(source_id)
+    }
+
+    /// Whether anyone can type a value of `kind` for someone else.
+    pub fn is_contact(&self, kind: &IdKind) -> bool {
+        self.contact_kinds.contains(kind)
+    }
+
+    /// How many different people one value of `kind` may be seen with
+    /// before it is quarantined (0: never), unless the value was released.
+    pub fn shared_by_at_most(&self, id: &Identifier) -> u32 {
+        match self.kinds.get(&id.kind) {
+            Some(c) if c.released.contains(&id.value) => 0,
+            Some(c) => c.rule.shared_by_at_most,
+            None => KindRule::default().shared_by_at_most,
+        }
+    }
+
+    /// Whether the operator released `id` from quarantine.
+    pub fn released(&self, id: &Identifier) -> bool {
+        self.kinds
+            .get(&id.kind)
+            .is_some_and(|c| c.released.contains(&id.value))
+    }
+
+    /// The window in which sightings count towards `shared_by_at_most`.
+    pub fn shared_window_ms(&self) -> i64 {
+        i64::from(self.config.shared_window_days).saturating_mul(DAY_MS)
+    }
+
+    /// After how long without being seen a value of `kind` may pass to
+    /// another person.
+    pub fn recycle_after_ms(&self, kind: &IdKind) -> Option<UnixMillis> {
+        self.rule(kind)
+            .and_then(|r| r.recycle_after_days)
+            .map(|d| i64::from(d).saturating_mul(DAY_MS))
     }
 
     pub fn config(&self) -> &IdentityRulesConfig {
@@ -211,7 +390,7 @@ impl IdentityRules {
     /// Whether a normalised identifier is blocked from linking, and by which rule.
     pub fn blocked(&self, id: &Identifier) -> Option<BlockReason> {
         let compiled = self.kinds.get(&id.kind)?;
-        if compiled.rule.blocked.iter().any(|b| b == &id.value) {
+        if compiled.blocked.contains(&id.value) {
             return Some(BlockReason::Value(id.value.clone()));
         }
         compiled
@@ -332,5 +511,49 @@ mod tests {
             IdentityRules::new(config),
             Err(RulesError::BadKind { .. })
         ));
+    }
+
+    #[test]
+    fn blocked_values_are_normalised_like_events_and_invalid_ones_refused() {
+        let mut config = IdentityRulesConfig::default();
+        if let Some(device) = config.kinds.get_mut("device_id") {
+            device.blocked.push("TABLET-Q1".into());
+            device.blocked_patterns.push("KIOSK-*".into());
+        }
+        if let Some(phone) = config.kinds.get_mut("phone") {
+            phone.blocked.push("0900 000 000".into());
+        }
+        let rules = IdentityRules::new(config).unwrap();
+        assert!(
+            rules
+                .blocked(&Identifier::new(IdKind::DeviceId, "tablet-q1"))
+                .is_some()
+        );
+        assert!(
+            rules
+                .blocked(&Identifier::new(IdKind::DeviceId, "kiosk-7"))
+                .is_some()
+        );
+        assert!(
+            rules
+                .blocked(&Identifier::new(IdKind::Phone, "+84900000000"))
+                .is_some()
+        );
+        let mut config = IdentityRulesConfig::default();
+        if let Some(phone) = config.kinds.get_mut("phone") {
+            phone.blocked.push("not a phone".into());
+        }
+        let err = IdentityRules::new(config).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                RulesError::BadValue {
+                    field: "blocked",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("not a phone"), "{err}");
     }
 }

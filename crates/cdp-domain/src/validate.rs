@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::event::{
-    Channel, Envelope, EventId, EventType, IdKind, Identifier, Personal, RawTouchpoint, Touchpoint,
-    UnixMillis,
+    Channel, DroppedIdentifier, Envelope, EventId, EventType, IdKind, Identifier, Personal,
+    RawTouchpoint, Touchpoint, UnixMillis,
 };
-use crate::normalize::normalize;
+use crate::normalize::{MAX_IDENTIFIER_LEN, normalize};
 use crate::props;
 use crate::rules::{IdentityRules, ValidationLimits};
 
@@ -155,7 +155,7 @@ pub fn validate(
         }
     };
 
-    let identifiers = validate_identifiers(raw, rules, limits, &mut errors);
+    let (identifiers, dropped) = validate_identifiers(raw, rules, limits, &mut errors);
 
     if let Some(t) = &event_type {
         validate_properties(t, &raw.properties, &mut errors);
@@ -194,6 +194,7 @@ pub fn validate(
                 personal: Personal {
                     identifiers,
                     traits: raw.traits.clone(),
+                    dropped,
                 },
             })
         }
@@ -210,13 +211,13 @@ fn validate_identifiers(
     rules: &IdentityRules,
     limits: &ValidationLimits,
     errors: &mut Vec<FieldError>,
-) -> Vec<Identifier> {
+) -> (Vec<Identifier>, Vec<DroppedIdentifier>) {
     if raw.identifiers.is_empty() {
         errors.push(FieldError::new(
             "identifiers",
             "at least one identifier is required to attribute the event to a customer",
         ));
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     if raw.identifiers.len() > limits.max_identifiers {
         errors.push(FieldError::new(
@@ -227,9 +228,10 @@ fn validate_identifiers(
                 limits.max_identifiers
             ),
         ));
-        return Vec::new();
+        return (Vec::new(), Vec::new());
     }
     let mut out = Vec::with_capacity(raw.identifiers.len());
+    let mut invalid = Vec::new();
     for (i, rid) in raw.identifiers.iter().enumerate() {
         let kind = match IdKind::parse(&rid.kind) {
             Ok(k) if rules.is_known(&k) => k,
@@ -252,15 +254,29 @@ fn validate_identifiers(
             rules.phone_policy(),
         ) {
             Ok(id) => out.push(id),
-            Err(e) => errors.push(FieldError::new(
-                format!("identifiers[{i}].value"),
-                format!("{} {e}", kind.as_str()),
-            )),
+            Err(e) => {
+                let reason = format!("{} {e}", kind.as_str());
+                invalid.push((
+                    FieldError::new(format!("identifiers[{i}].value"), reason.clone()),
+                    DroppedIdentifier {
+                        kind,
+                        value: rid.value.trim().chars().take(MAX_IDENTIFIER_LEN).collect(),
+                        reason,
+                    },
+                ));
+            }
         }
     }
     out.sort();
     out.dedup();
-    out
+    // A value that is not valid for its kind (a phone mistyped at the till)
+    // is dropped with its reason and the event kept, as long as another
+    // identifier can attribute it; an event left with none is refused.
+    if out.is_empty() {
+        errors.extend(invalid.into_iter().map(|(e, _)| e));
+        return (out, Vec::new());
+    }
+    (out, invalid.into_iter().map(|(_, d)| d).collect())
 }
 
 fn validate_properties(
@@ -399,6 +415,25 @@ mod tests {
     }
 
     #[test]
+    fn an_invalid_value_beside_a_valid_one_is_dropped_with_its_reason_and_the_event_kept() {
+        let mut r = raw();
+        r.identifiers.push(RawIdentifier::new("phone", " 12 "));
+        let t = check(&r).unwrap();
+        assert_eq!(
+            t.personal.identifiers,
+            vec![Identifier::new(IdKind::Email, "lan@shop.vn")]
+        );
+        assert_eq!(t.personal.dropped.len(), 1);
+        let d = &t.personal.dropped[0];
+        assert_eq!((&d.kind, d.value.as_str()), (&IdKind::Phone, "12"));
+        assert!(
+            d.reason.starts_with("phone is not a valid phone number"),
+            "{}",
+            d.reason
+        );
+    }
+
+    #[test]
     fn each_bad_field_is_named() {
         let mut r = raw();
         r.event_type = None;
@@ -413,8 +448,8 @@ mod tests {
         r.occurred_at = Some(NOW + 3_600_000);
         assert_eq!(fields(check(&r)), vec!["occurred_at"]);
         let mut r = raw();
-        r.identifiers.push(RawIdentifier::new("phone", "12"));
-        assert_eq!(fields(check(&r)), vec!["identifiers[1].value"]);
+        r.identifiers = vec![RawIdentifier::new("phone", "12")];
+        assert_eq!(fields(check(&r)), vec!["identifiers[0].value"]);
         let mut r = raw();
         r.identifiers = vec![RawIdentifier::new("crm_id", "1")];
         assert_eq!(fields(check(&r)), vec!["identifiers[0].kind"]);

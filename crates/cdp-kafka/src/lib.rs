@@ -623,6 +623,22 @@ impl EventLog for KafkaLog {
         .await
     }
 
+    async fn locate(
+        &self,
+        topic: Topic,
+        idempotency_key: &[u8],
+    ) -> Result<Option<(u32, u64)>, LogError> {
+        self.known(topic)?;
+        match &self.inner.dedupe {
+            Some(index) => Ok(index
+                .lookup(&[idempotency_key.to_vec()])
+                .await?
+                .pop()
+                .flatten()),
+            None => Ok(None),
+        }
+    }
+
     async fn committed(&self, group: &str, topic: Topic) -> Result<Vec<u64>, LogError> {
         let name = self.known(topic)?;
         let partitions: Vec<u32> = (0..self.partitions(topic)).collect();

@@ -47,6 +47,7 @@ macro_rules! event_log_test_suite {
             poll_wakes_up_on_append,
             members_split_partitions,
             deduplicates_by_idempotency_key,
+            locates_records_by_idempotency_key,
             refuses_unknown_topics);
     };
     (@cases $module:ident, $fixture:ty, $attrs:tt; $($case:ident),+) => {
@@ -343,6 +344,37 @@ pub async fn deduplicates_by_idempotency_key(log: &dyn EventLog, prefix: &str) {
             offset: pos.1
         }
     );
+}
+
+/// A log that deduplicates finds a record by its idempotency key, and
+/// nothing for a key it never saw.
+pub async fn locates_records_by_idempotency_key(log: &dyn EventLog, prefix: &str) {
+    let mut r = record(prefix, "findable");
+    r.idempotency_key = Some(format!("{prefix}-event-9").into_bytes());
+    let appended = log
+        .append(TOPICS[0], vec![record(prefix, "before"), r])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let found = log
+        .locate(TOPICS[0], format!("{prefix}-event-9").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let missing = log
+        .locate(TOPICS[0], format!("{prefix}-never").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(missing, None);
+    if !log.deduplicates() {
+        assert_eq!(found, None, "a log that does not deduplicate cannot locate");
+        return;
+    }
+    assert_eq!(found, Some(positions(&appended)[1]));
+    let (partition, offset) = positions(&appended)[1];
+    let read = log
+        .read(TOPICS[0], partition, offset, 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read[0].value, b"findable".to_vec());
 }
 
 /// A [`crate::DedupeIndex`] remembers where keys landed and knows nothing

@@ -441,6 +441,26 @@ impl EventLog for EmbeddedLog {
         .await
     }
 
+    async fn locate(
+        &self,
+        topic: Topic,
+        idempotency_key: &[u8],
+    ) -> Result<Option<(u32, u64)>, LogError> {
+        if self.partitions(topic) == 0 {
+            return Err(crate::unknown_topic(topic));
+        }
+        let key = idempotency_key.to_vec();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let seen = tx.open_table(SEEN).map_err(storage)?;
+            Ok(seen
+                .get((topic.name(), key.as_slice()))
+                .map_err(storage)?
+                .map(|g| g.value()))
+        })
+        .await
+    }
+
     async fn committed(&self, group: &str, topic: Topic) -> Result<Vec<u64>, LogError> {
         let n = self.partitions(topic);
         if n == 0 {

@@ -138,6 +138,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// Whether [`Record::idempotency_key`] is honoured at append.
     fn deduplicates(&self) -> bool;
 
+    /// Where the record appended to `topic` with `idempotency_key` is, if
+    /// it was and the log deduplicates (`Ok(None)` otherwise): how a record
+    /// is found by its event id.
+    async fn locate(
+        &self,
+        topic: Topic,
+        idempotency_key: &[u8],
+    ) -> Result<Option<(u32, u64)>, LogError>;
+
     /// Joins consumer group `group` on `topic`.
     async fn subscribe(
         &self,

@@ -3,8 +3,8 @@
 
 use cdp_domain::identity::{Merge, MergeCause};
 use cdp_domain::{
-    Channel, CustomerId, Envelope, EventId, EventType, IdKind, Identifier, Personal,
-    ResolvedTouchpoint, Touchpoint,
+    Channel, CustomerId, DroppedIdentifier, Envelope, EventId, EventType, IdKind, Identifier,
+    Personal, ResolvedTouchpoint, Touchpoint,
 };
 use prost::Message;
 use thiserror::Error;
@@ -62,6 +62,14 @@ fn identifier_from(name: &'static str, i: &v1::Identifier) -> Result<Identifier,
     ))
 }
 
+fn dropped_from(d: &v1::DroppedIdentifier) -> Result<DroppedIdentifier, CodecError> {
+    Ok(DroppedIdentifier {
+        kind: IdKind::parse(&d.kind).map_err(|e| field("personal.dropped.kind", e))?,
+        value: d.value.clone(),
+        reason: d.reason.clone(),
+    })
+}
+
 pub fn touchpoint_record(t: &Touchpoint) -> v1::TouchpointRecord {
     let personal = v1::PersonalRecord {
         identifiers: t
@@ -71,6 +79,16 @@ pub fn touchpoint_record(t: &Touchpoint) -> v1::TouchpointRecord {
             .map(cdp_proto::convert::identifier)
             .collect(),
         traits_json: json_bytes(&t.personal.traits),
+        dropped: t
+            .personal
+            .dropped
+            .iter()
+            .map(|d| v1::DroppedIdentifier {
+                kind: d.kind.to_string(),
+                value: d.value.clone(),
+                reason: d.reason.clone(),
+            })
+            .collect(),
     };
     let e = &t.envelope;
     v1::TouchpointRecord {
@@ -115,6 +133,11 @@ pub fn touchpoint_from_record(r: &v1::TouchpointRecord) -> Result<Touchpoint, Co
                 .map(|i| identifier_from("personal.identifiers", i))
                 .collect::<Result<_, _>>()?,
             traits: json_map("personal.traits_json", &personal.traits_json)?,
+            dropped: personal
+                .dropped
+                .iter()
+                .map(dropped_from)
+                .collect::<Result<_, _>>()?,
         },
     })
 }
@@ -200,11 +223,28 @@ pub fn identity_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
             identifier: Some(cdp_proto::convert::identifier(id)),
             event_id: d.event_id.to_string(),
             reason: why.describe(),
+            code: why.code().to_owned(),
+            other_customer_id: why.other().map(|c| c.to_string()).unwrap_or_default(),
         })
     });
+    let recycled = d.recycled.iter().map(|(id, former)| {
+        Change::Recycled(v1::IdentifierRecycled {
+            identifier: Some(cdp_proto::convert::identifier(id)),
+            former_customer_id: former.to_string(),
+            customer_id: d.customer_id.to_string(),
+            event_id: d.event_id.to_string(),
+            at_ms: d.at,
+        })
+    });
+    let quarantined = d
+        .quarantined
+        .iter()
+        .map(|q| Change::Quarantined(quarantine_record(d, q)));
     linked
         .chain(merged)
+        .chain(recycled)
         .chain(ignored)
+        .chain(quarantined)
         .map(|change| {
             v1::IdentityRecord {
                 schema_version: SCHEMA_VERSION,
@@ -213,6 +253,43 @@ pub fn identity_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
             .encode_to_vec()
         })
         .collect()
+}
+
+pub fn quarantine_record(
+    d: &cdp_domain::Decision,
+    q: &cdp_domain::identity::Quarantined,
+) -> v1::IdentifierQuarantined {
+    v1::IdentifierQuarantined {
+        identifier: Some(cdp_proto::convert::identifier(&q.identifier)),
+        holder_customer_id: q.holder.to_string(),
+        people: q.people,
+        limit: q.limit,
+        event_id: d.event_id.to_string(),
+        at_ms: d.at,
+    }
+}
+
+/// The `alerts` records of a decision: one per identifier it quarantined.
+pub fn alert_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
+    d.quarantined
+        .iter()
+        .map(|q| {
+            v1::AlertRecord {
+                schema_version: SCHEMA_VERSION,
+                alert: Some(v1::alert_record::Alert::Quarantined(quarantine_record(
+                    d, q,
+                ))),
+            }
+            .encode_to_vec()
+        })
+        .collect()
+}
+
+/// Decodes an `alerts` record.
+pub fn decode_alert(bytes: &[u8]) -> Result<v1::AlertRecord, CodecError> {
+    let r = v1::AlertRecord::decode(bytes)?;
+    check_version(r.schema_version)?;
+    Ok(r)
 }
 
 pub fn encode_dead_letter(stage: &str, reason: &str, t: &Touchpoint, failed_at: i64) -> Vec<u8> {
@@ -271,6 +348,7 @@ mod tests {
                     .as_object()
                     .cloned()
                     .unwrap_or_default(),
+                ..Personal::default()
             },
         }
     }

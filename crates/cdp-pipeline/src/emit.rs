@@ -96,6 +96,8 @@ pub struct Outputs {
     pub identity: Vec<Record>,
     /// `dead-letters`: what could not be processed, with the reason.
     pub dead_letters: Vec<Record>,
+    /// `alerts`: what an operator should look at.
+    pub alerts: Vec<Record>,
 }
 
 impl Outputs {
@@ -128,6 +130,17 @@ impl Outputs {
                                 idempotency_key: None,
                             }),
                     );
+                self.alerts.extend(
+                    codec::alert_records(&decision)
+                        .into_iter()
+                        .zip(&decision.quarantined)
+                        .map(|(value, q)| Record {
+                            key: q.identifier.key().into_bytes(),
+                            value,
+                            headers: vec![of_generation.clone()],
+                            idempotency_key: None,
+                        }),
+                );
                 let resolved = resolved(event, decision);
                 let mut headers = vec![
                     (
@@ -169,6 +182,7 @@ impl Outputs {
             .iter_mut()
             .chain(&mut self.identity)
             .chain(&mut self.dead_letters)
+            .chain(&mut self.alerts)
         {
             r.headers.push((header::REBUILT.to_owned(), b"1".to_vec()));
         }
@@ -202,6 +216,7 @@ impl Outputs {
             (topic::RESOLVED, self.resolved),
             (topic::IDENTITY, self.identity),
             (topic::DEAD_LETTERS, self.dead_letters),
+            (topic::ALERTS, self.alerts),
         ]
         .into_iter()
         .filter(|(_, records)| !records.is_empty())
@@ -313,6 +328,7 @@ mod tests {
             personal: Personal {
                 identifiers: vec![Identifier::new(IdKind::Phone, "+84912345678")],
                 traits: Default::default(),
+                ..Personal::default()
             },
         }
     }
@@ -350,6 +366,10 @@ mod tests {
             claims: vec![Identifier::new(IdKind::Phone, "+84912345678")],
             merges: vec![merge.clone()],
             ignored: Vec::new(),
+            recycled: Vec::new(),
+            sightings: Vec::new(),
+            quarantined: Vec::new(),
+            seen: Vec::new(),
         };
         let mut out = Outputs::default();
         out.resolution(
@@ -409,6 +429,10 @@ mod tests {
             claims: Vec::new(),
             merges: Vec::new(),
             ignored: Vec::new(),
+            recycled: Vec::new(),
+            sightings: Vec::new(),
+            quarantined: Vec::new(),
+            seen: Vec::new(),
         };
         let mut live = Outputs::default();
         live.resolution(event(), Resolution::Resolved(decision), 2, None, 0);

@@ -25,12 +25,17 @@ pub const AUDIT: Topic = Topic::new("audit");
 /// live views.
 pub const PROFILE_CHANGES: Topic = Topic::new("profile-changes");
 
+/// What an operator should look at (identifiers quarantined as shared),
+/// keyed by identifier.
+pub const ALERTS: Topic = Topic::new("alerts");
+
 /// Every topic of the pipeline.
-pub const ALL: [Topic; 6] = [
+pub const ALL: [Topic; 7] = [
     TOUCHPOINTS,
     IDENTITY,
     RESOLVED,
     DEAD_LETTERS,
     AUDIT,
     PROFILE_CHANGES,
+    ALERTS,
 ];

@@ -731,4 +731,8 @@ impl IdentityStore for ScyllaStore {
             .try_collect()
             .await
     }
+
+    async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
+        self.fetch_decision(event.event_id()).await
+    }
 }

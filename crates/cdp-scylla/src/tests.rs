@@ -372,6 +372,7 @@ pub(crate) mod fixtures {
             personal: Personal {
                 identifiers,
                 traits: Attributes::new(),
+                ..Personal::default()
             },
         }
     }
@@ -533,12 +534,7 @@ mod server {
             let bogus = Intent {
                 claims: vec![(
                     x.clone(),
-                    Claim {
-                        customer: intruder,
-                        first_customer: Some(intruder),
-                        event_id: cdp_domain::EventId(Uuid::nil()),
-                        at: 1,
-                    },
+                    Claim::new(intruder, cdp_domain::EventId(Uuid::nil()), 1),
                 )],
                 ..Intent::default()
             };

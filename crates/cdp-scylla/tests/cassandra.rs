@@ -255,6 +255,10 @@ impl IdentityStore for RoundRobin {
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
         self.pick().claims(ids).await
     }
+
+    async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
+        self.pick().decision(event).await
+    }
 }
 
 #[async_trait]
@@ -323,6 +327,7 @@ fn event(
         personal: Personal {
             identifiers,
             traits: Attributes::new(),
+            ..Personal::default()
         },
     }
 }

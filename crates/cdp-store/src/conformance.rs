@@ -47,6 +47,7 @@ macro_rules! store_test_suite {
         $crate::store_test_suite!(@cases $module, $fixture, [$(#[$attr])*];
             identity_links_merges_and_replays(identity_ref),
             identity_races_end_in_one_graph(identity),
+            identity_quarantines_shared_values_and_recycles_numbers(identity_ref),
             profiles_fold_merge_and_page(profiles_ref),
             profiles_page_ties_and_families_without_loss(profiles_ref),
             profiles_lose_no_concurrent_update(profiles),
@@ -122,6 +123,7 @@ fn event(
         personal: Personal {
             identifiers,
             traits: Attributes::new(),
+            ..Personal::default()
         },
     }
 }
@@ -212,12 +214,127 @@ pub async fn identity_links_merges_and_replays(store: &dyn IdentityStore, prefix
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(claims[0].as_ref().map(|c| c.event_id), Some(b.event_id()));
 
+    // The decision is kept and found by its event.
+    assert_eq!(
+        store
+            .decision(&link)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(out[2].clone())
+    );
+
     // Re-delivery: the same decisions, merges included.
     let again = store
         .resolve(&[link], &rules)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(decided(&again[0]), cl);
+}
+
+/// A value shared by too many people is quarantined and stops
+/// attributing; a recycled number passes to its new owner. Both are state
+/// the store keeps between batches.
+pub async fn identity_quarantines_shared_values_and_recycles_numbers(
+    store: &dyn IdentityStore,
+    prefix: &str,
+) {
+    const DAY: i64 = 86_400_000;
+    let rules = IdentityRules::default(); // device_id: 3 people; phone: 180 days
+    let tablet = (IdKind::DeviceId, format!("tablet-{prefix}"));
+    let mut batch = Vec::new();
+    for n in 0..4u64 {
+        batch.push(event(
+            prefix,
+            10 + n,
+            1000 + i64::try_from(n).unwrap_or(0),
+            EventType::Identify,
+            &[tablet.clone(), email(prefix, &format!("shopper{n}"))],
+            json!({}),
+        ));
+    }
+    let phone = (
+        IdKind::Phone,
+        format!(
+            "+8498{:07}",
+            Uuid::new_v5(&Uuid::NAMESPACE_OID, prefix.as_bytes()).as_u128() % 10_000_000
+        ),
+    );
+    let old = event(
+        prefix,
+        20,
+        2000,
+        EventType::OrderCompleted,
+        std::slice::from_ref(&phone),
+        json!({}),
+    );
+    // Two batches: the sightings and the first owner must be kept in between.
+    let first = store
+        .resolve(&[batch[0].clone(), batch[1].clone(), old.clone()], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let later = store
+        .resolve(&batch[2..], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let holder = decided(&first[0]).customer_id;
+    assert!(later.iter().all(|r| decided(r).customer_id != holder));
+    let last = decided(&later[1]);
+    assert_eq!(last.quarantined.len(), 1, "{last:?}");
+    let tablet_id = Identifier::new(tablet.0.clone(), tablet.1.clone());
+    let claim = store
+        .claims(std::slice::from_ref(&tablet_id))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .pop()
+        .flatten()
+        .unwrap_or_else(|| panic!("no claim of the tablet"));
+    assert_eq!(claim.sightings.len(), 3);
+    assert!(claim.quarantined.is_some());
+    let alone = event(
+        prefix,
+        30,
+        3000,
+        EventType::ProductViewed,
+        std::slice::from_ref(&tablet),
+        json!({}),
+    );
+    let r = store
+        .resolve(&[alone], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(r[0], Resolution::Unresolvable { .. }), "{r:?}");
+
+    // A year later the number comes back with someone else's email.
+    let reborn = event(
+        prefix,
+        40,
+        2000 + 365 * DAY,
+        EventType::Identify,
+        &[phone.clone(), email(prefix, "new-subscriber")],
+        json!({}),
+    );
+    let r = store
+        .resolve(&[reborn], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let former = decided(&first[2]).customer_id;
+    let new = decided(&r[0]);
+    assert_ne!(new.customer_id, former);
+    let phone_id = Identifier::new(phone.0.clone(), phone.1.clone());
+    assert_eq!(new.recycled, vec![(phone_id.clone(), former)]);
+    assert_eq!(
+        store
+            .owner(&phone_id)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(new.customer_id)
+    );
+    let node = store
+        .customer(former)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no former holder"));
+    assert!(!node.identifiers.contains(&phone_id));
 }
 
 /// Two workers racing to claim one new identifier end with one owner.

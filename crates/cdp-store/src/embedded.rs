@@ -314,6 +314,19 @@ impl IdentityStore for EmbeddedStore {
         })
         .await
     }
+
+    async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
+        let at = decision_key(event);
+        self.on_graph(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(DECISIONS).map_err(storage)?;
+            match table.get(at).map_err(storage)? {
+                Some(v) => Ok(Some(from_json("resolution", v.value())?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
 }
 
 /// Profiles over the table of one write transaction.

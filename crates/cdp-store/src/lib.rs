@@ -77,6 +77,10 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// How each identifier was linked.
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError>;
 
+    /// The decision stored for `event` when it was resolved (none for an
+    /// event not resolved yet, or that no identifier could attribute).
+    async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError>;
+
     /// The customer that stands for `customer` now (merges followed).
     async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
         read::root(self, customer).await

@@ -193,6 +193,7 @@ mod tests {
                     .map(|(k, v)| Identifier::new(k.clone(), *v))
                     .collect(),
                 traits: Attributes::new(),
+                ..Personal::default()
             },
         }
     }

@@ -75,6 +75,23 @@ fn ok() -> Response {
     (StatusCode::OK, axum::Json(json!({"success": true}))).into_response()
 }
 
+/// Accepted, with the identifier values that were dropped (not valid for
+/// their kind), each named by the Segment field it came from.
+fn ok_with(warnings: &[FieldError]) -> Response {
+    if warnings.is_empty() {
+        return ok();
+    }
+    let warnings: Vec<Value> = warnings
+        .iter()
+        .map(|w| json!({"field": w.field, "reason": w.reason}))
+        .collect();
+    (
+        StatusCode::OK,
+        axum::Json(json!({"success": true, "warnings": warnings})),
+    )
+        .into_response()
+}
+
 /// The HTTP router: Segment API, webhooks, and a liveness probe.
 pub fn router(state: Arc<HttpState>) -> Router {
     let limit = state.max_batch_bytes.saturating_mul(4).max(1024 * 1024);
@@ -234,15 +251,18 @@ impl HttpState {
 
 /// Our field names in the Segment vocabulary, where they differ: an
 /// identifier is named by the Segment field it came from.
-fn segment_field(field: &str, raw: &RawTouchpoint) -> String {
-    let identifier_source = |kind: &str| match kind {
+fn identifier_source(kind: &str) -> &'static str {
+    match kind {
         "user_id" => "userId",
         "anonymous_id" => "anonymousId",
         "email" => "traits.email",
         "phone" => "traits.phone",
         "device_id" => "context.device.id",
         _ => "userId",
-    };
+    }
+}
+
+fn segment_field(field: &str, raw: &RawTouchpoint) -> String {
     match field {
         "occurred_at" => "timestamp".into(),
         "type" => "event".into(),
@@ -275,6 +295,29 @@ fn configured<'a, T>(config: &'a Option<T>, name: &str) -> Result<&'a T, HttpErr
 const CALLS: [&str; 6] = ["track", "identify", "page", "screen", "group", "alias"];
 
 async fn append(state: &HttpState, touchpoints: Vec<Touchpoint>) -> Result<Response, HttpError> {
+    append_named(state, touchpoints, |_| String::new()).await
+}
+
+/// Appends, answering with the dropped identifier values named in the
+/// Segment vocabulary (`prefix` names a message of a batch).
+async fn append_named(
+    state: &HttpState,
+    touchpoints: Vec<Touchpoint>,
+    prefix: impl Fn(usize) -> String,
+) -> Result<Response, HttpError> {
+    let warnings: Vec<FieldError> = touchpoints
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            let p = prefix(i);
+            t.personal.dropped.iter().map(move |d| {
+                FieldError::new(
+                    format!("{p}{}", identifier_source(d.kind.as_str())),
+                    format!("dropped, the event was kept without it: {}", d.reason),
+                )
+            })
+        })
+        .collect();
     let outcomes = state.ingestor.append(&touchpoints).await?;
     let duplicates = outcomes
         .iter()
@@ -285,7 +328,7 @@ async fn append(state: &HttpState, touchpoints: Vec<Touchpoint>) -> Result<Respo
         duplicates,
         "http events appended"
     );
-    Ok(ok())
+    Ok(ok_with(&warnings))
 }
 
 async fn single(
@@ -307,7 +350,7 @@ async fn single(
     let touchpoints = state.prepare(&source, &[(call, message, bytes.len())], None, |_| {
         String::new()
     })?;
-    append(&state, touchpoints).await
+    append_named(&state, touchpoints, |_| String::new()).await
 }
 
 async fn batch(
@@ -364,7 +407,7 @@ async fn batch(
     let touchpoints = state.prepare(&source, &messages, sent_at.as_deref(), |i| {
         format!("batch[{i}].")
     })?;
-    append(&state, touchpoints).await
+    append_named(&state, touchpoints, |i| format!("batch[{i}].")).await
 }
 
 async fn zalo(

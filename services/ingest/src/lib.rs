@@ -29,12 +29,28 @@ pub const MAX_BATCH: usize = 500;
 /// What happened to one touchpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Accepted(EventId),
+    /// Appended; identifier values that were not valid for their kind were
+    /// dropped from the event, each named here with the reason.
+    Accepted(EventId, Vec<FieldError>),
     Duplicate(EventId),
     Rejected(Vec<FieldError>),
 }
 
 pub use cdp_runtime::now_ms;
+
+/// The identifiers validation dropped from `t`, as warnings.
+fn dropped(t: &Touchpoint) -> Vec<FieldError> {
+    t.personal
+        .dropped
+        .iter()
+        .map(|d| {
+            FieldError::new(
+                format!("identifiers[kind={}]", d.kind),
+                format!("dropped, the event was kept without it: {}", d.reason),
+            )
+        })
+        .collect()
+}
 
 /// Validation plus the durable append. Shared by every front door (gRPC,
 /// and later HTTP and webhooks).
@@ -93,7 +109,7 @@ impl Ingestor {
             .iter()
             .zip(appended)
             .map(|(t, a)| match a {
-                Appended::New { .. } => Outcome::Accepted(t.event_id()),
+                Appended::New { .. } => Outcome::Accepted(t.event_id(), dropped(t)),
                 Appended::Duplicate { .. } => Outcome::Duplicate(t.event_id()),
             })
             .collect())
@@ -163,9 +179,9 @@ impl IngestService for IngestGrpc {
             .ok_or_else(|| ServiceError::invalid("touchpoint", "is required"))?;
         let raw = convert::raw_touchpoint(&touchpoint);
         let outcome = self.ingestor.ingest(std::slice::from_ref(&raw)).await?;
-        let (event_id, status) = match outcome.into_iter().next() {
-            Some(Outcome::Accepted(id)) => (id, EventStatus::Accepted),
-            Some(Outcome::Duplicate(id)) => (id, EventStatus::Duplicate),
+        let (event_id, status, warnings) = match outcome.into_iter().next() {
+            Some(Outcome::Accepted(id, warnings)) => (id, EventStatus::Accepted, warnings),
+            Some(Outcome::Duplicate(id)) => (id, EventStatus::Duplicate, Vec::new()),
             Some(Outcome::Rejected(fields)) => {
                 return Err(ServiceError::InvalidArgument(fields).into());
             }
@@ -176,6 +192,7 @@ impl IngestService for IngestGrpc {
         Ok(Response::new(TrackResponse {
             event_id: event_id.to_string(),
             status: status.into(),
+            warnings: violations(&warnings),
         }))
     }
 
@@ -246,12 +263,13 @@ impl IngestGrpc {
         for (i, (outcome, tp)) in outcomes.into_iter().zip(&touchpoints).enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             let result = match outcome {
-                Outcome::Accepted(id) => {
+                Outcome::Accepted(id, warnings) => {
                     response.accepted += 1;
                     EventResult {
                         index,
                         event_id: id.to_string(),
                         status: EventStatus::Accepted.into(),
+                        warnings: violations(&warnings),
                         ..EventResult::default()
                     }
                 }
@@ -272,6 +290,7 @@ impl IngestGrpc {
                         status: EventStatus::Rejected.into(),
                         error_code: "INVALID_ARGUMENT".into(),
                         violations: violations(&fields),
+                        warnings: Vec::new(),
                     }
                 }
             };

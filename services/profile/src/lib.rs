@@ -239,6 +239,7 @@ mod tests {
             personal: Personal {
                 identifiers: vec![Identifier::new(IdKind::Email, "p@shop.vn")],
                 traits: Attributes::new(),
+                ..Personal::default()
             },
         }
     }
@@ -259,6 +260,10 @@ mod tests {
             claims: Vec::new(),
             merges: Vec::new(),
             ignored: Vec::new(),
+            recycled: Vec::new(),
+            sightings: Vec::new(),
+            quarantined: Vec::new(),
+            seen: Vec::new(),
         };
         let mut out = Outputs::default();
         out.resolution(event, Resolution::Resolved(decision), generation, None, 0);
@@ -394,6 +399,9 @@ mod tests {
         }
         async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
             Ok(vec![None; ids.len()])
+        }
+        async fn decision(&self, _: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
+            Ok(None)
         }
     }
 

@@ -8,8 +8,9 @@ use cdp_proto::convert;
 use cdp_proto::v1::identity_service_server::IdentityService;
 use cdp_proto::v1::profile_service_server::ProfileService;
 use cdp_proto::v1::{
-    self, ExplainRequest, ExplainResponse, GetProfileRequest, GetProfileResponse,
-    ListMergesRequest, ListMergesResponse, ListTimelineRequest, ListTimelineResponse,
+    self, DecisionExplanation, ExplainRequest, ExplainResponse, GetDecisionRequest,
+    GetProfileRequest, GetProfileResponse, ListMergesRequest, ListMergesResponse,
+    ListQuarantinedRequest, ListQuarantinedResponse, ListTimelineRequest, ListTimelineResponse,
 };
 use cdp_runtime::ServiceError;
 use tonic::{Request, Response, Status};
@@ -179,6 +180,23 @@ impl IdentityService for IdentityGrpc {
         Ok(Response::new(ListMergesResponse {
             customer_id: customer.to_string(),
             merges: merges.iter().map(step).collect(),
+        }))
+    }
+
+    async fn get_decision(
+        &self,
+        request: Request<GetDecisionRequest>,
+    ) -> Result<Response<DecisionExplanation>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.query.decision(&r.event_id).await?))
+    }
+
+    async fn list_quarantined(
+        &self,
+        _request: Request<ListQuarantinedRequest>,
+    ) -> Result<Response<ListQuarantinedResponse>, Status> {
+        Ok(Response::new(ListQuarantinedResponse {
+            identifiers: self.query.quarantined().await?,
         }))
     }
 }

@@ -73,6 +73,11 @@ pub struct History {
 }
 
 impl History {
+    /// The event log the past is read from.
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+
     pub fn new(log: Arc<dyn EventLog>, options: FoldOptions) -> Self {
         History {
             log,

@@ -407,6 +407,14 @@ impl ProfileQuery {
 
     /// The view as it was at `as_of`, folded from the event log.
     #[tracing::instrument(skip(self))]
+    /// The event log, when this query service was wired with one.
+    pub fn event_log(&self) -> Result<&Arc<dyn cdp_log::EventLog>, ServiceError> {
+        self.history
+            .as_ref()
+            .map(|h| h.log())
+            .ok_or_else(|| ServiceError::Unavailable("this query service has no event log".into()))
+    }
+
     pub async fn profile_as_of(
         &self,
         lookup: Option<Lookup>,

@@ -634,14 +634,21 @@ pub fn to_api(raw: &cdp_domain::RawTouchpoint) -> Touchpoint {
     }
 }
 
+/// The identity rules of [`DEFAULT_CONFIG`]: the defaults, with its two
+/// Segment sources untrusted to link (as the platform derives them).
+pub fn test_rules() -> cdp_domain::IdentityRules {
+    cdp_domain::IdentityRules::default()
+        .with_untrusted_sources(["website".to_owned(), "pos".to_owned()])
+}
+
 /// The reference fold (`cdp_domain::reference`) of generated events,
 /// validated as ingest validates them at `now`.
 pub fn reference_of(
     events: &[cdp_domain::journey::GeneratedEvent],
     now: i64,
 ) -> Result<cdp_domain::reference::ReferenceModel, String> {
-    use cdp_domain::{IdentityRules, ValidationLimits, validate};
-    let rules = IdentityRules::default();
+    use cdp_domain::{ValidationLimits, validate};
+    let rules = test_rules();
     let mut model = cdp_domain::reference::ReferenceModel::new(
         rules.clone(),
         cdp_domain::profile::FoldOptions::default(),

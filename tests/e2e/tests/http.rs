@@ -297,8 +297,19 @@ async fn limits_and_auth_answer_with_the_documented_status_and_message() {
         "{b}"
     );
 
+    // A mistyped email beside a user id: dropped with the reason, the call kept.
     let bad_email = json!({"userId": user, "traits": {"email": "lan.at.shop.vn"}});
     let (s, b) = http.post("/v1/identify", Some(WEB_KEY), &bad_email).await;
+    assert_eq!(
+        (s, b["warnings"][0]["field"].as_str()),
+        (200, Some("traits.email")),
+        "{b}"
+    );
+    // Alone, it leaves nothing to attribute the call to: refused, naming the field.
+    let only_bad_email = json!({"traits": {"email": "lan.at.shop.vn"}, "anonymousId": ""});
+    let (s, b) = http
+        .post("/v1/identify", Some(WEB_KEY), &only_bad_email)
+        .await;
     assert_eq!(
         (s, b["violations"][0]["field"].as_str()),
         (400, Some("traits.email")),
@@ -343,9 +354,10 @@ async fn limits_and_auth_answer_with_the_documented_status_and_message() {
         p.recent_timeline.iter().any(|e| e.r#type == "Marker Sent")
     })
     .await;
+    // The identify kept without its mistyped email, the good track, the marker.
     assert_eq!(
         metrics(&p).events_count,
-        2,
+        3,
         "nothing of the refused batch may land"
     );
     assert_eq!(metrics(&p).orders_count, 0);
