@@ -87,10 +87,13 @@ bench: bench-identity ## Print the figures on both back ends (ingest, freshness,
 	target/release/cdp-bench --backend embedded --customers $(BENCH_CUSTOMERS)
 	@trap 'deploy/harness/infra.sh down' EXIT; \
 	deploy/harness/infra.sh up || exit 1; \
-	target/release/cdp-bench --backend distributed --customers $(BENCH_DISTRIBUTED_CUSTOMERS) --offered $(BENCH_DISTRIBUTED_OFFERED)
+	target/release/cdp-bench --backend distributed --customers $(BENCH_DISTRIBUTED_CUSTOMERS) --offered $(BENCH_DISTRIBUTED_OFFERED) && \
+	target/release/cdp-bench --backend distributed --identity --customers 1000
 
-bench-identity: ## Identity-resolution precision, recall, F1 and decisions/s on a synthetic population with traps.
+bench-identity: ## Identity-resolution precision, recall, F1 per trap: in memory, then through the running service (docs/identity.md).
 	$(CARGO) run --release -p cdp-domain --features testsuite --example bench-identity
+	$(CARGO) build --release -p cdp -p cdp-bench --bins
+	target/release/cdp-bench --identity --customers 3000
 
 infra-up: ## Fetch (Maven Central) and start Kafka (KRaft) and Cassandra on 127.0.0.1; cached in ~/.cache/cdp-infra.
 	deploy/harness/infra.sh up

@@ -13,6 +13,7 @@
 //! `target/bench/<backend>-<customers>.json`. Bounded: every phase stops by
 //! itself.
 
+mod identity;
 mod naive;
 
 use std::path::PathBuf;
@@ -74,6 +75,18 @@ struct Args {
     /// Skip the rebuild (it reads the whole log again).
     #[arg(long)]
     no_rebuild: bool,
+    /// Instead of the figures: identity accuracy scored through the running
+    /// service on the population of `make bench-identity`, field traps
+    /// included (`--customers` people, the first size given).
+    #[arg(long)]
+    identity: bool,
+    /// With --identity: people per field trap, as a share of the customers.
+    #[arg(long, default_value_t = 0.03)]
+    field_traps: f64,
+    /// With --identity: send the whole population at once (a backlog, as an
+    /// import of history) instead of as a live stream.
+    #[arg(long)]
+    backlog: bool,
     #[arg(long, default_value = "target/bench")]
     out_dir: PathBuf,
 }
@@ -698,6 +711,26 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("--backend {other}: use embedded or distributed"),
     };
     std::fs::create_dir_all(&args.out_dir)?;
+    if args.identity {
+        let customers = args.customers.first().copied().unwrap_or(3_000);
+        let r = identity::run(
+            backend,
+            CONFIG,
+            customers,
+            args.field_traps,
+            args.seed,
+            args.backlog,
+        )
+        .await?;
+        identity::print(&r);
+        let mode = if args.backlog { "backlog" } else { "live" };
+        let path = args
+            .out_dir
+            .join(format!("identity-{}-{mode}-{customers}.json", args.backend));
+        std::fs::write(&path, serde_json::to_vec_pretty(&r)?)?;
+        println!("  written to {}", path.display());
+        return Ok(());
+    }
     let mut all = Vec::new();
     for &customers in &args.customers {
         let r = run_one(&args, backend, customers).await?;

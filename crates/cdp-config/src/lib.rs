@@ -512,6 +512,18 @@ mod example {
         let c = PlatformConfig::load(Some(&path)).unwrap();
         let rules = c.identity_rules().unwrap();
         assert!(rules.is_known(&cdp_domain::IdKind::Custom("crm_id".into())));
+        // Write-key sources link only through what they carry, unless trusted.
+        assert!(rules.is_untrusted("website") && rules.is_untrusted("mobile-app"));
+        assert!(!rules.is_untrusted("pos"));
+        // Blocked values are normalised like events.
+        assert!(
+            rules
+                .blocked(&cdp_domain::Identifier::new(
+                    cdp_domain::IdKind::Phone,
+                    "+84999999999"
+                ))
+                .is_some()
+        );
         assert!(
             c.identity.kinds["device_id"]
                 .blocked_patterns

@@ -20,6 +20,11 @@ struct Args {
     events_per_customer: usize,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// People per field trap (shared tablets, a family's Zalo, placeholder
+    /// and cashier's phones, recycled numbers, two SIMs, look-alike emails),
+    /// as a share of the customers.
+    #[arg(long, default_value_t = 0.03)]
+    field_traps: f64,
     #[arg(long, default_value = "target/bench/identity.json")]
     out: std::path::PathBuf,
 }
@@ -39,8 +44,14 @@ fn line(name: &str, e: &Evaluation) {
 
 fn json(e: &Evaluation) -> serde_json::Value {
     let s = |p: &accuracy::PairScore| serde_json::json!({"precision": p.precision, "recall": p.recall, "f1": p.f1});
+    let traps: serde_json::Map<String, serde_json::Value> = e
+        .traps
+        .iter()
+        .map(|(r, p)| (r.name().to_owned(), s(p)))
+        .collect();
     serde_json::json!({
         "overall": s(&e.overall), "families": s(&e.families), "email_changers": s(&e.email_changers),
+        "traps": traps,
         "decisions": e.decisions, "unresolvable": e.unresolvable, "decisions_per_second": e.decisions_per_second,
     })
 }
@@ -52,6 +63,7 @@ fn main() -> anyhow::Result<()> {
         &PopulationConfig {
             customers: args.customers,
             events_per_customer: args.events_per_customer,
+            field_trap_share: args.field_traps,
             ..PopulationConfig::default()
         },
     );
@@ -82,6 +94,21 @@ fn main() -> anyhow::Result<()> {
     line("default rules", &unguarded);
     line("family phones blocked", &blocked);
     line("phone before loyalty card", &trapped);
+    println!("  per trap, default rules (pairs touching its people):");
+    println!(
+        "    {:<28} {:>9} {:>9} {:>14} {:>11}",
+        "trap", "precision", "recall", "predicted pairs", "true pairs"
+    );
+    for (role, s) in &unguarded.traps {
+        println!(
+            "    {:<28} {:>9.4} {:>9.4} {:>14} {:>11}",
+            role.name(),
+            s.precision,
+            s.recall,
+            s.predicted_pairs,
+            s.true_pairs
+        );
+    }
     if let Some(parent) = args.out.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -20,6 +20,57 @@ pub enum Role {
     FamilyMember,
     /// Moves to a new email address halfway.
     EmailChanger,
+    /// Signs up and shops on a store's shared tablet (its device id and the
+    /// browser's anonymous id are the same for every walk-in).
+    TabletWalkIn,
+    /// Shares one Zalo account on the family's tablet.
+    ZaloFamily,
+    /// Refused to give a phone: the staff typed the shop's placeholder.
+    PlaceholderPhone,
+    /// Was rung up with the cashier's own phone number.
+    StaffPhone,
+    /// Held a number the carrier later gave to someone else.
+    RecycledFormer,
+    /// Got a recycled number, more than a year after its former holder
+    /// last used it.
+    RecycledNew,
+    /// Uses two SIMs: two phones, one person (an honest merge).
+    TwoSims,
+    /// Has an email that differs from another person's only by a dot, at a
+    /// provider where dots matter.
+    LookAlikeEmail,
+}
+
+impl Role {
+    pub const ALL: [Role; 11] = [
+        Role::Ordinary,
+        Role::FamilyMember,
+        Role::EmailChanger,
+        Role::TabletWalkIn,
+        Role::ZaloFamily,
+        Role::PlaceholderPhone,
+        Role::StaffPhone,
+        Role::RecycledFormer,
+        Role::RecycledNew,
+        Role::TwoSims,
+        Role::LookAlikeEmail,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Ordinary => "ordinary",
+            Role::FamilyMember => "family home phone",
+            Role::EmailChanger => "email changer",
+            Role::TabletWalkIn => "shared store tablet",
+            Role::ZaloFamily => "family Zalo account",
+            Role::PlaceholderPhone => "placeholder phone",
+            Role::StaffPhone => "cashier's own phone",
+            Role::RecycledFormer => "recycled number (former)",
+            Role::RecycledNew => "recycled number (new)",
+            Role::TwoSims => "two SIMs",
+            Role::LookAlikeEmail => "look-alike email",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +91,10 @@ pub struct PopulationConfig {
     pub email_changer_share: f64,
     pub pos_devices: usize,
     pub start: UnixMillis,
+    /// People added per field trap (shared tablets, a family's Zalo, the
+    /// placeholder and the cashier's phone, recycled numbers, two SIMs,
+    /// look-alike emails), each a share of `customers`; 0 leaves them out.
+    pub field_trap_share: f64,
 }
 
 impl Default for PopulationConfig {
@@ -51,6 +106,7 @@ impl Default for PopulationConfig {
             email_changer_share: 0.05,
             pos_devices: 5,
             start: 1_760_000_000_000,
+            field_trap_share: 0.0,
         }
     }
 }
@@ -182,11 +238,365 @@ pub fn population(seed: u64, config: &PopulationConfig) -> Population {
             ));
         }
     }
+    field_traps(seed, config, &mut rng, &mut roles, &mut events);
     events.sort_by_key(|(at, person, _)| (*at, *person));
     Population {
         events: events.into_iter().map(|(_, p, e)| (p, e)).collect(),
         roles,
         family_phones,
+    }
+}
+
+/// One event of a generated person.
+fn raw(
+    seed: u64,
+    person: usize,
+    k: usize,
+    at: UnixMillis,
+    (event, channel, source): (&str, &str, &str),
+    ids: Vec<RawIdentifier>,
+) -> RawTouchpoint {
+    let reference = format!("f{person}-{k}");
+    let properties = match event {
+        "Order Completed" => {
+            serde_json::json!({"order_id": reference, "total": 250_000, "currency": "VND"})
+        }
+        "Ticket Opened" => serde_json::json!({"ticket_id": reference}),
+        _ => serde_json::json!({}),
+    };
+    RawTouchpoint {
+        event_id: Some(Uuid::from_u64_pair(seed ^ 0xf1e1d, (person * 1000 + k) as u64).to_string()),
+        properties: properties.as_object().cloned().unwrap_or_default(),
+        event_type: Some(event.into()),
+        channel: Some(channel.into()),
+        source_id: Some(source.into()),
+        occurred_at: Some(at),
+        identifiers: ids,
+        ..RawTouchpoint::default()
+    }
+}
+
+/// The shapes a shop's real population has and a tidy generator lacks: the
+/// store's shared tablets, a family's Zalo on one tablet, the placeholder
+/// phone typed for customers who refuse one, the cashier's own phone,
+/// numbers recycled by the carrier, two SIMs, look-alike emails. Every
+/// trap person has identifiers of their own (a card, an email or a user id)
+/// that tell them apart; the trap is what they share.
+fn field_traps(
+    seed: u64,
+    config: &PopulationConfig,
+    rng: &mut StdRng,
+    roles: &mut Vec<Role>,
+    events: &mut Vec<(UnixMillis, usize, RawTouchpoint)>,
+) {
+    let per_trap = (config.customers as f64 * config.field_trap_share).round() as usize;
+    if per_trap == 0 {
+        return;
+    }
+    let day = 86_400_000;
+    let start = config.start;
+    let add = |role: Role, roles: &mut Vec<Role>| {
+        roles.push(role);
+        roles.len() - 1
+    };
+    let when = |rng: &mut StdRng, from: UnixMillis| from + rng.random_range(0..30 * day);
+    // Shared store tablets: each walk-in signs up on one with a card and a
+    // phone, browses on it, then shops with the card.
+    let tablets = (per_trap / 10).max(2);
+    for _ in 0..per_trap {
+        let p = add(Role::TabletWalkIn, roles);
+        let tablet = format!("TAB-Q{}-{:02}", p % 3, rng.random_range(0..tablets));
+        let anon = format!("kiosk-browser-{tablet}");
+        let card = format!("LC-W{p:07}");
+        let phone = format!("09{}{:07}", [1, 7, 8][p % 3], 5_000_000 + p);
+        let at = when(rng, start);
+        let signup = vec![
+            RawIdentifier::new("device_id", tablet.to_lowercase()),
+            RawIdentifier::new("anonymous_id", anon.clone()),
+            RawIdentifier::new("loyalty_id", card.clone()),
+            RawIdentifier::new("phone", phone.clone()),
+        ];
+        events.push((
+            at,
+            p,
+            raw(seed, p, 0, at, ("Identify", "app", "kiosk-app"), signup),
+        ));
+        let browse = vec![
+            RawIdentifier::new("device_id", tablet.clone()),
+            RawIdentifier::new("anonymous_id", anon),
+            RawIdentifier::new("loyalty_id", card.clone()),
+        ];
+        events.push((
+            at + 60_000,
+            p,
+            raw(
+                seed,
+                p,
+                1,
+                at + 60_000,
+                ("Product Viewed", "app", "kiosk-app"),
+                browse,
+            ),
+        ));
+        let buy = vec![
+            RawIdentifier::new("loyalty_id", card),
+            RawIdentifier::new("phone", phone),
+        ];
+        events.push((
+            at + day,
+            p,
+            raw(
+                seed,
+                p,
+                2,
+                at + day,
+                ("Order Completed", "store", "pos-q1"),
+                buy,
+            ),
+        ));
+    }
+    // A family's Zalo account on the home tablet: each member chats with
+    // their own email in the form, and has their own user id.
+    let mut p0 = roles.len();
+    while roles.len() < p0 + per_trap {
+        let family = roles.len();
+        let zalo = format!("{}", 8_000_000_000u64 + family as u64);
+        for _ in 0..rng.random_range(2..=4) {
+            let p = add(Role::ZaloFamily, roles);
+            let at = when(rng, start);
+            let own = vec![
+                RawIdentifier::new("user_id", format!("UZ{p}")),
+                RawIdentifier::new("email", format!("zalo.fam{p}@mail.vn")),
+            ];
+            events.push((
+                at,
+                p,
+                raw(seed, p, 0, at, ("Identify", "web", "web-backend"), own),
+            ));
+            let chat = vec![
+                RawIdentifier::new("zalo_id", zalo.clone()),
+                RawIdentifier::new("email", format!("zalo.fam{p}@mail.vn")),
+            ];
+            events.push((
+                at + day,
+                p,
+                raw(
+                    seed,
+                    p,
+                    1,
+                    at + day,
+                    ("Ticket Opened", "chat", "zalo-oa"),
+                    chat,
+                ),
+            ));
+        }
+    }
+    // The placeholder typed for customers who refuse a phone, and the
+    // cashier's own phone: each shopper has a card of their own.
+    for (role, phone) in [
+        (Role::PlaceholderPhone, "0909 090 909"),
+        (Role::StaffPhone, "0938 111 222"),
+    ] {
+        for _ in 0..per_trap {
+            let p = add(role, roles);
+            let card = format!("LC-P{p:07}");
+            for k in 0..3 {
+                let at = when(rng, start);
+                let ids = vec![
+                    RawIdentifier::new("phone", phone),
+                    RawIdentifier::new("loyalty_id", card.clone()),
+                ];
+                events.push((
+                    at,
+                    p,
+                    raw(seed, p, k, at, ("Order Completed", "store", "pos-q1"), ids),
+                ));
+            }
+        }
+    }
+    // Recycled numbers: the former holder shops with it, falls silent; a
+    // year later the carrier's new subscriber signs up with it.
+    for i in 0..per_trap {
+        let phone = format!("+8496{:07}", 9_000_000 + i);
+        let former = add(Role::RecycledFormer, roles);
+        let at = when(rng, start);
+        let ids = vec![
+            RawIdentifier::new("phone", phone.clone()),
+            RawIdentifier::new("email", format!("former{former}@mail.vn")),
+        ];
+        events.push((
+            at,
+            former,
+            raw(
+                seed,
+                former,
+                0,
+                at,
+                ("Order Completed", "store", "pos-q1"),
+                ids,
+            ),
+        ));
+        let alone = vec![RawIdentifier::new("phone", phone.clone())];
+        events.push((
+            at + day,
+            former,
+            raw(
+                seed,
+                former,
+                1,
+                at + day,
+                ("Ticket Opened", "call_center", "hotline"),
+                alone,
+            ),
+        ));
+        let new = add(Role::RecycledNew, roles);
+        let at = when(rng, start + 400 * day);
+        let ids = vec![
+            RawIdentifier::new("phone", phone.clone()),
+            RawIdentifier::new("email", format!("subscriber{new}@mail.vn")),
+        ];
+        events.push((
+            at,
+            new,
+            raw(seed, new, 0, at, ("Identify", "web", "web-backend"), ids),
+        ));
+        let alone = vec![RawIdentifier::new("phone", phone)];
+        events.push((
+            at + day,
+            new,
+            raw(
+                seed,
+                new,
+                1,
+                at + day,
+                ("Order Completed", "store", "pos-q1"),
+                alone,
+            ),
+        ));
+    }
+    // Two SIMs: one person, two numbers, one card.
+    for _ in 0..per_trap {
+        let p = add(Role::TwoSims, roles);
+        let card = format!("LC-S{p:07}");
+        for (k, phone) in [
+            format!("+8497{:07}", 7_000_000 + p),
+            format!("+8498{:07}", 7_000_000 + p),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let at = when(rng, start);
+            let ids = vec![
+                RawIdentifier::new("phone", phone),
+                RawIdentifier::new("loyalty_id", card.clone()),
+            ];
+            events.push((
+                at,
+                p,
+                raw(seed, p, k, at, ("Order Completed", "store", "pos-q1"), ids),
+            ));
+            let alone = vec![RawIdentifier::new(
+                "phone",
+                format!("+849{}{:07}", 7 + k, 7_000_000 + p),
+            )];
+            events.push((
+                at + day,
+                p,
+                raw(
+                    seed,
+                    p,
+                    10 + k,
+                    at + day,
+                    ("Ticket Opened", "call_center", "hotline"),
+                    alone,
+                ),
+            ));
+        }
+    }
+    // Look-alike emails: two people whose addresses differ by a dot.
+    p0 = roles.len();
+    while roles.len() < p0 + per_trap {
+        let pair = roles.len();
+        for address in [
+            format!("an.nguyen{pair}@yahoo.com.vn"),
+            format!("annguyen{pair}@yahoo.com.vn"),
+        ] {
+            let p = add(Role::LookAlikeEmail, roles);
+            for k in 0..2 {
+                let at = when(rng, start);
+                let ids = vec![RawIdentifier::new("email", address.to_uppercase())];
+                events.push((
+                    at,
+                    p,
+                    raw(
+                        seed,
+                        p,
+                        k,
+                        at,
+                        ("Product Viewed", "web", "web-backend"),
+                        ids,
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Pairwise precision and recall on the pairs that touch people of `role`:
+/// a wrong merge of one of them with anybody counts against precision.
+pub fn score_touching<P: Eq + std::hash::Hash + Ord + Copy>(
+    records: &[(usize, P)],
+    roles: &[Role],
+    role: Role,
+) -> PairScore {
+    let of_role = |p: usize| roles.get(p) == Some(&role);
+    let mut cells: HashMap<(usize, P), u64> = HashMap::new();
+    let mut truth: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut predicted: BTreeMap<P, (u64, u64)> = BTreeMap::new();
+    for (t, p) in records {
+        *cells.entry((*t, *p)).or_default() += 1;
+        *truth.entry(*t).or_default() += 1;
+        let e = predicted.entry(*p).or_default();
+        e.0 += 1;
+        if of_role(*t) {
+            e.1 += 1;
+        }
+    }
+    let tp: u64 = cells
+        .iter()
+        .filter(|((t, _), _)| of_role(*t))
+        .map(|(_, n)| pairs(*n))
+        .sum();
+    let true_pairs: u64 = truth
+        .iter()
+        .filter(|(t, _)| of_role(**t))
+        .map(|(_, n)| pairs(*n))
+        .sum();
+    let predicted_pairs: u64 = predicted
+        .values()
+        .map(|(n, r)| pairs(*n) - pairs(n - r))
+        .sum();
+    let precision = if predicted_pairs == 0 {
+        1.0
+    } else {
+        tp as f64 / predicted_pairs as f64
+    };
+    let recall = if true_pairs == 0 {
+        1.0
+    } else {
+        tp as f64 / true_pairs as f64
+    };
+    let f1 = if precision + recall == 0.0 {
+        0.0
+    } else {
+        2.0 * precision * recall / (precision + recall)
+    };
+    PairScore {
+        precision,
+        recall,
+        f1,
+        predicted_pairs,
+        true_pairs,
     }
 }
 
@@ -309,6 +719,30 @@ mod tests {
         assert_eq!(e.email_changers.recall, 1.0, "{e:?}");
     }
 
+    /// The field's shapes, with the default rules and no operator list:
+    /// every trap person stays apart from strangers, and what is one
+    /// person still links.
+    #[test]
+    fn the_field_traps_keep_strangers_apart_with_the_default_rules() {
+        let p = population(
+            5,
+            &PopulationConfig {
+                customers: 2000,
+                field_trap_share: 0.03,
+                ..PopulationConfig::default()
+            },
+        );
+        let e = evaluate(&p, &crate::rules::IdentityRules::default());
+        assert_eq!(e.rejected, 0, "generated events must be valid");
+        for (role, s) in &e.traps {
+            assert_eq!(s.precision, 1.0, "{}: {s:?}", role.name());
+        }
+        assert!(e.overall.f1 >= 0.99, "{e:?}");
+        let recall = |r: Role| e.traps.iter().find(|(x, _)| *x == r).map(|(_, s)| s.recall);
+        assert_eq!(recall(Role::TwoSims), Some(1.0), "{e:?}");
+        assert_eq!(recall(Role::RecycledNew), Some(1.0), "{e:?}");
+    }
+
     #[test]
     fn the_population_has_its_traps() {
         let p = population(
@@ -377,10 +811,16 @@ pub fn evaluate(population: &Population, rules: &crate::rules::IdentityRules) ->
             .copied()
             .collect()
     };
+    let traps = Role::ALL
+        .iter()
+        .filter(|r| population.roles.contains(r))
+        .map(|r| (*r, score_touching(&records, &population.roles, *r)))
+        .collect();
     Evaluation {
         overall: score(&records),
         families: score(&of_role(Role::FamilyMember)),
         email_changers: score(&of_role(Role::EmailChanger)),
+        traps,
         decisions: records.len(),
         unresolvable: model.unresolvable(),
         rejected,
@@ -388,11 +828,13 @@ pub fn evaluate(population: &Population, rules: &crate::rules::IdentityRules) ->
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Evaluation {
     pub overall: PairScore,
     pub families: PairScore,
     pub email_changers: PairScore,
+    /// Per role present: precision and recall on the pairs touching it.
+    pub traps: Vec<(Role, PairScore)>,
     pub decisions: usize,
     pub unresolvable: usize,
     pub rejected: usize,

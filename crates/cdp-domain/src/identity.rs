@@ -660,9 +660,18 @@ pub fn decide<G: GraphRead>(
         }
     }
     // Reassignable values carried by their holder: remember when, to a day.
+    // Only when another identifier of the event confirms the holder: a
+    // number alone cannot tell who carries it now.
+    let confirmed = |holder: CustomerId| {
+        seen.iter()
+            .any(|s| s.owner == Some(holder) && rules.recycle_after_ms(&s.id.kind).is_none())
+    };
     let refreshed = seen
         .iter()
-        .filter(|s| s.owner.is_some_and(|o| members.contains(&o)))
+        .filter(|s| {
+            s.owner
+                .is_some_and(|o| members.contains(&o) && confirmed(o))
+        })
         .filter(|s| rules.recycle_after_ms(&s.id.kind).is_some())
         .filter(|s| {
             s.claim
@@ -1398,12 +1407,25 @@ mod tests {
         let rules = IdentityRules::default(); // phone: recycled after 180 days
         let mut g = MemoryGraph::new();
         let phone = (IdKind::Phone, "+84912345678");
-        let old = resolved(&mut g, &rules, &event(1, 10, std::slice::from_ref(&phone)));
-        // Still carried by its holder after 100 days: not recycled.
+        let card = (IdKind::LoyaltyId, "LC-OLD");
+        let old = resolved(
+            &mut g,
+            &rules,
+            &event(1, 10, &[phone.clone(), card.clone()]),
+        );
+        // Alone, the number does not say who carries it: not "seen".
+        let alone = resolved(
+            &mut g,
+            &rules,
+            &event(2, 50 * DAY, std::slice::from_ref(&phone)),
+        );
+        assert_eq!(alone.customer_id, old.customer_id);
+        assert!(alone.seen.is_empty());
+        // Carried by its holder (with the holder's card) after 100 days: seen.
         let seen = resolved(
             &mut g,
             &rules,
-            &event(2, 100 * DAY, std::slice::from_ref(&phone)),
+            &event(6, 100 * DAY, &[phone.clone(), card.clone()]),
         );
         assert_eq!(seen.customer_id, old.customer_id);
         assert_eq!(seen.seen.len(), 1);

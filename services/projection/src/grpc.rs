@@ -6,9 +6,9 @@ use cdp_proto::convert;
 use cdp_proto::v1::projection_service_server::ProjectionService;
 use cdp_proto::v1::rebuild_status::State;
 use cdp_proto::v1::{
-    ActivateGenerationRequest, DropGenerationRequest, GetPipelineStatusRequest, GetRebuildRequest,
-    ListGenerationsRequest, ListGenerationsResponse, PipelineStatus, RebuildStatus,
-    StartRebuildRequest,
+    ActivateGenerationRequest, CompareGenerationsRequest, DropGenerationRequest,
+    GenerationComparison, GetPipelineStatusRequest, GetRebuildRequest, ListGenerationsRequest,
+    ListGenerationsResponse, PipelineStatus, RebuildStatus, StartRebuildRequest,
 };
 use cdp_runtime::ServiceError;
 use cdp_store::StoreError;
@@ -175,6 +175,56 @@ impl ProjectionService for ProjectionGrpc {
             identity_lag,
             profile_lag,
         }))
+    }
+
+    async fn compare_generations(
+        &self,
+        request: Request<CompareGenerationsRequest>,
+    ) -> Result<Response<GenerationComparison>, Status> {
+        let r = request.into_inner();
+        let generations = self.rebuilder.generations();
+        let baseline = match r.baseline {
+            0 => generations.active().await.map_err(store_status)?,
+            g => g,
+        };
+        if r.candidate == 0 || r.candidate == baseline {
+            return Err(ServiceError::invalid(
+                "candidate",
+                format!("name a generation other than the baseline ({baseline})"),
+            )
+            .into());
+        }
+        let known: Vec<u32> = generations
+            .list()
+            .await
+            .map_err(store_status)?
+            .iter()
+            .map(|g| g.id)
+            .collect();
+        for (field, g) in [("candidate", r.candidate), ("baseline", baseline)] {
+            if !known.contains(&g) {
+                return Err(ServiceError::invalid(field, format!("no generation {g}")).into());
+            }
+        }
+        let examples = match r.examples {
+            0 => 20,
+            n => n.min(1000),
+        } as usize;
+        let (a, b) =
+            crate::compare::read(self.rebuilder.log().as_ref(), baseline, r.candidate).await?;
+        let mut out = crate::compare::compare(&a, &b, examples);
+        out.baseline = baseline;
+        out.candidate = r.candidate;
+        tracing::info!(
+            baseline,
+            candidate = r.candidate,
+            compared = out.events_compared,
+            moved = out.events_moved,
+            splits = out.splits,
+            joins = out.joins,
+            "generations compared"
+        );
+        Ok(Response::new(out))
     }
 
     async fn drop_generation(

@@ -4,6 +4,7 @@
 //! - [`rebuild`]: fold the log again into a new projection generation while
 //!   the active one serves, then switch to it;
 //! - [`grpc`]: `ProjectionService` (rebuilds, generations, pipeline lag);
+//! - [`compare`]: what activating a shadow generation would change;
 //! - [`replay`]: `ReplayService`, the touchpoints streamed back, filtered,
 //!   with a resumable cursor.
 
@@ -13,6 +14,7 @@ use cdp_proto::v1::projection_service_server::ProjectionServiceServer;
 use cdp_proto::v1::replay_service_server::ReplayServiceServer;
 use cdp_runtime::serve::{Context, Parts, StartError};
 
+pub mod compare;
 pub mod grpc;
 pub mod rebuild;
 pub mod replay;

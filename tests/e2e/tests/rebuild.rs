@@ -14,8 +14,9 @@ use cdp_e2e::{CdpProcess, expect_reference, now_ms, reference_of, to_api};
 use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
 use cdp_proto::v1::rebuild_status::State;
 use cdp_proto::v1::{
-    DropGenerationRequest, GetProfileRequest, GetRebuildRequest, Identifier,
-    ListGenerationsRequest, StartRebuildRequest, TrackBatchRequest, get_profile_request::Lookup,
+    CompareGenerationsRequest, DropGenerationRequest, GetProfileRequest, GetRebuildRequest,
+    Identifier, ListGenerationsRequest, StartRebuildRequest, TrackBatchRequest,
+    get_profile_request::Lookup,
 };
 use tonic::transport::Channel;
 
@@ -380,4 +381,127 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
         2,
         "time travel mixed in the old generation's merge"
     );
+}
+
+/// Shadow rules: a candidate rule set is rebuilt into a generation that
+/// does not serve, and compared with the active one before anyone switches:
+/// which customers would split or join, how many events would move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_rule_set_reports_who_would_split_before_it_is_activated() {
+    let mut cdp = CdpProcess::start();
+    let mut ingest = cdp.ingest().await;
+    let zalo = || (5_000_000_000u128 + uuid::Uuid::new_v4().as_u128() % 1_000_000_000).to_string();
+    let (son, father) = (zalo(), zalo());
+    let home = cdp_e2e::mobile();
+    for ids in [
+        vec![cdp_e2e::id("zalo_id", &son)],
+        vec![cdp_e2e::id("zalo_id", &father)],
+        vec![cdp_e2e::id("zalo_id", &son), cdp_e2e::id("phone", &home)],
+        vec![cdp_e2e::id("zalo_id", &father), cdp_e2e::id("phone", &home)],
+    ] {
+        let t = cdp_e2e::touchpoint(
+            "Message Received",
+            "chat",
+            "zalo-oa",
+            ids,
+            serde_json::json!({}),
+        );
+        ingest
+            .track(cdp_proto::v1::TrackRequest {
+                touchpoint: Some(t),
+            })
+            .await
+            .unwrap();
+    }
+    let mut profiles = cdp.profiles().await;
+    cdp_e2e::profile_until(
+        &mut profiles,
+        cdp_e2e::id("zalo_id", &son),
+        Duration::from_secs(60),
+        |p| cdp_e2e::metrics(p).events_count == 4,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the shared phone did not merge the family: {e}"));
+
+    // The candidate rules: the family's phone blocked.
+    let candidate = format!(
+        "{}\n[identity.kinds.phone]\npriority = 4\nlimit = 2\nmerge = true\nblocked = [\"0{home}\"]\n",
+        cdp_e2e::DEFAULT_CONFIG
+    );
+    cdp.restart_with(&candidate);
+    // The restart was a SIGKILL: folds not yet synced are folded again.
+    let mut profiles = cdp.profiles().await;
+    cdp_e2e::profile_until(
+        &mut profiles,
+        cdp_e2e::id("zalo_id", &father),
+        Duration::from_secs(60),
+        |p| cdp_e2e::metrics(p).events_count == 4,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the active view after the restart: {e}\n{}", cdp.log()));
+    let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
+    let started = projections
+        .start_rebuild(StartRebuildRequest {
+            activate: false,
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = projections
+            .get_rebuild(GetRebuildRequest {
+                generation: started.generation,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match status.state() {
+            State::CaughtUp => break,
+            State::Running => {}
+            other => panic!("the shadow rebuild ended {other:?}: {}", status.error),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shadow rebuild did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let report = projections
+        .compare_generations(CompareGenerationsRequest {
+            candidate: started.generation,
+            baseline: 0,
+            examples: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.baseline, 1);
+    assert_eq!(report.events_compared, 4, "{report:#?}");
+    assert_eq!((report.splits, report.joins), (1, 0), "{report:#?}");
+    assert_eq!(report.events_moved, 2, "{report:#?}");
+    assert_eq!(
+        (report.baseline_customers, report.candidate_customers),
+        (1, 2)
+    );
+    assert_eq!(report.split_examples[0].candidate_customer_ids.len(), 2);
+    // Nothing changed for agents yet: the active view is still the merged one.
+    let p = cdp_e2e::profile_when(
+        &mut profiles,
+        cdp_e2e::id("zalo_id", &father),
+        Duration::from_secs(30),
+        |p| cdp_e2e::metrics(p).events_count == 4,
+    )
+    .await;
+    assert!(p.identifiers.iter().any(|i| i.kind == "phone"));
+    let bad = projections
+        .compare_generations(CompareGenerationsRequest {
+            candidate: 99,
+            baseline: 0,
+            examples: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
 }
