@@ -58,21 +58,23 @@ impl Claim {
         self.first_customer.unwrap_or(self.customer)
     }
 
-    /// When an event of its holder last carried it.
+    /// When an event of its holder last carried it (its link, for a claim
+    /// that never recorded one).
     pub fn last_seen(&self) -> UnixMillis {
         self.last_seen.unwrap_or(self.at).max(self.at)
     }
 
-    /// The different people seen with it since `since`, its holder included.
-    pub fn people_since(&self, holder: CustomerId, since: UnixMillis) -> BTreeSet<CustomerId> {
-        let mut people: BTreeSet<CustomerId> = self
-            .sightings
-            .iter()
-            .filter(|s| s.at >= since)
-            .map(|s| s.customer)
-            .collect();
-        people.insert(holder);
-        people
+    /// Whether it has gone unseen with its holder for longer than `silence`
+    /// by `at`. A claim stored before `last_seen` was kept is never silent:
+    /// its silence is unknown.
+    pub fn silent(&self, at: UnixMillis, silence: UnixMillis) -> bool {
+        self.last_seen
+            .is_some_and(|seen| at.saturating_sub(seen.max(self.at)) > silence)
+    }
+
+    /// Whether someone other than its holder was seen with it since `since`.
+    pub fn seen_with_others_since(&self, since: UnixMillis) -> bool {
+        self.sightings.iter().any(|s| s.at >= since)
     }
 }
 
@@ -95,8 +97,9 @@ pub struct Quarantine {
     pub limit: u32,
 }
 
-/// Sightings kept per identifier: enough to count any sensible limit.
-const MAX_SIGHTINGS: usize = 32;
+/// Sightings kept per identifier: enough to count any sensible limit
+/// (`shared_by_at_most` is at most this).
+pub const MAX_SIGHTINGS: usize = 32;
 /// `last_seen` is refreshed when it is older than this.
 const SEEN_GRANULARITY_MS: i64 = 86_400_000;
 
@@ -516,6 +519,9 @@ pub fn decide<G: GraphRead>(
             owner,
         });
     }
+    // Among identifiers of equal strength, those already held come first:
+    // who the event is about does not depend on how new values sort.
+    seen.sort_by_key(|s| (rules.priority(&s.id.kind), s.owner.is_none()));
 
     // A source anyone can send as links only through what it carries from
     // call to call (an anonymous or device id), never through a contact
@@ -580,7 +586,7 @@ pub fn decide<G: GraphRead>(
         // A reassignable value back after a long silence, with someone
         // else's identifiers, belongs to someone new (a recycled number).
         let stale = match (&s.claim, rules.recycle_after_ms(&id.kind)) {
-            (Some(c), Some(after)) => at.saturating_sub(c.last_seen()) > after,
+            (Some(c), Some(after)) => c.silent(at, after),
             _ => false,
         };
         if stale && !cluster.is_empty() && !cluster.is_anonymous(rules) {
@@ -628,7 +634,8 @@ pub fn decide<G: GraphRead>(
     let members: BTreeSet<CustomerId> = cluster.members.iter().map(|m| m.node.id).collect();
 
     // Shared values: each identifier seen with a person it does not belong
-    // to is recorded on its claim; one seen with too many is quarantined.
+    // to is recorded on its claim (once a day per person); one seen with too
+    // many different people (merged customers counted once) is quarantined.
     let mut sightings = Vec::new();
     let mut quarantined = Vec::new();
     for (id, why) in &ignored {
@@ -642,13 +649,22 @@ pub fn decide<G: GraphRead>(
         else {
             continue;
         };
+        let recent = claim.sightings.iter().any(|s| {
+            s.customer == customer_id && at.saturating_sub(s.at).abs() < SEEN_GRANULARITY_MS
+        });
+        if recent {
+            continue;
+        }
         sightings.push(id.clone());
         let limit = rules.shared_by_at_most(id);
         if limit == 0 {
             continue;
         }
-        let mut people = claim.people_since(holder, at.saturating_sub(rules.shared_window_ms()));
-        people.insert(customer_id);
+        let since = at.saturating_sub(rules.shared_window_ms());
+        let mut people = BTreeSet::from([holder, customer_id]);
+        for s in claim.sightings.iter().filter(|s| s.at >= since) {
+            people.insert(graph.root(s.customer)?);
+        }
         let people = u32::try_from(people.len()).unwrap_or(u32::MAX);
         if people > limit {
             quarantined.push(Quarantined {
@@ -660,23 +676,23 @@ pub fn decide<G: GraphRead>(
         }
     }
     // Reassignable values carried by their holder: remember when, to a day.
-    // Only when another identifier of the event confirms the holder: a
-    // number alone cannot tell who carries it now.
+    // Only when the holder is not in doubt: another of the holder's
+    // identifiers is on the event, or nobody else has been seen with the
+    // value lately (a shared number alone cannot say who carries it).
+    let window = at.saturating_sub(rules.shared_window_ms());
     let confirmed = |holder: CustomerId| {
         seen.iter()
             .any(|s| s.owner == Some(holder) && rules.recycle_after_ms(&s.id.kind).is_none())
     };
     let refreshed = seen
         .iter()
-        .filter(|s| {
-            s.owner
-                .is_some_and(|o| members.contains(&o) && confirmed(o))
-        })
+        .filter(|s| s.owner.is_some_and(|o| members.contains(&o)))
         .filter(|s| rules.recycle_after_ms(&s.id.kind).is_some())
         .filter(|s| {
-            s.claim
-                .as_ref()
-                .is_some_and(|c| at.saturating_sub(c.last_seen()) > SEEN_GRANULARITY_MS)
+            s.claim.as_ref().is_some_and(|c| {
+                (c.last_seen.is_none() || at.saturating_sub(c.last_seen()) > SEEN_GRANULARITY_MS)
+                    && (s.owner.is_some_and(confirmed) || !c.seen_with_others_since(window))
+            })
         })
         .map(|s| s.id.clone())
         .collect();
@@ -762,14 +778,20 @@ pub fn apply<G: GraphWrite>(graph: &mut G, decision: &Decision) -> Result<(), G:
     }
     for id in &decision.sightings {
         if let Some(mut claim) = graph.claim(id)? {
-            claim
+            let later = claim
                 .sightings
-                .retain(|s| s.customer != decision.customer_id);
-            claim.sightings.push(Sighting {
-                customer: decision.customer_id,
-                event_id: decision.event_id,
-                at: decision.at,
-            });
+                .iter()
+                .any(|s| s.customer == decision.customer_id && s.at > decision.at);
+            if !later {
+                claim
+                    .sightings
+                    .retain(|s| s.customer != decision.customer_id);
+                claim.sightings.push(Sighting {
+                    customer: decision.customer_id,
+                    event_id: decision.event_id,
+                    at: decision.at,
+                });
+            }
             claim.sightings.sort_by_key(|s| s.at);
             let excess = claim.sightings.len().saturating_sub(MAX_SIGHTINGS);
             claim.sightings.drain(..excess);
@@ -788,7 +810,7 @@ pub fn apply<G: GraphWrite>(graph: &mut G, decision: &Decision) -> Result<(), G:
     }
     for id in &decision.seen {
         if let Some(mut claim) = graph.claim(id)?
-            && claim.last_seen() < decision.at
+            && (claim.last_seen.is_none() || claim.last_seen() < decision.at)
         {
             claim.last_seen = Some(decision.at);
             graph.put_claim(id, &claim)?;
@@ -1413,14 +1435,14 @@ mod tests {
             &rules,
             &event(1, 10, &[phone.clone(), card.clone()]),
         );
-        // Alone, the number does not say who carries it: not "seen".
+        // Alone, with nobody else ever seen with it: its holder's, "seen".
         let alone = resolved(
             &mut g,
             &rules,
             &event(2, 50 * DAY, std::slice::from_ref(&phone)),
         );
         assert_eq!(alone.customer_id, old.customer_id);
-        assert!(alone.seen.is_empty());
+        assert_eq!(alone.seen.len(), 1);
         // Carried by its holder (with the holder's card) after 100 days: seen.
         let seen = resolved(
             &mut g,
@@ -1467,6 +1489,101 @@ mod tests {
             &event(5, 501 * DAY, std::slice::from_ref(&phone)),
         );
         assert_eq!(alone.customer_id, new.customer_id);
+    }
+
+    #[test]
+    fn a_regular_who_gives_only_a_phone_keeps_it_and_old_claims_are_never_recycled() {
+        let rules = IdentityRules::default();
+        let mut g = MemoryGraph::new();
+        let phone = (IdKind::Phone, "+84987654321");
+        let first = resolved(&mut g, &rules, &event(1, 10, std::slice::from_ref(&phone)));
+        // Every month at the till with the phone alone...
+        for month in 1..=8u128 {
+            let d = resolved(
+                &mut g,
+                &rules,
+                &event(
+                    1 + month,
+                    30 * DAY * month as i64,
+                    std::slice::from_ref(&phone),
+                ),
+            );
+            assert_eq!(d.customer_id, first.customer_id);
+        }
+        // ...then they give an email: the same person, not a recycled number.
+        let d = resolved(
+            &mut g,
+            &rules,
+            &event(
+                20,
+                250 * DAY,
+                &[phone.clone(), (IdKind::Email, "regular@shop.vn")],
+            ),
+        );
+        assert_eq!(d.customer_id, first.customer_id);
+        assert!(d.recycled.is_empty());
+
+        // A claim stored before `last_seen` was kept: its silence is unknown.
+        let legacy_phone = Identifier::new(IdKind::Phone, "+84911112222");
+        let legacy = resolved(
+            &mut g,
+            &rules,
+            &event(30, 10, &[(IdKind::Phone, "+84911112222")]),
+        );
+        let mut claim = g.claim(&legacy_phone).unwrap().unwrap();
+        claim.last_seen = None;
+        g.put_claim(&legacy_phone, &claim).unwrap();
+        let d = resolved(
+            &mut g,
+            &rules,
+            &event(
+                31,
+                900 * DAY,
+                &[
+                    (IdKind::Phone, "+84911112222"),
+                    (IdKind::Email, "x@shop.vn"),
+                ],
+            ),
+        );
+        assert_eq!(d.customer_id, legacy.customer_id);
+        assert!(d.recycled.is_empty());
+    }
+
+    #[test]
+    fn who_an_event_is_about_does_not_depend_on_how_new_values_sort() {
+        let rules = IdentityRules::default(); // phone limit 2
+        for new_phone in ["+84900000001", "+84999999999"] {
+            let mut g = MemoryGraph::new();
+            let a = resolved(
+                &mut g,
+                &rules,
+                &event(
+                    1,
+                    10,
+                    &[
+                        (IdKind::Phone, "+84955555551"),
+                        (IdKind::Phone, "+84955555552"),
+                    ],
+                ),
+            );
+            let d = resolved(
+                &mut g,
+                &rules,
+                &event(
+                    2,
+                    20,
+                    &[(IdKind::Phone, "+84955555551"), (IdKind::Phone, new_phone)],
+                ),
+            );
+            assert_eq!(d.customer_id, a.customer_id, "with {new_phone}");
+            assert_eq!(
+                d.ignored,
+                vec![(
+                    Identifier::new(IdKind::Phone, new_phone),
+                    Ignored::LimitReached { limit: 2 }
+                )]
+            );
+        }
     }
 
     #[test]

@@ -231,6 +231,15 @@ impl IdentityRules {
                     reason: "limit must be at least 1".into(),
                 });
             }
+            if rule.shared_by_at_most as usize > crate::identity::MAX_SIGHTINGS {
+                return Err(RulesError::BadKind {
+                    kind: name.clone(),
+                    reason: format!(
+                        "shared_by_at_most must be at most {}",
+                        crate::identity::MAX_SIGHTINGS
+                    ),
+                });
+            }
             let blocked = normalise_values(
                 &kind,
                 "blocked",
