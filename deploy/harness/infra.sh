@@ -18,7 +18,11 @@ RUN="${CDP_INFRA_RUN:-$CACHE/run}"
 TIMEOUT="${CDP_INFRA_TIMEOUT:-180}"            # seconds to wait for readiness
 STOP_TIMEOUT="${CDP_INFRA_STOP_TIMEOUT:-30}"   # seconds between SIGTERM and SIGKILL
 KAFKA_HEAP="${CDP_KAFKA_HEAP:-512m}"
-CASSANDRA_HEAP="${CDP_CASSANDRA_HEAP:-768m}"
+# Every end-to-end test on Cassandra creates a keyspace (and a rebuild one
+# more); their schema stays on the heap until the servers stop. 768m ran out
+# after a few hundred keyspaces (a long-lived `make infra-up` serving several
+# test runs); one `make test` creates several dozen.
+CASSANDRA_HEAP="${CDP_CASSANDRA_HEAP:-1536m}"
 # extra arguments for mvn, e.g. "-o" (offline) or "-Dmaven.repo.local=/x"
 read -r -a MVN_EXTRA <<<"${CDP_INFRA_MAVEN_ARGS:-}"
 
