@@ -576,28 +576,7 @@ pub fn score_touching<P: Eq + std::hash::Hash + Ord + Copy>(
         .values()
         .map(|(n, r)| pairs(*n) - pairs(n - r))
         .sum();
-    let precision = if predicted_pairs == 0 {
-        1.0
-    } else {
-        tp as f64 / predicted_pairs as f64
-    };
-    let recall = if true_pairs == 0 {
-        1.0
-    } else {
-        tp as f64 / true_pairs as f64
-    };
-    let f1 = if precision + recall == 0.0 {
-        0.0
-    } else {
-        2.0 * precision * recall / (precision + recall)
-    };
-    PairScore {
-        precision,
-        recall,
-        f1,
-        predicted_pairs,
-        true_pairs,
-    }
+    PairScore::of(tp, predicted_pairs, true_pairs)
 }
 
 /// Pairwise precision, recall and F1 of predicted clusters against the truth.
@@ -608,6 +587,34 @@ pub struct PairScore {
     pub f1: f64,
     pub predicted_pairs: u64,
     pub true_pairs: u64,
+}
+
+impl PairScore {
+    /// The score of `tp` correct pairs among `predicted_pairs`, out of `true_pairs`.
+    fn of(tp: u64, predicted_pairs: u64, true_pairs: u64) -> PairScore {
+        let precision = if predicted_pairs == 0 {
+            1.0
+        } else {
+            tp as f64 / predicted_pairs as f64
+        };
+        let recall = if true_pairs == 0 {
+            1.0
+        } else {
+            tp as f64 / true_pairs as f64
+        };
+        let f1 = if precision + recall == 0.0 {
+            0.0
+        } else {
+            2.0 * precision * recall / (precision + recall)
+        };
+        PairScore {
+            precision,
+            recall,
+            f1,
+            predicted_pairs,
+            true_pairs,
+        }
+    }
 }
 
 fn pairs(n: u64) -> u64 {
@@ -629,28 +636,7 @@ pub fn score<T: Eq + std::hash::Hash + Ord, P: Eq + std::hash::Hash + Ord>(
     let tp: u64 = cells.values().map(|n| pairs(*n)).sum();
     let true_pairs: u64 = truth.values().map(|n| pairs(*n)).sum();
     let predicted_pairs: u64 = predicted.values().map(|n| pairs(*n)).sum();
-    let precision = if predicted_pairs == 0 {
-        1.0
-    } else {
-        tp as f64 / predicted_pairs as f64
-    };
-    let recall = if true_pairs == 0 {
-        1.0
-    } else {
-        tp as f64 / true_pairs as f64
-    };
-    let f1 = if precision + recall == 0.0 {
-        0.0
-    } else {
-        2.0 * precision * recall / (precision + recall)
-    };
-    PairScore {
-        precision,
-        recall,
-        f1,
-        predicted_pairs,
-        true_pairs,
-    }
+    PairScore::of(tp, predicted_pairs, true_pairs)
 }
 
 #[cfg(test)]
