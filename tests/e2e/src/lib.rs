@@ -482,6 +482,18 @@ impl CdpProcess {
         IngestServiceClient::new(self.channel().await)
     }
 
+    /// Sends one touchpoint with `Track` and returns the answer (a refusal panics).
+    pub async fn track(&self, t: Touchpoint) -> v1::TrackResponse {
+        self.ingest()
+            .await
+            .track(v1::TrackRequest {
+                touchpoint: Some(t),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("Track failed: {s}"))
+            .into_inner()
+    }
+
     pub async fn profiles(&self) -> ProfileServiceClient<Channel> {
         ProfileServiceClient::new(self.query_channel().await)
     }

@@ -145,17 +145,6 @@ async fn explain_returns_the_real_cause_of_a_merge() {
 
 // ---- identity that never joins strangers (issue #15) ----------------------
 
-async fn track(cdp: &CdpProcess, t: cdp_proto::v1::Touchpoint) -> cdp_proto::v1::TrackResponse {
-    cdp.ingest()
-        .await
-        .track(TrackRequest {
-            touchpoint: Some(t),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 /// The customer an identifier leads to once `events` events are folded there.
 async fn customer_of(cdp: &CdpProcess, identifier: Identifier, events: u64) -> String {
     let mut profiles = cdp.profiles().await;
@@ -196,7 +185,7 @@ async fn a_family_phone_and_a_shared_tablet_never_join_strangers() {
         vec![id("phone", &home), id("loyalty_id", &format!("LC-M-{tag}"))],
         json!({"order_id": format!("m-{tag}"), "total": 100_000, "currency": "VND"}),
     );
-    track(&cdp, mother).await;
+    cdp.track(mother).await;
     let mother_id = customer_of(&cdp, id("loyalty_id", &format!("LC-M-{tag}")), 1).await;
     let daughter = touchpoint(
         "Order Completed",
@@ -206,7 +195,7 @@ async fn a_family_phone_and_a_shared_tablet_never_join_strangers() {
         json!({"order_id": format!("d-{tag}"), "total": 200_000, "currency": "VND"}),
     );
     let daughter_event = daughter.event_id.clone();
-    track(&cdp, daughter).await;
+    cdp.track(daughter).await;
     let daughter_id = customer_of(&cdp, id("loyalty_id", &format!("LC-D-{tag}")), 1).await;
     assert_ne!(
         daughter_id, mother_id,
@@ -225,20 +214,17 @@ async fn a_family_phone_and_a_shared_tablet_never_join_strangers() {
     let tablet = format!("tablet-{tag}");
     let anon = format!("anon-{tag}");
     let first_email = format!("first.{tag}@shop.vn");
-    track(
-        &cdp,
-        touchpoint(
-            "Identify",
-            "app",
-            "kiosk-app",
-            vec![
-                id("device_id", &tablet),
-                id("anonymous_id", &anon),
-                id("email", &first_email),
-            ],
-            json!({}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Identify",
+        "app",
+        "kiosk-app",
+        vec![
+            id("device_id", &tablet),
+            id("anonymous_id", &anon),
+            id("email", &first_email),
+        ],
+        json!({}),
+    ))
     .await;
     let first_id = customer_of(&cdp, id("email", &first_email), 1).await;
     // ...then a new customer signs up on it with a new card and phone.
@@ -256,7 +242,7 @@ async fn a_family_phone_and_a_shared_tablet_never_join_strangers() {
         json!({}),
     );
     let signup_event = signup.event_id.clone();
-    track(&cdp, signup).await;
+    cdp.track(signup).await;
     let newcomer = customer_of(&cdp, id("loyalty_id", &format!("LC-N-{tag}")), 1).await;
     assert_ne!(
         newcomer, first_id,
@@ -277,16 +263,13 @@ async fn a_family_phone_and_a_shared_tablet_never_join_strangers() {
         "{d:#?}"
     );
     // Browsing on the tablet afterwards does not follow the sign-up.
-    track(
-        &cdp,
-        touchpoint(
-            "Product Viewed",
-            "app",
-            "kiosk-app",
-            vec![id("anonymous_id", &anon)],
-            json!({"product_id": "SKU-1"}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Product Viewed",
+        "app",
+        "kiosk-app",
+        vec![id("anonymous_id", &anon)],
+        json!({"product_id": "SKU-1"}),
+    ))
     .await;
     assert_eq!(
         customer_of(&cdp, id("email", &first_email), 2).await,
@@ -306,16 +289,13 @@ async fn a_value_seen_with_too_many_people_is_quarantined_listed_and_stops_attri
     let mut holders = Vec::new();
     for n in 0..4 {
         let email = format!("shopper{n}.{tag}@shop.vn");
-        track(
-            &cdp,
-            touchpoint(
-                "Product Viewed",
-                "app",
-                "kiosk-app",
-                vec![id("device_id", &device), id("email", &email)],
-                json!({"product_id": "SKU-1"}),
-            ),
-        )
+        cdp.track(touchpoint(
+            "Product Viewed",
+            "app",
+            "kiosk-app",
+            vec![id("device_id", &device), id("email", &email)],
+            json!({"product_id": "SKU-1"}),
+        ))
         .await;
         holders.push(customer_of(&cdp, id("email", &email), 1).await);
     }
@@ -358,7 +338,7 @@ async fn a_value_seen_with_too_many_people_is_quarantined_listed_and_stops_attri
         json!({"product_id": "SKU-2"}),
     );
     let alone_id = alone.event_id.clone();
-    track(&cdp, alone).await;
+    cdp.track(alone).await;
     let mut admin = DeadLetterServiceClient::new(cdp.channel().await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
@@ -403,7 +383,7 @@ async fn a_recycled_number_goes_to_its_new_subscriber() {
         json!({"order_id": format!("old-{tag}"), "total": 100_000, "currency": "VND"}),
     );
     at_days_ago(&mut old, 540);
-    track(&cdp, old).await;
+    cdp.track(old).await;
     let former = customer_of(&cdp, id("email", &format!("old.{tag}@shop.vn")), 1).await;
     // The carrier gave it to a new subscriber, who signs up with it.
     let signup = touchpoint(
@@ -417,7 +397,7 @@ async fn a_recycled_number_goes_to_its_new_subscriber() {
         json!({}),
     );
     let signup_id = signup.event_id.clone();
-    track(&cdp, signup).await;
+    cdp.track(signup).await;
     let newcomer = customer_of(&cdp, id("email", &format!("new.{tag}@shop.vn")), 1).await;
     assert_ne!(newcomer, former);
     // The number now leads to the new subscriber.
@@ -443,7 +423,7 @@ async fn an_invalid_phone_is_dropped_with_its_reason_and_the_order_kept() {
         json!({"order_id": format!("o-{tag}"), "total": 350_000, "currency": "VND"}),
     );
     let order_id = order.event_id.clone();
-    let r = track(&cdp, order).await;
+    let r = cdp.track(order).await;
     assert_eq!(r.warnings.len(), 1, "{r:?}");
     assert!(r.warnings[0].field.contains("phone"), "{r:?}");
     assert!(
@@ -516,16 +496,13 @@ async fn blocked_values_in_the_configuration_match_every_form_of_them() {
     .into_iter()
     .enumerate()
     {
-        track(
-            &cdp,
-            touchpoint(
-                "Product Viewed",
-                "app",
-                "kiosk-app",
-                ids,
-                json!({"product_id": n.to_string()}),
-            ),
-        )
+        cdp.track(touchpoint(
+            "Product Viewed",
+            "app",
+            "kiosk-app",
+            ids,
+            json!({"product_id": n.to_string()}),
+        ))
         .await;
     }
     let mut customers = std::collections::BTreeSet::new();
@@ -554,19 +531,16 @@ async fn a_website_cannot_attach_anything_to_a_customer_found_by_a_typed_email()
     let cdp = CdpProcess::start();
     let tag = unique("");
     let victim_email = format!("victim.{tag}@shop.vn");
-    track(
-        &cdp,
-        touchpoint(
-            "Order Completed",
-            "store",
-            "pos-q1",
-            vec![
-                id("email", &victim_email),
-                id("phone", &format!("0{}", mobile())),
-            ],
-            json!({"order_id": format!("v-{tag}"), "total": 100_000, "currency": "VND"}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "pos-q1",
+        vec![
+            id("email", &victim_email),
+            id("phone", &format!("0{}", mobile())),
+        ],
+        json!({"order_id": format!("v-{tag}"), "total": 100_000, "currency": "VND"}),
+    ))
     .await;
     let victim = customer_of(&cdp, id("email", &victim_email), 1).await;
     // Someone types the victim's email into the website's form, with their own phone.
@@ -583,7 +557,7 @@ async fn a_website_cannot_attach_anything_to_a_customer_found_by_a_typed_email()
         json!({}),
     );
     let form_id = form.event_id.clone();
-    track(&cdp, form).await;
+    cdp.track(form).await;
     let d = loop {
         let d = decision(&cdp, &form_id).await;
         if d.resolved {

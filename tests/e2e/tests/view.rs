@@ -7,20 +7,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cdp_e2e::{AGENT_TOKEN, CdpProcess, id, metrics, mobile, profile_when, touchpoint, unique};
-use cdp_proto::v1::{self, GetProfileRequest, SearchCustomersRequest, TrackRequest};
+use cdp_proto::v1::{self, GetProfileRequest, SearchCustomersRequest};
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-async fn track(cdp: &CdpProcess, t: v1::Touchpoint) {
-    cdp.ingest()
-        .await
-        .track(TrackRequest {
-            touchpoint: Some(t),
-        })
-        .await
-        .unwrap();
-}
 
 fn with_traits(mut t: v1::Touchpoint, traits: Value) -> v1::Touchpoint {
     if let Some(p) = t.personal.as_mut() {
@@ -45,7 +35,7 @@ async fn search_finds_customers_by_phone_forms_and_names_with_or_without_diacrit
         ],
         json!({}),
     );
-    track(&cdp, with_traits(t, json!({"name": name}))).await;
+    cdp.track(with_traits(t, json!({"name": name}))).await;
     let mut profiles = cdp.profiles().await;
     let p = profile_when(
         &mut profiles,
@@ -99,16 +89,13 @@ async fn search_finds_customers_by_phone_forms_and_names_with_or_without_diacrit
 async fn watch_profile_delivers_the_update_after_an_event() {
     let cdp = CdpProcess::start();
     let email = format!("watch.{}@shop.vn", unique(""));
-    track(
-        &cdp,
-        touchpoint(
-            "Product Viewed",
-            "web",
-            "website",
-            vec![id("email", &email)],
-            json!({"product_id": "A"}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Product Viewed",
+        "web",
+        "website",
+        vec![id("email", &email)],
+        json!({"product_id": "A"}),
+    ))
     .await;
     let mut profiles = cdp.profiles().await;
     profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
@@ -128,16 +115,13 @@ async fn watch_profile_delivers_the_update_after_an_event() {
         .into_inner();
     let first = stream.message().await.unwrap().unwrap().profile.unwrap();
     assert_eq!(metrics(&first).orders_count, 0);
-    track(
-        &cdp,
-        touchpoint(
-            "Order Completed",
-            "store",
-            "pos-q1",
-            vec![id("email", &email)],
-            json!({"order_id": unique(""), "total": 700000}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "pos-q1",
+        vec![id("email", &email)],
+        json!({"order_id": unique(""), "total": 700000}),
+    ))
     .await;
     let next = tokio::time::timeout(PATIENCE, async {
         loop {
@@ -164,7 +148,8 @@ async fn trait_sources_and_the_rfm_segment_are_in_the_view() {
         vec![id("email", &email)],
         json!({}),
     );
-    track(&cdp, with_traits(crm, json!({"name": "Phạm Minh Tuấn"}))).await;
+    cdp.track(with_traits(crm, json!({"name": "Phạm Minh Tuấn"})))
+        .await;
     let web = touchpoint(
         "Identify",
         "web",
@@ -172,17 +157,14 @@ async fn trait_sources_and_the_rfm_segment_are_in_the_view() {
         vec![id("email", &email)],
         json!({}),
     );
-    track(&cdp, with_traits(web, json!({"name": "tuan99"}))).await;
-    track(
-        &cdp,
-        touchpoint(
-            "Order Completed",
-            "web",
-            "website",
-            vec![id("email", &email)],
-            json!({"order_id": unique(""), "total": 300000}),
-        ),
-    )
+    cdp.track(with_traits(web, json!({"name": "tuan99"}))).await;
+    cdp.track(touchpoint(
+        "Order Completed",
+        "web",
+        "website",
+        vec![id("email", &email)],
+        json!({"order_id": unique(""), "total": 300000}),
+    ))
     .await;
     let mut profiles = cdp.profiles().await;
     let p = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
@@ -219,28 +201,22 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
     let phone = format!("0{digits}");
     let who = vec![id("phone", &phone)];
     for total in [450_000, 1_250_000] {
-        track(
-            &cdp,
-            touchpoint(
-                "Order Completed",
-                "store",
-                "pos-q1",
-                who.clone(),
-                json!({"order_id": unique(""), "total": total}),
-            ),
-        )
+        cdp.track(touchpoint(
+            "Order Completed",
+            "store",
+            "pos-q1",
+            who.clone(),
+            json!({"order_id": unique(""), "total": total}),
+        ))
         .await;
     }
-    track(
-        &cdp,
-        touchpoint(
-            "Ticket Opened",
-            "call_center",
-            "hotline",
-            who.clone(),
-            json!({"ticket_id": unique(""), "subject": "Giao hàng chậm"}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Ticket Opened",
+        "call_center",
+        "hotline",
+        who.clone(),
+        json!({"ticket_id": unique(""), "subject": "Giao hàng chậm"}),
+    ))
     .await;
     let mut profiles = cdp.profiles().await;
     let p = profile_when(&mut profiles, who[0].clone(), PATIENCE, |p| {
@@ -301,16 +277,13 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    track(
-        &cdp,
-        touchpoint(
-            "Order Completed",
-            "web",
-            "website",
-            who.clone(),
-            json!({"order_id": unique(""), "total": 99_000}),
-        ),
-    )
+    cdp.track(touchpoint(
+        "Order Completed",
+        "web",
+        "website",
+        who.clone(),
+        json!({"order_id": unique(""), "total": 99_000}),
+    ))
     .await;
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
