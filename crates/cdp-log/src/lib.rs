@@ -237,6 +237,30 @@ pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
     u32::try_from(hash % u64::from(partitions.max(1))).unwrap_or(0)
 }
 
+/// Reads every record `topic` holds now, partition by partition in offset
+/// order, `page` records per read, handing each to `each`; stops at the
+/// first error `each` returns.
+pub async fn scan<E: From<LogError>>(
+    log: &dyn EventLog,
+    topic: Topic,
+    page: usize,
+    mut each: impl FnMut(&LogRecord) -> Result<(), E>,
+) -> Result<(), E> {
+    let ends = log.end_offsets(topic).await?;
+    for (partition, end) in (0u32..).zip(ends) {
+        let mut from = 0;
+        while from < end {
+            let records = log.read(topic, partition, from, page).await?;
+            let Some(last) = records.last() else { break };
+            from = last.offset + 1;
+            for r in &records {
+                each(r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Total records not yet committed by `group` on `topic`.
 pub async fn lag(log: &dyn EventLog, group: &str, topic: Topic) -> Result<u64, LogError> {
     let ends = log.end_offsets(topic).await?;

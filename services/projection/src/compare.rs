@@ -119,32 +119,25 @@ pub async fn read(
 ) -> Result<(Attribution, Attribution), ServiceError> {
     let mut a = Attribution::default();
     let mut b = Attribution::default();
-    let ends = log.end_offsets(topic::RESOLVED).await?;
-    for (partition, end) in (0u32..).zip(ends) {
-        let mut from = 0;
-        while from < end {
-            let records = log.read(topic::RESOLVED, partition, from, 1000).await?;
-            let Some(last) = records.last() else { break };
-            from = last.offset + 1;
-            for r in &records {
-                let target = match emit::generation_of(r) {
-                    Some(g) if g == baseline => &mut a,
-                    Some(g) if g == candidate => &mut b,
-                    _ => continue,
-                };
-                let resolved = emit::read_resolved(r).map_err(|e| {
-                    ServiceError::Internal(format!(
-                        "resolved record {partition}/{} cannot be decoded: {e}",
-                        r.offset
-                    ))
-                })?;
-                for m in &resolved.merges {
-                    target.merge(m.loser, m.survivor);
-                }
-                target.event(resolved.touchpoint.event_id(), resolved.customer_id);
-            }
+    cdp_log::scan(log, topic::RESOLVED, 1000, |r| {
+        let target = match emit::generation_of(r) {
+            Some(g) if g == baseline => &mut a,
+            Some(g) if g == candidate => &mut b,
+            _ => return Ok::<_, ServiceError>(()),
+        };
+        let resolved = emit::read_resolved(r).map_err(|e| {
+            ServiceError::Internal(format!(
+                "resolved record {}/{} cannot be decoded: {e}",
+                r.partition, r.offset
+            ))
+        })?;
+        for m in &resolved.merges {
+            target.merge(m.loser, m.survivor);
         }
-    }
+        target.event(resolved.touchpoint.event_id(), resolved.customer_id);
+        Ok(())
+    })
+    .await?;
     Ok((a, b))
 }
 

@@ -201,36 +201,29 @@ impl ProfileQuery {
     pub async fn quarantined(&self) -> Result<Vec<QuarantinedIdentifier>, ServiceError> {
         let log = self.event_log()?;
         let stores = self.stores();
-        let ends = log.end_offsets(topic::ALERTS).await?;
         let mut found: Vec<(Identifier, cdp_proto::v1::IdentifierQuarantined)> = Vec::new();
-        for (partition, end) in (0u32..).zip(ends) {
-            let mut from = 0;
-            while from < end {
-                let records = log.read(topic::ALERTS, partition, from, 500).await?;
-                let Some(last) = records.last() else { break };
-                from = last.offset + 1;
-                for r in records {
-                    if emit::generation_of(&r) != Some(stores.generation) {
-                        continue;
-                    }
-                    let Ok(alert) = codec::decode_alert(&r.value) else {
-                        tracing::warn!(
-                            partition,
-                            offset = r.offset,
-                            "an undecodable alert is skipped"
-                        );
-                        continue;
-                    };
-                    if let Some(alert_record::Alert::Quarantined(q)) = alert.alert
-                        && let Some(raw) = &q.identifier
-                        && let Ok(id) = self.identifier(raw)
-                        && !found.iter().any(|(known, _)| known == &id)
-                    {
-                        found.push((id, q));
-                    }
-                }
+        cdp_log::scan(log.as_ref(), topic::ALERTS, 500, |r| {
+            if emit::generation_of(r) != Some(stores.generation) {
+                return Ok::<_, ServiceError>(());
             }
-        }
+            let Ok(alert) = codec::decode_alert(&r.value) else {
+                tracing::warn!(
+                    partition = r.partition,
+                    offset = r.offset,
+                    "an undecodable alert is skipped"
+                );
+                return Ok(());
+            };
+            if let Some(alert_record::Alert::Quarantined(q)) = alert.alert
+                && let Some(raw) = &q.identifier
+                && let Ok(id) = self.identifier(raw)
+                && !found.iter().any(|(known, _)| known == &id)
+            {
+                found.push((id, q));
+            }
+            Ok(())
+        })
+        .await?;
         let mut out = Vec::with_capacity(found.len());
         for (id, q) in found {
             let claim = stores
