@@ -59,7 +59,7 @@ pub async fn run(
         population.events.len()
     );
     let cdp = CdpProcess::start_on(backend, config);
-    let mut ingest = IngestServiceClient::new(cdp.channel().await);
+    let mut ingest = IngestServiceClient::new(cdp.ingest_channel().await);
     let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
     let started = Instant::now();
     let mut sent = Vec::with_capacity(population.events.len());

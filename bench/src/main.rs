@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
 use cdp_domain::journey::{self, JourneyConfig};
+use cdp_e2e::Authed;
 use cdp_e2e::{Backend, CdpProcess, id, to_api};
 use cdp_proto::v1::ingest_service_client::IngestServiceClient;
 use cdp_proto::v1::profile_service_client::ProfileServiceClient;
@@ -36,7 +37,6 @@ use cdp_proto::v1::{
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks the CDP on the real binaries")]
@@ -222,7 +222,7 @@ fn lookup(email: &str) -> GetProfileRequest {
     }
 }
 
-async fn events_count(profiles: &mut ProfileServiceClient<Channel>, who: Identifier) -> u64 {
+async fn events_count(profiles: &mut ProfileServiceClient<Authed>, who: Identifier) -> u64 {
     match profiles
         .get_profile(GetProfileRequest {
             lookup: Some(Lookup::Identifier(who)),
@@ -330,7 +330,7 @@ async fn http_ingest(cdp: &CdpProcess, events: usize, seed: u64) -> anyhow::Resu
 /// Waits until the pipeline has folded everything; returns the seconds
 /// until identity caught up and until profiles did.
 async fn drain(
-    projections: &mut ProjectionServiceClient<Channel>,
+    projections: &mut ProjectionServiceClient<Authed>,
     since: Instant,
     limit: Duration,
 ) -> anyhow::Result<(f64, f64)> {
@@ -400,7 +400,7 @@ async fn freshness(
     let reserved = args.freshness.min(emails.len() / 2).max(1);
     let stop = Arc::new(AtomicBool::new(false));
     let background = {
-        let mut ingest: IngestServiceClient<Channel> = cdp.ingest().await;
+        let mut ingest: IngestServiceClient<Authed> = cdp.ingest().await;
         let emails = Arc::clone(emails);
         let stop = Arc::clone(&stop);
         let per_tick = (args.offered / 50).max(1); // every 20 ms
@@ -495,7 +495,7 @@ async fn replay(cdp: &CdpProcess) -> anyhow::Result<Value> {
     Ok(json!({"events": n, "seconds": secs, "events_per_s": n as f64 / secs}))
 }
 
-async fn rebuild(projections: &mut ProjectionServiceClient<Channel>) -> anyhow::Result<Value> {
+async fn rebuild(projections: &mut ProjectionServiceClient<Authed>) -> anyhow::Result<Value> {
     let started = Instant::now();
     let s = projections
         .start_rebuild(StartRebuildRequest {

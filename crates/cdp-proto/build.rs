@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "identity",
         "replay",
         "projection",
+        "access",
     ]
     .iter()
     .map(|name| root.join(format!("cdp/v1/{name}.proto")))

@@ -9,8 +9,10 @@ use cdp_domain::{IdentityRules, IdentityRulesConfig, ValidationLimits};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod access;
 mod backends;
 
+pub use access::{AccessConfig, CredentialConfig};
 pub use backends::{KafkaConfig, ScyllaConfig};
 
 #[derive(Debug, Error)]
@@ -283,13 +285,21 @@ pub struct ProfileConfig {
     pub source_trust: std::collections::BTreeMap<String, i64>,
 }
 
-/// A customer-service agent who may use the console.
+/// A customer-service agent who may use the console: shorthand for a
+/// credential with the `agent` role (or the one given).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     pub name: String,
-    /// The agent's bearer token.
+    /// The agent's key.
     pub token: Secret,
+    /// agent (the default), supervisor or admin.
+    #[serde(default)]
+    pub role: Option<String>,
+    #[serde(default)]
+    pub team: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
 }
 
 /// The whole platform's configuration.
@@ -309,8 +319,11 @@ pub struct PlatformConfig {
     pub identity: IdentityRulesConfig,
     pub validation: ValidationLimits,
     pub profile: ProfileConfig,
-    /// Agents of the console.
+    /// Agents of the console (shorthand credentials).
     pub agents: Vec<AgentConfig>,
+    /// API keys of every caller of the gRPC API and the console.
+    pub credentials: Vec<CredentialConfig>,
+    pub access: AccessConfig,
     pub telemetry: TelemetryConfig,
 }
 
@@ -329,6 +342,8 @@ impl Default for PlatformConfig {
             validation: ValidationLimits::default(),
             profile: ProfileConfig::default(),
             agents: Vec::new(),
+            credentials: Vec::new(),
+            access: AccessConfig::default(),
             telemetry: TelemetryConfig::default(),
         }
     }
@@ -385,16 +400,8 @@ impl PlatformConfig {
             });
         }
         IdentityRules::new(self.identity.clone())?;
-        if self
-            .agents
-            .iter()
-            .any(|a| a.name.trim().is_empty() || a.token.expose().len() < 8)
-        {
-            return Err(ConfigError::Invalid {
-                field: "agents",
-                reason: "every agent needs a name and a token of at least 8 characters".into(),
-            });
-        }
+        access::check(&self.all_credentials(), &self.access)?;
+        self.check_exposure()?;
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.sources {
             if s.id.trim().is_empty() || s.write_key.expose().trim().is_empty() {
@@ -415,6 +422,82 @@ impl PlatformConfig {
                     reason: format!("source {} reuses another source's write key", s.id),
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// Every configured credential: `[[credentials]]` and the agents.
+    pub fn all_credentials(&self) -> Vec<CredentialConfig> {
+        let mut all = self.credentials.clone();
+        all.extend(self.agents.iter().map(|a| CredentialConfig {
+            name: a.name.clone(),
+            role: a.role.clone().unwrap_or_else(|| "agent".into()),
+            key: Some(a.token.clone()),
+            key_sha256: None,
+            sources: Vec::new(),
+            scopes: a.scopes.clone(),
+            disclosure: None,
+            team: a.team.clone(),
+            expires_at: None,
+        }));
+        all
+    }
+
+    /// Whether every port this configuration opens is on the loopback
+    /// interface.
+    pub fn loopback_only(&self) -> bool {
+        self.server.grpc_addr.ip().is_loopback() && self.http.addr.ip().is_loopback()
+    }
+
+    /// Demo secrets (`dev-…`, as in `cdp.example.toml`) and a missing
+    /// platform secret are refused on a port other machines can reach,
+    /// unless `access.allow_demo_credentials` says otherwise.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if self.loopback_only() || self.access.allow_demo_credentials {
+            return Ok(());
+        }
+        let mut secrets: Vec<(String, &str)> = Vec::new();
+        for s in &self.sources {
+            secrets.push((format!("sources[{}].write_key", s.id), s.write_key.expose()));
+        }
+        for a in &self.agents {
+            secrets.push((format!("agents[{}].token", a.name), a.token.expose()));
+        }
+        for c in &self.credentials {
+            if let Some(k) = &c.key {
+                secrets.push((format!("credentials[{}].key", c.name), k.expose()));
+            }
+        }
+        if let Some(z) = &self.webhooks.zalo {
+            secrets.push((
+                "webhooks.zalo.oa_secret_key".into(),
+                z.oa_secret_key.expose(),
+            ));
+        }
+        if let Some(m) = &self.webhooks.messenger {
+            secrets.push((
+                "webhooks.messenger.app_secret".into(),
+                m.app_secret.expose(),
+            ));
+            secrets.push((
+                "webhooks.messenger.verify_token".into(),
+                m.verify_token.expose(),
+            ));
+        }
+        secrets.push(("access.secret".into(), self.access.secret.expose()));
+        if self.access.secret.expose().len() < 16 {
+            return Err(ConfigError::Invalid {
+                field: "access.secret",
+                reason: "a secret of at least 16 characters is required when a port listens beyond 127.0.0.1".into(),
+            });
+        }
+        if let Some((field, _)) = secrets.iter().find(|(_, v)| access::is_demo_secret(v)) {
+            return Err(ConfigError::Invalid {
+                field: "access.allow_demo_credentials",
+                reason: format!(
+                    "{field} is a demo secret (dev-…) and a port listens beyond 127.0.0.1: replace it, or set access.allow_demo_credentials = true"
+                ),
+            });
         }
         Ok(())
     }

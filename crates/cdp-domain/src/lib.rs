@@ -7,6 +7,7 @@
 //! reference model (`reference`) and the identity accuracy benchmark
 //! (`accuracy`), with the `rand` they use.
 
+pub mod access;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod accuracy;
 pub mod event;

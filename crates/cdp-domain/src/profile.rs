@@ -181,6 +181,10 @@ pub struct Profile {
     pub consent: BTreeMap<String, Sourced<bool>>,
     /// Count of events per type, for the journey stage.
     pub event_types: BTreeMap<String, u64>,
+    /// Per source id: when the customer was last seen there (access scopes
+    /// are labels of sources). Absent in profiles folded before it existed.
+    #[serde(default)]
+    pub sources: BTreeMap<String, UnixMillis>,
 }
 
 impl Profile {
@@ -205,6 +209,7 @@ impl Profile {
             feedback: None,
             consent: BTreeMap::new(),
             event_types: BTreeMap::new(),
+            sources: BTreeMap::new(),
         }
     }
 
@@ -226,6 +231,8 @@ impl Profile {
             .event_types
             .entry(env.event_type.as_str().to_owned())
             .or_default() += 1;
+        let seen = self.sources.entry(env.source_id.clone()).or_insert(at);
+        *seen = (*seen).max(at);
         for (key, value) in &t.personal.traits {
             let trust = options.trust(t);
             lww_map(
@@ -437,6 +444,10 @@ impl Profile {
         }
         for (k, n) in other.event_types {
             *self.event_types.entry(k).or_default() += n;
+        }
+        for (source, at) in other.sources {
+            let seen = self.sources.entry(source).or_insert(at);
+            *seen = (*seen).max(at);
         }
         for (k, v) in other.traits {
             lww_map(&mut self.traits, &k, &v);

@@ -285,6 +285,29 @@ pub fn alert_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// The `alerts` record of a credential that read far more customers than usual.
+pub fn unusual_reads_record(
+    actor: &str,
+    role: &str,
+    customers: u32,
+    threshold: u32,
+    window_start_ms: i64,
+    at_ms: i64,
+) -> Vec<u8> {
+    v1::AlertRecord {
+        schema_version: SCHEMA_VERSION,
+        alert: Some(v1::alert_record::Alert::UnusualReads(v1::UnusualReads {
+            actor: actor.to_owned(),
+            role: role.to_owned(),
+            customers,
+            threshold,
+            window_start_ms,
+            at_ms,
+        })),
+    }
+    .encode_to_vec()
+}
+
 /// Decodes an `alerts` record.
 pub fn decode_alert(bytes: &[u8]) -> Result<v1::AlertRecord, CodecError> {
     let r = v1::AlertRecord::decode(bytes)?;

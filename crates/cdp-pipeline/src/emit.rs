@@ -9,7 +9,6 @@ use cdp_domain::{
 };
 use cdp_log::{LogRecord, Record, Topic};
 use cdp_store::FIRST_GENERATION;
-use serde::{Deserialize, Serialize};
 
 use crate::codec::{self, CodecError};
 use crate::{header, key, topic};
@@ -278,33 +277,6 @@ pub fn read_profile_change(r: &LogRecord) -> Option<CustomerId> {
     uuid::Uuid::from_slice(&r.value).ok().map(CustomerId)
 }
 
-// ---- audit -----------------------------------------------------------------
-
-/// One access to a customer's data, as the `audit` topic keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEntry {
-    /// Who: the agent's name.
-    pub agent: String,
-    pub customer_id: String,
-    /// How the agent found the customer: `phone:+84…`, `customer_id:…`.
-    pub lookup: String,
-    pub at: UnixMillis,
-}
-
-/// The `audit` record of an access.
-pub fn audit(entry: &AuditEntry) -> Result<Record, serde_json::Error> {
-    Ok(Record {
-        key: entry.customer_id.clone().into_bytes(),
-        value: serde_json::to_vec(entry)?,
-        ..Record::default()
-    })
-}
-
-/// Decodes an `audit` record.
-pub fn read_audit(r: &LogRecord) -> Result<AuditEntry, serde_json::Error> {
-    serde_json::from_slice(&r.value)
-}
-
 #[cfg(test)]
 mod tests {
     use cdp_domain::identity::{Merge, MergeCause};
@@ -477,15 +449,7 @@ mod tests {
     }
 
     #[test]
-    fn audit_entries_and_profile_changes_round_trip() {
-        let entry = AuditEntry {
-            agent: "lan".into(),
-            customer_id: "c".into(),
-            lookup: "phone:+84912345678".into(),
-            at: 3,
-        };
-        let r = audit(&entry).unwrap();
-        assert_eq!(read_audit(&as_read(topic::AUDIT, &r)).unwrap(), entry);
+    fn profile_changes_round_trip() {
         let c = CustomerId(Uuid::from_u128(44));
         let change = profile_change(c);
         assert_eq!(

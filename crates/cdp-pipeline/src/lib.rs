@@ -15,13 +15,16 @@
 //! with [`emit`], and appends what [`emit`] builds. No I/O happens in this
 //! crate; the log itself is the `cdp_log::EventLog` port.
 
+pub mod audit;
 pub mod codec;
+pub mod credentials;
 pub mod emit;
 pub mod group;
 pub mod header;
 pub mod key;
 pub mod topic;
 
+pub use audit::{AuditEntry, Sealed};
 pub use codec::{CodecError, SCHEMA_VERSION};
-pub use emit::{AuditEntry, Outputs, Stage};
+pub use emit::{Outputs, Stage};
 pub use topic::Topic;

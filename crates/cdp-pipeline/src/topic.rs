@@ -29,8 +29,11 @@ pub const PROFILE_CHANGES: Topic = Topic::new("profile-changes");
 /// keyed by identifier.
 pub const ALERTS: Topic = Topic::new("alerts");
 
+/// API keys issued and revoked at run time (hashes only), keyed by id.
+pub const CREDENTIALS: Topic = Topic::new("credentials");
+
 /// Every topic of the pipeline.
-pub const ALL: [Topic; 7] = [
+pub const ALL: [Topic; 8] = [
     TOUCHPOINTS,
     IDENTITY,
     RESOLVED,
@@ -38,4 +41,5 @@ pub const ALL: [Topic; 7] = [
     AUDIT,
     PROFILE_CHANGES,
     ALERTS,
+    CREDENTIALS,
 ];

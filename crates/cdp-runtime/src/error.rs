@@ -27,6 +27,8 @@ pub enum ErrorCode {
     FailedPrecondition,
     /// The request is larger than accepted.
     TooLarge,
+    /// Too many requests from this caller; retry later.
+    RateLimited,
     /// The body's encoding or media type is not one we read.
     UnsupportedMediaType,
     /// A dependency (log, store) cannot be reached; the caller may retry.
@@ -44,7 +46,7 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => Code::PermissionDenied,
             ErrorCode::NotFound => Code::NotFound,
             ErrorCode::FailedPrecondition => Code::FailedPrecondition,
-            ErrorCode::TooLarge => Code::ResourceExhausted,
+            ErrorCode::TooLarge | ErrorCode::RateLimited => Code::ResourceExhausted,
             ErrorCode::Unavailable => Code::Unavailable,
             ErrorCode::Cancelled => Code::Cancelled,
             ErrorCode::Internal => Code::Internal,
@@ -59,6 +61,7 @@ impl ErrorCode {
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::FailedPrecondition => StatusCode::CONFLICT,
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             // What nginx answers for a client that went away.
@@ -78,6 +81,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::FailedPrecondition => "FAILED_PRECONDITION",
             ErrorCode::TooLarge => "TOO_LARGE",
+            ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
             ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::Unavailable => "UNAVAILABLE",
             ErrorCode::Cancelled => "CANCELLED",
@@ -86,7 +90,7 @@ impl ErrorCode {
     }
 }
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum ServiceError {
     /// The request is wrong; the fields say how.
     #[error("invalid argument: {}", describe(.0))]
@@ -106,6 +110,8 @@ pub enum ServiceError {
     FailedPrecondition(String),
     #[error("too large: {0}")]
     TooLarge(String),
+    #[error("rate limited: {0}")]
+    RateLimited(String),
     #[error("unsupported media type: {0}")]
     UnsupportedMediaType(String),
     /// A dependency (log, store) cannot be reached; the caller may retry.
@@ -139,6 +145,7 @@ impl ServiceError {
             ServiceError::NotFound(_) => ErrorCode::NotFound,
             ServiceError::FailedPrecondition(_) => ErrorCode::FailedPrecondition,
             ServiceError::TooLarge(_) => ErrorCode::TooLarge,
+            ServiceError::RateLimited(_) => ErrorCode::RateLimited,
             ServiceError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
             ServiceError::Cancelled(_) => ErrorCode::Cancelled,

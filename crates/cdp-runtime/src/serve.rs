@@ -72,6 +72,10 @@ pub struct Context {
     pub changes: ProfileChanges,
     /// Fires on shutdown.
     pub cancel: CancellationToken,
+    /// Credentials, masking, rate limits and the audit writer.
+    pub access: Arc<crate::auth::Access>,
+    /// The audit writer, until [`Context::start_access`] runs it.
+    audit_writer: std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>,
 }
 
 impl Context {
@@ -81,13 +85,45 @@ impl Context {
         cancel: CancellationToken,
     ) -> Result<Self, StartError> {
         let rules = Arc::new(config.identity_rules()?);
+        let (access, writer) =
+            crate::auth::Access::start(&config, Arc::clone(&backends.log), cancel.clone())
+                .map_err(|reason| StartError::Invalid {
+                    field: "credentials",
+                    reason,
+                })?;
         Ok(Context {
             config,
             backends,
             rules,
             changes: ProfileChanges::default(),
             cancel,
+            access,
+            audit_writer: std::sync::Mutex::new(Some(Box::pin(writer))),
         })
+    }
+
+    /// Runs the audit writer and keeps the issued credentials fresh (read
+    /// again every few seconds, so a revocation reaches every process).
+    pub fn start_access(&self, parts: &mut Parts) {
+        if let Some(writer) = self.audit_writer.lock().ok().and_then(|mut w| w.take()) {
+            parts.tasks.spawn(writer);
+        }
+        let access = Arc::clone(&self.access);
+        let cancel = self.cancel.clone();
+        parts.tasks.spawn(async move {
+            let mut tick = tokio::time::interval(CREDENTIAL_REFRESH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = access.registry.refresh().await {
+                    tracing::warn!(%error, "cannot read the issued credentials");
+                }
+                access.housekeeping();
+            }
+        });
     }
 
     /// Follows the active projection generation: when a rebuild switches
@@ -148,6 +184,9 @@ pub fn consumer_options(name: &str, p: &PipelineConfig) -> ConsumerOptions {
     }
 }
 
+/// How often every process reads the issued credentials again.
+const CREDENTIAL_REFRESH: Duration = Duration::from_secs(2);
+
 /// The pieces services add to a process.
 pub struct Parts {
     pub grpc: RoutesBuilder,
@@ -206,9 +245,10 @@ impl Running {
 /// Binds and serves the parts until `cancel` fires.
 pub async fn serve(
     parts: Parts,
-    config: &PlatformConfig,
+    context: &Context,
     cancel: CancellationToken,
 ) -> Result<Running, StartError> {
+    let config = &context.config;
     let Parts {
         grpc,
         http,
@@ -228,6 +268,7 @@ pub async fn serve(
         );
         let cancel = cancel.clone();
         tasks.spawn(async move {
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(error) = axum::serve(listener, app)
                 .with_graceful_shutdown(cancel.cancelled_owned())
                 .await
@@ -243,7 +284,10 @@ pub async fn serve(
     let grpc_addr = listener
         .local_addr()
         .map_err(bind_error(config.server.grpc_addr))?;
-    let router = tonic::transport::Server::builder().add_routes(grpc.routes());
+    // Every call is authenticated and authorised before a service sees it.
+    let router = tonic::transport::Server::builder()
+        .layer(crate::auth::AuthLayer::new(Arc::clone(&context.access)))
+        .add_routes(grpc.routes());
     tasks.spawn(async move {
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -292,6 +336,8 @@ impl ProcessArgs {
         if let Some(d) = &self.data_dir {
             config.data_dir = d.clone();
         }
+        // The addresses may have moved beyond 127.0.0.1.
+        config.check_exposure()?;
         Ok(config)
     }
 }
@@ -315,9 +361,10 @@ where
     let backends = open(&config).await?;
     let context = Context::new(config, backends, cancel.clone())?;
     let mut parts = Parts::new()?;
+    context.start_access(&mut parts);
     context.watch_generations(&mut parts);
     install(&context, &mut parts).await?;
-    let running = serve(parts, &context.config, cancel).await?;
+    let running = serve(parts, &context, cancel).await?;
     let http = running
         .http_addr
         .map_or_else(|| "none".to_owned(), |a| a.to_string());

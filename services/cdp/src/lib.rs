@@ -6,6 +6,7 @@
 //! see the ports. The operators' commands (`cdp replay`, `cdp rebuild`,
 //! `cdp generations`) are gRPC clients of a running process.
 
+pub mod access;
 pub mod parquet;
 pub mod rebuild;
 pub mod replay;

@@ -28,6 +28,10 @@ enum Command {
     Rebuild(cdp::rebuild::RebuildArgs),
     /// Lists, activates or drops projection generations.
     Generations(cdp::rebuild::GenerationsArgs),
+    /// Issues, lists and revokes API keys.
+    Credentials(cdp::access::CredentialsArgs),
+    /// Exports, verifies and lists the tamper-evident audit.
+    Audit(cdp::access::AuditArgs),
 }
 
 /// Runs one client command on a fresh runtime.
@@ -57,5 +61,7 @@ fn main() -> ExitCode {
         Command::Replay(args) => client("replay", cdp::replay::run(args)),
         Command::Rebuild(args) => client("rebuild", cdp::rebuild::rebuild(args)),
         Command::Generations(args) => client("generations", cdp::rebuild::generations(args)),
+        Command::Credentials(args) => client("credentials", cdp::access::credentials(args)),
+        Command::Audit(args) => client("audit", cdp::access::audit(args)),
     }
 }

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
+use cdp_proto::client::Authed;
 use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
 use cdp_proto::v1::rebuild_status::State;
 use cdp_proto::v1::{
@@ -11,13 +12,15 @@ use cdp_proto::v1::{
     ListGenerationsResponse, StartRebuildRequest,
 };
 use indicatif::{ProgressBar, ProgressStyle};
-use tonic::transport::Channel;
 
 #[derive(Debug, clap::Args)]
 pub struct RebuildArgs {
     /// The projection service's gRPC endpoint (`cdp dev` serves it too).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
+    /// An operator's or admin's key.
+    #[arg(long, env = "CDP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Switch to the new generation once it has caught up with the log.
     #[arg(long)]
     pub activate: bool,
@@ -41,14 +44,21 @@ pub struct GenerationsArgs {
     /// The projection service's gRPC endpoint (`cdp dev` serves it too).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
+    /// An operator's or admin's key.
+    #[arg(long, env = "CDP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: GenerationsCommand,
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<ProjectionServiceClient<Channel>> {
-    ProjectionServiceClient::connect(endpoint.to_owned())
+async fn connect(
+    endpoint: &str,
+    token: Option<&str>,
+) -> anyhow::Result<ProjectionServiceClient<Authed>> {
+    let channel = cdp_proto::client::connect(endpoint, token)
         .await
-        .with_context(|| format!("connecting to {endpoint}"))
+        .map_err(anyhow::Error::msg)?;
+    Ok(ProjectionServiceClient::new(channel))
 }
 
 fn refused(s: tonic::Status) -> anyhow::Error {
@@ -57,7 +67,7 @@ fn refused(s: tonic::Status) -> anyhow::Error {
 
 /// Starts (or resumes) a rebuild and follows it with a progress bar.
 pub async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.endpoint).await?;
+    let mut client = connect(&args.endpoint, args.token.as_deref()).await?;
     let started = client
         .start_rebuild(StartRebuildRequest {
             activate: args.activate,
@@ -130,7 +140,7 @@ fn print(list: &ListGenerationsResponse) {
 }
 
 pub async fn generations(args: GenerationsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.endpoint).await?;
+    let mut client = connect(&args.endpoint, args.token.as_deref()).await?;
     let list = match args.command {
         GenerationsCommand::List => client.list_generations(ListGenerationsRequest {}).await,
         GenerationsCommand::Activate { generation } => {

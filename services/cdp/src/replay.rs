@@ -26,6 +26,9 @@ pub struct ReplayArgs {
     /// The projection service's gRPC endpoint (`cdp dev` serves it too).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub endpoint: String,
+    /// An analyst's or admin's key.
+    #[arg(long, env = "CDP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Output: a file (JSON Lines) or a directory of parts (Parquet).
     #[arg(long, short)]
     pub out: PathBuf,
@@ -176,10 +179,10 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         }
     };
 
-    let mut client = ReplayServiceClient::connect(args.endpoint.clone())
+    let channel = cdp_proto::client::connect(&args.endpoint, args.token.as_deref())
         .await
-        .with_context(|| format!("connecting to {}", args.endpoint))?
-        .max_decoding_message_size(16 * 1024 * 1024);
+        .map_err(anyhow::Error::msg)?;
+    let mut client = ReplayServiceClient::new(channel).max_decoding_message_size(16 * 1024 * 1024);
     let mut stream = client
         .replay(request)
         .await

@@ -13,6 +13,7 @@ use cdp_proto::v1::{
     RedriveResponse,
 };
 use cdp_runtime::ServiceError;
+use cdp_runtime::auth::{Access, Caller};
 use tonic::{Request, Response, Status};
 
 const DEFAULT_PAGE: usize = 100;
@@ -21,11 +22,16 @@ const MAX_PAGE: usize = 1000;
 pub struct DeadLetters {
     log: Arc<dyn EventLog>,
     ingestor: crate::Ingestor,
+    access: Arc<Access>,
 }
 
 impl DeadLetters {
-    pub fn new(log: Arc<dyn EventLog>, ingestor: crate::Ingestor) -> Self {
-        DeadLetters { log, ingestor }
+    pub fn new(log: Arc<dyn EventLog>, ingestor: crate::Ingestor, access: Arc<Access>) -> Self {
+        DeadLetters {
+            log,
+            ingestor,
+            access,
+        }
     }
 
     fn describe(r: &LogRecord) -> DeadLetter {
@@ -221,19 +227,35 @@ impl DeadLetterService for DeadLetters {
         &self,
         request: Request<ListDeadLettersRequest>,
     ) -> Result<Response<ListDeadLettersResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        Ok(Response::new(
-            self.list(r.page_size as usize, &r.page_token).await?,
-        ))
+        let mut page = self.list(r.page_size as usize, &r.page_token).await?;
+        // Operators see what failed and why, not whom it was about.
+        let masker = self.access.masker(&caller.principal);
+        for d in &mut page.dead_letters {
+            d.reason = masker.text(&d.reason);
+            for id in &mut d.identifiers {
+                id.value = masker.identifier_value(&id.kind, &id.value);
+            }
+        }
+        Ok(Response::new(page))
     }
 
     async fn redrive(
         &self,
         request: Request<RedriveRequest>,
     ) -> Result<Response<RedriveResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        Ok(Response::new(
-            DeadLetters::redrive(self, &r.refs, r.all).await?,
-        ))
+        let answer = DeadLetters::redrive(self, &r.refs, r.all).await?;
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![format!("redriven:{}", answer.redriven)];
+        entry.reason = if r.all {
+            "all dead letters".into()
+        } else {
+            format!("{} dead letters", r.refs.len())
+        };
+        self.access.audit(entry).await?;
+        Ok(Response::new(answer))
     }
 }

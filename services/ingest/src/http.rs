@@ -5,8 +5,10 @@
 //! A request is all or nothing: if any event of a batch is refused, the
 //! answer names every bad field and nothing is appended.
 
+use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -174,10 +176,16 @@ impl HttpState {
                     "missing write key: use HTTP basic auth with the write key as user name",
                 )
             })?;
-        self.sources
-            .iter()
-            .find(|s| s.write_key == key)
-            .ok_or_else(|| unauthenticated("unknown write key"))
+        // Compared in constant time against every key (hashes of equal length).
+        let given = Sha256::digest(key.as_bytes());
+        let mut found = None;
+        for s in &self.sources {
+            let known = Sha256::digest(s.write_key.as_bytes());
+            if bool::from(known.ct_eq(&given)) && found.is_none() {
+                found = Some(s);
+            }
+        }
+        found.ok_or_else(|| unauthenticated("unknown write key"))
     }
 
     /// Maps, checks and validates every message; all or nothing.
@@ -454,7 +462,12 @@ async fn messenger_verify(
 ) -> Result<Response, HttpError> {
     let config = configured(&state.messenger, "Messenger")?;
     if q.mode.as_deref() == Some("subscribe")
-        && q.verify_token.as_deref() == Some(config.verify_token.expose())
+        && q.verify_token.as_deref().is_some_and(|t| {
+            bool::from(
+                Sha256::digest(t.as_bytes())
+                    .ct_eq(&Sha256::digest(config.verify_token.expose().as_bytes())),
+            )
+        })
     {
         Ok((StatusCode::OK, q.challenge.unwrap_or_default()).into_response())
     } else {

@@ -15,6 +15,7 @@ use cdp_proto::v1::{
     TrackResponse,
 };
 use cdp_runtime::ServiceError;
+use cdp_runtime::auth::{Access, Caller};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -146,15 +147,27 @@ impl Ingestor {
     }
 }
 
-/// The gRPC face of the [`Ingestor`].
+/// The gRPC face of the [`Ingestor`]. Every touchpoint is recorded under
+/// a source its credential names (see `cdp_domain::access::source_of`).
+#[derive(Clone)]
 pub struct IngestGrpc {
     ingestor: Ingestor,
+    access: Arc<Access>,
 }
 
 impl IngestGrpc {
-    pub fn new(ingestor: Ingestor) -> Self {
-        IngestGrpc { ingestor }
+    pub fn new(ingestor: Ingestor, access: Arc<Access>) -> Self {
+        IngestGrpc { ingestor, access }
     }
+}
+
+/// Binds a touchpoint to its caller's source: the source it names if the
+/// credential may send for it, the credential's only source if it names none.
+fn bind_source(caller: &Caller, tp: &mut cdp_proto::v1::Touchpoint) -> Result<(), FieldError> {
+    let source = cdp_domain::access::source_of(&tp.source_id, &caller.principal.sources)
+        .map_err(|reason| FieldError::new("source_id", reason))?;
+    tp.source_id = source;
+    Ok(())
 }
 
 fn violations(fields: &[FieldError]) -> Vec<FieldViolation> {
@@ -173,10 +186,16 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<TrackRequest>,
     ) -> Result<Response<TrackResponse>, Status> {
-        let touchpoint = request
+        let caller = Caller::of(&request)?;
+        let mut touchpoint = request
             .into_inner()
             .touchpoint
             .ok_or_else(|| ServiceError::invalid("touchpoint", "is required"))?;
+        if let Err(f) = bind_source(&caller, &mut touchpoint) {
+            let e = ServiceError::PermissionDenied(format!("{}: {}", f.field, f.reason));
+            self.access.denied(caller, &e).await;
+            return Err(e.into());
+        }
         let raw = convert::raw_touchpoint(&touchpoint);
         let outcome = self.ingestor.ingest(std::slice::from_ref(&raw)).await?;
         let (event_id, status, warnings) = match outcome.into_iter().next() {
@@ -200,8 +219,9 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<TrackBatchRequest>,
     ) -> Result<Response<TrackBatchResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let touchpoints = request.into_inner().touchpoints;
-        self.batch(touchpoints).await.map(Response::new)
+        self.batch(&caller, touchpoints).await.map(Response::new)
     }
 
     type TrackStreamStream = std::pin::Pin<
@@ -212,17 +232,16 @@ impl IngestService for IngestGrpc {
         &self,
         request: Request<tonic::Streaming<TrackBatchRequest>>,
     ) -> Result<Response<Self::TrackStreamStream>, Status> {
+        let caller = Caller::of(&request)?;
         let mut incoming = request.into_inner();
-        let this = IngestGrpc {
-            ingestor: self.ingestor.clone(),
-        };
+        let this = self.clone();
         // One batch at a time, in order; a few responses may wait for a slow
         // reader, then the stream stops taking batches (flow control).
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             loop {
                 let next = match incoming.message().await {
-                    Ok(Some(batch)) => this.batch(batch.touchpoints).await,
+                    Ok(Some(batch)) => this.batch(&caller, batch.touchpoints).await,
                     Ok(None) => break,
                     Err(status) => Err(status),
                 };
@@ -242,7 +261,8 @@ impl IngestGrpc {
     /// Validates and appends one batch (TrackBatch and TrackStream).
     async fn batch(
         &self,
-        touchpoints: Vec<cdp_proto::v1::Touchpoint>,
+        caller: &Caller,
+        mut touchpoints: Vec<cdp_proto::v1::Touchpoint>,
     ) -> Result<TrackBatchResponse, Status> {
         if touchpoints.is_empty() {
             return Err(ServiceError::invalid("touchpoints", "is empty").into());
@@ -257,8 +277,35 @@ impl IngestGrpc {
             )
             .into());
         }
-        let raws: Vec<RawTouchpoint> = touchpoints.iter().map(convert::raw_touchpoint).collect();
-        let outcomes = self.ingestor.ingest(&raws).await?;
+        // Touchpoints claiming a source their credential may not send for
+        // are refused one by one; the others still land.
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; touchpoints.len()];
+        let mut bound = Vec::with_capacity(touchpoints.len());
+        for (i, tp) in touchpoints.iter_mut().enumerate() {
+            match bind_source(caller, tp) {
+                Ok(()) => bound.push(i),
+                Err(f) => outcomes[i] = Some(Outcome::Rejected(vec![f])),
+            }
+        }
+        if bound.len() < touchpoints.len() {
+            let e = ServiceError::PermissionDenied(format!(
+                "{} touchpoints claimed a source this credential may not send for",
+                touchpoints.len() - bound.len()
+            ));
+            self.access.denied(caller.clone(), &e).await;
+        }
+        let raws: Vec<RawTouchpoint> = bound
+            .iter()
+            .map(|&i| convert::raw_touchpoint(&touchpoints[i]))
+            .collect();
+        for (&i, outcome) in bound.iter().zip(self.ingestor.ingest(&raws).await?) {
+            outcomes[i] = Some(outcome);
+        }
+        let outcomes = outcomes.into_iter().map(|o| {
+            o.unwrap_or_else(|| {
+                Outcome::Rejected(vec![FieldError::new("touchpoint", "was not processed")])
+            })
+        });
         let mut response = TrackBatchResponse::default();
         for (i, (outcome, tp)) in outcomes.into_iter().zip(&touchpoints).enumerate() {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
@@ -288,7 +335,11 @@ impl IngestGrpc {
                         index,
                         event_id: tp.event_id.clone(),
                         status: EventStatus::Rejected.into(),
-                        error_code: "INVALID_ARGUMENT".into(),
+                        error_code: if fields.iter().any(|f| f.field == "source_id") {
+                            "PERMISSION_DENIED".into()
+                        } else {
+                            "INVALID_ARGUMENT".into()
+                        },
                         violations: violations(&fields),
                         warnings: Vec::new(),
                     }
@@ -315,8 +366,11 @@ pub async fn install(
         Arc::clone(&ctx.rules),
         Arc::new(config.validation.clone()),
     );
-    let dead_letters =
-        dead_letters::DeadLetters::new(Arc::clone(&ctx.backends.log), ingestor.clone());
+    let dead_letters = dead_letters::DeadLetters::new(
+        Arc::clone(&ctx.backends.log),
+        ingestor.clone(),
+        Arc::clone(&ctx.access),
+    );
     let state = Arc::new(http::HttpState {
         ingestor: ingestor.clone(),
         sources: config
@@ -345,7 +399,7 @@ pub async fn install(
     parts
         .grpc
         .add_service(
-            IngestServiceServer::new(IngestGrpc::new(ingestor))
+            IngestServiceServer::new(IngestGrpc::new(ingestor, Arc::clone(&ctx.access)))
                 .max_decoding_message_size(config.server.max_message_bytes),
         )
         .add_service(DeadLetterServiceServer::new(dead_letters));

@@ -10,7 +10,10 @@ use cdp_proto::v1::{
     GenerationComparison, GetPipelineStatusRequest, GetRebuildRequest, ListGenerationsRequest,
     ListGenerationsResponse, PipelineStatus, RebuildStatus, StartRebuildRequest,
 };
+use std::sync::Arc;
+
 use cdp_runtime::ServiceError;
+use cdp_runtime::auth::{Access, Caller};
 use cdp_store::StoreError;
 use tonic::{Request, Response, Status};
 
@@ -19,11 +22,19 @@ use crate::rebuild::{RebuildError, Rebuilder};
 /// `cdp.v1.ProjectionService`: rebuilds, generations, and the pipeline's lag.
 pub struct ProjectionGrpc {
     rebuilder: Rebuilder,
+    access: Arc<Access>,
 }
 
 impl ProjectionGrpc {
-    pub fn new(rebuilder: Rebuilder) -> Self {
-        ProjectionGrpc { rebuilder }
+    pub fn new(rebuilder: Rebuilder, access: Arc<Access>) -> Self {
+        ProjectionGrpc { rebuilder, access }
+    }
+
+    /// Audits an operator's change before it is made.
+    async fn changing(&self, caller: &Caller, what: String) -> Result<(), ServiceError> {
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![what];
+        self.access.audit(entry).await
     }
 
     async fn listing(&self) -> Result<ListGenerationsResponse, Status> {
@@ -97,7 +108,17 @@ impl ProjectionService for ProjectionGrpc {
         &self,
         request: Request<StartRebuildRequest>,
     ) -> Result<Response<RebuildStatus>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
+        self.changing(
+            &caller,
+            format!(
+                "rebuild:{}{}",
+                r.generation,
+                if r.activate { ":activate" } else { "" }
+            ),
+        )
+        .await?;
         let started = self
             .rebuilder
             .start(r.generation, r.activate)
@@ -119,8 +140,11 @@ impl ProjectionService for ProjectionGrpc {
         &self,
         request: Request<GetRebuildRequest>,
     ) -> Result<Response<RebuildStatus>, Status> {
+        let caller = Caller::of(&request)?;
         let generation = request.into_inner().generation;
         self.status_of(generation)?;
+        self.changing(&caller, format!("rebuild:{generation}:cancel"))
+            .await?;
         self.rebuilder.cancel();
         Ok(Response::new(self.status_of(generation)?))
     }
@@ -136,8 +160,11 @@ impl ProjectionService for ProjectionGrpc {
         &self,
         request: Request<ActivateGenerationRequest>,
     ) -> Result<Response<ListGenerationsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let generation = request.into_inner().generation;
         self.refuse_while_rebuilding(generation, "activate it when the rebuild has caught up")?;
+        self.changing(&caller, format!("generation:{generation}:activate"))
+            .await?;
         self.rebuilder
             .generations()
             .activate(generation)
@@ -231,8 +258,11 @@ impl ProjectionService for ProjectionGrpc {
         &self,
         request: Request<DropGenerationRequest>,
     ) -> Result<Response<ListGenerationsResponse>, Status> {
+        let caller = Caller::of(&request)?;
         let generation = request.into_inner().generation;
         self.refuse_while_rebuilding(generation, "cancel the rebuild first")?;
+        self.changing(&caller, format!("generation:{generation}:drop"))
+            .await?;
         self.rebuilder
             .generations()
             .drop_generation(generation)

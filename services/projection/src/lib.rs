@@ -48,10 +48,12 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         .grpc
         .add_service(ProjectionServiceServer::new(grpc::ProjectionGrpc::new(
             rebuilder,
+            Arc::clone(&ctx.access),
         )))
         .add_service(ReplayServiceServer::new(replay::ReplayGrpc::new(
             Arc::clone(&ctx.backends.log),
             query,
+            Arc::clone(&ctx.access),
         )));
     Ok(())
 }

@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use cdp_domain::access::Masker;
 use cdp_domain::{Channel, CustomerId, EventType, Identifier, IdentityRules, Touchpoint};
 use cdp_log::{EventLog, LogRecord};
 use cdp_pipeline::{emit, topic};
@@ -22,6 +23,7 @@ use cdp_proto::v1::replay_service_server::ReplayService;
 use cdp_proto::v1::{ReplayEvent, ReplayRequest};
 use cdp_query::{Lookup, ProfileQuery};
 use cdp_runtime::ServiceError;
+use cdp_runtime::auth::{Access, Caller};
 use cdp_store::IdentityStore;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -89,11 +91,12 @@ impl ReplayFilter {
 pub struct ReplayGrpc {
     log: Arc<dyn EventLog>,
     query: ProfileQuery,
+    access: Arc<Access>,
 }
 
 impl ReplayGrpc {
-    pub fn new(log: Arc<dyn EventLog>, query: ProfileQuery) -> Self {
-        ReplayGrpc { log, query }
+    pub fn new(log: Arc<dyn EventLog>, query: ProfileQuery, access: Arc<Access>) -> Self {
+        ReplayGrpc { log, query, access }
     }
 
     async fn filter(&self, r: &ReplayRequest) -> Result<ReplayFilter, ServiceError> {
@@ -180,6 +183,7 @@ async fn pump(
     query: ProfileQuery,
     filter: ReplayFilter,
     with_customers: bool,
+    masker: Masker,
     mut positions: Vec<u64>,
     ends: Vec<u64>,
     tx: mpsc::Sender<Result<ReplayEvent, Status>>,
@@ -222,7 +226,7 @@ async fn pump(
                 }
                 scanned += r.offset + 1 - positions[p].min(r.offset + 1);
                 positions[p] = r.offset + 1;
-                let t = match emit::read_touchpoint(&r) {
+                let mut t = match emit::read_touchpoint(&r) {
                     Ok(t) => t,
                     Err(error) => {
                         tracing::warn!(partition, offset = r.offset, %error, "undecodable record skipped");
@@ -240,6 +244,8 @@ async fn pump(
                 } else {
                     String::new()
                 };
+                // Analysts see pseudonyms unless their credential grants more.
+                masker.touchpoint(&mut t);
                 let event = ReplayEvent {
                     touchpoint: Some(convert::api_touchpoint(&t)),
                     customer_id,
@@ -273,8 +279,26 @@ impl ReplayService for ReplayGrpc {
         &self,
         request: Request<ReplayRequest>,
     ) -> Result<Response<Self::ReplayStream>, Status> {
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let filter = self.filter(&r).await?;
+        let masker = self.access.masker(&caller.principal);
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec!["replay".into()];
+        entry.lookup = match &r.customer {
+            Some(cdp_proto::v1::replay_request::Customer::CustomerId(c)) => {
+                format!("customer_id:{c}")
+            }
+            Some(cdp_proto::v1::replay_request::Customer::Identifier(i)) => format!(
+                "{}:{}",
+                i.kind,
+                masker
+                    .with(cdp_domain::access::Disclosure::Masked)
+                    .identifier_value(&i.kind, &i.value)
+            ),
+            None => String::new(),
+        };
+        self.access.audit(entry).await?;
         let partitions = self.log.partitions(topic::TOUCHPOINTS);
         let positions = if r.cursor.is_empty() {
             vec![0; partitions as usize]
@@ -291,7 +315,18 @@ impl ReplayService for ReplayGrpc {
         let with_customers = r.with_customers;
         tokio::spawn(async move {
             let failed = tx.clone();
-            if let Err(e) = pump(log, query, filter, with_customers, positions, ends, tx).await {
+            if let Err(e) = pump(
+                log,
+                query,
+                filter,
+                with_customers,
+                masker,
+                positions,
+                ends,
+                tx,
+            )
+            .await
+            {
                 tracing::warn!(error = %e, "replay failed");
                 let _ = failed.send(Err(e.into())).await;
             }

@@ -1,55 +1,53 @@
 //! The agent console: a web page and the small JSON API behind it. Agents
-//! sign in with a token from the configuration; every profile they open is
-//! written to the audit topic (who, whom, when).
+//! sign in with their key (any credential whose role reads profiles) and
+//! get a session that expires (`access.session_minutes`); failed sign-ins
+//! are throttled per address. Every answer goes through the same
+//! [`Viewer`] as gRPC: scoped, masked, audited. Supervisors reveal a field
+//! with a reason and read their team's audit.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
-use cdp_log::EventLog;
-use cdp_pipeline::{emit, topic};
+use cdp_domain::access::Permission;
 use cdp_runtime::ServiceError;
+use cdp_runtime::auth::{Access, Caller, Principal};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-pub use cdp_pipeline::AuditEntry;
-
+use crate::access::AccessGrpc;
 use crate::view::Update;
-use crate::{Loaded, Lookup, ProfileQuery};
+use crate::{Loaded, Lookup, ProfileQuery, Viewer};
 
 const PAGE: &str = include_str!("console.html");
 
-/// An agent allowed to use the console.
-#[derive(Clone)]
-pub struct Agent {
-    pub name: String,
-    pub token: String,
-}
-
 pub struct ConsoleState {
     pub query: ProfileQuery,
-    pub agents: Vec<Agent>,
-    pub log: Arc<dyn EventLog>,
+    pub access: Arc<Access>,
+    pub api: Arc<AccessGrpc>,
 }
 
 pub fn router(state: Arc<ConsoleState>) -> Router {
     Router::new()
         .route("/console", get(|| async { Html(PAGE) }))
         .route("/api/login", post(login))
+        .route("/api/me", get(me))
         .route("/api/search", get(search))
         .route("/api/profile", get(profile))
         .route("/api/watch", get(watch))
+        .route("/api/reveal", post(reveal))
         .route("/api/audit", get(audit))
         .with_state(state)
 }
 
-/// A missing or unknown agent token.
+/// A missing or unknown session.
 fn unauthenticated(message: &str) -> ServiceError {
     ServiceError::Unauthenticated {
         message: message.to_owned(),
@@ -58,19 +56,64 @@ fn unauthenticated(message: &str) -> ServiceError {
 }
 
 impl ConsoleState {
-    /// The agent whose bearer token the request carries.
-    fn agent(&self, headers: &HeaderMap) -> Result<&Agent, ServiceError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| unauthenticated("sign in: an agent token is required"))?;
-        self.agents
-            .iter()
-            .find(|a| a.token == token)
-            .ok_or_else(|| unauthenticated("unknown agent token"))
+    /// The caller of a console request: a valid session whose role grants
+    /// `needs`, within its rate.
+    async fn caller(
+        &self,
+        headers: &HeaderMap,
+        client: SocketAddr,
+        action: &str,
+        needs: Permission,
+    ) -> Result<Caller, ServiceError> {
+        let session = cdp_runtime::auth::bearer(
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok()),
+        )
+        .ok_or_else(|| unauthenticated("sign in: a session is required"))?;
+        let principal = self.access.from_session(session)?;
+        let caller = Caller {
+            principal: Arc::new(principal),
+            client: client.to_string(),
+            request_id: uuid::Uuid::new_v4().to_string(),
+            action: format!("console/{action}"),
+        };
+        let refused = if !caller.principal.role.allows(needs) {
+            Some(ServiceError::PermissionDenied(format!(
+                "the {} role may not use {action}",
+                caller.principal.role
+            )))
+        } else {
+            self.access.check_rate(&caller.principal).err()
+        };
+        if let Some(e) = refused {
+            self.access.denied(caller, &e).await;
+            return Err(e);
+        }
+        Ok(caller)
     }
+
+    async fn viewer(
+        &self,
+        headers: &HeaderMap,
+        client: SocketAddr,
+        action: &str,
+    ) -> Result<Viewer, ServiceError> {
+        let caller = self
+            .caller(headers, client, action, Permission::ReadProfiles)
+            .await?;
+        Ok(Viewer::new(&self.access, caller))
+    }
+}
+
+fn me_json(p: &Principal) -> Value {
+    json!({
+        "agent": p.name,
+        "role": p.role.to_string(),
+        "team": p.team,
+        "can_reveal": p.role.allows(Permission::Reveal),
+        "can_audit": p.role.allows(Permission::ReadAudit),
+    })
 }
 
 #[derive(Deserialize)]
@@ -80,11 +123,58 @@ struct LoginRequest {
 
 async fn login(
     State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     axum::Json(body): axum::Json<LoginRequest>,
 ) -> Response {
-    match state.agents.iter().find(|a| a.token == body.token.trim()) {
-        Some(a) => axum::Json(json!({"agent": a.name})).into_response(),
-        None => unauthenticated("unknown agent token").into_response(),
+    if let Err(e) = state.access.check_blocked(Some(client.ip())) {
+        return e.into_response();
+    }
+    let principal = match state.access.registry.authenticate(body.token.trim()).await {
+        Ok(p) => p,
+        Err(e) => {
+            state.access.failed(Some(client.ip()));
+            let anonymous = Caller {
+                principal: Arc::new(Principal {
+                    credential_id: String::new(),
+                    name: "anonymous".into(),
+                    role: cdp_domain::access::Role::Agent,
+                    sources: Vec::new(),
+                    scopes: Default::default(),
+                    disclosure: cdp_domain::access::Disclosure::Masked,
+                    team: String::new(),
+                }),
+                client: client.to_string(),
+                request_id: uuid::Uuid::new_v4().to_string(),
+                action: "console/login".into(),
+            };
+            state.access.denied(anonymous, &e).await;
+            return e.into_response();
+        }
+    };
+    if !principal.role.allows(Permission::ReadProfiles) {
+        return ServiceError::PermissionDenied(format!(
+            "the {} role does not use the console",
+            principal.role
+        ))
+        .into_response();
+    }
+    let (session, expires_at) = state.access.session(&principal);
+    let mut me = me_json(&principal);
+    me["session"] = json!(session);
+    me["expires_at"] = json!(expires_at);
+    axum::Json(me).into_response()
+}
+
+async fn me(State(state): State<Arc<ConsoleState>>, headers: HeaderMap) -> Response {
+    let session = cdp_runtime::auth::bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    match session.map(|s| state.access.from_session(s)) {
+        Some(Ok(p)) => axum::Json(me_json(&p)).into_response(),
+        Some(Err(e)) => e.into_response(),
+        None => unauthenticated("sign in: a session is required").into_response(),
     }
 }
 
@@ -95,13 +185,15 @@ struct SearchQuery {
 
 async fn search(
     State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(q): Query<SearchQuery>,
 ) -> Response {
-    if let Err(e) = state.agent(&headers) {
-        return e.into_response();
-    }
-    match state.query.search(&q.q, 10).await {
+    let viewer = match state.viewer(&headers, client, "search").await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    match state.query.search(&viewer, &q.q, 10).await {
         Ok(candidates) => {
             let list: Vec<Value> = candidates
                 .iter()
@@ -120,6 +212,22 @@ struct ProfileQueryParams {
     value: Option<String>,
 }
 
+impl ProfileQueryParams {
+    fn lookup(self) -> Result<Lookup, ServiceError> {
+        match (self.customer_id, self.kind, self.value) {
+            (Some(c), _, _) => Ok(Lookup::CustomerId(c)),
+            (None, Some(kind), Some(value)) => Ok(Lookup::Identifier(cdp_proto::v1::Identifier {
+                kind,
+                value,
+            })),
+            _ => Err(ServiceError::invalid(
+                "customer_id",
+                "give customer_id, or kind and value",
+            )),
+        }
+    }
+}
+
 fn profile_json(loaded: &Loaded, currency: &str) -> Value {
     let view = loaded.profile.view();
     let rfm = loaded.profile.rfm(cdp_runtime::now_ms(), currency);
@@ -134,49 +242,74 @@ fn profile_json(loaded: &Loaded, currency: &str) -> Value {
 
 async fn profile(
     State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(p): Query<ProfileQueryParams>,
 ) -> Response {
-    let agent = match state.agent(&headers) {
-        Ok(a) => a.clone(),
+    let viewer = match state.viewer(&headers, client, "profile").await {
+        Ok(v) => v,
         Err(e) => return e.into_response(),
     };
-    let (lookup, described) = match (p.customer_id, p.kind, p.value) {
-        (Some(c), _, _) => (Lookup::CustomerId(c.clone()), format!("customer_id:{c}")),
-        (None, Some(kind), Some(value)) => (
-            Lookup::Identifier(cdp_proto::v1::Identifier {
-                kind: kind.clone(),
-                value: value.clone(),
-            }),
-            format!("{kind}:{value}"),
-        ),
-        _ => {
-            return ServiceError::invalid("customer_id", "give customer_id, or kind and value")
-                .into_response();
-        }
-    };
-    let loaded = match state.query.load(Some(lookup), 50).await {
+    let lookup = match p.lookup() {
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };
-    let entry = AuditEntry {
-        agent: agent.name.clone(),
-        customer_id: loaded.profile.customer_id.to_string(),
-        lookup: described,
-        at: cdp_runtime::now_ms(),
-    };
-    let record = match emit::audit(&entry) {
-        Ok(r) => r,
-        Err(e) => return ServiceError::Internal(format!("audit entry: {e}")).into_response(),
-    };
-    // No audit record, no view: an agent's access is always accounted for.
-    if let Err(e) = state.log.append(topic::AUDIT, vec![record]).await {
-        tracing::error!(error = %e, "audit log append failed");
-        return ServiceError::Unavailable(format!("the audit log is unavailable: {e}"))
-            .into_response();
+    match state
+        .query
+        .load_for(&viewer, Some(lookup), 50, &["profile"])
+        .await
+    {
+        Ok(loaded) => axum::Json(profile_json(&loaded, state.query.currency())).into_response(),
+        Err(e) => e.into_response(),
     }
-    tracing::info!(agent = %entry.agent, customer = %entry.customer_id, "profile viewed");
-    axum::Json(profile_json(&loaded, state.query.currency())).into_response()
+}
+
+#[derive(Deserialize)]
+struct RevealRequest {
+    customer_id: String,
+    field: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// One field in clear, with a reason (supervisors and admins), audited.
+async fn reveal(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    axum::Json(r): axum::Json<RevealRequest>,
+) -> Response {
+    let caller = match state
+        .caller(&headers, client, "reveal", Permission::Reveal)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let viewer = Viewer::new(&state.access, caller);
+    match state
+        .api
+        .reveal(
+            &viewer,
+            Some(Lookup::CustomerId(r.customer_id)),
+            &r.field,
+            &r.reason,
+        )
+        .await
+    {
+        Ok(answer) => axum::Json(json!({
+            "customer_id": answer.customer_id,
+            "field": answer.field,
+            "values": answer.values,
+            "hide_after_ms": answer
+                .hide_at
+                .as_ref()
+                .map(|t| cdp_proto::convert::timestamp_to_millis(t) - cdp_runtime::now_ms())
+                .unwrap_or(0),
+        }))
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 #[derive(Deserialize)]
@@ -191,16 +324,32 @@ struct WatchQuery {
 /// when there is none, and the stream ends.
 async fn watch(
     State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Query(w): Query<WatchQuery>,
 ) -> Response {
-    if let Err(e) = state.agent(&headers) {
+    let viewer = match state.viewer(&headers, client, "watch").await {
+        Ok(v) => v,
+        Err(e) => return e.into_response(),
+    };
+    // The watch itself is audited and scoped; each reload is a profile read.
+    if let Err(e) = state
+        .query
+        .load_for(
+            &viewer,
+            Some(Lookup::CustomerId(w.customer_id.clone())),
+            1,
+            &["watch"],
+        )
+        .await
+    {
         return e.into_response();
     }
     let mut watch = state.query.watch();
     let query = state.query.clone();
     let mut watched = w.customer_id;
-    // The identifiers of the view, to find it again after a generation switch.
+    // The identifiers of the view (unmasked, kept on the server), to find it
+    // again after a generation switch.
     let mut identifiers = match query
         .load(Some(Lookup::CustomerId(watched.clone())), 1)
         .await
@@ -255,27 +404,35 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The most recent audit entries (newest first, at most 200).
-async fn audit(State(state): State<Arc<ConsoleState>>, headers: HeaderMap) -> Response {
-    if let Err(e) = state.agent(&headers) {
-        return e.into_response();
-    }
-    let mut entries: Vec<AuditEntry> = Vec::new();
-    let ends = match state.log.end_offsets(topic::AUDIT).await {
-        Ok(ends) => ends,
-        Err(e) => return ServiceError::from(e).into_response(),
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    customer_id: String,
+    #[serde(default)]
+    actor: String,
+}
+
+/// The most recent audit entries of the supervisor's team (everyone's for
+/// an admin), by customer or actor.
+async fn audit(
+    State(state): State<Arc<ConsoleState>>,
+    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<AuditQuery>,
+) -> Response {
+    let caller = match state
+        .caller(&headers, client, "audit", Permission::ReadAudit)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
     };
-    for (p, end) in (0u32..).zip(ends) {
-        match state
-            .log
-            .read(topic::AUDIT, p, end.saturating_sub(200), 200)
-            .await
-        {
-            Ok(records) => entries.extend(records.iter().filter_map(|r| emit::read_audit(r).ok())),
-            Err(e) => return ServiceError::from(e).into_response(),
-        }
+    match state
+        .api
+        .audit_list(&caller, &q.customer_id, &q.actor, 200)
+        .await
+    {
+        Ok(entries) => axum::Json(json!({"entries": entries})).into_response(),
+        Err(e) => e.into_response(),
     }
-    entries.sort_by_key(|e| std::cmp::Reverse(e.at));
-    entries.truncate(200);
-    axum::Json(json!({"entries": entries})).into_response()
 }

@@ -12,22 +12,31 @@ use cdp_proto::v1::{
     GetProfileRequest, GetProfileResponse, ListMergesRequest, ListMergesResponse,
     ListQuarantinedRequest, ListQuarantinedResponse, ListTimelineRequest, ListTimelineResponse,
 };
+use std::sync::Arc;
+
 use cdp_runtime::ServiceError;
+use cdp_runtime::auth::{Access, Caller};
 use tonic::{Request, Response, Status};
 
 use crate::explain::step;
 use crate::view::{Update, profile_request};
-use crate::{Lookup, ProfileQuery};
+use crate::{Lookup, ProfileQuery, Viewer};
 
-/// The gRPC face of [`ProfileQuery`].
+/// The gRPC face of [`ProfileQuery`]. Every answer is scoped, masked and
+/// audited through the caller's [`Viewer`].
 pub struct ProfileGrpc {
     query: ProfileQuery,
+    access: Arc<Access>,
 }
 
 impl ProfileGrpc {
-    pub fn new(query: ProfileQuery) -> Self {
-        ProfileGrpc { query }
+    pub fn new(query: ProfileQuery, access: Arc<Access>) -> Self {
+        ProfileGrpc { query, access }
     }
+}
+
+fn viewer<T>(access: &Arc<Access>, request: &Request<T>) -> Result<Viewer, ServiceError> {
+    Ok(Viewer::new(access, Caller::of(request)?))
 }
 
 #[tonic::async_trait]
@@ -36,13 +45,15 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<GetProfileResponse>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let r = request.into_inner();
         let as_of = r.as_of.as_ref().map(convert::timestamp_to_millis);
         let (lookup, limit) = profile_request(r);
         let profile = match as_of {
-            Some(t) => self.query.profile_as_of(lookup, limit, t).await?,
-            None => self.query.profile(lookup, limit).await?,
-        };
+            Some(t) => self.query.profile_as_of(&viewer, lookup, limit, t).await,
+            None => self.query.profile(&viewer, lookup, limit).await,
+        }
+        .map_err(|e| viewer.hide(e))?;
         Ok(Response::new(GetProfileResponse {
             profile: Some(profile),
         }))
@@ -52,9 +63,10 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<v1::SearchCustomersRequest>,
     ) -> Result<Response<v1::SearchCustomersResponse>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let r = request.into_inner();
         let limit = if r.limit == 0 { 10 } else { r.limit as usize };
-        let candidates = self.query.search(&r.query, limit).await?;
+        let candidates = self.query.search(&viewer, &r.query, limit).await?;
         Ok(Response::new(v1::SearchCustomersResponse { candidates }))
     }
 
@@ -71,9 +83,14 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<GetProfileRequest>,
     ) -> Result<Response<Self::WatchProfileStream>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let (lookup, limit) = profile_request(request.into_inner());
         let mut watch = self.query.watch();
-        let first = self.query.profile(lookup.clone(), limit).await?;
+        let first = self
+            .query
+            .profile(&viewer, lookup.clone(), limit)
+            .await
+            .map_err(|e| viewer.hide(e))?;
         let query = self.query.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
@@ -93,7 +110,7 @@ impl ProfileService for ProfileGrpc {
                     Update::Ended => return,
                 };
                 let view = match next {
-                    Ok(lookup) => query.profile(Some(lookup), limit).await,
+                    Ok(lookup) => query.profile(&viewer, Some(lookup), limit).await,
                     Err(e) => Err(e),
                 };
                 match view {
@@ -114,20 +131,42 @@ impl ProfileService for ProfileGrpc {
         &self,
         request: Request<ListTimelineRequest>,
     ) -> Result<Response<ListTimelineResponse>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let r = request.into_inner();
         let lookup = r.lookup.clone().map(Lookup::from);
-        Ok(Response::new(self.query.timeline(lookup, &r).await?))
+        Ok(Response::new(
+            self.query
+                .timeline(&viewer, lookup, &r)
+                .await
+                .map_err(|e| viewer.hide(e))?,
+        ))
     }
 }
 
 /// The gRPC face of identity explanations.
 pub struct IdentityGrpc {
     query: ProfileQuery,
+    access: Arc<Access>,
 }
 
 impl IdentityGrpc {
-    pub fn new(query: ProfileQuery) -> Self {
-        IdentityGrpc { query }
+    pub fn new(query: ProfileQuery, access: Arc<Access>) -> Self {
+        IdentityGrpc { query, access }
+    }
+
+    /// Refuses a customer outside the viewer's scope (as if it did not exist).
+    async fn admit(&self, viewer: &Viewer, customer_id: &str) -> Result<(), ServiceError> {
+        if !viewer.scoped() || customer_id.is_empty() {
+            return Ok(());
+        }
+        let customer = self
+            .query
+            .customer(Some(Lookup::CustomerId(customer_id.to_owned())))
+            .await?;
+        match self.query.stores().profiles.profile(customer).await? {
+            Some(p) => viewer.admit(&p),
+            None => Err(ServiceError::NotFound("no such customer".into())),
+        }
     }
 }
 
@@ -137,6 +176,7 @@ impl IdentityService for IdentityGrpc {
         &self,
         request: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let r = request.into_inner();
         if r.identifiers.is_empty() {
             return Err(
@@ -160,10 +200,19 @@ impl IdentityService for IdentityGrpc {
                 ),
                 other => other,
             })?;
-            out.push(self.query.explain_one(&id).await?);
+            let explained = self.query.explain_one(&id).await?;
+            self.admit(&viewer, &explained.customer_id)
+                .await
+                .map_err(|e| viewer.hide(e))?;
+            out.push(explained);
         }
         let roots: BTreeSet<&str> = out.iter().map(|e| e.customer_id.as_str()).collect();
         let same_customer = out.iter().all(|e| e.linked) && roots.len() == 1;
+        let customers: BTreeSet<String> = roots.iter().map(|r| (*r).to_owned()).collect();
+        for c in customers {
+            viewer.read(&c, &["explain"], "explain").await?;
+        }
+        out.iter_mut().for_each(|e| viewer.explanation(e));
         Ok(Response::new(ExplainResponse {
             identifiers: out,
             same_customer,
@@ -174,12 +223,26 @@ impl IdentityService for IdentityGrpc {
         &self,
         request: Request<ListMergesRequest>,
     ) -> Result<Response<ListMergesResponse>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let lookup = request.into_inner().lookup.map(Lookup::from);
-        let customer = self.query.customer(lookup).await?;
+        let described = viewer.describe(lookup.as_ref());
+        let customer = self
+            .query
+            .customer(lookup)
+            .await
+            .map_err(|e| viewer.hide(e))?;
+        self.admit(&viewer, &customer.to_string())
+            .await
+            .map_err(|e| viewer.hide(e))?;
         let merges = self.query.merges(customer).await?;
+        viewer
+            .read(&customer.to_string(), &["merges"], &described)
+            .await?;
+        let mut merges: Vec<v1::MergeStep> = merges.iter().map(step).collect();
+        merges.iter_mut().for_each(|m| viewer.merge_step(m));
         Ok(Response::new(ListMergesResponse {
             customer_id: customer.to_string(),
-            merges: merges.iter().map(step).collect(),
+            merges,
         }))
     }
 
@@ -187,16 +250,28 @@ impl IdentityService for IdentityGrpc {
         &self,
         request: Request<GetDecisionRequest>,
     ) -> Result<Response<DecisionExplanation>, Status> {
+        let viewer = viewer(&self.access, &request)?;
         let r = request.into_inner();
-        Ok(Response::new(self.query.decision(&r.event_id).await?))
+        let mut decision = self.query.decision(&r.event_id).await?;
+        viewer
+            .read(
+                &decision.customer_id,
+                &["decision"],
+                &format!("event:{}", r.event_id),
+            )
+            .await?;
+        viewer.decision(&mut decision);
+        Ok(Response::new(decision))
     }
 
     async fn list_quarantined(
         &self,
-        _request: Request<ListQuarantinedRequest>,
+        request: Request<ListQuarantinedRequest>,
     ) -> Result<Response<ListQuarantinedResponse>, Status> {
-        Ok(Response::new(ListQuarantinedResponse {
-            identifiers: self.query.quarantined().await?,
-        }))
+        let viewer = viewer(&self.access, &request)?;
+        let mut identifiers = self.query.quarantined().await?;
+        viewer.read("", &["quarantined"], "").await?;
+        identifiers.iter_mut().for_each(|q| viewer.quarantined(q));
+        Ok(Response::new(ListQuarantinedResponse { identifiers }))
     }
 }

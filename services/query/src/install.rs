@@ -1,13 +1,17 @@
 //! Installs the query side in a process: `ProfileService` and
-//! `IdentityService` over gRPC and the agent console over HTTP.
+//! `IdentityService` and `AccessService` over gRPC and the agent console
+//! over HTTP.
 
 use std::sync::Arc;
 
+use cdp_proto::v1::access_service_server::AccessServiceServer;
 use cdp_proto::v1::identity_service_server::IdentityServiceServer;
 use cdp_proto::v1::profile_service_server::ProfileServiceServer;
 use cdp_runtime::serve::{Context, Parts, StartError};
 
+use crate::access::AccessGrpc;
 use crate::grpc::{IdentityGrpc, ProfileGrpc};
+
 use crate::{ProfileQuery, console, follow};
 
 pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError> {
@@ -19,18 +23,11 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
     )
     .with_history(Arc::clone(&ctx.backends.log))
     .with_shutdown(ctx.cancel.clone());
+    let api = Arc::new(AccessGrpc::new(query.clone(), Arc::clone(&ctx.access)));
     let console = Arc::new(console::ConsoleState {
         query: query.clone(),
-        agents: ctx
-            .config
-            .agents
-            .iter()
-            .map(|a| console::Agent {
-                name: a.name.clone(),
-                token: a.token.expose().to_owned(),
-            })
-            .collect(),
-        log: Arc::clone(&ctx.backends.log),
+        access: Arc::clone(&ctx.access),
+        api: Arc::clone(&api),
     });
     parts.http(console::router(console));
     if ctx.config.log.backend == cdp_runtime::config::LogBackend::Kafka {
@@ -51,8 +48,19 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         .set_serving::<IdentityServiceServer<IdentityGrpc>>()
         .await;
     parts
+        .health
+        .set_serving::<AccessServiceServer<AccessGrpc>>()
+        .await;
+    parts
         .grpc
-        .add_service(ProfileServiceServer::new(ProfileGrpc::new(query.clone())))
-        .add_service(IdentityServiceServer::new(IdentityGrpc::new(query)));
+        .add_service(ProfileServiceServer::new(ProfileGrpc::new(
+            query.clone(),
+            Arc::clone(&ctx.access),
+        )))
+        .add_service(IdentityServiceServer::new(IdentityGrpc::new(
+            query,
+            Arc::clone(&ctx.access),
+        )))
+        .add_service(AccessServiceServer::from_arc(api));
     Ok(())
 }

@@ -4,10 +4,13 @@
 //! - [`history`]: time travel, the view folded from the log up to an instant;
 //! - [`explain`]: why identifiers are one customer;
 //! - [`grpc`]: `ProfileService` and `IdentityService`;
+//! - [`viewer`]: scope, masking and audit of every read;
+//! - [`access`]: `AccessService` (reveal, audit, credentials);
 //! - [`console`]: the agent console and its JSON API;
 //! - [`follow`]: live views across processes (`profile-changes`);
 //! - [`install`]: what a process adds to serve all of it.
 
+pub mod access;
 pub mod console;
 pub mod explain;
 pub mod follow;
@@ -15,6 +18,8 @@ pub mod grpc;
 pub mod history;
 pub mod install;
 pub mod view;
+pub mod viewer;
 
 pub use install::install;
 pub use view::{Loaded, Lookup, ProfileQuery};
+pub use viewer::Viewer;

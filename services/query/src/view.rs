@@ -17,6 +17,7 @@ use cdp_store::{LiveStores, ProfileChanges, ProjectionStores, TimelineQuery};
 use uuid::Uuid;
 
 use crate::history;
+use crate::viewer::Viewer;
 
 const DEFAULT_TIMELINE: usize = 20;
 const MAX_TIMELINE: usize = 200;
@@ -49,6 +50,7 @@ lookup_from!(
     v1::get_profile_request::Lookup,
     v1::list_timeline_request::Lookup,
     v1::list_merges_request::Lookup,
+    v1::reveal_field_request::Lookup,
     v1::replay_request::Customer
 );
 
@@ -286,10 +288,12 @@ impl ProfileQuery {
         &self.options.default_currency
     }
 
-    /// Candidates for what an agent typed.
-    #[tracing::instrument(skip(self))]
+    /// Candidates for what an agent typed, within the viewer's scope,
+    /// masked, each audited.
+    #[tracing::instrument(skip_all, fields(limit))]
     pub async fn search(
         &self,
+        viewer: &Viewer,
         query: &str,
         limit: usize,
     ) -> Result<Vec<v1::CustomerCandidate>, ServiceError> {
@@ -307,6 +311,9 @@ impl ProfileQuery {
             let Some(profile) = stores.profiles.profile(customer).await? else {
                 continue;
             };
+            if viewer.admit(&profile).is_err() {
+                continue;
+            }
             let ids = identifiers_of(&stores, profile.customer_id).await?;
             let of = |k: IdKind| {
                 ids.iter()
@@ -326,6 +333,14 @@ impl ProfileQuery {
                 phones: of(IdKind::Phone),
                 last_seen: profile.last_seen.map(convert::millis_to_timestamp),
             });
+        }
+        let typed = format!("search:{}", cdp_domain::access::mask_token(query.trim()));
+        if out.is_empty() {
+            viewer.read("", &["search"], &typed).await?;
+        }
+        for c in &mut out {
+            viewer.candidate(c);
+            viewer.read(&c.customer_id, &["search"], &typed).await?;
         }
         Ok(out)
     }
@@ -394,19 +409,44 @@ impl ProfileQuery {
         }
     }
 
-    /// The full customer view.
-    #[tracing::instrument(skip(self))]
+    /// The view as `viewer` may see it: refused outside their scope,
+    /// masked, and audited (`fields` name what was read) before it is
+    /// returned.
+    pub async fn load_for(
+        &self,
+        viewer: &Viewer,
+        lookup: Option<Lookup>,
+        timeline_limit: usize,
+        fields: &[&str],
+    ) -> Result<Loaded, ServiceError> {
+        let described = viewer.describe(lookup.as_ref());
+        let mut loaded = self
+            .load(lookup, timeline_limit)
+            .await
+            .map_err(|e| viewer.hide(e))?;
+        viewer.admit(&loaded.profile)?;
+        viewer.mask(&mut loaded);
+        viewer
+            .read(&loaded.profile.customer_id.to_string(), fields, &described)
+            .await?;
+        Ok(loaded)
+    }
+
+    /// The full customer view, as `viewer` may see it.
+    #[tracing::instrument(skip_all, fields(timeline_limit))]
     pub async fn profile(
         &self,
+        viewer: &Viewer,
         lookup: Option<Lookup>,
         timeline_limit: usize,
     ) -> Result<CustomerProfile, ServiceError> {
-        let loaded = self.load(lookup, timeline_limit).await?;
+        let loaded = self
+            .load_for(viewer, lookup, timeline_limit, &["profile"])
+            .await?;
         Ok(self.render(loaded, cdp_runtime::now_ms()))
     }
 
     /// The view as it was at `as_of`, folded from the event log.
-    #[tracing::instrument(skip(self))]
     /// The event log, when this query service was wired with one.
     pub fn event_log(&self) -> Result<&Arc<dyn cdp_log::EventLog>, ServiceError> {
         self.history
@@ -415,8 +455,10 @@ impl ProfileQuery {
             .ok_or_else(|| ServiceError::Unavailable("this query service has no event log".into()))
     }
 
+    #[tracing::instrument(skip_all, fields(as_of))]
     pub async fn profile_as_of(
         &self,
+        viewer: &Viewer,
         lookup: Option<Lookup>,
         timeline_limit: usize,
         as_of: cdp_domain::UnixMillis,
@@ -425,6 +467,7 @@ impl ProfileQuery {
             ServiceError::Unavailable("this query service has no event log for time travel".into())
         })?;
         let stores = self.stores();
+        let described = viewer.describe(lookup.as_ref());
         // Who the lookup named then: an identifier's first customer, or the id given.
         let then = match lookup {
             Some(Lookup::Identifier(raw)) => {
@@ -476,15 +519,22 @@ impl ProfileQuery {
         let mut timeline = past.timeline;
         timeline.truncate(timeline_limit.clamp(1, MAX_TIMELINE));
         tracing::debug!(records_read = past.records_read, "past view folded");
-        Ok(self.render(
-            Loaded {
-                profile: past.profile,
-                identifiers,
-                claims,
-                timeline,
-            },
-            as_of,
-        ))
+        let mut loaded = Loaded {
+            profile: past.profile,
+            identifiers,
+            claims,
+            timeline,
+        };
+        viewer.admit(&loaded.profile)?;
+        viewer.mask(&mut loaded);
+        viewer
+            .read(
+                &loaded.profile.customer_id.to_string(),
+                &["profile", "as_of"],
+                &described,
+            )
+            .await?;
+        Ok(self.render(loaded, as_of))
     }
 
     /// The API view of what was loaded; RFM as of `now`.
@@ -537,13 +587,15 @@ impl ProfileQuery {
         }
     }
 
-    /// One page of the timeline.
-    #[tracing::instrument(skip(self))]
+    /// One page of the timeline, as `viewer` may see it.
+    #[tracing::instrument(skip_all)]
     pub async fn timeline(
         &self,
+        viewer: &Viewer,
         lookup: Option<Lookup>,
         request: &ListTimelineRequest,
     ) -> Result<ListTimelineResponse, ServiceError> {
+        let described = viewer.describe(lookup.as_ref());
         let mut errors = Vec::new();
         let channels: Vec<Channel> = request
             .channels
@@ -601,7 +653,21 @@ impl ProfileQuery {
             after,
             limit: size,
         };
-        let page = stores.profiles.timeline(customer, &query).await?;
+        if viewer.scoped() {
+            let profile = stores
+                .profiles
+                .profile(customer)
+                .await?
+                .ok_or_else(|| ServiceError::NotFound("no such customer".into()))?;
+            viewer.admit(&profile)?;
+        }
+        let mut page = stores.profiles.timeline(customer, &query).await?;
+        page.entries
+            .iter_mut()
+            .for_each(|e| viewer.masker.timeline_entry(e));
+        viewer
+            .read(&customer.to_string(), &["timeline"], &described)
+            .await?;
         Ok(ListTimelineResponse {
             customer_id: customer.to_string(),
             entries: page.entries.iter().map(convert::timeline_entry).collect(),

@@ -213,6 +213,66 @@ pub const MESSENGER_SECRET: &str = "test-messenger-secret";
 pub const MESSENGER_VERIFY: &str = "test-verify-token";
 pub const AGENT_TOKEN: &str = "test-agent-token";
 
+/// Keys of the test credentials, one per role (added to every test
+/// configuration by [`with_credentials`]). Ingest relays every source; the
+/// admin sees personal data in clear (the tests check values), every other
+/// role sees what it would in production.
+pub const INGEST_KEY: &str = "test-ingest-key";
+pub const ADMIN_KEY: &str = "test-admin-key";
+pub const SUPERVISOR_KEY: &str = "test-supervisor-key";
+pub const ANALYST_KEY: &str = "test-analyst-key";
+pub const OPERATOR_KEY: &str = "test-operator-key";
+/// An agent of the `hcm` team, restricted to customers seen at stores of
+/// `region:south` (see [`CREDENTIALS`]).
+pub const SCOPED_AGENT_KEY: &str = "test-scoped-agent-key";
+/// An ingest key of the `pos` source only.
+pub const POS_INGEST_KEY: &str = "test-pos-ingest-key";
+
+/// The credentials appended to every test configuration.
+pub const CREDENTIALS: &str = r#"
+[[credentials]]
+name = "test-ingest"
+role = "ingest"
+key = "test-ingest-key"
+sources = ["*"]
+[[credentials]]
+name = "test-pos-ingest"
+role = "ingest"
+key = "test-pos-ingest-key"
+sources = ["pos"]
+[[credentials]]
+name = "test-admin"
+role = "admin"
+key = "test-admin-key"
+disclosure = "clear"
+[[credentials]]
+name = "test-supervisor"
+role = "supervisor"
+key = "test-supervisor-key"
+team = "hcm"
+[[credentials]]
+name = "test-analyst"
+role = "analyst"
+key = "test-analyst-key"
+[[credentials]]
+name = "test-operator"
+role = "operator"
+key = "test-operator-key"
+[[credentials]]
+name = "test-scoped-agent"
+role = "agent"
+key = "test-scoped-agent-key"
+team = "hcm"
+scopes = ["region:south"]
+"#;
+
+/// A test configuration with the test credentials.
+pub fn with_credentials(config_toml: &str) -> String {
+    format!("{config_toml}\n{CREDENTIALS}")
+}
+
+pub use cdp_proto::client::Authed;
+
 /// The configuration (TOML) of test processes: 4 partitions, 2 identity and
 /// 2 profile workers, two HTTP sources and both webhooks.
 pub const DEFAULT_CONFIG: &str = r#"
@@ -243,6 +303,7 @@ source_trust = { crm = 10, website = 1 }
 [[agents]]
 name = "agent.lan"
 token = "test-agent-token"
+team = "hcm"
 "#;
 
 impl CdpProcess {
@@ -258,7 +319,8 @@ impl CdpProcess {
     pub fn start_on(backend: Backend, config_toml: &str) -> Self {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let config = dir.path().join("cdp.toml");
-        std::fs::write(&config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
+        std::fs::write(&config, with_credentials(config_toml))
+            .unwrap_or_else(|e| panic!("write config: {e}"));
         let data = dir.path().join("data");
         let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let namespace = format!("e2e_{}", uuid::Uuid::new_v4().simple());
@@ -400,7 +462,8 @@ impl CdpProcess {
 
     /// Starts again on the same data with another configuration.
     pub fn restart_with(&mut self, config_toml: &str) {
-        std::fs::write(&self.config, config_toml).unwrap_or_else(|e| panic!("write config: {e}"));
+        std::fs::write(&self.config, with_credentials(config_toml))
+            .unwrap_or_else(|e| panic!("write config: {e}"));
         self.restart();
     }
 
@@ -416,6 +479,23 @@ impl CdpProcess {
             "http://{}",
             q.http.unwrap_or_else(|| panic!("query serves no HTTP"))
         )
+    }
+
+    /// A console session for `key` (`POST /api/login`).
+    pub async fn console_session(&self, key: &str) -> String {
+        let answer: Value = reqwest::Client::new()
+            .post(format!("{}/api/login", self.console_url()))
+            .json(&serde_json::json!({"token": key}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("console login: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("console login answer: {e}"));
+        answer["session"]
+            .as_str()
+            .unwrap_or_else(|| panic!("console login refused: {answer}"))
+            .to_owned()
     }
 
     /// Starts again on the same data.
@@ -457,14 +537,26 @@ impl CdpProcess {
             .unwrap_or_else(|e| panic!("connect {url}: {e}"))
     }
 
-    /// A channel to ingest (IngestService, DeadLetterService).
-    pub async fn channel(&self) -> Channel {
-        Self::connect(self.addr).await
+    /// A channel to `addr` whose calls carry `key` (none: no credential).
+    pub async fn connect_as(addr: SocketAddr, key: Option<&str>) -> Authed {
+        let bearer = cdp_proto::client::Bearer::new(key).unwrap_or_else(|e| panic!("key: {e}"));
+        cdp_proto::client::authed(Self::connect(addr).await, bearer)
     }
 
-    /// A channel to the query service (ProfileService, IdentityService).
-    pub async fn query_channel(&self) -> Channel {
-        Self::connect(self.query_addr()).await
+    /// A channel to ingest (DeadLetterService), as the test admin.
+    pub async fn channel(&self) -> Authed {
+        Self::connect_as(self.addr, Some(ADMIN_KEY)).await
+    }
+
+    /// A channel to ingest as the test relay (IngestService, every source).
+    pub async fn ingest_channel(&self) -> Authed {
+        Self::connect_as(self.addr, Some(INGEST_KEY)).await
+    }
+
+    /// A channel to the query service (ProfileService, IdentityService,
+    /// AccessService), as the test admin (personal data in clear).
+    pub async fn query_channel(&self) -> Authed {
+        Self::connect_as(self.query_addr(), Some(ADMIN_KEY)).await
     }
 
     /// The gRPC address of the projection service (rebuilds, generations,
@@ -473,13 +565,14 @@ impl CdpProcess {
         self.proc("cdp-projection").grpc
     }
 
-    /// A channel to the projection service (ProjectionService, ReplayService).
-    pub async fn projection_channel(&self) -> Channel {
-        Self::connect(self.projection_addr()).await
+    /// A channel to the projection service (ProjectionService, ReplayService),
+    /// as the test admin.
+    pub async fn projection_channel(&self) -> Authed {
+        Self::connect_as(self.projection_addr(), Some(ADMIN_KEY)).await
     }
 
-    pub async fn ingest(&self) -> IngestServiceClient<Channel> {
-        IngestServiceClient::new(self.channel().await)
+    pub async fn ingest(&self) -> IngestServiceClient<Authed> {
+        IngestServiceClient::new(self.ingest_channel().await)
     }
 
     /// Sends one touchpoint with `Track` and returns the answer (a refusal panics).
@@ -494,7 +587,7 @@ impl CdpProcess {
             .into_inner()
     }
 
-    pub async fn profiles(&self) -> ProfileServiceClient<Channel> {
+    pub async fn profiles(&self) -> ProfileServiceClient<Authed> {
         ProfileServiceClient::new(self.query_channel().await)
     }
 }
@@ -544,7 +637,7 @@ pub fn touchpoint(
 /// Polls `GetProfile` by `identifier` until `done` holds or `patience` ends;
 /// returns the profile (or panics with what was seen).
 pub async fn profile_when(
-    client: &mut ProfileServiceClient<Channel>,
+    client: &mut ProfileServiceClient<Authed>,
     identifier: Identifier,
     patience: Duration,
     done: impl Fn(&CustomerProfile) -> bool,
@@ -557,7 +650,7 @@ pub async fn profile_when(
 
 /// Like [`profile_when`], but a timeout is an error carrying the last profile seen.
 pub async fn profile_until(
-    client: &mut ProfileServiceClient<Channel>,
+    client: &mut ProfileServiceClient<Authed>,
     identifier: Identifier,
     patience: Duration,
     done: impl Fn(&CustomerProfile) -> bool,
@@ -687,7 +780,7 @@ pub fn reference_of(
 /// the reference's metrics and identifiers, each as its own profile; the
 /// first difference after `patience` is the error.
 pub async fn expect_reference(
-    profiles: &mut ProfileServiceClient<Channel>,
+    profiles: &mut ProfileServiceClient<Authed>,
     model: &cdp_domain::reference::ReferenceModel,
     patience: Duration,
 ) -> Result<usize, String> {

@@ -632,12 +632,16 @@ async fn grpcurl_works_through_reflection() {
     let addr = cdp.addr.to_string();
     let query = cdp.query_addr().to_string();
     let projection = cdp.projection_addr().to_string();
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new(&grpcurl)
-            .arg("-plaintext")
-            .args(args)
-            .output()
-            .unwrap();
+    let call = |key: Option<&str>, args: &[&str]| {
+        let mut c = std::process::Command::new(&grpcurl);
+        c.arg("-plaintext");
+        if let Some(key) = key {
+            c.args(["-H", &format!("authorization: Bearer {key}")]);
+        }
+        c.args(args).output().unwrap()
+    };
+    let run_as = |key: Option<&str>, args: &[&str]| {
+        let out = call(key, args);
         assert!(
             out.status.success(),
             "grpcurl {args:?} failed: {}",
@@ -645,6 +649,15 @@ async fn grpcurl_works_through_reflection() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // Reflection answers any signed-in role, and nobody without a key.
+    let run = |args: &[&str]| run_as(Some(cdp_e2e::OPERATOR_KEY), args);
+    let anonymous = call(None, &[&addr, "list"]);
+    assert!(!anonymous.status.success());
+    assert!(
+        String::from_utf8_lossy(&anonymous.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&anonymous.stderr)
+    );
     let services = run(&[&addr, "list"]) + &run(&[&query, "list"]) + &run(&[&projection, "list"]);
     for service in [
         "cdp.v1.IngestService",
@@ -656,6 +669,8 @@ async fn grpcurl_works_through_reflection() {
         assert!(services.contains(service), "{service} missing: {services}");
     }
     for a in [&addr, &query, &projection] {
+        // grpcurl finds the method through reflection, which needs a key;
+        // health itself answers without one (see the access matrix test).
         let health = run(&[a, "grpc.health.v1.Health/Check"]);
         assert!(health.contains("SERVING"), "{health}");
     }
@@ -665,7 +680,10 @@ async fn grpcurl_works_through_reflection() {
         "properties": {"total": 1250000, "currency": "VND"},
         "personal": {"identifiers": [{"kind": "email", "value": email}]}}})
         .to_string();
-    let tracked = run(&["-d", &body, &addr, "cdp.v1.IngestService/Track"]);
+    let tracked = run_as(
+        Some(cdp_e2e::INGEST_KEY),
+        &["-d", &body, &addr, "cdp.v1.IngestService/Track"],
+    );
     assert!(tracked.contains("EVENT_STATUS_ACCEPTED"), "{tracked}");
     let mut profiles = cdp.profiles().await;
     profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
@@ -673,8 +691,15 @@ async fn grpcurl_works_through_reflection() {
     })
     .await;
     let lookup = json!({"identifier": {"kind": "email", "value": email}}).to_string();
-    let view = run(&["-d", &lookup, &query, "cdp.v1.ProfileService/GetProfile"]);
+    let view = run_as(
+        Some(cdp_e2e::AGENT_TOKEN),
+        &["-d", &lookup, &query, "cdp.v1.ProfileService/GetProfile"],
+    );
     assert!(view.contains("\"ordersCount\": \"1\""), "{view}");
+    assert!(
+        !view.contains(&email),
+        "an agent sees the email in clear: {view}"
+    );
 }
 
 /// A high-volume adapter keeps one stream open: each batch is answered in

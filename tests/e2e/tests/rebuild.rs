@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cdp_domain::journey::{self, JourneyConfig};
+use cdp_e2e::Authed;
 use cdp_e2e::{CdpProcess, expect_reference, now_ms, reference_of, to_api};
 use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
 use cdp_proto::v1::rebuild_status::State;
@@ -18,7 +19,6 @@ use cdp_proto::v1::{
     Identifier, ListGenerationsRequest, StartRebuildRequest, TrackBatchRequest,
     get_profile_request::Lookup,
 };
-use tonic::transport::Channel;
 
 fn lookup(id: Identifier) -> GetProfileRequest {
     GetProfileRequest {
@@ -30,7 +30,7 @@ fn lookup(id: Identifier) -> GetProfileRequest {
 
 /// Starts a rebuild that activates its generation, and waits until it has.
 async fn rebuild_and_switch(
-    projections: &mut ProjectionServiceClient<Channel>,
+    projections: &mut ProjectionServiceClient<Authed>,
     cdp: &CdpProcess,
 ) -> u32 {
     rebuild_until(projections, cdp, true).await
@@ -39,7 +39,7 @@ async fn rebuild_and_switch(
 /// Starts a rebuild (activating its generation or not) and waits until it
 /// is activated, or has caught up when it does not activate.
 async fn rebuild_until(
-    projections: &mut ProjectionServiceClient<Channel>,
+    projections: &mut ProjectionServiceClient<Authed>,
     cdp: &CdpProcess,
     activate: bool,
 ) -> u32 {
@@ -283,6 +283,7 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
     );
     // And an agent has the family's customer open in the console.
     let console = {
+        let session = cdp.console_session(cdp_e2e::AGENT_TOKEN).await;
         let url = format!(
             "{}/api/watch?customer_id={}",
             cdp.console_url(),
@@ -291,7 +292,7 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
         tokio::spawn(async move {
             let mut stream = reqwest::Client::new()
                 .get(url)
-                .bearer_auth(cdp_e2e::AGENT_TOKEN)
+                .bearer_auth(session)
                 .send()
                 .await
                 .unwrap();
@@ -309,6 +310,7 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
     let endpoint = format!("http://{}", cdp.projection_addr());
     let out = std::process::Command::new(cdp_e2e::cdp_binary())
         .args(["rebuild", "--activate", "--endpoint", &endpoint])
+        .env("CDP_TOKEN", cdp_e2e::OPERATOR_KEY)
         .output()
         .unwrap();
     assert!(
@@ -320,6 +322,7 @@ async fn a_rule_change_and_a_rebuild_split_a_wrong_merge() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("generation 2 is active"));
     let listed = std::process::Command::new(cdp_e2e::cdp_binary())
         .args(["generations", "--endpoint", &endpoint, "list"])
+        .env("CDP_TOKEN", cdp_e2e::OPERATOR_KEY)
         .output()
         .unwrap();
     let listed = String::from_utf8_lossy(&listed.stdout).into_owned();

@@ -23,7 +23,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 type Sent = (i64, String, &'static str, &'static str, String);
 
 async fn replay_all(
-    client: &mut ReplayServiceClient<tonic::transport::Channel>,
+    client: &mut ReplayServiceClient<cdp_e2e::Authed>,
     request: ReplayRequest,
 ) -> Vec<ReplayEvent> {
     let mut stream = client.replay(request).await.unwrap().into_inner();
@@ -407,6 +407,7 @@ async fn the_replay_cli_writes_json_lines_and_resumes() {
     let endpoint = format!("http://{}", cdp.projection_addr());
     let run = |extra: &[&str]| {
         let status = std::process::Command::new(cdp_e2e::cdp_binary())
+            .env("CDP_TOKEN", cdp_e2e::ADMIN_KEY)
             .args(["replay", "--endpoint", &endpoint, "--out"])
             .arg(&out)
             .args([
@@ -488,6 +489,7 @@ async fn the_replay_cli_writes_parquet_and_resumes() {
     let endpoint = format!("http://{}", cdp.projection_addr());
     let run = |extra: &[&str]| {
         let status = std::process::Command::new(cdp_e2e::cdp_binary())
+            .env("CDP_TOKEN", cdp_e2e::ADMIN_KEY)
             .args([
                 "replay",
                 "--endpoint",

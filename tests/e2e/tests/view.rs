@@ -243,10 +243,13 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         .env("CHROMIUM", &chromium)
         .env("CDP_HTTP", cdp.console_url())
         .env("CDP_AGENT_TOKEN", AGENT_TOKEN)
+        .env("CDP_SUPERVISOR_TOKEN", cdp_e2e::SUPERVISOR_KEY)
+        .env("CDP_OPERATOR_TOKEN", cdp_e2e::OPERATOR_KEY)
         .env(
             "CDP_PHONE",
             format!("+84 {} {} {}", &digits[..3], &digits[3..6], &digits[6..]),
         )
+        .env("CDP_PHONE_E164", format!("+84{digits}"))
         .env("CDP_SCREENSHOT", &shot)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -297,12 +300,28 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         "console script failed: {seen:?}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(seen.iter().any(|l| l == "LIVE OK"), "{seen:?}");
+    for step in ["DENIED OK", "LIVE OK", "REVEAL OK"] {
+        assert!(seen.iter().any(|l| l == step), "{step} missing: {seen:?}");
+    }
     assert!(shot.exists(), "no screenshot at {}", shot.display());
 
-    let audit: Value = http
+    // Agents may not read the audit; their supervisor reads the team's.
+    let agent = cdp.console_session(AGENT_TOKEN).await;
+    let refused = http
         .get(format!("{}/api/audit", cdp.console_url()))
-        .bearer_auth(AGENT_TOKEN)
+        .bearer_auth(&agent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let supervisor = cdp.console_session(cdp_e2e::SUPERVISOR_KEY).await;
+    let audit: Value = http
+        .get(format!(
+            "{}/api/audit?customer_id={}",
+            cdp.console_url(),
+            p.customer_id
+        ))
+        .bearer_auth(&supervisor)
         .send()
         .await
         .unwrap()
@@ -311,9 +330,16 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         .unwrap();
     let entries = audit["entries"].as_array().unwrap();
     assert!(
-        entries.iter().any(|e| e["agent"] == "agent.lan"
+        entries.iter().any(|e| e["actor"] == "agent.lan"
             && e["customer_id"] == p.customer_id.as_str()
-            && e["lookup"].as_str().unwrap().starts_with("phone:")),
-        "the view is not in the audit log: {audit}"
+            && e["lookup"].as_str().unwrap().starts_with("phone:")
+            && !e["lookup"].as_str().unwrap().contains(&digits)),
+        "the view is not in the audit log (or its lookup is in clear): {audit}"
+    );
+    assert!(
+        entries.iter().any(|e| e["actor"] == "test-supervisor"
+            && e["fields"] == json!(["phone"])
+            && e["reason"] == "ticket 42: customer called back"),
+        "the reveal is not in the audit log: {audit}"
     );
 }

@@ -1,0 +1,818 @@
+//! Who is calling: credentials (API keys from the configuration and keys
+//! issued at run time through the `credentials` topic), the principal a
+//! key stands for, rate limits, console sessions, and the one tower layer
+//! that authenticates and authorises every gRPC call before any service
+//! sees it (default deny: a method without a permission in
+//! `cdp_domain::access::permission_of` is refused).
+//!
+//! Keys are stored as SHA-256 hashes and compared in constant time; an
+//! unknown key costs the client a slot of its address's failure budget.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use cdp_config::{AccessConfig, CredentialConfig};
+use cdp_domain::Profile;
+use cdp_domain::access::{Disclosure, Masker, Permission, Role};
+use cdp_log::EventLog;
+use cdp_pipeline::credentials::{CredentialChange, IssuedKey};
+use cdp_pipeline::{AuditEntry, topic};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::ServiceError;
+use crate::audit::Auditor;
+
+/// Who a credential stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub credential_id: String,
+    pub name: String,
+    pub role: Role,
+    /// Sources an ingest credential sends for.
+    pub sources: Vec<String>,
+    /// Labels the principal is restricted to (empty: all customers).
+    pub scopes: BTreeSet<String>,
+    pub disclosure: Disclosure,
+    pub team: String,
+}
+
+/// The caller of one request, as the auth layer found it (in the request's
+/// extensions for gRPC services).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Arc<Principal>,
+    /// The client's address.
+    pub client: String,
+    pub request_id: String,
+    /// The method (`ProfileService/GetProfile`) or console route.
+    pub action: String,
+}
+
+impl Caller {
+    /// The caller of a gRPC request. Every method is behind the auth layer,
+    /// so a missing caller is a wiring bug, answered as unauthenticated.
+    pub fn of<T>(request: &tonic::Request<T>) -> Result<Caller, ServiceError> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| unauthenticated("a credential is required"))
+    }
+
+    /// An audit entry of this caller.
+    pub fn entry(&self, outcome: &str) -> AuditEntry {
+        AuditEntry {
+            at: crate::now_ms(),
+            actor: self.principal.name.clone(),
+            role: self.principal.role.to_string(),
+            team: self.principal.team.clone(),
+            action: self.action.clone(),
+            outcome: outcome.to_owned(),
+            client: self.client.clone(),
+            request_id: self.request_id.clone(),
+            ..AuditEntry::default()
+        }
+    }
+}
+
+fn unauthenticated(message: &str) -> ServiceError {
+    ServiceError::Unauthenticated {
+        message: message.to_owned(),
+        challenge: Some("Bearer realm=\"cdp\""),
+    }
+}
+
+/// One key the registry knows.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    hash: [u8; 32],
+    pub sources: Vec<String>,
+    pub scopes: Vec<String>,
+    pub disclosure: Option<Disclosure>,
+    pub team: String,
+    pub created_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    /// `config` or `issued`.
+    pub origin: &'static str,
+}
+
+impl KeyEntry {
+    fn principal(&self) -> Principal {
+        Principal {
+            credential_id: self.id.clone(),
+            name: self.name.clone(),
+            role: self.role,
+            sources: self.sources.clone(),
+            scopes: self.scopes.iter().cloned().collect(),
+            disclosure: self
+                .disclosure
+                .unwrap_or_else(|| self.role.default_disclosure()),
+            team: self.team.clone(),
+        }
+    }
+
+    fn usable_at(&self, now: i64) -> Result<(), &'static str> {
+        if self.revoked_at.is_some() {
+            return Err("this credential was revoked");
+        }
+        if self.expires_at.is_some_and(|e| e <= now) {
+            return Err("this credential has expired");
+        }
+        Ok(())
+    }
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    Sha256::digest(s.as_bytes()).into()
+}
+
+fn parse_hash(hex_digest: &str) -> Option<[u8; 32]> {
+    let bytes = hex::decode(hex_digest).ok()?;
+    bytes.try_into().ok()
+}
+
+fn from_config(c: &CredentialConfig) -> Result<KeyEntry, String> {
+    let hash = match (&c.key, &c.key_sha256) {
+        (Some(k), _) => sha256(k.expose()),
+        (None, Some(h)) => parse_hash(h).ok_or("key_sha256 is not 64 hex digits")?,
+        (None, None) => return Err("no key".into()),
+    };
+    Ok(KeyEntry {
+        id: format!("config:{}", c.name),
+        name: c.name.clone(),
+        role: c.role()?,
+        hash,
+        sources: c.sources.clone(),
+        scopes: c.scopes.clone(),
+        disclosure: c.disclosure()?,
+        team: c.team.clone(),
+        created_at: None,
+        expires_at: c.expires_at_ms()?,
+        revoked_at: None,
+        origin: "config",
+    })
+}
+
+fn from_issued(k: &IssuedKey) -> Option<KeyEntry> {
+    Some(KeyEntry {
+        id: k.id.clone(),
+        name: k.name.clone(),
+        role: k.role.parse().ok()?,
+        hash: parse_hash(&k.key_sha256)?,
+        sources: k.sources.clone(),
+        scopes: k.scopes.clone(),
+        disclosure: k.disclosure.as_deref().and_then(|d| d.parse().ok()),
+        team: k.team.clone(),
+        created_at: Some(k.created_at),
+        expires_at: k.expires_at,
+        revoked_at: None,
+        origin: "issued",
+    })
+}
+
+/// Every key: the configuration's, and those issued through the log.
+pub struct Registry {
+    config: Vec<KeyEntry>,
+    issued: RwLock<Arc<Vec<KeyEntry>>>,
+    log: Arc<dyn EventLog>,
+    /// When the issued keys were last read (a miss reads them again, at
+    /// most this often).
+    refreshed: Mutex<Instant>,
+}
+
+/// How often an unknown key may trigger a re-read of the issued keys.
+const MISS_REFRESH: Duration = Duration::from_millis(500);
+
+impl Registry {
+    pub fn new(credentials: &[CredentialConfig], log: Arc<dyn EventLog>) -> Result<Self, String> {
+        let config = credentials
+            .iter()
+            .map(|c| from_config(c).map_err(|e| format!("credentials[{}]: {e}", c.name)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Registry {
+            config,
+            issued: RwLock::new(Arc::new(Vec::new())),
+            log,
+            refreshed: Mutex::new(Instant::now() - MISS_REFRESH),
+        })
+    }
+
+    fn issued(&self) -> Arc<Vec<KeyEntry>> {
+        match self.issued.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Reads the issued keys again from the `credentials` topic.
+    pub async fn refresh(&self) -> Result<(), ServiceError> {
+        if let Ok(mut at) = self.refreshed.lock() {
+            *at = Instant::now();
+        }
+        let mut keys: Vec<KeyEntry> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        cdp_log::scan::<ServiceError>(self.log.as_ref(), topic::CREDENTIALS, 512, |r| {
+            match cdp_pipeline::credentials::read(r) {
+                Ok(CredentialChange::Issued(k)) => {
+                    if let Some(e) = from_issued(&k) {
+                        index.insert(e.id.clone(), keys.len());
+                        keys.push(e);
+                    }
+                }
+                Ok(CredentialChange::Revoked { id, at, .. }) => {
+                    if let Some(&i) = index.get(&id) {
+                        keys[i].revoked_at = Some(at);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "an unreadable credentials record"),
+            }
+            Ok(())
+        })
+        .await?;
+        match self.issued.write() {
+            Ok(mut g) => *g = Arc::new(keys),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
+        }
+        Ok(())
+    }
+
+    fn stale(&self) -> bool {
+        self.refreshed
+            .lock()
+            .map(|at| at.elapsed() >= MISS_REFRESH)
+            .unwrap_or(true)
+    }
+
+    /// The key whose hash matches, compared in constant time against every
+    /// known key.
+    fn find(&self, token: &str) -> Option<KeyEntry> {
+        let hash = sha256(token);
+        let issued = self.issued();
+        let mut found = None;
+        for e in self.config.iter().chain(issued.iter()) {
+            if bool::from(e.hash.ct_eq(&hash)) && found.is_none() {
+                found = Some(e.clone());
+            }
+        }
+        found
+    }
+
+    /// The principal of a key, reading newly issued keys when it is unknown.
+    pub async fn authenticate(&self, token: &str) -> Result<Principal, ServiceError> {
+        let mut found = self.find(token);
+        if found.is_none() && self.stale() {
+            self.refresh().await?;
+            found = self.find(token);
+        }
+        let entry = found.ok_or_else(|| unauthenticated("unknown credential"))?;
+        entry.usable_at(crate::now_ms()).map_err(unauthenticated)?;
+        Ok(entry.principal())
+    }
+
+    /// The principal of a credential id, if it is still usable.
+    pub fn by_id(&self, id: &str) -> Result<Principal, ServiceError> {
+        let issued = self.issued();
+        let entry = self
+            .config
+            .iter()
+            .chain(issued.iter())
+            .find(|e| e.id == id)
+            .ok_or_else(|| unauthenticated("unknown credential"))?;
+        entry.usable_at(crate::now_ms()).map_err(unauthenticated)?;
+        Ok(entry.principal())
+    }
+
+    /// Every key (without secrets).
+    pub fn list(&self) -> Vec<KeyEntry> {
+        let issued = self.issued();
+        self.config.iter().chain(issued.iter()).cloned().collect()
+    }
+
+    /// A new key: the change to append and the secret, shown once.
+    pub fn issue(&self, spec: IssuedKey) -> (CredentialChange, String) {
+        let id = spec.id.clone();
+        let mut secret_bytes = [0u8; 24];
+        rand::Rng::fill(&mut rand::rng(), &mut secret_bytes[..]);
+        let secret = format!(
+            "cdp_{id}_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret_bytes)
+        );
+        let key = IssuedKey {
+            key_sha256: hex::encode(sha256(&secret)),
+            ..spec
+        };
+        (CredentialChange::Issued(key), secret)
+    }
+
+    /// Appends a change and reads the keys again.
+    pub async fn append(&self, change: &CredentialChange) -> Result<(), ServiceError> {
+        let record = cdp_pipeline::credentials::record(change)
+            .map_err(|e| ServiceError::Internal(format!("credential record: {e}")))?;
+        self.log.append(topic::CREDENTIALS, vec![record]).await?;
+        self.refresh().await
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Everything that decides and records access, shared by every service of
+/// a process.
+pub struct Access {
+    pub registry: Registry,
+    pub config: AccessConfig,
+    masker: Masker,
+    reads: DefaultKeyedRateLimiter<String>,
+    /// Failed sign-ins per address in the current minute: when the
+    /// minute started, and how many.
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    auditor: Auditor,
+    session_key: Vec<u8>,
+    /// Distinct customers read per credential in the current hour.
+    usage: Mutex<HashMap<String, Usage>>,
+    log: Arc<dyn EventLog>,
+}
+
+struct Usage {
+    hour: i64,
+    customers: HashSet<String>,
+    alerted: bool,
+}
+
+/// The window of failed sign-ins.
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The secret used when none is configured and every port is on 127.0.0.1.
+const LOOPBACK_SECRET: &str = "dev-loopback-only-secret";
+
+impl Access {
+    /// Builds the access state and the audit writer (run the returned
+    /// future as a task; it drains and stops when `cancel` fires).
+    pub fn start(
+        config: &cdp_config::PlatformConfig,
+        log: Arc<dyn EventLog>,
+        cancel: CancellationToken,
+    ) -> Result<(Arc<Access>, impl Future<Output = ()> + Send + 'static), String> {
+        let access = config.access.clone();
+        let registry = Registry::new(&config.all_credentials(), Arc::clone(&log))?;
+        let secret = match access.secret.expose() {
+            "" => LOOPBACK_SECRET.to_owned(),
+            s => s.to_owned(),
+        };
+        let derive = |label: &str| -> Vec<u8> {
+            let mut mac = match HmacSha256::new_from_slice(secret.as_bytes()) {
+                Ok(m) => m,
+                Err(_) => return label.as_bytes().to_vec(),
+            };
+            mac.update(label.as_bytes());
+            mac.finalize().into_bytes().to_vec()
+        };
+        let per_minute =
+            |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
+        let (auditor, writer) = Auditor::start(Arc::clone(&log), cancel);
+        let masker = Masker::new(
+            Disclosure::Masked,
+            access.personal_keys(),
+            &derive("pseudonyms"),
+        );
+        Ok((
+            Arc::new(Access {
+                registry,
+                masker,
+                reads: RateLimiter::keyed(per_minute(access.reads_per_minute)),
+                failures: Mutex::new(HashMap::new()),
+                auditor,
+                session_key: derive("console-sessions"),
+                usage: Mutex::new(HashMap::new()),
+                log,
+                config: access,
+            }),
+            writer,
+        ))
+    }
+
+    /// How `p` sees personal values.
+    pub fn masker(&self, p: &Principal) -> Masker {
+        self.masker.with(p.disclosure)
+    }
+
+    /// A masker for one disclosure (a reveal, an export granted clear).
+    pub fn masker_with(&self, d: Disclosure) -> Masker {
+        self.masker.with(d)
+    }
+
+    /// Whether `p` may see a customer seen at the sources of `profile`.
+    pub fn in_scope(&self, p: &Principal, profile: &Profile) -> bool {
+        if p.scopes.is_empty() {
+            return true;
+        }
+        let labels = profile
+            .sources
+            .keys()
+            .filter_map(|s| self.config.labels.get(s))
+            .flatten()
+            .map(String::as_str);
+        cdp_domain::access::in_scope(&p.scopes, labels)
+    }
+
+    /// Refuses a read beyond the credential's rate.
+    pub fn check_rate(&self, p: &Principal) -> Result<(), ServiceError> {
+        self.reads.check_key(&p.credential_id).map_err(|_| {
+            ServiceError::RateLimited(format!(
+                "{} reads per minute for this credential",
+                self.config.reads_per_minute
+            ))
+        })
+    }
+
+    /// Refuses every sign-in from an address that failed
+    /// `access.failed_logins_per_minute` times in the current minute.
+    pub fn check_blocked(&self, client: Option<IpAddr>) -> Result<(), ServiceError> {
+        let Some(ip) = client else { return Ok(()) };
+        let Ok(failures) = self.failures.lock() else {
+            return Ok(());
+        };
+        match failures.get(&ip) {
+            Some((since, n))
+                if since.elapsed() < FAILURE_WINDOW
+                    && *n >= self.config.failed_logins_per_minute =>
+            {
+                Err(ServiceError::RateLimited(
+                    "too many failed sign-ins from this address; wait a minute".into(),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed sign-in against the client's address.
+    pub fn failed(&self, client: Option<IpAddr>) {
+        let Some(ip) = client else { return };
+        let Ok(mut failures) = self.failures.lock() else {
+            return;
+        };
+        if failures.len() > 100_000 {
+            failures.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+        }
+        let entry = failures.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= FAILURE_WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+
+    /// Forgets rate-limit state of idle keys (call now and then).
+    pub fn housekeeping(&self) {
+        self.reads.retain_recent();
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+        }
+    }
+
+    /// Writes an audit entry; the call fails when it cannot be recorded
+    /// (no record, no data).
+    pub async fn audit(&self, entry: AuditEntry) -> Result<(), ServiceError> {
+        self.auditor.record(entry).await
+    }
+
+    /// Records a read of personal data about `customer_id` (audited, and
+    /// counted towards the unusual-reads alert).
+    pub async fn read(
+        &self,
+        caller: &Caller,
+        customer_id: &str,
+        fields: &[&str],
+        lookup: &str,
+    ) -> Result<(), ServiceError> {
+        let mut entry = caller.entry("allowed");
+        entry.customer_id = customer_id.to_owned();
+        entry.fields = fields.iter().map(|f| (*f).to_owned()).collect();
+        entry.lookup = lookup.to_owned();
+        self.audit(entry).await?;
+        self.count_read(caller, customer_id).await;
+        Ok(())
+    }
+
+    async fn count_read(&self, caller: &Caller, customer_id: &str) {
+        let now = crate::now_ms();
+        let hour = now / 3_600_000;
+        let threshold = self.config.alert_reads_per_hour;
+        let crossed = {
+            let Ok(mut usage) = self.usage.lock() else {
+                return;
+            };
+            let u = usage
+                .entry(caller.principal.credential_id.clone())
+                .or_insert_with(|| Usage {
+                    hour,
+                    customers: HashSet::new(),
+                    alerted: false,
+                });
+            if u.hour != hour {
+                *u = Usage {
+                    hour,
+                    customers: HashSet::new(),
+                    alerted: false,
+                };
+            }
+            u.customers.insert(customer_id.to_owned());
+            let n = u.customers.len();
+            if !u.alerted && n > threshold as usize {
+                u.alerted = true;
+                Some(n)
+            } else {
+                None
+            }
+        };
+        if let Some(n) = crossed {
+            tracing::warn!(actor = %caller.principal.name, customers = n, threshold, "unusual number of profiles read");
+            let alert = cdp_pipeline::codec::unusual_reads_record(
+                &caller.principal.name,
+                caller.principal.role.as_str(),
+                u32::try_from(n).unwrap_or(u32::MAX),
+                threshold,
+                hour * 3_600_000,
+                now,
+            );
+            let record = cdp_log::Record {
+                key: caller.principal.name.clone().into_bytes(),
+                value: alert,
+                ..cdp_log::Record::default()
+            };
+            if let Err(error) = self.log.append(topic::ALERTS, vec![record]).await {
+                tracing::error!(%error, "cannot append an unusual-reads alert");
+            }
+        }
+    }
+
+    /// Records a refused call.
+    pub async fn denied(&self, caller: Caller, why: &ServiceError) {
+        let mut entry = caller.entry("denied");
+        entry.reason = why.to_string();
+        if let Err(error) = self.audit(entry).await {
+            tracing::error!(%error, "cannot audit a denied call");
+        }
+    }
+
+    /// A console session for `p`: `<credential id>.<expiry ms>.<mac>`.
+    pub fn session(&self, p: &Principal) -> (String, i64) {
+        let expires =
+            crate::now_ms() + i64::try_from(self.config.session_minutes).unwrap_or(480) * 60_000;
+        let body = format!(
+            "{}.{expires}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&p.credential_id)
+        );
+        (format!("{body}.{}", self.sign(&body)), expires)
+    }
+
+    fn sign(&self, body: &str) -> String {
+        let mut mac = match HmacSha256::new_from_slice(&self.session_key) {
+            Ok(m) => m,
+            Err(_) => return String::new(),
+        };
+        mac.update(body.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    }
+
+    /// The principal of a console session, if it is genuine, not expired,
+    /// and its credential still usable.
+    pub fn from_session(&self, token: &str) -> Result<Principal, ServiceError> {
+        let invalid = || unauthenticated("sign in again: the session is not valid");
+        let (body, mac) = token.rsplit_once('.').ok_or_else(invalid)?;
+        if !bool::from(self.sign(body).as_bytes().ct_eq(mac.as_bytes())) {
+            return Err(invalid());
+        }
+        let (id, expires) = body.split_once('.').ok_or_else(invalid)?;
+        let expires: i64 = expires.parse().map_err(|_| invalid())?;
+        if expires <= crate::now_ms() {
+            return Err(unauthenticated("the session has expired: sign in again"));
+        }
+        let id = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(id)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(invalid)?;
+        self.registry.by_id(&id)
+    }
+}
+
+/// The bearer token of an `authorization` value.
+pub fn bearer(value: Option<&str>) -> Option<&str> {
+    let v = value?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Authenticates and authorises every gRPC call (see the module docs).
+#[derive(Clone)]
+pub struct AuthLayer {
+    access: Arc<Access>,
+}
+
+impl AuthLayer {
+    pub fn new(access: Arc<Access>) -> Self {
+        AuthLayer { access }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            access: Arc::clone(&self.access),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    access: Arc<Access>,
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The service that was made ready is the one to call.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let access = Arc::clone(&self.access);
+        Box::pin(async move {
+            let path = request.uri().path().to_owned();
+            if cdp_domain::access::is_public(&path) {
+                return inner.call(request).await;
+            }
+            let seen = Seen {
+                client: client_of(&request),
+                request_id: request_id_of(&request),
+                token: bearer(
+                    request
+                        .headers()
+                        .get(http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok()),
+                )
+                .map(str::to_owned),
+            };
+            match authorize(&access, seen, &path).await {
+                Ok(caller) => {
+                    request.extensions_mut().insert(caller);
+                    inner.call(request).await
+                }
+                Err(e) => Ok(tonic::Status::from(e).into_http()),
+            }
+        })
+    }
+}
+
+fn client_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr())
+}
+
+fn request_id_of<B>(request: &http::Request<B>) -> String {
+    request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+/// The action name of a gRPC path: `ProfileService/GetProfile`.
+fn action_of(path: &str) -> String {
+    path.trim_start_matches('/')
+        .trim_start_matches("cdp.v1.")
+        .to_owned()
+}
+
+/// What the layer read off a request before deciding.
+struct Seen {
+    client: Option<SocketAddr>,
+    request_id: String,
+    token: Option<String>,
+}
+
+async fn authorize(access: &Access, seen: Seen, path: &str) -> Result<Caller, ServiceError> {
+    let Seen {
+        client,
+        request_id,
+        token,
+    } = seen;
+    let anonymous = |why: &str| Caller {
+        principal: Arc::new(Principal {
+            credential_id: String::new(),
+            name: "anonymous".into(),
+            role: Role::Agent,
+            sources: Vec::new(),
+            scopes: BTreeSet::new(),
+            disclosure: Disclosure::Masked,
+            team: String::new(),
+        }),
+        client: client.map(|c| c.to_string()).unwrap_or_default(),
+        request_id: request_id.clone(),
+        action: format!("{} ({why})", action_of(path)),
+    };
+    let principal = match token.as_deref() {
+        None => {
+            let e = unauthenticated("a credential is required: authorization: Bearer <key>");
+            access.denied(anonymous("no credential"), &e).await;
+            return Err(e);
+        }
+        Some(token) => {
+            access.check_blocked(client.map(|c| c.ip()))?;
+            match access.registry.authenticate(token).await {
+                Ok(p) => p,
+                Err(e) => {
+                    access.failed(client.map(|c| c.ip()));
+                    access.denied(anonymous("bad credential"), &e).await;
+                    return Err(e);
+                }
+            }
+        }
+    };
+    let caller = Caller {
+        principal: Arc::new(principal),
+        client: client.map(|c| c.to_string()).unwrap_or_default(),
+        request_id,
+        action: action_of(path),
+    };
+    let permission = cdp_domain::access::permission_of(path);
+    let allowed = permission.is_some_and(|p| caller.principal.role.allows(p));
+    if !allowed {
+        let e = ServiceError::PermissionDenied(format!(
+            "the {} role may not call {}",
+            caller.principal.role,
+            action_of(path)
+        ));
+        access.denied(caller, &e).await;
+        return Err(e);
+    }
+    if matches!(
+        permission,
+        Some(Permission::ReadProfiles | Permission::Reveal | Permission::Replay)
+    ) && let Err(e) = access.check_rate(&caller.principal)
+    {
+        access.denied(caller, &e).await;
+        return Err(e);
+    }
+    Ok(caller)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively_and_empty_ones_refused() {
+        assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+
+    #[test]
+    fn actions_are_named_without_the_package() {
+        assert_eq!(
+            action_of("/cdp.v1.ProfileService/GetProfile"),
+            "ProfileService/GetProfile"
+        );
+    }
+}
