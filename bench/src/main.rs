@@ -363,7 +363,10 @@ async fn lookups(
     let mut tasks = Vec::new();
     let started = Instant::now();
     for c in 0..args.lookup_clients.max(1) {
-        let mut client = cdp.profiles().await;
+        // As an agent: authenticated, scoped, masked and audited, as CSKH reads.
+        let mut client = ProfileServiceClient::new(
+            CdpProcess::connect_as(cdp.query_addr(), Some(cdp_e2e::AGENT_KEY)).await,
+        );
         let emails = Arc::clone(emails);
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(per_client);

@@ -37,6 +37,10 @@ pub struct CredentialConfig {
     /// When the key stops working (RFC 3339; none: never).
     #[serde(default)]
     pub expires_at: Option<String>,
+    /// Reads per minute for this key (a sync job, an export), instead of
+    /// `access.reads_per_minute`.
+    #[serde(default)]
+    pub reads_per_minute: Option<u32>,
 }
 
 impl CredentialConfig {
@@ -94,6 +98,10 @@ pub struct AccessConfig {
     /// More keys holding personal data (matched as a part of the key), on
     /// top of the built-in ones (email, phone, address, birthday...).
     pub personal_keys: Vec<String>,
+    /// The SHA-256 (hex) of a first admin's key, for deployments configured
+    /// by environment only (`CDP__ACCESS__ADMIN_KEY_SHA256`): that admin
+    /// issues every other key with `cdp credentials issue`.
+    pub admin_key_sha256: String,
 }
 
 impl Default for AccessConfig {
@@ -110,6 +118,7 @@ impl Default for AccessConfig {
             labels: BTreeMap::new(),
             visible_to_agents: cdp_domain::access::PersonalKeys::default().visible_when_masked,
             personal_keys: Vec::new(),
+            admin_key_sha256: String::new(),
         }
     }
 }

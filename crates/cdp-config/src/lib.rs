@@ -439,7 +439,23 @@ impl PlatformConfig {
             disclosure: None,
             team: a.team.clone(),
             expires_at: None,
+            reads_per_minute: None,
         }));
+        let bootstrap = self.access.admin_key_sha256.trim();
+        if !bootstrap.is_empty() {
+            all.push(CredentialConfig {
+                name: "bootstrap-admin".into(),
+                role: "admin".into(),
+                key: None,
+                key_sha256: Some(bootstrap.to_owned()),
+                sources: Vec::new(),
+                scopes: Vec::new(),
+                disclosure: None,
+                team: String::new(),
+                expires_at: None,
+                reads_per_minute: None,
+            });
+        }
         all
     }
 
@@ -616,6 +632,77 @@ mod example {
         assert_eq!(
             c.identity.kinds["email"],
             IdentityRulesConfig::default().kinds["email"]
+        );
+    }
+
+    #[test]
+    fn demo_secrets_and_a_missing_platform_secret_are_refused_beyond_loopback() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../cdp.example.toml");
+        let mut c = PlatformConfig::load(Some(&path)).unwrap();
+        assert!(c.check_exposure().is_ok(), "127.0.0.1 serves the demo keys");
+        c.server.grpc_addr = "0.0.0.0:50051".parse().unwrap();
+        let e = c.check_exposure().unwrap_err().to_string();
+        assert!(e.contains("access.secret"), "{e}");
+        c.access.secret = Secret::new("a-real-secret-of-enough-length");
+        let e = c.check_exposure().unwrap_err().to_string();
+        assert!(
+            e.contains("demo secret") && e.contains("sources[website]"),
+            "{e}"
+        );
+        c.access.allow_demo_credentials = true;
+        assert!(c.check_exposure().is_ok());
+    }
+
+    #[test]
+    fn credentials_name_a_known_role_one_key_and_sources_only_for_ingest() {
+        use std::io::Write as _;
+        let load = |toml: &str| {
+            let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+            writeln!(f, "{toml}").unwrap();
+            PlatformConfig::load(Some(f.path())).map_err(|e| e.to_string())
+        };
+        let ok = load(
+            "[[credentials]]\nname = \"crm\"\nrole = \"ingest\"\nkey_sha256 = \"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"\nsources = [\"crm\"]",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        for (toml, says) in [
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"root\"\nkey = \"long-enough-key\"",
+                "unknown role",
+            ),
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"ingest\"\nkey = \"long-enough-key\"",
+                "names the sources",
+            ),
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"agent\"\nkey = \"long-enough-key\"\nsources = [\"crm\"]",
+                "only ingest",
+            ),
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"agent\"\nkey = \"short\"",
+                "at least 8",
+            ),
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"agent\"",
+                "exactly one of key",
+            ),
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"agent\"\nkey_sha256 = \"abc\"",
+                "64 hex",
+            ),
+            (
+                "[[credentials]]\nname = \"x\"\nrole = \"agent\"\nkey = \"long-enough-key\"\nexpires_at = \"soon\"",
+                "expires_at",
+            ),
+        ] {
+            let e = load(toml).unwrap_err();
+            assert!(e.contains(says), "{toml}: {e}");
+        }
+        let c = load("[access]\nadmin_key_sha256 = \"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\"").unwrap();
+        assert!(
+            c.all_credentials()
+                .iter()
+                .any(|k| k.name == "bootstrap-admin" && k.role == "admin")
         );
     }
 }

@@ -309,7 +309,7 @@ impl PersonalKeys {
     /// Whether values under `key` are personal.
     pub fn is_personal(&self, key: &str) -> bool {
         let k = key.to_ascii_lowercase();
-        if self.exact.iter().any(|e| *e == k) {
+        if self.exact.contains(&k) {
             return true;
         }
         // `ip` only as a whole word: `ip`, `ip_address`, `client_ip`, not `shipping`.
@@ -445,7 +445,7 @@ impl Masker {
                     mask_email(s)
                 } else if k.contains("phone") || k.contains("mobile") {
                     mask_phone(s)
-                } else if self.keys.exact.iter().any(|e| *e == k) {
+                } else if self.keys.exact.contains(&k) {
                     mask_name(s)
                 } else {
                     mask_token(s)

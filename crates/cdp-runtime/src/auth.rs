@@ -43,6 +43,8 @@ pub struct Principal {
     pub scopes: BTreeSet<String>,
     pub disclosure: Disclosure,
     pub team: String,
+    /// Reads per minute, when the key has its own limit.
+    pub reads_per_minute: Option<u32>,
 }
 
 /// The caller of one request, as the auth layer found it (in the request's
@@ -107,6 +109,7 @@ pub struct KeyEntry {
     pub revoked_at: Option<i64>,
     /// `config` or `issued`.
     pub origin: &'static str,
+    pub reads_per_minute: Option<u32>,
 }
 
 impl KeyEntry {
@@ -121,6 +124,7 @@ impl KeyEntry {
                 .disclosure
                 .unwrap_or_else(|| self.role.default_disclosure()),
             team: self.team.clone(),
+            reads_per_minute: self.reads_per_minute,
         }
     }
 
@@ -163,6 +167,7 @@ fn from_config(c: &CredentialConfig) -> Result<KeyEntry, String> {
         expires_at: c.expires_at_ms()?,
         revoked_at: None,
         origin: "config",
+        reads_per_minute: c.reads_per_minute,
     })
 }
 
@@ -180,6 +185,7 @@ fn from_issued(k: &IssuedKey) -> Option<KeyEntry> {
         expires_at: k.expires_at,
         revoked_at: None,
         origin: "issued",
+        reads_per_minute: None,
     })
 }
 
@@ -334,7 +340,9 @@ pub struct Access {
     pub registry: Registry,
     pub config: AccessConfig,
     masker: Masker,
-    reads: DefaultKeyedRateLimiter<String>,
+    /// Per-key read limits: one keyed limiter per distinct quota (the
+    /// default, and each key's own).
+    reads: HashMap<u32, DefaultKeyedRateLimiter<String>>,
     /// Failed sign-ins per address in the current minute: when the
     /// minute started, and how many.
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
@@ -391,7 +399,13 @@ impl Access {
             Arc::new(Access {
                 registry,
                 masker,
-                reads: RateLimiter::keyed(per_minute(access.reads_per_minute)),
+                reads: config
+                    .all_credentials()
+                    .iter()
+                    .filter_map(|c| c.reads_per_minute)
+                    .chain([access.reads_per_minute])
+                    .map(|n| (n, RateLimiter::keyed(per_minute(n))))
+                    .collect(),
                 failures: Mutex::new(HashMap::new()),
                 auditor,
                 session_key: derive("console-sessions"),
@@ -429,11 +443,12 @@ impl Access {
 
     /// Refuses a read beyond the credential's rate.
     pub fn check_rate(&self, p: &Principal) -> Result<(), ServiceError> {
-        self.reads.check_key(&p.credential_id).map_err(|_| {
-            ServiceError::RateLimited(format!(
-                "{} reads per minute for this credential",
-                self.config.reads_per_minute
-            ))
+        let quota = p.reads_per_minute.unwrap_or(self.config.reads_per_minute);
+        let Some(limiter) = self.reads.get(&quota) else {
+            return Ok(());
+        };
+        limiter.check_key(&p.credential_id).map_err(|_| {
+            ServiceError::RateLimited(format!("{quota} reads per minute for this credential"))
         })
     }
 
@@ -475,7 +490,7 @@ impl Access {
 
     /// Forgets rate-limit state of idle keys (call now and then).
     pub fn housekeeping(&self) {
-        self.reads.retain_recent();
+        self.reads.values().for_each(|r| r.retain_recent());
         if let Ok(mut failures) = self.failures.lock() {
             failures.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
         }
@@ -744,6 +759,7 @@ async fn authorize(access: &Access, seen: Seen, path: &str) -> Result<Caller, Se
             scopes: BTreeSet::new(),
             disclosure: Disclosure::Masked,
             team: String::new(),
+            reads_per_minute: None,
         }),
         client: client.map(|c| c.to_string()).unwrap_or_default(),
         request_id: request_id.clone(),

@@ -258,7 +258,7 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
             for e in &list.entries {
                 let at =
                     e.at.as_ref()
-                        .map(|t| cdp_proto::convert::timestamp_to_millis(t))
+                        .map(cdp_proto::convert::timestamp_to_millis)
                         .and_then(chrono::DateTime::from_timestamp_millis)
                         .map(|t| t.to_rfc3339())
                         .unwrap_or_default();

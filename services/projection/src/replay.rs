@@ -176,14 +176,20 @@ async fn customer_of(
     Ok(None)
 }
 
+/// What each replayed event shows: its customer (when asked), and personal
+/// values as the caller may see them.
+struct Shown {
+    with_customers: bool,
+    masker: Masker,
+}
+
 /// Reads the partitions round-robin up to `ends` and sends what matches.
 /// Returns when done or when the client went away.
 async fn pump(
     log: Arc<dyn EventLog>,
     query: ProfileQuery,
     filter: ReplayFilter,
-    with_customers: bool,
-    masker: Masker,
+    shown: Shown,
     mut positions: Vec<u64>,
     ends: Vec<u64>,
     tx: mpsc::Sender<Result<ReplayEvent, Status>>,
@@ -236,7 +242,7 @@ async fn pump(
                 if !filter.matches(&t) {
                     continue;
                 }
-                let customer_id = if with_customers {
+                let customer_id = if shown.with_customers {
                     customer_of(identity.as_ref(), query.rules(), &t, &mut owners)
                         .await?
                         .map(|c| c.to_string())
@@ -245,7 +251,7 @@ async fn pump(
                     String::new()
                 };
                 // Analysts see pseudonyms unless their credential grants more.
-                masker.touchpoint(&mut t);
+                shown.masker.touchpoint(&mut t);
                 let event = ReplayEvent {
                     touchpoint: Some(convert::api_touchpoint(&t)),
                     customer_id,
@@ -319,8 +325,10 @@ impl ReplayService for ReplayGrpc {
                 log,
                 query,
                 filter,
-                with_customers,
-                masker,
+                Shown {
+                    with_customers,
+                    masker,
+                },
                 positions,
                 ends,
                 tx,

@@ -142,6 +142,7 @@ async fn login(
                     scopes: Default::default(),
                     disclosure: cdp_domain::access::Disclosure::Masked,
                     team: String::new(),
+                    reads_per_minute: None,
                 }),
                 client: client.to_string(),
                 request_id: uuid::Uuid::new_v4().to_string(),

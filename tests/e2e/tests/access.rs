@@ -3,6 +3,8 @@
 //! read API, scopes, sources bound to credentials, keys issued and revoked,
 //! rate limits, and the audit chain verified then broken.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
