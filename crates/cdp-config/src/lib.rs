@@ -13,6 +13,7 @@ pub mod access;
 mod backends;
 
 pub use access::{AccessConfig, CredentialConfig};
+
 pub use backends::{KafkaConfig, ScyllaConfig};
 
 #[derive(Debug, Error)]
@@ -32,6 +33,9 @@ pub struct ServerConfig {
     pub grpc_addr: SocketAddr,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Serve gRPC over TLS (and require client certificates signed by
+    /// `client_ca`: mutual TLS).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -39,8 +43,22 @@ impl Default for ServerConfig {
         ServerConfig {
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_bytes: 4 * 1024 * 1024,
+            tls: None,
         }
     }
+}
+
+/// A certificate and its key, PEM files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Certificates of the authority that signs clients' certificates:
+    /// when set, a client without one is refused (gRPC only).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +238,8 @@ pub struct HttpConfig {
     pub addr: SocketAddr,
     /// Largest `/v1/batch` body, after decompression (Segment: 500 KB).
     pub max_batch_bytes: usize,
+    /// Serve HTTPS (the Segment API, webhooks and the console).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for HttpConfig {
@@ -227,6 +247,7 @@ impl Default for HttpConfig {
         HttpConfig {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_batch_bytes: 500 * 1024,
+            tls: None,
         }
     }
 }
@@ -401,6 +422,17 @@ impl PlatformConfig {
         }
         IdentityRules::new(self.identity.clone())?;
         access::check(&self.all_credentials(), &self.access)?;
+        if self
+            .http
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca.is_some())
+        {
+            return Err(ConfigError::Invalid {
+                field: "http.tls.client_ca",
+                reason: "client certificates are for gRPC (server.tls.client_ca); browsers and SDKs send none".into(),
+            });
+        }
         self.check_exposure()?;
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.sources {

@@ -42,11 +42,47 @@ pub fn authed(channel: Channel, bearer: Bearer) -> Authed {
     InterceptedService::new(channel, bearer)
 }
 
-/// Connects to `endpoint` with `key`.
+/// TLS for an `https://` endpoint, from the environment: `CDP_CA_CERT`
+/// (the authority that signed the server's certificate, PEM) and, for
+/// mutual TLS, `CDP_CLIENT_CERT` and `CDP_CLIENT_KEY`.
+fn tls_from_env() -> Result<tonic::transport::ClientTlsConfig, String> {
+    let read = |var: &str| -> Result<Option<Vec<u8>>, String> {
+        match std::env::var_os(var) {
+            None => Ok(None),
+            Some(path) => std::fs::read(&path)
+                .map(Some)
+                .map_err(|e| format!("{var}={}: {e}", path.to_string_lossy())),
+        }
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    match read("CDP_CA_CERT")? {
+        Some(ca) => tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        None => {
+            return Err("an https endpoint needs CDP_CA_CERT (the server's authority, PEM)".into());
+        }
+    }
+    match (read("CDP_CLIENT_CERT")?, read("CDP_CLIENT_KEY")?) {
+        (Some(cert), Some(key)) => {
+            tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        (None, None) => {}
+        _ => return Err("set both CDP_CLIENT_CERT and CDP_CLIENT_KEY, or neither".into()),
+    }
+    Ok(tls)
+}
+
+/// Connects to `endpoint` with `key` (over TLS for `https://`, see
+/// [`tls_from_env`]).
 pub async fn connect(endpoint: &str, key: Option<&str>) -> Result<Authed, String> {
     let bearer = Bearer::new(key)?;
-    let channel = Channel::from_shared(endpoint.to_owned())
-        .map_err(|e| format!("{endpoint}: {e}"))?
+    let mut channel =
+        Channel::from_shared(endpoint.to_owned()).map_err(|e| format!("{endpoint}: {e}"))?;
+    if endpoint.starts_with("https://") {
+        channel = channel
+            .tls_config(tls_from_env()?)
+            .map_err(|e| format!("{endpoint}: {e}"))?;
+    }
+    let channel = channel
         .connect()
         .await
         .map_err(|e| format!("connecting to {endpoint}: {e}"))?;

@@ -9,6 +9,7 @@ pub mod error;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod trace;
 
 /// The configuration (`cdp-config`), as services read it.

@@ -61,6 +61,8 @@ pub enum StartError {
     Reflection(String),
     #[error("configuration: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What services are wired with.
@@ -267,16 +269,33 @@ pub async fn serve(
                 .map_err(bind_error(config.http.addr))?,
         );
         let cancel = cancel.clone();
-        tasks.spawn(async move {
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(cancel.cancelled_owned())
-                .await
-            {
-                tracing::error!(%error, "HTTP server failed");
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        match &config.http.tls {
+            None => {
+                tasks.spawn(async move {
+                    if let Err(error) = axum::serve(listener, app)
+                        .with_graceful_shutdown(cancel.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(%error, "HTTP server failed");
+                    }
+                    tracing::info!("HTTP server stopped");
+                });
             }
-            tracing::info!("HTTP server stopped");
-        });
+            Some(tls) => {
+                use axum::serve::ListenerExt as _;
+                let listener = crate::tls::TlsListener::new(listener, tls)?.tap_io(|_| {});
+                tasks.spawn(async move {
+                    if let Err(error) = axum::serve(listener, app)
+                        .with_graceful_shutdown(cancel.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(%error, "HTTPS server failed");
+                    }
+                    tracing::info!("HTTPS server stopped");
+                });
+            }
+        }
     }
     let listener = tokio::net::TcpListener::bind(config.server.grpc_addr)
         .await
@@ -285,7 +304,16 @@ pub async fn serve(
         .local_addr()
         .map_err(bind_error(config.server.grpc_addr))?;
     // Every call is authenticated and authorised before a service sees it.
-    let router = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &config.server.tls {
+        server = server
+            .tls_config(crate::tls::grpc(tls)?)
+            .map_err(|e| crate::tls::TlsError {
+                field: "server.tls",
+                reason: e.to_string(),
+            })?;
+    }
+    let router = server
         .layer(crate::auth::AuthLayer::new(Arc::clone(&context.access)))
         .add_routes(grpc.routes());
     tasks.spawn(async move {
