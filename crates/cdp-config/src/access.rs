@@ -102,6 +102,19 @@ pub struct AccessConfig {
     /// by environment only (`CDP__ACCESS__ADMIN_KEY_SHA256`): that admin
     /// issues every other key with `cdp credentials issue`.
     pub admin_key_sha256: String,
+    /// When an audited request may answer: `queued` (its audit record is
+    /// in the writer's queue, appended at once; a crash may lose the last
+    /// few milliseconds of records) or `durable` (the record is durable in
+    /// the log: a synced append per request).
+    pub audit_wait: AuditWait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditWait {
+    #[default]
+    Queued,
+    Durable,
 }
 
 impl Default for AccessConfig {
@@ -119,6 +132,7 @@ impl Default for AccessConfig {
             visible_to_agents: cdp_domain::access::PersonalKeys::default().visible_when_masked,
             personal_keys: Vec::new(),
             admin_key_sha256: String::new(),
+            audit_wait: AuditWait::Queued,
         }
     }
 }

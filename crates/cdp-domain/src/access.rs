@@ -308,15 +308,20 @@ impl Default for PersonalKeys {
 impl PersonalKeys {
     /// Whether values under `key` are personal.
     pub fn is_personal(&self, key: &str) -> bool {
-        let k = key.to_ascii_lowercase();
-        if self.exact.contains(&k) {
+        // Keys are mostly lower case already: no allocation then.
+        let k: std::borrow::Cow<'_, str> = if key.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(key.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(key)
+        };
+        if self.exact.iter().any(|e| *e == *k) {
             return true;
         }
         // `ip` only as a whole word: `ip`, `ip_address`, `client_ip`, not `shipping`.
-        let words: Vec<&str> = k.split(|c: char| !c.is_ascii_alphanumeric()).collect();
         self.containing.iter().any(|c| {
             if c.len() <= 3 {
-                words.iter().any(|w| w == c)
+                k.split(|ch: char| !ch.is_ascii_alphanumeric())
+                    .any(|w| w == c)
             } else {
                 k.contains(c.as_str())
             }
@@ -582,6 +587,10 @@ pub fn mask_token(value: &str) -> String {
 /// Replaces the emails (`x@y.z`) and phone-like runs (8 or more digits,
 /// with spaces, dots, dashes or a leading `+` between them) of free text.
 pub fn scrub_text(s: &str, mut replace: impl FnMut(&str, &str) -> String) -> String {
+    // Most text (a product name, a summary) holds neither: no work then.
+    if !s.contains('@') && s.bytes().filter(u8::is_ascii_digit).count() < 8 {
+        return s.to_owned();
+    }
     let mut out = String::with_capacity(s.len());
     // Emails first, word by word (split on whitespace, keeping it).
     let mut rest = s;

@@ -389,7 +389,11 @@ impl Access {
         };
         let per_minute =
             |n: u32| Quota::per_minute(NonZeroU32::new(n.max(1)).unwrap_or(NonZeroU32::MIN));
-        let (auditor, writer) = Auditor::start(Arc::clone(&log), cancel);
+        let (auditor, writer) = Auditor::start(
+            Arc::clone(&log),
+            access.audit_wait == cdp_config::access::AuditWait::Durable,
+            cancel,
+        );
         let masker = Masker::new(
             Disclosure::Masked,
             access.personal_keys(),
