@@ -4,10 +4,11 @@
 //! stays in order.
 //!
 //! How long a request waits is `access.audit_wait`: `queued` (the default)
-//! answers once the entry is in the writer's queue, which appends at once;
-//! while the log refuses appends every audited request is refused, so no
-//! data leaves unrecorded while the log is down, but a crash can lose the
-//! entries of the last append in flight (a few milliseconds). `durable`
+//! answers once the entry is in the writer's queue, which appends what
+//! gathered within 10 ms; once an append fails, every audited request waits
+//! for its own record and is refused if that fails too, so no data leaves
+//! unrecorded while the log is down, but a crash can lose the entries of
+//! the last append in flight (about 10 ms of reads). `durable`
 //! answers only once the entry is durable in the log, at the cost of a
 //! synced append per request (about a millisecond on the embedded log).
 
@@ -63,12 +64,10 @@ impl Auditor {
     /// when it could not be, or while the log refuses audit records.
     pub async fn record(&self, entry: AuditEntry) -> Result<(), ServiceError> {
         let stopped = || ServiceError::Unavailable("the audit writer has stopped".into());
-        if let Some(why) = self.failing.read().ok().and_then(|f| f.clone()) {
-            return Err(ServiceError::Unavailable(format!(
-                "the audit log is unavailable: {why}"
-            )));
-        }
-        if !self.durable {
+        // While appends fail, every request waits for its own record: it is
+        // refused if that fails too, and the first success heals the writer.
+        let failing = self.failing.read().map_or(true, |f| f.is_some());
+        if !self.durable && !failing {
             return self.tx.send((entry, None)).await.map_err(|_| stopped());
         }
         let (ack, done) = oneshot::channel();
@@ -162,5 +161,132 @@ async fn flush(
     }
     for ack in acks.into_iter().flatten() {
         let _ = ack.send(result.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use cdp_log::embedded::EmbeddedLog;
+    use cdp_log::{Appended, LogError, LogRecord, Membership, Record, Subscription, Topic};
+
+    use super::*;
+
+    /// The embedded log, whose appends fail while `down` is set.
+    struct Flaky {
+        inner: EmbeddedLog,
+        down: AtomicBool,
+    }
+
+    #[async_trait]
+    impl EventLog for Flaky {
+        async fn append(
+            &self,
+            topic: Topic,
+            records: Vec<Record>,
+        ) -> Result<Vec<Appended>, LogError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(LogError::Unavailable("the broker is down".into()));
+            }
+            self.inner.append(topic, records).await
+        }
+        fn partitions(&self, topic: Topic) -> u32 {
+            self.inner.partitions(topic)
+        }
+        fn deduplicates(&self) -> bool {
+            self.inner.deduplicates()
+        }
+        async fn locate(&self, topic: Topic, key: &[u8]) -> Result<Option<(u32, u64)>, LogError> {
+            self.inner.locate(topic, key).await
+        }
+        async fn subscribe(
+            &self,
+            group: &str,
+            topic: Topic,
+            membership: Membership,
+        ) -> Result<Box<dyn Subscription>, LogError> {
+            self.inner.subscribe(group, topic, membership).await
+        }
+        async fn read(
+            &self,
+            topic: Topic,
+            partition: u32,
+            from: u64,
+            max: usize,
+        ) -> Result<Vec<LogRecord>, LogError> {
+            self.inner.read(topic, partition, from, max).await
+        }
+        async fn end_offsets(&self, topic: Topic) -> Result<Vec<u64>, LogError> {
+            self.inner.end_offsets(topic).await
+        }
+        async fn committed(&self, group: &str, topic: Topic) -> Result<Vec<u64>, LogError> {
+            self.inner.committed(group, topic).await
+        }
+    }
+
+    fn entry(actor: &str) -> AuditEntry {
+        AuditEntry {
+            actor: actor.into(),
+            outcome: "allowed".into(),
+            ..AuditEntry::default()
+        }
+    }
+
+    async fn stored(log: &dyn EventLog) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        cdp_log::scan::<LogError>(log, topic::AUDIT, 100, |r| {
+            out.push(r.value.clone());
+            Ok(())
+        })
+        .await
+        .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn queued_entries_reach_the_chain_and_a_down_log_refuses_reads_until_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Flaky {
+            inner: EmbeddedLog::open(dir.path(), &cdp_pipeline::topic::ALL, 2).unwrap(),
+            down: AtomicBool::new(false),
+        });
+        let cancel = CancellationToken::new();
+        let (auditor, writer) = Auditor::start(log.clone(), false, cancel.clone());
+        let writer = tokio::spawn(writer);
+        for who in ["a", "b", "c"] {
+            auditor.record(entry(who)).await.unwrap();
+        }
+        tokio::time::sleep(LINGER * 5).await;
+        let lines = stored(log.as_ref()).await;
+        assert_eq!(lines.len(), 3);
+        assert!(audit::verify(lines.iter().map(Vec::as_slice)).ok());
+
+        // The log goes down: the queued entry is lost with its append, and
+        // from then on every request waits for its own record and is refused.
+        log.down.store(true, Ordering::SeqCst);
+        auditor.record(entry("lost")).await.unwrap();
+        tokio::time::sleep(LINGER * 5).await;
+        let refused = auditor.record(entry("d")).await.unwrap_err();
+        assert!(
+            refused.to_string().contains("the broker is down"),
+            "{refused}"
+        );
+        // Back up: the next request's own record heals the writer.
+        log.down.store(false, Ordering::SeqCst);
+        auditor.record(entry("e")).await.unwrap();
+        auditor.record(entry("f")).await.unwrap();
+        cancel.cancel();
+        writer.await.unwrap();
+        let lines = stored(log.as_ref()).await;
+        let actors: Vec<String> = lines
+            .iter()
+            .map(|l| audit::decode(l).unwrap().entry().actor.clone())
+            .collect();
+        assert_eq!(actors, ["a", "b", "c", "e", "f"]);
+        let v = audit::verify(lines.iter().map(Vec::as_slice));
+        assert!(v.ok(), "{:?}", v.problems);
     }
 }

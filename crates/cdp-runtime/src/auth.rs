@@ -828,6 +828,66 @@ mod tests {
         assert_eq!(bearer(None), None);
     }
 
+    fn access(dir: &std::path::Path) -> Arc<Access> {
+        let mut config = cdp_config::PlatformConfig::default();
+        config.agents.push(cdp_config::AgentConfig {
+            name: "lan".into(),
+            token: cdp_config::Secret::new("lan-key-123"),
+            role: None,
+            team: "hcm".into(),
+            scopes: Vec::new(),
+        });
+        let log = Arc::new(cdp_log::EmbeddedLog::open(dir, &cdp_pipeline::topic::ALL, 1).unwrap());
+        let (access, _writer) = Access::start(&config, log, CancellationToken::new()).unwrap();
+        access
+    }
+
+    #[tokio::test]
+    async fn keys_authenticate_in_constant_time_and_sessions_cannot_be_forged() {
+        let dir = tempfile::tempdir().unwrap();
+        let access = access(dir.path());
+        let lan = access.registry.authenticate("lan-key-123").await.unwrap();
+        assert_eq!((lan.name.as_str(), lan.role), ("lan", Role::Agent));
+        assert_eq!(lan.disclosure, Disclosure::Masked);
+        assert!(access.registry.authenticate("lan-key-124").await.is_err());
+        let (session, expires) = access.session(&lan);
+        assert!(expires > crate::now_ms());
+        assert_eq!(access.from_session(&session).unwrap(), lan);
+        // Another credential id under the same signature, or a longer life.
+        let (body, mac) = session.rsplit_once('.').unwrap();
+        let (id, exp) = body.split_once('.').unwrap();
+        let other = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("config:admin");
+        assert!(
+            access
+                .from_session(&format!("{other}.{exp}.{mac}"))
+                .is_err()
+        );
+        assert!(
+            access
+                .from_session(&format!("{id}.{}.{mac}", exp.len() + 1))
+                .is_err()
+        );
+        assert!(access.from_session("garbage").is_err());
+    }
+
+    #[test]
+    fn failed_sign_ins_block_an_address_after_the_budget() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let access = rt.block_on(async { access(dir.path()) });
+        let ip: IpAddr = "10.0.0.7".parse().unwrap();
+        for _ in 0..access.config.failed_logins_per_minute {
+            assert!(access.check_blocked(Some(ip)).is_ok());
+            access.failed(Some(ip));
+        }
+        assert!(access.check_blocked(Some(ip)).is_err());
+        assert!(
+            access
+                .check_blocked(Some("10.0.0.8".parse().unwrap()))
+                .is_ok()
+        );
+    }
+
     #[test]
     fn actions_are_named_without_the_package() {
         assert_eq!(

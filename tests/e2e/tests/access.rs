@@ -924,10 +924,12 @@ async fn a_source_is_bound_to_its_credential_and_cannot_be_borrowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scoped_agent_finds_only_customers_of_its_region() {
-    let config = format!("{DEFAULT_CONFIG}\n[access]\nlabels = {{ pos = [\"region:south\"] }}\n");
+    // A store's till (an adapter with its own key, trusted to link).
+    let config =
+        format!("{DEFAULT_CONFIG}\n[access]\nlabels = {{ \"pos-hcm-01\" = [\"region:south\"] }}\n");
     let cdp = CdpProcess::start_with(&config);
-    let south = seed(&cdp, "pos").await;
-    let north = seed(&cdp, "website").await;
+    let south = seed(&cdp, "pos-hcm-01").await;
+    let north = seed(&cdp, "pos-hn-01").await;
     let scoped = query_as(&cdp, SCOPED_AGENT_KEY).await;
     let mut profiles = v1::profile_service_client::ProfileServiceClient::new(scoped.clone());
     let get = |c: &str| v1::GetProfileRequest {
