@@ -167,7 +167,6 @@ async fn flush(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Duration;
 
     use async_trait::async_trait;
     use cdp_log::embedded::EmbeddedLog;
