@@ -540,13 +540,16 @@ pub fn mask_phone(value: &str) -> String {
         None => value.to_owned(),
     };
     let chars: Vec<char> = national.chars().filter(|c| !c.is_whitespace()).collect();
-    if chars.len() <= 7 {
-        let tail: String = chars[chars.len().saturating_sub(2)..].iter().collect();
-        return format!("***{tail}");
-    }
-    let head: String = chars[..4].iter().collect();
-    let tail: String = chars[chars.len() - 3..].iter().collect();
-    format!("{head}***{tail}")
+    // At least half of the digits stay hidden.
+    let (head, tail) = match chars.len() {
+        n if n >= 10 => (4, 3),
+        8 | 9 => (2, 2),
+        _ => (0, 2),
+    };
+    let tail = tail.min(chars.len() / 3);
+    let start: String = chars[..head].iter().collect();
+    let end: String = chars[chars.len() - tail..].iter().collect();
+    format!("{start}***{end}")
 }
 
 /// `lan.nguyen@shop.vn` → `l***@shop.vn`.
@@ -584,45 +587,27 @@ pub fn mask_token(value: &str) -> String {
     format!("{head}***{tail}")
 }
 
-/// Replaces the emails (`x@y.z`) and phone-like runs (8 or more digits,
-/// with spaces, dots, dashes or a leading `+` between them) of free text.
+/// Replaces the phone-like runs (8 or more digits, with spaces, dots,
+/// dashes, slashes or brackets between them, or 4 or more cut short by an
+/// ellipsis: summaries are shortened when stored) and then the emails
+/// (`x@y`, the domain possibly cut short) of free text. Phones go first so
+/// that what replaced an email (a pseudonym's hex) is never read as digits.
 pub fn scrub_text(s: &str, mut replace: impl FnMut(&str, &str) -> String) -> String {
     // Most text (a product name, a summary) holds neither: no work then.
-    if !s.contains('@') && s.bytes().filter(u8::is_ascii_digit).count() < 8 {
+    let digits_total = s.bytes().filter(u8::is_ascii_digit).count();
+    if !s.contains('@') && digits_total < 8 && !(digits_total >= 4 && s.contains('…')) {
         return s.to_owned();
     }
-    let mut out = String::with_capacity(s.len());
-    // Emails first, word by word (split on whitespace, keeping it).
-    let mut rest = s;
-    let mut words = String::with_capacity(s.len());
-    while !rest.is_empty() {
-        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
-        let (word, tail) = rest.split_at(end);
-        let ws_end = tail
-            .find(|c: char| !c.is_whitespace())
-            .unwrap_or(tail.len());
-        let (ws, next) = tail.split_at(ws_end);
-        let trimmed = word.trim_matches(|c: char| !c.is_alphanumeric());
-        if let Some((local, domain)) = trimmed.split_once('@')
-            && !local.is_empty()
-            && domain.contains('.')
-        {
-            let masked = replace("email", trimmed);
-            words.push_str(&word.replacen(trimmed, &masked, 1));
-        } else {
-            words.push_str(word);
-        }
-        words.push_str(ws);
-        rest = next;
-    }
-    // Then digit runs.
-    let chars: Vec<char> = words.chars().collect();
+    // Digit runs.
+    let chars: Vec<char> = s.chars().collect();
+    let mut phones = String::with_capacity(s.len());
     let mut i = 0;
     while i < chars.len() {
         let starts = chars[i].is_ascii_digit()
-            || (chars[i] == '+' && chars.get(i + 1).is_some_and(char::is_ascii_digit));
+            || (matches!(chars[i], '+' | '(')
+                && chars.get(i + 1).is_some_and(char::is_ascii_digit));
         if !starts {
-            out.push(chars[i]);
+            phones.push(chars[i]);
             i += 1;
             continue;
         }
@@ -634,22 +619,47 @@ pub fn scrub_text(s: &str, mut replace: impl FnMut(&str, &str) -> String) -> Str
             if c.is_ascii_digit() {
                 digits += 1;
                 last_digit = j;
-            } else if !matches!(c, ' ' | '.' | '-') {
+            } else if !matches!(c, ' ' | '.' | '-' | '/' | '(' | ')') {
                 break;
             }
             j += 1;
         }
+        let cut_short = chars.get(last_digit + 1) == Some(&'…');
         let run: String = chars[i..=last_digit].iter().collect();
-        if digits >= 8 {
+        if digits >= 8 || (cut_short && digits >= 4) {
             let compact: String = run
                 .chars()
                 .filter(|c| c.is_ascii_digit() || *c == '+')
                 .collect();
-            out.push_str(&replace("phone", &compact));
+            phones.push_str(&replace("phone", &compact));
         } else {
-            out.push_str(&run);
+            phones.push_str(&run);
         }
         i = last_digit + 1;
+    }
+    if !phones.contains('@') {
+        return phones;
+    }
+    // Then emails, word by word (split on whitespace, keeping it).
+    let mut out = String::with_capacity(phones.len());
+    let mut rest = phones.as_str();
+    while !rest.is_empty() {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        let ws_end = tail
+            .find(|c: char| !c.is_whitespace())
+            .unwrap_or(tail.len());
+        let (ws, next) = tail.split_at(ws_end);
+        let trimmed = word.trim_matches(|c: char| !c.is_alphanumeric() && c != '*');
+        match trimmed.split_once('@') {
+            Some((local, domain)) if !local.is_empty() && !domain.is_empty() => {
+                let masked = replace("email", trimmed);
+                out.push_str(&word.replacen(trimmed, &masked, 1));
+            }
+            _ => out.push_str(word),
+        }
+        out.push_str(ws);
+        rest = next;
     }
     out
 }
@@ -737,6 +747,35 @@ mod tests {
         );
         assert_eq!(m.text("order #1234 of 3 items"), "order #1234 of 3 items");
         assert_eq!(m.text("+84912345678"), "0912***678");
+        assert_eq!(m.text("gọi (028) 3823 4567 nhé"), "gọi 0283***567 nhé");
+        assert_eq!(m.text("0912/345/678"), "0912***678");
+        // Cut short when the summary was stored: what is left is still hidden.
+        assert_eq!(
+            m.text("Message: \"gọi 0912 345…\""),
+            "Message: \"gọi ***45…\""
+        );
+        assert_eq!(m.text("mail lan.nguyen@sh…"), "mail l***@sh…");
+        let p = masker(Disclosure::Pseudonymised);
+        let once = p.text("mail lan@shop.vn or 0912345678");
+        assert!(
+            !once.contains("lan@") && !once.contains("0912345678"),
+            "{once}"
+        );
+        assert_eq!(
+            once,
+            p.text("mail lan@shop.vn or 0912345678"),
+            "pseudonyms are stable"
+        );
+        assert_eq!(once.matches("ps_").count(), 2, "{once}");
+    }
+
+    #[test]
+    fn short_numbers_keep_most_of_their_digits_hidden() {
+        assert_eq!(mask_phone("12345678"), "12***78");
+        assert_eq!(mask_phone("1234567"), "***67");
+        assert_eq!(mask_phone("123"), "***3");
+        assert_eq!(mask_phone(""), "***");
+        assert_eq!(mask_email("@x"), "***@x");
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //!
 //! How long a request waits is `access.audit_wait`: `queued` (the default)
 //! answers once the entry is in the writer's queue, which appends what
-//! gathered within 10 ms; once an append fails, every audited request waits
-//! for its own record and is refused if that fails too, so no data leaves
-//! unrecorded while the log is down, but a crash can lose the entries of
-//! the last append in flight (about 10 ms of reads). `durable`
+//! gathered within 10 ms; once an append fails or takes over a second, every
+//! audited request waits for its own record and is refused if that fails
+//! too, so no data leaves unrecorded while the log is down. Queued entries
+//! of a failed append are written first by the next one; a crash can lose
+//! the entries not yet appended (about 10 ms of reads). `durable`
 //! answers only once the entry is durable in the log, at the cost of a
 //! synced append per request (about a millisecond on the embedded log).
 
@@ -63,11 +64,22 @@ impl Auditor {
     /// Records `entry` (see the module docs for when it returns); fails
     /// when it could not be, or while the log refuses audit records.
     pub async fn record(&self, entry: AuditEntry) -> Result<(), ServiceError> {
+        self.record_with(entry, self.durable).await
+    }
+
+    /// Records `entry` and waits until it is durable, and with it every
+    /// entry queued before it (admin changes; reads of the audit itself,
+    /// which then see every record written before them).
+    pub async fn record_durable(&self, entry: AuditEntry) -> Result<(), ServiceError> {
+        self.record_with(entry, true).await
+    }
+
+    async fn record_with(&self, entry: AuditEntry, durable: bool) -> Result<(), ServiceError> {
         let stopped = || ServiceError::Unavailable("the audit writer has stopped".into());
         // While appends fail, every request waits for its own record: it is
         // refused if that fails too, and the first success heals the writer.
         let failing = self.failing.read().map_or(true, |f| f.is_some());
-        if !self.durable && !failing {
+        if !durable && !failing {
             return self.tx.send((entry, None)).await.map_err(|_| stopped());
         }
         let (ack, done) = oneshot::channel();
@@ -87,6 +99,8 @@ async fn write(
 ) {
     let mut chain = Chain::new(uuid::Uuid::now_v7().to_string());
     tracing::info!(chain = chain.id(), "audit chain started");
+    // Queued entries whose append failed: written first by the next append.
+    let mut retry: Vec<AuditEntry> = Vec::new();
     loop {
         let first = tokio::select! {
             biased;
@@ -103,65 +117,110 @@ async fn write(
                 _ = cancel.cancelled() => {}
             }
         }
-        let mut batch = vec![first];
+        let mut batch: Vec<(AuditEntry, Ack)> = retry.drain(..).map(|e| (e, None)).collect();
+        batch.push(first);
         while batch.len() < BATCH {
             match rx.try_recv() {
                 Ok(next) => batch.push(next),
                 Err(_) => break,
             }
         }
-        flush(log.as_ref(), &mut chain, batch, &failing).await;
+        retry = flush(log.as_ref(), &mut chain, batch, &failing).await;
     }
     // Whatever was queued before the stop is still written.
     rx.close();
-    let mut rest = Vec::new();
+    let mut rest: Vec<(AuditEntry, Ack)> = retry.drain(..).map(|e| (e, None)).collect();
     while let Ok(next) = rx.try_recv() {
         rest.push(next);
     }
     if !rest.is_empty() {
-        flush(log.as_ref(), &mut chain, rest, &failing).await;
+        let lost = flush(log.as_ref(), &mut chain, rest, &failing).await;
+        if !lost.is_empty() {
+            tracing::error!(
+                records = lost.len(),
+                "audit records lost at shutdown: the log refused them"
+            );
+        }
     }
     tracing::info!(chain = chain.id(), "audit writer stopped");
 }
 
+/// An append slower than this makes every request wait for its own record
+/// until an append succeeds again (a hung log must not let reads go on
+/// unrecorded).
+const SLOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Most queued entries kept for a retry while the log refuses appends.
+const MAX_RETRY: usize = 8 * BATCH;
+
+/// Appends a batch; returns the queued entries to try again (none when it
+/// was written).
 async fn flush(
     log: &dyn EventLog,
     chain: &mut Chain,
     batch: Vec<(AuditEntry, Ack)>,
     failing: &std::sync::RwLock<Option<String>>,
-) {
+) -> Vec<AuditEntry> {
+    let set_failing = |why: Option<String>| {
+        if let Ok(mut f) = failing.write() {
+            *f = why;
+        }
+    };
     let (entries, acks): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let queued: Vec<bool> = acks.iter().map(Option::is_none).collect();
     let sealed = chain.seal(entries);
     let result = match sealed
         .iter()
         .map(audit::record)
         .collect::<Result<Vec<_>, _>>()
     {
-        Ok(records) => log
-            .append(topic::AUDIT, records)
-            .await
-            .map(|_| ())
-            .map_err(|e| ServiceError::Unavailable(format!("the audit log is unavailable: {e}"))),
+        Ok(records) => {
+            let append = log.append(topic::AUDIT, records);
+            tokio::pin!(append);
+            let appended = tokio::select! {
+                r = &mut append => r,
+                _ = tokio::time::sleep(SLOW) => {
+                    set_failing(Some("the audit log is slow".into()));
+                    append.await
+                }
+            };
+            appended.map(|_| ()).map_err(|e| {
+                ServiceError::Unavailable(format!("the audit log is unavailable: {e}"))
+            })
+        }
         Err(e) => Err(ServiceError::Internal(format!("audit record: {e}"))),
     };
-    let failed = match &result {
+    let mut retry = Vec::new();
+    match &result {
         Ok(()) => {
             chain.commit(&sealed);
-            None
+            set_failing(None);
         }
         Err(error) => {
-            // Queued entries of this batch are lost with it: say so loudly,
-            // and refuse audited requests until an append succeeds again.
-            tracing::error!(%error, records = sealed.len(), "audit records not written");
-            Some(error.to_string())
+            // Requests that waited are refused; queued entries (their reads
+            // were answered) are kept and written first by the next append.
+            retry = sealed
+                .into_iter()
+                .zip(&queued)
+                .filter(|(_, q)| **q)
+                .map(|(s, _)| s.entry)
+                .collect();
+            if retry.len() > MAX_RETRY {
+                let lost = retry.len() - MAX_RETRY;
+                retry.drain(..lost);
+                tracing::error!(
+                    records = lost,
+                    "audit records lost: the log refused them too long"
+                );
+            }
+            tracing::error!(%error, kept = retry.len(), "audit records not written yet");
+            set_failing(Some(error.to_string()));
         }
-    };
-    if let Ok(mut f) = failing.write() {
-        *f = failed;
     }
     for ack in acks.into_iter().flatten() {
         let _ = ack.send(result.clone());
     }
+    retry
 }
 
 #[cfg(test)]
@@ -263,8 +322,8 @@ mod tests {
         assert_eq!(lines.len(), 3);
         assert!(audit::verify(lines.iter().map(Vec::as_slice)).ok());
 
-        // The log goes down: the queued entry is lost with its append, and
-        // from then on every request waits for its own record and is refused.
+        // The log goes down: the queued entry is kept for the next append,
+        // and from then on every request waits for its own record and is refused.
         log.down.store(true, Ordering::SeqCst);
         auditor.record(entry("lost")).await.unwrap();
         tokio::time::sleep(LINGER * 5).await;
@@ -284,7 +343,7 @@ mod tests {
             .iter()
             .map(|l| audit::decode(l).unwrap().entry().actor.clone())
             .collect();
-        assert_eq!(actors, ["a", "b", "c", "e", "f"]);
+        assert_eq!(actors, ["a", "b", "c", "lost", "e", "f"]);
         let v = audit::verify(lines.iter().map(Vec::as_slice));
         assert!(v.ok(), "{:?}", v.problems);
     }

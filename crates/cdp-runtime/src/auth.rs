@@ -346,11 +346,16 @@ pub struct Access {
     /// Failed sign-ins per address in the current minute: when the
     /// minute started, and how many.
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    /// Calls without a key per address in the current minute: beyond the
+    /// same budget they are refused without an audit record each.
+    anonymous: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     auditor: Auditor,
     session_key: Vec<u8>,
     /// Distinct customers read per credential in the current hour.
     usage: Mutex<HashMap<String, Usage>>,
     log: Arc<dyn EventLog>,
+    /// Sources whose keys are public (write keys not trusted to link).
+    untrusted: std::collections::HashSet<String>,
 }
 
 struct Usage {
@@ -359,11 +364,57 @@ struct Usage {
     alerted: bool,
 }
 
+/// Adds one to an address's count in the current window; the new count.
+fn count(window: &Mutex<HashMap<IpAddr, (Instant, u32)>>, ip: IpAddr) -> u32 {
+    let Ok(mut w) = window.lock() else { return 0 };
+    if w.len() > 100_000 {
+        w.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+    }
+    let entry = w.entry(ip).or_insert((Instant::now(), 0));
+    if entry.0.elapsed() >= FAILURE_WINDOW {
+        *entry = (Instant::now(), 0);
+    }
+    entry.1 += 1;
+    entry.1
+}
+
 /// The window of failed sign-ins.
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
-/// The secret used when none is configured and every port is on 127.0.0.1.
-const LOOPBACK_SECRET: &str = "dev-loopback-only-secret";
+/// The platform secret when none is configured (allowed only while every
+/// port is on 127.0.0.1): random, made at first start and kept in
+/// `<data_dir>/access-secret` (readable by the owner only), so sessions and
+/// pseudonyms survive restarts and nobody can know it in advance.
+fn local_secret(data_dir: &std::path::Path) -> Result<String, String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("access-secret");
+    let fail = |e: std::io::Error| format!("access.secret: {}: {e}", path.display());
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        return Ok(existing.trim().to_owned());
+    }
+    std::fs::create_dir_all(data_dir).map_err(fail)?;
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::rng(), &mut bytes[..]);
+    let secret = hex::encode(bytes);
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+    {
+        Ok(mut f) => {
+            f.write_all(secret.as_bytes()).map_err(fail)?;
+            f.sync_all().map_err(fail)?;
+            Ok(secret)
+        }
+        // Another process of this data directory made it first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_owned())
+            .map_err(fail),
+        Err(e) => Err(fail(e)),
+    }
+}
 
 impl Access {
     /// Builds the access state and the audit writer (run the returned
@@ -376,7 +427,7 @@ impl Access {
         let access = config.access.clone();
         let registry = Registry::new(&config.all_credentials(), Arc::clone(&log))?;
         let secret = match access.secret.expose() {
-            "" => LOOPBACK_SECRET.to_owned(),
+            "" => local_secret(&config.data_dir)?,
             s => s.to_owned(),
         };
         let derive = |label: &str| -> Vec<u8> {
@@ -411,10 +462,18 @@ impl Access {
                     .map(|n| (n, RateLimiter::keyed(per_minute(n))))
                     .collect(),
                 failures: Mutex::new(HashMap::new()),
+                anonymous: Mutex::new(HashMap::new()),
                 auditor,
                 session_key: derive("console-sessions"),
                 usage: Mutex::new(HashMap::new()),
                 log,
+                untrusted: config
+                    .sources
+                    .iter()
+                    .filter(|s| !s.trusted_to_link)
+                    .map(|s| s.id.clone())
+                    .chain(config.identity.untrusted_sources.iter().cloned())
+                    .collect(),
                 config: access,
             }),
             writer,
@@ -436,9 +495,12 @@ impl Access {
         if p.scopes.is_empty() {
             return true;
         }
+        // Only sources whose keys are not public: a website's write key
+        // must not bring a stranger into a store's scope.
         let labels = profile
             .sources
             .keys()
+            .filter(|s| !self.untrusted.contains(s.as_str()))
             .filter_map(|s| self.config.labels.get(s))
             .flatten()
             .map(String::as_str);
@@ -478,25 +540,23 @@ impl Access {
 
     /// Counts a failed sign-in against the client's address.
     pub fn failed(&self, client: Option<IpAddr>) {
-        let Some(ip) = client else { return };
-        let Ok(mut failures) = self.failures.lock() else {
-            return;
-        };
-        if failures.len() > 100_000 {
-            failures.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+        if let Some(ip) = client {
+            count(&self.failures, ip);
         }
-        let entry = failures.entry(ip).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= FAILURE_WINDOW {
-            *entry = (Instant::now(), 0);
-        }
-        entry.1 += 1;
+    }
+
+    /// Counts a call without a key; whether the address is past its budget.
+    fn anonymous_over_budget(&self, client: Option<IpAddr>) -> bool {
+        client.is_some_and(|ip| count(&self.anonymous, ip) > self.config.failed_logins_per_minute)
     }
 
     /// Forgets rate-limit state of idle keys (call now and then).
     pub fn housekeeping(&self) {
         self.reads.values().for_each(|r| r.retain_recent());
-        if let Ok(mut failures) = self.failures.lock() {
-            failures.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+        for window in [&self.failures, &self.anonymous] {
+            if let Ok(mut w) = window.lock() {
+                w.retain(|_, (since, _)| since.elapsed() < FAILURE_WINDOW);
+            }
         }
     }
 
@@ -504,6 +564,12 @@ impl Access {
     /// (no record, no data).
     pub async fn audit(&self, entry: AuditEntry) -> Result<(), ServiceError> {
         self.auditor.record(entry).await
+    }
+
+    /// Writes an audit entry and waits until it, and every entry before it,
+    /// is durable: admin changes, and reads of the audit.
+    pub async fn audit_durable(&self, entry: AuditEntry) -> Result<(), ServiceError> {
+        self.auditor.record_durable(entry).await
     }
 
     /// Records a read of personal data about `customer_id` (audited, and
@@ -718,10 +784,15 @@ where
 }
 
 fn client_of<B>(request: &http::Request<B>) -> Option<SocketAddr> {
-    request
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|i| i.remote_addr())
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = request.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        // Over TLS the TCP details sit inside the TLS ones.
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|i| i.get_ref().remote_addr())
+        })
 }
 
 fn request_id_of<B>(request: &http::Request<B>) -> String {
@@ -772,7 +843,11 @@ async fn authorize(access: &Access, seen: Seen, path: &str) -> Result<Caller, Se
     let principal = match token.as_deref() {
         None => {
             let e = unauthenticated("a credential is required: authorization: Bearer <key>");
-            access.denied(anonymous("no credential"), &e).await;
+            // A flood of calls without a key from one address is refused
+            // without writing a record for each (keys from it still work).
+            if !access.anonymous_over_budget(client.map(|c| c.ip())) {
+                access.denied(anonymous("no credential"), &e).await;
+            }
             return Err(e);
         }
         Some(token) => {
@@ -829,7 +904,10 @@ mod tests {
     }
 
     fn access(dir: &std::path::Path) -> Arc<Access> {
-        let mut config = cdp_config::PlatformConfig::default();
+        let mut config = cdp_config::PlatformConfig {
+            data_dir: dir.to_path_buf(),
+            ..Default::default()
+        };
         config.agents.push(cdp_config::AgentConfig {
             name: "lan".into(),
             token: cdp_config::Secret::new("lan-key-123"),

@@ -230,6 +230,9 @@ impl DeadLetterService for DeadLetters {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let mut page = self.list(r.page_size as usize, &r.page_token).await?;
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![format!("dead_letters:{}", page.dead_letters.len())];
+        self.access.audit(entry).await?;
         // Operators see what failed and why, not whom it was about.
         let masker = self.access.masker(&caller.principal);
         for d in &mut page.dead_letters {
@@ -255,7 +258,7 @@ impl DeadLetterService for DeadLetters {
         } else {
             format!("{} dead letters", r.refs.len())
         };
-        self.access.audit(entry).await?;
+        self.access.audit_durable(entry).await?;
         Ok(Response::new(answer))
     }
 }

@@ -34,7 +34,7 @@ impl ProjectionGrpc {
     async fn changing(&self, caller: &Caller, what: String) -> Result<(), ServiceError> {
         let mut entry = caller.entry("allowed");
         entry.fields = vec![what];
-        self.access.audit(entry).await
+        self.access.audit_durable(entry).await
     }
 
     async fn listing(&self) -> Result<ListGenerationsResponse, Status> {

@@ -66,7 +66,7 @@ impl AccessGrpc {
         entry.fields = vec![field.clone()];
         entry.lookup = described;
         entry.reason = reason;
-        self.access.audit(entry).await?;
+        self.access.audit_durable(entry).await?;
         let hide_at = cdp_runtime::now_ms()
             + i64::try_from(self.access.config.reveal_seconds).unwrap_or(60) * 1000;
         Ok(v1::RevealFieldResponse {
@@ -105,6 +105,17 @@ impl AccessGrpc {
                 customers.extend(loaded.profile.merged_from.iter().map(ToString::to_string));
             }
         }
+        // Recorded first and durably: the listing then holds every record
+        // written before it, this read included.
+        let mut read = caller.entry("allowed");
+        read.fields = vec!["audit".into()];
+        read.customer_id = customer_id.to_owned();
+        read.lookup = if actor.is_empty() {
+            String::new()
+        } else {
+            format!("actor:{actor}")
+        };
+        self.access.audit_durable(read).await?;
         let principal = &caller.principal;
         let everyone = principal.role == Role::Admin;
         let mut entries: Vec<AuditEntry> = self
@@ -117,15 +128,6 @@ impl AccessGrpc {
             .collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.at));
         entries.truncate(limit);
-        let mut read = caller.entry("allowed");
-        read.fields = vec!["audit".into()];
-        read.customer_id = customer_id.to_owned();
-        read.lookup = if actor.is_empty() {
-            String::new()
-        } else {
-            format!("actor:{actor}")
-        };
-        self.access.audit(read).await?;
         Ok(entries)
     }
 
@@ -154,7 +156,11 @@ impl AccessGrpc {
         lookup: Option<Lookup>,
         field: &str,
     ) -> Result<(String, Vec<String>), ServiceError> {
-        let loaded = self.query.load(lookup, 1).await?;
+        let loaded = self
+            .query
+            .load(lookup, 1)
+            .await
+            .map_err(|e| viewer.hide(e))?;
         viewer.admit(&loaded.profile)?;
         let mut values: Vec<String> = loaded
             .identifiers
@@ -271,7 +277,7 @@ impl AccessService for AccessGrpc {
         let log = Arc::clone(self.query.event_log()?);
         let mut entry = caller.entry("allowed");
         entry.fields = vec!["audit:export".into()];
-        self.access.audit(entry).await?;
+        self.access.audit_durable(entry).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tokio::spawn(async move {
             let ends = match log.end_offsets(topic::AUDIT).await {
@@ -351,10 +357,19 @@ impl AccessService for AccessGrpc {
                 }
             },
         };
+        self.access.registry.refresh().await?;
+        let now = cdp_runtime::now_ms();
+        if self.access.registry.list().iter().any(|k| {
+            k.name == name && k.revoked_at.is_none() && k.expires_at.is_none_or(|e| e > now)
+        }) {
+            errors.push(cdp_domain::FieldError::new(
+                "name",
+                format!("{name:?} already names a key: the audit must tell callers apart"),
+            ));
+        }
         if !errors.is_empty() {
             return Err(ServiceError::InvalidArgument(errors).into());
         }
-        let now = cdp_runtime::now_ms();
         let ttl_ms = match r.expires_in_seconds {
             0 => i64::try_from(self.access.config.credential_ttl_days)
                 .unwrap_or(90)
@@ -381,7 +396,7 @@ impl AccessService for AccessGrpc {
         let mut entry = caller.entry("allowed");
         entry.fields = vec!["credential:issue".into()];
         entry.reason = format!("{} ({}) id {}", name, r.role.trim(), change.id());
-        self.access.audit(entry).await?;
+        self.access.audit_durable(entry).await?;
         self.access.registry.append(&change).await?;
         let CredentialChange::Issued(key) = &change else {
             return Err(ServiceError::Internal("issue made no key".into()).into());
@@ -433,7 +448,7 @@ impl AccessService for AccessGrpc {
         let mut entry = caller.entry("allowed");
         entry.fields = vec!["credential:revoke".into()];
         entry.reason = format!("{} id {id}", found.name);
-        self.access.audit(entry).await?;
+        self.access.audit_durable(entry).await?;
         if found.revoked_at.is_none() {
             let change = CredentialChange::Revoked {
                 id: id.clone(),

@@ -358,15 +358,25 @@ async fn watch(
         Ok(loaded) => loaded.identifiers,
         Err(e) => return e.into_response(),
     };
+    let access = Arc::clone(&state.access);
+    let credential = viewer.caller.principal.credential_id.clone();
+    let viewer = viewer.clone();
     let stream = async_stream(move |tx| async move {
         loop {
-            let event = match query.next_update(&mut watch, &watched).await {
+            let update = query.next_update(&mut watch, &watched).await;
+            // A key revoked or expired since the watch began ends it.
+            if access.registry.by_id(&credential).is_err() {
+                return;
+            }
+            let event = match update {
                 Update::Changed => Event::default().event("changed").data(watched.clone()),
                 Update::Switched(_) => {
                     let found = match query.relocate(&watched, &identifiers).await {
                         Ok(c) => query.load(Some(Lookup::CustomerId(c.to_string())), 1).await,
                         Err(e) => Err(e),
-                    };
+                    }
+                    // Found again, and still the agent's to see.
+                    .and_then(|loaded| viewer.admit(&loaded.profile).map(|()| loaded));
                     match found {
                         Ok(loaded) => {
                             watched = loaded.profile.customer_id.to_string();

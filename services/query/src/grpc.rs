@@ -92,9 +92,13 @@ impl ProfileService for ProfileGrpc {
             .await
             .map_err(|e| viewer.hide(e))?;
         let query = self.query.clone();
+        let access = Arc::clone(&self.access);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut current = first;
+            // Unmasked, on the server only: to find the view again after a
+            // generation switch.
+            let mut identifiers = query.identifiers_now(&current.customer_id).await;
             loop {
                 let response = GetProfileResponse {
                     profile: Some(current.clone()),
@@ -106,15 +110,30 @@ impl ProfileService for ProfileGrpc {
                     Update::Changed => Ok(Lookup::CustomerId(current.customer_id.clone())),
                     // The lookup the watch started with, asked again, else
                     // the customer holding the view's strongest identifier.
-                    Update::Switched(_) => query.refind(lookup.clone(), &current).await,
+                    Update::Switched(_) => {
+                        query
+                            .refind(lookup.clone(), &current.customer_id, &identifiers)
+                            .await
+                    }
                     Update::Ended => return,
                 };
+                // A key revoked or expired since the watch began ends it.
+                if let Err(e) = access
+                    .registry
+                    .by_id(&viewer.caller.principal.credential_id)
+                {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
                 let view = match next {
                     Ok(lookup) => query.profile(&viewer, Some(lookup), limit).await,
                     Err(e) => Err(e),
                 };
                 match view {
-                    Ok(p) => current = p,
+                    Ok(p) => {
+                        current = p;
+                        identifiers = query.identifiers_now(&current.customer_id).await;
+                    }
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;
@@ -201,6 +220,11 @@ impl IdentityService for IdentityGrpc {
                 other => other,
             })?;
             let explained = self.query.explain_one(&id).await?;
+            if viewer.scoped() && explained.customer_id.is_empty() {
+                // To a scoped caller, an unknown identifier looks like one
+                // outside the scope.
+                return Err(viewer.hide(ServiceError::NotFound(String::new())).into());
+            }
             self.admit(&viewer, &explained.customer_id)
                 .await
                 .map_err(|e| viewer.hide(e))?;

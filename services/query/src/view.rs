@@ -213,26 +213,25 @@ impl ProfileQuery {
     pub async fn refind(
         &self,
         lookup: Option<Lookup>,
-        last: &CustomerProfile,
+        customer_id: &str,
+        identifiers: &[Identifier],
     ) -> Result<Lookup, ServiceError> {
         if let Some(l @ Lookup::Identifier(_)) = &lookup
             && self.customer(Some(l.clone())).await.is_ok()
         {
             return Ok(l.clone());
         }
-        let identifiers: Vec<Identifier> = last
-            .identifiers
-            .iter()
-            .filter_map(|i| {
-                self.identifier(&v1::Identifier {
-                    kind: i.kind.clone(),
-                    value: i.value.clone(),
-                })
-                .ok()
-            })
-            .collect();
-        let found = self.relocate(&last.customer_id, &identifiers).await?;
+        let found = self.relocate(customer_id, identifiers).await?;
         Ok(Lookup::CustomerId(found.to_string()))
+    }
+
+    /// A customer's identifiers now, unmasked (kept on the server by live
+    /// views, to find the customer again after a generation switch).
+    pub async fn identifiers_now(&self, customer_id: &str) -> Vec<Identifier> {
+        let Ok(id) = customer_id.parse::<CustomerId>() else {
+            return Vec::new();
+        };
+        identifiers_of(&self.stores(), id).await.unwrap_or_default()
     }
 
     /// Answers views as of a past instant from `log` (time travel).
