@@ -127,6 +127,20 @@ pub enum Permission {
     Reflect,
 }
 
+impl Permission {
+    /// Whether calls needing it count against the caller's read limit
+    /// (`access.reads_per_minute`): reads of personal data, the audit's too.
+    pub fn is_rate_limited(self) -> bool {
+        matches!(
+            self,
+            Permission::ReadProfiles
+                | Permission::Reveal
+                | Permission::Replay
+                | Permission::ReadAudit
+        )
+    }
+}
+
 /// Whether a gRPC method answers without a credential (health checks).
 pub fn is_public(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/")
@@ -236,6 +250,16 @@ pub enum Disclosure {
     Masked,
     /// Replaced by a stable keyed hash: joinable, not readable.
     Pseudonymised,
+}
+
+impl Disclosure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Disclosure::Clear => "clear",
+            Disclosure::Masked => "masked",
+            Disclosure::Pseudonymised => "pseudonymised",
+        }
+    }
 }
 
 impl FromStr for Disclosure {

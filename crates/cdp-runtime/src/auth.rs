@@ -70,6 +70,25 @@ impl Caller {
             .ok_or_else(|| unauthenticated("a credential is required"))
     }
 
+    /// A caller without a (valid) credential, for the audit of a refusal.
+    pub fn anonymous(client: Option<SocketAddr>, request_id: String, action: String) -> Caller {
+        Caller {
+            principal: Arc::new(Principal {
+                credential_id: String::new(),
+                name: "anonymous".into(),
+                role: Role::Agent,
+                sources: Vec::new(),
+                scopes: BTreeSet::new(),
+                disclosure: Disclosure::Masked,
+                team: String::new(),
+                reads_per_minute: None,
+            }),
+            client: client.map(|c| c.to_string()).unwrap_or_default(),
+            request_id,
+            action,
+        }
+    }
+
     /// An audit entry of this caller.
     pub fn entry(&self, outcome: &str) -> AuditEntry {
         AuditEntry {
@@ -425,7 +444,8 @@ impl Access {
         cancel: CancellationToken,
     ) -> Result<(Arc<Access>, impl Future<Output = ()> + Send + 'static), String> {
         let access = config.access.clone();
-        let registry = Registry::new(&config.all_credentials(), Arc::clone(&log))?;
+        let credentials = config.all_credentials();
+        let registry = Registry::new(&credentials, Arc::clone(&log))?;
         let secret = match access.secret.expose() {
             "" => local_secret(&config.data_dir)?,
             s => s.to_owned(),
@@ -454,8 +474,7 @@ impl Access {
             Arc::new(Access {
                 registry,
                 masker,
-                reads: config
-                    .all_credentials()
+                reads: credentials
                     .iter()
                     .filter_map(|c| c.reads_per_minute)
                     .chain([access.reads_per_minute])
@@ -642,6 +661,36 @@ impl Access {
         }
     }
 
+    /// Lets `caller` go on if its role grants `needs` (`None`: a method
+    /// nobody may call) and, for reads, its rate allows; a refusal is
+    /// audited. The one decision of the gRPC layer and the console alike.
+    pub async fn permit(
+        &self,
+        caller: Caller,
+        needs: Option<Permission>,
+    ) -> Result<Caller, ServiceError> {
+        let refused = match needs {
+            Some(p) if caller.principal.role.allows(p) => {
+                if p.is_rate_limited() {
+                    self.check_rate(&caller.principal).err()
+                } else {
+                    None
+                }
+            }
+            _ => Some(ServiceError::PermissionDenied(format!(
+                "the {} role may not call {}",
+                caller.principal.role, caller.action
+            ))),
+        };
+        match refused {
+            Some(e) => {
+                self.denied(caller, &e).await;
+                Err(e)
+            }
+            None => Ok(caller),
+        }
+    }
+
     /// Records a refused call.
     pub async fn denied(&self, caller: Caller, why: &ServiceError) {
         let mut entry = caller.entry("denied");
@@ -825,20 +874,12 @@ async fn authorize(access: &Access, seen: Seen, path: &str) -> Result<Caller, Se
         request_id,
         token,
     } = seen;
-    let anonymous = |why: &str| Caller {
-        principal: Arc::new(Principal {
-            credential_id: String::new(),
-            name: "anonymous".into(),
-            role: Role::Agent,
-            sources: Vec::new(),
-            scopes: BTreeSet::new(),
-            disclosure: Disclosure::Masked,
-            team: String::new(),
-            reads_per_minute: None,
-        }),
-        client: client.map(|c| c.to_string()).unwrap_or_default(),
-        request_id: request_id.clone(),
-        action: format!("{} ({why})", action_of(path)),
+    let anonymous = |why: &str| {
+        Caller::anonymous(
+            client,
+            request_id.clone(),
+            format!("{} ({why})", action_of(path)),
+        )
     };
     let principal = match token.as_deref() {
         None => {
@@ -868,26 +909,9 @@ async fn authorize(access: &Access, seen: Seen, path: &str) -> Result<Caller, Se
         request_id,
         action: action_of(path),
     };
-    let permission = cdp_domain::access::permission_of(path);
-    let allowed = permission.is_some_and(|p| caller.principal.role.allows(p));
-    if !allowed {
-        let e = ServiceError::PermissionDenied(format!(
-            "the {} role may not call {}",
-            caller.principal.role,
-            action_of(path)
-        ));
-        access.denied(caller, &e).await;
-        return Err(e);
-    }
-    if matches!(
-        permission,
-        Some(Permission::ReadProfiles | Permission::Reveal | Permission::Replay)
-    ) && let Err(e) = access.check_rate(&caller.principal)
-    {
-        access.denied(caller, &e).await;
-        return Err(e);
-    }
-    Ok(caller)
+    access
+        .permit(caller, cdp_domain::access::permission_of(path))
+        .await
 }
 
 #[cfg(test)]

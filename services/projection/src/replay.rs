@@ -288,22 +288,11 @@ impl ReplayService for ReplayGrpc {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let filter = self.filter(&r).await?;
-        let masker = self.access.masker(&caller.principal);
-        let mut entry = caller.entry("allowed");
+        let viewer = cdp_query::Viewer::new(&self.access, caller);
+        let masker = viewer.masker.clone();
+        let mut entry = viewer.caller.entry("allowed");
         entry.fields = vec!["replay".into()];
-        entry.lookup = match &r.customer {
-            Some(cdp_proto::v1::replay_request::Customer::CustomerId(c)) => {
-                format!("customer_id:{c}")
-            }
-            Some(cdp_proto::v1::replay_request::Customer::Identifier(i)) => format!(
-                "{}:{}",
-                i.kind,
-                masker
-                    .with(cdp_domain::access::Disclosure::Masked)
-                    .identifier_value(&i.kind, &i.value)
-            ),
-            None => String::new(),
-        };
+        entry.lookup = viewer.describe(r.customer.clone().map(cdp_query::Lookup::from).as_ref());
         self.access.audit(entry).await?;
         let partitions = self.log.partitions(topic::TOUCHPOINTS);
         let positions = if r.cursor.is_empty() {

@@ -194,7 +194,7 @@ fn credential(e: &KeyEntry) -> v1::Credential {
         scopes: e.scopes.clone(),
         disclosure: e
             .disclosure
-            .map(|d| format!("{d:?}").to_lowercase())
+            .map(|d| d.as_str().to_owned())
             .unwrap_or_default(),
         team: e.team.clone(),
         created_at: e.created_at.map(convert::millis_to_timestamp),
@@ -233,7 +233,7 @@ impl AccessService for AccessGrpc {
             role: p.role.to_string(),
             sources: p.sources.clone(),
             scopes: p.scopes.iter().cloned().collect(),
-            disclosure: format!("{:?}", p.disclosure).to_lowercase(),
+            disclosure: p.disclosure.as_str().to_owned(),
             team: p.team.clone(),
             credential_id: p.credential_id.clone(),
         }))

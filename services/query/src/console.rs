@@ -78,19 +78,7 @@ impl ConsoleState {
             request_id: uuid::Uuid::new_v4().to_string(),
             action: format!("console/{action}"),
         };
-        let refused = if !caller.principal.role.allows(needs) {
-            Some(ServiceError::PermissionDenied(format!(
-                "the {} role may not use {action}",
-                caller.principal.role
-            )))
-        } else {
-            self.access.check_rate(&caller.principal).err()
-        };
-        if let Some(e) = refused {
-            self.access.denied(caller, &e).await;
-            return Err(e);
-        }
-        Ok(caller)
+        self.access.permit(caller, Some(needs)).await
     }
 
     async fn viewer(
@@ -133,21 +121,11 @@ async fn login(
         Ok(p) => p,
         Err(e) => {
             state.access.failed(Some(client.ip()));
-            let anonymous = Caller {
-                principal: Arc::new(Principal {
-                    credential_id: String::new(),
-                    name: "anonymous".into(),
-                    role: cdp_domain::access::Role::Agent,
-                    sources: Vec::new(),
-                    scopes: Default::default(),
-                    disclosure: cdp_domain::access::Disclosure::Masked,
-                    team: String::new(),
-                    reads_per_minute: None,
-                }),
-                client: client.to_string(),
-                request_id: uuid::Uuid::new_v4().to_string(),
-                action: "console/login".into(),
-            };
+            let anonymous = Caller::anonymous(
+                Some(client),
+                uuid::Uuid::new_v4().to_string(),
+                "console/login".into(),
+            );
             state.access.denied(anonymous, &e).await;
             return e.into_response();
         }
