@@ -1170,6 +1170,27 @@ async fn reads_and_failed_sign_ins_are_rate_limited_and_unusual_reading_alerts()
     cdp.restart_with(&format!(
         "{DEFAULT_CONFIG}\n[access]\nreads_per_minute = 5\nfailed_logins_per_minute = 3\nalert_reads_per_hour = 2\n"
     ));
+    // A kill loses the folds not yet synced; they are folded again from the
+    // log after the restart. Wait for them as the admin (its own limit).
+    let mut admin = cdp.profiles().await;
+    for c in &customers {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while admin
+            .get_profile(v1::GetProfileRequest {
+                lookup: Some(v1::get_profile_request::Lookup::CustomerId(c.clone())),
+                timeline_limit: 1,
+                as_of: None,
+            })
+            .await
+            .is_err()
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{c} is not back after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let mut agent =
         v1::profile_service_client::ProfileServiceClient::new(query_as(&cdp, AGENT_TOKEN).await);
     let mut codes = Vec::new();
