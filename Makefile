@@ -15,7 +15,7 @@ export CDP_SDK_PYTHON := $(TOOLS_DIR)/venv/bin/python
 export CDP_SDK_NODE_MODULES := $(TOOLS_DIR)/node/node_modules
 export CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: help run build test bench bench-identity fmt lint tools infra-up infra-down clean
+.PHONY: help run build test bench bench-identity fuzz fmt lint tools infra-up infra-down clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -74,6 +74,13 @@ test: lint tools build ## Build everything, start Kafka and Cassandra (deploy/ha
 		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --test outage -- --include-ignored || status=$$?; \
 	fi; \
 	exit $$status
+
+# Seconds of mutation per target of `make fuzz` (after every seed of fuzz/corpus ran).
+FUZZ_SECONDS ?= 60
+
+fuzz: ## Fuzz every decoder of untrusted bytes for FUZZ_SECONDS each (release, overflow checks on); findings in fuzz/artifacts/. See fuzz/README.md.
+	CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true \
+	$(CARGO) run --release -p cdp-fuzz --target-dir target/fuzz -- --seconds $(FUZZ_SECONDS)
 
 # Populations of `make bench` (customers, comma separated), per back end.
 BENCH_CUSTOMERS ?= 10000,100000,1000000

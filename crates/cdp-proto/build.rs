@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
+        // Every message's cost is bounded before it is decoded.
+        .codec_path("crate::codec::GuardedCodec")
         .file_descriptor_set_path(out.join("cdp_v1_descriptor.bin"))
         .compile_with_config(
             config,

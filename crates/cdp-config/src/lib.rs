@@ -152,6 +152,12 @@ pub struct PipelineConfig {
     /// How often a process checks which projection generation is active
     /// (after a rebuild switched it), in ms.
     pub generation_refresh_ms: u64,
+    /// How far behind the log (touchpoints not yet resolved) a generation
+    /// may be when it is activated without `force`.
+    pub activation_max_lag: u64,
+    /// How long the generation a switch retired is kept before it may be
+    /// dropped without `force`, in seconds.
+    pub drop_grace_secs: u64,
 }
 
 impl PipelineConfig {
@@ -178,6 +184,8 @@ impl Default for PipelineConfig {
             process_index: 0,
             generation_refresh_ms: 1_000,
             profile_workers: 1,
+            activation_max_lag: 1_000,
+            drop_grace_secs: 600,
         }
     }
 }

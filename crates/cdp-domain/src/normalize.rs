@@ -108,6 +108,17 @@ pub fn normalize(
             trimmed.to_owned()
         }
     };
+    // Normalising can empty a value (a loyalty card of dashes) or lengthen
+    // it (`ß` upper-cases to `SS`, `İ` lower-cases to two characters): the
+    // canonical value keeps the limits of the raw one.
+    if value.is_empty() {
+        return Err(NormalizeError::Empty);
+    }
+    if value.chars().count() > MAX_IDENTIFIER_LEN {
+        return Err(NormalizeError::TooLong {
+            max: MAX_IDENTIFIER_LEN,
+        });
+    }
     Ok(Identifier::new(kind.clone(), value))
 }
 
@@ -374,6 +385,22 @@ mod tests {
         assert_eq!(
             normalize(&IdKind::UserId, "ABC-1", &e, &p).unwrap().value,
             "ABC-1"
+        );
+    }
+
+    #[test]
+    fn values_that_normalise_to_nothing_or_past_the_limit_are_rejected() {
+        let p = PhonePolicy::default();
+        let e = EmailPolicy::default();
+        assert_eq!(
+            normalize(&IdKind::LoyaltyId, "- -", &e, &p),
+            Err(NormalizeError::Empty)
+        );
+        assert_eq!(
+            normalize(&IdKind::LoyaltyId, &"\u{df}".repeat(200), &e, &p),
+            Err(NormalizeError::TooLong {
+                max: MAX_IDENTIFIER_LEN
+            })
         );
     }
 

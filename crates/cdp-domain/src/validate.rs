@@ -59,6 +59,71 @@ pub struct Context {
 
 const MAX_NAME_LEN: usize = 128;
 
+/// How deep `properties` and `traits` may nest (the bag itself and every
+/// object or array in it is a level; `{"a": 1}` is 1, `{"a": [1]}` is 2). Every level costs a client's protobuf decoder
+/// up to three messages (`Struct`, its map entry, `Value`), and protobuf
+/// decoders stop at 100 (prost, Python, Go, Java): 20 levels leave room for
+/// the responses that carry an event, and real events use 3 or 4.
+pub const MAX_NESTING: usize = 20;
+
+/// How many values (keys and array elements, counted through every level)
+/// `properties` or `traits` may hold.
+pub const MAX_VALUES: usize = 1000;
+
+/// Whether a bag of attributes nests deeper than [`MAX_NESTING`] or holds
+/// more than [`MAX_VALUES`] values: the error names the bag (`properties`)
+/// and the path to the deepest point.
+pub fn check_shape(bag: &str, attributes: &crate::event::Attributes) -> Option<FieldError> {
+    use serde_json::Value;
+    // Iterative: the input may be as deep as the JSON parser allowed.
+    let mut stack: Vec<(&Value, usize, String)> = attributes
+        .iter()
+        .map(|(k, v)| (v, 1, format!("{bag}.{k}")))
+        .collect();
+    let mut values = attributes.len();
+    while let Some((v, depth, path)) = stack.pop() {
+        let children: Vec<(&Value, String)> = match v {
+            Value::Object(m) => m.iter().map(|(k, c)| (c, format!("{path}.{k}"))).collect(),
+            Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c, format!("{path}[{i}]")))
+                .collect(),
+            _ => continue,
+        };
+        if depth + 1 > MAX_NESTING {
+            let shown: String = path.chars().take(120).collect();
+            return Some(FieldError::new(
+                bag,
+                format!(
+                    "nests deeper than {MAX_NESTING} levels (at {shown}{}); flatten it",
+                    if shown.len() < path.len() { "…" } else { "" }
+                ),
+            ));
+        }
+        values += children.len();
+        if values > MAX_VALUES {
+            return Some(FieldError::new(
+                bag,
+                format!(
+                    "holds more than {MAX_VALUES} values (keys and array elements, at every level)"
+                ),
+            ));
+        }
+        stack.extend(children.into_iter().map(|(c, p)| (c, depth + 1, p)));
+    }
+    None
+}
+
+/// The shape errors of an event's bags, for a record read back from a log
+/// that may predate [`MAX_NESTING`]: what a reader must not pass on.
+pub fn shape_errors(t: &Touchpoint) -> Vec<FieldError> {
+    check_shape("properties", &t.envelope.properties)
+        .into_iter()
+        .chain(check_shape("traits", &t.personal.traits))
+        .collect()
+}
+
 fn check_name(field: &str, value: Option<&str>, errors: &mut Vec<FieldError>) -> Option<String> {
     let Some(value) = value.map(str::trim).filter(|v| !v.is_empty()) else {
         errors.push(FieldError::new(field, "is required"));
@@ -134,18 +199,19 @@ pub fn validate(
     let occurred_at = match raw.occurred_at {
         None => ctx.now,
         Some(t) => {
-            let skew_ms = limits.max_future_skew_secs * 1000;
-            let max_age_ms = limits.max_age_days * 86_400_000;
-            if t > ctx.now + skew_ms {
+            // Saturating: the limits come from configuration, unbounded.
+            let skew_ms = limits.max_future_skew_secs.saturating_mul(1000);
+            let max_age_ms = limits.max_age_days.saturating_mul(86_400_000);
+            if t > ctx.now.saturating_add(skew_ms) {
                 errors.push(FieldError::new(
                     "occurred_at",
                     format!(
                         "is {} s in the future; at most {} s of clock skew is allowed",
-                        (t - ctx.now) / 1000,
+                        t.saturating_sub(ctx.now) / 1000,
                         limits.max_future_skew_secs
                     ),
                 ));
-            } else if t < ctx.now - max_age_ms {
+            } else if t < ctx.now.saturating_sub(max_age_ms) {
                 errors.push(FieldError::new(
                     "occurred_at",
                     format!("is more than {} days in the past", limits.max_age_days),
@@ -160,6 +226,8 @@ pub fn validate(
     if let Some(t) = &event_type {
         validate_properties(t, &raw.properties, &mut errors);
     }
+    errors.extend(check_shape("properties", &raw.properties));
+    errors.extend(check_shape("traits", &raw.traits));
 
     let size = serde_json::to_vec(raw)
         .map(|v| v.len())
@@ -460,6 +528,39 @@ mod tests {
         r.properties
             .insert("blob".into(), json!("x".repeat(40_000)));
         assert_eq!(fields(check(&r)), vec!["properties"]);
+    }
+
+    fn nested(levels: usize) -> serde_json::Value {
+        (1..levels).fold(json!({"leaf": 1}), |inner, _| json!({ "a": inner }))
+    }
+
+    #[test]
+    fn nesting_and_size_are_bounded_with_the_path_named() {
+        let mut r = raw();
+        r.properties = nested(MAX_NESTING).as_object().unwrap().clone();
+        assert!(check(&r).is_ok(), "{MAX_NESTING} levels are fine");
+        r.properties = nested(MAX_NESTING + 1).as_object().unwrap().clone();
+        let e = check(&r).unwrap_err();
+        assert_eq!(fields(Err(e.clone())), vec!["properties"]);
+        assert!(
+            e.0[0]
+                .reason
+                .contains("deeper than 20 levels (at properties.a.a."),
+            "{e}"
+        );
+        // Arrays are levels too.
+        r.properties = serde_json::Map::new();
+        let mut list = json!([1]);
+        for _ in 0..MAX_NESTING {
+            list = json!([list]);
+        }
+        r.traits.insert("tags".into(), list);
+        assert_eq!(fields(check(&r)), vec!["traits"]);
+        r.traits = serde_json::Map::new();
+        r.properties
+            .insert("many".into(), json!(vec![0; MAX_VALUES]));
+        let e = check(&r).unwrap_err();
+        assert!(e.0[0].reason.contains("more than 1000 values"), "{e}");
     }
 
     #[test]

@@ -346,6 +346,22 @@ pub fn decode_dead_letter(bytes: &[u8]) -> Result<v1::DeadLetterRecord, CodecErr
     Ok(r)
 }
 
+/// A `redrives` record.
+pub fn encode_redrive(r: &v1::RedriveRecord) -> Vec<u8> {
+    v1::RedriveRecord {
+        schema_version: SCHEMA_VERSION,
+        ..r.clone()
+    }
+    .encode_to_vec()
+}
+
+/// Decodes a `redrives` record.
+pub fn decode_redrive(bytes: &[u8]) -> Result<v1::RedriveRecord, CodecError> {
+    let r = v1::RedriveRecord::decode(bytes)?;
+    check_version(r.schema_version)?;
+    Ok(r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

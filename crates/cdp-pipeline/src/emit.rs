@@ -52,6 +52,48 @@ pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules, traceparent: &str) -> R
     }
 }
 
+/// The copy of a dead-lettered touchpoint that a re-drive appends to
+/// `touchpoints`: the same record, marked with [`header::REDRIVE_OF`], whose
+/// idempotency key is the dead letter's position, so re-driving one dead
+/// letter twice (two operators at once, a retried call) appends it once.
+pub fn redriven_touchpoint(
+    t: &Touchpoint,
+    rules: &IdentityRules,
+    traceparent: &str,
+    dead_letter: (u32, u64),
+) -> Record {
+    let mut record = touchpoint(t, rules, traceparent);
+    record.headers.push((
+        header::REDRIVE_OF.into(),
+        format!(
+            "{}/{}/{}",
+            topic::DEAD_LETTERS,
+            dead_letter.0,
+            dead_letter.1
+        )
+        .into_bytes(),
+    ));
+    let mut idempotency = b"redrive/".to_vec();
+    idempotency.extend(key::dead_letter(dead_letter.0, dead_letter.1));
+    record.idempotency_key = Some(idempotency);
+    record
+}
+
+/// Whether a `touchpoints` record is a re-driven copy of an event already
+/// in the log.
+pub fn is_redrive(r: &LogRecord) -> bool {
+    r.header(header::REDRIVE_OF).is_some()
+}
+
+/// The `redrives` record saying a dead letter was re-driven.
+pub fn redrive(r: &cdp_proto::v1::RedriveRecord) -> Record {
+    Record {
+        key: key::dead_letter(r.dead_letter_partition, r.dead_letter_offset),
+        value: codec::encode_redrive(r),
+        ..Record::default()
+    }
+}
+
 /// Decodes a `touchpoints` record.
 pub fn read_touchpoint(r: &LogRecord) -> Result<Touchpoint, CodecError> {
     codec::decode_touchpoint(&r.value)

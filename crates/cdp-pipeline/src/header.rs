@@ -22,3 +22,9 @@ pub const TRACEPARENT: &str = "traceparent";
 /// reached the views, their arrival does (see
 /// [`crate::emit::reached_views_at`]).
 pub const REBUILT: &str = "cdp-rebuilt";
+
+/// Set on a `touchpoints` record appended again from a dead letter, naming
+/// it (`dead-letters/<partition>/<offset>`): the event is already in the
+/// log at its first position, so replay leaves the copy out, and the views
+/// fold it once (folds are idempotent per event).
+pub const REDRIVE_OF: &str = "cdp-redrive-of";

@@ -22,6 +22,12 @@ pub fn event(e: EventId) -> Vec<u8> {
     e.to_string().into_bytes()
 }
 
+/// The key of a `redrives` record, and the idempotency key of the copy a
+/// re-drive appends: the dead letter's position.
+pub fn dead_letter(partition: u32, offset: u64) -> Vec<u8> {
+    format!("{partition}/{offset}").into_bytes()
+}
+
 /// The partition of `topic` (with `partitions` partitions) holding the
 /// records about `c`.
 pub fn customer_partition(c: CustomerId, partitions: u32) -> u32 {

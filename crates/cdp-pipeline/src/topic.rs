@@ -32,8 +32,12 @@ pub const ALERTS: Topic = Topic::new("alerts");
 /// API keys issued and revoked at run time (hashes only), keyed by id.
 pub const CREDENTIALS: Topic = Topic::new("credentials");
 
+/// Which dead letter was re-driven, when and by whom (`cdp.v1.RedriveRecord`),
+/// keyed by the dead letter's position ([`crate::key::dead_letter`]).
+pub const REDRIVES: Topic = Topic::new("redrives");
+
 /// Every topic of the pipeline.
-pub const ALL: [Topic; 8] = [
+pub const ALL: [Topic; 9] = [
     TOUCHPOINTS,
     IDENTITY,
     RESOLVED,
@@ -42,4 +46,5 @@ pub const ALL: [Topic; 8] = [
     PROFILE_CHANGES,
     ALERTS,
     CREDENTIALS,
+    REDRIVES,
 ];

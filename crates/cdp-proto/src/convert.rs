@@ -34,26 +34,44 @@ pub fn struct_to_json(s: &prost_types::Struct) -> Attributes {
 }
 
 pub fn json_to_value(v: &Value) -> prost_types::Value {
+    value_within(v, 1)
+}
+
+/// What stands in for a value nested deeper than
+/// `cdp_domain::validate::MAX_NESTING` (only events accepted before the
+/// bound can hold one): a client's decoder would refuse the whole message.
+pub const TOO_DEEP: &str = "[nested too deep]";
+
+fn value_within(v: &Value, depth: usize) -> prost_types::Value {
     let kind = match v {
         Value::Null => Kind::NullValue(0),
         Value::Bool(b) => Kind::BoolValue(*b),
         Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
         Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(_) | Value::Object(_) if depth >= cdp_domain::validate::MAX_NESTING => {
+            Kind::StringValue(TOO_DEEP.into())
+        }
         Value::Array(items) => Kind::ListValue(prost_types::ListValue {
-            values: items.iter().map(json_to_value).collect(),
+            values: items.iter().map(|i| value_within(i, depth + 1)).collect(),
         }),
-        Value::Object(map) => Kind::StructValue(json_to_struct(map)),
+        Value::Object(map) => Kind::StructValue(struct_within(map, depth + 1)),
     };
     prost_types::Value { kind: Some(kind) }
 }
 
-pub fn json_to_struct(map: &Attributes) -> prost_types::Struct {
+fn struct_within(map: &Attributes, depth: usize) -> prost_types::Struct {
     prost_types::Struct {
         fields: map
             .iter()
-            .map(|(k, v)| (k.clone(), json_to_value(v)))
+            .map(|(k, v)| (k.clone(), value_within(v, depth)))
             .collect(),
     }
+}
+
+/// The API `Struct` of a bag of attributes; containers nested deeper than
+/// `MAX_NESTING` become [`TOO_DEEP`].
+pub fn json_to_struct(map: &Attributes) -> prost_types::Struct {
+    struct_within(map, 1)
 }
 
 pub fn timestamp_to_millis(t: &prost_types::Timestamp) -> UnixMillis {

@@ -12,4 +12,5 @@ pub mod v1 {
 }
 
 pub mod client;
+pub mod codec;
 pub mod convert;

@@ -33,10 +33,20 @@ pub struct RebuildArgs {
 pub enum GenerationsCommand {
     /// Lists the generations and which one is active.
     List,
-    /// Switches to a rebuilt generation.
-    Activate { generation: u32 },
+    /// Switches to a rebuilt generation that has caught up with the log.
+    Activate {
+        generation: u32,
+        /// Switch even if it has not caught up (lookups see a partial view).
+        #[arg(long)]
+        force: bool,
+    },
     /// Deletes a generation that is not active, with its data.
-    Drop { generation: u32 },
+    Drop {
+        generation: u32,
+        /// Drop the generation the last switch retired within its grace period.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -143,14 +153,14 @@ pub async fn generations(args: GenerationsArgs) -> anyhow::Result<()> {
     let mut client = connect(&args.endpoint, args.token.as_deref()).await?;
     let list = match args.command {
         GenerationsCommand::List => client.list_generations(ListGenerationsRequest {}).await,
-        GenerationsCommand::Activate { generation } => {
+        GenerationsCommand::Activate { generation, force } => {
             client
-                .activate_generation(ActivateGenerationRequest { generation })
+                .activate_generation(ActivateGenerationRequest { generation, force })
                 .await
         }
-        GenerationsCommand::Drop { generation } => {
+        GenerationsCommand::Drop { generation, force } => {
             client
-                .drop_generation(DropGenerationRequest { generation })
+                .drop_generation(DropGenerationRequest { generation, force })
                 .await
         }
     }

@@ -80,6 +80,14 @@ impl BatchHandler for IdentityWorker {
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
         for r in records {
             match emit::read_touchpoint(r) {
+                // Accepted before nesting was bounded: no view may hold it,
+                // since clients could not decode what carries it.
+                Ok(t) if !cdp_domain::validate::shape_errors(&t).is_empty() => {
+                    let reason =
+                        cdp_domain::Rejection(cdp_domain::validate::shape_errors(&t)).to_string();
+                    tracing::warn!(partition = r.partition, offset = r.offset, event = %t.event_id(), %reason, "touchpoint beyond the shape limits sent to dead letters");
+                    out.dead_letter(Stage::Identity, &reason, &t, now);
+                }
                 Ok(t) => {
                     events.push(t);
                     sources.push(r);
@@ -270,6 +278,30 @@ mod tests {
         assert!(
             reasons.iter().any(|r| r.contains("protobuf")),
             "{reasons:?}"
+        );
+    }
+
+    /// A record accepted before nesting was bounded (a 100-level event)
+    /// goes to the dead letters with the reason; the batch goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_record_nested_too_deep_is_dead_lettered_and_the_batch_goes_on() {
+        let mut f = fixture().await;
+        let mut deep = event(7, &[(IdKind::Email, "deep@shop.vn")]);
+        let nested = (0..100).fold(
+            serde_json::json!(1),
+            |inner, _| serde_json::json!({ "a": inner }),
+        );
+        deep.envelope.properties.insert("x".into(), nested);
+        let fine = event(8, &[(IdKind::Email, "fine@shop.vn")]);
+        let records = delivered(&f.log, &[deep, fine]).await;
+        f.worker.handle(&records).await.unwrap();
+        assert_eq!(read_all(&f.log, topic::RESOLVED).await.len(), 1);
+        let dead = read_all(&f.log, topic::DEAD_LETTERS).await;
+        assert_eq!(dead.len(), 1);
+        let reason = codec::decode_dead_letter(&dead[0].value).unwrap().reason;
+        assert!(
+            reason.contains("properties: nests deeper than 20 levels (at properties.x.a.a"),
+            "{reason}"
         );
     }
 

@@ -1,16 +1,17 @@
 //! Dead letters: list them with their reasons, and re-drive them into the
 //! touchpoints topic once the cause is fixed.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use cdp_log::{EventLog, LogRecord, Record};
+use cdp_log::{Appended, EventLog, LogRecord, Record};
 use cdp_pipeline::codec as record;
-use cdp_pipeline::topic;
+use cdp_pipeline::{emit, topic};
 use cdp_proto::convert;
 use cdp_proto::v1::dead_letter_service_server::DeadLetterService;
 use cdp_proto::v1::{
     DeadLetter, DeadLetterRef, ListDeadLettersRequest, ListDeadLettersResponse, RedriveRequest,
-    RedriveResponse,
+    RedriveResponse, SkippedDeadLetter,
 };
 use cdp_runtime::ServiceError;
 use cdp_runtime::auth::{Access, Caller};
@@ -75,6 +76,7 @@ impl DeadLetters {
                                 .collect()
                         })
                         .unwrap_or_default(),
+                    redriven_at: None,
                 }
             }
             Err(e) => DeadLetter {
@@ -123,6 +125,16 @@ impl DeadLetters {
             }
             out.extend(records.iter().map(Self::describe));
         }
+        if !out.is_empty() {
+            let done = self.redriven().await?;
+            for d in &mut out {
+                if let Some(r) = &d.r#ref
+                    && let Some(at) = done.get(&(r.partition, r.offset))
+                {
+                    d.redriven_at = Some(convert::millis_to_timestamp(*at));
+                }
+            }
+        }
         let next = if partition < partitions {
             format!("{partition}_{offset}")
         } else {
@@ -134,11 +146,45 @@ impl DeadLetters {
         })
     }
 
-    /// Appends the dead-lettered touchpoints to the touchpoints topic again.
+    /// Every dead letter re-driven so far: its position and when.
+    async fn redriven(&self) -> Result<HashMap<(u32, u64), i64>, ServiceError> {
+        let mut done = HashMap::new();
+        for p in 0..self.log.partitions(topic::REDRIVES) {
+            let mut from = 0;
+            loop {
+                let batch = self
+                    .log
+                    .read(topic::REDRIVES, p, from, 1000)
+                    .await
+                    .map_err(ServiceError::from)?;
+                let Some(last) = batch.last() else { break };
+                from = last.offset + 1;
+                for r in &batch {
+                    match record::decode_redrive(&r.value) {
+                        Ok(m) => {
+                            done.insert((m.dead_letter_partition, m.dead_letter_offset), m.at_ms);
+                        }
+                        Err(error) => tracing::warn!(
+                            partition = p,
+                            offset = r.offset,
+                            %error,
+                            "undecodable redrives record skipped"
+                        ),
+                    }
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Appends the dead-lettered touchpoints to the touchpoints topic again,
+    /// each dead letter at most once and each event at most once per call,
+    /// and records what it re-drove on the `redrives` topic.
     pub async fn redrive(
         &self,
         refs: &[DeadLetterRef],
         all: bool,
+        actor: &str,
     ) -> Result<RedriveResponse, ServiceError> {
         let mut records = Vec::new();
         if all {
@@ -162,6 +208,12 @@ impl DeadLetters {
                     "name the dead letters to re-drive, or set all",
                 ));
             }
+            if refs.len() > MAX_PAGE {
+                return Err(ServiceError::invalid(
+                    "refs",
+                    format!("at most {MAX_PAGE} dead letters per call"),
+                ));
+            }
             for (i, r) in refs.iter().enumerate() {
                 let found = self
                     .log
@@ -177,46 +229,123 @@ impl DeadLetters {
                     Some(rec) if rec.offset == r.offset => records.push(rec),
                     _ => {
                         return Err(ServiceError::NotFound(format!(
-                            "no dead letter at {}_{}",
+                            "refs[{i}]: no dead letter at {}_{}",
                             r.partition, r.offset
                         )));
                     }
                 }
             }
         }
-        let mut touchpoints = Vec::new();
+        let done = self.redriven().await?;
+        let now = cdp_runtime::now_ms();
+        let traceparent = cdp_runtime::trace::current_traceparent();
+        let mut skipped = Vec::new();
+        let mut events = HashSet::new();
+        // (dead letter, its record to append, or None when its event is
+        // already being re-driven from another dead letter of this call)
+        let mut plan: Vec<(&LogRecord, String, Option<Record>)> = Vec::new();
         for r in &records {
-            if let Ok(d) = record::decode_dead_letter(&r.value)
-                && let Some(t) = d
-                    .touchpoint
+            let position = (r.partition, r.offset);
+            let reference = Some(DeadLetterRef {
+                partition: r.partition,
+                offset: r.offset,
+            });
+            let touchpoint = record::decode_dead_letter(&r.value).ok().and_then(|d| {
+                d.touchpoint
                     .as_ref()
                     .and_then(|t| record::touchpoint_from_record(t).ok())
-            {
-                touchpoints.push(t);
+            });
+            let Some(t) = touchpoint else {
+                skipped.push(SkippedDeadLetter {
+                    r#ref: reference,
+                    event_id: String::new(),
+                    reason:
+                        "holds no decodable touchpoint (the record it failed on is kept as bytes)"
+                            .into(),
+                });
+                continue;
+            };
+            let event_id = t.event_id().to_string();
+            if let Some(at) = done.get(&position) {
+                skipped.push(SkippedDeadLetter {
+                    r#ref: reference,
+                    event_id,
+                    reason: format!(
+                        "already re-driven at {}; if it failed again, it is a newer dead letter",
+                        convert::millis_to_timestamp(*at)
+                    ),
+                });
+                continue;
+            }
+            if events.insert(t.event_id()) {
+                let copy =
+                    emit::redriven_touchpoint(&t, &self.ingestor.rules, &traceparent, position);
+                plan.push((r, event_id, Some(copy)));
+            } else {
+                plan.push((r, event_id, None));
             }
         }
-        // Without the idempotency key: the log has seen these event ids.
-        let traceparent = cdp_runtime::trace::current_traceparent();
-        let appended: Vec<Record> = touchpoints
-            .iter()
-            .map(|t| Record {
-                idempotency_key: None,
-                ..self.ingestor.record(t, &traceparent)
-            })
-            .collect();
-        if !appended.is_empty() {
+        let copies: Vec<Record> = plan.iter().filter_map(|(_, _, c)| c.clone()).collect();
+        let mut landed = if copies.is_empty() {
+            Vec::new()
+        } else {
             self.log
-                .append(topic::TOUCHPOINTS, appended)
+                .append(topic::TOUCHPOINTS, copies)
+                .await
+                .map_err(ServiceError::from)?
+        }
+        .into_iter();
+        let mut markers = Vec::new();
+        let mut event_ids = Vec::new();
+        for (r, event_id, copy) in plan {
+            let mut marker = cdp_proto::v1::RedriveRecord {
+                dead_letter_partition: r.partition,
+                dead_letter_offset: r.offset,
+                event_id: event_id.clone(),
+                at_ms: now,
+                actor: actor.to_owned(),
+                ..Default::default()
+            };
+            let reference = Some(DeadLetterRef {
+                partition: r.partition,
+                offset: r.offset,
+            });
+            match copy.and_then(|_| landed.next()) {
+                Some(Appended::New { partition, offset }) => {
+                    marker.appended = true;
+                    marker.touchpoint_partition = partition;
+                    marker.touchpoint_offset = offset;
+                    event_ids.push(event_id);
+                }
+                // A concurrent or retried call appended it first.
+                Some(Appended::Duplicate { .. }) => skipped.push(SkippedDeadLetter {
+                    r#ref: reference,
+                    event_id,
+                    reason: "already re-driven by a concurrent or retried call".into(),
+                }),
+                None => skipped.push(SkippedDeadLetter {
+                    r#ref: reference,
+                    event_id,
+                    reason: "its event is re-driven from another dead letter in this call".into(),
+                }),
+            }
+            markers.push(emit::redrive(&marker));
+        }
+        if !markers.is_empty() {
+            self.log
+                .append(topic::REDRIVES, markers)
                 .await
                 .map_err(ServiceError::from)?;
         }
-        tracing::info!(redriven = touchpoints.len(), "dead letters re-driven");
+        tracing::info!(
+            redriven = event_ids.len(),
+            skipped = skipped.len(),
+            "dead letters re-driven"
+        );
         Ok(RedriveResponse {
-            redriven: u32::try_from(touchpoints.len()).unwrap_or(u32::MAX),
-            event_ids: touchpoints
-                .iter()
-                .map(|t| t.event_id().to_string())
-                .collect(),
+            redriven: u32::try_from(event_ids.len()).unwrap_or(u32::MAX),
+            event_ids,
+            skipped,
         })
     }
 }
@@ -250,7 +379,7 @@ impl DeadLetterService for DeadLetters {
     ) -> Result<Response<RedriveResponse>, Status> {
         let caller = Caller::of(&request)?;
         let r = request.into_inner();
-        let answer = DeadLetters::redrive(self, &r.refs, r.all).await?;
+        let answer = DeadLetters::redrive(self, &r.refs, r.all, &caller.principal.name).await?;
         let mut entry = caller.entry("allowed");
         entry.fields = vec![format!("redriven:{}", answer.redriven)];
         entry.reason = if r.all {

@@ -58,7 +58,7 @@ fn dropped(t: &Touchpoint) -> Vec<FieldError> {
 #[derive(Clone)]
 pub struct Ingestor {
     log: Arc<dyn EventLog>,
-    rules: Arc<IdentityRules>,
+    pub(crate) rules: Arc<IdentityRules>,
     limits: Arc<ValidationLimits>,
 }
 

@@ -94,7 +94,7 @@ pub fn zalo_event(body: &Value, source_id: &str) -> Result<Option<RawTouchpoint>
         .and_then(Value::as_str)
         .ok_or_else(|| FieldError::new("event_name", "is required"))?;
     let at = millis(body.get("timestamp"));
-    let (event_type, channel, user, properties) = match name {
+    let (event_type, channel, user, user_field, properties) = match name {
         n if n.starts_with("user_send_") => {
             let sender = body
                 .pointer("/sender/id")
@@ -107,6 +107,7 @@ pub fn zalo_event(body: &Value, source_id: &str) -> Result<Option<RawTouchpoint>
                 "Message Received",
                 "chat",
                 sender,
+                "sender.id",
                 json!({"text": text, "msg_id": msg_id, "zalo_event": n}),
             )
         }
@@ -124,13 +125,14 @@ pub fn zalo_event(body: &Value, source_id: &str) -> Result<Option<RawTouchpoint>
                 t,
                 "social",
                 follower,
+                "follower.id",
                 json!({"oa_id": body.get("oa_id").map(value_text).unwrap_or_default()}),
             )
         }
         _ => return Ok(None),
     };
     if user.is_empty() {
-        return Err(FieldError::new("sender.id", "the Zalo user id is missing"));
+        return Err(FieldError::new(user_field, "the Zalo user id is missing"));
     }
     let key_part = properties
         .get("msg_id")

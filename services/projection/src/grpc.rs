@@ -23,11 +23,94 @@ use crate::rebuild::{RebuildError, Rebuilder};
 pub struct ProjectionGrpc {
     rebuilder: Rebuilder,
     access: Arc<Access>,
+    guards: SwitchGuards,
+    /// When this process last switched generations, and which one it retired.
+    last_switch: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
+}
+
+/// What keeps an operator from serving a half-built generation or dropping
+/// the one to go back to.
+#[derive(Debug, Clone, Copy)]
+pub struct SwitchGuards {
+    /// Touchpoints a generation may be behind the log when activated.
+    pub max_lag: u64,
+    /// How long the generation a switch retired is kept.
+    pub drop_grace: std::time::Duration,
 }
 
 impl ProjectionGrpc {
-    pub fn new(rebuilder: Rebuilder, access: Arc<Access>) -> Self {
-        ProjectionGrpc { rebuilder, access }
+    pub fn new(rebuilder: Rebuilder, access: Arc<Access>, guards: SwitchGuards) -> Self {
+        ProjectionGrpc {
+            rebuilder,
+            access,
+            guards,
+            last_switch: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// FAILED_PRECONDITION when `generation` is further behind the log than
+    /// the guard allows.
+    async fn refuse_behind(&self, generation: u32) -> Result<(), ServiceError> {
+        let log = self.rebuilder.log().as_ref();
+        let ends = log
+            .end_offsets(topic::TOUCHPOINTS)
+            .await
+            .map_err(ServiceError::from)?;
+        let total: u64 = ends.iter().sum();
+        let lag = cdp_log::lag(log, &group::identity(generation), topic::TOUCHPOINTS)
+            .await
+            .map_err(ServiceError::from)?;
+        if lag > self.guards.max_lag {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "generation {generation} has not caught up with the log: it has read {} of {total} \
+                 touchpoints ({lag} behind, more than pipeline.activation_max_lag = {}); resume its \
+                 rebuild (`cdp rebuild --generation {generation}`) and activate it when it has \
+                 caught up, or set force to serve a partial view",
+                total.saturating_sub(lag),
+                self.guards.max_lag
+            )));
+        }
+        Ok(())
+    }
+
+    /// FAILED_PRECONDITION when `generation` was retired by a switch less
+    /// than the grace period ago (the switch this process made, or, after a
+    /// restart, the creation of the active generation as the earliest the
+    /// switch can have been).
+    async fn refuse_in_grace(&self, generation: u32) -> Result<(), ServiceError> {
+        let generations = self.rebuilder.generations();
+        let list = generations.list().await.map_err(store_status)?;
+        let Some(active) = list.iter().find(|g| g.active) else {
+            return Ok(());
+        };
+        // The generation the switch retired: the newest one older than the active.
+        let retired = list.iter().filter(|g| g.id < active.id).map(|g| g.id).max();
+        if retired != Some(generation) {
+            return Ok(());
+        }
+        let grace = self.guards.drop_grace;
+        let since_switch = self
+            .last_switch
+            .lock()
+            .ok()
+            .and_then(|s| *s)
+            .filter(|(_, r)| *r == generation)
+            .map(|(at, _)| at.elapsed());
+        let since_created = std::time::Duration::from_millis(
+            u64::try_from(cdp_runtime::now_ms().saturating_sub(active.created_at)).unwrap_or(0),
+        );
+        let elapsed = since_switch.unwrap_or(since_created);
+        if elapsed < grace {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "generation {generation} was retired by the switch to {} {}s ago; it is kept for \
+                 pipeline.drop_grace_secs = {}s so the switch can be undone by a rebuild from it \
+                 or looked into: drop it later, or set force",
+                active.id,
+                elapsed.as_secs(),
+                grace.as_secs()
+            )));
+        }
+        Ok(())
     }
 
     /// Audits an operator's change before it is made.
@@ -161,15 +244,34 @@ impl ProjectionService for ProjectionGrpc {
         request: Request<ActivateGenerationRequest>,
     ) -> Result<Response<ListGenerationsResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let generation = request.into_inner().generation;
+        let r = request.into_inner();
+        let generation = r.generation;
         self.refuse_while_rebuilding(generation, "activate it when the rebuild has caught up")?;
-        self.changing(&caller, format!("generation:{generation}:activate"))
-            .await?;
+        if !r.force {
+            self.refuse_behind(generation).await?;
+        }
+        let retired = self
+            .rebuilder
+            .generations()
+            .active()
+            .await
+            .map_err(store_status)?;
+        self.changing(
+            &caller,
+            format!(
+                "generation:{generation}:activate{}",
+                if r.force { ":forced" } else { "" }
+            ),
+        )
+        .await?;
         self.rebuilder
             .generations()
             .activate(generation)
             .await
             .map_err(store_status)?;
+        if let Ok(mut s) = self.last_switch.lock() {
+            *s = Some((std::time::Instant::now(), retired));
+        }
         self.listing().await.map(Response::new)
     }
 
@@ -259,10 +361,20 @@ impl ProjectionService for ProjectionGrpc {
         request: Request<DropGenerationRequest>,
     ) -> Result<Response<ListGenerationsResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let generation = request.into_inner().generation;
+        let r = request.into_inner();
+        let generation = r.generation;
         self.refuse_while_rebuilding(generation, "cancel the rebuild first")?;
-        self.changing(&caller, format!("generation:{generation}:drop"))
-            .await?;
+        if !r.force {
+            self.refuse_in_grace(generation).await?;
+        }
+        self.changing(
+            &caller,
+            format!(
+                "generation:{generation}:drop{}",
+                if r.force { ":forced" } else { "" }
+            ),
+        )
+        .await?;
         self.rebuilder
             .generations()
             .drop_generation(generation)

@@ -49,6 +49,10 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         .add_service(ProjectionServiceServer::new(grpc::ProjectionGrpc::new(
             rebuilder,
             Arc::clone(&ctx.access),
+            grpc::SwitchGuards {
+                max_lag: ctx.config.pipeline.activation_max_lag,
+                drop_grace: std::time::Duration::from_secs(ctx.config.pipeline.drop_grace_secs),
+            },
         )))
         .add_service(ReplayServiceServer::new(replay::ReplayGrpc::new(
             Arc::clone(&ctx.backends.log),

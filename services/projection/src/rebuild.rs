@@ -402,8 +402,11 @@ impl RebuildHandler {
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
         for r in records {
-            // Undecodable records were dead-lettered by the live pass.
-            if let Ok(t) = emit::read_touchpoint(r) {
+            // Undecodable records, and those beyond the shape limits, were
+            // dead-lettered by the live pass.
+            if let Ok(t) = emit::read_touchpoint(r)
+                && cdp_domain::validate::shape_errors(&t).is_empty()
+            {
                 events.push(t);
                 sources.push(r);
             }

@@ -232,6 +232,10 @@ async fn pump(
                 }
                 scanned += r.offset + 1 - positions[p].min(r.offset + 1);
                 positions[p] = r.offset + 1;
+                // A re-driven copy: the event was shown at its first position.
+                if emit::is_redrive(&r) {
+                    continue;
+                }
                 let mut t = match emit::read_touchpoint(&r) {
                     Ok(t) => t,
                     Err(error) => {
@@ -240,6 +244,14 @@ async fn pump(
                     }
                 };
                 if !filter.matches(&t) {
+                    continue;
+                }
+                // Accepted before nesting was bounded: clients could not
+                // decode it, so it is left out, loudly (its dead letter was
+                // written by identity).
+                let shape = cdp_domain::validate::shape_errors(&t);
+                if !shape.is_empty() {
+                    tracing::warn!(partition, offset = r.offset, event = %t.event_id(), reason = %cdp_domain::Rejection(shape), "touchpoint beyond the shape limits left out of the replay");
                     continue;
                 }
                 let customer_id = if shown.with_customers {

@@ -619,9 +619,30 @@ pub fn id(kind: &str, value: &str) -> Identifier {
     }
 }
 
+/// JSON as a client sends it: at any depth (the server's conversions stop
+/// at `MAX_NESTING`; a client's need not).
 pub fn to_struct(v: Value) -> Option<prost_types::Struct> {
+    fn value(v: Value) -> prost_types::Value {
+        use prost_types::value::Kind;
+        let kind = match v {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BoolValue(b),
+            Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+            Value::String(s) => Kind::StringValue(s),
+            Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+                values: items.into_iter().map(value).collect(),
+            }),
+            Value::Object(m) => Kind::StructValue(object(m)),
+        };
+        prost_types::Value { kind: Some(kind) }
+    }
+    fn object(m: serde_json::Map<String, Value>) -> prost_types::Struct {
+        prost_types::Struct {
+            fields: m.into_iter().map(|(k, v)| (k, value(v))).collect(),
+        }
+    }
     match v {
-        Value::Object(m) => Some(cdp_proto::convert::json_to_struct(&m)),
+        Value::Object(m) => Some(object(m)),
         _ => None,
     }
 }

@@ -189,13 +189,34 @@ async fn a_rebuild_while_events_arrive_switches_to_the_same_views() {
         .into_inner();
     assert_eq!(listed.active, 2);
     let err = projections
-        .drop_generation(DropGenerationRequest { generation: 2 })
+        .drop_generation(DropGenerationRequest {
+            generation: 2,
+            force: false,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("active"), "{}", err.message());
+    // The generation the switch retired is kept for a grace period...
+    let err = projections
+        .drop_generation(DropGenerationRequest {
+            generation: 1,
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("drop_grace_secs"),
+        "{}",
+        err.message()
+    );
+    // ...unless the operator insists.
     let after = projections
-        .drop_generation(DropGenerationRequest { generation: 1 })
+        .drop_generation(DropGenerationRequest {
+            generation: 1,
+            force: true,
+        })
         .await
         .unwrap()
         .into_inner();
