@@ -53,18 +53,6 @@ impl fmt::Display for Violation {
 /// removes it from this list and renames its seed.
 pub const KNOWN: &[(&str, &str)] = &[
     (
-        "segment-untyped-field",
-        "a Segment message field of the wrong JSON type is refused as `body` (or `batch[i]`) with serde's \
-         \"invalid type: ..., expected ...\", which names neither the field nor a position \
-         (services/ingest/src/http.rs deserialises from a serde_json::Value, which has no positions)",
-    ),
-    (
-        "json-float-roundtrip",
-        "a JSON number in properties or traits may come back from the log one ULP off \
-         (9.510611522829519e18 reads back as 9.51061152282952e18): serde_json is built without its \
-         `float_roundtrip` feature, so parsing the shortest representation it wrote is not exact",
-    ),
-    (
         "config-number-without-key",
         "a configuration integer beyond the TOML range (`partitions = 18446744073709551615`, or below it, or a float past f64) is refused \
          with \"number too large to fit in target type in <file>\", naming neither the key nor the line \

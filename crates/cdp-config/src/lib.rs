@@ -287,6 +287,15 @@ pub struct ZaloConfig {
     pub source_id: String,
     /// The OA secret key that signs webhook events.
     pub oa_secret_key: Secret,
+    /// Events whose (signed) timestamp is older than this, or as far in
+    /// the future, are refused: a captured request cannot be replayed
+    /// later. Zalo delivers within seconds.
+    #[serde(default = "default_webhook_max_age_secs")]
+    pub max_age_secs: u64,
+}
+
+fn default_webhook_max_age_secs() -> u64 {
+    900
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

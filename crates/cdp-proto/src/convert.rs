@@ -74,6 +74,33 @@ pub fn json_to_struct(map: &Attributes) -> prost_types::Struct {
     struct_within(map, 1)
 }
 
+/// Whether a protobuf `Timestamp` is one: nanos in `0..1e9` and seconds
+/// within years 1 to 9999, as the well-known type requires.
+pub fn check_timestamp(
+    field: &str,
+    t: Option<&prost_types::Timestamp>,
+) -> Result<(), cdp_domain::FieldError> {
+    const MIN_SECONDS: i64 = -62_135_596_800;
+    const MAX_SECONDS: i64 = 253_402_300_799;
+    let Some(t) = t else { return Ok(()) };
+    if !(0..1_000_000_000).contains(&t.nanos) {
+        return Err(cdp_domain::FieldError::new(
+            format!("{field}.nanos"),
+            format!(
+                "is {}; a Timestamp's nanos are from 0 to 999999999 (negative times count seconds down, not nanos)",
+                t.nanos
+            ),
+        ));
+    }
+    if !(MIN_SECONDS..=MAX_SECONDS).contains(&t.seconds) {
+        return Err(cdp_domain::FieldError::new(
+            format!("{field}.seconds"),
+            format!("is {}; a Timestamp lies in years 1 to 9999", t.seconds),
+        ));
+    }
+    Ok(())
+}
+
 pub fn timestamp_to_millis(t: &prost_types::Timestamp) -> UnixMillis {
     t.seconds
         .saturating_mul(1000)

@@ -201,13 +201,23 @@ impl Parts {
     /// gRPC health and reflection, nothing else yet.
     pub fn new() -> Result<Self, StartError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(cdp_proto::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Both reflection versions: grpcurl speaks v1, the official Python
+        // client (grpcio-reflection) and older tools only v1alpha.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(cdp_proto::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let v1 = reflection()
             .build_v1()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let v1alpha = reflection()
+            .build_v1alpha()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
         let mut grpc = RoutesBuilder::default();
-        grpc.add_service(health_service).add_service(reflection);
+        grpc.add_service(health_service)
+            .add_service(v1)
+            .add_service(v1alpha);
         Ok(Parts {
             grpc,
             health,

@@ -94,8 +94,44 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
             )
         }
     };
+    if config.log.backend == LogBackend::Embedded || config.store.backend == StoreBackend::Embedded
+    {
+        restrict(&config.data_dir);
+    }
     tracing::info!(log = ?config.log.backend, store = ?config.store.backend, "back ends open");
     Ok(Backends { log, live })
+}
+
+/// Makes the data directory private to the service's user: directories
+/// 0700, files 0600 (they hold personal data; the files the embedded
+/// stores create are 0644 by default). Whatever is created inside later
+/// sits behind the directory's 0700.
+pub fn restrict(data_dir: &std::path::Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut pending = vec![data_dir.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            let set = |path: &std::path::Path, mode: u32| {
+                if let Err(error) =
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                {
+                    tracing::warn!(path = %path.display(), %error, "cannot restrict the permissions of data");
+                }
+            };
+            set(&dir, 0o700);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                match entry.file_type() {
+                    Ok(t) if t.is_dir() => pending.push(entry.path()),
+                    Ok(t) if t.is_file() => set(&entry.path(), 0o600),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// `main` of a service binary: parses [`ProcessArgs`] and runs [`main_with`].

@@ -287,6 +287,26 @@ fn segment_field(field: &str, raw: &RawTouchpoint) -> String {
     }
 }
 
+/// At most this many events in one `/v1/batch` (as `TrackBatch`; Segment's
+/// libraries send 100 or fewer).
+pub const MAX_BATCH_EVENTS: usize = 500;
+
+/// A Segment message from its JSON; a field of the wrong type is named
+/// under `prefix` (`batch[3].event`).
+fn message_of(value: Value) -> Result<segment::Message, impl Fn(&str) -> FieldError> {
+    segment::message_from_json(value).map_err(|e| {
+        move |prefix: &str| {
+            let field = match (prefix, e.field.as_str()) {
+                ("", "") => "body".to_owned(),
+                ("", f) => f.to_owned(),
+                (pre, "") => pre.to_owned(),
+                (pre, f) => format!("{pre}.{f}"),
+            };
+            FieldError::new(field, e.reason.clone())
+        }
+    })
+}
+
 /// Parses a JSON body, or answers 400 saying why not.
 fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, HttpError> {
     serde_json::from_slice(bytes)
@@ -348,13 +368,16 @@ async fn single(
     if !CALLS.contains(&call.as_str()) {
         return Err(ServiceError::NotFound(format!("no endpoint /v1/{call}")));
     }
+    // A key in the header is checked before the body is decompressed or parsed.
+    if headers.contains_key(header::AUTHORIZATION) {
+        state.source(&headers, None)?;
+    }
     let bytes = body_bytes(&headers, &body, state.max_event_bytes, "the event")?;
     let value: Value = json_body(&bytes)?;
     let source = state
         .source(&headers, value.get("writeKey").and_then(Value::as_str))?
         .clone();
-    let message: segment::Message =
-        serde_json::from_value(value).map_err(|e| ServiceError::invalid("body", e.to_string()))?;
+    let message = message_of(value).map_err(|e| ServiceError::InvalidArgument(vec![e("")]))?;
     let touchpoints = state.prepare(&source, &[(call, message, bytes.len())], None, |_| {
         String::new()
     })?;
@@ -366,6 +389,9 @@ async fn batch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
+    if headers.contains_key(header::AUTHORIZATION) {
+        state.source(&headers, None)?;
+    }
     let bytes = body_bytes(&headers, &body, state.max_batch_bytes, "the batch")?;
     let value: Value = json_body(&bytes)?;
     let source = state
@@ -377,6 +403,15 @@ async fn batch(
         .ok_or_else(|| ServiceError::invalid("batch", "is required and must be a list"))?;
     if items.is_empty() {
         return Err(ServiceError::invalid("batch", "is empty"));
+    }
+    if items.len() > MAX_BATCH_EVENTS {
+        return Err(ServiceError::invalid(
+            "batch",
+            format!(
+                "holds {} events; at most {MAX_BATCH_EVENTS} are accepted per request (split it)",
+                items.len()
+            ),
+        ));
     }
     let sent_at = value
         .get("sentAt")
@@ -393,7 +428,7 @@ async fn batch(
         let size = serde_json::to_vec(item)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
-        match serde_json::from_value::<segment::Message>(item.clone()) {
+        match message_of(item.clone()) {
             Ok(mut m) => {
                 for (k, v) in &batch_context {
                     m.context.entry(k.clone()).or_insert_with(|| v.clone());
@@ -406,7 +441,7 @@ async fn batch(
                     )),
                 }
             }
-            Err(e) => violations.push(FieldError::new(format!("batch[{i}]"), e.to_string())),
+            Err(e) => violations.push(e(&format!("batch[{i}]"))),
         }
     }
     if !violations.is_empty() {
@@ -434,6 +469,12 @@ async fn zalo(
         });
     }
     let value: Value = json_body(&body)?;
+    webhooks::zalo_fresh(&value, now_ms(), config.max_age_secs).map_err(|reason| {
+        ServiceError::Unauthenticated {
+            message: reason,
+            challenge: None,
+        }
+    })?;
     let Some(raw) = webhooks::zalo_event(&value, &config.source_id)
         .map_err(|e| ServiceError::InvalidArgument(vec![e]))?
     else {

@@ -196,6 +196,8 @@ impl IngestService for IngestGrpc {
             self.access.denied(caller, &e).await;
             return Err(e.into());
         }
+        convert::check_timestamp("occurred_at", touchpoint.occurred_at.as_ref())
+            .map_err(|f| ServiceError::InvalidArgument(vec![f]))?;
         let raw = convert::raw_touchpoint(&touchpoint);
         let outcome = self.ingestor.ingest(std::slice::from_ref(&raw)).await?;
         let (event_id, status, warnings) = match outcome.into_iter().next() {
@@ -281,16 +283,22 @@ impl IngestGrpc {
         // are refused one by one; the others still land.
         let mut outcomes: Vec<Option<Outcome>> = vec![None; touchpoints.len()];
         let mut bound = Vec::with_capacity(touchpoints.len());
+        let mut denied = 0;
         for (i, tp) in touchpoints.iter_mut().enumerate() {
             match bind_source(caller, tp) {
-                Ok(()) => bound.push(i),
-                Err(f) => outcomes[i] = Some(Outcome::Rejected(vec![f])),
+                Ok(()) => match convert::check_timestamp("occurred_at", tp.occurred_at.as_ref()) {
+                    Ok(()) => bound.push(i),
+                    Err(f) => outcomes[i] = Some(Outcome::Rejected(vec![f])),
+                },
+                Err(f) => {
+                    denied += 1;
+                    outcomes[i] = Some(Outcome::Rejected(vec![f]));
+                }
             }
         }
-        if bound.len() < touchpoints.len() {
+        if denied > 0 {
             let e = ServiceError::PermissionDenied(format!(
-                "{} touchpoints claimed a source this credential may not send for",
-                touchpoints.len() - bound.len()
+                "{denied} touchpoints claimed a source this credential may not send for"
             ));
             self.access.denied(caller.clone(), &e).await;
         }

@@ -40,6 +40,17 @@ pub struct Message {
     pub integrations: Attributes,
 }
 
+/// A Segment message from its JSON, or the field of the wrong type:
+/// `field` is its path (`event`, `context.traits.email`; empty for the
+/// message itself).
+pub fn message_from_json(value: Value) -> Result<Message, FieldError> {
+    serde_path_to_error::deserialize::<_, Message>(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        FieldError::new(field, e.into_inner().to_string())
+    })
+}
+
 /// A `/v1/batch` body.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -164,6 +164,28 @@ pub fn zalo_event(body: &Value, source_id: &str) -> Result<Option<RawTouchpoint>
     }))
 }
 
+/// Whether a Zalo event's signed timestamp is within `max_age_secs` of
+/// `now` (either way): the signature covers the timestamp, so a request
+/// captured and sent again later is refused, saying why.
+pub fn zalo_fresh(body: &Value, now: i64, max_age_secs: u64) -> Result<(), String> {
+    let Some(at) = millis(body.get("timestamp")) else {
+        return Err("timestamp: is required (it is signed, and bounds a replay)".into());
+    };
+    let window = i64::try_from(max_age_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let age = now.saturating_sub(at);
+    if age > window || age < -window {
+        return Err(format!(
+            "timestamp: the event is {}s {} now; events more than {max_age_secs}s away are refused \
+             (a replayed request?)",
+            age.unsigned_abs() / 1000,
+            if age > 0 { "before" } else { "after" }
+        ));
+    }
+    Ok(())
+}
+
 /// The messages of a Messenger webhook call (`object: page`), one touchpoint
 /// per message, keyed by the page-scoped id of the sender.
 pub fn messenger_events(body: &Value, source_id: &str) -> Result<Vec<RawTouchpoint>, FieldError> {
@@ -203,8 +225,16 @@ pub fn messenger_events(body: &Value, source_id: &str) -> Result<Vec<RawTouchpoi
             let mid = message.get("mid").map(value_text).unwrap_or_default();
             let text = message.get("text").map(value_text).unwrap_or_default();
             let at = millis(m.get("timestamp"));
+            // The message id makes a redelivery the same event; without
+            // one, the whole message does (two different messages never
+            // collapse into one).
+            let event_id = if mid.is_empty() {
+                stable_id(&["messenger-without-mid", &psid, &m.to_string()])
+            } else {
+                stable_id(&["messenger", &mid, &psid])
+            };
             out.push(RawTouchpoint {
-                event_id: Some(stable_id(&["messenger", &mid, &psid])),
+                event_id: Some(event_id),
                 event_type: Some("Message Received".into()),
                 channel: Some("chat".into()),
                 source_id: Some(source_id.into()),
@@ -263,6 +293,31 @@ mod tests {
             t.event_id, again.event_id,
             "a retried webhook keeps its event id"
         );
+    }
+
+    #[test]
+    fn zalo_events_outside_the_window_are_refused() {
+        let now = 1_700_000_000_000;
+        let at = |t: i64| json!({"event_name": "follow", "timestamp": t.to_string()});
+        assert!(zalo_fresh(&at(now - 60_000), now, 900).is_ok());
+        let old = zalo_fresh(&at(1_577_836_800_000), now, 900).unwrap_err();
+        assert!(old.contains("before now") && old.contains("900s"), "{old}");
+        assert!(zalo_fresh(&at(now + 3_600_000), now, 900).is_err());
+        assert!(zalo_fresh(&json!({"event_name": "follow"}), now, 900).is_err());
+    }
+
+    #[test]
+    fn messenger_messages_without_mid_stay_apart_and_redeliveries_collapse() {
+        let body = json!({"object": "page", "entry": [{"id": "PAGE", "messaging": [
+            {"sender": {"id": "6000001"}, "recipient": {"id": "PAGE"}, "timestamp": 1700000000000i64,
+             "message": {"text": "first"}},
+            {"sender": {"id": "6000001"}, "recipient": {"id": "PAGE"}, "timestamp": 1700000000000i64,
+             "message": {"text": "second"}}]}]});
+        let events = messenger_events(&body, "facebook-page").unwrap();
+        assert_eq!(events.len(), 2);
+        assert_ne!(events[0].event_id, events[1].event_id);
+        let again = messenger_events(&body, "facebook-page").unwrap();
+        assert_eq!(events[0].event_id, again[0].event_id);
     }
 
     #[test]

@@ -505,3 +505,127 @@ async fn events_nested_too_deep_are_refused_everywhere_and_the_deepest_allowed_r
     assert_eq!(serde_json::Value::Object(props), nested(20));
     assert_eq!(replayed(&cdp, &event_id).await, 1);
 }
+
+/// The smaller holes: a batch too long, a body looked at before its key,
+/// a timestamp that is not one, data others can read, reflection for old
+/// clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_smaller_holes_are_closed() {
+    let cdp = CdpProcess::start();
+    let http = reqwest::Client::new();
+    let base = cdp.http_url();
+
+    // /v1/batch takes at most 500 events.
+    let batch: Vec<serde_json::Value> = (0..501)
+        .map(|i| json!({"type": "track", "userId": format!("u{i}"), "event": "X"}))
+        .collect();
+    let resp = http
+        .post(format!("{base}/v1/batch"))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({ "batch": batch }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("at most 500"), "{text}");
+
+    // A wrong key in the header is refused before the body is looked at
+    // (here, not gzip at all).
+    let resp = http
+        .post(format!("{base}/v1/batch"))
+        .basic_auth("not-a-key", Some(""))
+        .header("content-encoding", "gzip")
+        .body(vec![0u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+
+    // A field of the wrong type is named.
+    let resp = http
+        .post(format!("{base}/v1/track"))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({"userId": "u", "event": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("\"event\""), "{text}");
+
+    // Negative nanos are not a Timestamp.
+    let mut ingest = cdp.ingest().await;
+    let mut t = touchpoint(
+        "Product Viewed",
+        "web",
+        "web",
+        vec![id("email", &format!("{}@example.vn", unique("nanos-")))],
+        json!({}),
+    );
+    t.occurred_at = Some(prost_types::Timestamp {
+        seconds: 1_700_000_000,
+        nanos: -5,
+    });
+    let err = ingest
+        .track(TrackRequest {
+            touchpoint: Some(t),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("occurred_at.nanos"),
+        "{}",
+        err.message()
+    );
+
+    // The data directory is private.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut pending = vec![cdp.data_dir().to_path_buf()];
+        let mut files = 0;
+        while let Some(dir) = pending.pop() {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", dir.display());
+            for e in std::fs::read_dir(&dir).unwrap().flatten() {
+                let meta = e.metadata().unwrap();
+                if meta.is_dir() {
+                    pending.push(e.path());
+                } else {
+                    files += 1;
+                    let mode = meta.permissions().mode();
+                    assert_eq!(mode & 0o077, 0, "{} is {mode:o}", e.path().display());
+                }
+            }
+        }
+        assert!(files > 0);
+    }
+
+    // Reflection answers clients that speak only v1alpha.
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::{
+        ServerReflectionRequest, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(cdp.channel().await);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("{answer:?}")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"cdp.v1.IngestService".to_owned()),
+        "{names:?}"
+    );
+}

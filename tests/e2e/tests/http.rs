@@ -439,6 +439,20 @@ async fn zalo_and_messenger_webhooks_land_on_the_right_timeline() {
         )
         .await;
     assert_eq!(s, 401, "a bad Zalo signature must be refused");
+    // A correctly signed event from 2020, sent again today: a replay.
+    let stale_at = "1577836800000";
+    let stale = serde_json::to_vec(
+        &json!({"app_id": "360846524940903967", "event_name": "user_send_text",
+        "timestamp": stale_at, "sender": {"id": zalo_user}, "recipient": {"id": "579745863508352884"},
+        "message": {"msg_id": unique("zmsg"), "text": "old"}}),
+    )
+    .unwrap();
+    let sig = zalo_signature(&stale, "360846524940903967", stale_at);
+    let (s, b) = http
+        .post_raw("/webhooks/zalo", "", stale, &[("x-zevent-signature", &sig)])
+        .await;
+    assert_eq!(s, 401, "a stale Zalo event must be refused: {b}");
+    assert!(b.to_string().contains("refused"), "{b}");
 
     // A Messenger page message, as documented by Meta.
     let fb = serde_json::to_vec(&json!({"object": "page", "entry": [{"id": "106123456789", "time": now,
