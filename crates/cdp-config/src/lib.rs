@@ -363,6 +363,50 @@ pub struct PlatformConfig {
     pub credentials: Vec<CredentialConfig>,
     pub access: AccessConfig,
     pub telemetry: TelemetryConfig,
+    /// What one client, or a crowd of them, may take from a process.
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on every listener (gRPC and HTTP, each) and when to shed load:
+/// overload turns into refusals (`RESOURCE_EXHAUSTED`, HTTP 503 with
+/// `Retry-After`), never into unbounded memory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Open connections per listener; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Requests in progress per listener (streams included); more are
+    /// refused at once.
+    pub max_requests: usize,
+    /// A connection that has sent nothing this long after it opened, or a
+    /// request whose headers are not complete by then, is closed.
+    pub header_timeout_secs: u64,
+    /// A connection on which nothing arrives for this long is closed
+    /// (gRPC connections are pinged well within it).
+    pub idle_timeout_secs: u64,
+    /// A request that has no answer this long gets one (408 / `DEADLINE_EXCEEDED`);
+    /// streams that have started are not cut.
+    pub request_timeout_secs: u64,
+    /// Writes (ingest, webhooks) are refused while the pipeline is more
+    /// than this many touchpoints behind the log.
+    pub shed_lag: u64,
+    /// Everything but health is refused while the process holds more than
+    /// this much memory (MiB); 0: 80% of the machine's or cgroup's memory.
+    pub shed_memory_mib: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_connections: 4096,
+            max_requests: 1024,
+            header_timeout_secs: 10,
+            idle_timeout_secs: 300,
+            request_timeout_secs: 60,
+            shed_lag: 2_000_000,
+            shed_memory_mib: 0,
+        }
+    }
 }
 
 impl Default for PlatformConfig {
@@ -383,6 +427,7 @@ impl Default for PlatformConfig {
             credentials: Vec::new(),
             access: AccessConfig::default(),
             telemetry: TelemetryConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }
@@ -410,6 +455,21 @@ impl PlatformConfig {
     }
 
     fn check(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        for (field, value) in [
+            ("limits.max_connections", l.max_connections as u64),
+            ("limits.max_requests", l.max_requests as u64),
+            ("limits.header_timeout_secs", l.header_timeout_secs),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.request_timeout_secs", l.request_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be above 0".into(),
+                });
+            }
+        }
         if self.log.partitions == 0 || self.log.partitions > 1024 {
             return Err(ConfigError::Invalid {
                 field: "log.partitions",

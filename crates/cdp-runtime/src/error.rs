@@ -33,6 +33,9 @@ pub enum ErrorCode {
     UnsupportedMediaType,
     /// A dependency (log, store) cannot be reached; the caller may retry.
     Unavailable,
+    /// The process sheds load (too many requests, the pipeline too far
+    /// behind, memory too high); retry after a second.
+    Overloaded,
     Cancelled,
     /// A bug or a broken invariant.
     Internal,
@@ -46,7 +49,9 @@ impl ErrorCode {
             ErrorCode::PermissionDenied => Code::PermissionDenied,
             ErrorCode::NotFound => Code::NotFound,
             ErrorCode::FailedPrecondition => Code::FailedPrecondition,
-            ErrorCode::TooLarge | ErrorCode::RateLimited => Code::ResourceExhausted,
+            ErrorCode::TooLarge | ErrorCode::RateLimited | ErrorCode::Overloaded => {
+                Code::ResourceExhausted
+            }
             ErrorCode::Unavailable => Code::Unavailable,
             ErrorCode::Cancelled => Code::Cancelled,
             ErrorCode::Internal => Code::Internal,
@@ -63,7 +68,7 @@ impl ErrorCode {
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable | ErrorCode::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             // What nginx answers for a client that went away.
             ErrorCode::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,6 +89,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "RESOURCE_EXHAUSTED",
             ErrorCode::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Overloaded => "RESOURCE_EXHAUSTED",
             ErrorCode::Cancelled => "CANCELLED",
             ErrorCode::Internal => "INTERNAL",
         }
@@ -117,6 +123,9 @@ pub enum ServiceError {
     /// A dependency (log, store) cannot be reached; the caller may retry.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Load shed: retry after [`RETRY_AFTER_SECS`].
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     #[error("cancelled: {0}")]
     Cancelled(String),
     /// A bug or a broken invariant.
@@ -148,6 +157,7 @@ impl ServiceError {
             ServiceError::RateLimited(_) => ErrorCode::RateLimited,
             ServiceError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ServiceError::Unavailable(_) => ErrorCode::Unavailable,
+            ServiceError::Overloaded(_) => ErrorCode::Overloaded,
             ServiceError::Cancelled(_) => ErrorCode::Cancelled,
             ServiceError::Internal(_) => ErrorCode::Internal,
         }
@@ -172,10 +182,22 @@ impl From<ServiceError> for Status {
                 }
                 Status::with_error_details(code, e.to_string(), details)
             }
+            ServiceError::Overloaded(_) => {
+                let mut status = Status::new(code, e.to_string());
+                // gRFC A6: how long a retrying client should wait.
+                status.metadata_mut().insert(
+                    "grpc-retry-pushback-ms",
+                    tonic::metadata::MetadataValue::from(RETRY_AFTER_SECS * 1000),
+                );
+                status
+            }
             _ => Status::new(code, e.to_string()),
         }
     }
 }
+
+/// How long a client refused for load should wait, in seconds.
+pub const RETRY_AFTER_SECS: u64 = 1;
 
 /// An HTTP answer: the status of the code and a JSON body
 /// `{"success": false, "error": "...", "code": "INVALID_ARGUMENT",
@@ -208,6 +230,11 @@ impl IntoResponse for ServiceError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
             );
+        }
+        if let ServiceError::Overloaded(_) = &self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
         }
         response
     }

@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;

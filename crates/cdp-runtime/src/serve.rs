@@ -76,6 +76,8 @@ pub struct Context {
     pub cancel: CancellationToken,
     /// Credentials, masking, rate limits and the audit writer.
     pub access: Arc<crate::auth::Access>,
+    /// The process's load, read by every listener's guard.
+    pub load: Arc<crate::limits::Load>,
     /// The audit writer, until [`Context::start_access`] runs it.
     audit_writer: std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>,
 }
@@ -93,7 +95,9 @@ impl Context {
                     field: "credentials",
                     reason,
                 })?;
+        let load = crate::limits::Load::new(&config.limits);
         Ok(Context {
+            load,
             config,
             backends,
             rules,
@@ -268,6 +272,7 @@ pub async fn serve(
         ..
     } = parts;
     let bind_error = |addr| move |source| StartError::Bind { addr, source };
+    let limits = &config.limits;
     let mut http_addr = None;
     if let Some(app) = http {
         let listener = tokio::net::TcpListener::bind(config.http.addr)
@@ -278,32 +283,21 @@ pub async fn serve(
                 .local_addr()
                 .map_err(bind_error(config.http.addr))?,
         );
+        // Shed and time out before anything else looks at a request.
+        let app = app.layer(axum::middleware::from_fn_with_state(
+            crate::limits::ShedLayer::new(Arc::clone(&context.load)),
+            crate::limits::shed_http,
+        ));
+        let acceptor = crate::limits::Acceptor::new(listener, limits);
         let cancel = cancel.clone();
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        let header_timeout = Duration::from_secs(limits.header_timeout_secs);
         match &config.http.tls {
             None => {
-                tasks.spawn(async move {
-                    if let Err(error) = axum::serve(listener, app)
-                        .with_graceful_shutdown(cancel.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(%error, "HTTP server failed");
-                    }
-                    tracing::info!("HTTP server stopped");
-                });
+                tasks.spawn(serve_http(acceptor, app, header_timeout, cancel));
             }
             Some(tls) => {
-                use axum::serve::ListenerExt as _;
-                let listener = crate::tls::TlsListener::new(listener, tls)?.tap_io(|_| {});
-                tasks.spawn(async move {
-                    if let Err(error) = axum::serve(listener, app)
-                        .with_graceful_shutdown(cancel.cancelled_owned())
-                        .await
-                    {
-                        tracing::error!(%error, "HTTPS server failed");
-                    }
-                    tracing::info!("HTTPS server stopped");
-                });
+                let listener = crate::tls::TlsListener::new(acceptor, tls)?;
+                tasks.spawn(serve_http(listener, app, header_timeout, cancel));
             }
         }
     }
@@ -313,8 +307,13 @@ pub async fn serve(
     let grpc_addr = listener
         .local_addr()
         .map_err(bind_error(config.server.grpc_addr))?;
-    // Every call is authenticated and authorised before a service sees it.
-    let mut server = tonic::transport::Server::builder();
+    // Every call is shed when the process is overloaded, then
+    // authenticated and authorised, before a service sees it.
+    let mut server = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(limits.request_timeout_secs))
+        .max_concurrent_streams(u32::try_from(limits.max_requests).ok())
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls) = &config.server.tls {
         server = server
             .tls_config(crate::tls::grpc(tls)?)
@@ -324,11 +323,11 @@ pub async fn serve(
             })?;
     }
     let router = server
+        .layer(crate::limits::ShedLayer::new(Arc::clone(&context.load)))
         .layer(crate::auth::AuthLayer::new(Arc::clone(&context.access)))
         .add_routes(grpc.routes());
+    let incoming = crate::limits::Acceptor::new(listener, limits).into_stream();
     tasks.spawn(async move {
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(error) = router
             .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
             .await
@@ -342,6 +341,66 @@ pub async fn serve(
         http_addr,
         tasks,
     })
+}
+
+/// How often idle gRPC connections are pinged (well within
+/// `limits.idle_timeout_secs`, so live ones are never taken for idle).
+const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Serves HTTP on `listener`: HTTP/1 requests whose headers take longer
+/// than `header_timeout` are dropped, and on shutdown open connections get
+/// a few seconds to finish.
+async fn serve_http<L>(
+    mut listener: L,
+    app: axum::Router,
+    header_timeout: Duration,
+    cancel: CancellationToken,
+) where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(KEEPALIVE));
+    loop {
+        let (io, peer) = tokio::select! {
+            _ = cancel.cancelled() => break,
+            c = listener.accept() => c,
+        };
+        let service = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut r: http::Request<hyper::body::Incoming>| {
+                r.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                r
+            },
+        );
+        let connection = builder.serve_connection_with_upgrades(
+            TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(service),
+        );
+        let connection = graceful.watch(connection.into_owned());
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, %peer, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => {
+            tracing::warn!("HTTP connections still open after 10 s; closing them");
+        }
+    }
+    tracing::info!("HTTP server stopped");
 }
 
 /// The command line of every CDP process.
@@ -401,6 +460,13 @@ where
     let mut parts = Parts::new()?;
     context.start_access(&mut parts);
     context.watch_generations(&mut parts);
+    parts.tasks.spawn(Arc::clone(&context.load).monitor(
+        Some((
+            Arc::clone(&context.backends.log),
+            Arc::clone(&context.backends.live),
+        )),
+        cancel.clone(),
+    ));
     install(&context, &mut parts).await?;
     let running = serve(parts, &context, cancel).await?;
     let http = running

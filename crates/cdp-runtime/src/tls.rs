@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cdp_config::TlsConfig;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
@@ -89,12 +89,13 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 /// An HTTPS listener for `axum::serve`: accepts TCP connections and runs
 /// each handshake in its own task, so a slow client holds up nobody.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: mpsc::Receiver<(TlsStream<crate::limits::Guarded<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    pub fn new(listener: TcpListener, tls: &TlsConfig) -> Result<Self, TlsError> {
+    pub fn new(listener: crate::limits::Acceptor, tls: &TlsConfig) -> Result<Self, TlsError> {
+        use axum::serve::Listener as _;
         let acceptor = TlsAcceptor::from(Arc::new(server_config(tls)?));
         let local = listener.local_addr().map_err(|e| TlsError {
             field: "http.addr",
@@ -103,14 +104,8 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(error) => {
-                        tracing::warn!(%error, "HTTPS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
+                // At most limits.max_connections, each guarded.
+                let (tcp, peer) = crate::limits::Acceptor::accept(&listener).await;
                 if tx.is_closed() {
                     break;
                 }
@@ -132,7 +127,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<crate::limits::Guarded<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -629,3 +629,110 @@ async fn the_smaller_holes_are_closed() {
         "{names:?}"
     );
 }
+
+/// Half-open connections are closed within the header timeout, at most
+/// `max_connections` are held at once, and a real client still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_are_closed_and_the_door_stays_open() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config = format!(
+        "{}\n[limits]\nmax_connections = 16\nheader_timeout_secs = 2\n",
+        cdp_e2e::DEFAULT_CONFIG
+    );
+    let cdp = CdpProcess::start_with(&config);
+    let http_addr = cdp.http_url().trim_start_matches("http://").to_owned();
+    let started = tokio::time::Instant::now();
+    let mut open = Vec::new();
+    for i in 0..40 {
+        let mut c = tokio::net::TcpStream::connect(&http_addr).await.unwrap();
+        // Half of them a partial request, half nothing at all.
+        if i % 2 == 0 {
+            c.write_all(b"POST /v1/track HTTP/1.1\r\nHost: x\r\nContent-")
+                .await
+                .unwrap();
+        }
+        open.push(c);
+    }
+    // And a gRPC connection that never says a word.
+    let grpc_addr = cdp.url().trim_start_matches("http://").to_owned();
+    open.push(tokio::net::TcpStream::connect(&grpc_addr).await.unwrap());
+    for mut c in open {
+        let mut buf = [0u8; 256];
+        let closed = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    // A 408 or an error page, then the close.
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "a half-open connection was kept open");
+    }
+    eprintln!(
+        "41 half-open connections closed within {:?}",
+        started.elapsed()
+    );
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/track", cdp.http_url()))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({"userId": unique("u-"), "event": "Product Viewed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+}
+
+/// Over its memory bound a process refuses everything but health, with a
+/// reason and a retry hint, instead of growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_memory_bound_a_process_sheds_load_with_a_retry_hint() {
+    let config = format!(
+        "{}\n[limits]\nshed_memory_mib = 1\n",
+        cdp_e2e::DEFAULT_CONFIG
+    );
+    let cdp = CdpProcess::start_with(&config);
+    // The monitor measures once a second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/track", cdp.http_url()))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({"userId": unique("u-"), "event": "Product Viewed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("limits.shed_memory_mib"), "{text}");
+    let mut profiles = cdp.profiles().await;
+    let err = profiles
+        .get_profile(cdp_proto::v1::GetProfileRequest {
+            lookup: Some(cdp_proto::v1::get_profile_request::Lookup::Identifier(id(
+                "email",
+                "nobody@example.vn",
+            ))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.metadata().get("grpc-retry-pushback-ms").is_some(),
+        "{err:?}"
+    );
+    // Health still answers, for the orchestrator.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(cdp.channel().await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap();
+}
