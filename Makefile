@@ -15,7 +15,7 @@ export CDP_SDK_PYTHON := $(TOOLS_DIR)/venv/bin/python
 export CDP_SDK_NODE_MODULES := $(TOOLS_DIR)/node/node_modules
 export CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: help run build test bench bench-identity fuzz fmt lint tools infra-up infra-down clean
+.PHONY: help run build test bench bench-identity fuzz chaos fmt lint tools infra-up infra-down clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -67,11 +67,11 @@ test: lint tools build ## Build everything, start Kafka and Cassandra (deploy/ha
 	$(CARGO) test --workspace --no-fail-fast -- --include-ignored --skip distributed_only || status=$$?; \
 	if [ $$status = 0 ]; then \
 		echo "== the end-to-end journeys again on the distributed back end (Kafka + Cassandra, one process per service)"; \
-		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --no-fail-fast --test flow --test convergence --test crash --test rebuild --test identity --test replay --test view --test http --test access --test tls -- --include-ignored || status=$$?; \
+		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --no-fail-fast --test flow --test convergence --test crash --test rebuild --test identity --test replay --test view --test http --test access --test tls --test hardening --test chaos -- --include-ignored --skip distributed_only || status=$$?; \
 	fi; \
 	if [ $$status = 0 ]; then \
 		echo "== outages (stops the shared servers, so alone and last)"; \
-		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --test outage -- --include-ignored || status=$$?; \
+		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --test outage --test chaos -- --include-ignored distributed_only || status=$$?; \
 	fi; \
 	exit $$status
 
@@ -88,6 +88,17 @@ BENCH_DISTRIBUTED_CUSTOMERS ?= 10000,100000
 # Load offered during the freshness samples on Kafka + Cassandra (events/s): below what the
 # JVM servers sharing the machine's cores sustain, so freshness measures latency, not a backlog.
 BENCH_DISTRIBUTED_OFFERED ?= 1000
+
+# Kills of `make chaos` per back end, and how long Kafka and Cassandra stay down.
+CHAOS_KILLS ?= 50
+CHAOS_OUTAGE_SECS ?= 30
+
+chaos: build ## SIGKILL random processes CHAOS_KILLS times under load on both back ends, then stop Kafka and Cassandra CHAOS_OUTAGE_SECS each; prints the kills survived.
+	CDP_CHAOS_KILLS=$(CHAOS_KILLS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --skip distributed_only
+	@trap 'deploy/harness/infra.sh down' EXIT; \
+	deploy/harness/infra.sh up || exit 1; \
+	CDP_E2E_BACKEND=distributed CDP_CHAOS_KILLS=$(CHAOS_KILLS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --skip distributed_only && \
+	CDP_E2E_BACKEND=distributed CDP_CHAOS_OUTAGE_SECS=$(CHAOS_OUTAGE_SECS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --include-ignored distributed_only
 
 bench: bench-identity ## Print the figures on both back ends (ingest, freshness, lookups, replay, rebuild, memory, disk, naive baseline); JSON in target/bench/. See docs/benchmarks.md.
 	$(CARGO) build --release --workspace --bins

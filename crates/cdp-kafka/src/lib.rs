@@ -488,6 +488,24 @@ impl EventLog for KafkaLog {
         self.inner.dedupe.is_some()
     }
 
+    fn holds_duplicates(&self) -> bool {
+        true
+    }
+
+    async fn locate_many(
+        &self,
+        topic: Topic,
+        idempotency_keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<(u32, u64)>>, LogError> {
+        self.known(topic)?;
+        match &self.inner.dedupe {
+            Some(index) if !idempotency_keys.is_empty() => {
+                Ok(index.lookup(idempotency_keys).await?)
+            }
+            _ => Ok(vec![None; idempotency_keys.len()]),
+        }
+    }
+
     async fn subscribe(
         &self,
         group: &str,

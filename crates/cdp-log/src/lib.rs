@@ -147,6 +147,28 @@ pub trait EventLog: Send + Sync + 'static {
         idempotency_key: &[u8],
     ) -> Result<Option<(u32, u64)>, LogError>;
 
+    /// [`locate`](Self::locate) for many keys at once.
+    async fn locate_many(
+        &self,
+        topic: Topic,
+        idempotency_keys: &[Vec<u8>],
+    ) -> Result<Vec<Option<(u32, u64)>>, LogError> {
+        let mut out = Vec::with_capacity(idempotency_keys.len());
+        for k in idempotency_keys {
+            out.push(self.locate(topic, k).await?);
+        }
+        Ok(out)
+    }
+
+    /// Whether a retried append can leave a second copy of a keyed record
+    /// in the log (Kafka: the produce and the index write are two steps, and
+    /// a process killed between them leaves the retry unrecognised). Readers
+    /// that must show each record once skip a keyed record that
+    /// [`locate_many`](Self::locate_many) places elsewhere.
+    fn holds_duplicates(&self) -> bool {
+        false
+    }
+
     /// Joins consumer group `group` on `topic`.
     async fn subscribe(
         &self,

@@ -94,10 +94,11 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
             )
         }
     };
-    if config.log.backend == LogBackend::Embedded || config.store.backend == StoreBackend::Embedded
-    {
-        restrict(&config.data_dir);
+    // Embedded data, and the local access secret in every mode.
+    if let Err(error) = std::fs::create_dir_all(&config.data_dir) {
+        tracing::warn!(path = %config.data_dir.display(), %error, "cannot create the data directory");
     }
+    restrict(&config.data_dir);
     tracing::info!(log = ?config.log.backend, store = ?config.store.backend, "back ends open");
     Ok(Backends { log, live })
 }

@@ -24,6 +24,10 @@ pub struct DeadLetters {
     log: Arc<dyn EventLog>,
     ingestor: crate::Ingestor,
     access: Arc<Access>,
+    /// One re-drive at a time in this process, so each reads the marks of
+    /// the one before (across processes the copies' idempotency keys
+    /// decide).
+    redriving: tokio::sync::Mutex<()>,
 }
 
 impl DeadLetters {
@@ -32,6 +36,7 @@ impl DeadLetters {
             log,
             ingestor,
             access,
+            redriving: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -186,6 +191,7 @@ impl DeadLetters {
         all: bool,
         actor: &str,
     ) -> Result<RedriveResponse, ServiceError> {
+        let _one_at_a_time = self.redriving.lock().await;
         let mut records = Vec::new();
         if all {
             for p in 0..self.log.partitions(topic::DEAD_LETTERS) {

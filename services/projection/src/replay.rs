@@ -225,7 +225,14 @@ async fn pump(
                 continue;
             }
             progressed = true;
+            // Copies a killed ingest left behind (Kafka): the index says
+            // where each event's first record is; the others are skipped.
+            let copies = copies_in(log.as_ref(), partition, &records).await?;
             for r in records {
+                if copies.contains(&r.offset) {
+                    positions[p] = positions[p].max(r.offset + 1);
+                    continue;
+                }
                 if r.offset >= ends[p] {
                     positions[p] = ends[p];
                     break;
@@ -284,6 +291,40 @@ async fn pump(
             return Ok(());
         }
     }
+}
+
+/// The offsets of `records` (one partition of `touchpoints`) that repeat an
+/// event whose first record is elsewhere in the log.
+async fn copies_in(
+    log: &dyn EventLog,
+    partition: u32,
+    records: &[LogRecord],
+) -> Result<std::collections::HashSet<u64>, ServiceError> {
+    let mut copies = std::collections::HashSet::new();
+    if !log.holds_duplicates() {
+        return Ok(copies);
+    }
+    let keyed: Vec<(u64, Vec<u8>)> = records
+        .iter()
+        .filter_map(|r| {
+            let id = r.header(cdp_pipeline::header::EVENT_ID)?;
+            let id = uuid::Uuid::parse_str(std::str::from_utf8(id).ok()?).ok()?;
+            Some((r.offset, id.as_bytes().to_vec()))
+        })
+        .collect();
+    let keys: Vec<Vec<u8>> = keyed.iter().map(|(_, k)| k.clone()).collect();
+    let firsts = log
+        .locate_many(topic::TOUCHPOINTS, &keys)
+        .await
+        .map_err(ServiceError::from)?;
+    for ((offset, _), first) in keyed.iter().zip(firsts) {
+        if let Some(first) = first
+            && first != (partition, *offset)
+        {
+            copies.insert(*offset);
+        }
+    }
+    Ok(copies)
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ReplayEvent, Status>> + Send>>;
