@@ -1,6 +1,7 @@
 //! The smoke run of every fuzz target, part of `cargo test`: all seeds,
-//! then about 2 s of mutation per target (`FUZZ_SMOKE_SECONDS`). The long
-//! run is `make fuzz`.
+//! then a fixed number of mutated inputs from a fixed seed
+//! (`FUZZ_SMOKE_EXECS`), so it passes or fails alike on every machine. The
+//! long run, which looks for new defects, is `make fuzz`.
 
 use cdp_fuzz::check::KNOWN;
 use cdp_fuzz::driver::{self, Budget};

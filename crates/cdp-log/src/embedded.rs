@@ -141,6 +141,9 @@ impl EmbeddedLog {
         let db = Arc::new(
             redb::Builder::new()
                 .set_cache_size(cache_bytes)
+                .set_repair_callback(|s| {
+                    tracing::warn!(progress = s.progress(), "repairing the log after a crash");
+                })
                 .create(dir.join("log.redb"))
                 .map_err(storage)?,
         );
@@ -170,7 +173,10 @@ impl EmbeddedLog {
         topics: &[Topic],
         wanted: u32,
     ) -> Result<BTreeMap<Topic, u32>, LogError> {
-        let tx = db.begin_write().map_err(storage)?;
+        let mut tx = db.begin_write().map_err(storage)?;
+        // Saves the allocator state with the commit: after a crash the
+        // file opens at once instead of being scanned whole.
+        tx.set_quick_repair(true);
         let mut out = BTreeMap::new();
         {
             let mut heads = tx.open_table(HEADS).map_err(storage)?;
@@ -266,6 +272,9 @@ fn write_batch(
     batch: &[AppendRequest],
 ) -> Result<Vec<Vec<Appended>>, LogError> {
     let mut tx = db.begin_write().map_err(storage)?;
+    // Saves the allocator state with the commit: after a crash the
+    // file opens at once instead of being scanned whole.
+    tx.set_quick_repair(true);
     tx.set_durability(Durability::Immediate).map_err(storage)?;
     let ts = now_ms();
     let mut results = Vec::with_capacity(batch.len());
@@ -558,6 +567,9 @@ impl Subscription for EmbeddedSubscription {
         self.log
             .blocking(move |db| {
                 let mut tx = db.begin_write().map_err(storage)?;
+                // Saves the allocator state with the commit: after a crash the
+                // file opens at once instead of being scanned whole.
+                tx.set_quick_repair(true);
                 tx.set_durability(Durability::Immediate).map_err(storage)?;
                 {
                     let mut table = tx.open_table(POSITIONS).map_err(storage)?;

@@ -73,7 +73,10 @@ pub struct EmbeddedStore {
 }
 
 fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreError> {
-    let tx = db.begin_write().map_err(storage)?;
+    let mut tx = db.begin_write().map_err(storage)?;
+    // Saves the allocator state with the commit: after a crash the
+    // file opens at once instead of being scanned whole.
+    tx.set_quick_repair(true);
     if graph {
         tx.open_table(CLAIMS).map_err(storage)?;
         tx.open_table(CUSTOMERS).map_err(storage)?;
@@ -109,6 +112,9 @@ impl EmbeddedStore {
         if graph_file.exists() && !views_file.exists() {
             let db = redb::Builder::new()
                 .set_cache_size(cache_bytes)
+                .set_repair_callback(|s| {
+                    tracing::warn!(progress = s.progress(), "repairing the store after a crash");
+                })
                 .create(&graph_file)
                 .map_err(storage)?;
             if holds_views(&db)? {
@@ -125,6 +131,9 @@ impl EmbeddedStore {
         let open = |path: &Path| {
             redb::Builder::new()
                 .set_cache_size(cache_bytes / 2)
+                .set_repair_callback(|s| {
+                    tracing::warn!(progress = s.progress(), "repairing the store after a crash");
+                })
                 .create(path)
                 .map_err(storage)
         };
@@ -273,6 +282,9 @@ impl IdentityStore for EmbeddedStore {
         let rules = rules.clone();
         self.on_graph(move |db| {
             let mut tx = db.begin_write().map_err(storage)?;
+            // Saves the allocator state with the commit: after a crash the
+            // file opens at once instead of being scanned whole.
+            tx.set_quick_repair(true);
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             let mut out = Vec::with_capacity(events.len());
             {
@@ -365,6 +377,9 @@ impl EmbeddedStore {
         let options = options.clone();
         self.on_views(move |db| {
             let mut tx = db.begin_write().map_err(storage)?;
+            // Saves the allocator state with the commit: after a crash the
+            // file opens at once instead of being scanned whole.
+            tx.set_quick_repair(true);
             tx.set_durability(durability).map_err(storage)?;
             let mut applied = Applied::default();
             {
@@ -429,6 +444,9 @@ impl ProfileStore for EmbeddedStore {
         // A durable commit persists every non-durable one before it.
         self.on_views(|db| {
             let mut tx = db.begin_write().map_err(storage)?;
+            // Saves the allocator state with the commit: after a crash the
+            // file opens at once instead of being scanned whole.
+            tx.set_quick_repair(true);
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             tx.commit().map_err(storage)
         })
