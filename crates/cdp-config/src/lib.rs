@@ -375,14 +375,18 @@ pub struct PlatformConfig {
 pub struct LimitsConfig {
     /// Open connections per listener; more wait in the kernel's backlog.
     pub max_connections: usize,
-    /// Requests in progress per listener (streams included); more are
-    /// refused at once.
+    /// Requests waiting for their answer per listener; more are refused at
+    /// once. A stream counts until its response starts; open streams are
+    /// bounded by `max_connections` and HTTP/2's `max_concurrent_streams`
+    /// (set to this value per connection).
     pub max_requests: usize,
     /// A connection that has sent nothing this long after it opened, or a
     /// request whose headers are not complete by then, is closed.
     pub header_timeout_secs: u64,
-    /// A connection on which nothing arrives for this long is closed
-    /// (gRPC connections are pinged well within it).
+    /// A connection on which nothing is sent or received for this long is
+    /// closed (an idle HTTP/1 keep-alive connection sooner, by the header
+    /// timeout). HTTP/2 keep-alive pings count as traffic, so gRPC
+    /// connections are also recycled after 30 minutes.
     pub idle_timeout_secs: u64,
     /// A request that has no answer this long gets one (408 / `DEADLINE_EXCEEDED`);
     /// streams that have started are not cut.

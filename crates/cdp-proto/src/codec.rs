@@ -86,10 +86,16 @@ impl<U: Message + Default> Decoder for GuardedDecoder<U> {
 /// Checks the bytes of a buffered message, then decodes it.
 fn decode_guarded<U: Message + Default>(mut buf: impl bytes::Buf) -> Result<U, Status> {
     let name = message_name::<U>();
-    // tonic buffers the whole message before decoding: one chunk.
-    let bytes = buf.chunk();
-    if bytes.len() == buf.remaining() {
-        Guard::get().check(name, bytes)?;
+    // tonic buffers the whole message before decoding: one chunk. Should
+    // it ever not, the bytes are gathered first rather than left unchecked.
+    if buf.chunk().len() == buf.remaining() {
+        Guard::get().check(name, buf.chunk())?;
+    } else {
+        let whole = buf.copy_to_bytes(buf.remaining());
+        Guard::get().check(name, &whole)?;
+        return U::decode(whole).map_err(|error| {
+            Status::invalid_argument(format!("the message is not a valid cdp.v1.{name}: {error}"))
+        });
     }
     U::decode(&mut buf).map_err(|error| {
         Status::invalid_argument(format!("the message is not a valid cdp.v1.{name}: {error}"))
@@ -170,8 +176,9 @@ impl From<Refused> for Status {
 
 struct Walk {
     estimate: usize,
-    /// Elements per field path, to name the culprit.
-    elements: HashMap<String, usize>,
+    /// Elements per field path, to name the culprit (the path is built
+    /// once per field, not per element).
+    elements: HashMap<(usize, u32), (String, usize)>,
 }
 
 impl Guard {
@@ -293,16 +300,17 @@ impl Guard {
             estimate: self.shapes[root].size,
             elements: HashMap::new(),
         };
-        self.walk(bytes, root, 0, "", &mut walk, bound)
+        self.walk(bytes, root, 0, &mut Vec::new(), &mut walk, bound)
             .map_err(|reason| Refused::Malformed {
                 message: message.to_owned(),
                 reason,
             })?;
         if walk.estimate > bound {
+            // The most elements; between equals, the first name.
             let (field, elements) = walk
                 .elements
-                .into_iter()
-                .max_by_key(|(_, n)| *n)
+                .into_values()
+                .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.cmp(&a.0)))
                 .unwrap_or_default();
             return Err(Refused::Amplified {
                 message: message.to_owned(),
@@ -318,12 +326,12 @@ impl Guard {
 
     /// Adds what `bytes`, a message of shape `shape`, cost. Stops early (with
     /// the estimate over the bound) rather than walking a huge message whole.
-    fn walk(
-        &self,
+    fn walk<'s>(
+        &'s self,
         mut bytes: &[u8],
         shape: usize,
         depth: usize,
-        path: &str,
+        path: &mut Vec<&'s str>,
         walk: &mut Walk,
         bound: usize,
     ) -> Result<(), String> {
@@ -337,14 +345,18 @@ impl Guard {
             let tag = varint(&mut bytes).ok_or("a field tag is truncated")?;
             let number = u32::try_from(tag >> 3).map_err(|_| "a field number is out of range")?;
             let field = self.shapes[shape].fields.get(&number);
-            let counted = |walk: &mut Walk, name: &str| {
-                let key = if path.is_empty() {
-                    name.to_owned()
-                } else {
-                    format!("{path}.{name}")
+            let counted =
+                |walk: &mut Walk, name: &str| match walk.elements.get_mut(&(shape, number)) {
+                    Some((_, n)) => *n += 1,
+                    None => {
+                        let mut key = path.join(".");
+                        if !key.is_empty() {
+                            key.push('.');
+                        }
+                        key.push_str(name);
+                        walk.elements.insert((shape, number), (key, 1));
+                    }
                 };
-                *walk.elements.entry(key).or_default() += 1;
-            };
             match tag & 7 {
                 0 => {
                     varint(&mut bytes).ok_or("a varint is truncated")?;
@@ -393,12 +405,10 @@ impl Guard {
                                     if f.repeated {
                                         walk.estimate += self.shapes[m].size;
                                     }
-                                    let inner_path = if path.is_empty() {
-                                        f.name.clone()
-                                    } else {
-                                        format!("{path}.{}", f.name)
-                                    };
-                                    self.walk(inner, m, depth + 1, &inner_path, walk, bound)?;
+                                    path.push(&f.name);
+                                    let walked = self.walk(inner, m, depth + 1, path, walk, bound);
+                                    path.pop();
+                                    walked?;
                                 }
                             }
                         }
@@ -493,7 +503,8 @@ mod tests {
             estimate: g.shapes[root].size,
             elements: HashMap::new(),
         };
-        g.walk(bytes, root, 0, "", &mut walk, usize::MAX).unwrap();
+        g.walk(bytes, root, 0, &mut Vec::new(), &mut walk, usize::MAX)
+            .unwrap();
         walk.estimate
     }
 

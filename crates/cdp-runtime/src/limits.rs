@@ -103,7 +103,20 @@ impl Load {
             }
             if let Some((log, live)) = &log {
                 let group = cdp_pipeline::group::identity(live.current().generation);
-                match cdp_log::lag(log.as_ref(), &group, cdp_pipeline::topic::TOUCHPOINTS).await {
+                // Bounded, and given up on shutdown: with Kafka down the
+                // offsets take long, and memory must still be measured.
+                let measured = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    m = tokio::time::timeout(
+                        Duration::from_secs(2),
+                        cdp_log::lag(log.as_ref(), &group, cdp_pipeline::topic::TOUCHPOINTS),
+                    ) => m,
+                };
+                match measured.unwrap_or_else(|_| {
+                    Err(cdp_log::LogError::Unavailable(
+                        "the lag took over 2 s".into(),
+                    ))
+                }) {
                     Ok(lag) => {
                         self.lag.store(lag, Ordering::Relaxed);
                         let behind = lag > self.limits.shed_lag;
@@ -123,11 +136,18 @@ impl Load {
     }
 }
 
-/// The process's resident memory, from `/proc/self/statm`.
+/// The process's resident memory (`VmRSS` of `/proc/self/status`).
 fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// The memory this process may use: the cgroup's limit, else the machine's.
@@ -156,7 +176,7 @@ pub fn is_write(path: &str) -> bool {
 
 /// Whether a request path is exempt from shedding (health checks).
 pub fn is_health(path: &str) -> bool {
-    path.starts_with("/grpc.health.") || path == "/health"
+    path.starts_with("/grpc.health.") || path == "/healthz"
 }
 
 /// A connection that holds its listener's permit and is closed when it
@@ -217,13 +237,31 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Guarded<IO> {
     }
 }
 
+impl<IO> Guarded<IO> {
+    /// Something went out: a response streaming to a client that sends
+    /// nothing (server-sent events) is not idle. What the server writes
+    /// before the client said anything (HTTP/2 settings, a TLS hello) does
+    /// not keep a silent connection open.
+    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
+        if !self.first
+            && let Poll::Ready(Ok(n)) = written
+            && *n > 0
+        {
+            let next = Instant::now() + self.idle;
+            self.deadline.as_mut().reset(next);
+        }
+    }
+}
+
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut TaskContext<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.wrote(&written);
+        written
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
@@ -239,7 +277,9 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Guarded<IO> {
         cx: &mut TaskContext<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.wrote(&written);
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -424,16 +464,13 @@ pub async fn shed_http(
     let timeout = Duration::from_secs(layer.load.limits().request_timeout_secs);
     let response = match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(r) => r,
-        Err(_) => (
-            http::StatusCode::REQUEST_TIMEOUT,
-            axum::Json(serde_json::json!({
-                "success": false,
-                "error": format!("no answer within {}s (limits.request_timeout_secs)", timeout.as_secs()),
-                "code": "DEADLINE_EXCEEDED",
-                "violations": [],
-            })),
-        )
-            .into_response(),
+        // 503 with Retry-After: Segment's clients retry it (the ids make
+        // the retry safe); a 408 they would drop.
+        Err(_) => ServiceError::Overloaded(format!(
+            "no answer within {}s (limits.request_timeout_secs)",
+            timeout.as_secs()
+        ))
+        .into_response(),
     };
     drop(permit);
     response
@@ -509,5 +546,31 @@ mod tests {
         assert!(err.to_string().contains("idle"), "{err}");
         drop(guarded);
         assert_eq!(permits.available_permits(), 2, "the permit comes back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_streaming_to_a_silent_client_is_not_idle() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let permits = Arc::new(Semaphore::new(1));
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let mut guarded = Guarded::new(
+            server,
+            Arc::clone(&permits).acquire_owned().await.unwrap(),
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        );
+        let mut client = client;
+        client.write_all(b"GET /events").await.unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 11);
+        // The server keeps writing (server-sent events) every 40 s, the
+        // client says nothing: 4 minutes later the connection still stands.
+        for _ in 0..6 {
+            tokio::time::advance(Duration::from_secs(40)).await;
+            guarded.write_all(b": keep-alive\n").await.unwrap();
+            let pending =
+                tokio::time::timeout(Duration::from_millis(1), guarded.read(&mut buf)).await;
+            assert!(pending.is_err(), "the read must still wait, not time out");
+        }
     }
 }

@@ -313,7 +313,10 @@ pub async fn serve(
         .timeout(Duration::from_secs(limits.request_timeout_secs))
         .max_concurrent_streams(u32::try_from(limits.max_requests).ok())
         .http2_keepalive_interval(Some(KEEPALIVE))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Keep-alive pings keep an idle HTTP/2 connection "active", so
+        // connections are recycled after a while (clients reconnect).
+        .max_connection_age(MAX_CONNECTION_AGE);
     if let Some(tls) = &config.server.tls {
         server = server
             .tls_config(crate::tls::grpc(tls)?)
@@ -346,6 +349,10 @@ pub async fn serve(
 /// How often idle gRPC connections are pinged (well within
 /// `limits.idle_timeout_secs`, so live ones are never taken for idle).
 const KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// How long a gRPC connection lives before the server asks the client to
+/// reconnect (GOAWAY; calls in progress finish).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
 
 /// Serves HTTP on `listener`: HTTP/1 requests whose headers take longer
 /// than `header_timeout` are dropped, and on shutdown open connections get

@@ -36,7 +36,10 @@ pub fn grpc(tls: &TlsConfig) -> Result<tonic::transport::ServerTlsConfig, TlsErr
         read("server.tls.cert", &tls.cert)?,
         read("server.tls.key", &tls.key)?,
     );
-    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    // A handshake trickled byte by byte must not hold a connection long.
+    let mut config = tonic::transport::ServerTlsConfig::new()
+        .identity(identity)
+        .timeout(HANDSHAKE);
     if let Some(ca) = &tls.client_ca {
         config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(
             "server.tls.client_ca",
@@ -104,8 +107,12 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         tokio::spawn(async move {
             loop {
-                // At most limits.max_connections, each guarded.
-                let (tcp, peer) = crate::limits::Acceptor::accept(&listener).await;
+                // At most limits.max_connections, each guarded; stops when
+                // the server does.
+                let (tcp, peer) = tokio::select! {
+                    _ = tx.closed() => break,
+                    c = crate::limits::Acceptor::accept(&listener) => c,
+                };
                 if tx.is_closed() {
                     break;
                 }

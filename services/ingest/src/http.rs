@@ -151,24 +151,7 @@ impl HttpState {
     /// The source whose write key is in the basic-auth user name (or, as
     /// Segment allows, in the body's `writeKey`).
     fn source(&self, headers: &HeaderMap, body_key: Option<&str>) -> Result<&Source, HttpError> {
-        let from_header = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Basic ")
-                    .or_else(|| v.strip_prefix("basic "))
-            })
-            .and_then(|b64| {
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .ok()
-            })
-            .and_then(|raw| String::from_utf8(raw).ok())
-            .map(|user_pass| {
-                user_pass
-                    .split_once(':')
-                    .map_or(user_pass.clone(), |(u, _)| u.to_owned())
-            });
+        let from_header = basic_key(headers);
         let key = from_header
             .or_else(|| body_key.map(str::to_owned))
             .ok_or_else(|| {
@@ -187,7 +170,31 @@ impl HttpState {
         }
         found.ok_or_else(|| unauthenticated("unknown write key"))
     }
+}
 
+/// The write key of a basic `Authorization` header (its user name).
+fn basic_key(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Basic ")
+                .or_else(|| v.strip_prefix("basic "))
+        })
+        .and_then(|b64| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .ok()
+        })
+        .and_then(|raw| String::from_utf8(raw).ok())
+        .map(|user_pass| {
+            user_pass
+                .split_once(':')
+                .map_or(user_pass.clone(), |(u, _)| u.to_owned())
+        })
+}
+
+impl HttpState {
     /// Maps, checks and validates every message; all or nothing.
     fn prepare(
         &self,
@@ -369,7 +376,7 @@ async fn single(
         return Err(ServiceError::NotFound(format!("no endpoint /v1/{call}")));
     }
     // A key in the header is checked before the body is decompressed or parsed.
-    if headers.contains_key(header::AUTHORIZATION) {
+    if basic_key(&headers).is_some() {
         state.source(&headers, None)?;
     }
     let bytes = body_bytes(&headers, &body, state.max_event_bytes, "the event")?;
@@ -389,7 +396,7 @@ async fn batch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, HttpError> {
-    if headers.contains_key(header::AUTHORIZATION) {
+    if basic_key(&headers).is_some() {
         state.source(&headers, None)?;
     }
     let bytes = body_bytes(&headers, &body, state.max_batch_bytes, "the batch")?;

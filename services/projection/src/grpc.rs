@@ -73,44 +73,46 @@ impl ProjectionGrpc {
         Ok(())
     }
 
-    /// FAILED_PRECONDITION when `generation` was retired by a switch less
-    /// than the grace period ago (the switch this process made, or, after a
-    /// restart, the creation of the active generation as the earliest the
-    /// switch can have been).
+    /// FAILED_PRECONDITION when `generation` may be the one a switch
+    /// retired less than the grace period ago: the one this process's last
+    /// switch retired, within the period; or, when this process did not see
+    /// a switch (it restarted), any generation older than the active one,
+    /// since the registry does not say when the switch was.
     async fn refuse_in_grace(&self, generation: u32) -> Result<(), ServiceError> {
-        let generations = self.rebuilder.generations();
-        let list = generations.list().await.map_err(store_status)?;
-        let Some(active) = list.iter().find(|g| g.active) else {
-            return Ok(());
-        };
-        // The generation the switch retired: the newest one older than the active.
-        let retired = list.iter().filter(|g| g.id < active.id).map(|g| g.id).max();
-        if retired != Some(generation) {
-            return Ok(());
-        }
         let grace = self.guards.drop_grace;
-        let since_switch = self
-            .last_switch
-            .lock()
-            .ok()
-            .and_then(|s| *s)
-            .filter(|(_, r)| *r == generation)
-            .map(|(at, _)| at.elapsed());
-        let since_created = std::time::Duration::from_millis(
-            u64::try_from(cdp_runtime::now_ms().saturating_sub(active.created_at)).unwrap_or(0),
-        );
-        let elapsed = since_switch.unwrap_or(since_created);
-        if elapsed < grace {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "generation {generation} was retired by the switch to {} {}s ago; it is kept for \
-                 pipeline.drop_grace_secs = {}s so the switch can be undone by a rebuild from it \
-                 or looked into: drop it later, or set force",
-                active.id,
-                elapsed.as_secs(),
-                grace.as_secs()
-            )));
+        let seen = self.last_switch.lock().ok().and_then(|s| *s);
+        match seen {
+            Some((at, retired)) => {
+                if retired == generation && at.elapsed() < grace {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "generation {generation} was retired by a switch {}s ago; it is kept for \
+                         pipeline.drop_grace_secs = {}s so the switch can be looked into or undone \
+                         by a rebuild from it: drop it later, or set force",
+                        at.elapsed().as_secs(),
+                        grace.as_secs()
+                    )));
+                }
+                Ok(())
+            }
+            None => {
+                let active = self
+                    .rebuilder
+                    .generations()
+                    .active()
+                    .await
+                    .map_err(store_status)?;
+                if generation < active {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "generation {generation} is older than the active generation {active}, and \
+                         this process has not seen when the switch was (it is kept \
+                         pipeline.drop_grace_secs = {}s after a switch): set force if the switch \
+                         is older than that",
+                        grace.as_secs()
+                    )));
+                }
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Audits an operator's change before it is made.

@@ -227,20 +227,18 @@ async fn pump(
             progressed = true;
             // Copies a killed ingest left behind (Kafka): the index says
             // where each event's first record is; the others are skipped.
-            let copies = copies_in(log.as_ref(), partition, &records).await?;
-            for r in records {
-                if copies.contains(&r.offset) {
-                    positions[p] = positions[p].max(r.offset + 1);
-                    continue;
-                }
-                if r.offset >= ends[p] {
-                    positions[p] = ends[p];
-                    break;
-                }
+            let end = ends[p];
+            let within: Vec<LogRecord> = records.into_iter().filter(|r| r.offset < end).collect();
+            let copies = copies_in(log.as_ref(), partition, &within).await?;
+            if within.is_empty() {
+                positions[p] = end;
+            }
+            for r in within {
                 scanned += r.offset + 1 - positions[p].min(r.offset + 1);
                 positions[p] = r.offset + 1;
-                // A re-driven copy: the event was shown at its first position.
-                if emit::is_redrive(&r) {
+                // A copy a killed ingest left, or a re-driven one: the event
+                // was shown at its first position.
+                if copies.contains(&r.offset) || emit::is_redrive(&r) {
                     continue;
                 }
                 let mut t = match emit::read_touchpoint(&r) {

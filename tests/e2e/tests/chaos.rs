@@ -136,6 +136,7 @@ async fn every_acknowledged_event_survives_random_kills_exactly_once() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(7, |d| d.as_nanos() as u64)
         });
+    eprintln!("chaos seed {seed} (CDP_CHAOS_SEED={seed} runs it again)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let victims: &[&str] = match cdp.backend {
         Backend::Embedded => &["cdp"],
