@@ -26,6 +26,15 @@ const SEEN: TableDefinition<(&str, &[u8]), (u32, u64)> = TableDefinition::new("s
 /// (group, topic, partition) -> next offset to process.
 const POSITIONS: TableDefinition<(&str, &str, u32), u64> = TableDefinition::new("positions");
 
+/// A write transaction that saves the allocator state with its commit
+/// (redb's quick repair): after a crash the file opens at once instead of
+/// being scanned whole.
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction, LogError> {
+    let mut tx = db.begin_write().map_err(storage)?;
+    tx.set_quick_repair(true);
+    Ok(tx)
+}
+
 fn storage<E: std::fmt::Display>(e: E) -> LogError {
     LogError::Storage(e.to_string())
 }
@@ -173,10 +182,7 @@ impl EmbeddedLog {
         topics: &[Topic],
         wanted: u32,
     ) -> Result<BTreeMap<Topic, u32>, LogError> {
-        let mut tx = db.begin_write().map_err(storage)?;
-        // Saves the allocator state with the commit: after a crash the
-        // file opens at once instead of being scanned whole.
-        tx.set_quick_repair(true);
+        let tx = begin_write(db)?;
         let mut out = BTreeMap::new();
         {
             let mut heads = tx.open_table(HEADS).map_err(storage)?;
@@ -271,10 +277,7 @@ fn write_batch(
     partitions: &BTreeMap<Topic, u32>,
     batch: &[AppendRequest],
 ) -> Result<Vec<Vec<Appended>>, LogError> {
-    let mut tx = db.begin_write().map_err(storage)?;
-    // Saves the allocator state with the commit: after a crash the
-    // file opens at once instead of being scanned whole.
-    tx.set_quick_repair(true);
+    let mut tx = begin_write(db)?;
     tx.set_durability(Durability::Immediate).map_err(storage)?;
     let ts = now_ms();
     let mut results = Vec::with_capacity(batch.len());
@@ -566,10 +569,7 @@ impl Subscription for EmbeddedSubscription {
         let positions = positions.to_vec();
         self.log
             .blocking(move |db| {
-                let mut tx = db.begin_write().map_err(storage)?;
-                // Saves the allocator state with the commit: after a crash the
-                // file opens at once instead of being scanned whole.
-                tx.set_quick_repair(true);
+                let mut tx = begin_write(db)?;
                 tx.set_durability(Durability::Immediate).map_err(storage)?;
                 {
                     let mut table = tx.open_table(POSITIONS).map_err(storage)?;

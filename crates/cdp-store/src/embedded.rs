@@ -37,6 +37,15 @@ const SEARCH: TableDefinition<(&str, u128), ()> = TableDefinition::new("search")
 /// (customer id, occurred_at, event id) -> TimelineEntry (JSON).
 const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new("timeline");
 
+/// A write transaction that saves the allocator state with its commit
+/// (redb's quick repair): after a crash the file opens at once instead of
+/// being scanned whole.
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
+    let mut tx = db.begin_write().map_err(storage)?;
+    tx.set_quick_repair(true);
+    Ok(tx)
+}
+
 fn storage<E: std::fmt::Display>(e: E) -> StoreError {
     StoreError::Storage(e.to_string())
 }
@@ -73,10 +82,7 @@ pub struct EmbeddedStore {
 }
 
 fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreError> {
-    let mut tx = db.begin_write().map_err(storage)?;
-    // Saves the allocator state with the commit: after a crash the
-    // file opens at once instead of being scanned whole.
-    tx.set_quick_repair(true);
+    let tx = begin_write(db)?;
     if graph {
         tx.open_table(CLAIMS).map_err(storage)?;
         tx.open_table(CUSTOMERS).map_err(storage)?;
@@ -281,10 +287,7 @@ impl IdentityStore for EmbeddedStore {
         let events = events.to_vec();
         let rules = rules.clone();
         self.on_graph(move |db| {
-            let mut tx = db.begin_write().map_err(storage)?;
-            // Saves the allocator state with the commit: after a crash the
-            // file opens at once instead of being scanned whole.
-            tx.set_quick_repair(true);
+            let mut tx = begin_write(db)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             let mut out = Vec::with_capacity(events.len());
             {
@@ -376,10 +379,7 @@ impl EmbeddedStore {
         let batch = batch.to_vec();
         let options = options.clone();
         self.on_views(move |db| {
-            let mut tx = db.begin_write().map_err(storage)?;
-            // Saves the allocator state with the commit: after a crash the
-            // file opens at once instead of being scanned whole.
-            tx.set_quick_repair(true);
+            let mut tx = begin_write(db)?;
             tx.set_durability(durability).map_err(storage)?;
             let mut applied = Applied::default();
             {
@@ -443,10 +443,7 @@ impl ProfileStore for EmbeddedStore {
     async fn sync(&self) -> Result<(), StoreError> {
         // A durable commit persists every non-durable one before it.
         self.on_views(|db| {
-            let mut tx = db.begin_write().map_err(storage)?;
-            // Saves the allocator state with the commit: after a crash the
-            // file opens at once instead of being scanned whole.
-            tx.set_quick_repair(true);
+            let mut tx = begin_write(db)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             tx.commit().map_err(storage)
         })

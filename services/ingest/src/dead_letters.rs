@@ -154,32 +154,39 @@ impl DeadLetters {
     /// Every dead letter re-driven so far: its position and when.
     async fn redriven(&self) -> Result<HashMap<(u32, u64), i64>, ServiceError> {
         let mut done = HashMap::new();
-        for p in 0..self.log.partitions(topic::REDRIVES) {
+        for r in self.read_topic(topic::REDRIVES).await? {
+            match record::decode_redrive(&r.value) {
+                Ok(m) => {
+                    done.insert((m.dead_letter_partition, m.dead_letter_offset), m.at_ms);
+                }
+                Err(error) => tracing::warn!(
+                    partition = r.partition,
+                    offset = r.offset,
+                    %error,
+                    "undecodable redrives record skipped"
+                ),
+            }
+        }
+        Ok(done)
+    }
+
+    /// Every record of `topic`, partition by partition.
+    async fn read_topic(&self, topic: cdp_log::Topic) -> Result<Vec<LogRecord>, ServiceError> {
+        let mut records = Vec::new();
+        for p in 0..self.log.partitions(topic) {
             let mut from = 0;
             loop {
                 let batch = self
                     .log
-                    .read(topic::REDRIVES, p, from, 1000)
+                    .read(topic, p, from, 1000)
                     .await
                     .map_err(ServiceError::from)?;
                 let Some(last) = batch.last() else { break };
                 from = last.offset + 1;
-                for r in &batch {
-                    match record::decode_redrive(&r.value) {
-                        Ok(m) => {
-                            done.insert((m.dead_letter_partition, m.dead_letter_offset), m.at_ms);
-                        }
-                        Err(error) => tracing::warn!(
-                            partition = p,
-                            offset = r.offset,
-                            %error,
-                            "undecodable redrives record skipped"
-                        ),
-                    }
-                }
+                records.extend(batch);
             }
         }
-        Ok(done)
+        Ok(records)
     }
 
     /// Appends the dead-lettered touchpoints to the touchpoints topic again,
@@ -194,19 +201,7 @@ impl DeadLetters {
         let _one_at_a_time = self.redriving.lock().await;
         let mut records = Vec::new();
         if all {
-            for p in 0..self.log.partitions(topic::DEAD_LETTERS) {
-                let mut from = 0;
-                loop {
-                    let batch = self
-                        .log
-                        .read(topic::DEAD_LETTERS, p, from, 1000)
-                        .await
-                        .map_err(ServiceError::from)?;
-                    let Some(last) = batch.last() else { break };
-                    from = last.offset + 1;
-                    records.extend(batch);
-                }
-            }
+            records = self.read_topic(topic::DEAD_LETTERS).await?;
         } else {
             if refs.is_empty() {
                 return Err(ServiceError::invalid(

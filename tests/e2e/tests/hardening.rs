@@ -56,6 +56,21 @@ async fn letters_of(
     }
 }
 
+/// `n` product views on the web, each of its own shopper (`<prefix>-<i>@example.vn`).
+fn views(prefix: &str, n: usize) -> Vec<cdp_proto::v1::Touchpoint> {
+    (0..n)
+        .map(|i| {
+            touchpoint(
+                "Product Viewed",
+                "web",
+                "web",
+                vec![id("email", &format!("{prefix}-{i}@example.vn"))],
+                json!({"product_id": "A"}),
+            )
+        })
+        .collect()
+}
+
 async fn replayed(cdp: &CdpProcess, event_id: &str) -> usize {
     let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
     let mut stream = replay
@@ -226,17 +241,7 @@ async fn an_incomplete_generation_is_not_activated_without_force() {
     let cdp = CdpProcess::start();
     let mut ingest = cdp.ingest().await;
     for b in 0..8 {
-        let touchpoints = (0..500)
-            .map(|i| {
-                touchpoint(
-                    "Product Viewed",
-                    "web",
-                    "web",
-                    vec![id("email", &format!("shopper{b}-{i}@example.vn"))],
-                    json!({"product_id": "A"}),
-                )
-            })
-            .collect();
+        let touchpoints = views(&format!("shopper{b}"), 500);
         let r = ingest
             .track_batch(TrackBatchRequest { touchpoints })
             .await
@@ -276,17 +281,7 @@ async fn an_incomplete_generation_is_not_activated_without_force() {
     }
     // Whatever the rebuild read before it stopped, 1,500 more arrive after.
     for b in 0..3 {
-        let touchpoints = (0..500)
-            .map(|i| {
-                touchpoint(
-                    "Product Viewed",
-                    "web",
-                    "web",
-                    vec![id("email", &format!("late{b}-{i}@example.vn"))],
-                    json!({"product_id": "B"}),
-                )
-            })
-            .collect();
+        let touchpoints = views(&format!("late{b}"), 500);
         ingest
             .track_batch(TrackBatchRequest { touchpoints })
             .await
