@@ -489,7 +489,13 @@ async fn replay(cdp: &CdpProcess) -> anyhow::Result<Value> {
     let mut client = ReplayServiceClient::new(cdp.projection_channel().await)
         .max_decoding_message_size(16 << 20);
     let started = Instant::now();
-    let mut stream = client.replay(ReplayRequest::default()).await?.into_inner();
+    let mut stream = client
+        .replay(ReplayRequest {
+            purpose: "service".into(),
+            ..ReplayRequest::default()
+        })
+        .await?
+        .into_inner();
     let mut n = 0u64;
     while stream.message().await?.is_some() {
         n += 1;

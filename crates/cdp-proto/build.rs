@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "replay",
         "projection",
         "access",
+        "privacy",
     ]
     .iter()
     .map(|name| root.join(format!("cdp/v1/{name}.proto")))

@@ -40,16 +40,20 @@ pub enum Role {
     Operator,
     /// Everything, including credentials and the whole audit.
     Admin,
+    /// The data protection officer: records consent, answers access
+    /// requests (exports) and reads the audit.
+    Privacy,
 }
 
 impl Role {
-    pub const ALL: [Role; 6] = [
+    pub const ALL: [Role; 7] = [
         Role::Ingest,
         Role::Agent,
         Role::Supervisor,
         Role::Analyst,
         Role::Operator,
         Role::Admin,
+        Role::Privacy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +64,7 @@ impl Role {
             Role::Analyst => "analyst",
             Role::Operator => "operator",
             Role::Admin => "admin",
+            Role::Privacy => "privacy",
         }
     }
 
@@ -71,10 +76,16 @@ impl Role {
         match self {
             // Reflection lists the API (public in `proto/` anyway), no data.
             Role::Ingest => matches!(p, P::Ingest | P::Reflect),
-            Role::Agent => matches!(p, P::ReadProfiles | P::Reflect),
-            Role::Supervisor => {
-                matches!(p, P::ReadProfiles | P::Reveal | P::ReadAudit | P::Reflect)
-            }
+            // Agents take consent given on the phone or at the counter.
+            Role::Agent => matches!(p, P::ReadProfiles | P::RecordConsent | P::Reflect),
+            Role::Supervisor => matches!(
+                p,
+                P::ReadProfiles | P::RecordConsent | P::Reveal | P::ReadAudit | P::Reflect
+            ),
+            Role::Privacy => matches!(
+                p,
+                P::ReadProfiles | P::RecordConsent | P::Privacy | P::ReadAudit | P::Reflect
+            ),
             Role::Analyst => matches!(p, P::Replay | P::Reflect),
             Role::Operator => matches!(p, P::Operate | P::Reflect),
             Role::Admin => !matches!(p, P::Ingest),
@@ -85,7 +96,9 @@ impl Role {
     /// says otherwise.
     pub fn default_disclosure(self) -> Disclosure {
         match self {
-            Role::Agent | Role::Supervisor | Role::Admin | Role::Ingest => Disclosure::Masked,
+            Role::Agent | Role::Supervisor | Role::Admin | Role::Ingest | Role::Privacy => {
+                Disclosure::Masked
+            }
             Role::Analyst | Role::Operator => Disclosure::Pseudonymised,
         }
     }
@@ -125,6 +138,11 @@ pub enum Permission {
     ManageCredentials,
     /// gRPC server reflection (lists the API, no data).
     Reflect,
+    /// Records a customer's consent (`PrivacyService/RecordConsent`).
+    RecordConsent,
+    /// Answers a customer's requests about their data: a full, unmasked
+    /// export (and erasure).
+    Privacy,
 }
 
 impl Permission {
@@ -137,6 +155,7 @@ impl Permission {
                 | Permission::Reveal
                 | Permission::Replay
                 | Permission::ReadAudit
+                | Permission::Privacy
         )
     }
 }
@@ -175,6 +194,9 @@ pub fn permission_of(path: &str) -> Option<Permission> {
             "ExportAudit" | "IssueCredential" | "ListCredentials" | "RevokeCredential",
         ) => P::ManageCredentials,
         ("cdp.v1.AccessService", "WhoAmI") => return Some(P::Reflect),
+        ("cdp.v1.PrivacyService", "GetConsent" | "CheckConsent") => P::ReadProfiles,
+        ("cdp.v1.PrivacyService", "RecordConsent") => P::RecordConsent,
+        ("cdp.v1.PrivacyService", "Export") => P::Privacy,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
         _ => return None,
@@ -214,6 +236,10 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.AccessService/ListCredentials",
     "/cdp.v1.AccessService/RevokeCredential",
     "/cdp.v1.AccessService/WhoAmI",
+    "/cdp.v1.PrivacyService/RecordConsent",
+    "/cdp.v1.PrivacyService/GetConsent",
+    "/cdp.v1.PrivacyService/CheckConsent",
+    "/cdp.v1.PrivacyService/Export",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

@@ -177,8 +177,9 @@ pub struct Profile {
     pub points_earned: i64,
     pub points_redeemed: i64,
     pub feedback: Option<Sourced<(i64, String)>>,
-    /// Consent by `purpose` or `purpose:channel`.
-    pub consent: BTreeMap<String, Sourced<bool>>,
+    /// Consent by `purpose` or `purpose:channel` (see [`crate::consent`]):
+    /// the latest statement, with its notice version and evidence.
+    pub consent: BTreeMap<String, Sourced<crate::consent::Grant>>,
     /// Count of events per type, for the journey stage.
     pub event_types: BTreeMap<String, u64>,
     /// Per source id: when the customer was last seen there (access scopes
@@ -363,18 +364,19 @@ impl Profile {
                     lww(&mut self.feedback, &Sourced::of((r, comment), t));
                 }
             }
-            EventType::ConsentUpdated => {
-                if let (Some(purpose), Ok(Some(granted))) =
-                    (props::text(p, "purpose"), props::boolean(p, "granted"))
-                {
-                    let key = match props::text(p, "channel") {
-                        Some(c) => format!("{purpose}:{c}"),
-                        None => purpose,
-                    };
-                    lww_map(&mut self.consent, &key, &Sourced::of(granted, t));
-                }
-            }
             _ => {}
+        }
+        // Any event may carry consent (the Segment `context.consent` shape);
+        // validation refused what cannot be read, and older records with an
+        // unreadable statement are left as they were.
+        if let Ok(changes) = crate::consent::changes(t) {
+            for c in changes {
+                let grant = crate::consent::Grant {
+                    granted: c.granted,
+                    notice_version: c.notice_version.clone(),
+                };
+                lww_map(&mut self.consent, &c.key(), &Sourced::of(grant, t));
+            }
         }
         true
     }
@@ -604,8 +606,9 @@ impl Profile {
             consent: self
                 .consent
                 .iter()
-                .map(|(k, v)| (k.clone(), v.value))
+                .map(|(k, v)| (k.clone(), v.value.granted))
                 .collect(),
+            consents: crate::consent::records(&self.consent),
             stage: self.stage(),
         }
     }
@@ -723,6 +726,9 @@ pub struct ProfileView {
     pub loyalty_points: i64,
     pub last_feedback_rating: Option<i64>,
     pub consent: BTreeMap<String, bool>,
+    /// Every kept consent statement with its evidence.
+    #[serde(default)]
+    pub consents: Vec<crate::consent::Record>,
     pub stage: Stage,
 }
 

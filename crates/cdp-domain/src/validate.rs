@@ -402,20 +402,11 @@ fn validate_properties(
             Ok(None) => push("rating", "is required (1 to 5)".into()),
             Err(reason) => push("rating", reason),
         },
-        EventType::ConsentUpdated => {
-            if props::text(props, "purpose").is_none() {
-                push(
-                    "purpose",
-                    "is required (for example marketing_email)".into(),
-                );
-            }
-            match props::boolean(props, "granted") {
-                Ok(Some(_)) => {}
-                Ok(None) => push("granted", "is required".into()),
-                Err(reason) => push("granted", reason),
-            }
-        }
         _ => {}
+    }
+    // Consent can ride on any event (see `crate::consent`).
+    if let Err(e) = crate::consent::changes_in(event_type, props) {
+        errors.extend(e);
     }
 }
 

@@ -258,6 +258,20 @@ pub fn metrics(view: &cdp_domain::ProfileView) -> v1::ProfileMetrics {
     }
 }
 
+/// A kept consent statement, for the API.
+pub fn consent_record(r: &cdp_domain::consent::Record) -> v1::ConsentRecord {
+    v1::ConsentRecord {
+        purpose: r.purpose.clone(),
+        channel: r.channel.clone().unwrap_or_default(),
+        granted: r.granted,
+        notice_version: r.notice_version.clone().unwrap_or_default(),
+        at: Some(millis_to_timestamp(r.at)),
+        event_id: r.event_id.to_string(),
+        source_id: r.source_id.clone(),
+        via: r.via.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,8 @@
 //! `occurred_at` and `appended_at` (timestamps, ms, UTC), `customer_id`,
 //! `partition`, `offset`, and `identifiers`, `properties`, `traits` as JSON
 //! text (open-ended by nature; query engines read them with their JSON
-//! functions).
+//! functions), and `withheld` (the customer had not consented to the
+//! replay's purpose: the personal columns are empty).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -40,6 +41,7 @@ struct Row {
     identifiers: String,
     properties: String,
     traits: String,
+    withheld: bool,
 }
 
 impl Row {
@@ -62,6 +64,7 @@ impl Row {
             partition: e.partition,
             offset: e.offset,
             identifiers: serde_json::Value::Array(ids).to_string(),
+            withheld: e.withheld,
             properties: t
                 .properties
                 .as_ref()
@@ -98,6 +101,7 @@ pub fn schema() -> SchemaRef {
         Field::new("identifiers", DataType::Utf8, false),
         Field::new("properties", DataType::Utf8, false),
         Field::new("traits", DataType::Utf8, false),
+        Field::new("withheld", DataType::Boolean, false),
     ]))
 }
 
@@ -130,6 +134,9 @@ fn batch(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<RecordBatch> {
         text(|r| &r.identifiers),
         text(|r| &r.properties),
         text(|r| &r.traits),
+        Arc::new(arrow_array::BooleanArray::from(
+            rows.iter().map(|r| r.withheld).collect::<Vec<_>>(),
+        )),
     ];
     RecordBatch::try_new(Arc::clone(schema), columns).context("building a record batch")
 }
@@ -257,6 +264,7 @@ mod tests {
                 }),
             }),
             customer_id: String::new(),
+            withheld: false,
             partition: (n % 4) as u32,
             offset: n,
             appended_at: None,

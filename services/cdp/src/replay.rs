@@ -59,6 +59,11 @@ pub struct ReplayArgs {
     /// Add the customer each event belongs to now.
     #[arg(long)]
     pub with_customers: bool,
+    /// What the events are for: analytics, marketing, personalisation,
+    /// service, or the shop's own purpose. Events of customers who have not
+    /// consented to it come without their personal data.
+    #[arg(long)]
+    pub purpose: String,
     /// Continue an interrupted replay into the same file.
     #[arg(long)]
     pub resume: bool,
@@ -121,6 +126,7 @@ fn to_json(e: &ReplayEvent) -> Value {
         "identifiers": personal.identifiers.iter().map(|i| json!({"kind": i.kind, "value": i.value})).collect::<Vec<_>>(),
         "traits": personal.traits.as_ref().map(convert::struct_to_json).unwrap_or_default(),
         "customer_id": (!e.customer_id.is_empty()).then_some(&e.customer_id),
+        "withheld": e.withheld,
         "partition": e.partition,
         "offset": e.offset,
         "appended_at": e.appended_at.as_ref().map(convert::timestamp_to_millis),
@@ -138,6 +144,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         channels: args.channels.clone(),
         types: args.types.clone(),
         with_customers: args.with_customers,
+        purpose: args.purpose.clone(),
         ..ReplayRequest::default()
     };
     if let Some(c) = &args.customer_id {

@@ -227,6 +227,46 @@ pub fn to_touchpoint(
     {
         properties.insert("group_id".into(), Value::String(g));
     }
+    // Segment's consent object (`context.consent.categoryPreferences`, sent
+    // with every event by its consent manager) becomes the platform's
+    // consent statement, with errors named as the client sent them.
+    if let Some(prefs) = m
+        .context
+        .get("consent")
+        .and_then(|c| c.get("categoryPreferences"))
+        .filter(|p| !p.is_null())
+        && !properties.contains_key("consent")
+    {
+        let mut consent = serde_json::Map::new();
+        consent.insert("categories".into(), prefs.clone());
+        if let Some(v) = m
+            .context
+            .get("consent")
+            .and_then(|c| c.get("noticeVersion"))
+            .cloned()
+        {
+            consent.insert("notice_version".into(), v);
+        }
+        properties.insert("consent".into(), Value::Object(consent));
+        if let Err(e) = cdp_domain::consent::changes_in(
+            &cdp_domain::EventType::from("Segment Consent"),
+            &properties,
+        ) {
+            errors.extend(e.into_iter().map(|mut e| {
+                e.field = e
+                    .field
+                    .replace(
+                        "properties.consent.categories",
+                        "context.consent.categoryPreferences",
+                    )
+                    .replace(
+                        "properties.consent.notice_version",
+                        "context.consent.noticeVersion",
+                    );
+                e
+            }));
+        }
+    }
 
     if !errors.is_empty() {
         return Err(errors);
@@ -293,6 +333,38 @@ mod tests {
         let t = to_touchpoint("track", &m, None, &source()).unwrap();
         // received_at = 2025-10-09T08:53:30Z
         assert_eq!(t.occurred_at, Some(1_760_000_000_000));
+    }
+
+    #[test]
+    fn segment_consent_preferences_become_consent_statements() {
+        let m = message_from_json(json!({"anonymousId": "a", "event": "Product Viewed",
+            "context": {"consent": {"categoryPreferences": {"Advertising": false, "Analytics": true}}}}))
+        .unwrap();
+        let t = to_touchpoint("track", &m, None, &source()).unwrap();
+        let changes = cdp_domain::consent::changes_in(
+            &cdp_domain::EventType::from("Product Viewed"),
+            &t.properties,
+        )
+        .unwrap();
+        assert!(
+            changes
+                .iter()
+                .any(|c| c.purpose == "marketing" && !c.granted)
+        );
+        assert!(
+            changes
+                .iter()
+                .any(|c| c.purpose == "analytics" && c.granted)
+        );
+
+        let m = message_from_json(json!({"anonymousId": "a", "event": "X",
+            "context": {"consent": {"categoryPreferences": {"Advertising": "perhaps"}}}}))
+        .unwrap();
+        let e = to_touchpoint("track", &m, None, &source()).unwrap_err();
+        assert_eq!(
+            e[0].field,
+            "context.consent.categoryPreferences.Advertising"
+        );
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //!   the channel and one read chunk, whatever the client does.
 //! - **Resumable**: the cursor is the next offset of every partition; the
 //!   cursor of an event resumes right after it, with no gap and no repeat.
+//! - **Purposeful**: every replay names its purpose; events of customers who
+//!   have not consented to it (`cdp_domain::consent::permits`, decided as
+//!   the event is read) come without their personal part, and the number
+//!   of customers refused is recorded in the audit log.
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
@@ -71,6 +75,8 @@ pub struct ReplayFilter {
     pub types: Vec<EventType>,
     /// The identifiers of the customer asked for (merged identities included).
     pub identifiers: Option<BTreeSet<Identifier>>,
+    /// What the events are for (a purpose name, normalised).
+    pub purpose: String,
 }
 
 impl ReplayFilter {
@@ -120,6 +126,24 @@ impl ReplayGrpc {
             .iter()
             .map(|t| EventType::from(t.as_str()))
             .collect();
+        let purpose = if r.purpose.trim().is_empty() {
+            errors.push(cdp_domain::FieldError::new(
+                "purpose",
+                format!(
+                    "is required: say what the events are for ({}, or the shop's own purpose); customers who did not consent to it are replayed without their personal data",
+                    cdp_domain::consent::PURPOSES.join(", ")
+                ),
+            ));
+            String::new()
+        } else {
+            match cdp_domain::consent::purpose(&r.purpose) {
+                Ok(p) => p,
+                Err(e) => {
+                    errors.push(cdp_domain::FieldError::new("purpose", e));
+                    String::new()
+                }
+            }
+        };
         if !errors.is_empty() {
             return Err(ServiceError::InvalidArgument(errors));
         }
@@ -145,6 +169,7 @@ impl ReplayGrpc {
             channels,
             types,
             identifiers,
+            purpose,
         })
     }
 }
@@ -183,9 +208,102 @@ struct Shown {
     masker: Masker,
 }
 
+/// The consent decisions of one replay: per customer, decided once, from
+/// the generation the replay reads.
+struct Consents {
+    purpose: String,
+    allowed: HashMap<CustomerId, bool>,
+    refused: BTreeSet<CustomerId>,
+    withheld_events: u64,
+}
+
+impl Consents {
+    async fn allows(
+        &mut self,
+        profiles: &dyn cdp_store::ProfileStore,
+        customer: Option<CustomerId>,
+    ) -> Result<bool, ServiceError> {
+        let Some(c) = customer else {
+            // Nobody to ask: nothing but the service default covers it.
+            return Ok(cdp_domain::consent::permits(&[], &self.purpose, None).allowed);
+        };
+        if let Some(a) = self.allowed.get(&c) {
+            return Ok(*a);
+        }
+        let allowed = match profiles.profile(c).await? {
+            Some(p) => {
+                cdp_query::privacy::decide(&p, &self.purpose, None)
+                    .permit
+                    .allowed
+            }
+            None => cdp_domain::consent::permits(&[], &self.purpose, None).allowed,
+        };
+        if self.allowed.len() > 100_000 {
+            self.allowed.clear();
+        }
+        self.allowed.insert(c, allowed);
+        Ok(allowed)
+    }
+}
+
+/// Removes the personal part of a touchpoint: identifiers, traits, and the
+/// properties `masker` counts as personal.
+fn withhold(t: &mut Touchpoint, masker: &Masker) {
+    t.personal = cdp_domain::Personal::default();
+    t.envelope
+        .properties
+        .retain(|k, _| !masker.keys.is_personal(k));
+}
+
 /// Reads the partitions round-robin up to `ends` and sends what matches.
 /// Returns when done or when the client went away.
+#[allow(clippy::too_many_arguments)]
 async fn pump(
+    log: Arc<dyn EventLog>,
+    query: ProfileQuery,
+    filter: ReplayFilter,
+    shown: Shown,
+    positions: Vec<u64>,
+    ends: Vec<u64>,
+    tx: mpsc::Sender<Result<ReplayEvent, Status>>,
+    audit: (Arc<Access>, Caller),
+) -> Result<(), ServiceError> {
+    let mut consents = Consents {
+        purpose: filter.purpose.clone(),
+        allowed: HashMap::new(),
+        refused: BTreeSet::new(),
+        withheld_events: 0,
+    };
+    let result = pump_events(
+        log,
+        query,
+        filter,
+        shown,
+        positions,
+        ends,
+        tx,
+        &mut consents,
+    )
+    .await;
+    if consents.withheld_events > 0 {
+        let (access, caller) = audit;
+        let mut entry = caller.entry("refused");
+        entry.fields = vec![format!("replay:{}", consents.purpose)];
+        entry.reason = format!(
+            "{} events replayed without personal data: {} customers without consent to {} (and events no customer holds)",
+            consents.withheld_events,
+            consents.refused.len(),
+            consents.purpose
+        );
+        if let Err(error) = access.audit(entry).await {
+            tracing::error!(%error, "cannot audit the refusals of a replay");
+        }
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn pump_events(
     log: Arc<dyn EventLog>,
     query: ProfileQuery,
     filter: ReplayFilter,
@@ -193,10 +311,13 @@ async fn pump(
     mut positions: Vec<u64>,
     ends: Vec<u64>,
     tx: mpsc::Sender<Result<ReplayEvent, Status>>,
+    consents: &mut Consents,
 ) -> Result<(), ServiceError> {
     let mut owners = HashMap::new();
-    // One generation's graph for the whole replay.
-    let identity = query.stores().identity;
+    // One generation's graph and views for the whole replay.
+    let stores = query.stores();
+    let identity = stores.identity;
+    let profiles = stores.profiles;
     let total: u64 = ends
         .iter()
         .zip(&positions)
@@ -259,14 +380,20 @@ async fn pump(
                     tracing::warn!(partition, offset = r.offset, event = %t.event_id(), reason = %cdp_domain::Rejection(shape), "touchpoint beyond the shape limits left out of the replay");
                     continue;
                 }
-                let customer_id = if shown.with_customers {
-                    customer_of(identity.as_ref(), query.rules(), &t, &mut owners)
-                        .await?
-                        .map(|c| c.to_string())
-                        .unwrap_or_default()
-                } else {
-                    String::new()
+                let customer =
+                    customer_of(identity.as_ref(), query.rules(), &t, &mut owners).await?;
+                let withheld = !consents.allows(profiles.as_ref(), customer).await?;
+                let customer_id = match customer {
+                    Some(c) if shown.with_customers && !withheld => c.to_string(),
+                    _ => String::new(),
                 };
+                if withheld {
+                    consents.withheld_events += 1;
+                    if let Some(c) = customer {
+                        consents.refused.insert(c);
+                    }
+                    withhold(&mut t, &shown.masker);
+                }
                 // Analysts see pseudonyms unless their credential grants more.
                 shown.masker.touchpoint(&mut t);
                 let event = ReplayEvent {
@@ -278,6 +405,7 @@ async fn pump(
                     cursor: encode_cursor(&positions),
                     records_scanned: scanned,
                     records_total: total,
+                    withheld,
                 };
                 if tx.send(Ok(event)).await.is_err() {
                     tracing::debug!("replay reader went away");
@@ -343,6 +471,7 @@ impl ReplayService for ReplayGrpc {
         let masker = viewer.masker.clone();
         let mut entry = viewer.caller.entry("allowed");
         entry.fields = vec!["replay".into()];
+        entry.reason = format!("purpose: {}", filter.purpose);
         entry.lookup = viewer.describe(r.customer.clone().map(cdp_query::Lookup::from).as_ref());
         self.access.audit(entry).await?;
         let partitions = self.log.partitions(topic::TOUCHPOINTS);
@@ -359,6 +488,7 @@ impl ReplayService for ReplayGrpc {
         let (tx, rx) = mpsc::channel(BUFFER);
         let (log, query) = (Arc::clone(&self.log), self.query.clone());
         let with_customers = r.with_customers;
+        let audit = (Arc::clone(&self.access), viewer.caller.clone());
         tokio::spawn(async move {
             let failed = tx.clone();
             if let Err(e) = pump(
@@ -372,6 +502,7 @@ impl ReplayService for ReplayGrpc {
                 positions,
                 ends,
                 tx,
+                audit,
             )
             .await
             {

@@ -6,11 +6,13 @@ use std::sync::Arc;
 
 use cdp_proto::v1::access_service_server::AccessServiceServer;
 use cdp_proto::v1::identity_service_server::IdentityServiceServer;
+use cdp_proto::v1::privacy_service_server::PrivacyServiceServer;
 use cdp_proto::v1::profile_service_server::ProfileServiceServer;
 use cdp_runtime::serve::{Context, Parts, StartError};
 
 use crate::access::AccessGrpc;
 use crate::grpc::{IdentityGrpc, ProfileGrpc};
+use crate::privacy::PrivacyGrpc;
 
 use crate::{ProfileQuery, console, follow};
 
@@ -52,6 +54,16 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         .set_serving::<AccessServiceServer<AccessGrpc>>()
         .await;
     parts
+        .health
+        .set_serving::<PrivacyServiceServer<PrivacyGrpc>>()
+        .await;
+    let privacy = PrivacyGrpc::new(
+        query.clone(),
+        Arc::clone(&ctx.access),
+        Arc::clone(&ctx.backends.log),
+        Arc::new(ctx.config.validation.clone()),
+    );
+    parts
         .grpc
         .add_service(ProfileServiceServer::new(ProfileGrpc::new(
             query.clone(),
@@ -61,6 +73,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
             query,
             Arc::clone(&ctx.access),
         )))
-        .add_service(AccessServiceServer::from_arc(api));
+        .add_service(AccessServiceServer::from_arc(api))
+        .add_service(PrivacyServiceServer::new(privacy));
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! - [`grpc`]: `ProfileService` and `IdentityService`;
 //! - [`viewer`]: scope, masking and audit of every read;
 //! - [`access`]: `AccessService` (reveal, audit, credentials);
+//! - [`privacy`]: `PrivacyService` (consent, the consent gate, exports);
 //! - [`console`]: the agent console and its JSON API;
 //! - [`follow`]: live views across processes (`profile-changes`);
 //! - [`install`]: what a process adds to serve all of it.
@@ -17,9 +18,11 @@ pub mod follow;
 pub mod grpc;
 pub mod history;
 pub mod install;
+pub mod privacy;
 pub mod view;
 pub mod viewer;
 
 pub use install::install;
+pub use privacy::ConsentGate;
 pub use view::{Loaded, Lookup, ProfileQuery};
 pub use viewer::Viewer;

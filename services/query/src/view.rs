@@ -51,8 +51,19 @@ lookup_from!(
     v1::list_timeline_request::Lookup,
     v1::list_merges_request::Lookup,
     v1::reveal_field_request::Lookup,
-    v1::replay_request::Customer
+    v1::replay_request::Customer,
+    v1::record_consent_request::Lookup,
+    v1::get_consent_request::Lookup,
+    v1::check_consent_request::Lookup,
+    v1::export_request::Lookup
 );
+
+impl Lookup {
+    /// The lookup a request must give.
+    pub fn from_request(l: Option<Lookup>) -> Result<Lookup, ServiceError> {
+        l.ok_or_else(|| ServiceError::invalid("lookup", "give a customer_id or an identifier"))
+    }
+}
 
 /// The lookup and timeline length a `GetProfileRequest` asks for.
 pub(crate) fn profile_request(r: GetProfileRequest) -> (Option<Lookup>, usize) {
@@ -583,6 +594,7 @@ impl ProfileQuery {
                     monetary_score: r.monetary_score.into(),
                     segment: r.segment.to_owned(),
                 }),
+            consents: view.consents.iter().map(convert::consent_record).collect(),
         }
     }
 

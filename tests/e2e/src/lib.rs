@@ -229,6 +229,8 @@ pub const OPERATOR_KEY: &str = "test-operator-key";
 pub const SCOPED_AGENT_KEY: &str = "test-scoped-agent-key";
 /// An ingest key of the `pos` source only.
 pub const POS_INGEST_KEY: &str = "test-pos-ingest-key";
+/// The data protection officer (consent, exports).
+pub const PRIVACY_KEY: &str = "test-privacy-key";
 
 /// The credentials appended to every test configuration.
 pub const CREDENTIALS: &str = r#"
@@ -273,6 +275,11 @@ role = "agent"
 key = "test-scoped-agent-key"
 team = "hcm"
 scopes = ["region:south"]
+[[credentials]]
+name = "test-privacy"
+role = "privacy"
+key = "test-privacy-key"
+disclosure = "clear"
 "#;
 
 /// A test configuration with the test credentials, unless

@@ -628,6 +628,7 @@ async fn no_read_api_shows_an_agent_operator_or_analyst_a_personal_value() {
     );
     let mut stream = replay
         .replay(v1::ReplayRequest {
+            purpose: "service".into(),
             customer: Some(v1::replay_request::Customer::CustomerId(
                 s.customer_id.clone(),
             )),

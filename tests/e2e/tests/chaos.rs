@@ -226,7 +226,10 @@ async fn verify(cdp: &CdpProcess, users: &[String], sent: &[Batch]) -> usize {
     // ...and once in the log.
     let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
     let mut stream = replay
-        .replay(ReplayRequest::default())
+        .replay(ReplayRequest {
+            purpose: "service".into(),
+            ..ReplayRequest::default()
+        })
         .await
         .unwrap()
         .into_inner();

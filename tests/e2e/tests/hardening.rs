@@ -74,7 +74,10 @@ fn views(prefix: &str, n: usize) -> Vec<cdp_proto::v1::Touchpoint> {
 async fn replayed(cdp: &CdpProcess, event_id: &str) -> usize {
     let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
     let mut stream = replay
-        .replay(ReplayRequest::default())
+        .replay(ReplayRequest {
+            purpose: "service".into(),
+            ..ReplayRequest::default()
+        })
         .await
         .unwrap()
         .into_inner();

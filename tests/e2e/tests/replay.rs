@@ -126,6 +126,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     let by_channel = replay_all(
         &mut replay,
         ReplayRequest {
+            purpose: "service".into(),
             channels: vec!["store".into()],
             ..Default::default()
         },
@@ -144,6 +145,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     let by_type = replay_all(
         &mut replay,
         ReplayRequest {
+            purpose: "service".into(),
             types: vec!["Order Completed".into()],
             ..Default::default()
         },
@@ -155,6 +157,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     );
 
     let window = ReplayRequest {
+        purpose: "service".into(),
         from: Some(cdp_proto::convert::millis_to_timestamp(
             base + 5 * 3_600_000,
         )),
@@ -172,6 +175,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     let by_phone = replay_all(
         &mut replay,
         ReplayRequest {
+            purpose: "service".into(),
             customer: Some(replay_request::Customer::Identifier(id(
                 "phone", &lan_phone,
             ))),
@@ -195,6 +199,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     let rest = replay_all(
         &mut replay,
         ReplayRequest {
+            purpose: "service".into(),
             cursor: first.cursor.clone(),
             ..Default::default()
         },
@@ -205,6 +210,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     // A damaged cursor is refused, naming the field.
     let bad = replay
         .replay(ReplayRequest {
+            purpose: "service".into(),
             cursor: "v1:1,2".into(),
             ..Default::default()
         })
@@ -214,6 +220,7 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
     assert!(bad.message().contains("cursor"), "{}", bad.message());
     let bad = replay
         .replay(ReplayRequest {
+            purpose: "service".into(),
             channels: vec!["fax".into()],
             ..Default::default()
         })
@@ -408,7 +415,14 @@ async fn the_replay_cli_writes_json_lines_and_resumes() {
     let run = |extra: &[&str]| {
         let status = std::process::Command::new(cdp_e2e::cdp_binary())
             .env("CDP_TOKEN", cdp_e2e::ADMIN_KEY)
-            .args(["replay", "--endpoint", &endpoint, "--out"])
+            .args([
+                "replay",
+                "--purpose",
+                "service",
+                "--endpoint",
+                &endpoint,
+                "--out",
+            ])
             .arg(&out)
             .args([
                 "--identifier",
@@ -440,6 +454,7 @@ async fn the_replay_cli_writes_json_lines_and_resumes() {
         let events = replay_all(
             &mut replay,
             ReplayRequest {
+                purpose: "service".into(),
                 customer: Some(replay_request::Customer::Identifier(id("email", &email))),
                 ..Default::default()
             },
@@ -477,6 +492,7 @@ async fn the_replay_cli_writes_parquet_and_resumes() {
         replay_all(
             &mut replay,
             ReplayRequest {
+                purpose: "service".into(),
                 customer: Some(replay_request::Customer::Identifier(id("email", &email))),
                 ..Default::default()
             },
@@ -492,6 +508,8 @@ async fn the_replay_cli_writes_parquet_and_resumes() {
             .env("CDP_TOKEN", cdp_e2e::ADMIN_KEY)
             .args([
                 "replay",
+                "--purpose",
+                "service",
                 "--endpoint",
                 &endpoint,
                 "--format",

@@ -1,0 +1,621 @@
+//! Personal data protection against a running platform, on both back ends:
+//! consent recorded as events (gRPC, the Segment `context.consent` shape,
+//! `PrivacyService/RecordConsent`), folded by event time, decided at the
+//! moment data leaves (a send, a replay), refusals audited; and the right
+//! of access (`PrivacyService/Export`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cdp_e2e::{CdpProcess, id, profile_when, touchpoint, unique};
+use cdp_proto::convert;
+use cdp_proto::v1::access_service_client::AccessServiceClient;
+use cdp_proto::v1::privacy_service_client::PrivacyServiceClient;
+use cdp_proto::v1::replay_service_client::ReplayServiceClient;
+use cdp_proto::v1::{
+    self, CheckConsentRequest, ConsentGrant, ExportRequest, GetConsentRequest, Identifier,
+    RecordConsentRequest, ReplayRequest, check_consent_request, export_request,
+    get_consent_request, record_consent_request,
+};
+use serde_json::{Value, json};
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn privacy(cdp: &CdpProcess, key: &str) -> PrivacyServiceClient<cdp_e2e::Authed> {
+    PrivacyServiceClient::new(CdpProcess::connect_as(cdp.query_addr(), Some(key)).await)
+}
+
+fn consents_of(p: &v1::CustomerProfile) -> &[v1::ConsentRecord] {
+    &p.consents
+}
+
+fn find<'a>(
+    p: &'a v1::CustomerProfile,
+    purpose: &str,
+    channel: &str,
+) -> Option<&'a v1::ConsentRecord> {
+    consents_of(p)
+        .iter()
+        .find(|c| c.purpose == purpose && c.channel == channel)
+}
+
+async fn check(
+    client: &mut PrivacyServiceClient<cdp_e2e::Authed>,
+    who: &Identifier,
+    purpose: &str,
+    channel: &str,
+    action: &str,
+) -> v1::CheckConsentResponse {
+    client
+        .check_consent(CheckConsentRequest {
+            lookup: Some(check_consent_request::Lookup::Identifier(who.clone())),
+            purpose: purpose.into(),
+            channel: channel.into(),
+            action: action.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn at(ms: i64) -> Option<prost_types::Timestamp> {
+    Some(convert::millis_to_timestamp(ms))
+}
+
+/// The field names of an `INVALID_ARGUMENT`.
+fn fields_of(s: &tonic::Status) -> String {
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    s.message().to_owned()
+}
+
+/// Consent arrives as events on every surface, the latest statement by
+/// event time wins, silence is not consent, and a withdrawal stops a send
+/// that was planned before it (the check runs at send time and its refusal
+/// is in the audit log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_is_kept_per_purpose_and_channel_and_checked_when_data_leaves() {
+    let cdp = CdpProcess::start();
+    let user = unique("u-consent-");
+    let email = format!("{user}@example.vn");
+    let who = id("user_id", &user);
+    let now = cdp_e2e::now_ms();
+    // A customer known by user id and email, who never said anything.
+    let mut first = touchpoint(
+        "Order Completed",
+        "web",
+        "web",
+        vec![who.clone(), id("email", &email)],
+        json!({"order_id": unique("o-"), "total": 250000, "currency": "VND"}),
+    );
+    first.occurred_at = at(now - 60_000);
+    cdp.track(first).await;
+    let mut profiles = cdp.profiles().await;
+    profile_when(&mut profiles, who.clone(), PATIENCE, |p| {
+        cdp_e2e::metrics(p).orders_count == 1
+    })
+    .await;
+    let mut dpo = privacy(&cdp, cdp_e2e::PRIVACY_KEY).await;
+    let silent = dpo
+        .get_consent(GetConsentRequest {
+            lookup: Some(get_consent_request::Lookup::Identifier(who.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(silent.records.is_empty());
+    let decision = |r: &v1::GetConsentResponse, purpose: &str, channel: &str| {
+        r.decisions
+            .iter()
+            .find(|d| d.purpose == purpose && d.channel == channel)
+            .cloned()
+            .unwrap()
+    };
+    let m = decision(&silent, "marketing", "email");
+    assert!(!m.allowed && m.basis == "absent", "{m:?}");
+    let s = decision(&silent, "service", "sms");
+    assert!(s.allowed && s.basis == "service_default", "{s:?}");
+
+    // The website's consent manager (Segment's shape) grants advertising,
+    // refuses analytics.
+    let http = reqwest::Client::new();
+    let granted_at = now - 30_000;
+    let message_id = uuid::Uuid::new_v4().to_string();
+    let resp = http
+        .post(format!("{}/v1/track", cdp.http_url()))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({
+            "userId": user, "event": "Segment Consent Preference Updated", "messageId": message_id,
+            "timestamp": chrono_iso(granted_at),
+            "context": {"consent": {"categoryPreferences": {"Advertising": true, "Analytics": false}}}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+    // A mistyped preference is refused, naming the field as sent.
+    let resp = http
+        .post(format!("{}/v1/track", cdp.http_url()))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({
+            "userId": user, "event": "X",
+            "context": {"consent": {"categoryPreferences": {"Advertising": "perhaps"}}}
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body.to_string()
+            .contains("context.consent.categoryPreferences.Advertising"),
+        "{body}"
+    );
+    let p = profile_when(&mut profiles, who.clone(), PATIENCE, |p| {
+        find(p, "marketing", "").is_some()
+    })
+    .await;
+    let marketing = find(&p, "marketing", "").unwrap();
+    assert!(marketing.granted);
+    assert_eq!(marketing.via, "web");
+    assert!(!find(&p, "analytics", "").unwrap().granted);
+
+    // At the hotline: no SMS marketing, notice v2, with the evidence.
+    let recorded = dpo
+        .record_consent(RecordConsentRequest {
+            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
+            grants: vec![ConsentGrant {
+                purpose: "marketing".into(),
+                channel: "sms".into(),
+                granted: false,
+            }],
+            notice_version: "2026-v2".into(),
+            evidence: "call 8812, recorded".into(),
+            occurred_at: at(now - 20_000),
+            channel: "call_center".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(recorded.appended);
+    let p = profile_when(&mut profiles, who.clone(), PATIENCE, |p| {
+        find(p, "marketing", "sms").is_some()
+    })
+    .await;
+    let sms = find(&p, "marketing", "sms").unwrap();
+    assert!(!sms.granted);
+    assert_eq!(sms.notice_version, "2026-v2");
+    assert_eq!(sms.event_id, recorded.event_id, "the evidence is the event");
+    assert_eq!(sms.via, "call_center");
+    assert_eq!(p.customer_id, recorded.customer_id);
+
+    // An older statement arriving late does not override a newer one.
+    let mut late = touchpoint(
+        "Consent Updated",
+        "store",
+        "pos",
+        vec![who.clone()],
+        json!({"purpose": "marketing", "granted": false}),
+    );
+    late.occurred_at = at(now - 50_000);
+    let late_id = late.event_id.clone();
+    cdp.track(late).await;
+    let p = profile_when(&mut profiles, who.clone(), PATIENCE, |p| {
+        p.recent_timeline.iter().any(|e| e.event_id == late_id)
+    })
+    .await;
+    assert!(
+        find(&p, "marketing", "").unwrap().granted,
+        "a statement older than the grant must not withdraw it"
+    );
+
+    // A reminder planned now may go by email, not by SMS.
+    let planned = check(
+        &mut dpo,
+        &who,
+        "marketing",
+        "email",
+        "abandoned-cart reminder",
+    )
+    .await;
+    assert!(planned.allowed, "{planned:?}");
+    assert_eq!(planned.basis, "granted");
+    let sms = check(
+        &mut dpo,
+        &who,
+        "marketing",
+        "sms",
+        "abandoned-cart reminder",
+    )
+    .await;
+    assert!(!sms.allowed && sms.basis == "withdrawn", "{sms:?}");
+
+    // The customer withdraws marketing altogether before the send.
+    dpo.record_consent(RecordConsentRequest {
+        lookup: Some(record_consent_request::Lookup::CustomerId(
+            p.customer_id.clone(),
+        )),
+        grants: vec![ConsentGrant {
+            purpose: "Marketing".into(),
+            channel: String::new(),
+            granted: false,
+        }],
+        evidence: "unsubscribe link".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // At send time the check refuses it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let refused = loop {
+        let r = check(
+            &mut dpo,
+            &who,
+            "marketing",
+            "email",
+            "abandoned-cart reminder",
+        )
+        .await;
+        if !r.allowed {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still allowed: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(refused.basis, "withdrawn");
+    assert!(refused.reason.contains("withdrawn"), "{refused:?}");
+    let mut audit = AccessServiceClient::new(cdp.query_channel().await);
+    let entries = audit
+        .list_audit(v1::ListAuditRequest {
+            customer_id: p.customer_id.clone(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        entries.iter().any(|e| e.outcome == "refused"
+            && e.reason.contains("abandoned-cart reminder")
+            && e.fields.iter().any(|f| f == "consent:marketing:email")),
+        "the refusal is audited: {entries:#?}"
+    );
+
+    // Bad input names its field; nothing is recorded.
+    let bad = dpo
+        .record_consent(RecordConsentRequest {
+            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
+            grants: vec![ConsentGrant {
+                purpose: "mark<eting".into(),
+                channel: "pigeon".into(),
+                granted: true,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let f = fields_of(&bad);
+    assert!(
+        f.contains("grants[0].purpose") && f.contains("grants[0].channel"),
+        "{f}"
+    );
+    let empty = dpo
+        .record_consent(RecordConsentRequest {
+            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(fields_of(&empty).contains("grants"));
+    let bad = dpo
+        .check_consent(CheckConsentRequest {
+            lookup: Some(check_consent_request::Lookup::Identifier(who.clone())),
+            purpose: String::new(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(fields_of(&bad).contains("purpose"));
+    let unknown = dpo
+        .get_consent(GetConsentRequest {
+            lookup: Some(get_consent_request::Lookup::Identifier(id(
+                "email",
+                &format!("{}@example.vn", unique("nobody-")),
+            ))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    // Who may do what: agents take consent, only the privacy officer (and
+    // admins) export; analysts do neither.
+    let mut agent = privacy(&cdp, cdp_e2e::AGENT_KEY).await;
+    agent
+        .record_consent(RecordConsentRequest {
+            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
+            grants: vec![ConsentGrant {
+                purpose: "service".into(),
+                channel: "zalo".into(),
+                granted: true,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let denied = agent
+        .export(ExportRequest {
+            lookup: Some(export_request::Lookup::Identifier(who.clone())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    let mut analyst = privacy(&cdp, cdp_e2e::ANALYST_KEY).await;
+    let denied = analyst
+        .check_consent(CheckConsentRequest {
+            lookup: Some(check_consent_request::Lookup::Identifier(who.clone())),
+            purpose: "marketing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+}
+
+fn chrono_iso(ms: i64) -> String {
+    let t = convert::millis_to_timestamp(ms);
+    let secs = t.seconds;
+    let millis = t.nanos / 1_000_000;
+    // RFC 3339 in UTC without a date library.
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn civil(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Every replay names its purpose; customers who did not consent to it are
+/// replayed without their personal part and without a customer id, the
+/// others in full, and the number refused is in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_withholds_the_personal_data_of_customers_without_consent() {
+    let cdp = CdpProcess::start();
+    let yes = format!("{}@example.vn", unique("yes-"));
+    let no = format!("{}@example.vn", unique("no-"));
+    let mut consent = touchpoint(
+        "Consent Updated",
+        "web",
+        "web",
+        vec![id("email", &yes)],
+        json!({"purpose": "analytics", "granted": true}),
+    );
+    consent.occurred_at = at(cdp_e2e::now_ms() - 10_000);
+    cdp.track(consent).await;
+    let mut orders = Vec::new();
+    for email in [&yes, &no] {
+        let t = touchpoint(
+            "Order Completed",
+            "web",
+            "web",
+            vec![id("email", email)],
+            json!({"order_id": unique("o-"), "total": 100000, "currency": "VND",
+                   "shipping_address": format!("12 Lê Lợi, {email}")}),
+        );
+        orders.push(t.event_id.clone());
+        cdp.track(t).await;
+    }
+    let mut profiles = cdp.profiles().await;
+    for email in [&yes, &no] {
+        profile_when(&mut profiles, id("email", email), PATIENCE, |p| {
+            cdp_e2e::metrics(p).orders_count == 1
+        })
+        .await;
+    }
+    let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
+    let missing = replay
+        .replay(ReplayRequest::default())
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert!(fields_of(&missing).contains("purpose"), "{missing:?}");
+
+    let mut stream = replay
+        .replay(ReplayRequest {
+            purpose: "analytics".into(),
+            with_customers: true,
+            types: vec!["Order Completed".into()],
+            ..ReplayRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = std::collections::HashMap::new();
+    while let Some(e) = stream.message().await.unwrap() {
+        let t = e.touchpoint.clone().unwrap();
+        seen.insert(t.event_id.clone(), e);
+    }
+    let allowed = &seen[&orders[0]];
+    assert!(!allowed.withheld);
+    assert!(!allowed.customer_id.is_empty());
+    let ids = &allowed
+        .touchpoint
+        .as_ref()
+        .unwrap()
+        .personal
+        .as_ref()
+        .unwrap()
+        .identifiers;
+    assert_eq!(ids[0].value, yes);
+    let refused = &seen[&orders[1]];
+    assert!(refused.withheld);
+    assert!(refused.customer_id.is_empty());
+    let t = refused.touchpoint.as_ref().unwrap();
+    let text = format!("{t:?}");
+    assert!(!text.contains(&no), "no trace of the customer: {text}");
+    // What is not personal still adds up.
+    let props = convert::struct_to_json(t.properties.as_ref().unwrap());
+    assert_eq!(props["total"], json!(100000));
+    assert!(props.get("shipping_address").is_none());
+
+    let mut audit = AccessServiceClient::new(cdp.query_channel().await);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let entries = audit
+            .list_audit(v1::ListAuditRequest {
+                actor: "test-admin".into(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        if entries
+            .iter()
+            .any(|e| e.outcome == "refused" && e.fields.iter().any(|f| f == "replay:analytics"))
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{entries:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The right of access: one JSON document with everything the platform
+/// holds about the customer, in clear, including who looked at them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_returns_everything_held_about_a_customer_and_who_read_it() {
+    let cdp = CdpProcess::start();
+    let email = format!("{}@example.vn", unique("export-"));
+    let phone = cdp_e2e::mobile();
+    let mut identify = touchpoint(
+        "Identify",
+        "store",
+        "pos",
+        vec![id("email", &email), id("phone", &phone)],
+        json!({}),
+    );
+    identify.personal.as_mut().unwrap().traits =
+        cdp_e2e::to_struct(json!({"name": "Trần Thị Mai"}));
+    cdp.track(identify).await;
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "pos",
+        vec![id("email", &email)],
+        json!({"order_id": unique("o-"), "total": 1250000, "currency": "VND"}),
+    ))
+    .await;
+    cdp.track(touchpoint(
+        "Consent Updated",
+        "store",
+        "pos",
+        vec![id("email", &email)],
+        json!({"purpose": "marketing", "channel": "zalo", "granted": true, "notice_version": "v1"}),
+    ))
+    .await;
+    let mut profiles = cdp.profiles().await;
+    let p = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 3
+    })
+    .await;
+    // An agent looks the customer up.
+    let mut agent = cdp_proto::v1::profile_service_client::ProfileServiceClient::new(
+        CdpProcess::connect_as(cdp.query_addr(), Some(cdp_e2e::AGENT_KEY)).await,
+    );
+    agent
+        .get_profile(v1::GetProfileRequest {
+            lookup: Some(v1::get_profile_request::Lookup::Identifier(id(
+                "email", &email,
+            ))),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    let mut dpo = privacy(&cdp, cdp_e2e::PRIVACY_KEY).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let doc = loop {
+        let export = dpo
+            .export(ExportRequest {
+                lookup: Some(export_request::Lookup::Identifier(id("phone", &phone))),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(export.customer_id, p.customer_id);
+        let doc: Value = serde_json::from_str(&export.json).unwrap();
+        let read = doc["access_log"].as_array().unwrap().iter().any(|e| {
+            e["actor"] == "test-agent" && e["action"].as_str().unwrap_or("").contains("GetProfile")
+        });
+        if read {
+            break doc;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent's read is missing: {doc:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let text = doc.to_string();
+    assert!(
+        text.contains(&email) && text.contains("Trần Thị Mai"),
+        "in clear: {doc:#}"
+    );
+    assert_eq!(doc["customer_id"], json!(p.customer_id));
+    let kinds: Vec<&str> = doc["identifiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"email") && kinds.contains(&"phone"),
+        "{kinds:?}"
+    );
+    assert_eq!(doc["timeline"].as_array().unwrap().len(), 3);
+    let consent = &doc["consents"][0];
+    assert_eq!(consent["purpose"], "marketing");
+    assert_eq!(consent["channel"], "zalo");
+    assert_eq!(consent["notice_version"], "v1");
+    assert_eq!(doc["profile"]["orders_count"], json!(1));
+    // The export itself is recorded.
+    let mut audit = AccessServiceClient::new(cdp.query_channel().await);
+    let entries = audit
+        .list_audit(v1::ListAuditRequest {
+            customer_id: p.customer_id.clone(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.actor == "test-privacy" && e.fields.iter().any(|f| f == "export")),
+        "{entries:#?}"
+    );
+}
