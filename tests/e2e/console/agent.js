@@ -56,6 +56,11 @@ async function lookUp(page) {
     if (orders.trim() !== '2') fail('expected 2 orders, saw ' + orders)
     if (open.trim() !== '1') fail('expected 1 open ticket, saw ' + open)
     if (!tickets.includes('OPEN')) fail('the open ticket is not shown: ' + tickets)
+    // Consent: what the customer said on Zalo, and what they never granted.
+    const zalo = await page.textContent('[data-consent="marketing:zalo"]')
+    if (!zalo.includes('granted') || !zalo.includes('notice v3')) fail('the Zalo consent is not shown: ' + zalo)
+    const absent = await page.textContent('#consent-absent')
+    if (!absent.includes('analytics')) fail('never-granted purposes are not shown: ' + absent)
     const masked = national.slice(0, 4) + '***' + national.slice(-3)
     if (!ids.includes('phone: ' + masked)) fail('the phone is not masked as ' + masked + ': ' + ids)
     if (text.includes(e164) || text.includes(national)) fail('the agent sees the phone in clear')

@@ -117,7 +117,14 @@ async fn replay_filters_exactly_and_resumes_without_gaps_or_repeats() {
             .collect()
     };
 
-    let all = replay_all(&mut replay, ReplayRequest::default()).await;
+    let all = replay_all(
+        &mut replay,
+        ReplayRequest {
+            purpose: "service".into(),
+            ..ReplayRequest::default()
+        },
+    )
+    .await;
     assert_log_order(&all);
     let all_ours = ours(&all);
     assert_eq!(all_ours.len(), 40, "every event once");
@@ -277,7 +284,10 @@ async fn a_reader_that_stops_reading_does_not_grow_the_server() {
     let mut replay =
         ReplayServiceClient::new(cdp.projection_channel().await).max_decoding_message_size(1 << 20);
     let mut stream = replay
-        .replay(ReplayRequest::default())
+        .replay(ReplayRequest {
+            purpose: "service".into(),
+            ..ReplayRequest::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -218,9 +218,17 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         json!({"ticket_id": unique(""), "subject": "Giao hàng chậm"}),
     ))
     .await;
+    cdp.track(touchpoint(
+        "Consent Updated",
+        "social",
+        "zalo-oa",
+        who.clone(),
+        json!({"purpose": "marketing", "channel": "zalo", "granted": true, "notice_version": "v3"}),
+    ))
+    .await;
     let mut profiles = cdp.profiles().await;
     let p = profile_when(&mut profiles, who[0].clone(), PATIENCE, |p| {
-        metrics(p).events_count == 3
+        metrics(p).events_count == 4
     })
     .await;
 
