@@ -86,8 +86,9 @@ fn millis(v: Option<&Value>) -> Option<i64> {
 
 /// A Zalo OA event as a touchpoint: messages from a user become
 /// `Message Received` on the chat channel; follow and unfollow become
-/// `OA Followed` / `OA Unfollowed` on the social channel. Other events are
-/// acknowledged and ignored (`Ok(None)`).
+/// `OA Followed` / `OA Unfollowed` on the social channel (an unfollow also
+/// withdraws marketing on Zalo). Other events are acknowledged and ignored
+/// (`Ok(None)`).
 pub fn zalo_event(body: &Value, source_id: &str) -> Result<Option<RawTouchpoint>, FieldError> {
     let name = body
         .get("event_name")
@@ -121,13 +122,16 @@ pub fn zalo_event(body: &Value, source_id: &str) -> Result<Option<RawTouchpoint>
             } else {
                 "OA Unfollowed"
             };
-            (
-                t,
-                "social",
-                follower,
-                "follower.id",
-                json!({"oa_id": body.get("oa_id").map(value_text).unwrap_or_default()}),
-            )
+            let mut props = json!({"oa_id": body.get("oa_id").map(value_text).unwrap_or_default()});
+            // Unfollowing the OA withdraws what it may send on Zalo. A
+            // follow is not taken as consent to marketing (Decree 13 wants
+            // it per purpose): that needs an explicit statement.
+            if name == "unfollow" {
+                props["consent"] = json!({"grants": [
+                    {"purpose": "marketing", "channel": "zalo", "granted": false}
+                ]});
+            }
+            (t, "social", follower, "follower.id", props)
         }
         _ => return Ok(None),
     };
@@ -275,6 +279,25 @@ mod tests {
         let sig = format!("mac={}", hex::encode(h.finalize()));
         assert!(zalo_signature_ok("key", body, Some(&sig)));
         assert!(!zalo_signature_ok("nope", body, Some(&sig)));
+    }
+
+    #[test]
+    fn unfollowing_the_oa_withdraws_marketing_on_zalo() {
+        let at = |name: &str| json!({"event_name": name, "timestamp": "1700000000000", "oa_id": "9", "follower": {"id": "84"}});
+        let t = zalo_event(&at("unfollow"), "zalo-oa").unwrap().unwrap();
+        let changes = cdp_domain::consent::changes_in(
+            &cdp_domain::EventType::from("OA Unfollowed"),
+            &t.properties,
+        )
+        .unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].key(), "marketing:zalo");
+        assert!(!changes[0].granted);
+        let t = zalo_event(&at("follow"), "zalo-oa").unwrap().unwrap();
+        assert!(
+            t.properties.get("consent").is_none(),
+            "a follow grants nothing"
+        );
     }
 
     #[test]
