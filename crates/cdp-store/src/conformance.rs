@@ -201,6 +201,18 @@ pub async fn identity_links_merges_and_replays(store: &dyn IdentityStore, prefix
             .unwrap_or_else(|e| panic!("{e}")),
         ca.customer_id
     );
+    let nobody = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-nobody").as_bytes(),
+    ));
+    assert_eq!(
+        store
+            .roots(&[cb.customer_id, ca.customer_id, nobody])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        vec![ca.customer_id, ca.customer_id, nobody],
+        "roots in one call, as root one by one"
+    );
     let node = store
         .customer(ca.customer_id)
         .await
@@ -424,6 +436,17 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
             ),
         ),
         resolved(c2, order(12, 3000, 250_000)),
+        resolved(
+            c2,
+            event(
+                prefix,
+                15,
+                3500,
+                EventType::ConsentUpdated,
+                &ids,
+                json!({"purpose": "marketing", "channel": "email", "granted": false}),
+            ),
+        ),
     ];
     assert_eq!(
         store
@@ -431,7 +454,7 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
             .await
             .unwrap_or_else(|e| panic!("{e}"))
             .new_events,
-        3
+        4
     );
     assert_eq!(
         store
@@ -497,7 +520,20 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
     let view = p.view();
     assert_eq!(view.orders_count, 3);
     assert_eq!(view.spend[0].total, rust_decimal_total(400_000));
-    assert_eq!(view.events_count, 5);
+    assert_eq!(view.events_count, 6);
+    // Consent read alone equals the profile's, through the redirect too.
+    assert_eq!(view.consent.get("marketing:email"), Some(&false));
+    let nobody = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-nobody").as_bytes(),
+    ));
+    assert_eq!(
+        store
+            .consents(&[c2, c1, nobody])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        vec![Some(p.consent.clone()), Some(p.consent.clone()), None]
+    );
 
     let mut query = TimelineQuery {
         limit: 2,
@@ -517,7 +553,7 @@ pub async fn profiles_fold_merge_and_page(store: &dyn ProfileStore, prefix: &str
     }
     assert_eq!(
         seen,
-        vec![5000, 4000, 3000, 2000, 1000],
+        vec![5000, 4000, 3500, 3000, 2000, 1000],
         "newest first, every entry once across pages"
     );
     let orders_only = TimelineQuery {

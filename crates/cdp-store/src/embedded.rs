@@ -321,6 +321,38 @@ impl IdentityStore for EmbeddedStore {
         self.on_graph(move |db| Self::read_node(db, customer)).await
     }
 
+    /// Every walk in one read transaction, reading only where each node
+    /// points (the rest of its JSON skipped).
+    async fn roots(&self, customers: &[CustomerId]) -> Result<Vec<CustomerId>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Node {
+            #[serde(default)]
+            merged_into: Option<CustomerId>,
+        }
+        let customers = customers.to_vec();
+        self.on_graph(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(CUSTOMERS).map_err(storage)?;
+            customers
+                .into_iter()
+                .map(|customer| {
+                    let mut walk = cdp_domain::redirect::Walk::new(customer);
+                    loop {
+                        let next = match table.get(key(walk.at())).map_err(storage)? {
+                            Some(v) => from_json::<Node>("customer", v.value())?.merged_into,
+                            None => None,
+                        };
+                        match next {
+                            Some(n) => walk.hop(n)?,
+                            None => return Ok(walk.at()),
+                        }
+                    }
+                })
+                .collect()
+        })
+        .await
+    }
+
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
         let ids = ids.to_vec();
         self.on_graph(move |db| {
@@ -464,6 +496,51 @@ impl ProfileStore for EmbeddedStore {
             }
         })
         .await
+    }
+
+    /// Reads only the consent of the profile rows on the way (the rest of
+    /// the JSON is skipped, not built), for every customer in one read
+    /// transaction: a replay decides consent per customer. One transaction
+    /// per fold, so no merge is left pending here.
+    async fn consents(
+        &self,
+        customers: &[CustomerId],
+    ) -> Result<Vec<Option<crate::ConsentMap>>, StoreError> {
+        #[derive(serde::Deserialize)]
+        struct Consent {
+            #[serde(default)]
+            consent: crate::ConsentMap,
+        }
+        #[derive(serde::Deserialize)]
+        enum Slot {
+            Live(Consent),
+            MergedInto(CustomerId),
+        }
+        let customers = customers.to_vec();
+        self.on_views(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(PROFILES).map_err(storage)?;
+            let mut out = Vec::with_capacity(customers.len());
+            for customer in customers {
+                let mut walk = cdp_domain::redirect::Walk::new(customer);
+                let found = loop {
+                    let Some(v) = table.get(key(walk.at())).map_err(storage)? else {
+                        break None;
+                    };
+                    match from_json::<Slot>("profile", v.value())? {
+                        Slot::Live(c) => break Some(c.consent),
+                        Slot::MergedInto(next) => walk.hop(next)?,
+                    }
+                };
+                out.push(found);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn consent(&self, customer: CustomerId) -> Result<Option<crate::ConsentMap>, StoreError> {
+        Ok(self.consents(&[customer]).await?.pop().flatten())
     }
 
     async fn timeline_range(

@@ -86,6 +86,17 @@ pub trait IdentityStore: Send + Sync + 'static {
         read::root(self, customer).await
     }
 
+    /// [`root`](Self::root) of each customer, in order. An adapter that
+    /// can read them together overrides it.
+    async fn roots(&self, customers: &[CustomerId]) -> Result<Vec<CustomerId>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(customers.iter().copied())
+            .map(|c| self.root(c))
+            .buffered(32)
+            .try_collect()
+            .await
+    }
+
     /// The customer that owns `id` now (merges followed).
     async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
         match self.claims(std::slice::from_ref(id)).await?.pop().flatten() {
@@ -94,6 +105,10 @@ pub trait IdentityStore: Send + Sync + 'static {
         }
     }
 }
+
+/// A profile's consent statements, by `purpose` or `purpose:channel`.
+pub type ConsentMap =
+    std::collections::BTreeMap<String, cdp_domain::profile::Sourced<cdp_domain::consent::Grant>>;
 
 /// A merge not completed yet, for stores that cannot write the loser and
 /// the survivor in one transaction (ScyllaDB): the loser's row is already a
@@ -218,6 +233,26 @@ pub trait ProfileStore: Send + Sync + 'static {
     /// left pending completed in memory).
     async fn profile(&self, customer: CustomerId) -> Result<Option<Profile>, StoreError> {
         read::live_profile(self, customer).await
+    }
+
+    /// The consent statements of the live profile standing for `customer`:
+    /// what a consent decision needs. An adapter that can read less than
+    /// the whole profile overrides it.
+    async fn consent(&self, customer: CustomerId) -> Result<Option<ConsentMap>, StoreError> {
+        Ok(self.profile(customer).await?.map(|p| p.consent))
+    }
+
+    /// [`consent`](Self::consent) of each customer, in order.
+    async fn consents(
+        &self,
+        customers: &[CustomerId],
+    ) -> Result<Vec<Option<ConsentMap>>, StoreError> {
+        use futures::{StreamExt, TryStreamExt};
+        futures::stream::iter(customers.iter().copied())
+            .map(|c| self.consent(c))
+            .buffered(32)
+            .try_collect()
+            .await
     }
 
     /// Timeline entries of a customer and of every customer merged into

@@ -201,6 +201,100 @@ async fn customer_of(
     Ok(None)
 }
 
+/// Whether a customer's consent (none: no profile yet) allows `purpose`
+/// for a use that contacts nobody.
+fn allowed_by(consent: Option<&cdp_store::ConsentMap>, purpose: &str) -> bool {
+    let records = consent
+        .map(cdp_domain::consent::records)
+        .unwrap_or_default();
+    cdp_domain::consent::permits(&records, purpose, None).allowed
+}
+
+/// Looks up the owners of the identifiers of `events` and the consent
+/// decisions of their customers that the caches lack, a chunk at a time
+/// (the stores' batch reads: one transaction embedded, concurrent queries
+/// on ScyllaDB; one round trip per event would bound a replay by latency).
+async fn prefetch<'a>(
+    identity: &Arc<dyn IdentityStore>,
+    profiles: &Arc<dyn cdp_store::ProfileStore>,
+    rules: &IdentityRules,
+    events: impl Iterator<Item = &'a Touchpoint>,
+    owners: &mut HashMap<Identifier, Option<CustomerId>>,
+    consents: &mut Consents,
+) -> Result<(), ServiceError> {
+    let events: Vec<&Touchpoint> = events.collect();
+    // Strongest identifier first, the next only when it has no owner: as
+    // few lookups as the attribution needs, each round concurrent.
+    loop {
+        let missing: BTreeSet<Identifier> = events
+            .iter()
+            .filter_map(|t| {
+                for id in rules.strongest_first(&t.personal.identifiers) {
+                    match owners.get(id) {
+                        Some(Some(_)) => return None,
+                        Some(None) => continue,
+                        None => return Some(id.clone()),
+                    }
+                }
+                None
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        // One read of every claim, then each claimed customer's root.
+        let missing: Vec<Identifier> = missing.into_iter().collect();
+        let claims = identity.claims(&missing).await?;
+        let claimed: Vec<CustomerId> = claims
+            .iter()
+            .flatten()
+            .map(|c| c.customer)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let roots: HashMap<CustomerId, CustomerId> = claimed
+            .iter()
+            .copied()
+            .zip(identity.roots(&claimed).await?)
+            .collect();
+        let found: Vec<(Identifier, Option<CustomerId>)> = missing
+            .into_iter()
+            .zip(claims)
+            .map(|(id, claim)| {
+                let owner = claim.and_then(|c| roots.get(&c.customer).copied());
+                (id, owner)
+            })
+            .collect();
+        if owners.len() + found.len() > 100_000 {
+            owners.clear();
+        }
+        owners.extend(found);
+    }
+    let customers: BTreeSet<CustomerId> = events
+        .iter()
+        .filter_map(|t| {
+            rules
+                .strongest_first(&t.personal.identifiers)
+                .into_iter()
+                .find_map(|id| owners.get(id).copied().flatten())
+        })
+        .filter(|c| !consents.allowed.contains_key(c))
+        .collect();
+    let purpose = consents.purpose.as_str();
+    let customers: Vec<CustomerId> = customers.into_iter().collect();
+    let found = profiles.consents(&customers).await?;
+    let decided: Vec<(CustomerId, bool)> = customers
+        .into_iter()
+        .zip(found)
+        .map(|(c, consent)| (c, allowed_by(consent.as_ref(), purpose)))
+        .collect();
+    if consents.allowed.len() + decided.len() > 100_000 {
+        consents.allowed.clear();
+    }
+    consents.allowed.extend(decided);
+    Ok(())
+}
+
 /// What each replayed event shows: its customer (when asked), and personal
 /// values as the caller may see them.
 struct Shown {
@@ -230,14 +324,7 @@ impl Consents {
         if let Some(a) = self.allowed.get(&c) {
             return Ok(*a);
         }
-        let allowed = match profiles.profile(c).await? {
-            Some(p) => {
-                cdp_query::privacy::decide(&p, &self.purpose, None)
-                    .permit
-                    .allowed
-            }
-            None => cdp_domain::consent::permits(&[], &self.purpose, None).allowed,
-        };
+        let allowed = allowed_by(profiles.consent(c).await?.as_ref(), &self.purpose);
         if self.allowed.len() > 100_000 {
             self.allowed.clear();
         }
@@ -354,15 +441,16 @@ async fn pump_events(
             if within.is_empty() {
                 positions[p] = end;
             }
-            for r in within {
-                scanned += r.offset + 1 - positions[p].min(r.offset + 1);
-                positions[p] = r.offset + 1;
+            // Decoded and filtered first, so the owners and consents the
+            // chunk needs are looked up together.
+            let mut kept: HashMap<u64, Touchpoint> = HashMap::new();
+            for r in &within {
                 // A copy a killed ingest left, or a re-driven one: the event
                 // was shown at its first position.
-                if copies.contains(&r.offset) || emit::is_redrive(&r) {
+                if copies.contains(&r.offset) || emit::is_redrive(r) {
                     continue;
                 }
-                let mut t = match emit::read_touchpoint(&r) {
+                let t = match emit::read_touchpoint(r) {
                     Ok(t) => t,
                     Err(error) => {
                         tracing::warn!(partition, offset = r.offset, %error, "undecodable record skipped");
@@ -380,6 +468,23 @@ async fn pump_events(
                     tracing::warn!(partition, offset = r.offset, event = %t.event_id(), reason = %cdp_domain::Rejection(shape), "touchpoint beyond the shape limits left out of the replay");
                     continue;
                 }
+                kept.insert(r.offset, t);
+            }
+            prefetch(
+                &identity,
+                &profiles,
+                query.rules(),
+                kept.values(),
+                &mut owners,
+                consents,
+            )
+            .await?;
+            for r in within {
+                scanned += r.offset + 1 - positions[p].min(r.offset + 1);
+                positions[p] = r.offset + 1;
+                let Some(mut t) = kept.remove(&r.offset) else {
+                    continue;
+                };
                 let customer =
                     customer_of(identity.as_ref(), query.rules(), &t, &mut owners).await?;
                 let withheld = !consents.allows(profiles.as_ref(), customer).await?;
