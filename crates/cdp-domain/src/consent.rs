@@ -317,7 +317,14 @@ pub fn changes_in(
                 Some(_) => err("consent.grants".into(), "must be an array".into()),
             }
         }
-        Some(_) => err("consent".into(), "must be an object".into()),
+        // A shop's own `consent` property that is not an object (`true`
+        // on a sign-up) is an ordinary property, except on the event whose
+        // whole point is consent.
+        Some(_) if *event_type == EventType::ConsentUpdated => err(
+            "consent".into(),
+            "must be an object with categories or grants".into(),
+        ),
+        Some(_) => {}
     }
     if *event_type == EventType::ConsentUpdated && !single && out.is_empty() && errors.is_empty() {
         errors.push(FieldError::new(
@@ -528,6 +535,22 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e[0].field, "properties.consent.grants[0].granted");
+        // A shop's own non-object `consent` property on an ordinary event
+        // is not a statement (and not an error); on Consent Updated it is.
+        assert!(
+            changes_in(
+                &EventType::from("Signed Up"),
+                &props(json!({"consent": true}))
+            )
+            .unwrap()
+            .is_empty()
+        );
+        let e = changes_in(
+            &EventType::ConsentUpdated,
+            &props(json!({"consent": "yes"})),
+        )
+        .unwrap_err();
+        assert_eq!(e[0].field, "properties.consent");
         // No consent at all on an ordinary event: nothing to say.
         assert!(
             changes_in(
