@@ -62,6 +62,21 @@ fn at(ms: i64) -> Option<prost_types::Timestamp> {
     Some(convert::millis_to_timestamp(ms))
 }
 
+/// The audit records about a customer, as the test admin reads them.
+async fn audit_of(cdp: &CdpProcess, customer_id: &str) -> Vec<v1::AuditEntry> {
+    let mut audit = AccessServiceClient::new(cdp.query_channel().await);
+    audit
+        .list_audit(v1::ListAuditRequest {
+            customer_id: customer_id.to_owned(),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+}
+
 /// The field names of an `INVALID_ARGUMENT`.
 fn fields_of(s: &tonic::Status) -> String {
     assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
@@ -267,17 +282,7 @@ async fn consent_is_kept_per_purpose_and_channel_and_checked_when_data_leaves() 
     };
     assert_eq!(refused.basis, "withdrawn");
     assert!(refused.reason.contains("withdrawn"), "{refused:?}");
-    let mut audit = AccessServiceClient::new(cdp.query_channel().await);
-    let entries = audit
-        .list_audit(v1::ListAuditRequest {
-            customer_id: p.customer_id.clone(),
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = audit_of(&cdp, &p.customer_id).await;
     assert!(
         entries.iter().any(|e| e.outcome == "refused"
             && e.reason.contains("abandoned-cart reminder")
@@ -601,17 +606,7 @@ async fn export_returns_everything_held_about_a_customer_and_who_read_it() {
     assert_eq!(consent["notice_version"], "v1");
     assert_eq!(doc["profile"]["orders_count"], json!(1));
     // The export itself is recorded.
-    let mut audit = AccessServiceClient::new(cdp.query_channel().await);
-    let entries = audit
-        .list_audit(v1::ListAuditRequest {
-            customer_id: p.customer_id.clone(),
-            limit: 1000,
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+    let entries = audit_of(&cdp, &p.customer_id).await;
     assert!(
         entries
             .iter()
