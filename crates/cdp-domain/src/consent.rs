@@ -166,19 +166,6 @@ impl<'de> Deserialize<'de> for Grant {
     }
 }
 
-fn bool_of(v: &Value) -> Result<bool, String> {
-    let mut m = Attributes::new();
-    m.insert("v".into(), v.clone());
-    crate::props::boolean(&m, "v")?.ok_or_else(|| "must be true or false".to_owned())
-}
-
-fn text_of(v: Option<&Value>) -> Option<String> {
-    match v {
-        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_owned()),
-        _ => None,
-    }
-}
-
 /// The statements `t` makes about consent, or every reason it cannot be
 /// read (each naming its field under `properties`).
 pub fn changes(t: &Touchpoint) -> Result<Vec<Change>, Vec<FieldError>> {
@@ -195,8 +182,9 @@ pub fn changes_in(
     let mut err = |field: String, reason: String| {
         errors.push(FieldError::new(format!("properties.{field}"), reason))
     };
-    let notice_of = |v: Option<&Value>, field: &str, err: &mut dyn FnMut(String, String)| {
-        let n = text_of(v);
+    // `notice_version` of `map`, named `field` in errors.
+    let notice_of = |map: &Attributes, field: &str, err: &mut dyn FnMut(String, String)| {
+        let n = crate::props::text(map, "notice_version");
         if n.as_ref().is_some_and(|n| n.len() > MAX_NOTICE_LEN) {
             err(
                 field.to_owned(),
@@ -230,10 +218,12 @@ pub fn changes_in(
                 err("granted".into(), "is required".into());
                 None
             }
-            Some(v) => bool_of(v).map_err(|e| err("granted".into(), e)).ok(),
+            Some(v) => crate::props::boolean_value(v)
+                .map_err(|e| err("granted".into(), e))
+                .ok(),
         };
         let c = channel_of(props.get("channel"), "channel", &mut err);
-        let n = notice_of(props.get("notice_version"), "notice_version", &mut err);
+        let n = notice_of(props, "notice_version", &mut err);
         if let (Some(purpose), Some(granted), Ok(channel)) = (p, g, c) {
             out.push(Change {
                 purpose,
@@ -246,14 +236,14 @@ pub fn changes_in(
     match props.get("consent") {
         None | Some(Value::Null) => {}
         Some(Value::Object(c)) => {
-            let notice = notice_of(c.get("notice_version"), "consent.notice_version", &mut err);
+            let notice = notice_of(c, "consent.notice_version", &mut err);
             let ch = channel_of(c.get("channel"), "consent.channel", &mut err).unwrap_or(None);
             match c.get("categories").or_else(|| c.get("categoryPreferences")) {
                 None | Some(Value::Null) => {}
                 Some(Value::Object(cats)) => {
                     for (name, v) in cats {
                         let field = format!("consent.categories.{name}");
-                        match (purpose(name), bool_of(v)) {
+                        match (purpose(name), crate::props::boolean_value(v)) {
                             (Ok(purpose), Ok(granted)) => out.push(Change {
                                 purpose,
                                 channel: ch.clone(),
@@ -292,18 +282,14 @@ pub fn changes_in(
                                 err(format!("{field}.granted"), "is required".into());
                                 None
                             }
-                            Some(v) => bool_of(v)
+                            Some(v) => crate::props::boolean_value(v)
                                 .map_err(|e| err(format!("{field}.granted"), e))
                                 .ok(),
                         };
                         let gc =
                             channel_of(g.get("channel"), &format!("{field}.channel"), &mut err);
-                        let gn = notice_of(
-                            g.get("notice_version"),
-                            &format!("{field}.notice_version"),
-                            &mut err,
-                        )
-                        .or_else(|| notice.clone());
+                        let gn = notice_of(g, &format!("{field}.notice_version"), &mut err)
+                            .or_else(|| notice.clone());
                         if let (Some(purpose), Some(granted), Ok(gc)) = (p, granted, gc) {
                             out.push(Change {
                                 purpose,

@@ -73,13 +73,20 @@ pub fn text(props: &Attributes, key: &str) -> Option<String> {
 pub fn boolean(props: &Attributes, key: &str) -> Result<Option<bool>, String> {
     match props.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(Value::String(s)) => match s.trim().to_ascii_lowercase().as_str() {
-            "true" | "yes" | "granted" | "opt_in" | "1" => Ok(Some(true)),
-            "false" | "no" | "denied" | "revoked" | "opt_out" | "0" => Ok(Some(false)),
+        Some(v) => boolean_value(v).map(Some),
+    }
+}
+
+/// [`boolean`] of a value that is there.
+pub fn boolean_value(v: &Value) -> Result<bool, String> {
+    match v {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "yes" | "granted" | "opt_in" | "1" => Ok(true),
+            "false" | "no" | "denied" | "revoked" | "opt_out" | "0" => Ok(false),
             _ => Err("must be true or false".into()),
         },
-        Some(_) => Err("must be true or false".into()),
+        _ => Err("must be true or false".into()),
     }
 }
 

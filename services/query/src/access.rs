@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use cdp_domain::access::Role;
-use cdp_pipeline::audit::{self, Stored};
+use cdp_pipeline::audit;
 use cdp_pipeline::credentials::{CredentialChange, IssuedKey};
 use cdp_pipeline::{AuditEntry, topic};
 use cdp_proto::convert;
@@ -133,19 +133,7 @@ impl AccessGrpc {
 
     /// Every audit entry, oldest first per partition.
     async fn entries(&self) -> Result<Vec<AuditEntry>, ServiceError> {
-        let log = self.query.event_log()?;
-        let mut out = Vec::new();
-        cdp_log::scan::<ServiceError>(log.as_ref(), topic::AUDIT, 1000, |r| {
-            if let Ok(stored) = audit::read(r) {
-                out.push(match stored {
-                    Stored::Sealed(s) => s.entry,
-                    Stored::Legacy(e) => e,
-                });
-            }
-            Ok(())
-        })
-        .await?;
-        Ok(out)
+        audit_entries(self.query.event_log()?.as_ref()).await
     }
 
     /// The values of `field` (an identifier kind or a trait key) of a
@@ -219,6 +207,21 @@ fn entry_proto(e: &AuditEntry) -> v1::AuditEntry {
         client: e.client.clone(),
         request_id: e.request_id.clone(),
     }
+}
+
+/// Every audit entry of `log`, oldest first per partition.
+pub(crate) async fn audit_entries(
+    log: &dyn cdp_log::EventLog,
+) -> Result<Vec<AuditEntry>, ServiceError> {
+    let mut out = Vec::new();
+    cdp_log::scan::<ServiceError>(log, topic::AUDIT, 1000, |r| {
+        if let Ok(stored) = audit::read(r) {
+            out.push(stored.entry().clone());
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(out)
 }
 
 #[tonic::async_trait]

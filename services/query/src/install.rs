@@ -61,6 +61,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         query.clone(),
         Arc::clone(&ctx.access),
         Arc::clone(&ctx.backends.log),
+        Arc::clone(&ctx.rules),
         Arc::new(ctx.config.validation.clone()),
     );
     parts

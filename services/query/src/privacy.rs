@@ -10,7 +10,7 @@ use cdp_domain::{
     CustomerId, IdentityRules, Profile, RawIdentifier, RawTouchpoint, ValidationLimits,
 };
 use cdp_log::{Appended, EventLog};
-use cdp_pipeline::{audit, emit, topic};
+use cdp_pipeline::{emit, topic};
 use cdp_proto::convert;
 use cdp_proto::v1::privacy_service_server::PrivacyService;
 use cdp_proto::v1::{
@@ -118,9 +118,9 @@ impl PrivacyGrpc {
         query: ProfileQuery,
         access: Arc<Access>,
         log: Arc<dyn EventLog>,
+        rules: Arc<IdentityRules>,
         limits: Arc<ValidationLimits>,
     ) -> Self {
-        let rules = Arc::new(query.rules().clone());
         PrivacyGrpc {
             gate: ConsentGate::new(query.clone(), Arc::clone(&access)),
             query,
@@ -161,10 +161,10 @@ impl PrivacyGrpc {
     /// request named, else the customer's strongest.
     async fn carrier(
         &self,
-        lookup: &Lookup,
+        lookup: Option<&Lookup>,
         customer: CustomerId,
     ) -> Result<RawIdentifier, ServiceError> {
-        if let Lookup::Identifier(id) = lookup {
+        if let Some(Lookup::Identifier(id)) = lookup {
             return Ok(RawIdentifier::new(id.kind.clone(), id.value.clone()));
         }
         let node = self
@@ -225,9 +225,9 @@ impl PrivacyGrpc {
         if !errors.is_empty() {
             return Err(ServiceError::InvalidArgument(errors));
         }
-        let lookup = Lookup::from_request(r.lookup.clone().map(Lookup::from))?;
-        let profile = self.customer(&viewer, Some(lookup.clone())).await?;
-        let carrier = self.carrier(&lookup, profile.customer_id).await?;
+        let lookup = r.lookup.clone().map(Lookup::from);
+        let profile = self.customer(&viewer, lookup.clone()).await?;
+        let carrier = self.carrier(lookup.as_ref(), profile.customer_id).await?;
         let grants: Vec<Value> = r
             .grants
             .iter()
@@ -303,7 +303,7 @@ impl PrivacyGrpc {
         let mut entry = caller.entry("allowed");
         entry.customer_id = profile.customer_id.to_string();
         entry.fields = vec!["consent".into()];
-        entry.lookup = viewer.describe(Some(&lookup));
+        entry.lookup = viewer.describe(lookup.as_ref());
         entry.reason = format!("recorded consent, event {}", t.event_id());
         self.access.audit_durable(entry).await?;
         tracing::info!(customer = %profile.customer_id, event = %t.event_id(), appended, "consent recorded");
@@ -317,11 +317,11 @@ impl PrivacyGrpc {
     async fn export(
         &self,
         caller: &Caller,
-        lookup: Lookup,
+        lookup: Option<Lookup>,
     ) -> Result<(CustomerId, String), ServiceError> {
         let viewer = Viewer::new(&self.access, caller.clone());
-        let described = viewer.describe(Some(&lookup));
-        let profile = self.customer(&viewer, Some(lookup)).await?;
+        let described = viewer.describe(lookup.as_ref());
+        let profile = self.customer(&viewer, lookup).await?;
         let customer = profile.customer_id;
         let stores = self.query.stores();
         let identifiers = crate::view::identifiers_of(&stores, customer).await?;
@@ -344,29 +344,23 @@ impl PrivacyGrpc {
             .chain(profile.merged_from.iter().copied())
             .map(|c| c.to_string())
             .collect();
-        let mut access_log = Vec::new();
-        cdp_log::scan::<ServiceError>(self.log.as_ref(), topic::AUDIT, 1000, |r| {
-            if let Ok(stored) = audit::read(r) {
-                let e = match stored {
-                    audit::Stored::Sealed(s) => s.entry,
-                    audit::Stored::Legacy(e) => e,
-                };
-                if family.contains(&e.customer_id) {
-                    access_log.push(json!({
-                        "at": iso(e.at),
-                        "actor": e.actor,
-                        "role": e.role,
-                        "team": e.team,
-                        "action": e.action,
-                        "outcome": e.outcome,
-                        "fields": e.fields,
-                        "reason": e.reason,
-                    }));
-                }
-            }
-            Ok(())
-        })
-        .await?;
+        let access_log: Vec<Value> = crate::access::audit_entries(self.log.as_ref())
+            .await?
+            .into_iter()
+            .filter(|e| family.contains(&e.customer_id))
+            .map(|e| {
+                json!({
+                    "at": iso(e.at),
+                    "actor": e.actor,
+                    "role": e.role,
+                    "team": e.team,
+                    "action": e.action,
+                    "outcome": e.outcome,
+                    "fields": e.fields,
+                    "reason": e.reason,
+                })
+            })
+            .collect();
         let view = profile.view();
         let document = json!({
             "format": "cdp.v1.export",
@@ -467,9 +461,9 @@ impl PrivacyService for PrivacyGrpc {
     ) -> Result<Response<GetConsentResponse>, Status> {
         let caller = Caller::of(&request)?;
         let viewer = Viewer::new(&self.access, caller);
-        let lookup = Lookup::from_request(request.into_inner().lookup.map(Lookup::from))?;
-        let described = viewer.describe(Some(&lookup));
-        let profile = self.customer(&viewer, Some(lookup)).await?;
+        let lookup = request.into_inner().lookup.map(Lookup::from);
+        let described = viewer.describe(lookup.as_ref());
+        let profile = self.customer(&viewer, lookup).await?;
         viewer
             .read(&profile.customer_id.to_string(), &["consent"], &described)
             .await?;
@@ -504,8 +498,7 @@ impl PrivacyService for PrivacyGrpc {
         let caller = Caller::of(&request)?;
         let viewer = Viewer::new(&self.access, caller.clone());
         let r = request.into_inner();
-        let lookup = Lookup::from_request(r.lookup.map(Lookup::from))?;
-        let profile = self.customer(&viewer, Some(lookup)).await?;
+        let profile = self.customer(&viewer, r.lookup.map(Lookup::from)).await?;
         let action = if r.action.trim().is_empty() {
             "CheckConsent"
         } else {
@@ -539,7 +532,7 @@ impl PrivacyService for PrivacyGrpc {
         request: Request<ExportRequest>,
     ) -> Result<Response<ExportResponse>, Status> {
         let caller = Caller::of(&request)?;
-        let lookup = Lookup::from_request(request.into_inner().lookup.map(Lookup::from))?;
+        let lookup = request.into_inner().lookup.map(Lookup::from);
         let (customer, json) = PrivacyGrpc::export(self, &caller, lookup).await?;
         Ok(Response::new(ExportResponse {
             customer_id: customer.to_string(),

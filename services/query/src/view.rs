@@ -58,13 +58,6 @@ lookup_from!(
     v1::export_request::Lookup
 );
 
-impl Lookup {
-    /// The lookup a request must give.
-    pub fn from_request(l: Option<Lookup>) -> Result<Lookup, ServiceError> {
-        l.ok_or_else(|| ServiceError::invalid("lookup", "give a customer_id or an identifier"))
-    }
-}
-
 /// The lookup and timeline length a `GetProfileRequest` asks for.
 pub(crate) fn profile_request(r: GetProfileRequest) -> (Option<Lookup>, usize) {
     let limit = match r.timeline_limit {
