@@ -62,6 +62,24 @@ fn at(ms: i64) -> Option<prost_types::Timestamp> {
     Some(convert::millis_to_timestamp(ms))
 }
 
+/// A `RecordConsent` of one grant for `who`.
+fn one_grant(
+    who: &Identifier,
+    purpose: &str,
+    channel: &str,
+    granted: bool,
+) -> RecordConsentRequest {
+    RecordConsentRequest {
+        lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
+        grants: vec![ConsentGrant {
+            purpose: purpose.into(),
+            channel: channel.into(),
+            granted,
+        }],
+        ..Default::default()
+    }
+}
+
 /// The audit records about a customer, as the test admin reads them.
 async fn audit_of(cdp: &CdpProcess, customer_id: &str) -> Vec<v1::AuditEntry> {
     let mut audit = AccessServiceClient::new(cdp.query_channel().await);
@@ -177,17 +195,11 @@ async fn consent_is_kept_per_purpose_and_channel_and_checked_when_data_leaves() 
     // At the hotline: no SMS marketing, notice v2, with the evidence.
     let recorded = dpo
         .record_consent(RecordConsentRequest {
-            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
-            grants: vec![ConsentGrant {
-                purpose: "marketing".into(),
-                channel: "sms".into(),
-                granted: false,
-            }],
             notice_version: "2026-v2".into(),
             evidence: "call 8812, recorded".into(),
             occurred_at: at(now - 20_000),
             channel: "call_center".into(),
-            ..Default::default()
+            ..one_grant(&who, "marketing", "sms", false)
         })
         .await
         .unwrap()
@@ -292,15 +304,7 @@ async fn consent_is_kept_per_purpose_and_channel_and_checked_when_data_leaves() 
 
     // Bad input names its field; nothing is recorded.
     let bad = dpo
-        .record_consent(RecordConsentRequest {
-            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
-            grants: vec![ConsentGrant {
-                purpose: "mark<eting".into(),
-                channel: "pigeon".into(),
-                granted: true,
-            }],
-            ..Default::default()
-        })
+        .record_consent(one_grant(&who, "mark<eting", "pigeon", true))
         .await
         .unwrap_err();
     let f = fields_of(&bad);
@@ -340,15 +344,7 @@ async fn consent_is_kept_per_purpose_and_channel_and_checked_when_data_leaves() 
     // admins) export; analysts do neither.
     let mut agent = privacy(&cdp, cdp_e2e::AGENT_KEY).await;
     agent
-        .record_consent(RecordConsentRequest {
-            lookup: Some(record_consent_request::Lookup::Identifier(who.clone())),
-            grants: vec![ConsentGrant {
-                purpose: "service".into(),
-                channel: "zalo".into(),
-                granted: true,
-            }],
-            ..Default::default()
-        })
+        .record_consent(one_grant(&who, "service", "zalo", true))
         .await
         .unwrap();
     let denied = agent
@@ -371,33 +367,9 @@ async fn consent_is_kept_per_purpose_and_channel_and_checked_when_data_leaves() 
 }
 
 fn chrono_iso(ms: i64) -> String {
-    let t = convert::millis_to_timestamp(ms);
-    let secs = t.seconds;
-    let millis = t.nanos / 1_000_000;
-    // RFC 3339 in UTC without a date library.
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Every replay names its purpose; customers who did not consent to it are
