@@ -9,6 +9,7 @@ use cdp_domain::{
     Identifier, Personal, ResolvedTouchpoint, Touchpoint,
 };
 use cdp_pipeline::codec;
+use cdp_pipeline::seal::Sealing;
 use cdp_proto::v1;
 use prost::Message;
 use serde_json::{Map, Value, json};
@@ -310,8 +311,12 @@ pub fn touchpoint(u: &mut Unstructured<'_>) -> Result<Touchpoint> {
 /// `audit` / `credentials` record, which are JSON).
 pub fn record(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
     let t = touchpoint(u)?;
+    let sealing =
+        Sealing::fresh(&t.personal.identifiers).map_err(|_| arbitrary::Error::NotEnoughData)?;
+    let sealed =
+        |r: Result<Vec<u8>, codec::CodecError>| r.map_err(|_| arbitrary::Error::IncorrectFormat);
     Ok(match u.int_in_range(0..=7)? {
-        0 => codec::encode_touchpoint(&t),
+        0 => sealed(codec::encode_touchpoint(&t, &sealing))?,
         1 => {
             let n = u.int_in_range(0..=2)?;
             let merges = (0..n)
@@ -328,15 +333,24 @@ pub fn record(u: &mut Unstructured<'_>) -> Result<Vec<u8>> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            codec::encode_resolved(&ResolvedTouchpoint {
-                customer_id: CustomerId(uuid(u)?),
-                merges,
-                touchpoint: t,
-            })
+            sealed(codec::encode_resolved(
+                &ResolvedTouchpoint {
+                    customer_id: CustomerId(uuid(u)?),
+                    merges,
+                    touchpoint: t,
+                },
+                &sealing,
+            ))?
         }
-        2 => codec::encode_dead_letter(&word(u)?, &word(u)?, &t, u.arbitrary()?),
+        2 => sealed(codec::encode_dead_letter(
+            &word(u)?,
+            &word(u)?,
+            &t,
+            u.arbitrary()?,
+            &sealing,
+        ))?,
         3 => {
-            let raw = codec::encode_touchpoint(&t);
+            let raw = sealed(codec::encode_touchpoint(&t, &sealing))?;
             codec::encode_raw_dead_letter("identity", &word(u)?, &raw, u.arbitrary()?)
         }
         4 => codec::unusual_reads_record(

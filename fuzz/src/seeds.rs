@@ -88,10 +88,19 @@ pub fn encoded() -> Vec<(&'static str, String, Vec<u8>)> {
         merges: vec![merge],
         touchpoint: t.clone(),
     };
-    let mut future = codec::touchpoint_record(&t);
+    // Seeds are sealed like the live log's records (and, with no keys to
+    // open them, read back as anonymous).
+    let sealing = cdp_pipeline::seal::Sealing::fresh(
+        t.personal
+            .identifiers
+            .iter()
+            .chain(std::iter::once(&resolved.merges[0].cause.identifier)),
+    )
+    .expect("random keys");
+    let mut future = codec::touchpoint_record(&t, &sealing).expect("sealed");
     future.schema_version = codec::SCHEMA_VERSION + 1;
-    let encoded_touchpoint = codec::encode_touchpoint(&t);
-    let mut bad_channel = codec::touchpoint_record(&t);
+    let encoded_touchpoint = codec::encode_touchpoint(&t, &sealing).expect("sealed");
+    let mut bad_channel = codec::touchpoint_record(&t, &sealing).expect("sealed");
     if let Some(e) = bad_channel.envelope.as_mut() {
         e.channel = "carrier pigeon".into();
     }
@@ -99,7 +108,7 @@ pub fn encoded() -> Vec<(&'static str, String, Vec<u8>)> {
         ("ok-touchpoint.bin", encoded_touchpoint.clone()),
         (
             "ok-resolved-with-merge.bin",
-            codec::encode_resolved(&resolved),
+            codec::encode_resolved(&resolved, &sealing).expect("sealed"),
         ),
         (
             "ok-dead-letter.bin",
@@ -108,7 +117,9 @@ pub fn encoded() -> Vec<(&'static str, String, Vec<u8>)> {
                 "no identifier of the event may link it to a customer (device_id: kiosk-*)",
                 &t,
                 9,
-            ),
+                &sealing,
+            )
+            .expect("sealed"),
         ),
         (
             "ok-raw-dead-letter.bin",

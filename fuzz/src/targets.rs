@@ -338,8 +338,17 @@ fn accepted_touchpoint(what: &str, t: &Touchpoint, rules: &IdentityRules) -> Res
             )
         })?;
     }
-    let back = codec::decode_touchpoint(&codec::encode_touchpoint(t));
-    same_touchpoint(what, t, back.as_ref().ok())
+    let back = round_trip(t);
+    same_touchpoint(what, t, back.as_ref())
+}
+
+/// `t` sealed under fresh keys for its identifiers, and opened again.
+fn round_trip(t: &Touchpoint) -> Option<Touchpoint> {
+    let s = cdp_pipeline::seal::Sealing::fresh(&t.personal.identifiers).ok()?;
+    let bytes = codec::encode_touchpoint(t, &s).ok()?;
+    codec::decode_touchpoint(&bytes, &s.keys)
+        .ok()
+        .map(|o| o.value)
 }
 
 /// `back` must be `t`, floats included (serde_json's `float_roundtrip`).
@@ -656,7 +665,7 @@ fn codec_error(what: &str, e: &CodecError) -> Result<String, Violation> {
                 format!("{what}: a protobuf error that says nothing: {text:?} ({d:?})")
             })?;
         }
-        CodecError::UnknownVersion { .. } => {}
+        CodecError::UnknownVersion { .. } | CodecError::Sealed(_) => {}
     }
     Ok(text)
 }
@@ -669,22 +678,41 @@ pub fn records(bytes: &[u8]) -> Result<Outcome, Violation> {
     let mut accepted = Vec::new();
     let mut errors = Vec::new();
 
+    // Without keys: a sealed part stays shut (the record reads as anonymous).
+    let no_keys = cdp_seal::KeySet::new();
     match measured("codec: decode_touchpoint", len, || {
-        codec::decode_touchpoint(bytes)
+        codec::decode_touchpoint(bytes, &no_keys).map(|o| o.value)
     })? {
         Ok(t) => {
-            let back = codec::decode_touchpoint(&codec::encode_touchpoint(&t));
-            same_touchpoint("codec: touchpoint", &t, back.as_ref().ok())?;
+            let back = round_trip(&t);
+            same_touchpoint("codec: touchpoint", &t, back.as_ref())?;
             accepted.push("touchpoint");
         }
         Err(e) => errors.push(codec_error("codec: decode_touchpoint", &e)?),
     }
 
     match measured("codec: decode_resolved", len, || {
-        codec::decode_resolved(bytes)
+        codec::decode_resolved(bytes, &no_keys).map(|o| o.value)
     })? {
         Ok(r) => {
-            let back = codec::decode_resolved(&codec::encode_resolved(&r));
+            let ids = r
+                .touchpoint
+                .personal
+                .identifiers
+                .iter()
+                .chain(r.merges.iter().map(|m| &m.cause.identifier));
+            let back = cdp_pipeline::seal::Sealing::fresh(ids)
+                .ok()
+                .and_then(|s| {
+                    let bytes = codec::encode_resolved(&r, &s).ok()?;
+                    Some(codec::decode_resolved(&bytes, &s.keys).map(|o| o.value))
+                })
+                .unwrap_or_else(|| {
+                    Err(CodecError::Field {
+                        field: "sealing",
+                        reason: "could not seal".into(),
+                    })
+                });
             ensure(
                 back.as_ref()
                     .is_ok_and(|b| b.customer_id == r.customer_id && b.merges == r.merges),
@@ -722,11 +750,11 @@ pub fn records(bytes: &[u8]) -> Result<Outcome, Violation> {
             // A re-drive reads the touchpoint the dead letter carries.
             if let Some(record) = &d.touchpoint {
                 match measured("codec: touchpoint_from_record", len, || {
-                    codec::touchpoint_from_record(record)
+                    codec::touchpoint_from_record(record, &no_keys).map(|o| o.value)
                 })? {
                     Ok(t) => {
-                        let again = codec::touchpoint_from_record(&codec::touchpoint_record(&t));
-                        same_touchpoint("codec: dead letter", &t, again.as_ref().ok())?;
+                        let again = round_trip(&t);
+                        same_touchpoint("codec: dead letter", &t, again.as_ref())?;
                     }
                     Err(e) => errors.push(codec_error("codec: touchpoint_from_record", &e)?),
                 }

@@ -365,6 +365,62 @@ pub struct PlatformConfig {
     pub telemetry: TelemetryConfig,
     /// What one client, or a crowd of them, may take from a process.
     pub limits: LimitsConfig,
+    /// Crypto-shredding and erasure.
+    pub privacy: PrivacyConfig,
+}
+
+/// What becomes of a new event that carries an erased (suppressed) identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuppressedEvents {
+    /// Not appended; answered as suppressed.
+    Drop,
+    /// Appended without the suppressed identifiers and without traits; an
+    /// event left with no identifier is dropped.
+    Anonymise,
+}
+
+/// Crypto-shredding: every record's personal part is sealed under the data
+/// keys of its identifiers, which are wrapped by the master key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// The master keys, one `<version> <base64 of 32 bytes>` per line (the
+    /// highest version wraps). Default: `<data_dir>/master.keys`, created
+    /// with a fresh key when absent. Every process of one platform must
+    /// read the same keys; keep the file out of the data's backups.
+    pub master_key_file: Option<PathBuf>,
+    /// How long a process keeps a data key in memory: an erasure reaches
+    /// every process within this time.
+    pub key_cache_secs: u64,
+    /// Most data keys a process keeps in memory.
+    pub key_cache_entries: usize,
+    /// New events carrying an erased identifier.
+    pub suppressed: SuppressedEvents,
+    /// Days within which an erasure request must be complete (reported
+    /// with its status).
+    pub erasure_deadline_days: u32,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        PrivacyConfig {
+            master_key_file: None,
+            key_cache_secs: 5,
+            key_cache_entries: 200_000,
+            suppressed: SuppressedEvents::Drop,
+            erasure_deadline_days: 30,
+        }
+    }
+}
+
+impl PrivacyConfig {
+    /// The master key file in effect.
+    pub fn master_key_path(&self, data_dir: &Path) -> PathBuf {
+        self.master_key_file
+            .clone()
+            .unwrap_or_else(|| data_dir.join("master.keys"))
+    }
 }
 
 /// Bounds on every listener (gRPC and HTTP, each) and when to shed load:
@@ -432,6 +488,7 @@ impl Default for PlatformConfig {
             access: AccessConfig::default(),
             telemetry: TelemetryConfig::default(),
             limits: LimitsConfig::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }

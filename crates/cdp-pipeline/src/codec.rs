@@ -11,6 +11,9 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use cdp_proto::v1;
+use cdp_seal::KeySet;
+
+use crate::seal::{self, Sealing};
 
 /// The schema version written by this build. Readers accept it and older.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -23,6 +26,18 @@ pub enum CodecError {
     UnknownVersion { found: u32 },
     #[error("record field {field} is invalid: {reason}")]
     Field { field: &'static str, reason: String },
+    #[error("record's personal part: {0}")]
+    Sealed(#[from] cdp_seal::SealError),
+}
+
+/// A record read back: `anonymous` when its personal part was left out or
+/// cannot be opened any more (a key of its subjects was erased). An
+/// anonymous touchpoint has no identifiers, no traits, and its properties
+/// keep only numbers, booleans and [`seal::CLEAR_PROPERTIES`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened<T> {
+    pub value: T,
+    pub anonymous: bool,
 }
 
 fn field(field: &'static str, reason: impl ToString) -> CodecError {
@@ -70,14 +85,34 @@ fn dropped_from(d: &v1::DroppedIdentifier) -> Result<DroppedIdentifier, CodecErr
     })
 }
 
-pub fn touchpoint_record(t: &Touchpoint) -> v1::TouchpointRecord {
+/// The subjects a touchpoint is sealed under: its identifiers.
+pub fn touchpoint_subjects(t: &Touchpoint, s: &Sealing) -> Vec<cdp_seal::Subject> {
+    let mut subjects: Vec<_> = t
+        .personal
+        .identifiers
+        .iter()
+        .map(|i| s.subject(i))
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    subjects
+}
+
+/// A touchpoint's record: its personal part (with the text of its
+/// properties) sealed under the keys of its identifiers. When one of those
+/// keys is erased the personal part is left out (`anonymous`); an event
+/// without identifiers keeps it in clear (there is no one to erase).
+pub fn touchpoint_record(t: &Touchpoint, s: &Sealing) -> Result<v1::TouchpointRecord, CodecError> {
+    let mut properties = t.envelope.properties.clone();
+    let ids = &t.personal.identifiers;
+    let keys: Option<Vec<_>> = ids.iter().map(|i| s.key_of(i)).collect();
+    let taken = if ids.is_empty() {
+        Vec::new()
+    } else {
+        seal::split_properties(&mut properties)
+    };
     let personal = v1::PersonalRecord {
-        identifiers: t
-            .personal
-            .identifiers
-            .iter()
-            .map(cdp_proto::convert::identifier)
-            .collect(),
+        identifiers: ids.iter().map(cdp_proto::convert::identifier).collect(),
         traits_json: json_bytes(&t.personal.traits),
         dropped: t
             .personal
@@ -89,31 +124,70 @@ pub fn touchpoint_record(t: &Touchpoint) -> v1::TouchpointRecord {
                 reason: d.reason.clone(),
             })
             .collect(),
+        properties_json: if taken.is_empty() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&taken).unwrap_or_default()
+        },
     };
     let e = &t.envelope;
-    v1::TouchpointRecord {
+    let event_id = e.event_id.to_string();
+    let (personal, sealed, anonymous) = match keys {
+        _ if ids.is_empty() => (personal.encode_to_vec(), None, false),
+        Some(keys) => {
+            let part = cdp_seal::seal(&keys, event_id.as_bytes(), &personal.encode_to_vec())?;
+            (Vec::new(), Some(seal::part(part)), false)
+        }
+        None => (Vec::new(), None, true),
+    };
+    Ok(v1::TouchpointRecord {
         schema_version: SCHEMA_VERSION,
         envelope: Some(v1::EnvelopeRecord {
-            event_id: e.event_id.to_string(),
+            event_id,
             r#type: e.event_type.to_string(),
             channel: e.channel.to_string(),
             source_id: e.source_id.clone(),
             occurred_at_ms: e.occurred_at,
             received_at_ms: e.received_at,
-            properties_json: json_bytes(&e.properties),
+            properties_json: json_bytes(&properties),
         }),
-        personal: personal.encode_to_vec(),
-    }
+        personal,
+        sealed,
+        anonymous,
+    })
 }
 
-pub fn touchpoint_from_record(r: &v1::TouchpointRecord) -> Result<Touchpoint, CodecError> {
+/// Reads a touchpoint record, opening its personal part with `keys`.
+pub fn touchpoint_from_record(
+    r: &v1::TouchpointRecord,
+    keys: &KeySet,
+) -> Result<Opened<Touchpoint>, CodecError> {
     check_version(r.schema_version)?;
     let e = r
         .envelope
         .as_ref()
         .ok_or_else(|| field("envelope", "missing"))?;
-    let personal = v1::PersonalRecord::decode(r.personal.as_slice())?;
-    Ok(Touchpoint {
+    let (personal, anonymous) = match &r.sealed {
+        Some(part) => {
+            let sealed = seal::sealed(part)?;
+            match cdp_seal::open(&sealed, e.event_id.as_bytes(), |s| keys.get(s))? {
+                Some(bytes) => (v1::PersonalRecord::decode(bytes.as_slice())?, false),
+                None => (v1::PersonalRecord::default(), true),
+            }
+        }
+        None => (
+            v1::PersonalRecord::decode(r.personal.as_slice())?,
+            r.anonymous,
+        ),
+    };
+    let mut properties = json_map("envelope.properties_json", &e.properties_json)?;
+    if !personal.properties_json.is_empty() {
+        let taken: Vec<(String, serde_json::Value)> =
+            serde_json::from_slice(&personal.properties_json)
+                .map_err(|e| field("personal.properties_json", e))?;
+        seal::restore_properties(&mut properties, taken);
+    }
+    let touchpoint = Touchpoint {
         envelope: Envelope {
             event_id: EventId(uuid("envelope.event_id", &e.event_id)?),
             event_type: EventType::from(e.r#type.clone()),
@@ -124,7 +198,7 @@ pub fn touchpoint_from_record(r: &v1::TouchpointRecord) -> Result<Touchpoint, Co
             source_id: e.source_id.clone(),
             occurred_at: e.occurred_at_ms,
             received_at: e.received_at_ms,
-            properties: json_map("envelope.properties_json", &e.properties_json)?,
+            properties,
         },
         personal: Personal {
             identifiers: personal
@@ -139,112 +213,205 @@ pub fn touchpoint_from_record(r: &v1::TouchpointRecord) -> Result<Touchpoint, Co
                 .map(dropped_from)
                 .collect::<Result<_, _>>()?,
         },
+    };
+    Ok(Opened {
+        value: touchpoint,
+        anonymous,
     })
 }
 
-pub fn encode_touchpoint(t: &Touchpoint) -> Vec<u8> {
-    touchpoint_record(t).encode_to_vec()
+/// The subjects whose keys open a touchpoint record.
+pub fn record_subjects(r: &v1::TouchpointRecord) -> Vec<cdp_seal::Subject> {
+    r.sealed
+        .as_ref()
+        .map(|p| seal::subjects_of(p).collect())
+        .unwrap_or_default()
 }
 
-pub fn decode_touchpoint(bytes: &[u8]) -> Result<Touchpoint, CodecError> {
-    touchpoint_from_record(&v1::TouchpointRecord::decode(bytes)?)
+pub fn encode_touchpoint(t: &Touchpoint, s: &Sealing) -> Result<Vec<u8>, CodecError> {
+    Ok(touchpoint_record(t, s)?.encode_to_vec())
 }
 
-pub fn merge_record(m: &Merge) -> v1::MergeRecord {
-    v1::MergeRecord {
+pub fn decode_touchpoint(bytes: &[u8], keys: &KeySet) -> Result<Opened<Touchpoint>, CodecError> {
+    touchpoint_from_record(&v1::TouchpointRecord::decode(bytes)?, keys)
+}
+
+/// What the associated data of a sealed identifier is.
+const IDENTIFIER_AAD: &[u8] = b"cdp identifier";
+
+/// An identifier for a record other than a touchpoint: its kind in clear,
+/// its value sealed under its own key (left out once that key is erased).
+pub fn sealed_identifier(
+    id: &Identifier,
+    s: &Sealing,
+) -> Result<(v1::Identifier, Option<v1::SealedPart>), CodecError> {
+    let kind_only = v1::Identifier {
+        kind: id.kind.to_string(),
+        value: String::new(),
+    };
+    Ok(match s.key_of(id) {
+        Some(key) => {
+            let part = cdp_seal::seal(&[key], IDENTIFIER_AAD, id.value.as_bytes())?;
+            (kind_only, Some(seal::part(part)))
+        }
+        None => (kind_only, None),
+    })
+}
+
+/// Reads an identifier written by [`sealed_identifier`] (or in clear by an
+/// older build); an erased one has an empty value.
+pub fn open_identifier(
+    name: &'static str,
+    id: Option<&v1::Identifier>,
+    sealed: Option<&v1::SealedPart>,
+    keys: &KeySet,
+) -> Result<Identifier, CodecError> {
+    let id = id.ok_or_else(|| field(name, "missing"))?;
+    let kind = IdKind::parse(&id.kind).map_err(|e| field(name, e))?;
+    let value = match sealed {
+        Some(part) => {
+            match cdp_seal::open(&seal::sealed(part)?, IDENTIFIER_AAD, |s| keys.get(s))? {
+                Some(bytes) => String::from_utf8(bytes).map_err(|e| field(name, e))?,
+                None => String::new(),
+            }
+        }
+        None => id.value.clone(),
+    };
+    Ok(Identifier::new(kind, value))
+}
+
+pub fn merge_record(m: &Merge, s: &Sealing) -> Result<v1::MergeRecord, CodecError> {
+    let (cause_identifier, cause_sealed) = sealed_identifier(&m.cause.identifier, s)?;
+    Ok(v1::MergeRecord {
         loser: m.loser.to_string(),
         survivor: m.survivor.to_string(),
         at_ms: m.at,
         cause_event_id: m.cause.event_id.to_string(),
-        cause_identifier: Some(cdp_proto::convert::identifier(&m.cause.identifier)),
+        cause_identifier: Some(cause_identifier),
         rule: m.cause.rule.clone(),
-    }
+        cause_sealed,
+    })
 }
 
-pub fn merge_from_record(r: &v1::MergeRecord) -> Result<Merge, CodecError> {
-    let id = r
-        .cause_identifier
-        .as_ref()
-        .ok_or_else(|| field("merge.cause_identifier", "missing"))?;
+pub fn merge_from_record(r: &v1::MergeRecord, keys: &KeySet) -> Result<Merge, CodecError> {
+    let identifier = open_identifier(
+        "merge.cause_identifier",
+        r.cause_identifier.as_ref(),
+        r.cause_sealed.as_ref(),
+        keys,
+    )?;
     Ok(Merge {
         loser: CustomerId(uuid("merge.loser", &r.loser)?),
         survivor: CustomerId(uuid("merge.survivor", &r.survivor)?),
         at: r.at_ms,
         cause: MergeCause {
             event_id: EventId(uuid("merge.cause_event_id", &r.cause_event_id)?),
-            identifier: identifier_from("merge.cause_identifier", id)?,
+            identifier,
             rule: r.rule.clone(),
         },
     })
 }
 
-pub fn encode_resolved(r: &ResolvedTouchpoint) -> Vec<u8> {
-    v1::ResolvedRecord {
+pub fn encode_resolved(r: &ResolvedTouchpoint, s: &Sealing) -> Result<Vec<u8>, CodecError> {
+    Ok(v1::ResolvedRecord {
         schema_version: SCHEMA_VERSION,
         customer_id: r.customer_id.to_string(),
-        merges: r.merges.iter().map(merge_record).collect(),
-        touchpoint: Some(touchpoint_record(&r.touchpoint)),
-    }
-    .encode_to_vec()
-}
-
-pub fn decode_resolved(bytes: &[u8]) -> Result<ResolvedTouchpoint, CodecError> {
-    let r = v1::ResolvedRecord::decode(bytes)?;
-    check_version(r.schema_version)?;
-    Ok(ResolvedTouchpoint {
-        customer_id: CustomerId(uuid("customer_id", &r.customer_id)?),
         merges: r
             .merges
             .iter()
-            .map(merge_from_record)
+            .map(|m| merge_record(m, s))
             .collect::<Result<_, _>>()?,
-        touchpoint: touchpoint_from_record(
-            r.touchpoint
-                .as_ref()
-                .ok_or_else(|| field("touchpoint", "missing"))?,
-        )?,
+        touchpoint: Some(touchpoint_record(&r.touchpoint, s)?),
+    }
+    .encode_to_vec())
+}
+
+/// The subjects whose keys open a resolved record: its touchpoint's and
+/// its merge causes'.
+pub fn resolved_subjects(r: &v1::ResolvedRecord) -> Vec<cdp_seal::Subject> {
+    let mut out: Vec<_> = r
+        .touchpoint
+        .as_ref()
+        .map(record_subjects)
+        .unwrap_or_default();
+    for m in &r.merges {
+        if let Some(p) = &m.cause_sealed {
+            out.extend(seal::subjects_of(p));
+        }
+    }
+    out
+}
+
+pub fn decode_resolved(
+    bytes: &[u8],
+    keys: &KeySet,
+) -> Result<Opened<ResolvedTouchpoint>, CodecError> {
+    let r = v1::ResolvedRecord::decode(bytes)?;
+    check_version(r.schema_version)?;
+    let touchpoint = touchpoint_from_record(
+        r.touchpoint
+            .as_ref()
+            .ok_or_else(|| field("touchpoint", "missing"))?,
+        keys,
+    )?;
+    Ok(Opened {
+        value: ResolvedTouchpoint {
+            customer_id: CustomerId(uuid("customer_id", &r.customer_id)?),
+            merges: r
+                .merges
+                .iter()
+                .map(|m| merge_from_record(m, keys))
+                .collect::<Result<_, _>>()?,
+            touchpoint: touchpoint.value,
+        },
+        anonymous: touchpoint.anonymous,
     })
 }
 
 /// Identity-log records describing one resolution.
-pub fn identity_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
+pub fn identity_records(d: &cdp_domain::Decision, s: &Sealing) -> Result<Vec<Vec<u8>>, CodecError> {
     use v1::identity_record::Change;
-    let linked = d.claims.iter().map(|id| {
-        Change::Linked(v1::IdentifierLinked {
-            identifier: Some(cdp_proto::convert::identifier(id)),
+    let mut changes = Vec::new();
+    for id in &d.claims {
+        let (identifier, identifier_sealed) = sealed_identifier(id, s)?;
+        changes.push(Change::Linked(v1::IdentifierLinked {
+            identifier: Some(identifier),
             customer_id: d.customer_id.to_string(),
             event_id: d.event_id.to_string(),
             at_ms: d.at,
-        })
-    });
-    let merged = d.merges.iter().map(|m| Change::Merged(merge_record(m)));
-    let ignored = d.ignored.iter().map(|(id, why)| {
-        Change::Ignored(v1::IdentifierIgnored {
-            identifier: Some(cdp_proto::convert::identifier(id)),
-            event_id: d.event_id.to_string(),
-            reason: why.describe(),
-            code: why.code().to_owned(),
-            other_customer_id: why.other().map(|c| c.to_string()).unwrap_or_default(),
-        })
-    });
-    let recycled = d.recycled.iter().map(|(id, former)| {
-        Change::Recycled(v1::IdentifierRecycled {
-            identifier: Some(cdp_proto::convert::identifier(id)),
+            identifier_sealed,
+        }));
+    }
+    for m in &d.merges {
+        changes.push(Change::Merged(merge_record(m, s)?));
+    }
+    for (id, former) in &d.recycled {
+        let (identifier, identifier_sealed) = sealed_identifier(id, s)?;
+        changes.push(Change::Recycled(v1::IdentifierRecycled {
+            identifier: Some(identifier),
             former_customer_id: former.to_string(),
             customer_id: d.customer_id.to_string(),
             event_id: d.event_id.to_string(),
             at_ms: d.at,
-        })
-    });
-    let quarantined = d
-        .quarantined
-        .iter()
-        .map(|q| Change::Quarantined(quarantine_record(d, q)));
-    linked
-        .chain(merged)
-        .chain(recycled)
-        .chain(ignored)
-        .chain(quarantined)
+            identifier_sealed,
+        }));
+    }
+    for (id, why) in &d.ignored {
+        let (identifier, identifier_sealed) = sealed_identifier(id, s)?;
+        changes.push(Change::Ignored(v1::IdentifierIgnored {
+            identifier: Some(identifier),
+            event_id: d.event_id.to_string(),
+            reason: why.describe(),
+            code: why.code().to_owned(),
+            other_customer_id: why.other().map(|c| c.to_string()).unwrap_or_default(),
+            identifier_sealed,
+        }));
+    }
+    for q in &d.quarantined {
+        changes.push(Change::Quarantined(quarantine_record(d, q, s)?));
+    }
+    Ok(changes
+        .into_iter()
         .map(|change| {
             v1::IdentityRecord {
                 schema_version: SCHEMA_VERSION,
@@ -252,35 +419,38 @@ pub fn identity_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
             }
             .encode_to_vec()
         })
-        .collect()
+        .collect())
 }
 
 pub fn quarantine_record(
     d: &cdp_domain::Decision,
     q: &cdp_domain::identity::Quarantined,
-) -> v1::IdentifierQuarantined {
-    v1::IdentifierQuarantined {
-        identifier: Some(cdp_proto::convert::identifier(&q.identifier)),
+    s: &Sealing,
+) -> Result<v1::IdentifierQuarantined, CodecError> {
+    let (identifier, identifier_sealed) = sealed_identifier(&q.identifier, s)?;
+    Ok(v1::IdentifierQuarantined {
+        identifier: Some(identifier),
         holder_customer_id: q.holder.to_string(),
         people: q.people,
         limit: q.limit,
         event_id: d.event_id.to_string(),
         at_ms: d.at,
-    }
+        identifier_sealed,
+    })
 }
 
 /// The `alerts` records of a decision: one per identifier it quarantined.
-pub fn alert_records(d: &cdp_domain::Decision) -> Vec<Vec<u8>> {
+pub fn alert_records(d: &cdp_domain::Decision, s: &Sealing) -> Result<Vec<Vec<u8>>, CodecError> {
     d.quarantined
         .iter()
         .map(|q| {
-            v1::AlertRecord {
+            Ok(v1::AlertRecord {
                 schema_version: SCHEMA_VERSION,
                 alert: Some(v1::alert_record::Alert::Quarantined(quarantine_record(
-                    d, q,
-                ))),
+                    d, q, s,
+                )?)),
             }
-            .encode_to_vec()
+            .encode_to_vec())
         })
         .collect()
 }
@@ -315,16 +485,22 @@ pub fn decode_alert(bytes: &[u8]) -> Result<v1::AlertRecord, CodecError> {
     Ok(r)
 }
 
-pub fn encode_dead_letter(stage: &str, reason: &str, t: &Touchpoint, failed_at: i64) -> Vec<u8> {
-    v1::DeadLetterRecord {
+pub fn encode_dead_letter(
+    stage: &str,
+    reason: &str,
+    t: &Touchpoint,
+    failed_at: i64,
+    s: &Sealing,
+) -> Result<Vec<u8>, CodecError> {
+    Ok(v1::DeadLetterRecord {
         schema_version: SCHEMA_VERSION,
         stage: stage.to_owned(),
         reason: reason.to_owned(),
-        touchpoint: Some(touchpoint_record(t)),
+        touchpoint: Some(touchpoint_record(t, s)?),
         failed_at_ms: failed_at,
         raw: Vec::new(),
     }
-    .encode_to_vec()
+    .encode_to_vec())
 }
 
 /// A dead letter for a record that could not even be decoded.
@@ -392,10 +568,57 @@ mod tests {
         }
     }
 
+    fn sealing_for(t: &Touchpoint) -> Sealing {
+        Sealing::fresh(&t.personal.identifiers).unwrap()
+    }
+
     #[test]
     fn touchpoints_round_trip() {
         let t = sample();
-        assert_eq!(decode_touchpoint(&encode_touchpoint(&t)).unwrap(), t);
+        let s = sealing_for(&t);
+        let opened = decode_touchpoint(&encode_touchpoint(&t, &s).unwrap(), &s.keys).unwrap();
+        assert_eq!(
+            opened,
+            Opened {
+                value: t,
+                anonymous: false
+            }
+        );
+    }
+
+    /// Sealed: nothing personal in clear; without a key of its subjects the
+    /// event reads as anonymous, its amounts and ids intact.
+    #[test]
+    fn a_touchpoint_without_its_keys_is_anonymous_and_still_counts() {
+        let mut t = sample();
+        t.envelope
+            .properties
+            .insert("note".into(), json!("giao cho Nguyễn Văn A, 0912 345 678"));
+        let s = sealing_for(&t);
+        let bytes = encode_touchpoint(&t, &s).unwrap();
+        for secret in ["84912345678", "Nguy", "0912 345"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in clear"
+            );
+        }
+        let erased = decode_touchpoint(&bytes, &KeySet::new()).unwrap();
+        assert!(erased.anonymous);
+        assert!(erased.value.personal.identifiers.is_empty());
+        assert!(erased.value.personal.traits.is_empty());
+        let p = &erased.value.envelope.properties;
+        assert_eq!(p["total"], 1250000);
+        assert_eq!(p["currency"], "VND");
+        assert_eq!(p["note"], serde_json::Value::Null);
+        // Sealed for another event: refused, not misread.
+        let mut rec = touchpoint_record(&t, &s).unwrap();
+        if let Some(e) = rec.envelope.as_mut() {
+            e.event_id = Uuid::from_u128(43).to_string();
+        }
+        assert!(matches!(
+            touchpoint_from_record(&rec, &s.keys),
+            Err(CodecError::Sealed(_))
+        ));
     }
 
     #[test]
@@ -415,14 +638,23 @@ mod tests {
             }],
             touchpoint: t,
         };
-        assert_eq!(decode_resolved(&encode_resolved(&r)).unwrap(), r);
+        let s = sealing_for(&r.touchpoint);
+        let bytes = encode_resolved(&r, &s).unwrap();
+        assert!(!bytes.windows(11).any(|w| w == b"84912345678"));
+        assert_eq!(decode_resolved(&bytes, &s.keys).unwrap().value, r);
+        // Erased: the merge stays (ids only), its cause's value is gone.
+        let erased = decode_resolved(&bytes, &KeySet::new()).unwrap();
+        assert!(erased.anonymous);
+        assert_eq!(erased.value.merges[0].loser, r.merges[0].loser);
+        assert_eq!(erased.value.merges[0].cause.identifier.value, "");
     }
 
     #[test]
     fn a_future_schema_version_is_refused_not_misread() {
-        let mut rec = touchpoint_record(&sample());
+        let s = sealing_for(&sample());
+        let mut rec = touchpoint_record(&sample(), &s).unwrap();
         rec.schema_version = SCHEMA_VERSION + 1;
-        let err = decode_touchpoint(&rec.encode_to_vec()).unwrap_err();
+        let err = decode_touchpoint(&rec.encode_to_vec(), &s.keys).unwrap_err();
         assert!(matches!(err, CodecError::UnknownVersion { .. }));
     }
 }

@@ -10,8 +10,10 @@ use cdp_domain::{
 use cdp_log::{LogRecord, Record, Topic};
 use cdp_store::FIRST_GENERATION;
 
-use crate::codec::{self, CodecError};
+use crate::codec::{self, CodecError, Opened};
+use crate::seal::Sealing;
 use crate::{header, key, topic};
+use cdp_seal::{KeySet, Subject};
 
 /// The stage that gave up on an event, as written in its dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,10 +35,16 @@ impl Stage {
 
 /// The `touchpoints` record of an accepted event, with its trace context.
 /// The event id is the idempotency key: a retried event is not appended twice.
-pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules, traceparent: &str) -> Record {
-    Record {
-        key: key::touchpoint(t, rules),
-        value: codec::encode_touchpoint(t),
+pub fn touchpoint(
+    t: &Touchpoint,
+    rules: &IdentityRules,
+    traceparent: &str,
+    s: &Sealing,
+) -> Result<Record, CodecError> {
+    let subjects = codec::touchpoint_subjects(t, s);
+    Ok(Record {
+        key: key::touchpoint(t, rules, &s.hasher),
+        value: codec::encode_touchpoint(t, s)?,
         headers: vec![
             (
                 header::EVENT_ID.into(),
@@ -47,9 +55,13 @@ pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules, traceparent: &str) -> R
                 format!("cdp.v1.TouchpointRecord/{}", codec::SCHEMA_VERSION).into_bytes(),
             ),
             (header::TRACEPARENT.into(), traceparent.as_bytes().to_vec()),
+            (
+                header::SUBJECTS.into(),
+                crate::seal::subjects_header(&subjects),
+            ),
         ],
         idempotency_key: Some(t.event_id().0.as_bytes().to_vec()),
-    }
+    })
 }
 
 /// The copy of a dead-lettered touchpoint that a re-drive appends to
@@ -61,8 +73,9 @@ pub fn redriven_touchpoint(
     rules: &IdentityRules,
     traceparent: &str,
     dead_letter: (u32, u64),
-) -> Record {
-    let mut record = touchpoint(t, rules, traceparent);
+    s: &Sealing,
+) -> Result<Record, CodecError> {
+    let mut record = touchpoint(t, rules, traceparent, s)?;
     record.headers.push((
         header::REDRIVE_OF.into(),
         format!(
@@ -76,7 +89,7 @@ pub fn redriven_touchpoint(
     let mut idempotency = b"redrive/".to_vec();
     idempotency.extend(key::dead_letter(dead_letter.0, dead_letter.1));
     record.idempotency_key = Some(idempotency);
-    record
+    Ok(record)
 }
 
 /// Whether a `touchpoints` record is a re-driven copy of an event already
@@ -94,9 +107,23 @@ pub fn redrive(r: &cdp_proto::v1::RedriveRecord) -> Record {
     }
 }
 
-/// Decodes a `touchpoints` record.
-pub fn read_touchpoint(r: &LogRecord) -> Result<Touchpoint, CodecError> {
-    codec::decode_touchpoint(&r.value)
+/// Decodes a `touchpoints` record, opening its personal part with `keys`
+/// (fetched for [`subjects`]).
+pub fn read_touchpoint(r: &LogRecord, keys: &KeySet) -> Result<Opened<Touchpoint>, CodecError> {
+    codec::decode_touchpoint(&r.value, keys)
+}
+
+/// The subjects whose keys a reader needs to open `records` (from their
+/// [`header::SUBJECTS`] headers), each once.
+pub fn subjects<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Vec<Subject> {
+    let mut out: Vec<Subject> = records
+        .into_iter()
+        .filter_map(|r| r.header(header::SUBJECTS))
+        .flat_map(crate::seal::read_subjects_header)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// The trace context a record carries, to pass on to what it causes.
@@ -152,7 +179,8 @@ impl Outputs {
         generation: u32,
         trace: Option<&[u8]>,
         now: UnixMillis,
-    ) {
+        s: &Sealing,
+    ) -> Result<(), CodecError> {
         match resolution {
             Resolution::Resolved(decision) => {
                 let customer = key::customer(decision.customer_id);
@@ -162,7 +190,7 @@ impl Outputs {
                 );
                 self.identity
                     .extend(
-                        codec::identity_records(&decision)
+                        codec::identity_records(&decision, s)?
                             .into_iter()
                             .map(|value| Record {
                                 key: customer.clone(),
@@ -172,16 +200,25 @@ impl Outputs {
                             }),
                     );
                 self.alerts.extend(
-                    codec::alert_records(&decision)
+                    codec::alert_records(&decision, s)?
                         .into_iter()
                         .zip(&decision.quarantined)
                         .map(|(value, q)| Record {
-                            key: q.identifier.key().into_bytes(),
+                            key: key::identifier(&q.identifier, &s.hasher),
                             value,
                             headers: vec![of_generation.clone()],
                             idempotency_key: None,
                         }),
                 );
+                let mut subjects = codec::touchpoint_subjects(&event, s);
+                subjects.extend(
+                    decision
+                        .merges
+                        .iter()
+                        .map(|m| s.subject(&m.cause.identifier)),
+                );
+                subjects.sort();
+                subjects.dedup();
                 let resolved = resolved(event, decision);
                 let mut headers = vec![
                     (
@@ -192,20 +229,24 @@ impl Outputs {
                         header::GENERATION.into(),
                         generation.to_string().into_bytes(),
                     ),
+                    (
+                        header::SUBJECTS.into(),
+                        crate::seal::subjects_header(&subjects),
+                    ),
                 ];
                 if let Some(t) = trace {
                     headers.push((header::TRACEPARENT.into(), t.to_vec()));
                 }
                 self.resolved.push(Record {
                     key: customer,
-                    value: codec::encode_resolved(&resolved),
+                    value: codec::encode_resolved(&resolved, s)?,
                     headers,
                     idempotency_key: None,
                 });
             }
             Resolution::Unresolvable { ignored } => {
                 let reason = unresolvable_reason(&ignored);
-                self.dead_letter(Stage::Identity, &reason, &event, now);
+                self.dead_letter(Stage::Identity, &reason, &event, now, s)?;
                 if let Some(letter) = self.dead_letters.last_mut() {
                     letter.headers.push((
                         header::GENERATION.to_owned(),
@@ -214,6 +255,7 @@ impl Outputs {
                 }
             }
         }
+        Ok(())
     }
 
     /// Marks the records as a rebuild's (see [`header::REBUILT`]).
@@ -231,12 +273,25 @@ impl Outputs {
     }
 
     /// Adds a dead letter for a decoded event.
-    pub fn dead_letter(&mut self, stage: Stage, reason: &str, event: &Touchpoint, now: UnixMillis) {
+    pub fn dead_letter(
+        &mut self,
+        stage: Stage,
+        reason: &str,
+        event: &Touchpoint,
+        now: UnixMillis,
+        s: &Sealing,
+    ) -> Result<(), CodecError> {
+        let subjects = codec::touchpoint_subjects(event, s);
         self.dead_letters.push(Record {
             key: key::event(event.event_id()),
-            value: codec::encode_dead_letter(stage.name(), reason, event, now),
+            value: codec::encode_dead_letter(stage.name(), reason, event, now, s)?,
+            headers: vec![(
+                header::SUBJECTS.into(),
+                crate::seal::subjects_header(&subjects),
+            )],
             ..Record::default()
         });
+        Ok(())
     }
 
     /// Adds a dead letter for a record that could not be decoded, keeping
@@ -276,9 +331,12 @@ pub fn generation_of(r: &LogRecord) -> Option<u32> {
     }
 }
 
-/// Decodes a `resolved` record.
-pub fn read_resolved(r: &LogRecord) -> Result<ResolvedTouchpoint, CodecError> {
-    codec::decode_resolved(&r.value)
+/// Decodes a `resolved` record, opening its personal parts with `keys`.
+pub fn read_resolved(
+    r: &LogRecord,
+    keys: &KeySet,
+) -> Result<Opened<ResolvedTouchpoint>, CodecError> {
+    codec::decode_resolved(&r.value, keys)
 }
 
 /// Whether a rebuild appended the record (see [`header::REBUILT`]).
@@ -347,6 +405,10 @@ mod tests {
         }
     }
 
+    fn sealing() -> Sealing {
+        Sealing::fresh(&event().personal.identifiers).unwrap()
+    }
+
     fn as_read(topic: Topic, r: &Record) -> LogRecord {
         LogRecord {
             topic,
@@ -386,13 +448,22 @@ mod tests {
             seen: Vec::new(),
         };
         let mut out = Outputs::default();
+        let s = sealing();
         out.resolution(
             event(),
             Resolution::Resolved(decision),
             3,
             Some(b"00-trace"),
             5,
-        );
+            &s,
+        )
+        .unwrap();
+        for r in out.identity.iter().chain(&out.resolved) {
+            assert!(
+                !r.value.windows(11).any(|w| w == b"84912345678"),
+                "a phone in clear"
+            );
+        }
         assert_eq!(out.identity.len(), 2, "one link and one merge");
         assert!(out.dead_letters.is_empty());
         let [resolved] = out.resolved.as_slice() else {
@@ -402,7 +473,8 @@ mod tests {
         let read = as_read(topic::RESOLVED, resolved);
         assert_eq!(generation_of(&read), Some(3));
         assert_eq!(trace_of(&read), Some(b"00-trace".as_slice()));
-        let back = read_resolved(&read).unwrap();
+        assert_eq!(subjects([&read]).len(), 1, "the phone's subject");
+        let back = read_resolved(&read, &s.keys).unwrap().value;
         assert_eq!(back.customer_id, customer);
         assert_eq!(back.merges, vec![merge]);
         assert_eq!(back.touchpoint, event());
@@ -422,7 +494,9 @@ mod tests {
             1,
             None,
             9,
-        );
+            &sealing(),
+        )
+        .unwrap();
         assert!(out.resolved.is_empty() && out.identity.is_empty());
         let [dead] = out.dead_letters.as_slice() else {
             panic!("one dead letter")
@@ -449,11 +523,13 @@ mod tests {
             seen: Vec::new(),
         };
         let mut live = Outputs::default();
-        live.resolution(event(), Resolution::Resolved(decision), 2, None, 0);
+        let s = sealing();
+        live.resolution(event(), Resolution::Resolved(decision), 2, None, 0, &s)
+            .unwrap();
         let rebuilt = live.clone().rebuilt();
         let mut read = as_read(topic::RESOLVED, &live.resolved[0]);
         read.timestamp = 90_000;
-        let resolved = read_resolved(&read).unwrap();
+        let resolved = read_resolved(&read, &s.keys).unwrap().value;
         assert!(!is_rebuilt(&read));
         assert_eq!(reached_views_at(&read, &resolved), 90_000);
         let mut read = as_read(topic::RESOLVED, &rebuilt.resolved[0]);
@@ -476,14 +552,19 @@ mod tests {
     #[test]
     fn touchpoints_are_keyed_by_their_strongest_identifier_and_deduplicated_by_event_id() {
         let rules = IdentityRules::default();
-        let r = touchpoint(&event(), &rules, "00-t");
-        assert_eq!(r.key, key::touchpoint(&event(), &rules));
+        let s = sealing();
+        let r = touchpoint(&event(), &rules, "00-t", &s).unwrap();
+        assert_eq!(r.key, key::touchpoint(&event(), &rules, &s.hasher));
+        assert!(
+            !r.key.windows(11).any(|w| w == b"84912345678"),
+            "the key names the identifier by its subject"
+        );
         assert_eq!(
             r.idempotency_key.as_deref(),
             Some(event().event_id().0.as_bytes().as_slice())
         );
         let read = as_read(topic::TOUCHPOINTS, &r);
-        assert_eq!(read_touchpoint(&read).unwrap(), event());
+        assert_eq!(read_touchpoint(&read, &s.keys).unwrap().value, event());
         assert_eq!(
             read.header(header::EVENT_ID),
             Some(event().event_id().to_string().as_bytes())

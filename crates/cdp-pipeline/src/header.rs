@@ -28,3 +28,8 @@ pub const REBUILT: &str = "cdp-rebuilt";
 /// log at its first position, so replay leaves the copy out, and the views
 /// fold it once (folds are idempotent per event).
 pub const REDRIVE_OF: &str = "cdp-redrive-of";
+
+/// The subjects (HMACs of identifiers, 32 bytes each) whose keys open a
+/// record's sealed parts, so a reader fetches a batch's keys before
+/// decoding it (see [`crate::seal`]).
+pub const SUBJECTS: &str = "cdp-subjects";

@@ -4,11 +4,20 @@
 use cdp_domain::{CustomerId, EventId, IdentityRules, Touchpoint};
 
 /// A touchpoint's key: its routing identifier (the strongest one, so the
-/// events of one person mostly share a partition), else its event id.
-pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules) -> Vec<u8> {
+/// events of one person mostly share a partition) named by its subject
+/// (an HMAC, never the value), else its event id.
+pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules, hasher: &cdp_seal::Hasher) -> Vec<u8> {
     t.routing_identifier(rules)
-        .map_or_else(|| t.event_id().to_string(), |id| id.key())
+        .map_or_else(
+            || t.event_id().to_string(),
+            |id| hasher.subject(id.key().as_bytes()).hex(),
+        )
         .into_bytes()
+}
+
+/// The key of an `alerts` record about an identifier: its subject.
+pub fn identifier(id: &cdp_domain::Identifier, hasher: &cdp_seal::Hasher) -> Vec<u8> {
+    hasher.subject(id.key().as_bytes()).hex().into_bytes()
 }
 
 /// The key of every record about one customer: `resolved`, `identity`,

@@ -22,6 +22,7 @@ pub mod emit;
 pub mod group;
 pub mod header;
 pub mod key;
+pub mod seal;
 pub mod topic;
 
 pub use audit::{AuditEntry, Sealed};

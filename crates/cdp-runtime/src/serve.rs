@@ -36,6 +36,9 @@ pub struct Backends {
     /// `cdp_store::generations`): take one generation's stores with
     /// `live.current()` for a whole request or batch.
     pub live: Arc<LiveStores>,
+    /// The data keys every record's personal part is sealed under
+    /// (crypto-shredding; see `cdp_store::keys`).
+    pub keyring: Arc<cdp_store::Keyring>,
 }
 
 #[derive(Debug, Error)]

@@ -142,6 +142,7 @@ use tracing::{debug, info};
 mod dedupe;
 mod generations;
 mod identity;
+pub mod keys;
 mod profile;
 mod schema;
 
@@ -149,6 +150,7 @@ mod schema;
 mod tests;
 
 pub use generations::ScyllaGenerations;
+pub use keys::ScyllaKeyRows;
 
 pub use cdp_config::ScyllaConfig;
 

@@ -66,6 +66,18 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             "CREATE TABLE IF NOT EXISTS {ks}.generation_active (k int PRIMARY KEY, id int)",
         ],
     },
+    Migration {
+        version: 4,
+        name: "keyring of crypto-shredding: a data key per subject, wrapped; erased rows are the suppression list",
+        statements: &[
+            // subject (HMAC of an identifier) -> the data key wrapped by master
+            // key `master`, or, once erased, when and by which request.
+            // Erased cells are purged from SSTables an hour after compaction
+            // reaches them (gc_grace_seconds), instead of ten days.
+            "CREATE TABLE IF NOT EXISTS {ks}.subject_keys (subject blob PRIMARY KEY, master int, \
+         wrapped blob, erased_at bigint, request text) WITH gc_grace_seconds = 3600",
+        ],
+    },
 ];
 
 /// The tables holding data, emptied by `truncate` (not the lease nor the

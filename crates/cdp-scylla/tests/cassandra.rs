@@ -348,6 +348,17 @@ async fn cassandra_idempotency_index_conforms() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a CQL server on 127.0.0.1:9042: `make test` starts Cassandra"]
+async fn cassandra_keyring_conforms() {
+    with_keyspace(1, |stores| async move {
+        let rows = cdp_scylla::ScyllaKeyRows::new(&stores[0]).await.unwrap();
+        cdp_store::keys::conformance::keyring_creates_erases_and_rotates(std::sync::Arc::new(rows))
+            .await;
+    })
+    .await;
+}
+
 /// Several clients resolve overlapping identifiers at once; afterwards the
 /// graph is one consistent partition of the identifiers, every claim
 /// points (through redirects) at the customer that lists it, and

@@ -27,6 +27,7 @@ use thiserror::Error;
 pub mod conformance;
 pub mod embedded;
 pub mod generations;
+pub mod keys;
 pub mod read;
 
 pub use embedded::EmbeddedStore;
@@ -34,6 +35,7 @@ pub use generations::{
     EmbeddedGenerations, FIRST_GENERATION, GenerationInfo, Generations, LiveStores,
     ProjectionStores,
 };
+pub use keys::{EmbeddedKeyRows, KeyRow, KeyRows, Keyring};
 
 #[derive(Debug, Error)]
 pub enum StoreError {

@@ -12,7 +12,9 @@ use cdp_kafka::KafkaLog;
 use cdp_log::{DedupeIndex, EmbeddedLog, EventLog};
 use cdp_runtime::serve::{BackendError, Backends, Context, Parts, ProcessArgs, StartError};
 use cdp_scylla::ScyllaGenerations;
-use cdp_store::{EmbeddedGenerations, Generations, LiveStores};
+use cdp_scylla::ScyllaKeyRows;
+use cdp_seal::MasterKeys;
+use cdp_store::{EmbeddedGenerations, EmbeddedKeyRows, Generations, KeyRows, Keyring, LiveStores};
 use clap::Parser;
 
 /// Every CDP binary allocates with mimalloc: with many worker threads
@@ -24,33 +26,49 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Opens the store and the log named by the configuration. With Kafka and
 /// ScyllaDB, the ScyllaDB store is also the log's idempotency-key index.
 pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendError> {
-    let (generations, dedupe): (Arc<dyn Generations>, Option<Arc<dyn DedupeIndex>>) =
-        match config.store.backend {
-            StoreBackend::Embedded => {
-                let dir = config.data_dir.join("store");
-                let cache =
-                    usize::try_from(config.store.embedded_cache_mib << 20).unwrap_or(usize::MAX);
-                let generations = EmbeddedGenerations::open(&dir)
+    type Opened = (
+        Arc<dyn Generations>,
+        Option<Arc<dyn DedupeIndex>>,
+        Arc<dyn KeyRows>,
+    );
+    let (generations, dedupe, key_rows): Opened = match config.store.backend {
+        StoreBackend::Embedded => {
+            let dir = config.data_dir.join("store");
+            let cache =
+                usize::try_from(config.store.embedded_cache_mib << 20).unwrap_or(usize::MAX);
+            let generations = EmbeddedGenerations::open(&dir)
+                .map_err(|source| BackendError::Store {
+                    what: dir.display().to_string(),
+                    source,
+                })?
+                .with_cache(cache);
+            let keys = config.data_dir.join("keys");
+            let rows = EmbeddedKeyRows::open(&keys).map_err(|source| BackendError::Store {
+                what: keys.display().to_string(),
+                source,
+            })?;
+            (Arc::new(generations), None, Arc::new(rows))
+        }
+        StoreBackend::Scylla => {
+            let c = &config.store.scylla;
+            let generations =
+                ScyllaGenerations::connect(c)
+                    .await
                     .map_err(|source| BackendError::Store {
-                        what: dir.display().to_string(),
+                        what: format!("scylla {} keyspace {}", c.nodes.join(","), c.keyspace),
                         source,
-                    })?
-                    .with_cache(cache);
-                (Arc::new(generations), None)
-            }
-            StoreBackend::Scylla => {
-                let c = &config.store.scylla;
-                let generations =
-                    ScyllaGenerations::connect(c)
-                        .await
-                        .map_err(|source| BackendError::Store {
-                            what: format!("scylla {} keyspace {}", c.nodes.join(","), c.keyspace),
-                            source,
-                        })?;
-                let dedupe: Arc<dyn DedupeIndex> = Arc::new(generations.base().clone());
-                (Arc::new(generations), Some(dedupe))
-            }
-        };
+                    })?;
+            let dedupe: Arc<dyn DedupeIndex> = Arc::new(generations.base().clone());
+            let rows = ScyllaKeyRows::new(generations.base())
+                .await
+                .map_err(|source| BackendError::Store {
+                    what: "the keyring on ScyllaDB".into(),
+                    source,
+                })?;
+            (Arc::new(generations), Some(dedupe), Arc::new(rows))
+        }
+    };
+    let keyring = open_keyring(config, key_rows).await?;
     let live =
         Arc::new(
             LiveStores::open(generations)
@@ -100,7 +118,65 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
     }
     restrict(&config.data_dir);
     tracing::info!(log = ?config.log.backend, store = ?config.store.backend, "back ends open");
-    Ok(Backends { log, live })
+    Ok(Backends { log, live, keyring })
+}
+
+/// The master keys from `privacy.master_key_file` (created with a fresh key
+/// when absent), and the keyring's rows next to the store.
+async fn open_keyring(
+    config: &PlatformConfig,
+    rows: Arc<dyn KeyRows>,
+) -> Result<Arc<Keyring>, BackendError> {
+    let path = config.privacy.master_key_path(&config.data_dir);
+    let failed = |reason: String| BackendError::Store {
+        what: format!("master keys {}", path.display()),
+        source: cdp_store::StoreError::Invalid(reason),
+    };
+    if !path.exists() {
+        let text = MasterKeys::generate_file().map_err(|e| failed(e.to_string()))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| failed(e.to_string()))?;
+        }
+        write_private(&path, text.as_bytes()).map_err(|e| failed(e.to_string()))?;
+        tracing::warn!(
+            path = %path.display(),
+            "created a master key: every process of this platform must use this same file (privacy.master_key_file); losing it loses every customer's personal data"
+        );
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| failed(e.to_string()))?;
+    let master = MasterKeys::parse(&text).map_err(|e| failed(e.to_string()))?;
+    let p = &config.privacy;
+    let keyring = Keyring::open(
+        rows,
+        master,
+        std::time::Duration::from_secs(p.key_cache_secs),
+        p.key_cache_entries,
+    )
+    .await
+    .map_err(|source| BackendError::Store {
+        what: "the keyring".into(),
+        source,
+    })?;
+    tracing::info!(
+        master_key_version = keyring.master_version(),
+        "keyring open"
+    );
+    Ok(Arc::new(keyring))
+}
+
+/// Writes a new file readable by its owner only.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 /// Makes the data directory private to the service's user: directories

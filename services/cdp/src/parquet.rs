@@ -265,6 +265,7 @@ mod tests {
             }),
             customer_id: String::new(),
             withheld: false,
+            erased: false,
             partition: (n % 4) as u32,
             offset: n,
             appended_at: None,

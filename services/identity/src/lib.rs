@@ -11,26 +11,34 @@ use async_trait::async_trait;
 use cdp_domain::{IdentityRules, Resolution, Touchpoint};
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
 use cdp_log::{EventLog, LogRecord, Membership};
+use cdp_pipeline::seal::Sealing;
 use cdp_pipeline::{Outputs, Stage, emit, group, topic};
-use cdp_store::{IdentityStore, LiveStores};
+use cdp_store::{IdentityStore, Keyring, LiveStores};
 use tokio_util::sync::CancellationToken;
 
 pub struct IdentityWorker {
     log: Arc<dyn EventLog>,
     live: Arc<LiveStores>,
     rules: Arc<IdentityRules>,
+    keyring: Arc<Keyring>,
     /// The generation being written, and its store.
     generation: u32,
     store: Arc<dyn IdentityStore>,
 }
 
 impl IdentityWorker {
-    pub fn new(log: Arc<dyn EventLog>, live: Arc<LiveStores>, rules: Arc<IdentityRules>) -> Self {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        live: Arc<LiveStores>,
+        rules: Arc<IdentityRules>,
+        keyring: Arc<Keyring>,
+    ) -> Self {
         let current = live.current();
         IdentityWorker {
             log,
             live,
             rules,
+            keyring,
             generation: current.generation,
             store: current.identity,
         }
@@ -78,17 +86,28 @@ impl BatchHandler for IdentityWorker {
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
         // Each event's record, whose trace context its resolved record carries.
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
+        let keys = self
+            .keyring
+            .keys(&emit::subjects(records))
+            .await
+            .map_err(|e| Retry(format!("keyring: {e}")))?;
+        let sealing = Sealing::new(self.keyring.hasher().clone(), keys);
+        let mut erased = 0usize;
         for r in records {
-            match emit::read_touchpoint(r) {
+            match emit::read_touchpoint(r, &sealing.keys).map(|o| (!o.anonymous).then_some(o.value))
+            {
+                // Its customer was erased: nothing to attribute it to.
+                Ok(None) => erased += 1,
                 // Accepted before nesting was bounded: no view may hold it,
                 // since clients could not decode what carries it.
-                Ok(t) if !cdp_domain::validate::shape_errors(&t).is_empty() => {
+                Ok(Some(t)) if !cdp_domain::validate::shape_errors(&t).is_empty() => {
                     let reason =
                         cdp_domain::Rejection(cdp_domain::validate::shape_errors(&t)).to_string();
                     tracing::warn!(partition = r.partition, offset = r.offset, event = %t.event_id(), %reason, "touchpoint beyond the shape limits sent to dead letters");
-                    out.dead_letter(Stage::Identity, &reason, &t, now);
+                    out.dead_letter(Stage::Identity, &reason, &t, now, &sealing)
+                        .map_err(|e| Retry(format!("sealing: {e}")))?;
                 }
-                Ok(t) => {
+                Ok(Some(t)) => {
                     events.push(t);
                     sources.push(r);
                 }
@@ -97,6 +116,9 @@ impl BatchHandler for IdentityWorker {
                     out.undecodable(Stage::Identity, r, &error.to_string(), now);
                 }
             }
+        }
+        if erased > 0 {
+            tracing::debug!(erased, "touchpoints of erased customers skipped");
         }
         let resolutions = self
             .store
@@ -119,7 +141,9 @@ impl BatchHandler for IdentityWorker {
                 self.generation,
                 emit::trace_of(source),
                 now,
-            );
+                &sealing,
+            )
+            .map_err(|e| Retry(format!("sealing: {e}")))?;
         }
         // In the contract's order, resolved records first: they are what
         // profiles need. A crash before the commit re-resolves the batch,
@@ -145,6 +169,7 @@ pub async fn install(
             Arc::clone(&ctx.backends.log),
             Arc::clone(&ctx.backends.live),
             Arc::clone(&ctx.rules),
+            Arc::clone(&ctx.backends.keyring),
         )
         .run(membership, options, cancel)
     });
@@ -165,6 +190,7 @@ mod tests {
 
     struct Fixture {
         log: Arc<EmbeddedLog>,
+        keyring: Arc<Keyring>,
         worker: IdentityWorker,
         _dir: tempfile::TempDir,
     }
@@ -176,9 +202,16 @@ mod tests {
         let generations = EmbeddedGenerations::open(&dir.path().join("store")).unwrap();
         let live = LiveStores::open(Arc::new(generations)).await.unwrap();
         let rules = Arc::new(IdentityRules::default());
-        let worker = IdentityWorker::new(log.clone(), Arc::new(live), rules);
+        let master = cdp_seal::MasterKeys::parse(&cdp_seal::MasterKeys::generate_file().unwrap());
+        let keyring = Arc::new(
+            Keyring::embedded(&dir.path().join("keys"), master.unwrap())
+                .await
+                .unwrap(),
+        );
+        let worker = IdentityWorker::new(log.clone(), Arc::new(live), rules, keyring.clone());
         Fixture {
             log,
+            keyring,
             worker,
             _dir: dir,
         }
@@ -208,8 +241,18 @@ mod tests {
 
     /// Appends touchpoints as ingest does and reads them back as the
     /// worker's consumer would get them.
-    async fn delivered(log: &EmbeddedLog, events: &[Touchpoint]) -> Vec<LogRecord> {
+    async fn delivered(f: &Fixture, events: &[Touchpoint]) -> Vec<LogRecord> {
+        let log = &f.log;
         let rules = IdentityRules::default();
+        let subjects: Vec<_> = events
+            .iter()
+            .flat_map(|t| &t.personal.identifiers)
+            .map(|i| f.keyring.subject(i))
+            .collect();
+        let sealing = Sealing::new(
+            f.keyring.hasher().clone(),
+            f.keyring.obtain(&subjects).await.unwrap(),
+        );
         let records = events
             .iter()
             .map(|t| {
@@ -217,11 +260,49 @@ mod tests {
                     t,
                     &rules,
                     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    &sealing,
                 )
+                .unwrap()
             })
             .collect();
         log.append(topic::TOUCHPOINTS, records).await.unwrap();
         read_all(log, topic::TOUCHPOINTS).await
+    }
+
+    async fn read_resolved(f: &Fixture, r: &LogRecord) -> cdp_domain::ResolvedTouchpoint {
+        let keys = f.keyring.keys(&emit::subjects([r])).await.unwrap();
+        let opened = emit::read_resolved(r, &keys).unwrap();
+        assert!(!opened.anonymous);
+        opened.value
+    }
+
+    /// Once a customer's keys are erased, its events are attributed to no
+    /// one: no resolved record, no dead letter, no identity change; the
+    /// records themselves never held its identifiers in clear.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_events_of_an_erased_identifier_are_skipped() {
+        let mut f = fixture().await;
+        let kept = event(1, &[(IdKind::Email, "kept@shop.vn")]);
+        let gone = event(2, &[(IdKind::Email, "gone@shop.vn")]);
+        let records = delivered(&f, &[kept, gone.clone()]).await;
+        for r in &records {
+            let bytes = [r.key.as_slice(), r.value.as_slice()].concat();
+            assert!(
+                !bytes.windows(4).any(|w| w == b"shop"),
+                "an email in clear in {r:?}"
+            );
+        }
+        let subject = f.keyring.subject(&gone.personal.identifiers[0]);
+        f.keyring.erase(&[subject], 5, "req").await.unwrap();
+        f.worker.handle(&records).await.unwrap();
+        let resolved = read_all(&f.log, topic::RESOLVED).await;
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(
+            read_resolved(&f, &resolved[0]).await.touchpoint.event_id(),
+            EventId(Uuid::from_u128(1))
+        );
+        assert!(read_all(&f.log, topic::DEAD_LETTERS).await.is_empty());
+        assert_eq!(read_all(&f.log, topic::IDENTITY).await.len(), 1);
     }
 
     async fn read_all(log: &EmbeddedLog, t: cdp_log::Topic) -> Vec<LogRecord> {
@@ -244,7 +325,7 @@ mod tests {
             ],
         );
         let blocked = event(3, &[(IdKind::DeviceId, "pos-q1-tablet")]);
-        let mut records = delivered(&f.log, &[a.clone(), b.clone(), blocked.clone()]).await;
+        let mut records = delivered(&f, &[a.clone(), b.clone(), blocked.clone()]).await;
         // A record no build can read: kept as a dead letter, never dropped.
         records.push(LogRecord {
             value: b"not protobuf".to_vec(),
@@ -255,16 +336,14 @@ mod tests {
 
         let resolved = read_all(&f.log, topic::RESOLVED).await;
         assert_eq!(resolved.len(), 2, "two attributable events");
-        let customers: Vec<CustomerId> = resolved
-            .iter()
-            .map(|r| {
-                assert_eq!(emit::generation_of(r), Some(1));
-                assert!(emit::trace_of(r).is_some(), "the trace context travels on");
-                let rt = emit::read_resolved(r).unwrap();
-                assert_eq!(r.key, cdp_pipeline::key::customer(rt.customer_id));
-                rt.customer_id
-            })
-            .collect();
+        let mut customers: Vec<CustomerId> = Vec::new();
+        for r in &resolved {
+            assert_eq!(emit::generation_of(r), Some(1));
+            assert!(emit::trace_of(r).is_some(), "the trace context travels on");
+            let rt = read_resolved(&f, r).await;
+            assert_eq!(r.key, cdp_pipeline::key::customer(rt.customer_id));
+            customers.push(rt.customer_id);
+        }
         assert_eq!(customers[0], customers[1], "one email, one customer");
         let changes = read_all(&f.log, topic::IDENTITY).await;
         assert_eq!(changes.len(), 2, "the email, then the phone linked");
@@ -293,7 +372,7 @@ mod tests {
         );
         deep.envelope.properties.insert("x".into(), nested);
         let fine = event(8, &[(IdKind::Email, "fine@shop.vn")]);
-        let records = delivered(&f.log, &[deep, fine]).await;
+        let records = delivered(&f, &[deep, fine]).await;
         f.worker.handle(&records).await.unwrap();
         assert_eq!(read_all(&f.log, topic::RESOLVED).await.len(), 1);
         let dead = read_all(&f.log, topic::DEAD_LETTERS).await;
@@ -319,7 +398,7 @@ mod tests {
                 ],
             ),
         ];
-        let records = delivered(&f.log, &events).await;
+        let records = delivered(&f, &events).await;
         f.worker.handle(&records).await.unwrap();
         f.worker.handle(&records).await.unwrap();
         let resolved = read_all(&f.log, topic::RESOLVED).await;
@@ -327,7 +406,7 @@ mod tests {
         let mut by_event: std::collections::BTreeMap<EventId, Vec<(CustomerId, usize)>> =
             Default::default();
         for r in &resolved {
-            let rt = emit::read_resolved(r).unwrap();
+            let rt = read_resolved(&f, r).await;
             by_event
                 .entry(rt.touchpoint.event_id())
                 .or_default()
@@ -345,7 +424,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unavailable_log_is_a_retry_not_a_loss() {
         let mut f = fixture().await;
-        let records = delivered(&f.log, &[event(1, &[(IdKind::Email, "r@shop.vn")])]).await;
+        let records = delivered(&f, &[event(1, &[(IdKind::Email, "r@shop.vn")])]).await;
         // A log without the resolved topic refuses the append.
         let dir = tempfile::tempdir().unwrap();
         let narrow = EmbeddedLog::open(dir.path(), &[topic::TOUCHPOINTS], 1).unwrap();

@@ -40,7 +40,7 @@ impl DeadLetters {
         }
     }
 
-    fn describe(r: &LogRecord) -> DeadLetter {
+    fn describe(r: &LogRecord, keys: &cdp_seal::KeySet) -> DeadLetter {
         let reference = Some(DeadLetterRef {
             partition: r.partition,
             offset: r.offset,
@@ -50,7 +50,8 @@ impl DeadLetters {
                 let touchpoint = d
                     .touchpoint
                     .as_ref()
-                    .and_then(|t| record::touchpoint_from_record(t).ok());
+                    .and_then(|t| record::touchpoint_from_record(t, keys).ok())
+                    .map(|o| o.value);
                 DeadLetter {
                     r#ref: reference,
                     stage: d.stage,
@@ -128,7 +129,13 @@ impl DeadLetters {
                     offset = 0;
                 }
             }
-            out.extend(records.iter().map(Self::describe));
+            let keys = self
+                .ingestor
+                .keyring
+                .keys(&emit::subjects(&records))
+                .await
+                .map_err(ServiceError::from)?;
+            out.extend(records.iter().map(|r| Self::describe(r, &keys)));
         }
         if !out.is_empty() {
             let done = self.redriven().await?;
@@ -240,28 +247,45 @@ impl DeadLetters {
         let done = self.redriven().await?;
         let now = cdp_runtime::now_ms();
         let traceparent = cdp_runtime::trace::current_traceparent();
+        let keys = self
+            .ingestor
+            .keyring
+            .keys(&emit::subjects(&records))
+            .await
+            .map_err(ServiceError::from)?;
+        // Each dead letter's event, unless it cannot be decoded or its
+        // customer was erased (its personal part is gone).
+        let decoded: Vec<Option<cdp_domain::Touchpoint>> = records
+            .iter()
+            .map(|r| {
+                record::decode_dead_letter(&r.value).ok().and_then(|d| {
+                    d.touchpoint
+                        .as_ref()
+                        .and_then(|t| record::touchpoint_from_record(t, &keys).ok())
+                        .filter(|o| !o.anonymous)
+                        .map(|o| o.value)
+                })
+            })
+            .collect();
+        let present: Vec<cdp_domain::Touchpoint> = decoded.iter().flatten().cloned().collect();
+        let sealing = self.ingestor.sealing(&present).await?;
         let mut skipped = Vec::new();
         let mut events = HashSet::new();
         // (dead letter, its record to append, or None when its event is
         // already being re-driven from another dead letter of this call)
         let mut plan: Vec<(&LogRecord, String, Option<Record>)> = Vec::new();
-        for r in &records {
+        for (r, touchpoint) in records.iter().zip(decoded) {
             let position = (r.partition, r.offset);
             let reference = Some(DeadLetterRef {
                 partition: r.partition,
                 offset: r.offset,
-            });
-            let touchpoint = record::decode_dead_letter(&r.value).ok().and_then(|d| {
-                d.touchpoint
-                    .as_ref()
-                    .and_then(|t| record::touchpoint_from_record(t).ok())
             });
             let Some(t) = touchpoint else {
                 skipped.push(SkippedDeadLetter {
                     r#ref: reference,
                     event_id: String::new(),
                     reason:
-                        "holds no decodable touchpoint (the record it failed on is kept as bytes)"
+                        "holds no decodable touchpoint (the record it failed on is kept as bytes), or its customer was erased"
                             .into(),
                 });
                 continue;
@@ -279,8 +303,14 @@ impl DeadLetters {
                 continue;
             }
             if events.insert(t.event_id()) {
-                let copy =
-                    emit::redriven_touchpoint(&t, &self.ingestor.rules, &traceparent, position);
+                let copy = emit::redriven_touchpoint(
+                    &t,
+                    &self.ingestor.rules,
+                    &traceparent,
+                    position,
+                    &sealing,
+                )
+                .map_err(|e| ServiceError::Internal(e.to_string()))?;
                 plan.push((r, event_id, Some(copy)));
             } else {
                 plan.push((r, event_id, None));

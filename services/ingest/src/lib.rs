@@ -3,10 +3,12 @@
 
 use std::sync::Arc;
 
+use cdp_config::SuppressedEvents;
 use cdp_domain::{
     EventId, FieldError, IdentityRules, RawTouchpoint, Touchpoint, ValidationLimits, validate,
 };
 use cdp_log::{Appended, EventLog, Record};
+use cdp_pipeline::seal::Sealing;
 use cdp_pipeline::{emit, topic};
 use cdp_proto::convert;
 use cdp_proto::v1::ingest_service_server::IngestService;
@@ -16,6 +18,7 @@ use cdp_proto::v1::{
 };
 use cdp_runtime::ServiceError;
 use cdp_runtime::auth::{Access, Caller};
+use cdp_store::Keyring;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -35,6 +38,8 @@ pub enum Outcome {
     Accepted(EventId, Vec<FieldError>),
     Duplicate(EventId),
     Rejected(Vec<FieldError>),
+    /// It carries an identifier whose owner was erased: not appended.
+    Suppressed(EventId),
 }
 
 pub use cdp_runtime::now_ms;
@@ -60,6 +65,8 @@ pub struct Ingestor {
     log: Arc<dyn EventLog>,
     pub(crate) rules: Arc<IdentityRules>,
     limits: Arc<ValidationLimits>,
+    pub(crate) keyring: Arc<Keyring>,
+    suppressed: SuppressedEvents,
 }
 
 impl Ingestor {
@@ -67,14 +74,53 @@ impl Ingestor {
         log: Arc<dyn EventLog>,
         rules: Arc<IdentityRules>,
         limits: Arc<ValidationLimits>,
+        keyring: Arc<Keyring>,
+        suppressed: SuppressedEvents,
     ) -> Self {
-        Ingestor { log, rules, limits }
+        Ingestor {
+            log,
+            rules,
+            limits,
+            keyring,
+            suppressed,
+        }
     }
 
-    /// The `touchpoints` record of an accepted event (see the contract,
-    /// `cdp_pipeline::emit::touchpoint`).
-    pub(crate) fn record(&self, t: &Touchpoint, traceparent: &str) -> Record {
-        emit::touchpoint(t, &self.rules, traceparent)
+    /// The keys to seal `touchpoints` with: a new identifier gets its key
+    /// here (durably, before its first record is appended).
+    pub(crate) async fn sealing(
+        &self,
+        touchpoints: &[Touchpoint],
+    ) -> Result<Sealing, ServiceError> {
+        let hasher = self.keyring.hasher().clone();
+        let subjects: Vec<_> = touchpoints
+            .iter()
+            .flat_map(|t| t.personal.identifiers.iter())
+            .map(|i| self.keyring.subject(i))
+            .collect();
+        let keys = self.keyring.obtain(&subjects).await.map_err(|e| {
+            tracing::warn!(error = %e, "the keyring failed");
+            ServiceError::from(e)
+        })?;
+        Ok(Sealing::new(hasher, keys))
+    }
+
+    /// `t` as it may be kept when some of its identifiers were erased: not
+    /// at all (`None`), or, with `privacy.suppressed = "anonymise"`, without
+    /// them and without traits.
+    fn suppress(&self, t: &Touchpoint, sealing: &Sealing) -> Option<Touchpoint> {
+        let erased = |i: &cdp_domain::Identifier| sealing.key_of(i).is_none();
+        if !t.personal.identifiers.iter().any(erased) {
+            return Some(t.clone());
+        }
+        if self.suppressed == SuppressedEvents::Drop {
+            return None;
+        }
+        let mut kept = t.clone();
+        kept.personal.identifiers.retain(|i| !erased(i));
+        kept.personal.traits.clear();
+        kept.personal.dropped.clear();
+        (!kept.personal.identifiers.is_empty()).then_some(kept)
     }
 
     /// Validates one raw touchpoint.
@@ -94,24 +140,47 @@ impl Ingestor {
             return Ok(Vec::new());
         }
         let traceparent = cdp_runtime::trace::current_traceparent();
-        let records = touchpoints
-            .iter()
-            .map(|t| self.record(t, &traceparent))
-            .collect();
-        let appended = self
-            .log
-            .append(topic::TOUCHPOINTS, records)
-            .await
-            .map_err(|e| {
-                tracing::warn!(error = %e, "append to the event log failed");
-                ServiceError::from(e)
-            })?;
-        Ok(touchpoints
-            .iter()
-            .zip(appended)
-            .map(|(t, a)| match a {
-                Appended::New { .. } => Outcome::Accepted(t.event_id(), dropped(t)),
-                Appended::Duplicate { .. } => Outcome::Duplicate(t.event_id()),
+        let sealing = self.sealing(touchpoints).await?;
+        let mut kept: Vec<Touchpoint> = Vec::with_capacity(touchpoints.len());
+        let mut records: Vec<Record> = Vec::with_capacity(touchpoints.len());
+        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(touchpoints.len());
+        for t in touchpoints {
+            match self.suppress(t, &sealing) {
+                Some(t) => {
+                    records.push(
+                        emit::touchpoint(&t, &self.rules, &traceparent, &sealing)
+                            .map_err(|e| ServiceError::Internal(e.to_string()))?,
+                    );
+                    kept.push(t);
+                    outcomes.push(None);
+                }
+                None => {
+                    tracing::debug!(event_id = %t.event_id(), "suppressed: carries an erased identifier");
+                    outcomes.push(Some(Outcome::Suppressed(t.event_id())));
+                }
+            }
+        }
+        let appended = if records.is_empty() {
+            Vec::new()
+        } else {
+            self.log
+                .append(topic::TOUCHPOINTS, records)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "append to the event log failed");
+                    ServiceError::from(e)
+                })?
+        };
+        let mut appended = kept.iter().zip(appended).map(|(t, a)| match a {
+            Appended::New { .. } => Outcome::Accepted(t.event_id(), dropped(t)),
+            Appended::Duplicate { .. } => Outcome::Duplicate(t.event_id()),
+        });
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                o.or_else(|| appended.next()).unwrap_or_else(|| {
+                    Outcome::Rejected(vec![FieldError::new("touchpoint", "was not appended")])
+                })
             })
             .collect())
     }
@@ -203,6 +272,7 @@ impl IngestService for IngestGrpc {
         let (event_id, status, warnings) = match outcome.into_iter().next() {
             Some(Outcome::Accepted(id, warnings)) => (id, EventStatus::Accepted, warnings),
             Some(Outcome::Duplicate(id)) => (id, EventStatus::Duplicate, Vec::new()),
+            Some(Outcome::Suppressed(id)) => (id, EventStatus::Suppressed, Vec::new()),
             Some(Outcome::Rejected(fields)) => {
                 return Err(ServiceError::InvalidArgument(fields).into());
             }
@@ -337,6 +407,15 @@ impl IngestGrpc {
                         ..EventResult::default()
                     }
                 }
+                Outcome::Suppressed(id) => {
+                    response.suppressed += 1;
+                    EventResult {
+                        index,
+                        event_id: id.to_string(),
+                        status: EventStatus::Suppressed.into(),
+                        ..EventResult::default()
+                    }
+                }
                 Outcome::Rejected(fields) => {
                     response.rejected += 1;
                     EventResult {
@@ -373,6 +452,8 @@ pub async fn install(
         Arc::clone(&ctx.backends.log),
         Arc::clone(&ctx.rules),
         Arc::new(config.validation.clone()),
+        Arc::clone(&ctx.backends.keyring),
+        config.privacy.suppressed,
     );
     let dead_letters = dead_letters::DeadLetters::new(
         Arc::clone(&ctx.backends.log),

@@ -18,6 +18,7 @@ pub struct ProfileWorker {
     live: Arc<LiveStores>,
     options: FoldOptions,
     changes: ProfileChanges,
+    keyring: Arc<cdp_store::Keyring>,
     /// Also announce changed customers on the `profile-changes` topic, for
     /// query services in other processes.
     announce_on_log: bool,
@@ -39,12 +40,14 @@ impl ProfileWorker {
         live: Arc<LiveStores>,
         options: FoldOptions,
         changes: ProfileChanges,
+        keyring: Arc<cdp_store::Keyring>,
     ) -> Self {
         ProfileWorker {
             log,
             live,
             options,
             changes,
+            keyring,
             announce_on_log: false,
             unsynced: None,
             not_active_yet: None,
@@ -107,13 +110,20 @@ impl BatchHandler for ProfileWorker {
         let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
         let mut out = Outputs::default();
         let mut other_generation = 0usize;
+        let keys = self
+            .keyring
+            .keys(&emit::subjects(records))
+            .await
+            .map_err(|e| Retry(format!("keyring: {e}")))?;
         for (r, of) in records.iter().zip(&generations) {
             if *of != Some(stores.generation) {
                 other_generation += 1;
                 continue;
             }
-            match emit::read_resolved(r) {
-                Ok(resolved) => batch.push(resolved),
+            match emit::read_resolved(r, &keys) {
+                // Its customer was erased: no view may hold it again.
+                Ok(opened) if opened.anonymous => {}
+                Ok(opened) => batch.push(opened.value),
                 Err(error) => {
                     tracing::error!(partition = r.partition, offset = r.offset, %error, "undecodable resolved record");
                     out.undecodable(Stage::Profile, r, &error.to_string(), now);
@@ -197,6 +207,7 @@ pub async fn install(
             Arc::clone(&ctx.backends.live),
             ctx.config.fold_options(),
             ctx.changes.clone(),
+            Arc::clone(&ctx.backends.keyring),
         )
         .announce_on_log(on_log)
         .run(membership, options, cancel)
@@ -246,12 +257,23 @@ mod tests {
 
     /// The `resolved` record identity emits for `event` on `customer` in
     /// `generation`, as a consumer reads it.
-    fn resolved_record(
+    async fn resolved_record(
+        keyring: &cdp_store::Keyring,
         customer: CustomerId,
         event: Touchpoint,
         generation: u32,
         offset: u64,
     ) -> LogRecord {
+        let subjects: Vec<_> = event
+            .personal
+            .identifiers
+            .iter()
+            .map(|i| keyring.subject(i))
+            .collect();
+        let sealing = cdp_pipeline::seal::Sealing::new(
+            keyring.hasher().clone(),
+            keyring.obtain(&subjects).await.unwrap(),
+        );
         let decision = Decision {
             event_id: event.event_id(),
             at: event.envelope.occurred_at,
@@ -266,7 +288,15 @@ mod tests {
             seen: Vec::new(),
         };
         let mut out = Outputs::default();
-        out.resolution(event, Resolution::Resolved(decision), generation, None, 0);
+        out.resolution(
+            event,
+            Resolution::Resolved(decision),
+            generation,
+            None,
+            0,
+            &sealing,
+        )
+        .unwrap();
         let r = out.resolved.remove(0);
         LogRecord {
             topic: topic::RESOLVED,
@@ -277,6 +307,15 @@ mod tests {
             headers: r.headers,
             timestamp: 0,
         }
+    }
+
+    async fn keyring(dir: &std::path::Path) -> Arc<cdp_store::Keyring> {
+        let master = cdp_seal::MasterKeys::parse(&cdp_seal::MasterKeys::generate_file().unwrap());
+        Arc::new(
+            cdp_store::Keyring::embedded(&dir.join("keys"), master.unwrap())
+                .await
+                .unwrap(),
+        )
     }
 
     async fn live_on(generations: Arc<dyn Generations>) -> Arc<LiveStores> {
@@ -291,22 +330,24 @@ mod tests {
         let live = live_on(generations.clone()).await;
         let changes = ProfileChanges::default();
         let mut announced = changes.subscribe();
+        let keys = keyring(dir.path()).await;
         let mut worker = ProfileWorker::new(
             log.clone(),
             Arc::clone(&live),
             FoldOptions::default(),
             changes,
+            keys.clone(),
         )
         .announce_on_log(true);
         let customer = CustomerId(Uuid::from_u128(42));
         let records = vec![
-            resolved_record(customer, event(1, EventType::OrderCompleted), 1, 0),
+            resolved_record(&keys, customer, event(1, EventType::OrderCompleted), 1, 0).await,
             // Resolved by a generation that is not active: not folded here.
-            resolved_record(customer, event(2, EventType::OrderCompleted), 0, 1),
+            resolved_record(&keys, customer, event(2, EventType::OrderCompleted), 0, 1).await,
             LogRecord {
                 value: b"garbage".to_vec(),
                 offset: 2,
-                ..resolved_record(customer, event(3, EventType::OrderCompleted), 1, 2)
+                ..resolved_record(&keys, customer, event(3, EventType::OrderCompleted), 1, 2).await
             },
         ];
         worker.handle(&records).await.unwrap();
@@ -443,11 +484,24 @@ mod tests {
         let log = Arc::new(EmbeddedLog::open(dir.path(), &topic::ALL, 1).unwrap());
         let spy = Arc::new(Spy::default());
         let live = live_on(Arc::new(SpyGenerations(spy.clone()))).await;
-        let mut worker =
-            ProfileWorker::new(log, live, FoldOptions::default(), ProfileChanges::default());
+        let keys = keyring(dir.path()).await;
+        let mut worker = ProfileWorker::new(
+            log,
+            live,
+            FoldOptions::default(),
+            ProfileChanges::default(),
+            keys.clone(),
+        );
         let customer = CustomerId(Uuid::from_u128(7));
         for n in 0..3 {
-            let record = resolved_record(customer, event(n, EventType::ProductViewed), 1, n as u64);
+            let record = resolved_record(
+                &keys,
+                customer,
+                event(n, EventType::ProductViewed),
+                1,
+                n as u64,
+            )
+            .await;
             worker.handle(&[record]).await.unwrap();
         }
         worker.sync().await.unwrap();

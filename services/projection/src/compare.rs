@@ -125,12 +125,15 @@ pub async fn read(
             Some(g) if g == candidate => &mut b,
             _ => return Ok::<_, ServiceError>(()),
         };
-        let resolved = emit::read_resolved(r).map_err(|e| {
-            ServiceError::Internal(format!(
-                "resolved record {}/{} cannot be decoded: {e}",
-                r.partition, r.offset
-            ))
-        })?;
+        // Attribution needs no personal data: read without keys.
+        let resolved = emit::read_resolved(r, &cdp_seal::KeySet::new())
+            .map(|o| o.value)
+            .map_err(|e| {
+                ServiceError::Internal(format!(
+                    "resolved record {}/{} cannot be decoded: {e}",
+                    r.partition, r.offset
+                ))
+            })?;
         for m in &resolved.merges {
             target.merge(m.loser, m.survivor);
         }

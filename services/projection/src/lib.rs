@@ -28,6 +28,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         ctx.config.fold_options(),
         ctx.consumer_options("rebuild"),
         ctx.cancel.clone(),
+        Arc::clone(&ctx.backends.keyring),
     );
     // Replay resolves a customer lookup the way the view does.
     let query = cdp_query::ProfileQuery::new(
@@ -35,6 +36,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         Arc::clone(&ctx.rules),
         ctx.config.fold_options(),
         ctx.changes.clone(),
+        Arc::clone(&ctx.backends.keyring),
     );
     parts
         .health

@@ -25,11 +25,12 @@ use async_trait::async_trait;
 use cdp_domain::{FoldOptions, IdentityRules, Resolution, ResolvedTouchpoint, Touchpoint};
 use cdp_log::consumer::{BatchHandler, ConsumerOptions, Retry};
 use cdp_log::{EventLog, LogError, LogRecord, Membership};
+use cdp_pipeline::seal::Sealing;
 use cdp_pipeline::{Outputs, emit, group, topic};
 use cdp_proto::convert;
 use cdp_proto::v1::RebuildStatus;
 use cdp_proto::v1::rebuild_status::State;
-use cdp_store::{Generations, ProjectionStores, StoreError};
+use cdp_store::{Generations, Keyring, ProjectionStores, StoreError};
 use tokio_util::sync::CancellationToken;
 
 /// Touchpoints resolved and folded per batch.
@@ -100,6 +101,7 @@ pub struct Rebuilder {
     generations: Arc<dyn Generations>,
     rules: Arc<IdentityRules>,
     fold: FoldOptions,
+    keyring: Arc<Keyring>,
     consumer: ConsumerOptions,
     shutdown: CancellationToken,
     current: Current,
@@ -130,12 +132,14 @@ impl Rebuilder {
         fold: FoldOptions,
         consumer: ConsumerOptions,
         shutdown: CancellationToken,
+        keyring: Arc<Keyring>,
     ) -> Self {
         Rebuilder {
             log,
             generations,
             rules,
             fold,
+            keyring,
             consumer: ConsumerOptions {
                 name: "rebuild".into(),
                 batch_size: BATCH,
@@ -278,6 +282,7 @@ impl Rebuilder {
         let mut handler = RebuildHandler {
             log: Arc::clone(&self.log),
             rules: Arc::clone(&self.rules),
+            keyring: Arc::clone(&self.keyring),
             fold: self.fold.clone(),
             stores,
             current: Arc::clone(&self.current),
@@ -382,6 +387,7 @@ async fn watch_progress(
 struct RebuildHandler {
     log: Arc<dyn EventLog>,
     rules: Arc<IdentityRules>,
+    keyring: Arc<Keyring>,
     fold: FoldOptions,
     stores: ProjectionStores,
     current: Current,
@@ -401,12 +407,21 @@ impl RebuildHandler {
         let now = cdp_runtime::now_ms();
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
+        let keys = self
+            .keyring
+            .keys(&emit::subjects(records))
+            .await
+            .map_err(|e| format!("keyring: {e}"))?;
+        let sealing = Sealing::new(self.keyring.hasher().clone(), keys);
         for r in records {
             // Undecodable records, and those beyond the shape limits, were
-            // dead-lettered by the live pass.
-            if let Ok(t) = emit::read_touchpoint(r)
-                && cdp_domain::validate::shape_errors(&t).is_empty()
+            // dead-lettered by the live pass; an erased customer's are
+            // anonymous and attributed to no one.
+            if let Ok(opened) = emit::read_touchpoint(r, &sealing.keys)
+                && !opened.anonymous
+                && cdp_domain::validate::shape_errors(&opened.value).is_empty()
             {
+                let t = opened.value;
                 events.push(t);
                 sources.push(r);
             }
@@ -429,7 +444,9 @@ impl RebuildHandler {
                 self.stores.generation,
                 emit::trace_of(source),
                 now,
-            );
+                &sealing,
+            )
+            .map_err(|e| format!("sealing: {e}"))?;
         }
         // The dead letters too: events the new rules cannot attribute may
         // have had a customer under the old ones.

@@ -443,15 +443,20 @@ async fn pump_events(
             }
             // Decoded and filtered first, so the owners and consents the
             // chunk needs are looked up together.
-            let mut kept: HashMap<u64, Touchpoint> = HashMap::new();
+            let mut kept: HashMap<u64, (Touchpoint, bool)> = HashMap::new();
+            let keys = query
+                .keyring()
+                .keys(&emit::subjects(&within))
+                .await
+                .map_err(ServiceError::from)?;
             for r in &within {
                 // A copy a killed ingest left, or a re-driven one: the event
                 // was shown at its first position.
                 if copies.contains(&r.offset) || emit::is_redrive(r) {
                     continue;
                 }
-                let t = match emit::read_touchpoint(r) {
-                    Ok(t) => t,
+                let (t, erased) = match emit::read_touchpoint(r, &keys) {
+                    Ok(o) => (o.value, o.anonymous),
                     Err(error) => {
                         tracing::warn!(partition, offset = r.offset, %error, "undecodable record skipped");
                         continue;
@@ -468,13 +473,13 @@ async fn pump_events(
                     tracing::warn!(partition, offset = r.offset, event = %t.event_id(), reason = %cdp_domain::Rejection(shape), "touchpoint beyond the shape limits left out of the replay");
                     continue;
                 }
-                kept.insert(r.offset, t);
+                kept.insert(r.offset, (t, erased));
             }
             prefetch(
                 &identity,
                 &profiles,
                 query.rules(),
-                kept.values(),
+                kept.values().map(|(t, _)| t),
                 &mut owners,
                 consents,
             )
@@ -482,12 +487,17 @@ async fn pump_events(
             for r in within {
                 scanned += r.offset + 1 - positions[p].min(r.offset + 1);
                 positions[p] = r.offset + 1;
-                let Some(mut t) = kept.remove(&r.offset) else {
+                let Some((mut t, erased)) = kept.remove(&r.offset) else {
                     continue;
                 };
-                let customer =
-                    customer_of(identity.as_ref(), query.rules(), &t, &mut owners).await?;
-                let withheld = !consents.allows(profiles.as_ref(), customer).await?;
+                // An erased customer's event: anonymous, attributed to no one,
+                // still counted.
+                let customer = if erased {
+                    None
+                } else {
+                    customer_of(identity.as_ref(), query.rules(), &t, &mut owners).await?
+                };
+                let withheld = !erased && !consents.allows(profiles.as_ref(), customer).await?;
                 let customer_id = match customer {
                     Some(c) if shown.with_customers && !withheld => c.to_string(),
                     _ => String::new(),
@@ -511,6 +521,7 @@ async fn pump_events(
                     records_scanned: scanned,
                     records_total: total,
                     withheld,
+                    erased,
                 };
                 if tx.send(Ok(event)).await.is_err() {
                     tracing::debug!("replay reader went away");

@@ -142,8 +142,18 @@ impl ProfileQuery {
             .await?
             .pop()
             .ok_or_else(|| ServiceError::NotFound(format!("event {id} is no longer in the log")))?;
-        let event = emit::read_touchpoint(&record)
+        let keys = self
+            .keyring()
+            .keys(&emit::subjects(std::slice::from_ref(&record)))
+            .await?;
+        let opened = emit::read_touchpoint(&record, &keys)
             .map_err(|e| ServiceError::Internal(format!("event {id} cannot be decoded: {e}")))?;
+        if opened.anonymous {
+            return Err(ServiceError::NotFound(format!(
+                "event {id} belongs to an erased customer"
+            )));
+        }
+        let event = opened.value;
         let mut out = DecisionExplanation {
             event_id: id.to_string(),
             occurred_at: Some(convert::millis_to_timestamp(event.envelope.occurred_at)),
@@ -201,7 +211,7 @@ impl ProfileQuery {
     pub async fn quarantined(&self) -> Result<Vec<QuarantinedIdentifier>, ServiceError> {
         let log = self.event_log()?;
         let stores = self.stores();
-        let mut found: Vec<(Identifier, cdp_proto::v1::IdentifierQuarantined)> = Vec::new();
+        let mut alerts: Vec<cdp_proto::v1::IdentifierQuarantined> = Vec::new();
         cdp_log::scan(log.as_ref(), topic::ALERTS, 500, |r| {
             if emit::generation_of(r) != Some(stores.generation) {
                 return Ok::<_, ServiceError>(());
@@ -214,16 +224,39 @@ impl ProfileQuery {
                 );
                 return Ok(());
             };
-            if let Some(alert_record::Alert::Quarantined(q)) = alert.alert
-                && let Some(raw) = &q.identifier
-                && let Ok(id) = self.identifier(raw)
-                && !found.iter().any(|(known, _)| known == &id)
-            {
-                found.push((id, q));
+            if let Some(alert_record::Alert::Quarantined(q)) = alert.alert {
+                alerts.push(q);
             }
             Ok(())
         })
         .await?;
+        // Their values are sealed under their own keys (left out once erased).
+        let subjects: Vec<_> = alerts
+            .iter()
+            .filter_map(|q| q.identifier_sealed.as_ref())
+            .flat_map(cdp_pipeline::seal::subjects_of)
+            .collect();
+        let keys = self.keyring().keys(&subjects).await?;
+        let mut found: Vec<(Identifier, cdp_proto::v1::IdentifierQuarantined)> = Vec::new();
+        for q in alerts {
+            let Ok(opened) = codec::open_identifier(
+                "identifier",
+                q.identifier.as_ref(),
+                q.identifier_sealed.as_ref(),
+                &keys,
+            ) else {
+                continue;
+            };
+            if opened.value.is_empty() {
+                continue;
+            }
+            let raw = cdp_proto::convert::identifier(&opened);
+            if let Ok(id) = self.identifier(&raw)
+                && !found.iter().any(|(known, _)| known == &id)
+            {
+                found.push((id, q));
+            }
+        }
         let mut out = Vec::with_capacity(found.len());
         for (id, q) in found {
             let claim = stores

@@ -68,6 +68,7 @@ pub struct PastView {
 pub struct History {
     log: Arc<dyn EventLog>,
     options: FoldOptions,
+    keyring: Arc<cdp_store::Keyring>,
     /// (generation, family root) -> snapshots, oldest instant first.
     snapshots: Mutex<HashMap<(u32, CustomerId), Vec<Snapshot>>>,
 }
@@ -78,11 +79,23 @@ impl History {
         &self.log
     }
 
-    pub fn new(log: Arc<dyn EventLog>, options: FoldOptions) -> Self {
+    pub fn new(
+        log: Arc<dyn EventLog>,
+        options: FoldOptions,
+        keyring: Arc<cdp_store::Keyring>,
+    ) -> Self {
         History {
             log,
             options,
+            keyring,
             snapshots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Drops every snapshot (they hold opened personal data).
+    pub fn forget(&self) {
+        if let Ok(mut map) = self.snapshots.lock() {
+            map.clear();
         }
     }
 
@@ -183,13 +196,20 @@ impl History {
                 if records.is_empty() {
                     break;
                 }
+                let keys = self
+                    .keyring
+                    .keys(&emit::subjects(&records))
+                    .await
+                    .map_err(ServiceError::from)?;
                 for rec in records {
                     if emit::generation_of(&rec) != Some(generation) {
                         next = rec.offset + 1;
                         read += 1;
                         continue;
                     }
-                    let Ok(r) = emit::read_resolved(&rec) else {
+                    // An erased customer's events left no personal part
+                    // to fold: they are skipped like the live fold skips them.
+                    let Ok(r) = emit::read_resolved(&rec, &keys) else {
                         tracing::warn!(
                             partition = p,
                             offset = rec.offset,
@@ -207,6 +227,10 @@ impl History {
                     }
                     next = rec.offset + 1;
                     read += 1;
+                    if r.anonymous {
+                        continue;
+                    }
+                    let r = r.value;
                     if !concerns(&r) {
                         continue;
                     }

@@ -22,6 +22,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         Arc::clone(&ctx.rules),
         ctx.config.fold_options(),
         ctx.changes.clone(),
+        Arc::clone(&ctx.backends.keyring),
     )
     .with_history(Arc::clone(&ctx.backends.log))
     .with_shutdown(ctx.cancel.clone());

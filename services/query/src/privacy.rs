@@ -293,7 +293,24 @@ impl PrivacyGrpc {
                         .collect(),
                 )
             })?;
-        let record = emit::touchpoint(&t, &self.rules, &cdp_runtime::trace::current_traceparent());
+        let keyring = self.query.keyring();
+        let subjects: Vec<_> = t
+            .personal
+            .identifiers
+            .iter()
+            .map(|i| keyring.subject(i))
+            .collect();
+        let sealing = cdp_pipeline::seal::Sealing::new(
+            keyring.hasher().clone(),
+            keyring.obtain(&subjects).await?,
+        );
+        let record = emit::touchpoint(
+            &t,
+            &self.rules,
+            &cdp_runtime::trace::current_traceparent(),
+            &sealing,
+        )
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let appended = self
             .log
             .append(topic::TOUCHPOINTS, vec![record])

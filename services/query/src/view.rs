@@ -100,6 +100,8 @@ pub struct ProfileQuery {
     rules: Arc<IdentityRules>,
     options: FoldOptions,
     changes: ProfileChanges,
+    /// The data keys that open the log's personal parts.
+    keyring: Arc<cdp_store::Keyring>,
     /// Past views from the event log (time travel), when wired.
     history: Option<Arc<history::History>>,
     /// Fires when the process shuts down: live streams end.
@@ -127,12 +129,14 @@ impl ProfileQuery {
         rules: Arc<IdentityRules>,
         options: FoldOptions,
         changes: ProfileChanges,
+        keyring: Arc<cdp_store::Keyring>,
     ) -> Self {
         ProfileQuery {
             live,
             rules,
             options,
             changes,
+            keyring,
             history: None,
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
@@ -240,8 +244,24 @@ impl ProfileQuery {
 
     /// Answers views as of a past instant from `log` (time travel).
     pub fn with_history(mut self, log: Arc<dyn cdp_log::EventLog>) -> Self {
-        self.history = Some(Arc::new(history::History::new(log, self.options.clone())));
+        self.history = Some(Arc::new(history::History::new(
+            log,
+            self.options.clone(),
+            Arc::clone(&self.keyring),
+        )));
         self
+    }
+
+    /// The keyring that opens the log's personal parts.
+    pub fn keyring(&self) -> &Arc<cdp_store::Keyring> {
+        &self.keyring
+    }
+
+    /// Drops every past view kept in memory (after an erasure).
+    pub fn forget_history(&self) {
+        if let Some(h) = &self.history {
+            h.forget();
+        }
     }
 
     /// Fires when the process shuts down.

@@ -544,6 +544,51 @@ impl CdpProcess {
         &self.data
     }
 
+    /// Every file holding this platform's event log: the embedded log's
+    /// files, or the Kafka log segments (and indexes) of this run's topics
+    /// (under the harness's run directory, `CDP_INFRA_RUN`).
+    pub fn log_files(&self) -> Vec<PathBuf> {
+        let roots: Vec<PathBuf> = match self.backend {
+            Backend::Embedded => vec![self.data.join("log")],
+            Backend::Distributed => {
+                let run = std::env::var("CDP_INFRA_RUN")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|_| {
+                        std::env::var("CDP_INFRA_CACHE")
+                            .map(PathBuf::from)
+                            .unwrap_or_else(|_| {
+                                PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                                    .join(".cache/cdp-infra")
+                            })
+                            .join("run")
+                    });
+                let data = run.join("kafka/data");
+                std::fs::read_dir(&data)
+                    .unwrap_or_else(|e| panic!("Kafka's log directory {}: {e}", data.display()))
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("{}.", self.namespace)))
+                    })
+                    .collect()
+            }
+        };
+        let mut files = Vec::new();
+        let mut stack = roots;
+        while let Some(p) = stack.pop() {
+            if p.is_dir() {
+                if let Ok(entries) = std::fs::read_dir(&p) {
+                    stack.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+                }
+            } else if p.is_file() {
+                files.push(p);
+            }
+        }
+        files
+    }
+
     /// The gRPC address of the query service (profiles, identity).
     pub fn query_addr(&self) -> SocketAddr {
         self.proc("cdp-query").grpc

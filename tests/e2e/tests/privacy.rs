@@ -586,3 +586,84 @@ async fn export_returns_everything_held_about_a_customer_and_who_read_it() {
         "{entries:#?}"
     );
 }
+
+/// How many times each form of a customer's personal data appears in `files`.
+fn occurrences(files: &[std::path::PathBuf], forms: &[String]) -> Vec<(String, usize)> {
+    let mut found: Vec<(String, usize)> = forms.iter().map(|f| (f.clone(), 0)).collect();
+    for f in files {
+        let Ok(bytes) = std::fs::read(f) else {
+            continue;
+        };
+        for (form, n) in &mut found {
+            *n += bytes
+                .windows(form.len())
+                .filter(|w| *w == form.as_bytes())
+                .count();
+        }
+    }
+    found
+}
+
+/// Every record of the log seals its personal part under the keys of its
+/// identifiers and names them by HMAC in its key: the log's files (the
+/// embedded log, or Kafka's segments of every topic of the run) never hold
+/// the customer's phone, email or name in any form, though the view shows
+/// them. (Erasing the keys then erases them from every copy at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_holds_no_personal_data_in_clear() {
+    let cdp = CdpProcess::start();
+    let local = cdp_e2e::mobile();
+    let name_token = unique("Mận").replace('-', "");
+    let name = format!("Trịnh Thị {name_token}");
+    let email = format!("{}@example.vn", unique("sealed."));
+    let mut identify = touchpoint(
+        "Identify",
+        "store",
+        "pos",
+        vec![
+            id("email", &email.to_uppercase()),
+            id("phone", &format!("0{local}")),
+        ],
+        json!({"note": format!("gọi {name} trước khi giao, 0{local}")}),
+    );
+    identify.personal.as_mut().unwrap().traits = cdp_e2e::to_struct(json!({"name": name}));
+    cdp.track(identify).await;
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "pos",
+        vec![id("phone", &format!("+84{local}"))],
+        json!({
+            "order_id": unique("o-"), "total": 1250000, "currency": "VND",
+            "shipping_address": format!("{name}, 12 Lý Thái Tổ, Hà Nội")
+        }),
+    ))
+    .await;
+    let mut profiles = cdp.profiles().await;
+    let p = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 2
+    })
+    .await;
+    assert!(
+        format!("{p:?}").contains(&name_token),
+        "the view shows the name: the test would prove nothing otherwise"
+    );
+    let files = cdp.log_files();
+    assert!(!files.is_empty(), "no log files found");
+    let forms = vec![
+        format!("+84{local}"),
+        format!("84{local}"),
+        format!("0{local}"),
+        local.clone(),
+        email.clone(),
+        email.to_uppercase(),
+        name_token.clone(),
+        name_token.trim_start_matches("Mận").to_owned(),
+    ];
+    let found = occurrences(&files, &forms);
+    assert!(
+        found.iter().all(|(_, n)| *n == 0),
+        "personal data in clear in the log ({} files): {found:?}",
+        files.len()
+    );
+}

@@ -1,0 +1,662 @@
+//! The keyring of crypto-shredding (see `cdp_seal`): one data key per
+//! subject, stored wrapped by the master key, and erased on request.
+//!
+//! [`KeyRows`] is the port (rows of `subject -> wrapped key | erased`), with
+//! an embedded implementation here ([`EmbeddedKeyRows`], redb) and one on
+//! ScyllaDB. [`Keyring`] is what the services use: it wraps and unwraps,
+//! creates missing keys for writers, keeps recently used keys in memory for
+//! `key_cache` (so an erasure reaches every process within that time), and
+//! rewraps rows under the newest master key ([`Keyring::rotate`]).
+//!
+//! An erased row is never deleted: it stays as the subject's hash with the
+//! time and the request that erased it, which is the suppression list.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cdp_domain::{Identifier, UnixMillis};
+use cdp_seal::{DataKey, Hasher, KeySet, MasterKeys, SealError, Subject, Wrapped};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::StoreError;
+
+/// A subject's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRow {
+    Active(Wrapped),
+    /// Erased at `at` by erasure request `request`.
+    Erased {
+        at: UnixMillis,
+        request: String,
+    },
+}
+
+/// The rows of the keyring. Writes are durable when they return.
+#[async_trait]
+pub trait KeyRows: Send + Sync + 'static {
+    /// The row of each subject, in order.
+    async fn read(&self, subjects: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError>;
+
+    /// Stores each row where the subject has none yet, and returns the row
+    /// each subject has now (another writer's may have won).
+    async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError>;
+
+    /// Replaces each subject's row with an erased marker (a subject with no
+    /// row gets one too: it is suppressed before it is ever seen).
+    async fn erase(
+        &self,
+        subjects: &[Subject],
+        at: UnixMillis,
+        request: &str,
+    ) -> Result<(), StoreError>;
+
+    /// Up to `limit` rows after the cursor `after` (a subject this adapter
+    /// returned), in the adapter's order; empty at the end.
+    async fn scan(
+        &self,
+        after: Option<Subject>,
+        limit: usize,
+    ) -> Result<Vec<(Subject, KeyRow)>, StoreError>;
+
+    /// Replaces `subject`'s active row `old` with `new`; false when the row
+    /// is no longer `old` (erased or rewrapped meanwhile).
+    async fn rewrap(
+        &self,
+        subject: Subject,
+        old: &Wrapped,
+        new: &Wrapped,
+    ) -> Result<bool, StoreError>;
+}
+
+fn seal_error(e: SealError) -> StoreError {
+    StoreError::Corrupt {
+        what: "keyring",
+        reason: e.to_string(),
+    }
+}
+
+/// The row holding the platform's hash secret (wrapped like a data key).
+const HASH_SECRET: Subject = Subject([0; 32]);
+
+struct Cache {
+    entries: HashMap<Subject, (Option<DataKey>, Instant)>,
+    capacity: usize,
+    ttl: Duration,
+}
+
+impl Cache {
+    fn get(&self, s: &Subject) -> Option<Option<DataKey>> {
+        self.entries
+            .get(s)
+            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .map(|(k, _)| k.clone())
+    }
+
+    fn put(&mut self, s: Subject, k: Option<DataKey>) {
+        if self.entries.len() >= self.capacity {
+            // Bounded memory: start over rather than track recency.
+            self.entries.clear();
+        }
+        self.entries.insert(s, (k, Instant::now()));
+    }
+}
+
+/// What a rotation pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rotation {
+    pub scanned: u64,
+    pub rewrapped: u64,
+    /// Rows wrapped by a master key version this process does not have.
+    pub unknown: u64,
+}
+
+/// The keyring the services use. Cheap to share (`Arc`).
+pub struct Keyring {
+    rows: Arc<dyn KeyRows>,
+    master: MasterKeys,
+    hasher: Hasher,
+    cache: Mutex<Cache>,
+}
+
+impl std::fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Keyring({:?})", self.master)
+    }
+}
+
+impl Keyring {
+    /// Opens the keyring over `rows`: reads (or creates, once for the whole
+    /// platform) the hash secret, which must open with `master`.
+    pub async fn open(
+        rows: Arc<dyn KeyRows>,
+        master: MasterKeys,
+        cache_ttl: Duration,
+        cache_capacity: usize,
+    ) -> Result<Self, StoreError> {
+        let fresh = DataKey::generate().map_err(seal_error)?;
+        let wrapped = master.wrap(&HASH_SECRET, &fresh).map_err(seal_error)?;
+        let row = match rows.read(&[HASH_SECRET]).await?.pop().flatten() {
+            Some(row) => row,
+            None => rows
+                .create(&[(HASH_SECRET, wrapped)])
+                .await?
+                .pop()
+                .ok_or_else(|| StoreError::Storage("keyring: no row for the hash secret".into()))?,
+        };
+        let secret = match row {
+            KeyRow::Active(w) => master.unwrap(&HASH_SECRET, &w).map_err(|e| {
+                StoreError::Invalid(format!(
+                    "the master key does not open this platform's keyring ({e}): every process must use the same master key file (privacy.master_key_file)"
+                ))
+            })?,
+            KeyRow::Erased { .. } => {
+                return Err(StoreError::Corrupt {
+                    what: "keyring",
+                    reason: "the hash secret is erased".into(),
+                });
+            }
+        };
+        Ok(Keyring {
+            rows,
+            master,
+            hasher: Hasher::new(&secret),
+            cache: Mutex::new(Cache {
+                entries: HashMap::new(),
+                capacity: cache_capacity.max(16),
+                ttl: cache_ttl,
+            }),
+        })
+    }
+
+    /// An embedded keyring in `dir` (tests, and `cdp dev`).
+    pub async fn embedded(dir: &Path, master: MasterKeys) -> Result<Self, StoreError> {
+        let rows = Arc::new(EmbeddedKeyRows::open(dir)?);
+        Keyring::open(rows, master, Duration::from_secs(5), 100_000).await
+    }
+
+    pub fn hasher(&self) -> &Hasher {
+        &self.hasher
+    }
+
+    /// The subject of an identifier (of its normalised value).
+    pub fn subject(&self, id: &Identifier) -> Subject {
+        subject_of(&self.hasher, id)
+    }
+
+    fn cached(&self, subjects: &[Subject], set: &mut KeySet) -> Vec<Subject> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut missing = Vec::new();
+        for s in subjects {
+            if set.contains(s) {
+                continue;
+            }
+            match cache.get(s) {
+                Some(k) => set.insert(*s, k),
+                None => missing.push(*s),
+            }
+        }
+        missing.sort();
+        missing.dedup();
+        missing
+    }
+
+    fn remember(&self, entries: &[(Subject, Option<DataKey>)]) {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, k) in entries {
+            cache.put(*s, k.clone());
+        }
+    }
+
+    fn unwrap_row(&self, s: &Subject, row: Option<KeyRow>) -> Result<Option<DataKey>, StoreError> {
+        match row {
+            Some(KeyRow::Active(w)) => self.master.unwrap(s, &w).map(Some).map_err(seal_error),
+            Some(KeyRow::Erased { .. }) | None => Ok(None),
+        }
+    }
+
+    /// The keys of `subjects` for reading: `None` for an erased subject (or
+    /// one that never had a key).
+    pub async fn keys(&self, subjects: &[Subject]) -> Result<KeySet, StoreError> {
+        let mut set = KeySet::new();
+        let missing = self.cached(subjects, &mut set);
+        if missing.is_empty() {
+            return Ok(set);
+        }
+        let rows = self.rows.read(&missing).await?;
+        let mut fetched = Vec::with_capacity(missing.len());
+        for (s, row) in missing.into_iter().zip(rows) {
+            fetched.push((s, self.unwrap_row(&s, row)?));
+        }
+        self.remember(&fetched);
+        for (s, k) in fetched {
+            set.insert(s, k);
+        }
+        Ok(set)
+    }
+
+    /// The keys of `subjects` for writing: a subject seen for the first
+    /// time gets a key (stored durably before this returns); an erased
+    /// (suppressed) subject maps to `None`.
+    pub async fn obtain(&self, subjects: &[Subject]) -> Result<KeySet, StoreError> {
+        let mut set = KeySet::new();
+        let missing = self.cached(subjects, &mut set);
+        if missing.is_empty() {
+            return Ok(set);
+        }
+        let rows = self.rows.read(&missing).await?;
+        let mut fetched = Vec::with_capacity(missing.len());
+        let mut new = Vec::new();
+        for (s, row) in missing.into_iter().zip(rows) {
+            match row {
+                None => {
+                    let key = DataKey::generate().map_err(seal_error)?;
+                    new.push((s, self.master.wrap(&s, &key).map_err(seal_error)?));
+                }
+                row => fetched.push((s, self.unwrap_row(&s, row)?)),
+            }
+        }
+        if !new.is_empty() {
+            let stored = self.rows.create(&new).await?;
+            for ((s, _), row) in new.into_iter().zip(stored) {
+                fetched.push((s, self.unwrap_row(&s, Some(row))?));
+            }
+        }
+        self.remember(&fetched);
+        for (s, k) in fetched {
+            set.insert(s, k);
+        }
+        Ok(set)
+    }
+
+    /// Erases the keys of `subjects` (and forgets them here at once; other
+    /// processes forget them within the cache's time to live).
+    pub async fn erase(
+        &self,
+        subjects: &[Subject],
+        at: UnixMillis,
+        request: &str,
+    ) -> Result<(), StoreError> {
+        let mut subjects = subjects.to_vec();
+        subjects.retain(|s| *s != HASH_SECRET);
+        subjects.sort();
+        subjects.dedup();
+        self.rows.erase(&subjects, at, request).await?;
+        let gone: Vec<(Subject, Option<DataKey>)> = subjects.iter().map(|s| (*s, None)).collect();
+        self.remember(&gone);
+        Ok(())
+    }
+
+    /// The erasure (time, request) of each subject that is suppressed.
+    pub async fn erasures(
+        &self,
+        subjects: &[Subject],
+    ) -> Result<Vec<Option<(UnixMillis, String)>>, StoreError> {
+        Ok(self
+            .rows
+            .read(subjects)
+            .await?
+            .into_iter()
+            .map(|r| match r {
+                Some(KeyRow::Erased { at, request }) => Some((at, request)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// How long another process may still use a key after it was erased.
+    pub fn cache_ttl(&self) -> Duration {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).ttl
+    }
+
+    /// The master key version that wraps.
+    pub fn master_version(&self) -> u32 {
+        self.master.current()
+    }
+
+    /// Rewraps every active row wrapped by an older master key version
+    /// under the newest one, `page` rows at a time. Safe to run from
+    /// several processes at once (each rewrap is conditional).
+    pub async fn rotate(&self, page: usize) -> Result<Rotation, StoreError> {
+        let current = self.master.current();
+        let mut done = Rotation::default();
+        let mut after = None;
+        loop {
+            let rows = self.rows.scan(after, page.max(1)).await?;
+            let Some((last, _)) = rows.last() else {
+                break;
+            };
+            after = Some(*last);
+            for (s, row) in rows {
+                done.scanned += 1;
+                let KeyRow::Active(w) = row else { continue };
+                if w.master == current {
+                    continue;
+                }
+                let key = match self.master.unwrap(&s, &w) {
+                    Ok(k) => k,
+                    Err(SealError::UnknownMaster(_)) => {
+                        done.unknown += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(seal_error(e)),
+                };
+                let new = self.master.wrap(&s, &key).map_err(seal_error)?;
+                if self.rows.rewrap(s, &w, &new).await? {
+                    done.rewrapped += 1;
+                }
+            }
+        }
+        Ok(done)
+    }
+}
+
+/// The subject of an identifier under `hasher`.
+pub fn subject_of(hasher: &Hasher, id: &Identifier) -> Subject {
+    hasher.subject(id.key().as_bytes())
+}
+
+const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("subject_keys");
+
+#[derive(Serialize, Deserialize)]
+enum Stored {
+    Active { master: u32, wrapped: Vec<u8> },
+    Erased { at: UnixMillis, request: String },
+}
+
+fn encode(row: &KeyRow) -> Result<Vec<u8>, StoreError> {
+    let s = match row {
+        KeyRow::Active(w) => Stored::Active {
+            master: w.master,
+            wrapped: w.bytes.clone(),
+        },
+        KeyRow::Erased { at, request } => Stored::Erased {
+            at: *at,
+            request: request.clone(),
+        },
+    };
+    serde_json::to_vec(&s).map_err(|e| StoreError::Storage(e.to_string()))
+}
+
+fn decode(bytes: &[u8]) -> Result<KeyRow, StoreError> {
+    let s: Stored = serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what: "keyring row",
+        reason: e.to_string(),
+    })?;
+    Ok(match s {
+        Stored::Active { master, wrapped } => KeyRow::Active(Wrapped {
+            master,
+            bytes: wrapped,
+        }),
+        Stored::Erased { at, request } => KeyRow::Erased { at, request },
+    })
+}
+
+fn db_error(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Storage(format!("keyring: {e}"))
+}
+
+/// The keyring's rows in a redb file of their own (`<dir>/keys.redb`).
+pub struct EmbeddedKeyRows {
+    db: Arc<Database>,
+}
+
+impl EmbeddedKeyRows {
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir).map_err(db_error)?;
+        let db = Database::create(dir.join("keys.redb")).map_err(db_error)?;
+        let tx = db.begin_write().map_err(db_error)?;
+        tx.open_table(KEYS).map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(EmbeddedKeyRows { db: Arc::new(db) })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(db_error)?
+    }
+}
+
+#[async_trait]
+impl KeyRows for EmbeddedKeyRows {
+    async fn read(&self, subjects: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
+        let subjects = subjects.to_vec();
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_error)?;
+            let t = tx.open_table(KEYS).map_err(db_error)?;
+            subjects
+                .iter()
+                .map(
+                    |s| match t.get(s.as_bytes().as_slice()).map_err(db_error)? {
+                        Some(v) => decode(v.value()).map(Some),
+                        None => Ok(None),
+                    },
+                )
+                .collect()
+        })
+        .await
+    }
+
+    async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
+        let rows = rows.to_vec();
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(db_error)?;
+            let mut out = Vec::with_capacity(rows.len());
+            {
+                let mut t = tx.open_table(KEYS).map_err(db_error)?;
+                for (s, w) in rows {
+                    let existing = t
+                        .get(s.as_bytes().as_slice())
+                        .map_err(db_error)?
+                        .map(|v| decode(v.value()))
+                        .transpose()?;
+                    match existing {
+                        Some(row) => out.push(row),
+                        None => {
+                            let row = KeyRow::Active(w);
+                            t.insert(s.as_bytes().as_slice(), encode(&row)?.as_slice())
+                                .map_err(db_error)?;
+                            out.push(row);
+                        }
+                    }
+                }
+            }
+            tx.commit().map_err(db_error)?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn erase(
+        &self,
+        subjects: &[Subject],
+        at: UnixMillis,
+        request: &str,
+    ) -> Result<(), StoreError> {
+        let subjects = subjects.to_vec();
+        let row = encode(&KeyRow::Erased {
+            at,
+            request: request.to_owned(),
+        })?;
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(db_error)?;
+            {
+                let mut t = tx.open_table(KEYS).map_err(db_error)?;
+                for s in subjects {
+                    t.insert(s.as_bytes().as_slice(), row.as_slice())
+                        .map_err(db_error)?;
+                }
+            }
+            tx.commit().map_err(db_error)
+        })
+        .await
+    }
+
+    async fn scan(
+        &self,
+        after: Option<Subject>,
+        limit: usize,
+    ) -> Result<Vec<(Subject, KeyRow)>, StoreError> {
+        self.blocking(move |db| {
+            let tx = db.begin_read().map_err(db_error)?;
+            let t = tx.open_table(KEYS).map_err(db_error)?;
+            let from = after.map(|s| s.0);
+            let range = match &from {
+                Some(a) => t.range::<&[u8]>((
+                    std::ops::Bound::Excluded(a.as_slice()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => t.range::<&[u8]>(..),
+            }
+            .map_err(db_error)?;
+            let mut out = Vec::new();
+            for item in range.take(limit) {
+                let (k, v) = item.map_err(db_error)?;
+                let s = Subject::from_slice(k.value()).map_err(seal_error)?;
+                out.push((s, decode(v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn rewrap(
+        &self,
+        subject: Subject,
+        old: &Wrapped,
+        new: &Wrapped,
+    ) -> Result<bool, StoreError> {
+        let (old, new) = (KeyRow::Active(old.clone()), KeyRow::Active(new.clone()));
+        self.blocking(move |db| {
+            let tx = db.begin_write().map_err(db_error)?;
+            let swapped = {
+                let mut t = tx.open_table(KEYS).map_err(db_error)?;
+                let now = t
+                    .get(subject.as_bytes().as_slice())
+                    .map_err(db_error)?
+                    .map(|v| decode(v.value()))
+                    .transpose()?;
+                if now.as_ref() == Some(&old) {
+                    t.insert(subject.as_bytes().as_slice(), encode(&new)?.as_slice())
+                        .map_err(db_error)?;
+                    true
+                } else {
+                    false
+                }
+            };
+            tx.commit().map_err(db_error)?;
+            Ok(swapped)
+        })
+        .await
+    }
+}
+
+/// The conformance suite of [`KeyRows`] adapters, through a [`Keyring`].
+#[cfg(any(test, feature = "testsuite"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub mod conformance {
+    use super::*;
+    use cdp_domain::IdKind;
+
+    fn id(v: &str) -> Identifier {
+        Identifier::new(IdKind::Email, v.to_owned())
+    }
+
+    /// Keys are created once, read back, erased (suppressed), and rewrapped
+    /// under a new master key without changing.
+    pub async fn keyring_creates_erases_and_rotates(rows: Arc<dyn KeyRows>) {
+        let v1 = MasterKeys::generate_file().unwrap();
+        let ring = Keyring::open(
+            Arc::clone(&rows),
+            MasterKeys::parse(&v1).unwrap(),
+            Duration::ZERO,
+            64,
+        )
+        .await
+        .unwrap();
+        let (a, b) = (ring.subject(&id("a@x.vn")), ring.subject(&id("b@x.vn")));
+        assert_ne!(a, b);
+        let first = ring.obtain(&[a, b]).await.unwrap();
+        let again = ring.obtain(&[a]).await.unwrap();
+        assert_eq!(first.get(&a), again.get(&a), "a key is created once");
+        assert!(first.get(&a).is_some() && first.get(&b).is_some());
+        // A second process with the same master key: the same hash secret.
+        let other = Keyring::open(
+            Arc::clone(&rows),
+            MasterKeys::parse(&v1).unwrap(),
+            Duration::ZERO,
+            64,
+        )
+        .await
+        .unwrap();
+        assert_eq!(other.subject(&id("a@x.vn")), a);
+        assert_eq!(other.keys(&[a]).await.unwrap().get(&a), first.get(&a));
+        // A process with another master key is refused, with the reason.
+        let stranger = Keyring::open(
+            Arc::clone(&rows),
+            MasterKeys::parse(&MasterKeys::generate_file().unwrap()).unwrap(),
+            Duration::ZERO,
+            64,
+        )
+        .await
+        .unwrap_err();
+        assert!(stranger.to_string().contains("master key"), "{stranger}");
+
+        ring.erase(&[a], 1_700_000_000_000, "req-1").await.unwrap();
+        let after = other.keys(&[a, b]).await.unwrap();
+        assert!(after.erased(&a) && after.get(&a).is_none());
+        assert_eq!(after.get(&b), first.get(&b), "others keep their keys");
+        // Suppressed: a writer gets no new key for it.
+        assert!(other.obtain(&[a]).await.unwrap().get(&a).is_none());
+        assert_eq!(
+            other.erasures(&[a, b]).await.unwrap(),
+            vec![Some((1_700_000_000_000, "req-1".to_owned())), None]
+        );
+
+        // Rotation: add version 2, rewrap, then retire version 1.
+        let v2 = MasterKeys::generate_file().unwrap();
+        let v2_line = v2.lines().last().unwrap().replacen("1 ", "2 ", 1);
+        let both = Keyring::open(
+            Arc::clone(&rows),
+            MasterKeys::parse(&format!("{v1}{v2_line}\n")).unwrap(),
+            Duration::ZERO,
+            64,
+        )
+        .await
+        .unwrap();
+        let done = both.rotate(1).await.unwrap();
+        assert_eq!(done.rewrapped, 2, "the hash secret and b: {done:?}");
+        assert_eq!(both.rotate(10).await.unwrap().rewrapped, 0);
+        let only2 = Keyring::open(
+            rows,
+            MasterKeys::parse(&v2_line).unwrap(),
+            Duration::ZERO,
+            64,
+        )
+        .await
+        .unwrap();
+        assert_eq!(only2.subject(&id("b@x.vn")), b);
+        assert_eq!(only2.keys(&[b]).await.unwrap().get(&b), first.get(&b));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn embedded_keyring_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = Arc::new(EmbeddedKeyRows::open(dir.path()).unwrap());
+        conformance::keyring_creates_erases_and_rotates(rows).await;
+    }
+}
