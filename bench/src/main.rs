@@ -75,6 +75,10 @@ struct Args {
     /// Skip the rebuild (it reads the whole log again).
     #[arg(long)]
     no_rebuild: bool,
+    /// Customers erased one after another (`PrivacyService/Erase`), timed
+    /// from request to completion.
+    #[arg(long, default_value_t = 10)]
+    erasures: usize,
     /// Instead of the figures: identity accuracy scored through the running
     /// service on the population of `make bench-identity`, field traps
     /// included (`--customers` people, the first size given).
@@ -504,6 +508,45 @@ async fn replay(cdp: &CdpProcess) -> anyhow::Result<Value> {
     Ok(json!({"events": n, "seconds": secs, "events_per_s": n as f64 / secs}))
 }
 
+/// Erases `n` customers one after another, by email, and times each from
+/// request to completion (which includes `privacy.key_cache_secs`, the
+/// wait for every process to drop the erased keys).
+async fn erasures(cdp: &CdpProcess, emails: &[String], n: usize) -> anyhow::Result<Value> {
+    use cdp_proto::v1::privacy_service_client::PrivacyServiceClient;
+    let mut client = PrivacyServiceClient::new(
+        CdpProcess::connect_as(cdp.query_addr(), Some(cdp_e2e::PRIVACY_KEY)).await,
+    );
+    let mut took = Vec::new();
+    let mut work = Vec::new();
+    // Spread over the population, away from the lookup and freshness samples.
+    let step = (emails.len() / n.max(1)).max(1);
+    for email in emails.iter().rev().step_by(step).take(n) {
+        let started = Instant::now();
+        let done = client
+            .erase(cdp_proto::v1::EraseRequest {
+                lookup: Some(cdp_proto::v1::erase_request::Lookup::Identifier(id(
+                    "email", email,
+                ))),
+                reason: "bench".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        took.push(started.elapsed());
+        ensure!(
+            done.state() == cdp_proto::v1::ErasureState::Complete,
+            "erasure of {email} ended {done:?}"
+        );
+        work.push(done);
+    }
+    took.sort();
+    let events: u64 = work.iter().map(|e| u64::from(e.events)).sum();
+    Ok(json!({
+        "erased": took.len(), "events_made_anonymous": events,
+        "p50_ms": percentile(&took, 0.5), "max_ms": percentile(&took, 1.0),
+    }))
+}
+
 async fn rebuild(projections: &mut ProjectionServiceClient<Authed>) -> anyhow::Result<Value> {
     let started = Instant::now();
     let s = projections
@@ -582,6 +625,8 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
     let fresh = freshness(&cdp, &emails, args).await?;
     drain(&mut projections, Instant::now(), Duration::from_secs(3600)).await?;
     let replayed = replay(&cdp).await?;
+    eprintln!("[bench] erasures");
+    let erased = erasures(&cdp, &emails, args.erasures).await?;
 
     let rebuilt = if args.no_rebuild {
         Value::Null
@@ -625,6 +670,7 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
         "lookup": lookup,
         "freshness": fresh,
         "replay": replayed,
+        "erasure": erased,
         "rebuild": rebuilt,
         "peak_rss_mib": rss,
         "disk": {
@@ -683,6 +729,11 @@ fn print(r: &Value) {
             f(r, &["freshness", "achieved_per_s"]),
         ),
         ("replay (events/s)", f(r, &["replay", "events_per_s"])),
+        (
+            "erasure, request to complete, p50 (ms)",
+            f(r, &["erasure", "p50_ms"]),
+        ),
+        ("erasure, max (ms)", f(r, &["erasure", "max_ms"])),
         ("rebuild (events/s)", f(r, &["rebuild", "events_per_s"])),
         ("rebuild (s)", f(r, &["rebuild", "seconds"])),
         (

@@ -397,8 +397,8 @@ pub struct PrivacyConfig {
     pub key_cache_entries: usize,
     /// New events carrying an erased identifier.
     pub suppressed: SuppressedEvents,
-    /// Days within which an erasure request must be complete (reported
-    /// with its status).
+    /// Days within which an erasure must be complete, reported with each
+    /// request (Decree 13 asks for 72 hours).
     pub erasure_deadline_days: u32,
 }
 
@@ -409,7 +409,7 @@ impl Default for PrivacyConfig {
             key_cache_secs: 5,
             key_cache_entries: 200_000,
             suppressed: SuppressedEvents::Drop,
-            erasure_deadline_days: 30,
+            erasure_deadline_days: 3,
         }
     }
 }

@@ -196,7 +196,7 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         ("cdp.v1.AccessService", "WhoAmI") => return Some(P::Reflect),
         ("cdp.v1.PrivacyService", "GetConsent" | "CheckConsent") => P::ReadProfiles,
         ("cdp.v1.PrivacyService", "RecordConsent") => P::RecordConsent,
-        ("cdp.v1.PrivacyService", "Export") => P::Privacy,
+        ("cdp.v1.PrivacyService", "Export" | "Erase" | "GetErasure") => P::Privacy,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
         _ => return None,
@@ -240,6 +240,8 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.PrivacyService/GetConsent",
     "/cdp.v1.PrivacyService/CheckConsent",
     "/cdp.v1.PrivacyService/Export",
+    "/cdp.v1.PrivacyService/Erase",
+    "/cdp.v1.PrivacyService/GetErasure",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

@@ -31,8 +31,19 @@ fn phone_terms(e164: &str) -> Vec<String> {
 
 /// The search terms an event contributes to its customer.
 pub fn terms(t: &Touchpoint) -> Vec<String> {
+    terms_of(&t.personal.identifiers, |key| {
+        t.personal.traits.get(key).and_then(|v| v.as_str())
+    })
+}
+
+/// The search terms of identifiers and name traits (`trait_text` gives a
+/// trait's text by name).
+pub fn terms_of<'a>(
+    identifiers: impl IntoIterator<Item = &'a crate::Identifier>,
+    trait_text: impl Fn(&str) -> Option<&'a str>,
+) -> Vec<String> {
     let mut out = Vec::new();
-    for id in &t.personal.identifiers {
+    for id in identifiers {
         match id.kind {
             IdKind::Email => out.push(format!("email:{}", id.value)),
             IdKind::Phone => out.extend(phone_terms(&id.value)),
@@ -40,7 +51,7 @@ pub fn terms(t: &Touchpoint) -> Vec<String> {
         }
     }
     for key in ["name", "full_name", "first_name", "last_name"] {
-        if let Some(name) = t.personal.traits.get(key).and_then(|v| v.as_str()) {
+        if let Some(name) = trait_text(key) {
             let folded = fold_text(name);
             if folded.is_empty() {
                 continue;

@@ -36,8 +36,12 @@ pub const CREDENTIALS: Topic = Topic::new("credentials");
 /// keyed by the dead letter's position ([`crate::key::dead_letter`]).
 pub const REDRIVES: Topic = Topic::new("redrives");
 
+/// Erasure requests and their completion (`cdp.v1.Erasure`), keyed by
+/// request id: the log's own record that a customer was erased.
+pub const ERASURES: Topic = Topic::new("erasures");
+
 /// Every topic of the pipeline.
-pub const ALL: [Topic; 9] = [
+pub const ALL: [Topic; 10] = [
     TOUCHPOINTS,
     IDENTITY,
     RESOLVED,
@@ -47,4 +51,5 @@ pub const ALL: [Topic; 9] = [
     ALERTS,
     CREDENTIALS,
     REDRIVES,
+    ERASURES,
 ];

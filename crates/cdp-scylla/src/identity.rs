@@ -735,4 +735,54 @@ impl IdentityStore for ScyllaStore {
     async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
         self.fetch_decision(event.event_id()).await
     }
+
+    /// Plain deletes at the present time: they shadow the fenced identity
+    /// writes before them (fencing timestamps stay far below the clock's
+    /// microseconds), and nothing writes these rows again (an erased
+    /// identifier is suppressed, customer and event ids are never reused).
+    async fn erase_graph(
+        &self,
+        customers: &[CustomerId],
+        identifiers: &[Identifier],
+        events: &[EventId],
+    ) -> Result<(), StoreError> {
+        let ks = self.keyspace();
+        let session = self.session();
+        let node = crate::prepare(
+            session,
+            format!("DELETE FROM {ks}.customers WHERE id = ?"),
+            crate::Kind::Write,
+        )
+        .await?;
+        let claim = crate::prepare(
+            session,
+            format!("DELETE FROM {ks}.claims WHERE id = ?"),
+            crate::Kind::Write,
+        )
+        .await?;
+        let decision = crate::prepare(
+            session,
+            format!("DELETE FROM {ks}.resolutions WHERE event_id = ?"),
+            crate::Kind::Write,
+        )
+        .await?;
+        let deletes = customers
+            .iter()
+            .map(|c| self.write(&node, (c.0,)))
+            .collect::<Vec<_>>();
+        futures::future::try_join_all(deletes).await?;
+        let claims: Vec<String> = identifiers.iter().map(Identifier::key).collect();
+        for chunk in claims.chunks(READ_CONCURRENCY) {
+            futures::future::try_join_all(chunk.iter().cloned().map(|k| self.write(&claim, (k,))))
+                .await?;
+        }
+        let events: Vec<Uuid> = events.iter().map(|e| e.0).collect();
+        for chunk in events.chunks(READ_CONCURRENCY) {
+            futures::future::try_join_all(
+                chunk.iter().copied().map(|e| self.write(&decision, (e,))),
+            )
+            .await?;
+        }
+        Ok(())
+    }
 }

@@ -664,6 +664,53 @@ impl ProfileStore for ScyllaStore {
         )))
     }
 
+    /// The profile row with a conditional delete (its writes are
+    /// conditional), the timeline as one partition, each search entry.
+    async fn erase_views(
+        &self,
+        customers: &[CustomerId],
+        terms: &[String],
+    ) -> Result<(), StoreError> {
+        let ks = self.keyspace();
+        let session = self.session();
+        let profile = crate::prepare(
+            session,
+            format!("DELETE FROM {ks}.profiles WHERE customer = ? IF EXISTS"),
+            crate::Kind::Lwt,
+        )
+        .await?;
+        let timeline = crate::prepare(
+            session,
+            format!("DELETE FROM {ks}.timeline WHERE customer = ?"),
+            crate::Kind::Write,
+        )
+        .await?;
+        let search = crate::prepare(
+            session,
+            format!("DELETE FROM {ks}.search WHERE bucket = ? AND term = ? AND customer = ?"),
+            crate::Kind::Write,
+        )
+        .await?;
+        for c in customers {
+            match self.lwt(&profile, (c.0,)).await? {
+                crate::Lwt::Applied | crate::Lwt::NotApplied => {}
+                crate::Lwt::Unknown(e) => return Err(e),
+            }
+            self.write(&timeline, (c.0,)).await?;
+            let entries: Vec<(String, String, uuid::Uuid)> = terms
+                .iter()
+                .map(|t| (search_bucket(t), t.clone(), c.0))
+                .collect();
+            for chunk in entries.chunks(16) {
+                futures::future::try_join_all(
+                    chunk.iter().cloned().map(|row| self.write(&search, row)),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         Ok(self
             .fetch_profile(customer)

@@ -259,6 +259,17 @@ impl IdentityStore for RoundRobin {
     async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
         self.pick().decision(event).await
     }
+
+    async fn erase_graph(
+        &self,
+        customers: &[CustomerId],
+        identifiers: &[Identifier],
+        events: &[cdp_domain::EventId],
+    ) -> Result<(), StoreError> {
+        self.pick()
+            .erase_graph(customers, identifiers, events)
+            .await
+    }
 }
 
 #[async_trait]
@@ -289,6 +300,14 @@ impl ProfileStore for RoundRobin {
 
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         self.pick().row(customer).await
+    }
+
+    async fn erase_views(
+        &self,
+        customers: &[CustomerId],
+        terms: &[String],
+    ) -> Result<(), StoreError> {
+        self.pick().erase_views(customers, terms).await
     }
 
     async fn timeline_range(

@@ -52,6 +52,8 @@ macro_rules! store_test_suite {
             profiles_page_ties_and_families_without_loss(profiles_ref),
             profiles_lose_no_concurrent_update(profiles),
             profiles_are_searchable(profiles_ref),
+            profiles_erase_removes_views_and_search(profiles_ref),
+            identity_erase_forgets_claims_nodes_and_decisions(identity_ref),
             unsynced_folds_are_visible_then_synced(profiles_ref),
             generations_switch_and_drop(generations));
     };
@@ -752,6 +754,163 @@ pub async fn profiles_are_searchable(store: &dyn ProfileStore, prefix: &str) {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(none.is_empty());
+}
+
+/// An erasure removes one customer's profile, timeline and search entries
+/// and nothing of anyone else's.
+pub async fn profiles_erase_removes_views_and_search(store: &dyn ProfileStore, prefix: &str) {
+    let gone = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-gone").as_bytes(),
+    ));
+    let kept = CustomerId(Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("{prefix}-kept").as_bytes(),
+    ));
+    let mut events = Vec::new();
+    for (n, (c, who)) in [(gone, "gone"), (kept, "kept")].into_iter().enumerate() {
+        let mut t = event(
+            prefix,
+            600 + n as u64,
+            1000,
+            EventType::Identify,
+            &[email(prefix, who)],
+            json!({"total": 5}),
+        );
+        t.personal
+            .traits
+            .insert("name".into(), json!(format!("Lê {who} {prefix}")));
+        events.push(resolved(c, t));
+    }
+    store
+        .apply(&events, &FoldOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let terms = cdp_domain::search::terms(&events[0].touchpoint);
+    store
+        .erase_views(&[gone], &terms)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        store
+            .row(gone)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none()
+    );
+    let page = |c| async move {
+        store
+            .timeline(
+                c,
+                &TimelineQuery {
+                    limit: 10,
+                    ..TimelineQuery::default()
+                },
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .entries
+            .len()
+    };
+    assert_eq!(page(gone).await, 0);
+    assert_eq!(page(kept).await, 1, "the other customer keeps its timeline");
+    assert!(
+        store
+            .profile(kept)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
+    for (who, c, expected) in [("gone", gone, false), ("kept", kept, true)] {
+        let found = store
+            .search(
+                &cdp_domain::search::query_prefixes(&format!("{who}.{prefix}")),
+                10,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(found.contains(&c), expected, "search for {who}: {found:?}");
+        // The raw index too, not only the live filter.
+        let raw = store
+            .search_range(&format!("email:{who}.{prefix}"), 10)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(raw.contains(&c), expected, "index for {who}: {raw:?}");
+    }
+    // Erasing again (a retried request) is not an error.
+    store
+        .erase_views(&[gone], &terms)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// An erasure forgets the customer's node, the claims of its identifiers
+/// and the decisions of its events; another customer is untouched.
+pub async fn identity_erase_forgets_claims_nodes_and_decisions(
+    store: &dyn IdentityStore,
+    prefix: &str,
+) {
+    let rules = IdentityRules::default();
+    let gone = event(
+        prefix,
+        700,
+        1000,
+        EventType::Identify,
+        &[email(prefix, "gone")],
+        json!({}),
+    );
+    let kept = event(
+        prefix,
+        701,
+        1000,
+        EventType::Identify,
+        &[email(prefix, "kept")],
+        json!({}),
+    );
+    let out = store
+        .resolve(&[gone.clone(), kept.clone()], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (g, k) = (decided(&out[0]).customer_id, decided(&out[1]).customer_id);
+    store
+        .erase_graph(&[g], &gone.personal.identifiers, &[gone.event_id()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        store
+            .customer(g)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .owner(&gone.personal.identifiers[0])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+    assert!(
+        store
+            .decision(&gone)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .owner(&kept.personal.identifiers[0])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(k)
+    );
+    assert!(
+        store
+            .decision(&kept)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_some()
+    );
 }
 
 /// Unsynced folds are visible at once, idempotent like synced ones, and a

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, GraphWrite};
 use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
 use cdp_domain::{
-    CustomerId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
+    CustomerId, EventId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
     Touchpoint,
 };
 use redb::{
@@ -362,6 +362,42 @@ impl IdentityStore for EmbeddedStore {
         .await
     }
 
+    async fn erase_graph(
+        &self,
+        customers: &[CustomerId],
+        identifiers: &[Identifier],
+        events: &[EventId],
+    ) -> Result<(), StoreError> {
+        let customers: Vec<u128> = customers.iter().map(|c| key(*c)).collect();
+        let claims: Vec<String> = identifiers.iter().map(Identifier::key).collect();
+        let events: std::collections::HashSet<u128> =
+            events.iter().map(|e| e.0.as_u128()).collect();
+        self.on_graph(move |db| {
+            let mut tx = begin_write(db)?;
+            tx.set_durability(Durability::Immediate).map_err(storage)?;
+            {
+                let mut table = tx.open_table(CUSTOMERS).map_err(storage)?;
+                for c in &customers {
+                    table.remove(*c).map_err(storage)?;
+                }
+                let mut table = tx.open_table(CLAIMS).map_err(storage)?;
+                for id in &claims {
+                    table.remove(id.as_str()).map_err(storage)?;
+                }
+                // Decisions are filed by arrival: found by a scan (erasures
+                // are rare; the scan reads keys only).
+                if !events.is_empty() {
+                    let mut table = tx.open_table(DECISIONS).map_err(storage)?;
+                    table
+                        .retain(|(_, event), _| !events.contains(&event))
+                        .map_err(storage)?;
+                }
+            }
+            tx.commit().map_err(storage)
+        })
+        .await
+    }
+
     async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
         let at = decision_key(event);
         self.on_graph(move |db| {
@@ -477,6 +513,37 @@ impl ProfileStore for EmbeddedStore {
         self.on_views(|db| {
             let mut tx = begin_write(db)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
+            tx.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn erase_views(
+        &self,
+        customers: &[CustomerId],
+        terms: &[String],
+    ) -> Result<(), StoreError> {
+        let customers: Vec<u128> = customers.iter().map(|c| key(*c)).collect();
+        let terms = terms.to_vec();
+        self.on_views(move |db| {
+            let mut tx = begin_write(db)?;
+            tx.set_durability(Durability::Immediate).map_err(storage)?;
+            {
+                let mut profiles = tx.open_table(PROFILES).map_err(storage)?;
+                let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
+                let mut search = tx.open_table(SEARCH).map_err(storage)?;
+                for c in &customers {
+                    profiles.remove(*c).map_err(storage)?;
+                    timeline
+                        .retain_in((*c, i64::MIN, 0u128)..=(*c, i64::MAX, u128::MAX), |_, _| {
+                            false
+                        })
+                        .map_err(storage)?;
+                    for term in &terms {
+                        search.remove((term.as_str(), *c)).map_err(storage)?;
+                    }
+                }
+            }
             tx.commit().map_err(storage)
         })
         .await

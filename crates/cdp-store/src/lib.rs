@@ -83,6 +83,16 @@ pub trait IdentityStore: Send + Sync + 'static {
     /// event not resolved yet, or that no identifier could attribute).
     async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError>;
 
+    /// What an erasure removes from the graph: the nodes of `customers`,
+    /// the claims of `identifiers` and the decisions of `events`. Durable
+    /// when it returns; removing what is not there is not an error.
+    async fn erase_graph(
+        &self,
+        customers: &[CustomerId],
+        identifiers: &[Identifier],
+        events: &[EventId],
+    ) -> Result<(), StoreError>;
+
     /// The customer that stands for `customer` now (merges followed).
     async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
         read::root(self, customer).await
@@ -225,6 +235,15 @@ pub trait ProfileStore: Send + Sync + 'static {
         customer: CustomerId,
         query: &TimelineQuery,
     ) -> Result<Vec<TimelineEntry>, StoreError>;
+
+    /// What an erasure removes from the views: the profile rows and the
+    /// timelines of `customers`, and their search entries under `terms`.
+    /// Durable when it returns.
+    async fn erase_views(
+        &self,
+        customers: &[CustomerId],
+        terms: &[String],
+    ) -> Result<(), StoreError>;
 
     /// The customers filed under a search term that starts with `prefix`
     /// (see `cdp_domain::search`), in term order, at most `scan` of them;

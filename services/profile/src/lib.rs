@@ -414,6 +414,10 @@ mod tests {
         async fn row(&self, _: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
             Ok(None)
         }
+        async fn erase_views(&self, _: &[CustomerId], _: &[String]) -> Result<(), StoreError> {
+            self.saw("erase");
+            Ok(())
+        }
         async fn timeline_range(
             &self,
             _: CustomerId,
@@ -440,6 +444,14 @@ mod tests {
         }
         async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
             Ok(vec![None; ids.len()])
+        }
+        async fn erase_graph(
+            &self,
+            _: &[CustomerId],
+            _: &[Identifier],
+            _: &[cdp_domain::EventId],
+        ) -> Result<(), StoreError> {
+            Ok(())
         }
         async fn decision(&self, _: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
             Ok(None)

@@ -64,6 +64,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         Arc::clone(&ctx.backends.log),
         Arc::clone(&ctx.rules),
         Arc::new(ctx.config.validation.clone()),
+        ctx.config.privacy.erasure_deadline_days,
     );
     parts
         .grpc

@@ -13,6 +13,7 @@
 
 pub mod access;
 pub mod console;
+pub mod erase;
 pub mod explain;
 pub mod follow;
 pub mod grpc;

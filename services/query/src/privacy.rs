@@ -111,6 +111,7 @@ pub struct PrivacyGrpc {
     log: Arc<dyn EventLog>,
     rules: Arc<IdentityRules>,
     limits: Arc<ValidationLimits>,
+    erasures: crate::erase::Erasures,
 }
 
 impl PrivacyGrpc {
@@ -120,8 +121,15 @@ impl PrivacyGrpc {
         log: Arc<dyn EventLog>,
         rules: Arc<IdentityRules>,
         limits: Arc<ValidationLimits>,
+        erasure_deadline_days: u32,
     ) -> Self {
         PrivacyGrpc {
+            erasures: crate::erase::Erasures::new(
+                query.clone(),
+                Arc::clone(&log),
+                Arc::clone(&access),
+                erasure_deadline_days,
+            ),
             gate: ConsentGate::new(query.clone(), Arc::clone(&access)),
             query,
             access,
@@ -556,5 +564,30 @@ impl PrivacyService for PrivacyGrpc {
             json,
             generated_at: Some(convert::millis_to_timestamp(cdp_runtime::now_ms())),
         }))
+    }
+
+    async fn erase(
+        &self,
+        request: Request<cdp_proto::v1::EraseRequest>,
+    ) -> Result<Response<cdp_proto::v1::Erasure>, Status> {
+        let caller = Caller::of(&request)?;
+        Ok(Response::new(
+            self.erasures.erase(&caller, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_erasure(
+        &self,
+        request: Request<cdp_proto::v1::GetErasureRequest>,
+    ) -> Result<Response<cdp_proto::v1::Erasure>, Status> {
+        let id = request.into_inner().request_id;
+        let id = id.trim();
+        if id.is_empty() {
+            return Err(ServiceError::invalid("request_id", "is required").into());
+        }
+        match self.erasures.status(id).await? {
+            Some(e) => Ok(Response::new(e)),
+            None => Err(ServiceError::NotFound(format!("no erasure request {id:?}")).into()),
+        }
     }
 }

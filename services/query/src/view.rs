@@ -55,7 +55,8 @@ lookup_from!(
     v1::record_consent_request::Lookup,
     v1::get_consent_request::Lookup,
     v1::check_consent_request::Lookup,
-    v1::export_request::Lookup
+    v1::export_request::Lookup,
+    v1::erase_request::Lookup
 );
 
 /// The lookup and timeline length a `GetProfileRequest` asks for.

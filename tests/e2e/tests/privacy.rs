@@ -667,3 +667,314 @@ async fn the_log_holds_no_personal_data_in_clear() {
         files.len()
     );
 }
+
+/// Waits until a rebuild of every event has activated its generation.
+async fn rebuild(cdp: &CdpProcess) {
+    use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
+    use cdp_proto::v1::rebuild_status::State;
+    let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
+    let started = projections
+        .start_rebuild(v1::StartRebuildRequest {
+            activate: true,
+            generation: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = projections
+            .get_rebuild(v1::GetRebuildRequest {
+                generation: started.generation,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match status.state() {
+            State::Activated => return,
+            State::Running => {}
+            other => panic!("the rebuild ended {other:?}: {}", status.error),
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The right to erasure, end to end: a customer found by a phone typed
+/// the national way, and the customer merged into it, are erased; their
+/// views, search entries and exports are gone, the log's records of them
+/// are anonymous (still counted), a re-sent phone is suppressed over gRPC
+/// and HTTP, a rebuild brings back everyone else exactly and not them, and
+/// the request is on record with its deadline. Another customer never
+/// changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers() {
+    let cdp = CdpProcess::start_with(&format!(
+        "{}\n[privacy]\nkey_cache_secs = 1\n",
+        cdp_e2e::DEFAULT_CONFIG
+    ));
+    let local = cdp_e2e::mobile();
+    let email = format!("{}@example.vn", unique("erase."));
+    let kept = format!("{}@example.vn", unique("kept."));
+    let name_token = unique("Hằng").replace('-', "");
+    // From the shop's CRM and its order system: trusted to link.
+    let mut identify = touchpoint(
+        "Identify",
+        "store",
+        "crm",
+        vec![id("email", &email)],
+        json!({}),
+    );
+    identify.personal.as_mut().unwrap().traits =
+        cdp_e2e::to_struct(json!({"name": format!("Đỗ Thị {name_token}")}));
+    identify.occurred_at = at(cdp_e2e::now_ms() - 60_000);
+    cdp.track(identify).await;
+    // A second customer by the phone alone, merged into the first when an
+    // order carries both.
+    let mut called = touchpoint(
+        "Ticket Opened",
+        "call_center",
+        "hotline",
+        vec![id("phone", &format!("+84{local}"))],
+        json!({"ticket_id": unique("t-"), "subject": format!("giao hàng cho {name_token}")}),
+    );
+    called.occurred_at = at(cdp_e2e::now_ms() - 30_000);
+    cdp.track(called).await;
+    let order = touchpoint(
+        "Order Completed",
+        "store",
+        "erp",
+        vec![id("email", &email), id("phone", &format!("0{local}"))],
+        json!({"order_id": unique("o-"), "total": 750000, "currency": "VND",
+               "shipping_address": format!("{name_token}, 3 Hàng Bài")}),
+    );
+    let order_id = order.event_id.clone();
+    cdp.track(order).await;
+    let kept_order = touchpoint(
+        "Order Completed",
+        "store",
+        "pos",
+        vec![id("email", &kept)],
+        json!({"order_id": unique("o-"), "total": 200000, "currency": "VND"}),
+    );
+    cdp.track(kept_order).await;
+    let mut profiles = cdp.profiles().await;
+    let before = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 3
+    })
+    .await;
+    let kept_before = profile_when(&mut profiles, id("email", &kept), PATIENCE, |p| {
+        cdp_e2e::metrics(p).orders_count == 1
+    })
+    .await;
+
+    // Only the privacy officer (and admins) may erase.
+    let mut agent = privacy(&cdp, cdp_e2e::AGENT_KEY).await;
+    let refused = agent
+        .erase(v1::EraseRequest {
+            lookup: Some(v1::erase_request::Lookup::Identifier(id(
+                "phone",
+                &format!("0{local}"),
+            ))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    let mut officer = privacy(&cdp, cdp_e2e::PRIVACY_KEY).await;
+    let request = v1::EraseRequest {
+        lookup: Some(v1::erase_request::Lookup::Identifier(id(
+            "phone",
+            &format!("0{local}"),
+        ))),
+        request_id: unique("dsr-"),
+        reason: "data subject request".into(),
+    };
+    let done = officer.erase(request.clone()).await.unwrap().into_inner();
+    assert_eq!(done.state(), v1::ErasureState::Complete, "{done:?}");
+    assert!(done.customer_ids.contains(&before.customer_id), "{done:?}");
+    assert_eq!(
+        done.customer_ids.len(),
+        2,
+        "the customer and the one merged into it: {done:?}"
+    );
+    assert_eq!(done.identifiers, 2, "{done:?}");
+    assert_eq!(done.events, 3, "{done:?}");
+    let deadline = convert::timestamp_to_millis(done.deadline.as_ref().unwrap());
+    let requested = convert::timestamp_to_millis(done.requested_at.as_ref().unwrap());
+    assert_eq!(deadline - requested, 3 * 86_400_000, "72 hours by default");
+    assert!(
+        done.completed_at.is_some() && done.steps.len() >= 3,
+        "{done:?}"
+    );
+    // On record, and a retried request answers the same.
+    let status = officer
+        .get_erasure(v1::GetErasureRequest {
+            request_id: request.request_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status, done);
+    assert_eq!(
+        officer.erase(request.clone()).await.unwrap().into_inner(),
+        done
+    );
+
+    // The views are gone, by every identifier; search and export too.
+    for who in [
+        id("email", &email),
+        id("phone", &format!("0{local}")),
+        id("phone", &format!("+84{local}")),
+    ] {
+        let gone = profiles
+            .get_profile(v1::GetProfileRequest {
+                lookup: Some(v1::get_profile_request::Lookup::Identifier(who.clone())),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound, "{who:?}: {gone:?}");
+    }
+    let by_id = profiles
+        .get_profile(v1::GetProfileRequest {
+            lookup: Some(v1::get_profile_request::Lookup::CustomerId(
+                before.customer_id.clone(),
+            )),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(by_id.code(), tonic::Code::NotFound, "{by_id:?}");
+    let found = profiles
+        .search_customers(v1::SearchCustomersRequest {
+            query: name_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        format!("{found:?}").find(&name_token).is_none(),
+        "{found:?}"
+    );
+    let export = officer
+        .export(ExportRequest {
+            lookup: Some(export_request::Lookup::Identifier(id("email", &email))),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(export.code(), tonic::Code::NotFound);
+
+    // A new event carrying the phone is not kept: gRPC says so, HTTP
+    // answers as Segment does; nothing comes back.
+    let resent = cdp
+        .track(touchpoint(
+            "Product Viewed",
+            "store",
+            "pos",
+            vec![id("phone", &format!("0{local}"))],
+            json!({}),
+        ))
+        .await;
+    assert_eq!(resent.status(), v1::EventStatus::Suppressed, "{resent:?}");
+    let http = reqwest::Client::new()
+        .post(format!("{}/v1/identify", cdp.http_url()))
+        .basic_auth(cdp_e2e::WEB_KEY, Some(""))
+        .json(&json!({"userId": unique("u-"), "traits": {"phone": format!("+84{local}"), "email": email}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(http.status().as_u16(), 200);
+    // A later event of the other customer is folded: the pipeline has
+    // passed anything the re-sent ones could have caused.
+    cdp.track(touchpoint(
+        "Product Viewed",
+        "web",
+        "web",
+        vec![id("email", &kept)],
+        json!({}),
+    ))
+    .await;
+    profile_when(&mut profiles, id("email", &kept), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 2
+    })
+    .await;
+    for who in [id("phone", &format!("0{local}")), id("email", &email)] {
+        let gone = profiles
+            .get_profile(v1::GetProfileRequest {
+                lookup: Some(v1::get_profile_request::Lookup::Identifier(who.clone())),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(gone.code(), tonic::Code::NotFound, "recreated by {who:?}");
+    }
+
+    // Replay: the erased customer's events are still there, anonymous.
+    let mut replay = ReplayServiceClient::new(cdp.projection_channel().await);
+    let mut stream = replay
+        .replay(ReplayRequest {
+            purpose: "service".into(),
+            with_customers: true,
+            ..ReplayRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut erased = 0;
+    while let Some(e) = stream.message().await.unwrap() {
+        let text = format!("{e:?}");
+        assert!(
+            !text.contains(&local) && !text.contains(&name_token) && !text.contains(&email),
+            "personal data replayed: {text}"
+        );
+        if e.erased {
+            erased += 1;
+            assert!(e.customer_id.is_empty());
+            let t = e.touchpoint.unwrap();
+            if t.event_id == order_id {
+                let props = convert::struct_to_json(t.properties.as_ref().unwrap());
+                assert_eq!(props["total"], json!(750000), "the order still counts");
+            }
+        }
+    }
+    assert_eq!(erased, 3);
+
+    // A rebuild from the log honours the erasure: the same view for the
+    // other customer, none for the erased one.
+    rebuild(&cdp).await;
+    let kept_after = profile_when(&mut profiles, id("email", &kept), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 2
+    })
+    .await;
+    assert_eq!(kept_after.customer_id, kept_before.customer_id);
+    assert_eq!(
+        cdp_e2e::metrics(&kept_after).orders_count,
+        cdp_e2e::metrics(&kept_before).orders_count
+    );
+    let gone = profiles
+        .get_profile(v1::GetProfileRequest {
+            lookup: Some(v1::get_profile_request::Lookup::Identifier(id(
+                "phone",
+                &format!("0{local}"),
+            ))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
+
+    // Not a trace in the log's files.
+    let found = occurrences(
+        &cdp.log_files(),
+        &[
+            format!("84{local}"),
+            format!("0{local}"),
+            email.clone(),
+            name_token.trim_start_matches("Hằng").to_owned(),
+        ],
+    );
+    assert!(found.iter().all(|(_, n)| *n == 0), "{found:?}");
+}
