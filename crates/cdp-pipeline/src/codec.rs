@@ -175,12 +175,28 @@ pub fn touchpoint_from_record(
                 None => (v1::PersonalRecord::default(), true),
             }
         }
-        None => (
-            v1::PersonalRecord::decode(r.personal.as_slice())?,
-            r.anonymous,
-        ),
+        None => {
+            let personal = v1::PersonalRecord::decode(r.personal.as_slice())?;
+            // Written before sealing: anonymous once one of its
+            // identifiers was erased.
+            let erased = keys.hasher().is_some_and(|h| {
+                personal.identifiers.iter().any(|i| {
+                    identifier_from("personal.identifiers", i)
+                        .is_ok_and(|id| keys.erased(&h.subject(id.key().as_bytes())))
+                })
+            });
+            if erased {
+                (v1::PersonalRecord::default(), true)
+            } else {
+                (personal, r.anonymous)
+            }
+        }
     };
     let mut properties = json_map("envelope.properties_json", &e.properties_json)?;
+    if anonymous && r.sealed.is_none() {
+        // Its text was never taken out: take it out now.
+        seal::split_properties(&mut properties);
+    }
     if !personal.properties_json.is_empty() {
         let taken: Vec<(String, serde_json::Value)> =
             serde_json::from_slice(&personal.properties_json)
@@ -218,6 +234,51 @@ pub fn touchpoint_from_record(
         value: touchpoint,
         anonymous,
     })
+}
+
+/// The identifiers a record written before sealing carries in clear (a
+/// touchpoint's, a resolved record's with its merge causes', a dead
+/// letter's); none for a sealed record or another topic.
+pub fn clear_identifiers(topic: cdp_log::Topic, bytes: &[u8]) -> Vec<Identifier> {
+    let touchpoint = |t: &v1::TouchpointRecord| -> Vec<Identifier> {
+        if t.sealed.is_some() {
+            return Vec::new();
+        }
+        v1::PersonalRecord::decode(t.personal.as_slice())
+            .map(|p| {
+                p.identifiers
+                    .iter()
+                    .filter_map(|i| identifier_from("personal.identifiers", i).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    match topic.name() {
+        "touchpoints" => v1::TouchpointRecord::decode(bytes)
+            .map(|t| touchpoint(&t))
+            .unwrap_or_default(),
+        "resolved" => v1::ResolvedRecord::decode(bytes)
+            .map(|r| {
+                let mut ids = r.touchpoint.as_ref().map(touchpoint).unwrap_or_default();
+                ids.extend(
+                    r.merges
+                        .iter()
+                        .filter(|m| m.cause_sealed.is_none())
+                        .filter_map(|m| {
+                            m.cause_identifier
+                                .as_ref()
+                                .and_then(|i| identifier_from("merge.cause_identifier", i).ok())
+                        }),
+                );
+                ids
+            })
+            .unwrap_or_default(),
+        "dead-letters" => v1::DeadLetterRecord::decode(bytes)
+            .ok()
+            .and_then(|d| d.touchpoint.as_ref().map(touchpoint))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
 }
 
 /// The subjects whose keys open a touchpoint record.
@@ -619,6 +680,49 @@ mod tests {
             touchpoint_from_record(&rec, &s.keys),
             Err(CodecError::Sealed(_))
         ));
+    }
+
+    /// A record written before sealing (personal part in clear) reads as it
+    /// was, until one of its identifiers is erased: then it is anonymous,
+    /// its text properties dropped too.
+    #[test]
+    fn a_record_from_before_sealing_honours_an_erasure() {
+        let mut t = sample();
+        t.envelope
+            .properties
+            .insert("note".into(), json!("gọi Nguyễn Văn A"));
+        let mut bare = t.clone();
+        bare.personal = Personal::default();
+        let mut rec = touchpoint_record(&bare, &sealing_for(&bare)).unwrap();
+        rec.personal = v1::PersonalRecord {
+            identifiers: t
+                .personal
+                .identifiers
+                .iter()
+                .map(cdp_proto::convert::identifier)
+                .collect(),
+            traits_json: json_bytes(&t.personal.traits),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let bytes = rec.encode_to_vec();
+        let hasher = cdp_seal::Hasher::new(&cdp_seal::DataKey::generate().unwrap());
+        let ids = clear_identifiers(crate::topic::TOUCHPOINTS, &bytes);
+        assert_eq!(ids, t.personal.identifiers);
+        let subject = hasher.subject(ids[0].key().as_bytes());
+        let mut live = KeySet::new().with_hasher(hasher.clone());
+        live.insert(subject, Some(cdp_seal::DataKey::generate().unwrap()));
+        assert_eq!(decode_touchpoint(&bytes, &live).unwrap().value, t);
+        let mut erased = KeySet::new().with_hasher(hasher);
+        erased.insert(subject, None);
+        let gone = decode_touchpoint(&bytes, &erased).unwrap();
+        assert!(gone.anonymous);
+        assert!(gone.value.personal.identifiers.is_empty());
+        assert_eq!(
+            gone.value.envelope.properties["note"],
+            serde_json::Value::Null
+        );
+        assert_eq!(gone.value.envelope.properties["total"], 1250000);
     }
 
     #[test]

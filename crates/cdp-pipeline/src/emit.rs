@@ -113,14 +113,25 @@ pub fn read_touchpoint(r: &LogRecord, keys: &KeySet) -> Result<Opened<Touchpoint
     codec::decode_touchpoint(&r.value, keys)
 }
 
-/// The subjects whose keys a reader needs to open `records` (from their
-/// [`header::SUBJECTS`] headers), each once.
-pub fn subjects<'a>(records: impl IntoIterator<Item = &'a LogRecord>) -> Vec<Subject> {
-    let mut out: Vec<Subject> = records
-        .into_iter()
-        .filter_map(|r| r.header(header::SUBJECTS))
-        .flat_map(crate::seal::read_subjects_header)
-        .collect();
+/// The subjects whose keys a reader needs to open `records`, each once:
+/// from their [`header::SUBJECTS`] headers, or, for records written before
+/// sealing (their identifiers in clear), from their identifiers, so an
+/// erasure reaches them too.
+pub fn subjects<'a>(
+    records: impl IntoIterator<Item = &'a LogRecord>,
+    hasher: &cdp_seal::Hasher,
+) -> Vec<Subject> {
+    let mut out: Vec<Subject> = Vec::new();
+    for r in records {
+        match r.header(header::SUBJECTS) {
+            Some(h) => out.extend(crate::seal::read_subjects_header(h)),
+            None => out.extend(
+                codec::clear_identifiers(r.topic, &r.value)
+                    .iter()
+                    .map(|id| hasher.subject(id.key().as_bytes())),
+            ),
+        }
+    }
     out.sort();
     out.dedup();
     out
@@ -473,7 +484,7 @@ mod tests {
         let read = as_read(topic::RESOLVED, resolved);
         assert_eq!(generation_of(&read), Some(3));
         assert_eq!(trace_of(&read), Some(b"00-trace".as_slice()));
-        assert_eq!(subjects([&read]).len(), 1, "the phone's subject");
+        assert_eq!(subjects([&read], &s.hasher).len(), 1, "the phone's subject");
         let back = read_resolved(&read, &s.keys).unwrap().value;
         assert_eq!(back.customer_id, customer);
         assert_eq!(back.merges, vec![merge]);

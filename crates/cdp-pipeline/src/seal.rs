@@ -57,6 +57,31 @@ pub const CLEAR_PROPERTIES: &[&str] = &[
     "locale",
 ];
 
+/// Parts of property names under which even a number is personal (a phone
+/// or an ID card number sent as a number).
+pub const PERSONAL_NUMBER_NAMES: &[&str] = &[
+    "phone",
+    "mobile",
+    "tel",
+    "zalo",
+    "cmnd",
+    "cccd",
+    "national",
+    "passport",
+    "id_number",
+    "card",
+    "account",
+    "tax_code",
+    "mst",
+    "birth",
+    "dob",
+];
+
+fn personal_number(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    PERSONAL_NUMBER_NAMES.iter().any(|p| name.contains(p))
+}
+
 /// What a stage needs to seal and open records: the platform's subject
 /// hasher and the keys it fetched for a batch.
 #[derive(Debug, Clone)]
@@ -145,6 +170,9 @@ fn split(value: &mut Value, path: &str, name: Option<&str>, out: &mut Vec<(Strin
         Value::String(_) if !name.is_some_and(|n| CLEAR_PROPERTIES.contains(&n)) => {
             out.push((path.to_owned(), value.take()));
         }
+        Value::Number(_) if name.is_some_and(personal_number) => {
+            out.push((path.to_owned(), value.take()));
+        }
         Value::Array(items) => {
             for (i, v) in items.iter_mut().enumerate() {
                 split(v, &format!("{path}/{i}"), name, out);
@@ -194,19 +222,20 @@ mod tests {
             "shipping_address": "12 Lý Thái Tổ, Hà Nội",
             "products": [{"product_id": "P1", "name": "Áo dài", "price": 450000}],
             "a/b~c": {"note": "gọi trước 0912345678"},
-            "gift": true
+            "gift": true,
+            "receiver_phone": 912345679
         });
         let mut props = original.as_object().unwrap().clone();
         let taken = split_properties(&mut props);
         let clear = serde_json::to_string(&props).unwrap();
-        for secret in ["Lý Thái Tổ", "Áo dài", "0912345678"] {
+        for secret in ["Lý Thái Tổ", "Áo dài", "0912345678", "912345679"] {
             assert!(!clear.contains(secret), "{secret} in {clear}");
         }
         assert_eq!(props["order_id"], "SO-1");
         assert_eq!(props["revenue"], 1250000);
         assert_eq!(props["products"][0]["price"], 450000);
         assert_eq!(props["shipping_address"], Value::Null);
-        assert_eq!(taken.len(), 3);
+        assert_eq!(taken.len(), 4);
         restore_properties(&mut props, taken);
         assert_eq!(Value::Object(props), original);
     }

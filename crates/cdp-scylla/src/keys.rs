@@ -82,9 +82,9 @@ impl ScyllaKeyRows {
             erase: prepare(
                 session,
                 format!(
-                    "UPDATE {ks}.subject_keys SET master = null, wrapped = null, erased_at = ?, request = ? WHERE subject = ?"
+                    "UPDATE {ks}.subject_keys SET master = null, wrapped = null, erased_at = ?, request = ? WHERE subject = ? IF erased_at = null"
                 ),
-                Kind::Write,
+                Kind::Lwt,
             )
             .await?,
             scan_first: prepare(
@@ -104,7 +104,7 @@ impl ScyllaKeyRows {
             rewrap: prepare(
                 session,
                 format!(
-                    "UPDATE {ks}.subject_keys SET master = ?, wrapped = ? WHERE subject = ? IF wrapped = ?"
+                    "UPDATE {ks}.subject_keys SET master = ?, wrapped = ? WHERE subject = ? IF wrapped = ? AND erased_at = null"
                 ),
                 Kind::Lwt,
             )
@@ -168,9 +168,20 @@ impl KeyRows for ScyllaKeyRows {
         at: UnixMillis,
         request: &str,
     ) -> Result<(), StoreError> {
-        try_join_all(subjects.iter().map(|s| {
-            self.store
-                .write(&self.erase, (at, request, s.as_bytes().as_slice()))
+        // Conditional, like the create and the rewrap it must win over
+        // (a plain write's timestamp could lose to theirs).
+        try_join_all(subjects.iter().map(|s| async move {
+            let outcome = self
+                .store
+                .lwt(&self.erase, (at, request, s.as_bytes().as_slice()))
+                .await?;
+            match self.one(&self.get_serial, s).await? {
+                Some(KeyRow::Erased { .. }) => Ok(()),
+                _ => Err(match outcome {
+                    crate::Lwt::Unknown(e) => e,
+                    _ => StoreError::Unavailable("a subject key was not erased; retry".into()),
+                }),
+            }
         }))
         .await
         .map(|_| ())

@@ -387,11 +387,24 @@ pub fn open<'k>(
 #[derive(Debug, Default, Clone)]
 pub struct KeySet {
     keys: HashMap<Subject, Option<DataKey>>,
+    /// How subjects are named, for records whose identifiers are in clear
+    /// (written before sealing).
+    hasher: Option<Hasher>,
 }
 
 impl KeySet {
     pub fn new() -> Self {
         KeySet::default()
+    }
+
+    /// This set, able to name the subjects of identifiers in clear.
+    pub fn with_hasher(mut self, hasher: Hasher) -> Self {
+        self.hasher = Some(hasher);
+        self
+    }
+
+    pub fn hasher(&self) -> Option<&Hasher> {
+        self.hasher.as_ref()
     }
 
     pub fn insert(&mut self, subject: Subject, key: Option<DataKey>) {

@@ -96,6 +96,12 @@ impl Cache {
             .map(|(k, _)| k.clone())
     }
 
+    /// An entry however old: what a process goes on with while the
+    /// keyring's store cannot be reached.
+    fn stale(&self, s: &Subject) -> Option<Option<DataKey>> {
+        self.entries.get(s).map(|(k, _)| k.clone())
+    }
+
     fn put(&mut self, s: Subject, k: Option<DataKey>) {
         if self.entries.len() >= self.capacity {
             // Bounded memory: start over rather than track recency.
@@ -204,6 +210,42 @@ impl Keyring {
         missing
     }
 
+    /// The rows of `missing`, or, when the keyring's store cannot be
+    /// reached, the keys this process last had for them (an outage of the
+    /// store does not stop the pipeline for customers it has seen lately;
+    /// an erasure needs the store, so none can happen meanwhile).
+    async fn read_rows(&self, missing: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
+        match self.rows.read(missing).await {
+            Ok(rows) => Ok(rows),
+            Err(StoreError::Unavailable(reason)) => {
+                let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+                let stale: Option<Vec<Option<DataKey>>> =
+                    missing.iter().map(|s| cache.stale(s)).collect();
+                drop(cache);
+                match stale {
+                    Some(keys) => {
+                        tracing::warn!(%reason, subjects = missing.len(), "keyring unavailable: using the keys last read");
+                        let mut set = Vec::with_capacity(keys.len());
+                        for (s, k) in missing.iter().zip(keys) {
+                            set.push(match k {
+                                Some(k) => Some(KeyRow::Active(
+                                    self.master.wrap(s, &k).map_err(seal_error)?,
+                                )),
+                                None => Some(KeyRow::Erased {
+                                    at: 0,
+                                    request: String::new(),
+                                }),
+                            });
+                        }
+                        Ok(set)
+                    }
+                    None => Err(StoreError::Unavailable(reason)),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn remember(&self, entries: &[(Subject, Option<DataKey>)]) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for (s, k) in entries {
@@ -221,19 +263,27 @@ impl Keyring {
     /// The keys of `subjects` for reading: `None` for an erased subject (or
     /// one that never had a key).
     pub async fn keys(&self, subjects: &[Subject]) -> Result<KeySet, StoreError> {
-        let mut set = KeySet::new();
+        let mut set = KeySet::new().with_hasher(self.hasher.clone());
         let missing = self.cached(subjects, &mut set);
         if missing.is_empty() {
             return Ok(set);
         }
-        let rows = self.rows.read(&missing).await?;
+        let rows = self.read_rows(&missing).await?;
         let mut fetched = Vec::with_capacity(missing.len());
+        let mut absent = Vec::new();
         for (s, row) in missing.into_iter().zip(rows) {
-            fetched.push((s, self.unwrap_row(&s, row)?));
+            match row {
+                // Not remembered: a writer may create it next.
+                None => absent.push(s),
+                row => fetched.push((s, self.unwrap_row(&s, row)?)),
+            }
         }
         self.remember(&fetched);
         for (s, k) in fetched {
             set.insert(s, k);
+        }
+        for s in absent {
+            set.insert(s, None);
         }
         Ok(set)
     }
@@ -242,12 +292,12 @@ impl Keyring {
     /// time gets a key (stored durably before this returns); an erased
     /// (suppressed) subject maps to `None`.
     pub async fn obtain(&self, subjects: &[Subject]) -> Result<KeySet, StoreError> {
-        let mut set = KeySet::new();
+        let mut set = KeySet::new().with_hasher(self.hasher.clone());
         let missing = self.cached(subjects, &mut set);
         if missing.is_empty() {
             return Ok(set);
         }
-        let rows = self.rows.read(&missing).await?;
+        let rows = self.read_rows(&missing).await?;
         let mut fetched = Vec::with_capacity(missing.len());
         let mut new = Vec::new();
         for (s, row) in missing.into_iter().zip(rows) {
@@ -652,6 +702,71 @@ pub mod conformance {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// Rows whose reads fail while `down` is set.
+    struct Flaky {
+        rows: EmbeddedKeyRows,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl KeyRows for Flaky {
+        async fn read(&self, s: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            self.rows.read(s).await
+        }
+        async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
+            self.rows.create(rows).await
+        }
+        async fn erase(&self, s: &[Subject], at: UnixMillis, r: &str) -> Result<(), StoreError> {
+            self.rows.erase(s, at, r).await
+        }
+        async fn scan(
+            &self,
+            after: Option<Subject>,
+            limit: usize,
+        ) -> Result<Vec<(Subject, KeyRow)>, StoreError> {
+            self.rows.scan(after, limit).await
+        }
+        async fn rewrap(
+            &self,
+            s: Subject,
+            old: &Wrapped,
+            new: &Wrapped,
+        ) -> Result<bool, StoreError> {
+            self.rows.rewrap(s, old, new).await
+        }
+    }
+
+    /// While its store is unreachable, a process goes on with the keys it
+    /// last read (expired or not); a subject it never saw fails, retryably.
+    #[tokio::test]
+    async fn an_unreachable_keyring_serves_the_keys_last_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = Arc::new(Flaky {
+            rows: EmbeddedKeyRows::open(dir.path()).unwrap(),
+            down: std::sync::atomic::AtomicBool::new(false),
+        });
+        let master = MasterKeys::parse(&MasterKeys::generate_file().unwrap()).unwrap();
+        let ring = Keyring::open(rows.clone(), master, Duration::ZERO, 64)
+            .await
+            .unwrap();
+        let id = |v: &str| Identifier::new(cdp_domain::IdKind::Email, v.to_owned());
+        let (a, b) = (ring.subject(&id("a@x.vn")), ring.subject(&id("b@x.vn")));
+        let key = ring.obtain(&[a]).await.unwrap().get(&a).cloned();
+        assert!(key.is_some());
+        rows.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(ring.keys(&[a]).await.unwrap().get(&a).cloned(), key);
+        assert_eq!(ring.obtain(&[a]).await.unwrap().get(&a).cloned(), key);
+        assert!(matches!(
+            ring.obtain(&[a, b]).await,
+            Err(StoreError::Unavailable(_))
+        ));
+        rows.down.store(false, std::sync::atomic::Ordering::SeqCst);
+        assert!(ring.obtain(&[a, b]).await.unwrap().get(&b).is_some());
+    }
 
     #[tokio::test]
     async fn embedded_keyring_conforms() {

@@ -88,7 +88,7 @@ impl BatchHandler for IdentityWorker {
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
         let keys = self
             .keyring
-            .keys(&emit::subjects(records))
+            .keys(&emit::subjects(records, self.keyring.hasher()))
             .await
             .map_err(|e| Retry(format!("keyring: {e}")))?;
         let sealing = Sealing::new(self.keyring.hasher().clone(), keys);
@@ -270,7 +270,11 @@ mod tests {
     }
 
     async fn read_resolved(f: &Fixture, r: &LogRecord) -> cdp_domain::ResolvedTouchpoint {
-        let keys = f.keyring.keys(&emit::subjects([r])).await.unwrap();
+        let keys = f
+            .keyring
+            .keys(&emit::subjects([r], f.keyring.hasher()))
+            .await
+            .unwrap();
         let opened = emit::read_resolved(r, &keys).unwrap();
         assert!(!opened.anonymous);
         opened.value

@@ -132,7 +132,7 @@ impl DeadLetters {
             let keys = self
                 .ingestor
                 .keyring
-                .keys(&emit::subjects(&records))
+                .keys(&emit::subjects(&records, self.ingestor.keyring.hasher()))
                 .await
                 .map_err(ServiceError::from)?;
             out.extend(records.iter().map(|r| Self::describe(r, &keys)));
@@ -250,7 +250,7 @@ impl DeadLetters {
         let keys = self
             .ingestor
             .keyring
-            .keys(&emit::subjects(&records))
+            .keys(&emit::subjects(&records, self.ingestor.keyring.hasher()))
             .await
             .map_err(ServiceError::from)?;
         // Each dead letter's event, unless it cannot be decoded or its

@@ -112,7 +112,7 @@ impl BatchHandler for ProfileWorker {
         let mut other_generation = 0usize;
         let keys = self
             .keyring
-            .keys(&emit::subjects(records))
+            .keys(&emit::subjects(records, self.keyring.hasher()))
             .await
             .map_err(|e| Retry(format!("keyring: {e}")))?;
         for (r, of) in records.iter().zip(&generations) {

@@ -409,7 +409,7 @@ impl RebuildHandler {
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
         let keys = self
             .keyring
-            .keys(&emit::subjects(records))
+            .keys(&emit::subjects(records, self.keyring.hasher()))
             .await
             .map_err(|e| format!("keyring: {e}"))?;
         let sealing = Sealing::new(self.keyring.hasher().clone(), keys);

@@ -446,7 +446,7 @@ async fn pump_events(
             let mut kept: HashMap<u64, (Touchpoint, bool)> = HashMap::new();
             let keys = query
                 .keyring()
-                .keys(&emit::subjects(&within))
+                .keys(&emit::subjects(&within, query.keyring().hasher()))
                 .await
                 .map_err(ServiceError::from)?;
             for r in &within {

@@ -156,20 +156,70 @@ impl Erasures {
         reason: String,
     ) -> Result<Erasure, ServiceError> {
         let viewer = Viewer::new(&self.access, caller.clone());
-        let described = viewer.describe(Some(&lookup));
-        let root = self
-            .query
-            .customer(Some(lookup))
-            .await
-            .map_err(|e| viewer.hide(e))?;
         let active = self.query.stores();
+        if let Lookup::Identifier(raw) = &lookup {
+            // Who holds an identifier now is not always whom the request is
+            // about: a value shared by many people, or a phone number that
+            // passed to someone new, names the customer only by id.
+            let id = self.query.identifier(raw)?;
+            if let Some(claim) = active
+                .identity
+                .claims(std::slice::from_ref(&id))
+                .await?
+                .pop()
+                .flatten()
+            {
+                if claim.quarantined.is_some() {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "{} is quarantined as shared by many people: name the customer to erase by customer_id",
+                        id.kind
+                    )));
+                }
+                if claim.linked_to() != claim.customer
+                    && active.identity.root(claim.linked_to()).await?
+                        != active.identity.root(claim.customer).await?
+                {
+                    return Err(ServiceError::FailedPrecondition(format!(
+                        "this {} passed from one customer to another: name the customer to erase by customer_id",
+                        id.kind
+                    )));
+                }
+            }
+        }
+        let resumed = self.status(&request_id).await?;
+        let root = match (&resumed, self.query.customer(Some(lookup)).await) {
+            (_, Ok(root)) => root,
+            // A request that stopped half way (its customer is partly
+            // removed already): resumed from what its first record names.
+            (Some(first), Err(ServiceError::NotFound(_))) if !first.customer_ids.is_empty() => {
+                first
+                    .customer_ids
+                    .first()
+                    .and_then(|c| Uuid::parse_str(c).ok())
+                    .map(CustomerId)
+                    .ok_or_else(|| {
+                        ServiceError::Internal("an erasure record without customers".into())
+                    })?
+            }
+            (_, Err(e)) => return Err(viewer.hide(e)),
+        };
         if let Some(profile) = active.profiles.profile(root).await? {
             viewer.admit(&profile)?;
         }
-        // Every identifier of the customer and of those merged into it.
+        // Every identifier of the customer and of those merged into it
+        // (and, for a resumed request, of every customer it named).
         let mut family: BTreeSet<CustomerId> = BTreeSet::from([root]);
         if let Some(profile) = active.profiles.profile(root).await? {
             family.extend(cdp_store::read::family(&profile));
+        }
+        if let Some(first) = &resumed {
+            family.extend(
+                first
+                    .customer_ids
+                    .iter()
+                    .filter_map(|c| Uuid::parse_str(c).ok())
+                    .map(CustomerId),
+            );
         }
         let mut identifiers: BTreeSet<Identifier> = BTreeSet::new();
         for c in &family {
@@ -177,11 +227,34 @@ impl Erasures {
                 identifiers.extend(node.identifiers);
             }
         }
+        // An identifier quarantined as shared (a shop's phone typed for
+        // many people) is not this person's: erasing its key would erase
+        // everyone's records that carry it, and its claim keeps the
+        // quarantine. The person's own identifiers shred their records.
+        let listed: Vec<Identifier> = identifiers.iter().cloned().collect();
+        let mut shared: BTreeSet<Identifier> = BTreeSet::new();
+        for (id, claim) in listed.iter().zip(active.identity.claims(&listed).await?) {
+            if claim.is_some_and(|c| c.quarantined.is_some()) {
+                shared.insert(id.clone());
+            }
+        }
+        identifiers.retain(|i| !shared.contains(i));
         let keyring = self.query.keyring();
-        let subjects: Vec<_> = identifiers.iter().map(|i| keyring.subject(i)).collect();
+        let mut subjects: Vec<cdp_seal::Subject> =
+            identifiers.iter().map(|i| keyring.subject(i)).collect();
+        if let Some(first) = &resumed {
+            subjects.extend(
+                first
+                    .subjects
+                    .iter()
+                    .filter_map(|s| cdp_seal::Subject::from_slice(s).ok()),
+            );
+        }
+        subjects.sort();
+        subjects.dedup();
         let now = cdp_runtime::now_ms();
         let deadline = now.saturating_add(i64::from(self.deadline_days) * 86_400_000);
-        let found = self.find_all(&identifiers, &family).await?;
+        let found = self.find_all(&identifiers, &shared, &family).await?;
         let events: usize = found.iter().map(|(_, f)| f.events.len()).max().unwrap_or(0);
         let mut erasure = Erasure {
             request_id: request_id.clone(),
@@ -196,6 +269,7 @@ impl Erasures {
             requested_by: caller.principal.name.clone(),
             reason,
             steps: Vec::new(),
+            subjects: subjects.iter().map(|s| s.0.to_vec()).collect(),
         };
         self.record(&erasure).await?;
         tracing::info!(request = %request_id, customers = family.len(), identifiers = identifiers.len(), "erasure started");
@@ -205,6 +279,12 @@ impl Erasures {
             "erased the data keys of {} identifiers: every record of the log that named them is anonymous, and they are suppressed",
             subjects.len()
         ));
+        if !shared.is_empty() {
+            erasure.steps.push(format!(
+                "kept {} identifiers quarantined as shared by many people (their keys also open other customers' records)",
+                shared.len()
+            ));
+        }
         self.remove(&found).await?;
         self.query.forget_history();
         let removed: usize = found.iter().map(|(_, f)| f.customers.len()).sum();
@@ -216,7 +296,7 @@ impl Erasures {
         // in memory and folded it meanwhile.
         let wait = keyring.cache_ttl() + Duration::from_millis(500);
         tokio::time::sleep(wait).await;
-        let found_again = self.find_all(&identifiers, &family).await?;
+        let found_again = self.find_all(&identifiers, &shared, &family).await?;
         self.remove(&found_again).await?;
         self.remove(&found).await?;
         self.query.forget_history();
@@ -230,7 +310,6 @@ impl Erasures {
         let mut entry = caller.entry("allowed");
         entry.customer_id = root.to_string();
         entry.fields = vec!["erasure".into()];
-        entry.lookup = described;
         entry.reason = format!("erased (request {request_id})");
         self.access.audit_durable(entry).await?;
         tracing::info!(request = %request_id, "erasure complete");
@@ -243,13 +322,14 @@ impl Erasures {
     async fn find_all(
         &self,
         identifiers: &BTreeSet<Identifier>,
+        shared: &BTreeSet<Identifier>,
         family: &BTreeSet<CustomerId>,
     ) -> Result<Vec<(u32, Found)>, ServiceError> {
         let generations = self.query.live().generations();
         let mut out = Vec::new();
         for info in generations.list().await? {
             let stores = generations.open(info.id).await?;
-            out.push((info.id, find(&stores, identifiers, family).await?));
+            out.push((info.id, find(&stores, identifiers, shared, family).await?));
         }
         Ok(out)
     }
@@ -277,6 +357,7 @@ impl Erasures {
 async fn find(
     stores: &ProjectionStores,
     identifiers: &BTreeSet<Identifier>,
+    shared: &BTreeSet<Identifier>,
     named: &BTreeSet<CustomerId>,
 ) -> Result<Found, ServiceError> {
     let mut roots: BTreeSet<CustomerId> = BTreeSet::new();
@@ -292,6 +373,18 @@ async fn find(
     let mut found = Found::default();
     let mut all_ids: BTreeSet<Identifier> = identifiers.clone();
     for root in roots {
+        // In a generation that merged differently, a root may hold someone
+        // else's identifiers too: that customer is not removed (its claims
+        // of the erased identifiers are).
+        if !named.contains(&root)
+            && let Some(node) = stores.identity.customer(root).await?
+            && node
+                .identifiers
+                .iter()
+                .any(|i| !identifiers.contains(i) && !shared.contains(i))
+        {
+            continue;
+        }
         found.customers.insert(root);
         if let Some(profile) = stores.profiles.profile(root).await? {
             found.customers.extend(cdp_store::read::family(&profile));
@@ -313,6 +406,8 @@ async fn find(
         .terms
         .extend(cdp_domain::search::terms_of(all_ids.iter(), |_| None));
     found.customers.extend(named.iter().copied());
-    found.identifiers = all_ids;
+    // Claims of the erased identifiers only: a shared one keeps its
+    // quarantine, and nobody else's is touched.
+    found.identifiers = identifiers.clone();
     Ok(found)
 }

@@ -144,7 +144,10 @@ impl ProfileQuery {
             .ok_or_else(|| ServiceError::NotFound(format!("event {id} is no longer in the log")))?;
         let keys = self
             .keyring()
-            .keys(&emit::subjects(std::slice::from_ref(&record)))
+            .keys(&emit::subjects(
+                std::slice::from_ref(&record),
+                self.keyring().hasher(),
+            ))
             .await?;
         let opened = emit::read_touchpoint(&record, &keys)
             .map_err(|e| ServiceError::Internal(format!("event {id} cannot be decoded: {e}")))?;

@@ -198,7 +198,7 @@ impl History {
                 }
                 let keys = self
                     .keyring
-                    .keys(&emit::subjects(&records))
+                    .keys(&emit::subjects(&records, self.keyring.hasher()))
                     .await
                     .map_err(ServiceError::from)?;
                 for rec in records {
