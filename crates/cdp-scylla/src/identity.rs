@@ -766,11 +766,6 @@ impl IdentityStore for ScyllaStore {
             crate::Kind::Write,
         )
         .await?;
-        let deletes = customers
-            .iter()
-            .map(|c| self.write(&node, (c.0,)))
-            .collect::<Vec<_>>();
-        futures::future::try_join_all(deletes).await?;
         let claims: Vec<String> = identifiers.iter().map(Identifier::key).collect();
         for chunk in claims.chunks(READ_CONCURRENCY) {
             futures::future::try_join_all(chunk.iter().cloned().map(|k| self.write(&claim, (k,))))
@@ -783,6 +778,13 @@ impl IdentityStore for ScyllaStore {
             )
             .await?;
         }
+        // The nodes last: they list the identifiers an interrupted erasure
+        // resumes from.
+        let deletes = customers
+            .iter()
+            .map(|c| self.write(&node, (c.0,)))
+            .collect::<Vec<_>>();
+        futures::future::try_join_all(deletes).await?;
         Ok(())
     }
 }

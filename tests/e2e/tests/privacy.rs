@@ -740,6 +740,21 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
     );
     called.occurred_at = at(cdp_e2e::now_ms() - 30_000);
     cdp.track(called).await;
+    // Both exist before the order joins them (the log's partitions are
+    // resolved side by side: otherwise the order could come first).
+    let mut profiles = cdp.profiles().await;
+    let first = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 1
+    })
+    .await;
+    let second = profile_when(
+        &mut profiles,
+        id("phone", &format!("0{local}")),
+        PATIENCE,
+        |p| cdp_e2e::metrics(p).events_count == 1,
+    )
+    .await;
+    assert_ne!(first.customer_id, second.customer_id);
     let order = touchpoint(
         "Order Completed",
         "store",
@@ -758,7 +773,6 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
         json!({"order_id": unique("o-"), "total": 200000, "currency": "VND"}),
     );
     cdp.track(kept_order).await;
-    let mut profiles = cdp.profiles().await;
     let before = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
         cdp_e2e::metrics(p).events_count == 3
     })
