@@ -616,10 +616,12 @@ async fn the_log_holds_no_personal_data_in_clear() {
     let name_token = unique("Mận").replace('-', "");
     let name = format!("Trịnh Thị {name_token}");
     let email = format!("{}@example.vn", unique("sealed."));
+    // From sources trusted to link, and both carrying the email, so they
+    // share a partition and are resolved in order.
     let mut identify = touchpoint(
         "Identify",
         "store",
-        "pos",
+        "crm",
         vec![
             id("email", &email.to_uppercase()),
             id("phone", &format!("0{local}")),
@@ -631,8 +633,8 @@ async fn the_log_holds_no_personal_data_in_clear() {
     cdp.track(touchpoint(
         "Order Completed",
         "store",
-        "pos",
-        vec![id("phone", &format!("+84{local}"))],
+        "erp",
+        vec![id("email", &email), id("phone", &format!("+84{local}"))],
         json!({
             "order_id": unique("o-"), "total": 1250000, "currency": "VND",
             "shipping_address": format!("{name}, 12 Lý Thái Tổ, Hà Nội")
