@@ -197,6 +197,7 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         ("cdp.v1.PrivacyService", "GetConsent" | "CheckConsent") => P::ReadProfiles,
         ("cdp.v1.PrivacyService", "RecordConsent") => P::RecordConsent,
         ("cdp.v1.PrivacyService", "Export" | "Erase" | "GetErasure") => P::Privacy,
+        ("cdp.v1.PrivacyService", "RotateMasterKey") => P::Operate,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
         _ => return None,
@@ -242,6 +243,7 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.PrivacyService/Export",
     "/cdp.v1.PrivacyService/Erase",
     "/cdp.v1.PrivacyService/GetErasure",
+    "/cdp.v1.PrivacyService/RotateMasterKey",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

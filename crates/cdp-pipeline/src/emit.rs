@@ -137,6 +137,15 @@ pub fn subjects<'a>(
     out
 }
 
+/// The keys that open `records`: those of every subject they name (an
+/// erased subject's absent), which every reader of the log fetches first.
+pub async fn keys_for<'a>(
+    keyring: &cdp_store::Keyring,
+    records: impl IntoIterator<Item = &'a LogRecord>,
+) -> Result<KeySet, cdp_store::StoreError> {
+    keyring.keys(&subjects(records, keyring.hasher())).await
+}
+
 /// The trace context a record carries, to pass on to what it causes.
 pub fn trace_of(r: &LogRecord) -> Option<&[u8]> {
     r.header(header::TRACEPARENT)

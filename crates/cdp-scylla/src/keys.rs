@@ -125,6 +125,28 @@ impl ScyllaKeyRows {
         let row: Option<RowTuple> = result.maybe_first_row().map_err(storage)?;
         Ok(row.and_then(row_of))
     }
+
+    /// A conditional write on `s`'s row, then the row read back at SERIAL:
+    /// whether it applied, lost to another writer or timed out unknown,
+    /// the row as it is now decides, and only a row that does not show
+    /// `settled` is an error (the timeout's, or `lost`).
+    async fn write_then_read(
+        &self,
+        st: &PreparedStatement,
+        values: impl scylla::serialize::row::SerializeRow,
+        s: &Subject,
+        settled: impl FnOnce(&KeyRow) -> bool,
+        lost: &str,
+    ) -> Result<KeyRow, StoreError> {
+        let outcome = self.store.lwt(st, values).await?;
+        match self.one(&self.get_serial, s).await? {
+            Some(row) if settled(&row) => Ok(row),
+            _ => Err(match outcome {
+                crate::Lwt::Unknown(e) => e,
+                _ => StoreError::Unavailable(lost.to_owned()),
+            }),
+        }
+    }
 }
 
 fn master(w: &Wrapped) -> Result<i32, StoreError> {
@@ -140,24 +162,15 @@ impl KeyRows for ScyllaKeyRows {
 
     async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
         try_join_all(rows.iter().map(|(s, w)| async move {
-            let m = master(w)?;
-            // Applied or not (or unknown), the row that exists now wins.
-            let outcome = self
-                .store
-                .lwt(
-                    &self.create,
-                    (s.as_bytes().as_slice(), m, w.bytes.as_slice()),
-                )
-                .await?;
-            match self.one(&self.get_serial, s).await? {
-                Some(row) => Ok(row),
-                None => Err(match outcome {
-                    crate::Lwt::Unknown(e) => e,
-                    _ => StoreError::Unavailable(
-                        "a new subject key was not found after its insert".into(),
-                    ),
-                }),
-            }
+            // Applied or not, the row that exists now wins.
+            self.write_then_read(
+                &self.create,
+                (s.as_bytes().as_slice(), master(w)?, w.bytes.as_slice()),
+                s,
+                |_| true,
+                "a new subject key was not found after its insert",
+            )
+            .await
         }))
         .await
     }
@@ -170,18 +183,14 @@ impl KeyRows for ScyllaKeyRows {
     ) -> Result<(), StoreError> {
         // Conditional, like the create and the rewrap it must win over
         // (a plain write's timestamp could lose to theirs).
-        try_join_all(subjects.iter().map(|s| async move {
-            let outcome = self
-                .store
-                .lwt(&self.erase, (at, request, s.as_bytes().as_slice()))
-                .await?;
-            match self.one(&self.get_serial, s).await? {
-                Some(KeyRow::Erased { .. }) => Ok(()),
-                _ => Err(match outcome {
-                    crate::Lwt::Unknown(e) => e,
-                    _ => StoreError::Unavailable("a subject key was not erased; retry".into()),
-                }),
-            }
+        try_join_all(subjects.iter().map(|s| {
+            self.write_then_read(
+                &self.erase,
+                (at, request, s.as_bytes().as_slice()),
+                s,
+                |row| matches!(row, KeyRow::Erased { .. }),
+                "a subject key was not erased; retry",
+            )
         }))
         .await
         .map(|_| ())

@@ -42,6 +42,10 @@ pub enum SealError {
     MasterFile { line: usize, reason: String },
     #[error("no master key is configured (privacy.master_key_file)")]
     NoMaster,
+    #[error(
+        "master key version {0} has a different key in the reloaded file: versions are never reused"
+    )]
+    ChangedMaster(u32),
     /// The ciphertext or its associated data was changed, or the key is
     /// not the one it was sealed with.
     #[error("{0} does not open: altered, or sealed under another key")]
@@ -176,6 +180,9 @@ impl fmt::Debug for Wrapped {
 /// `#` starts a comment.
 pub struct MasterKeys {
     keys: BTreeMap<u32, LessSafeKey>,
+    /// SHA-256 of each version's key: tells a reloaded file that changed a
+    /// version's key from one that only added versions.
+    fingerprints: BTreeMap<u32, [u8; 32]>,
 }
 
 impl fmt::Debug for MasterKeys {
@@ -204,6 +211,7 @@ fn aes(key: &[u8]) -> Result<LessSafeKey, SealError> {
 impl MasterKeys {
     pub fn parse(text: &str) -> Result<Self, SealError> {
         let mut keys = BTreeMap::new();
+        let mut fingerprints = BTreeMap::new();
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -230,7 +238,11 @@ impl MasterKeys {
                 return Err(bad(&format!("the key must be 32 bytes, found {found}")));
             }
             let key = aes(&bytes)?;
+            let mut fingerprint = [0u8; 32];
+            fingerprint
+                .copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref());
             bytes.zeroize();
+            fingerprints.insert(version, fingerprint);
             if keys.insert(version, key).is_some() {
                 return Err(bad(&format!("version {version} appears twice")));
             }
@@ -238,7 +250,31 @@ impl MasterKeys {
         if keys.is_empty() {
             return Err(SealError::NoMaster);
         }
-        Ok(MasterKeys { keys })
+        Ok(MasterKeys { keys, fingerprints })
+    }
+
+    /// Adds the versions of `newer` (a reloaded file) this set lacks, and
+    /// returns them. Versions are only ever added in memory: a row wrapped
+    /// by a version the file no longer lists still opens until restart. A
+    /// version whose key changed refuses the whole reload.
+    pub fn absorb(&mut self, newer: MasterKeys) -> Result<Vec<u32>, SealError> {
+        for (v, f) in &newer.fingerprints {
+            if self.fingerprints.get(v).is_some_and(|mine| mine != f) {
+                return Err(SealError::ChangedMaster(*v));
+            }
+        }
+        let mut added = Vec::new();
+        let MasterKeys { keys, fingerprints } = newer;
+        for (v, k) in keys {
+            if let std::collections::btree_map::Entry::Vacant(e) = self.keys.entry(v) {
+                e.insert(k);
+                if let Some(f) = fingerprints.get(&v) {
+                    self.fingerprints.insert(v, *f);
+                }
+                added.push(v);
+            }
+        }
+        Ok(added)
     }
 
     /// The text of a new master key file holding one fresh key, version 1.
@@ -483,6 +519,43 @@ mod tests {
             }))
             .is_err()
         );
+    }
+
+    #[test]
+    fn a_reloaded_master_file_adds_versions_and_refuses_a_changed_key() {
+        let text = MasterKeys::generate_file().unwrap();
+        let mut running = MasterKeys::parse(&text).unwrap();
+        let key = DataKey::generate().unwrap();
+        let v2_line = MasterKeys::generate_file()
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .replacen("1 ", "2 ", 1);
+        // Another process already wraps under version 2.
+        let elsewhere = MasterKeys::parse(&format!("{text}{v2_line}\n")).unwrap();
+        let w2 = elsewhere.wrap(&subject(5), &key).unwrap();
+        assert_eq!(w2.master, 2);
+        assert_eq!(
+            running.unwrap(&subject(5), &w2),
+            Err(SealError::UnknownMaster(2))
+        );
+        // The file reloaded without version 1: version 1 stays in memory.
+        let added = running
+            .absorb(MasterKeys::parse(&format!("{v2_line}\n")).unwrap())
+            .unwrap();
+        assert_eq!(added, vec![2]);
+        assert_eq!(running.versions(), vec![1, 2]);
+        assert_eq!(running.current(), 2);
+        assert_eq!(running.unwrap(&subject(5), &w2).unwrap(), key);
+        // A file that gives version 1 another key is refused whole.
+        let stranger = MasterKeys::generate_file().unwrap();
+        let v3 = v2_line.replacen("2 ", "3 ", 1);
+        assert_eq!(
+            running.absorb(MasterKeys::parse(&format!("{stranger}{v3}\n")).unwrap()),
+            Err(SealError::ChangedMaster(1))
+        );
+        assert_eq!(running.versions(), vec![1, 2]);
     }
 
     #[test]

@@ -156,7 +156,8 @@ async fn open_keyring(
     .map_err(|source| BackendError::Store {
         what: "the keyring".into(),
         source,
-    })?;
+    })?
+    .with_master_file(path);
     tracing::info!(
         master_key_version = keyring.master_version(),
         "keyring open"

@@ -1,5 +1,6 @@
-//! `cdp credentials` and `cdp audit`: API keys issued, listed and revoked
-//! at run time, and the audit chain exported and verified.
+//! `cdp credentials`, `cdp audit` and `cdp keys`: API keys issued, listed
+//! and revoked at run time, the audit chain exported and verified, and the
+//! master key rotated.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -23,11 +24,14 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    async fn client(&self) -> anyhow::Result<AccessServiceClient<Authed>> {
-        let channel = cdp_proto::client::connect(&self.endpoint, self.token.as_deref())
+    async fn channel(&self) -> anyhow::Result<Authed> {
+        cdp_proto::client::connect(&self.endpoint, self.token.as_deref())
             .await
-            .map_err(anyhow::Error::msg)?;
-        Ok(AccessServiceClient::new(channel))
+            .map_err(anyhow::Error::msg)
+    }
+
+    async fn client(&self) -> anyhow::Result<AccessServiceClient<Authed>> {
+        Ok(AccessServiceClient::new(self.channel().await?))
     }
 }
 
@@ -141,6 +145,54 @@ pub async fn credentials(args: CredentialsArgs) -> anyhow::Result<()> {
                 .map_err(refused)?
                 .into_inner();
             println!("{}", describe(&c));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct KeysArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Rewraps every data key under the newest master key version, while
+    /// the platform serves. First add the new version (`<version> <base64
+    /// of 32 random bytes>`, e.g. from `openssl rand -base64 32`) to the
+    /// master key file of every process; call it again until it rewraps
+    /// nothing, then the old version may leave the files.
+    Rotate,
+}
+
+pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let mut client = cdp_proto::v1::privacy_service_client::PrivacyServiceClient::new(
+        args.endpoint.channel().await?,
+    );
+    match args.command {
+        KeysCommand::Rotate => {
+            let done = client
+                .rotate_master_key(cdp_proto::v1::RotateMasterKeyRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!(
+                "master key version {} wraps (newly read: {:?}); {} rows scanned, {} rewrapped, {} under a version missing from the file",
+                done.master_version,
+                done.versions_added,
+                done.scanned,
+                done.rewrapped,
+                done.unknown
+            );
+            if done.unknown > 0 {
+                bail!(
+                    "{} keys are wrapped by a master key version this process lacks: add it to privacy.master_key_file and run again",
+                    done.unknown
+                );
+            }
         }
     }
     Ok(())

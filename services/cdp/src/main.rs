@@ -32,6 +32,8 @@ enum Command {
     Credentials(cdp::access::CredentialsArgs),
     /// Exports, verifies and lists the tamper-evident audit.
     Audit(cdp::access::AuditArgs),
+    /// Rotates the master key that wraps every customer's data key.
+    Keys(cdp::access::KeysArgs),
 }
 
 /// Runs one client command on a fresh runtime.
@@ -63,5 +65,6 @@ fn main() -> ExitCode {
         Command::Generations(args) => client("generations", cdp::rebuild::generations(args)),
         Command::Credentials(args) => client("credentials", cdp::access::credentials(args)),
         Command::Audit(args) => client("audit", cdp::access::audit(args)),
+        Command::Keys(args) => client("keys", cdp::access::keys(args)),
     }
 }

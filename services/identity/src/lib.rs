@@ -86,9 +86,7 @@ impl BatchHandler for IdentityWorker {
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
         // Each event's record, whose trace context its resolved record carries.
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
-        let keys = self
-            .keyring
-            .keys(&emit::subjects(records, self.keyring.hasher()))
+        let keys = emit::keys_for(&self.keyring, records)
             .await
             .map_err(|e| Retry(format!("keyring: {e}")))?;
         let sealing = Sealing::new(self.keyring.hasher().clone(), keys);
@@ -270,11 +268,7 @@ mod tests {
     }
 
     async fn read_resolved(f: &Fixture, r: &LogRecord) -> cdp_domain::ResolvedTouchpoint {
-        let keys = f
-            .keyring
-            .keys(&emit::subjects([r], f.keyring.hasher()))
-            .await
-            .unwrap();
+        let keys = emit::keys_for(&f.keyring, [r]).await.unwrap();
         let opened = emit::read_resolved(r, &keys).unwrap();
         assert!(!opened.anonymous);
         opened.value

@@ -129,10 +129,7 @@ impl DeadLetters {
                     offset = 0;
                 }
             }
-            let keys = self
-                .ingestor
-                .keyring
-                .keys(&emit::subjects(&records, self.ingestor.keyring.hasher()))
+            let keys = emit::keys_for(&self.ingestor.keyring, &records)
                 .await
                 .map_err(ServiceError::from)?;
             out.extend(records.iter().map(|r| Self::describe(r, &keys)));
@@ -247,10 +244,7 @@ impl DeadLetters {
         let done = self.redriven().await?;
         let now = cdp_runtime::now_ms();
         let traceparent = cdp_runtime::trace::current_traceparent();
-        let keys = self
-            .ingestor
-            .keyring
-            .keys(&emit::subjects(&records, self.ingestor.keyring.hasher()))
+        let keys = emit::keys_for(&self.ingestor.keyring, &records)
             .await
             .map_err(ServiceError::from)?;
         // Each dead letter's event, unless it cannot be decoded or its

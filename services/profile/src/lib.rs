@@ -110,9 +110,7 @@ impl BatchHandler for ProfileWorker {
         let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
         let mut out = Outputs::default();
         let mut other_generation = 0usize;
-        let keys = self
-            .keyring
-            .keys(&emit::subjects(records, self.keyring.hasher()))
+        let keys = emit::keys_for(&self.keyring, records)
             .await
             .map_err(|e| Retry(format!("keyring: {e}")))?;
         for (r, of) in records.iter().zip(&generations) {

@@ -407,9 +407,7 @@ impl RebuildHandler {
         let now = cdp_runtime::now_ms();
         let mut events: Vec<Touchpoint> = Vec::with_capacity(records.len());
         let mut sources: Vec<&LogRecord> = Vec::with_capacity(records.len());
-        let keys = self
-            .keyring
-            .keys(&emit::subjects(records, self.keyring.hasher()))
+        let keys = emit::keys_for(&self.keyring, records)
             .await
             .map_err(|e| format!("keyring: {e}"))?;
         let sealing = Sealing::new(self.keyring.hasher().clone(), keys);

@@ -444,9 +444,7 @@ async fn pump_events(
             // Decoded and filtered first, so the owners and consents the
             // chunk needs are looked up together.
             let mut kept: HashMap<u64, (Touchpoint, bool)> = HashMap::new();
-            let keys = query
-                .keyring()
-                .keys(&emit::subjects(&within, query.keyring().hasher()))
+            let keys = emit::keys_for(query.keyring(), &within)
                 .await
                 .map_err(ServiceError::from)?;
             for r in &within {

@@ -142,13 +142,7 @@ impl ProfileQuery {
             .await?
             .pop()
             .ok_or_else(|| ServiceError::NotFound(format!("event {id} is no longer in the log")))?;
-        let keys = self
-            .keyring()
-            .keys(&emit::subjects(
-                std::slice::from_ref(&record),
-                self.keyring().hasher(),
-            ))
-            .await?;
+        let keys = emit::keys_for(self.keyring(), [&record]).await?;
         let opened = emit::read_touchpoint(&record, &keys)
             .map_err(|e| ServiceError::Internal(format!("event {id} cannot be decoded: {e}")))?;
         if opened.anonymous {

@@ -196,9 +196,7 @@ impl History {
                 if records.is_empty() {
                     break;
                 }
-                let keys = self
-                    .keyring
-                    .keys(&emit::subjects(&records, self.keyring.hasher()))
+                let keys = emit::keys_for(&self.keyring, &records)
                     .await
                     .map_err(ServiceError::from)?;
                 for rec in records {

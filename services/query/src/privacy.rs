@@ -590,4 +590,47 @@ impl PrivacyService for PrivacyGrpc {
             None => Err(ServiceError::NotFound(format!("no erasure request {id:?}")).into()),
         }
     }
+
+    async fn rotate_master_key(
+        &self,
+        request: Request<v1::RotateMasterKeyRequest>,
+    ) -> Result<Response<v1::RotateMasterKeyResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let keyring = self.query.keyring();
+        let added = keyring.reload_master().map_err(|e| match e {
+            cdp_store::StoreError::Invalid(reason) => ServiceError::FailedPrecondition(reason),
+            e => ServiceError::from(e),
+        })?;
+        let done = keyring
+            .rotate(ROTATION_PAGE)
+            .await
+            .map_err(ServiceError::from)?;
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec!["master_key".into()];
+        entry.reason = format!(
+            "master key version {}: {} of {} rows rewrapped, {} under an unknown version",
+            keyring.master_version(),
+            done.rewrapped,
+            done.scanned,
+            done.unknown
+        );
+        self.access.audit_durable(entry).await?;
+        tracing::info!(
+            master_version = keyring.master_version(),
+            scanned = done.scanned,
+            rewrapped = done.rewrapped,
+            unknown = done.unknown,
+            "master key rotation pass complete"
+        );
+        Ok(Response::new(v1::RotateMasterKeyResponse {
+            master_version: keyring.master_version(),
+            versions_added: added,
+            scanned: done.scanned,
+            rewrapped: done.rewrapped,
+            unknown: done.unknown,
+        }))
+    }
 }
+
+/// Keyring rows read per page of a rotation.
+const ROTATION_PAGE: usize = 500;

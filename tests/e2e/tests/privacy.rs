@@ -994,3 +994,121 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
     );
     assert!(found.iter().all(|(_, n)| *n == 0), "{found:?}");
 }
+
+/// The master key is rotated while the platform serves: a version added to
+/// the master key file wraps new keys in every process, `RotateMasterKey`
+/// (operators only) rewraps every existing key under it, and once a second
+/// call finds nothing left, the old version can leave the file: after a
+/// restart without it, the pipeline opens new events of an old customer
+/// and a rebuild opens every record of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_key_rotates_without_downtime() {
+    let mut cdp = CdpProcess::start();
+    let name_token = unique("Quân").replace('-', "");
+    let email = format!("{}@example.vn", unique("rotate."));
+    let mut identify = touchpoint(
+        "Identify",
+        "store",
+        "crm",
+        vec![id("email", &email)],
+        json!({}),
+    );
+    identify.personal.as_mut().unwrap().traits =
+        cdp_e2e::to_struct(json!({"name": format!("Lê {name_token}")}));
+    cdp.track(identify).await;
+    let mut profiles = cdp.profiles().await;
+    profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 1
+    })
+    .await;
+
+    let file = cdp.data_dir().join("master.keys");
+    let v1 = std::fs::read_to_string(&file).unwrap();
+    let v2 = cdp_seal::MasterKeys::generate_file()
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .replacen("1 ", "2 ", 1);
+    std::fs::write(&file, format!("{v1}{v2}\n")).unwrap();
+
+    let refused = privacy(&cdp, cdp_e2e::AGENT_KEY)
+        .await
+        .rotate_master_key(v1::RotateMasterKeyRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+
+    let mut operator = privacy(&cdp, cdp_e2e::OPERATOR_KEY).await;
+    let first = operator
+        .rotate_master_key(v1::RotateMasterKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.master_version, 2, "{first:?}");
+    assert_eq!(first.versions_added, vec![2], "{first:?}");
+    assert_eq!(first.unknown, 0, "{first:?}");
+    assert!(
+        first.rewrapped >= 2,
+        "the hash secret and the customer's key: {first:?}"
+    );
+    // A customer met after the rotation gets a key wrapped by version 2
+    // in whichever process creates it (the file is looked at again).
+    let other = format!("{}@example.vn", unique("after."));
+    cdp.track(touchpoint(
+        "Identify",
+        "store",
+        "crm",
+        vec![id("email", &other)],
+        json!({}),
+    ))
+    .await;
+    profile_when(&mut profiles, id("email", &other), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 1
+    })
+    .await;
+    let second = operator
+        .rotate_master_key(v1::RotateMasterKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (second.master_version, second.rewrapped, second.unknown),
+        (2, 0, 0),
+        "nothing is left under version 1: {second:?}"
+    );
+    assert!(second.scanned > first.scanned, "{first:?} {second:?}");
+    let audit = audit_of(&cdp, "").await;
+    assert!(
+        audit
+            .iter()
+            .any(|e| e.action.ends_with("RotateMasterKey") && e.actor == "test-operator"),
+        "the rotation is audited"
+    );
+
+    // Version 1 leaves the file; every process starts again without it.
+    std::fs::write(&file, format!("{v2}\n")).unwrap();
+    cdp.restart();
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "erp",
+        vec![id("email", &email)],
+        json!({"order_id": unique("o-"), "total": 250000, "currency": "VND"}),
+    ))
+    .await;
+    let mut profiles = cdp.profiles().await;
+    profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 2
+    })
+    .await;
+    rebuild(&cdp).await;
+    let p = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        cdp_e2e::metrics(p).events_count == 2
+    })
+    .await;
+    assert!(
+        format!("{p:?}").contains(&name_token),
+        "the rebuilt view has the name from the sealed log: {p:?}"
+    );
+}
