@@ -5,8 +5,9 @@
 //! `occurred_at` and `appended_at` (timestamps, ms, UTC), `customer_id`,
 //! `partition`, `offset`, and `identifiers`, `properties`, `traits` as JSON
 //! text (open-ended by nature; query engines read them with their JSON
-//! functions), and `withheld` (the customer had not consented to the
-//! replay's purpose: the personal columns are empty).
+//! functions), `withheld` (the customer had not consented to the
+//! replay's purpose: the personal columns are empty) and `erased` (the
+//! customer was erased: the event is anonymous, its amounts still count).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +43,7 @@ struct Row {
     properties: String,
     traits: String,
     withheld: bool,
+    erased: bool,
 }
 
 impl Row {
@@ -65,6 +67,7 @@ impl Row {
             offset: e.offset,
             identifiers: serde_json::Value::Array(ids).to_string(),
             withheld: e.withheld,
+            erased: e.erased,
             properties: t
                 .properties
                 .as_ref()
@@ -102,6 +105,7 @@ pub fn schema() -> SchemaRef {
         Field::new("properties", DataType::Utf8, false),
         Field::new("traits", DataType::Utf8, false),
         Field::new("withheld", DataType::Boolean, false),
+        Field::new("erased", DataType::Boolean, false),
     ]))
 }
 
@@ -136,6 +140,9 @@ fn batch(schema: &SchemaRef, rows: &[Row]) -> anyhow::Result<RecordBatch> {
         text(|r| &r.traits),
         Arc::new(arrow_array::BooleanArray::from(
             rows.iter().map(|r| r.withheld).collect::<Vec<_>>(),
+        )),
+        Arc::new(arrow_array::BooleanArray::from(
+            rows.iter().map(|r| r.erased).collect::<Vec<_>>(),
         )),
     ];
     RecordBatch::try_new(Arc::clone(schema), columns).context("building a record batch")
@@ -265,7 +272,8 @@ mod tests {
             }),
             customer_id: String::new(),
             withheld: false,
-            erased: false,
+            // Every third event belongs to an erased customer.
+            erased: n % 3 == 0,
             partition: (n % 4) as u32,
             offset: n,
             appended_at: None,
@@ -275,7 +283,7 @@ mod tests {
         }
     }
 
-    fn read_all(dir: &Path) -> Vec<(String, Option<i64>, String)> {
+    fn read_all(dir: &Path) -> Vec<(String, Option<i64>, String, bool)> {
         let mut names: Vec<_> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().path())
@@ -297,11 +305,18 @@ mod tests {
                     .downcast_ref::<TimestampMillisecondArray>()
                     .unwrap();
                 let idents = b.column(9).as_any().downcast_ref::<StringArray>().unwrap();
+                let erased = b
+                    .column_by_name("erased")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<arrow_array::BooleanArray>()
+                    .unwrap();
                 for i in 0..b.num_rows() {
                     out.push((
                         ids.value(i).to_owned(),
                         (!at.is_null(i)).then(|| at.value(i)),
                         idents.value(i).to_owned(),
+                        erased.value(i),
                     ));
                 }
             }
@@ -345,5 +360,7 @@ mod tests {
         assert_eq!(ids, want);
         assert_eq!(rows[3].1, Some(1_700_000_000_003));
         assert_eq!(rows[3].2, r#"[{"kind":"email","value":"c3@shop.vn"}]"#);
+        let erased: Vec<bool> = rows.iter().map(|r| r.3).collect();
+        assert_eq!(erased, (0..10).map(|n| n % 3 == 0).collect::<Vec<_>>());
     }
 }

@@ -127,6 +127,7 @@ fn to_json(e: &ReplayEvent) -> Value {
         "traits": personal.traits.as_ref().map(convert::struct_to_json).unwrap_or_default(),
         "customer_id": (!e.customer_id.is_empty()).then_some(&e.customer_id),
         "withheld": e.withheld,
+        "erased": e.erased,
         "partition": e.partition,
         "offset": e.offset,
         "appended_at": e.appended_at.as_ref().map(convert::timestamp_to_millis),

@@ -6,6 +6,9 @@
 //!
 //! The follower is a consumer group of its own (one per process, starting at
 //! the end of the topic), so every query replica sees every announcement.
+//!
+//! [`follow_erasures`] drops the past views a replica keeps in memory for
+//! time travel when an erasure is recorded by another process.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,5 +75,89 @@ pub async fn follow_changes(
                 }
             }
         }
+    }
+}
+
+/// How often a query replica looks for new erasure records.
+const ERASURES_POLL: Duration = Duration::from_secs(1);
+
+/// Drops the past views kept in memory (time travel) whenever a record is
+/// appended to the `erasures` topic, until `cancel` fires: the process that
+/// carries out an erasure drops its own at once, and this reaches every
+/// other query replica within about a second of the request and again of
+/// its completion. Only the topic's end offsets are read.
+pub async fn follow_erasures(
+    log: Arc<dyn EventLog>,
+    forget: impl Fn() + Send + 'static,
+    cancel: CancellationToken,
+) {
+    let mut seen: Option<Vec<u64>> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(ERASURES_POLL) => {}
+        }
+        match log.end_offsets(topic::ERASURES).await {
+            Ok(ends) => {
+                if seen.as_ref().is_some_and(|before| *before != ends) {
+                    forget();
+                    tracing::info!("an erasure was recorded: past views dropped");
+                }
+                seen = Some(ends);
+            }
+            Err(error) => tracing::warn!(%error, "cannot read the end of the erasures topic"),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use cdp_log::{EmbeddedLog, Record};
+
+    use super::*;
+
+    /// A record on `erasures` makes a replica drop its past views; nothing
+    /// else does.
+    #[tokio::test]
+    async fn an_erasure_recorded_elsewhere_drops_the_past_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(EmbeddedLog::open(dir.path(), &topic::ALL, 2).unwrap());
+        let record = || Record {
+            key: b"request".to_vec(),
+            value: b"{}".to_vec(),
+            headers: Vec::new(),
+            idempotency_key: None,
+        };
+        // Before the follower starts: not its business.
+        log.append(topic::ERASURES, vec![record()]).await.unwrap();
+        let forgotten = Arc::new(AtomicUsize::new(0));
+        let cancel = CancellationToken::new();
+        let counter = Arc::clone(&forgotten);
+        let task = tokio::spawn(follow_erasures(
+            Arc::clone(&log),
+            move || {
+                counter.fetch_add(1, Ordering::SeqCst);
+            },
+            cancel.clone(),
+        ));
+        tokio::time::sleep(ERASURES_POLL * 2 + Duration::from_millis(200)).await;
+        log.append(topic::PROFILE_CHANGES, vec![record()])
+            .await
+            .unwrap();
+        tokio::time::sleep(ERASURES_POLL * 2).await;
+        assert_eq!(forgotten.load(Ordering::SeqCst), 0);
+        log.append(topic::ERASURES, vec![record()]).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while forgotten.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never dropped");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(forgotten.load(Ordering::SeqCst), 1);
     }
 }

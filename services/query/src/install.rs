@@ -41,6 +41,13 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
             ctx.consumer_options("query-changes"),
             ctx.cancel.clone(),
         ));
+        // Erasures carried out by another query replica.
+        let q = query.clone();
+        parts.tasks.spawn(follow::follow_erasures(
+            Arc::clone(&ctx.backends.log),
+            move || q.forget_history(),
+            ctx.cancel.clone(),
+        ));
     }
     parts
         .health

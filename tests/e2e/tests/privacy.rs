@@ -957,6 +957,32 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
         }
     }
     assert_eq!(erased, 3);
+    // `cdp replay` to JSON Lines says the same.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("events.jsonl");
+    let status = std::process::Command::new(cdp_e2e::cdp_binary())
+        .env("CDP_TOKEN", cdp_e2e::ADMIN_KEY)
+        .args(["replay", "--purpose", "service", "--with-customers"])
+        .args(["--endpoint", &format!("http://{}", cdp.projection_addr())])
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cdp replay failed");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.contains(&local) && !text.contains(&name_token) && !text.contains(&email),
+        "personal data in the replay file"
+    );
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().filter(|l| l["erased"] == json!(true)).count(),
+        3,
+        "{text}"
+    );
 
     // A rebuild from the log honours the erasure: the same view for the
     // other customer, none for the erased one.
