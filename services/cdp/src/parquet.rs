@@ -361,6 +361,9 @@ mod tests {
         assert_eq!(rows[3].1, Some(1_700_000_000_003));
         assert_eq!(rows[3].2, r#"[{"kind":"email","value":"c3@shop.vn"}]"#);
         let erased: Vec<bool> = rows.iter().map(|r| r.3).collect();
-        assert_eq!(erased, (0..10u64).map(|n| n.is_multiple_of(3)).collect::<Vec<_>>());
+        assert_eq!(
+            erased,
+            (0..10u64).map(|n| n.is_multiple_of(3)).collect::<Vec<_>>()
+        );
     }
 }
