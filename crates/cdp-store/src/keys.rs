@@ -589,45 +589,123 @@ struct Waiting {
     reply: tokio::sync::oneshot::Sender<Result<Vec<KeyRow>, StoreError>>,
 }
 
+/// New keys in creation order (`seq -> subject | row`): appending touches
+/// only the last page, where filing each new key by its (random) subject
+/// would rewrite a page of the tree per key in every commit.
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("subject_keys_journal");
+
+/// Journal entries are filed by subject in one commit once this many wait
+/// (about 10 MB of memory for their index).
+pub const FILE_AT: usize = 100_000;
+
+/// The journal's entries by subject, in memory (loaded when the file
+/// opens), and the next sequence number.
+#[derive(Default)]
+struct Journal {
+    by_subject: HashMap<Subject, (u64, KeyRow)>,
+    next: u64,
+}
+
+fn journal_entry(s: &Subject, row: &KeyRow) -> Vec<u8> {
+    let mut out = s.as_bytes().to_vec();
+    out.extend_from_slice(&encode(row));
+    out
+}
+
+fn read_journal_entry(bytes: &[u8]) -> Result<(Subject, KeyRow), StoreError> {
+    if bytes.len() < 32 {
+        return Err(StoreError::Corrupt {
+            what: "keyring journal",
+            reason: format!("an entry of {} bytes", bytes.len()),
+        });
+    }
+    let (s, row) = bytes.split_at(32);
+    Ok((Subject::from_slice(s).map_err(seal_error)?, decode(row)?))
+}
+
 /// The keyring's rows in a redb file of their own (`<dir>/keys.redb`).
 ///
-/// Creations are group-committed: concurrent ingest batches that bring new
-/// subjects wait for one synced commit together instead of one each (the
-/// commit that writes a batch's keys is on the ingest path).
+/// - Creations are group-committed: concurrent ingest batches that bring
+///   new subjects wait for one synced commit together instead of one each
+///   (the commit that stores a batch's new keys is on the ingest path).
+/// - New keys are appended to a journal in creation order, indexed by
+///   subject in memory, and filed by subject in one commit once
+///   [`FILE_AT`] of them wait (or before a scan).
+/// - Every write (create, erase, rewrap, filing) holds one lock, so the
+///   journal and its index change together.
 pub struct EmbeddedKeyRows {
     db: Arc<Database>,
     waiting: Arc<Mutex<Vec<Waiting>>>,
     committer: tokio::sync::Mutex<()>,
+    journal: Arc<Mutex<Journal>>,
+    file_at: usize,
 }
 
 impl EmbeddedKeyRows {
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_filing_at(dir, FILE_AT)
+    }
+
+    /// [`open`](Self::open), filing the journal once `file_at` entries wait.
+    pub fn open_filing_at(dir: &Path, file_at: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(db_error)?;
         let db = Database::create(dir.join("keys.redb")).map_err(db_error)?;
         let tx = db.begin_write().map_err(db_error)?;
         tx.open_table(KEYS).map_err(db_error)?;
+        tx.open_table(JOURNAL).map_err(db_error)?;
         tx.commit().map_err(db_error)?;
+        let mut journal = Journal::default();
+        {
+            let tx = db.begin_read().map_err(db_error)?;
+            let t = tx.open_table(JOURNAL).map_err(db_error)?;
+            for item in t.iter().map_err(db_error)? {
+                let (seq, v) = item.map_err(db_error)?;
+                let (s, row) = read_journal_entry(v.value())?;
+                journal.by_subject.insert(s, (seq.value(), row));
+                journal.next = journal.next.max(seq.value() + 1);
+            }
+        }
         Ok(EmbeddedKeyRows {
             db: Arc::new(db),
             waiting: Arc::new(Mutex::new(Vec::new())),
             committer: tokio::sync::Mutex::new(()),
+            journal: Arc::new(Mutex::new(journal)),
+            file_at: file_at.max(1),
         })
     }
 
-    async fn blocking<T: Send + 'static>(
+    fn journal(journal: &Mutex<Journal>) -> std::sync::MutexGuard<'_, Journal> {
+        journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the database and the journal while holding the writers'
+    /// lock.
+    async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Database, &Mutex<Journal>) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || f(&db))
+        let _turn = self.committer.lock().await;
+        let (db, journal) = (Arc::clone(&self.db), Arc::clone(&self.journal));
+        tokio::task::spawn_blocking(move || f(&db, &journal))
             .await
             .map_err(db_error)?
     }
 
     /// Stores every waiting creation in one transaction and answers each.
-    fn commit_waiting(db: &Database, waiting: Vec<Waiting>) {
+    fn commit_waiting(
+        db: &Database,
+        journal: &Mutex<Journal>,
+        waiting: Vec<Waiting>,
+        file_at: usize,
+    ) {
         let rows: Vec<&(Subject, Wrapped)> = waiting.iter().flat_map(|w| &w.rows).collect();
-        match Self::insert_new(db, &rows) {
+        let stored = Self::append_new(db, journal, &rows).and_then(|stored| {
+            if Self::journal(journal).by_subject.len() >= file_at {
+                Self::file_journal(db, journal)?;
+            }
+            Ok(stored)
+        });
+        match stored {
             Ok(stored) => {
                 let mut stored = stored.into_iter();
                 for w in waiting {
@@ -648,51 +726,118 @@ impl EmbeddedKeyRows {
         }
     }
 
-    fn insert_new(db: &Database, rows: &[&(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
-        let tx = db.begin_write().map_err(db_error)?;
+    /// Appends the subjects that have no row yet to the journal; returns
+    /// the row each subject has now.
+    fn append_new(
+        db: &Database,
+        journal: &Mutex<Journal>,
+        rows: &[&(Subject, Wrapped)],
+    ) -> Result<Vec<KeyRow>, StoreError> {
+        let mut next = Self::journal(journal).next;
+        let mut added: HashMap<Subject, (u64, KeyRow)> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
+        let tx = db.begin_write().map_err(db_error)?;
         {
-            let mut t = tx.open_table(KEYS).map_err(db_error)?;
+            let filed = tx.open_table(KEYS).map_err(db_error)?;
+            let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
             for (s, w) in rows {
-                let existing = t
-                    .get(s.as_bytes().as_slice())
-                    .map_err(db_error)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?;
-                match existing {
-                    Some(row) => out.push(row),
-                    None => {
-                        let row = KeyRow::Active(w.clone());
-                        t.insert(s.as_bytes().as_slice(), encode(&row).as_slice())
-                            .map_err(db_error)?;
-                        out.push(row);
-                    }
+                let known = Self::journal(journal)
+                    .by_subject
+                    .get(s)
+                    .map(|(_, r)| r.clone());
+                if let Some(row) = known.or_else(|| added.get(s).map(|(_, r)| r.clone())) {
+                    out.push(row);
+                    continue;
                 }
+                if let Some(v) = filed.get(s.as_bytes().as_slice()).map_err(db_error)? {
+                    out.push(decode(v.value())?);
+                    continue;
+                }
+                let row = KeyRow::Active(w.clone());
+                appended
+                    .insert(next, journal_entry(s, &row).as_slice())
+                    .map_err(db_error)?;
+                added.insert(*s, (next, row.clone()));
+                out.push(row);
+                next += 1;
             }
         }
         tx.commit().map_err(db_error)?;
+        let mut j = Self::journal(journal);
+        j.by_subject.extend(added);
+        j.next = next;
         Ok(out)
+    }
+
+    /// Files every journal entry by subject and empties the journal, in one
+    /// commit.
+    fn file_journal(db: &Database, journal: &Mutex<Journal>) -> Result<(), StoreError> {
+        let entries: Vec<(Subject, KeyRow)> = Self::journal(journal)
+            .by_subject
+            .iter()
+            .map(|(s, (_, r))| (*s, r.clone()))
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let tx = db.begin_write().map_err(db_error)?;
+        {
+            let mut filed = tx.open_table(KEYS).map_err(db_error)?;
+            for (s, row) in &entries {
+                filed
+                    .insert(s.as_bytes().as_slice(), encode(row).as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        tx.delete_table(JOURNAL).map_err(db_error)?;
+        tx.open_table(JOURNAL).map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Self::journal(journal).by_subject.clear();
+        tracing::debug!(keys = entries.len(), "keyring journal filed");
+        Ok(())
     }
 }
 
 #[async_trait]
 impl KeyRows for EmbeddedKeyRows {
     async fn read(&self, subjects: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
-        let subjects = subjects.to_vec();
-        self.blocking(move |db| {
-            let tx = db.begin_read().map_err(db_error)?;
-            let t = tx.open_table(KEYS).map_err(db_error)?;
+        // The journal first: an entry leaves it only after it is filed.
+        let mut out: Vec<Option<KeyRow>> = {
+            let j = Self::journal(&self.journal);
             subjects
                 .iter()
+                .map(|s| j.by_subject.get(s).map(|(_, r)| r.clone()))
+                .collect()
+        };
+        let missing: Vec<(usize, Subject)> = subjects
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| out[*i].is_none())
+            .map(|(i, s)| (i, *s))
+            .collect();
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let db = Arc::clone(&self.db);
+        let found = tokio::task::spawn_blocking(move || {
+            let tx = db.begin_read().map_err(db_error)?;
+            let t = tx.open_table(KEYS).map_err(db_error)?;
+            missing
+                .into_iter()
                 .map(
-                    |s| match t.get(s.as_bytes().as_slice()).map_err(db_error)? {
-                        Some(v) => decode(v.value()).map(Some),
-                        None => Ok(None),
+                    |(i, s)| match t.get(s.as_bytes().as_slice()).map_err(db_error)? {
+                        Some(v) => decode(v.value()).map(|r| (i, Some(r))),
+                        None => Ok((i, None)),
                     },
                 )
-                .collect()
+                .collect::<Result<Vec<_>, StoreError>>()
         })
         .await
+        .map_err(db_error)??;
+        for (i, row) in found {
+            out[i] = row;
+        }
+        Ok(out)
     }
 
     async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
@@ -706,17 +851,24 @@ impl KeyRows for EmbeddedKeyRows {
             });
         // Whoever holds the committer commits everything waiting, this
         // caller's rows included unless an earlier holder took them.
-        let _turn = self.committer.lock().await;
+        let turn = self.committer.lock().await;
         if let Ok(done) = answer.try_recv() {
             return done;
         }
         let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
         if !waiting.is_empty() {
-            let db = Arc::clone(&self.db);
-            tokio::task::spawn_blocking(move || Self::commit_waiting(&db, waiting))
-                .await
-                .map_err(db_error)?;
+            let (db, journal, file_at) = (
+                Arc::clone(&self.db),
+                Arc::clone(&self.journal),
+                self.file_at,
+            );
+            tokio::task::spawn_blocking(move || {
+                Self::commit_waiting(&db, &journal, waiting, file_at)
+            })
+            .await
+            .map_err(db_error)?;
         }
+        drop(turn);
         answer
             .await
             .map_err(|_| StoreError::Storage("keyring: the commit was abandoned".into()))?
@@ -733,16 +885,27 @@ impl KeyRows for EmbeddedKeyRows {
             at,
             request: request.to_owned(),
         });
-        self.blocking(move |db| {
+        self.write(move |db, journal| {
             let tx = db.begin_write().map_err(db_error)?;
             {
-                let mut t = tx.open_table(KEYS).map_err(db_error)?;
-                for s in subjects {
-                    t.insert(s.as_bytes().as_slice(), row.as_slice())
+                let mut filed = tx.open_table(KEYS).map_err(db_error)?;
+                let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
+                let j = Self::journal(journal);
+                for s in &subjects {
+                    if let Some((seq, _)) = j.by_subject.get(s) {
+                        appended.remove(*seq).map_err(db_error)?;
+                    }
+                    filed
+                        .insert(s.as_bytes().as_slice(), row.as_slice())
                         .map_err(db_error)?;
                 }
             }
-            tx.commit().map_err(db_error)
+            tx.commit().map_err(db_error)?;
+            let mut j = Self::journal(journal);
+            for s in &subjects {
+                j.by_subject.remove(s);
+            }
+            Ok(())
         })
         .await
     }
@@ -752,7 +915,10 @@ impl KeyRows for EmbeddedKeyRows {
         after: Option<Subject>,
         limit: usize,
     ) -> Result<Vec<(Subject, KeyRow)>, StoreError> {
-        self.blocking(move |db| {
+        // Filed first, so one ordered table holds every row.
+        self.write(Self::file_journal).await?;
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || {
             let tx = db.begin_read().map_err(db_error)?;
             let t = tx.open_table(KEYS).map_err(db_error)?;
             let from = after.map(|s| s.0);
@@ -773,6 +939,7 @@ impl KeyRows for EmbeddedKeyRows {
             Ok(out)
         })
         .await
+        .map_err(db_error)?
     }
 
     async fn rewrap(
@@ -782,24 +949,44 @@ impl KeyRows for EmbeddedKeyRows {
         new: &Wrapped,
     ) -> Result<bool, StoreError> {
         let (old, new) = (KeyRow::Active(old.clone()), KeyRow::Active(new.clone()));
-        self.blocking(move |db| {
+        self.write(move |db, journal| {
+            let in_journal = Self::journal(journal).by_subject.get(&subject).cloned();
             let tx = db.begin_write().map_err(db_error)?;
-            let swapped = {
-                let mut t = tx.open_table(KEYS).map_err(db_error)?;
-                let now = t
-                    .get(subject.as_bytes().as_slice())
-                    .map_err(db_error)?
-                    .map(|v| decode(v.value()))
-                    .transpose()?;
-                if now.as_ref() == Some(&old) {
-                    t.insert(subject.as_bytes().as_slice(), encode(&new).as_slice())
-                        .map_err(db_error)?;
-                    true
-                } else {
-                    false
+            let swapped = match &in_journal {
+                Some((seq, now)) => {
+                    let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
+                    if *now == old {
+                        appended
+                            .insert(*seq, journal_entry(&subject, &new).as_slice())
+                            .map_err(db_error)?;
+                        true
+                    } else {
+                        false
+                    }
+                }
+                None => {
+                    let mut filed = tx.open_table(KEYS).map_err(db_error)?;
+                    let now = filed
+                        .get(subject.as_bytes().as_slice())
+                        .map_err(db_error)?
+                        .map(|v| decode(v.value()))
+                        .transpose()?;
+                    if now.as_ref() == Some(&old) {
+                        filed
+                            .insert(subject.as_bytes().as_slice(), encode(&new).as_slice())
+                            .map_err(db_error)?;
+                        true
+                    } else {
+                        false
+                    }
                 }
             };
             tx.commit().map_err(db_error)?;
+            if swapped && let Some((seq, _)) = in_journal {
+                Self::journal(journal)
+                    .by_subject
+                    .insert(subject, (seq, new));
+            }
             Ok(swapped)
         })
         .await
@@ -1098,5 +1285,66 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rows = Arc::new(EmbeddedKeyRows::open(dir.path()).unwrap());
         conformance::keyring_creates_erases_and_rotates(rows).await;
+        // Filing the journal after every other key.
+        let dir = tempfile::tempdir().unwrap();
+        let rows = Arc::new(EmbeddedKeyRows::open_filing_at(dir.path(), 2).unwrap());
+        conformance::keyring_creates_erases_and_rotates(rows).await;
+    }
+
+    /// Keys in the journal and keys filed by subject read, erase and
+    /// rewrap alike, and survive a reopen (the journal is loaded again).
+    #[tokio::test]
+    async fn journaled_and_filed_keys_behave_alike_across_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = MasterKeys::generate_file().unwrap();
+        let open = |file_at: usize| {
+            let rows: Arc<dyn KeyRows> =
+                Arc::new(EmbeddedKeyRows::open_filing_at(dir.path(), file_at).unwrap());
+            let master = MasterKeys::parse(&text).unwrap();
+            async move {
+                Keyring::open(rows, master, Duration::ZERO, 64)
+                    .await
+                    .unwrap()
+            }
+        };
+        let ring = open(5).await;
+        let id = |i: usize| Identifier::new(cdp_domain::IdKind::Email, format!("j{i}@x.vn"));
+        let subjects: Vec<Subject> = (0..12).map(|i| ring.subject(&id(i))).collect();
+        let mut keys = Vec::new();
+        for chunk in subjects.chunks(3) {
+            let set = ring.obtain(chunk).await.unwrap();
+            keys.extend(chunk.iter().map(|s| set.get(s).cloned().unwrap()));
+        }
+        // 12 keys and the hash secret, filed at 5 and 10: 3 in the journal.
+        let read = ring.keys(&subjects).await.unwrap();
+        for (s, k) in subjects.iter().zip(&keys) {
+            assert_eq!(read.get(s), Some(k));
+        }
+        // One filed, one journaled.
+        ring.erase(&[subjects[0], subjects[11]], 9, "req-1")
+            .await
+            .unwrap();
+        drop(ring);
+
+        let ring = open(1000).await;
+        let read = ring.keys(&subjects).await.unwrap();
+        assert!(read.erased(&subjects[0]) && read.erased(&subjects[11]));
+        for (s, k) in subjects[1..11].iter().zip(&keys[1..11]) {
+            assert_eq!(read.get(s), Some(k), "a key changed across the reopen");
+        }
+        assert_eq!(
+            ring.erasures(&[subjects[11]]).await.unwrap(),
+            vec![Some((9, "req-1".to_owned()))]
+        );
+        // New keys go to the journal again; a second obtain returns them.
+        let late = ring.subject(&id(99));
+        let first = ring.obtain(&[late]).await.unwrap().get(&late).cloned();
+        assert_eq!(
+            ring.obtain(&[late]).await.unwrap().get(&late).cloned(),
+            first
+        );
+        // A scan (rotation) files the journal and sees every row once.
+        let scanned = ring.rotate(4).await.unwrap().scanned;
+        assert_eq!(scanned, 14, "12 subjects, the late one and the hash secret");
     }
 }
