@@ -279,14 +279,23 @@ impl MasterKeys {
 
     /// The text of a new master key file holding one fresh key, version 1.
     pub fn generate_file() -> Result<String, SealError> {
-        let mut key = random::<KEY_LEN>()?;
-        let text = format!(
+        Ok(format!(
             "# CDP master keys: `<version> <base64 of 32 random bytes>`, the highest version wraps.\n\
-             # Keep this file out of backups of the data it protects.\n1 {}\n",
+             # Keep this file out of backups of the data it protects.\n{}\n",
+            Self::generate_line(1)?
+        ))
+    }
+
+    /// One line of a master key file: `version` and a fresh key (what an
+    /// operator appends to rotate).
+    pub fn generate_line(version: u32) -> Result<String, SealError> {
+        let mut key = random::<KEY_LEN>()?;
+        let line = format!(
+            "{version} {}",
             base64::engine::general_purpose::STANDARD.encode(key)
         );
         key.zeroize();
-        Ok(text)
+        Ok(line)
     }
 
     pub fn versions(&self) -> Vec<u32> {
@@ -526,12 +535,7 @@ mod tests {
         let text = MasterKeys::generate_file().unwrap();
         let mut running = MasterKeys::parse(&text).unwrap();
         let key = DataKey::generate().unwrap();
-        let v2_line = MasterKeys::generate_file()
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .replacen("1 ", "2 ", 1);
+        let v2_line = MasterKeys::generate_line(2).unwrap();
         // Another process already wraps under version 2.
         let elsewhere = MasterKeys::parse(&format!("{text}{v2_line}\n")).unwrap();
         let w2 = elsewhere.wrap(&subject(5), &key).unwrap();
@@ -550,7 +554,7 @@ mod tests {
         assert_eq!(running.unwrap(&subject(5), &w2).unwrap(), key);
         // A file that gives version 1 another key is refused whole.
         let stranger = MasterKeys::generate_file().unwrap();
-        let v3 = v2_line.replacen("2 ", "3 ", 1);
+        let v3 = MasterKeys::generate_line(3).unwrap();
         assert_eq!(
             running.absorb(MasterKeys::parse(&format!("{stranger}{v3}\n")).unwrap()),
             Err(SealError::ChangedMaster(1))

@@ -112,8 +112,10 @@ impl Cache {
 }
 
 /// What a rotation pass did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rotation {
+    /// Versions read from the master key file for the first time.
+    pub added: Vec<u32>,
     pub scanned: u64,
     pub rewrapped: u64,
     /// Rows wrapped by a master key version this process does not have.
@@ -469,9 +471,11 @@ impl Keyring {
     /// once (each rewrap is conditional), and while they serve: a process
     /// that meets a row wrapped by a version it lacks reads the file again.
     pub async fn rotate(&self, page: usize) -> Result<Rotation, StoreError> {
-        self.reload_master()?;
+        let mut done = Rotation {
+            added: self.reload_master()?,
+            ..Rotation::default()
+        };
         let current = self.master_version();
-        let mut done = Rotation::default();
         let mut after = None;
         loop {
             let rows = self.rows.scan(after, page.max(1)).await?;
@@ -1056,8 +1060,7 @@ pub mod conformance {
         );
 
         // Rotation: add version 2, rewrap, then retire version 1.
-        let v2 = MasterKeys::generate_file().unwrap();
-        let v2_line = v2.lines().last().unwrap().replacen("1 ", "2 ", 1);
+        let v2_line = MasterKeys::generate_line(2).unwrap();
         let both = Keyring::open(
             Arc::clone(&rows),
             MasterKeys::parse(&format!("{v1}{v2_line}\n")).unwrap(),
@@ -1235,12 +1238,7 @@ mod tests {
             .cloned()
             .unwrap();
 
-        let v2 = MasterKeys::generate_file()
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .replacen("1 ", "2 ", 1);
+        let v2 = MasterKeys::generate_line(2).unwrap();
         std::fs::write(&file, format!("{v1}{v2}\n")).unwrap();
         let operator = open(Arc::clone(&rows)).await;
         let done = operator.rotate(10).await.unwrap();

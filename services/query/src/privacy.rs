@@ -597,14 +597,12 @@ impl PrivacyService for PrivacyGrpc {
     ) -> Result<Response<v1::RotateMasterKeyResponse>, Status> {
         let caller = Caller::of(&request)?;
         let keyring = self.query.keyring();
-        let added = keyring.reload_master().map_err(|e| match e {
+        // The master key file unreadable or in conflict with the keys in
+        // memory: a precondition the operator fixes.
+        let done = keyring.rotate(ROTATION_PAGE).await.map_err(|e| match e {
             cdp_store::StoreError::Invalid(reason) => ServiceError::FailedPrecondition(reason),
             e => ServiceError::from(e),
         })?;
-        let done = keyring
-            .rotate(ROTATION_PAGE)
-            .await
-            .map_err(ServiceError::from)?;
         let mut entry = caller.entry("allowed");
         entry.fields = vec!["master_key".into()];
         entry.reason = format!(
@@ -624,7 +622,7 @@ impl PrivacyService for PrivacyGrpc {
         );
         Ok(Response::new(v1::RotateMasterKeyResponse {
             master_version: keyring.master_version(),
-            versions_added: added,
+            versions_added: done.added,
             scanned: done.scanned,
             rewrapped: done.rewrapped,
             unknown: done.unknown,

@@ -1050,12 +1050,7 @@ async fn the_master_key_rotates_without_downtime() {
 
     let file = cdp.data_dir().join("master.keys");
     let v1 = std::fs::read_to_string(&file).unwrap();
-    let v2 = cdp_seal::MasterKeys::generate_file()
-        .unwrap()
-        .lines()
-        .last()
-        .unwrap()
-        .replacen("1 ", "2 ", 1);
+    let v2 = cdp_seal::MasterKeys::generate_line(2).unwrap();
     std::fs::write(&file, format!("{v1}{v2}\n")).unwrap();
 
     let refused = privacy(&cdp, cdp_e2e::AGENT_KEY)
