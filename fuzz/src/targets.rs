@@ -1027,13 +1027,40 @@ fn load(bytes: &[u8]) -> Result<Result<PlatformConfig, ConfigError>, Violation> 
     })
 }
 
+/// `text` with the temporary file's path (random, and relative to the
+/// working directory) written as `cdp.toml`, so that the errors, and the
+/// inputs kept for them, are the same on every run and every machine.
+fn without_temp_path(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("cdp-fuzz-") {
+        let start = rest[..at]
+            .rfind(|c: char| c.is_whitespace())
+            .map_or(0, |i| i + 1);
+        let Some(end) = rest[at..].find(".toml").map(|i| at + i + ".toml".len()) else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        out.push_str("cdp.toml");
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn config_error(what: &str, e: &ConfigError) -> Result<String, Violation> {
-    let text = e.to_string();
+    let text = without_temp_path(&e.to_string());
     non_empty(what, &text)?;
     let precise = match e {
         ConfigError::Invalid { field, reason } => !field.is_empty() && !reason.trim().is_empty(),
         ConfigError::Rules(_) => text.contains("kind"),
         ConfigError::Load(_) => names_a_field_or_position(&text),
+        ConfigError::File {
+            line,
+            column,
+            reason,
+            ..
+        } => *line > 0 && *column > 0 && !reason.trim().is_empty(),
     };
     if !precise && (text.contains("to fit in target type") || text.contains("number overflowed")) {
         return Err(Violation::known(

@@ -24,6 +24,65 @@ pub enum ConfigError {
     Rules(#[from] cdp_domain::rules::RulesError),
     #[error("configuration: {field}: {reason}")]
     Invalid { field: &'static str, reason: String },
+    /// The file is refused before it is parsed; `line` and `column` count from 1.
+    #[error("configuration: {path}: line {line}, column {column}: {reason}")]
+    File {
+        path: String,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+}
+
+/// Deepest dotted key accepted in the file (`a.b.c` is 3). The platform's
+/// own keys are at most 4 deep; the TOML parser refuses keys of 80 segments
+/// without saying where, and builds a table per segment before it does.
+pub const MAX_KEY_DEPTH: usize = 16;
+
+/// Refuses a key of more than [`MAX_KEY_DEPTH`] dotted segments, naming its
+/// line and column. The text is read with the TOML lexer, so dots inside
+/// strings and comments do not count.
+fn check_key_depth(path: &Path, text: &str) -> Result<(), ConfigError> {
+    use toml_parser::lexer::TokenKind;
+    let source = toml_parser::Source::new(text);
+    let mut depth = 1usize;
+    let mut start: Option<usize> = None;
+    for token in source.lex() {
+        let at = token.span().start();
+        match token.kind() {
+            TokenKind::Dot => {
+                depth += 1;
+                if depth > MAX_KEY_DEPTH {
+                    let start = start.unwrap_or(at).min(text.len());
+                    let before = &text[..start];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before
+                        .rfind('\n')
+                        .map_or(before, |nl| &before[nl + 1..])
+                        .chars()
+                        .count()
+                        + 1;
+                    return Err(ConfigError::File {
+                        path: path.display().to_string(),
+                        line,
+                        column,
+                        reason: format!(
+                            "a key of more than {MAX_KEY_DEPTH} dotted parts; no setting nests that deep"
+                        ),
+                    });
+                }
+            }
+            TokenKind::Whitespace => {}
+            TokenKind::Atom | TokenKind::BasicString | TokenKind::LiteralString => {
+                start.get_or_insert(at);
+            }
+            _ => {
+                depth = 1;
+                start = None;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -499,6 +558,10 @@ impl PlatformConfig {
         let defaults = config::Config::try_from(&PlatformConfig::default())?;
         let mut builder = config::Config::builder().add_source(defaults);
         if let Some(path) = file {
+            // A file that cannot be read is reported by the loader below.
+            if let Ok(text) = std::fs::read_to_string(path) {
+                check_key_depth(path, &text)?;
+            }
             builder = builder.add_source(config::File::from(path).required(true));
         }
         builder = builder.add_source(
@@ -768,6 +831,30 @@ mod tests {
         let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
         writeln!(f, "[server]\ngrpc_adr = \"x\"").unwrap();
         assert!(PlatformConfig::load(Some(f.path())).is_err());
+    }
+
+    #[test]
+    fn a_key_nested_too_deep_is_refused_at_its_line_and_column() {
+        let deep = vec!["e"; MAX_KEY_DEPTH + 1].join(" . ");
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        writeln!(
+            f,
+            "t = \"a.b.c.d.e.f.g.h.i.j.k.l.m.n.o.p.q.r.s\" # x.y.z\n[server]\n  [{deep}]\nx = 1"
+        )
+        .unwrap();
+        let err = PlatformConfig::load(Some(f.path())).unwrap_err();
+        match &err {
+            ConfigError::File { line, column, .. } => assert_eq!((*line, *column), (3, 4), "{err}"),
+            other => panic!("expected a file error, got {other}"),
+        }
+        let mut f = tempfile::NamedTempFile::with_suffix(".toml").unwrap();
+        let key = vec!["e"; MAX_KEY_DEPTH].join(".");
+        writeln!(f, "[{key}]\nx = 1").unwrap();
+        let err = PlatformConfig::load(Some(f.path())).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Load(_)),
+            "a key of {MAX_KEY_DEPTH} parts is parsed and refused as unknown: {err}"
+        );
     }
 }
 
