@@ -176,6 +176,13 @@ impl EmbeddedLog {
         })
     }
 
+    /// The log's redb file, for state that must be durable together with
+    /// the appends (the keyring's new keys: see `cdp_store::EmbeddedKeyRows`).
+    /// Its write transactions take turns with the log's writer.
+    pub fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.inner.db)
+    }
+
     /// Every topic's partition count, fixed when the log was created.
     fn init_partitions(
         db: &Database,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cdp_domain::{Identifier, UnixMillis};
 use cdp_seal::{DataKey, Hasher, KeySet, MasterKeys, SealError, Subject, Wrapped};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
 use crate::StoreError;
@@ -35,7 +35,10 @@ pub enum KeyRow {
     },
 }
 
-/// The rows of the keyring. Writes are durable when they return.
+/// The rows of the keyring. Writes are durable when they return, except
+/// [`create`](KeyRows::create) on the embedded log's own file
+/// ([`EmbeddedKeyRows::open_on`]): a new key is durable with the log's next
+/// append, which is the append it was created for.
 #[async_trait]
 pub trait KeyRows: Send + Sync + 'static {
     /// The row of each subject, in order.
@@ -514,6 +517,9 @@ pub fn subject_of(hasher: &Hasher, id: &Identifier) -> Subject {
 
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("subject_keys");
 
+/// The keyring's own file, when the log is not embedded.
+const OWN_FILE: &str = "keys.redb";
+
 /// The JSON rows written before rows became binary (still read).
 #[derive(Deserialize)]
 enum Stored {
@@ -587,6 +593,17 @@ fn db_error(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(format!("keyring: {e}"))
 }
 
+/// A write transaction saving the allocator state with its commit (redb's
+/// quick repair), as the log's do: the file may be the log's.
+fn begin_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
+    let mut tx = db.begin_write().map_err(db_error)?;
+    tx.set_quick_repair(true);
+    Ok(tx)
+}
+
+/// Page cache of a keyring in a file of its own (redb's default is 1 GiB).
+const OWN_FILE_CACHE: usize = 16 << 20;
+
 /// Rows waiting for the next commit of [`EmbeddedKeyRows::create`].
 struct Waiting {
     rows: Vec<(Subject, Wrapped)>,
@@ -627,8 +644,14 @@ fn read_journal_entry(bytes: &[u8]) -> Result<(Subject, KeyRow), StoreError> {
     Ok((Subject::from_slice(s).map_err(seal_error)?, decode(row)?))
 }
 
-/// The keyring's rows in a redb file of their own (`<dir>/keys.redb`).
+/// The keyring's rows in redb: in the embedded log's file when the log is
+/// embedded ([`open_on`](Self::open_on)), else in a file of their own
+/// (`<dir>/keys.redb`).
 ///
+/// - On the log's file, new keys are committed without a sync: the log's
+///   next append (the one they were created for) syncs them with its
+///   records, so an ingest batch costs one sync, not two. A crash before
+///   that append loses keys nothing was sealed with.
 /// - Creations are group-committed: concurrent ingest batches that bring
 ///   new subjects wait for one synced commit together instead of one each
 ///   (the commit that stores a batch's new keys is on the ingest path).
@@ -643,6 +666,8 @@ pub struct EmbeddedKeyRows {
     committer: tokio::sync::Mutex<()>,
     journal: Arc<Mutex<Journal>>,
     file_at: usize,
+    /// Creations are synced by their own commit (false on the log's file).
+    sync_creates: bool,
 }
 
 impl EmbeddedKeyRows {
@@ -653,8 +678,88 @@ impl EmbeddedKeyRows {
     /// [`open`](Self::open), filing the journal once `file_at` entries wait.
     pub fn open_filing_at(dir: &Path, file_at: usize) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(db_error)?;
-        let db = Database::create(dir.join("keys.redb")).map_err(db_error)?;
-        let tx = db.begin_write().map_err(db_error)?;
+        let db = redb::Builder::new()
+            .set_cache_size(OWN_FILE_CACHE)
+            .create(dir.join(OWN_FILE))
+            .map_err(db_error)?;
+        Self::init(Arc::new(db), file_at, true)
+    }
+
+    /// The keyring in `db`, the embedded log's file, whose appends sync new
+    /// keys (see the type). Rows of an earlier keyring of its own in
+    /// `old_dir` (`keys.redb`) are moved in first, and that file deleted.
+    pub fn open_on(db: Arc<Database>, old_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_on_filing_at(db, old_dir, FILE_AT)
+    }
+
+    /// [`open_on`](Self::open_on), filing the journal once `file_at` entries
+    /// wait.
+    pub fn open_on_filing_at(
+        db: Arc<Database>,
+        old_dir: &Path,
+        file_at: usize,
+    ) -> Result<Self, StoreError> {
+        let rows = Self::init(db, file_at, false)?;
+        rows.move_in(old_dir)?;
+        Ok(rows)
+    }
+
+    /// Moves the rows of the keyring file in `old_dir` into this one (an
+    /// erased row wins over an active one), syncs, and deletes the file.
+    fn move_in(&self, old_dir: &Path) -> Result<(), StoreError> {
+        let path = old_dir.join(OWN_FILE);
+        if !path.exists() {
+            return Ok(());
+        }
+        let old = Self::open_filing_at(old_dir, FILE_AT)?;
+        let mut rows: Vec<(Subject, KeyRow)> = Self::journal(&old.journal)
+            .by_subject
+            .iter()
+            .map(|(s, (_, r))| (*s, r.clone()))
+            .collect();
+        {
+            let tx = old.db.begin_read().map_err(db_error)?;
+            let t = tx.open_table(KEYS).map_err(db_error)?;
+            for item in t.iter().map_err(db_error)? {
+                let (k, v) = item.map_err(db_error)?;
+                rows.push((
+                    Subject::from_slice(k.value()).map_err(seal_error)?,
+                    decode(v.value())?,
+                ));
+            }
+        }
+        drop(old);
+        // Every row of this file in one table first, so one lookup decides.
+        Self::file_journal(&self.db, &self.journal)?;
+        let tx = begin_write(&self.db)?;
+        {
+            let mut filed = tx.open_table(KEYS).map_err(db_error)?;
+            for (s, row) in &rows {
+                let here = filed
+                    .get(s.as_bytes().as_slice())
+                    .map_err(db_error)?
+                    .map(|v| decode(v.value()))
+                    .transpose()?;
+                let replace = match (&here, row) {
+                    (None, _) => true,
+                    (Some(KeyRow::Active(_)), KeyRow::Erased { .. }) => true,
+                    (Some(_), _) => false,
+                };
+                if replace {
+                    filed
+                        .insert(s.as_bytes().as_slice(), encode(row).as_slice())
+                        .map_err(db_error)?;
+                }
+            }
+        }
+        tx.commit().map_err(db_error)?;
+        std::fs::remove_file(&path).map_err(db_error)?;
+        tracing::info!(rows = rows.len(), from = %path.display(), "keyring moved into the log's file");
+        Ok(())
+    }
+
+    fn init(db: Arc<Database>, file_at: usize, sync_creates: bool) -> Result<Self, StoreError> {
+        let tx = begin_write(&db)?;
         tx.open_table(KEYS).map_err(db_error)?;
         tx.open_table(JOURNAL).map_err(db_error)?;
         tx.commit().map_err(db_error)?;
@@ -670,11 +775,12 @@ impl EmbeddedKeyRows {
             }
         }
         Ok(EmbeddedKeyRows {
-            db: Arc::new(db),
+            db,
             waiting: Arc::new(Mutex::new(Vec::new())),
             committer: tokio::sync::Mutex::new(()),
             journal: Arc::new(Mutex::new(journal)),
             file_at: file_at.max(1),
+            sync_creates,
         })
     }
 
@@ -701,9 +807,10 @@ impl EmbeddedKeyRows {
         journal: &Mutex<Journal>,
         waiting: Vec<Waiting>,
         file_at: usize,
+        sync: bool,
     ) {
         let rows: Vec<&(Subject, Wrapped)> = waiting.iter().flat_map(|w| &w.rows).collect();
-        let stored = Self::append_new(db, journal, &rows).and_then(|stored| {
+        let stored = Self::append_new(db, journal, &rows, sync).and_then(|stored| {
             if Self::journal(journal).by_subject.len() >= file_at {
                 Self::file_journal(db, journal)?;
             }
@@ -736,11 +843,15 @@ impl EmbeddedKeyRows {
         db: &Database,
         journal: &Mutex<Journal>,
         rows: &[&(Subject, Wrapped)],
+        sync: bool,
     ) -> Result<Vec<KeyRow>, StoreError> {
         let mut next = Self::journal(journal).next;
         let mut added: HashMap<Subject, (u64, KeyRow)> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
-        let tx = db.begin_write().map_err(db_error)?;
+        let mut tx = begin_write(db)?;
+        if !sync {
+            tx.set_durability(Durability::None).map_err(db_error)?;
+        }
         {
             let filed = tx.open_table(KEYS).map_err(db_error)?;
             let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
@@ -784,7 +895,7 @@ impl EmbeddedKeyRows {
         if entries.is_empty() {
             return Ok(());
         }
-        let tx = db.begin_write().map_err(db_error)?;
+        let tx = begin_write(db)?;
         {
             let mut filed = tx.open_table(KEYS).map_err(db_error)?;
             for (s, row) in &entries {
@@ -861,13 +972,14 @@ impl KeyRows for EmbeddedKeyRows {
         }
         let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
         if !waiting.is_empty() {
-            let (db, journal, file_at) = (
+            let (db, journal, file_at, sync) = (
                 Arc::clone(&self.db),
                 Arc::clone(&self.journal),
                 self.file_at,
+                self.sync_creates,
             );
             tokio::task::spawn_blocking(move || {
-                Self::commit_waiting(&db, &journal, waiting, file_at)
+                Self::commit_waiting(&db, &journal, waiting, file_at, sync)
             })
             .await
             .map_err(db_error)?;
@@ -890,7 +1002,7 @@ impl KeyRows for EmbeddedKeyRows {
             request: request.to_owned(),
         });
         self.write(move |db, journal| {
-            let tx = db.begin_write().map_err(db_error)?;
+            let tx = begin_write(db)?;
             {
                 let mut filed = tx.open_table(KEYS).map_err(db_error)?;
                 let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
@@ -955,7 +1067,7 @@ impl KeyRows for EmbeddedKeyRows {
         let (old, new) = (KeyRow::Active(old.clone()), KeyRow::Active(new.clone()));
         self.write(move |db, journal| {
             let in_journal = Self::journal(journal).by_subject.get(&subject).cloned();
-            let tx = db.begin_write().map_err(db_error)?;
+            let tx = begin_write(db)?;
             let swapped = match &in_journal {
                 Some((seq, now)) => {
                     let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
@@ -1287,6 +1399,84 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let rows = Arc::new(EmbeddedKeyRows::open_filing_at(dir.path(), 2).unwrap());
         conformance::keyring_creates_erases_and_rotates(rows).await;
+    }
+
+    /// The keyring on the embedded log's file: it conforms, takes in the
+    /// rows of a keyring file of its own (an erasure wins over a key) and
+    /// deletes that file, and keys created without a sync are kept by the
+    /// next synced commit of the file (the log's append).
+    #[tokio::test]
+    async fn the_keyring_on_the_logs_file_conforms_and_takes_in_an_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let open_db = |name: &str| Arc::new(Database::create(dir.path().join(name)).unwrap());
+        let rows = Arc::new(EmbeddedKeyRows::open_on(open_db("a.redb"), dir.path()).unwrap());
+        conformance::keyring_creates_erases_and_rotates(rows).await;
+        let rows =
+            Arc::new(EmbeddedKeyRows::open_on_filing_at(open_db("b.redb"), dir.path(), 2).unwrap());
+        conformance::keyring_creates_erases_and_rotates(rows).await;
+
+        let text = MasterKeys::generate_file().unwrap();
+        let ring = |rows: Arc<dyn KeyRows>| {
+            let master = MasterKeys::parse(&text).unwrap();
+            async move {
+                Keyring::open(rows, master, Duration::ZERO, 64)
+                    .await
+                    .unwrap()
+            }
+        };
+        let id = |i: usize| Identifier::new(cdp_domain::IdKind::Email, format!("m{i}@x.vn"));
+        // A keyring of its own: four keys, one erased.
+        let own_dir = dir.path().join("keys");
+        let own = ring(Arc::new(EmbeddedKeyRows::open(&own_dir).unwrap())).await;
+        let subjects: Vec<Subject> = (0..4).map(|i| own.subject(&id(i))).collect();
+        let keys = own.obtain(&subjects).await.unwrap();
+        own.erase(&[subjects[3]], 5, "req-own").await.unwrap();
+        drop(own);
+        // The log's file already holds the second subject, erased there,
+        // and the third with another key.
+        let log_db = open_db("log.redb");
+        let first = ring(Arc::new(
+            EmbeddedKeyRows::open_on(Arc::clone(&log_db), dir.path().join("none").as_path())
+                .unwrap(),
+        ))
+        .await;
+        first.erase(&[subjects[1]], 6, "req-log").await.unwrap();
+        let other = first.obtain(&subjects[2..3]).await.unwrap();
+        drop(first);
+
+        let shared = EmbeddedKeyRows::open_on(Arc::clone(&log_db), &own_dir).unwrap();
+        assert!(!own_dir.join(OWN_FILE).exists(), "the own file is deleted");
+        let moved = ring(Arc::new(shared)).await;
+        let read = moved.keys(&subjects).await.unwrap();
+        assert_eq!(read.get(&subjects[0]), keys.get(&subjects[0]), "moved in");
+        assert!(read.erased(&subjects[1]), "an erasure here stays");
+        assert_eq!(
+            read.get(&subjects[2]),
+            other.get(&subjects[2]),
+            "a key here stays"
+        );
+        assert!(read.erased(&subjects[3]), "an erasure moves in");
+        assert_eq!(
+            moved.erasures(&subjects[3..]).await.unwrap(),
+            vec![Some((5, "req-own".to_owned()))]
+        );
+
+        // A key created without a sync, then a synced commit of the file.
+        let late = moved.subject(&id(9));
+        let key = moved.obtain(&[late]).await.unwrap().get(&late).cloned();
+        let mut tx = log_db.begin_write().unwrap();
+        tx.set_durability(Durability::Immediate).unwrap();
+        tx.commit().unwrap();
+        drop(moved);
+        drop(log_db);
+        let reopened = ring(Arc::new(
+            EmbeddedKeyRows::open_on(open_db("log.redb"), &own_dir).unwrap(),
+        ))
+        .await;
+        assert_eq!(
+            reopened.keys(&[late]).await.unwrap().get(&late).cloned(),
+            key
+        );
     }
 
     /// Keys in the journal and keys filed by subject read, erase and

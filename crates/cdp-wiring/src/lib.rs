@@ -26,6 +26,25 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Opens the store and the log named by the configuration. With Kafka and
 /// ScyllaDB, the ScyllaDB store is also the log's idempotency-key index.
 pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendError> {
+    let topics = cdp_pipeline::topic::ALL;
+    // The embedded log first: its file also holds the embedded keyring.
+    let embedded_log = match config.log.backend {
+        LogBackend::Embedded => {
+            let dir = config.data_dir.join("log");
+            let log = EmbeddedLog::open_with_cache(
+                &dir,
+                &topics,
+                config.log.partitions,
+                usize::try_from(config.log.embedded_cache_mib << 20).unwrap_or(usize::MAX),
+            )
+            .map_err(|source| BackendError::Log {
+                what: dir.display().to_string(),
+                source,
+            })?;
+            Some(log)
+        }
+        LogBackend::Kafka => None,
+    };
     type Opened = (
         Arc<dyn Generations>,
         Option<Arc<dyn DedupeIndex>>,
@@ -42,11 +61,16 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
                     source,
                 })?
                 .with_cache(cache);
+            // A keyring of its own in `keys/` before the log held it.
             let keys = config.data_dir.join("keys");
-            let rows = EmbeddedKeyRows::open(&keys).map_err(|source| BackendError::Store {
+            let failed = |source| BackendError::Store {
                 what: keys.display().to_string(),
                 source,
-            })?;
+            };
+            let rows = match &embedded_log {
+                Some(log) => EmbeddedKeyRows::open_on(log.database(), &keys).map_err(failed)?,
+                None => EmbeddedKeyRows::open(&keys).map_err(failed)?,
+            };
             (Arc::new(generations), None, Arc::new(rows))
         }
         StoreBackend::Scylla => {
@@ -78,24 +102,9 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
                     source,
                 })?,
         );
-    let topics = cdp_pipeline::topic::ALL;
-    let log: Arc<dyn EventLog> = match config.log.backend {
-        LogBackend::Embedded => {
-            let dir = config.data_dir.join("log");
-            Arc::new(
-                EmbeddedLog::open_with_cache(
-                    &dir,
-                    &topics,
-                    config.log.partitions,
-                    usize::try_from(config.log.embedded_cache_mib << 20).unwrap_or(usize::MAX),
-                )
-                .map_err(|source| BackendError::Log {
-                    what: dir.display().to_string(),
-                    source,
-                })?,
-            )
-        }
-        LogBackend::Kafka => {
+    let log: Arc<dyn EventLog> = match embedded_log {
+        Some(log) => Arc::new(log),
+        None => {
             let k = &config.log.kafka;
             if dedupe.is_none() {
                 tracing::warn!(
