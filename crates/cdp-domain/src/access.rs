@@ -586,6 +586,64 @@ impl Masker {
     }
 }
 
+/// What in an operator's free text that outlives a customer (an erasure's
+/// reason and request id) is personal data: an email address, a phone
+/// number (9 to 15 digits, separators allowed, starting with `+` or `0`, so
+/// `GDPR-2026-000123` is a reference and `0912 345 678` a phone), or one of
+/// `known` (the customer's identifier values, compared without case; values
+/// under 4 characters are ignored).
+pub fn personal_data_in(text: &str, known: &[String]) -> Option<&'static str> {
+    let lower = text.to_lowercase();
+    for word in lower.split(|c: char| c.is_whitespace() || "<>()[]{},;:\"'".contains(c)) {
+        if let Some((local, domain)) = word.split_once('@')
+            && !local.is_empty()
+            && domain.trim_end_matches('.').contains('.')
+        {
+            return Some("an email address");
+        }
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        // `(028) 3823 4567`: an area code in parentheses.
+        let at = |k: usize| chars.get(k).copied().unwrap_or(' ');
+        let lead = usize::from(at(i) == '(');
+        let starts =
+            (at(i + lead) == '+' && at(i + lead + 1).is_ascii_digit()) || at(i + lead) == '0';
+        let after_digit = i > 0 && chars[i - 1].is_alphanumeric();
+        if starts && !after_digit {
+            let (mut digits, mut j) = (0usize, i);
+            while j < chars.len() {
+                let c = chars[j];
+                let leading = (c == '(' && j == i) || (c == '+' && j == i + lead);
+                // A separator (or two, as in `) `) between digits.
+                let separator = " .-()".contains(c)
+                    && (1..=2).any(|k| {
+                        at(j + k).is_ascii_digit() && (1..k).all(|m| " .-()".contains(at(j + m)))
+                    });
+                if c.is_ascii_digit() {
+                    digits += 1;
+                } else if !leading && !separator {
+                    break;
+                }
+                j += 1;
+            }
+            let ends_word = chars.get(j).is_none_or(|c| !c.is_alphanumeric());
+            if (9..=15).contains(&digits) && ends_word {
+                return Some("a phone number");
+            }
+            i = j.max(i + 1);
+        } else {
+            i += 1;
+        }
+    }
+    known
+        .iter()
+        .map(|k| k.trim().to_lowercase())
+        .any(|k| k.chars().count() >= 4 && lower.contains(&k))
+        .then_some("one of the customer's identifiers")
+}
+
 /// `+84912345678` → `0912***678`; other numbers keep their first 4 and
 /// last 3 characters.
 pub fn mask_phone(value: &str) -> String {
@@ -886,5 +944,34 @@ mod tests {
         assert!(in_scope(&south, ["brand:a", "region:south"]));
         assert!(!in_scope(&south, ["region:north"]));
         assert!(!in_scope(&south, []));
+    }
+
+    #[test]
+    fn personal_data_in_free_text_is_found_and_references_are_not() {
+        let none: [String; 0] = [];
+        for (text, found) in [
+            ("ticket GDPR-2026-000123, by email", None),
+            ("case 4411 (hotline), 2026-12-01", None),
+            ("asked by lan.nguyen@shop.vn", Some("an email address")),
+            ("<Lan@Shop.VN>", Some("an email address")),
+            ("called from 0912 345 678", Some("a phone number")),
+            ("called from +84 912-345-678.", Some("a phone number")),
+            ("call (028) 3823 4567", Some("a phone number")),
+            ("order 0912345678901234567", None),
+            ("ref A0912345678", None),
+            ("", None),
+        ] {
+            assert_eq!(personal_data_in(text, &none), found, "{text:?}");
+        }
+        let known = ["zalo-7788".to_string(), "abc".to_string()];
+        assert_eq!(
+            personal_data_in("per Zalo-7788 chat", &known),
+            Some("one of the customer's identifiers")
+        );
+        assert_eq!(
+            personal_data_in("abc def", &known),
+            None,
+            "too short to tell"
+        );
     }
 }

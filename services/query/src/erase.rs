@@ -71,6 +71,27 @@ fn request_id(raw: &str) -> Result<String, ServiceError> {
     Ok(id.to_owned())
 }
 
+/// The request id and the reason outlive the customer (they stay on
+/// `erasures` and in the audit log, in clear): refused when they hold
+/// personal data, `known` being the customer's identifier values. A UUID
+/// as the id is a reference.
+fn no_personal_data(request_id: &str, reason: &str, known: &[String]) -> Result<(), ServiceError> {
+    let id = Uuid::parse_str(request_id)
+        .is_err()
+        .then_some(("request_id", request_id));
+    for (field, text) in id.into_iter().chain([("reason", reason)]) {
+        if let Some(what) = cdp_domain::access::personal_data_in(text, known) {
+            return Err(ServiceError::invalid(
+                field,
+                format!(
+                    "holds {what}; it is kept after the customer is erased, so give a ticket or case reference instead"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 impl Erasures {
     pub fn new(
         query: ProfileQuery,
@@ -126,6 +147,7 @@ impl Erasures {
                 "is longer than 1000 characters",
             ));
         }
+        no_personal_data(&request_id, &r.reason, &[])?;
         let lookup = r
             .lookup
             .clone()
@@ -239,6 +261,15 @@ impl Erasures {
             }
         }
         identifiers.retain(|i| !shared.contains(i));
+        let values: Vec<String> = identifiers
+            .iter()
+            .chain(&shared)
+            .map(|i| i.value.clone())
+            .collect();
+        // A request resumed was checked when it started.
+        if resumed.is_none() {
+            no_personal_data(&request_id, &reason, &values)?;
+        }
         let keyring = self.query.keyring();
         let mut subjects: Vec<cdp_seal::Subject> =
             identifiers.iter().map(|i| keyring.subject(i)).collect();

@@ -799,6 +799,34 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
     assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
     let mut officer = privacy(&cdp, cdp_e2e::PRIVACY_KEY).await;
+    // The reason and the request id stay on the log after the customer is
+    // gone: personal data in them is refused, and nothing is erased.
+    for (request_id, reason, field) in [
+        (unique("dsr-"), format!("asked by {email}"), "reason"),
+        (unique("dsr-"), format!("called from 0{local}"), "reason"),
+        (
+            format!("dsr-{email}"),
+            "data subject request".to_owned(),
+            "request_id",
+        ),
+    ] {
+        let refused = officer
+            .erase(v1::EraseRequest {
+                lookup: Some(v1::erase_request::Lookup::Identifier(id(
+                    "phone",
+                    &format!("0{local}"),
+                ))),
+                request_id,
+                reason,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+        assert!(
+            refused.message().contains(field) && refused.message().contains("ticket"),
+            "{refused:?}"
+        );
+    }
     let request = v1::EraseRequest {
         lookup: Some(v1::erase_request::Lookup::Identifier(id(
             "phone",
