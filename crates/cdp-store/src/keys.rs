@@ -706,6 +706,8 @@ impl EmbeddedKeyRows {
 
     /// Moves the rows of the keyring file in `old_dir` into this one (an
     /// erased row wins over an active one), syncs, and deletes the file.
+    /// Two different active keys for one subject (the hash secret above
+    /// all: every subject depends on it) are refused, and the file is kept.
     fn move_in(&self, old_dir: &Path) -> Result<(), StoreError> {
         let path = old_dir.join(OWN_FILE);
         if !path.exists() {
@@ -732,6 +734,7 @@ impl EmbeddedKeyRows {
         // Every row of this file in one table first, so one lookup decides.
         Self::file_journal(&self.db, &self.journal)?;
         let tx = begin_write(&self.db)?;
+        let mut conflicts = 0usize;
         {
             let mut filed = tx.open_table(KEYS).map_err(db_error)?;
             for (s, row) in &rows {
@@ -743,6 +746,10 @@ impl EmbeddedKeyRows {
                 let replace = match (&here, row) {
                     (None, _) => true,
                     (Some(KeyRow::Active(_)), KeyRow::Erased { .. }) => true,
+                    (Some(KeyRow::Active(a)), KeyRow::Active(b)) if a != b => {
+                        conflicts += 1;
+                        false
+                    }
                     (Some(_), _) => false,
                 };
                 if replace {
@@ -751,6 +758,13 @@ impl EmbeddedKeyRows {
                         .map_err(db_error)?;
                 }
             }
+        }
+        if conflicts > 0 {
+            tx.abort().map_err(db_error)?;
+            return Err(StoreError::Invalid(format!(
+                "keyring: {} and the log's file hold different keys for {conflicts} subjects (two keyrings of different platforms?); move one away",
+                path.display()
+            )));
         }
         tx.commit().map_err(db_error)?;
         std::fs::remove_file(&path).map_err(db_error)?;
@@ -1432,33 +1446,38 @@ mod tests {
         let keys = own.obtain(&subjects).await.unwrap();
         own.erase(&[subjects[3]], 5, "req-own").await.unwrap();
         drop(own);
-        // The log's file already holds the second subject, erased there,
-        // and the third with another key.
         let log_db = open_db("log.redb");
-        let first = ring(Arc::new(
-            EmbeddedKeyRows::open_on(Arc::clone(&log_db), dir.path().join("none").as_path())
-                .unwrap(),
-        ))
-        .await;
-        first.erase(&[subjects[1]], 6, "req-log").await.unwrap();
-        let other = first.obtain(&subjects[2..3]).await.unwrap();
-        drop(first);
-
         let shared = EmbeddedKeyRows::open_on(Arc::clone(&log_db), &own_dir).unwrap();
         assert!(!own_dir.join(OWN_FILE).exists(), "the own file is deleted");
         let moved = ring(Arc::new(shared)).await;
-        let read = moved.keys(&subjects).await.unwrap();
-        assert_eq!(read.get(&subjects[0]), keys.get(&subjects[0]), "moved in");
-        assert!(read.erased(&subjects[1]), "an erasure here stays");
         assert_eq!(
-            read.get(&subjects[2]),
-            other.get(&subjects[2]),
-            "a key here stays"
+            moved.subject(&id(0)),
+            subjects[0],
+            "the hash secret moved in"
         );
+        let read = moved.keys(&subjects).await.unwrap();
+        for s in &subjects[..3] {
+            assert_eq!(read.get(s), keys.get(s), "moved in");
+        }
         assert!(read.erased(&subjects[3]), "an erasure moves in");
         assert_eq!(
             moved.erasures(&subjects[3..]).await.unwrap(),
             vec![Some((5, "req-own".to_owned()))]
+        );
+        // Another platform's keyring file: its hash secret differs, so it is
+        // refused and kept.
+        let stranger_dir = dir.path().join("stranger");
+        let stranger = ring(Arc::new(EmbeddedKeyRows::open(&stranger_dir).unwrap())).await;
+        stranger.obtain(&subjects[..1]).await.unwrap();
+        drop(stranger);
+        let refused = EmbeddedKeyRows::open_on(Arc::clone(&log_db), &stranger_dir).err();
+        assert!(
+            matches!(&refused, Some(StoreError::Invalid(r)) if r.contains("different keys")),
+            "{refused:?}"
+        );
+        assert!(
+            stranger_dir.join(OWN_FILE).exists(),
+            "a refused file is kept"
         );
 
         // A key created without a sync, then a synced commit of the file.
