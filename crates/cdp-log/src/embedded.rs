@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -110,6 +110,15 @@ fn decode(topic: Topic, partition: u32, offset: u64, bytes: &[u8]) -> Result<Log
     })
 }
 
+/// Called by the writer before it commits an append, with the append's
+/// transaction: state another component keeps in the log's file (the
+/// keyring's new keys) is written and synced with the records. It returns
+/// what to call once the transaction committed (`true`) or failed
+/// (`false`); an error fails the append.
+pub type AppendHook = Box<
+    dyn Fn(&redb::WriteTransaction) -> Result<Box<dyn FnOnce(bool) + Send>, String> + Send + Sync,
+>;
+
 struct AppendRequest {
     topic: Topic,
     records: Vec<Record>,
@@ -121,6 +130,7 @@ struct Inner {
     partitions: BTreeMap<Topic, u32>,
     writer: Option<mpsc::Sender<AppendRequest>>,
     writer_thread: Option<std::thread::JoinHandle<()>>,
+    hook: Arc<OnceLock<AppendHook>>,
     /// Bumped after every commit, so waiting consumers wake up.
     appended: watch::Receiver<u64>,
 }
@@ -161,9 +171,11 @@ impl EmbeddedLog {
         let (notify, appended) = watch::channel(0u64);
         let writer_db = Arc::clone(&db);
         let writer_partitions = partitions.clone();
+        let hook = Arc::new(OnceLock::<AppendHook>::new());
+        let writer_hook = Arc::clone(&hook);
         let writer_thread = std::thread::Builder::new()
             .name("cdp-log-writer".into())
-            .spawn(move || writer_loop(&writer_db, &writer_partitions, rx, &notify))
+            .spawn(move || writer_loop(&writer_db, &writer_partitions, &writer_hook, rx, &notify))
             .map_err(storage)?;
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
@@ -171,6 +183,7 @@ impl EmbeddedLog {
                 partitions,
                 writer: Some(tx),
                 writer_thread: Some(writer_thread),
+                hook,
                 appended,
             }),
         })
@@ -181,6 +194,15 @@ impl EmbeddedLog {
     /// Its write transactions take turns with the log's writer.
     pub fn database(&self) -> Arc<Database> {
         Arc::clone(&self.inner.db)
+    }
+
+    /// Installs the [`AppendHook`] every later append calls (once; a
+    /// second one is refused).
+    pub fn set_append_hook(&self, hook: AppendHook) -> Result<(), LogError> {
+        self.inner
+            .hook
+            .set(hook)
+            .map_err(|_| LogError::Storage("the log's append hook is set already".into()))
     }
 
     /// Every topic's partition count, fixed when the log was created.
@@ -247,6 +269,7 @@ impl Drop for Inner {
 fn writer_loop(
     db: &Database,
     partitions: &BTreeMap<Topic, u32>,
+    hook: &OnceLock<AppendHook>,
     mut rx: mpsc::Receiver<AppendRequest>,
     notify: &watch::Sender<u64>,
 ) {
@@ -260,7 +283,7 @@ fn writer_loop(
             }
         }
         let count: usize = batch.iter().map(|r| r.records.len()).sum();
-        match write_batch(db, partitions, &batch) {
+        match write_batch(db, partitions, hook.get(), &batch) {
             Ok(results) => {
                 commits += 1;
                 notify.send_replace(commits);
@@ -282,6 +305,7 @@ fn writer_loop(
 fn write_batch(
     db: &Database,
     partitions: &BTreeMap<Topic, u32>,
+    hook: Option<&AppendHook>,
     batch: &[AppendRequest],
 ) -> Result<Vec<Vec<Appended>>, LogError> {
     let mut tx = begin_write(db)?;
@@ -336,7 +360,15 @@ fn write_batch(
                 .map_err(storage)?;
         }
     }
-    tx.commit().map_err(storage)?;
+    let after = hook
+        .map(|h| h(&tx))
+        .transpose()
+        .map_err(LogError::Storage)?;
+    let committed = tx.commit().map_err(storage);
+    if let Some(after) = after {
+        after(committed.is_ok());
+    }
+    committed?;
     Ok(results)
 }
 

@@ -182,7 +182,7 @@ pub fn touchpoint_from_record(
             let erased = keys.hasher().is_some_and(|h| {
                 personal.identifiers.iter().any(|i| {
                     identifier_from("personal.identifiers", i)
-                        .is_ok_and(|id| keys.erased(&h.subject(id.key().as_bytes())))
+                        .is_ok_and(|id| keys.erased(&cdp_store::keys::subject_of(h, &id)))
                 })
             });
             if erased {
@@ -709,7 +709,7 @@ mod tests {
         let hasher = cdp_seal::Hasher::new(&cdp_seal::DataKey::generate().unwrap());
         let ids = clear_identifiers(crate::topic::TOUCHPOINTS, &bytes);
         assert_eq!(ids, t.personal.identifiers);
-        let subject = hasher.subject(ids[0].key().as_bytes());
+        let subject = cdp_store::keys::subject_of(&hasher, &ids[0]);
         let mut live = KeySet::new().with_hasher(hasher.clone());
         live.insert(subject, Some(cdp_seal::DataKey::generate().unwrap()));
         assert_eq!(decode_touchpoint(&bytes, &live).unwrap().value, t);

@@ -128,7 +128,7 @@ pub fn subjects<'a>(
             None => out.extend(
                 codec::clear_identifiers(r.topic, &r.value)
                     .iter()
-                    .map(|id| hasher.subject(id.key().as_bytes())),
+                    .map(|id| cdp_store::keys::subject_of(hasher, id)),
             ),
         }
     }

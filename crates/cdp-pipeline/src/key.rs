@@ -10,14 +10,14 @@ pub fn touchpoint(t: &Touchpoint, rules: &IdentityRules, hasher: &cdp_seal::Hash
     t.routing_identifier(rules)
         .map_or_else(
             || t.event_id().to_string(),
-            |id| hasher.subject(id.key().as_bytes()).hex(),
+            |id| cdp_store::keys::subject_of(hasher, id).hex(),
         )
         .into_bytes()
 }
 
 /// The key of an `alerts` record about an identifier: its subject.
 pub fn identifier(id: &cdp_domain::Identifier, hasher: &cdp_seal::Hasher) -> Vec<u8> {
-    hasher.subject(id.key().as_bytes()).hex().into_bytes()
+    cdp_store::keys::subject_of(hasher, id).hex().into_bytes()
 }
 
 /// The key of every record about one customer: `resolved`, `identity`,

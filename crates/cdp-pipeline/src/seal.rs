@@ -96,7 +96,7 @@ impl Sealing {
     }
 
     pub fn subject(&self, id: &Identifier) -> Subject {
-        self.hasher.subject(id.key().as_bytes())
+        cdp_store::keys::subject_of(&self.hasher, id)
     }
 
     /// A sealing with a fresh hash secret and a fresh key for each of
@@ -108,7 +108,7 @@ impl Sealing {
         let mut keys = KeySet::new();
         for id in ids {
             keys.insert(
-                hasher.subject(id.key().as_bytes()),
+                cdp_store::keys::subject_of(&hasher, id),
                 Some(cdp_seal::DataKey::generate()?),
             );
         }

@@ -141,7 +141,17 @@ impl Hasher {
     }
 
     pub fn subject(&self, value: &[u8]) -> Subject {
-        let tag = hmac::sign(&self.0, value);
+        self.subject_of_parts(&[value])
+    }
+
+    /// [`subject`](Self::subject) of the concatenation of `parts`, without
+    /// building it.
+    pub fn subject_of_parts(&self, parts: &[&[u8]]) -> Subject {
+        let mut ctx = hmac::Context::with_key(&self.0);
+        for p in parts {
+            ctx.update(p);
+        }
+        let tag = ctx.sign();
         let mut s = [0u8; KEY_LEN];
         s.copy_from_slice(&tag.as_ref()[..KEY_LEN]);
         Subject(s)
@@ -189,6 +199,17 @@ impl fmt::Debug for MasterKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "MasterKeys(versions {:?})", self.versions())
     }
+}
+
+/// Bytes that must never repeat and cannot be guessed (a salt, a nonce),
+/// from the thread's CSPRNG (`rand::rng()`: ChaCha12 seeded and reseeded
+/// from the operating system), without a system call each. Keys come from
+/// the operating system itself ([`random`]).
+fn unique<const N: usize>() -> [u8; N] {
+    use rand::RngCore as _;
+    let mut b = [0u8; N];
+    rand::rng().fill_bytes(&mut b);
+    b
 }
 
 fn random<const N: usize>() -> Result<[u8; N], SealError> {
@@ -310,7 +331,7 @@ impl MasterKeys {
     pub fn wrap(&self, subject: &Subject, key: &DataKey) -> Result<Wrapped, SealError> {
         let master = self.current();
         let k = self.keys.get(&master).ok_or(SealError::NoMaster)?;
-        let nonce = random::<NONCE_LEN>()?;
+        let nonce = unique::<NONCE_LEN>();
         let mut bytes = Vec::with_capacity(NONCE_LEN + KEY_LEN + TAG_LEN);
         bytes.extend_from_slice(&nonce);
         let mut body = key.bytes().to_vec();
@@ -391,7 +412,7 @@ pub fn seal(
     let mut keys: Vec<(Subject, &DataKey)> = keys.to_vec();
     keys.sort_by_key(|(s, _)| *s);
     keys.dedup_by_key(|(s, _)| *s);
-    let salt = random::<KEY_LEN>()?;
+    let salt = unique::<KEY_LEN>();
     let data: Vec<&DataKey> = keys.iter().map(|(_, k)| *k).collect();
     let (key, nonce) = record_key(&data, &salt)?;
     let mut ciphertext = plaintext.to_vec();

@@ -11,7 +11,7 @@
 //! An erased row is never deleted: it stays as the subject's hash with the
 //! time and the request that erased it, which is the suppression list.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cdp_domain::{Identifier, UnixMillis};
 use cdp_seal::{DataKey, Hasher, KeySet, MasterKeys, SealError, Subject, Wrapped};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Deserialize;
 
 use crate::StoreError;
@@ -378,7 +378,9 @@ impl Keyring {
     }
 
     /// The keys of `subjects` for writing: a subject seen for the first
-    /// time gets a key (stored durably before this returns); an erased
+    /// time gets a key (stored durably before this returns, or, on the
+    /// embedded log's file, with the log's next append: see
+    /// [`EmbeddedKeyRows::append_hook`]); an erased
     /// (suppressed) subject maps to `None`.
     pub async fn obtain(&self, subjects: &[Subject]) -> Result<KeySet, StoreError> {
         self.key_set(subjects, true).await
@@ -402,13 +404,23 @@ impl Keyring {
         if create && !absent.is_empty() {
             self.refresh_master();
             let mut new = Vec::with_capacity(absent.len());
-            for s in absent.drain(..) {
-                let key = DataKey::generate().map_err(seal_error)?;
-                new.push((s, self.master_keys().wrap(&s, &key).map_err(seal_error)?));
+            let mut plain = Vec::with_capacity(absent.len());
+            {
+                let master = self.master_keys();
+                for s in absent.drain(..) {
+                    let key = DataKey::generate().map_err(seal_error)?;
+                    new.push((s, master.wrap(&s, &key).map_err(seal_error)?));
+                    plain.push(key);
+                }
             }
             let stored = self.rows.create(&new).await?;
-            for ((s, _), row) in new.into_iter().zip(stored) {
-                fetched.push((s, self.unwrap_row(&s, Some(row))?));
+            for (((s, wrapped), key), row) in new.into_iter().zip(plain).zip(stored) {
+                // Ours unless another writer's key won (then it is unwrapped).
+                let key = match row {
+                    KeyRow::Active(w) if w == wrapped => Some(key),
+                    row => self.unwrap_row(&s, Some(row))?,
+                };
+                fetched.push((s, key));
             }
         }
         self.remember(&fetched);
@@ -510,9 +522,10 @@ impl Keyring {
     }
 }
 
-/// The subject of an identifier under `hasher`.
+/// The subject of an identifier under `hasher`: of its
+/// [`key`](Identifier::key), `kind \0 value`, without building it.
 pub fn subject_of(hasher: &Hasher, id: &Identifier) -> Subject {
-    hasher.subject(id.key().as_bytes())
+    hasher.subject_of_parts(&[id.kind.as_str().as_bytes(), b"\0", id.value.as_bytes()])
 }
 
 const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("subject_keys");
@@ -604,6 +617,14 @@ fn begin_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
 /// Page cache of a keyring in a file of its own (redb's default is 1 GiB).
 const OWN_FILE_CACHE: usize = 16 << 20;
 
+/// What the embedded log calls before it commits an append (see
+/// [`EmbeddedKeyRows::append_hook`]): it writes into the append's
+/// transaction and returns what to do once that transaction committed
+/// (`true`) or failed (`false`).
+pub type BeforeCommit = Box<
+    dyn Fn(&redb::WriteTransaction) -> Result<Box<dyn FnOnce(bool) + Send>, String> + Send + Sync,
+>;
+
 /// Rows waiting for the next commit of [`EmbeddedKeyRows::create`].
 struct Waiting {
     rows: Vec<(Subject, Wrapped)>,
@@ -625,6 +646,57 @@ pub const FILE_AT: usize = 100_000;
 struct Journal {
     by_subject: HashMap<Subject, (u64, KeyRow)>,
     next: u64,
+    /// Entries of `by_subject` not written to the file yet (on the log's
+    /// file: the next commit of the file writes them, the log's append
+    /// above all). An entry is written with the row `by_subject` holds then,
+    /// and only while it holds the same sequence number (an erasure
+    /// removes it).
+    pending: BTreeMap<u64, Subject>,
+}
+
+impl Journal {
+    /// Writes the pending entries into `tx` and takes them out of
+    /// `pending`; give them back with [`restore`](Self::restore) if `tx`
+    /// does not commit.
+    fn write_pending(
+        &mut self,
+        tx: &redb::WriteTransaction,
+    ) -> Result<BTreeMap<u64, Subject>, StoreError> {
+        if self.pending.is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        let taken = std::mem::take(&mut self.pending);
+        let written = (|| {
+            let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
+            for (seq, s) in &taken {
+                if let Some((at, row)) = self.by_subject.get(s)
+                    && at == seq
+                {
+                    appended
+                        .insert(*seq, journal_entry(s, row).as_slice())
+                        .map_err(db_error)?;
+                }
+            }
+            Ok(())
+        })();
+        match written {
+            Ok(()) => Ok(taken),
+            Err(e) => {
+                self.restore(taken);
+                Err(e)
+            }
+        }
+    }
+
+    /// Gives back entries [`write_pending`](Self::write_pending) took for a
+    /// transaction that did not commit (those erased meanwhile stay out).
+    fn restore(&mut self, taken: BTreeMap<u64, Subject>) {
+        for (seq, s) in taken {
+            if self.by_subject.get(&s).is_some_and(|(at, _)| *at == seq) {
+                self.pending.insert(seq, s);
+            }
+        }
+    }
 }
 
 fn journal_entry(s: &Subject, row: &KeyRow) -> Vec<u8> {
@@ -648,13 +720,15 @@ fn read_journal_entry(bytes: &[u8]) -> Result<(Subject, KeyRow), StoreError> {
 /// embedded ([`open_on`](Self::open_on)), else in a file of their own
 /// (`<dir>/keys.redb`).
 ///
-/// - On the log's file, new keys are committed without a sync: the log's
-///   next append (the one they were created for) syncs them with its
-///   records, so an ingest batch costs one sync, not two. A crash before
-///   that append loses keys nothing was sealed with.
-/// - Creations are group-committed: concurrent ingest batches that bring
-///   new subjects wait for one synced commit together instead of one each
-///   (the commit that stores a batch's new keys is on the ingest path).
+/// - On the log's file, a new key is not committed on its own: it waits in
+///   memory (readers see it at once) and the log's next append writes it in
+///   the append's own transaction ([`append_hook`](Self::append_hook)),
+///   which is the append it was created for or an earlier one. An ingest
+///   batch costs one commit and one sync, not two; a crash before that
+///   append loses keys nothing was sealed with.
+/// - In a file of its own, creations are group-committed: concurrent ingest
+///   batches that bring new subjects wait for one synced commit together
+///   instead of one each (that commit is on the ingest path).
 /// - New keys are appended to a journal in creation order, indexed by
 ///   subject in memory, and filed by subject in one commit once
 ///   [`FILE_AT`] of them wait (or before a scan).
@@ -821,10 +895,9 @@ impl EmbeddedKeyRows {
         journal: &Mutex<Journal>,
         waiting: Vec<Waiting>,
         file_at: usize,
-        sync: bool,
     ) {
         let rows: Vec<&(Subject, Wrapped)> = waiting.iter().flat_map(|w| &w.rows).collect();
-        let stored = Self::append_new(db, journal, &rows, sync).and_then(|stored| {
+        let stored = Self::append_new(db, journal, &rows).and_then(|stored| {
             if Self::journal(journal).by_subject.len() >= file_at {
                 Self::file_journal(db, journal)?;
             }
@@ -851,21 +924,18 @@ impl EmbeddedKeyRows {
         }
     }
 
-    /// Appends the subjects that have no row yet to the journal; returns
-    /// the row each subject has now.
+    /// Appends the subjects that have no row yet to the journal, in one
+    /// synced commit (a keyring in a file of its own); returns the row each
+    /// subject has now.
     fn append_new(
         db: &Database,
         journal: &Mutex<Journal>,
         rows: &[&(Subject, Wrapped)],
-        sync: bool,
     ) -> Result<Vec<KeyRow>, StoreError> {
         let mut next = Self::journal(journal).next;
         let mut added: HashMap<Subject, (u64, KeyRow)> = HashMap::new();
         let mut out = Vec::with_capacity(rows.len());
-        let mut tx = begin_write(db)?;
-        if !sync {
-            tx.set_durability(Durability::None).map_err(db_error)?;
-        }
+        let tx = begin_write(db)?;
         {
             let filed = tx.open_table(KEYS).map_err(db_error)?;
             let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
@@ -898,6 +968,76 @@ impl EmbeddedKeyRows {
         Ok(out)
     }
 
+    /// Gives the subjects that have no row yet a pending journal entry
+    /// (written by the next commit of the file: see
+    /// [`append_hook`](Self::append_hook)); returns the row each subject
+    /// has now.
+    fn add_pending(
+        db: &Database,
+        journal: &Mutex<Journal>,
+        rows: &[(Subject, Wrapped)],
+    ) -> Result<Vec<KeyRow>, StoreError> {
+        // The writers' turn is held: only this call adds to the journal, so
+        // what it lacks now it lacks below. The filed rows are read without
+        // the journal's lock, which the log's append takes.
+        let unjournaled: Vec<Subject> = {
+            let j = Self::journal(journal);
+            rows.iter()
+                .map(|(s, _)| *s)
+                .filter(|s| !j.by_subject.contains_key(s))
+                .collect()
+        };
+        let mut filed_rows: HashMap<Subject, KeyRow> = HashMap::new();
+        if !unjournaled.is_empty() {
+            let tx = db.begin_read().map_err(db_error)?;
+            let filed = tx.open_table(KEYS).map_err(db_error)?;
+            for s in unjournaled {
+                if let Some(v) = filed.get(s.as_bytes().as_slice()).map_err(db_error)? {
+                    filed_rows.insert(s, decode(v.value())?);
+                }
+            }
+        }
+        let mut j = Self::journal(journal);
+        let mut out = Vec::with_capacity(rows.len());
+        for (s, w) in rows {
+            if let Some((_, row)) = j.by_subject.get(s) {
+                out.push(row.clone());
+            } else if let Some(row) = filed_rows.get(s) {
+                out.push(row.clone());
+            } else {
+                let seq = j.next;
+                j.next += 1;
+                let row = KeyRow::Active(w.clone());
+                j.by_subject.insert(*s, (seq, row.clone()));
+                j.pending.insert(seq, *s);
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the embedded log must call before it commits each append, when
+    /// the keyring is on the log's file ([`open_on`](Self::open_on)): it
+    /// writes the keys created since the last commit into the append's
+    /// transaction, so a key is durable with the first record sealed with
+    /// it, in the same sync. Without it keys created on the log's file are
+    /// written only by the keyring's own writes (an erasure, a rotation, the
+    /// filing of the journal).
+    pub fn append_hook(&self) -> BeforeCommit {
+        let journal = Arc::clone(&self.journal);
+        Box::new(move |tx| {
+            let taken = Self::journal(&journal)
+                .write_pending(tx)
+                .map_err(|e| e.to_string())?;
+            let journal = Arc::clone(&journal);
+            Ok(Box::new(move |committed| {
+                if !committed {
+                    Self::journal(&journal).restore(taken);
+                }
+            }))
+        })
+    }
+
     /// Files every journal entry by subject and empties the journal, in one
     /// commit.
     fn file_journal(db: &Database, journal: &Mutex<Journal>) -> Result<(), StoreError> {
@@ -921,7 +1061,11 @@ impl EmbeddedKeyRows {
         tx.delete_table(JOURNAL).map_err(db_error)?;
         tx.open_table(JOURNAL).map_err(db_error)?;
         tx.commit().map_err(db_error)?;
-        Self::journal(journal).by_subject.clear();
+        // Every entry is filed now, the pending ones too. Nothing was
+        // created meanwhile: creations and filing take the writers' turn.
+        let mut j = Self::journal(journal);
+        j.by_subject.clear();
+        j.pending.clear();
         tracing::debug!(keys = entries.len(), "keyring journal filed");
         Ok(())
     }
@@ -970,6 +1114,19 @@ impl KeyRows for EmbeddedKeyRows {
     }
 
     async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
+        if !self.sync_creates {
+            // On the log's file: pending until the log's next append.
+            let (rows, file_at) = (rows.to_vec(), self.file_at);
+            return self
+                .write(move |db, journal| {
+                    let stored = Self::add_pending(db, journal, &rows)?;
+                    if Self::journal(journal).by_subject.len() >= file_at {
+                        Self::file_journal(db, journal)?;
+                    }
+                    Ok(stored)
+                })
+                .await;
+        }
         let (reply, mut answer) = tokio::sync::oneshot::channel();
         self.waiting
             .lock()
@@ -986,14 +1143,13 @@ impl KeyRows for EmbeddedKeyRows {
         }
         let waiting = std::mem::take(&mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()));
         if !waiting.is_empty() {
-            let (db, journal, file_at, sync) = (
+            let (db, journal, file_at) = (
                 Arc::clone(&self.db),
                 Arc::clone(&self.journal),
                 self.file_at,
-                self.sync_creates,
             );
             tokio::task::spawn_blocking(move || {
-                Self::commit_waiting(&db, &journal, waiting, file_at, sync)
+                Self::commit_waiting(&db, &journal, waiting, file_at)
             })
             .await
             .map_err(db_error)?;
@@ -1017,10 +1173,27 @@ impl KeyRows for EmbeddedKeyRows {
         });
         self.write(move |db, journal| {
             let tx = begin_write(db)?;
-            {
+            let mut j = Self::journal(journal);
+            // An erased subject's pending key is never written; the others
+            // are, with this commit.
+            let erased: std::collections::HashSet<Subject> = subjects.iter().copied().collect();
+            let dropped: BTreeMap<u64, Subject> = j
+                .pending
+                .iter()
+                .filter(|(_, s)| erased.contains(s))
+                .map(|(seq, s)| (*seq, *s))
+                .collect();
+            j.pending.retain(|seq, _| !dropped.contains_key(seq));
+            let taken = match j.write_pending(&tx) {
+                Ok(taken) => taken,
+                Err(e) => {
+                    j.restore(dropped);
+                    return Err(e);
+                }
+            };
+            let written = (|| {
                 let mut filed = tx.open_table(KEYS).map_err(db_error)?;
                 let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
-                let j = Self::journal(journal);
                 for s in &subjects {
                     if let Some((seq, _)) = j.by_subject.get(s) {
                         appended.remove(*seq).map_err(db_error)?;
@@ -1029,8 +1202,15 @@ impl KeyRows for EmbeddedKeyRows {
                         .insert(s.as_bytes().as_slice(), row.as_slice())
                         .map_err(db_error)?;
                 }
+                Ok::<(), StoreError>(())
+            })();
+            drop(j);
+            if let Err(e) = written.and_then(|()| tx.commit().map_err(db_error)) {
+                let mut j = Self::journal(journal);
+                j.restore(taken);
+                j.restore(dropped);
+                return Err(e);
             }
-            tx.commit().map_err(db_error)?;
             let mut j = Self::journal(journal);
             for s in &subjects {
                 j.by_subject.remove(s);
@@ -1082,36 +1262,46 @@ impl KeyRows for EmbeddedKeyRows {
         self.write(move |db, journal| {
             let in_journal = Self::journal(journal).by_subject.get(&subject).cloned();
             let tx = begin_write(db)?;
-            let swapped = match &in_journal {
-                Some((seq, now)) => {
-                    let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
-                    if *now == old {
-                        appended
-                            .insert(*seq, journal_entry(&subject, &new).as_slice())
-                            .map_err(db_error)?;
-                        true
-                    } else {
-                        false
+            // Pending entries first, so the rewrap below overwrites.
+            let taken = Self::journal(journal).write_pending(&tx)?;
+            let swapped = (|| {
+                Ok::<bool, StoreError>(match &in_journal {
+                    Some((seq, now)) => {
+                        let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
+                        if *now == old {
+                            appended
+                                .insert(*seq, journal_entry(&subject, &new).as_slice())
+                                .map_err(db_error)?;
+                            true
+                        } else {
+                            false
+                        }
                     }
-                }
-                None => {
-                    let mut filed = tx.open_table(KEYS).map_err(db_error)?;
-                    let now = filed
-                        .get(subject.as_bytes().as_slice())
-                        .map_err(db_error)?
-                        .map(|v| decode(v.value()))
-                        .transpose()?;
-                    if now.as_ref() == Some(&old) {
-                        filed
-                            .insert(subject.as_bytes().as_slice(), encode(&new).as_slice())
-                            .map_err(db_error)?;
-                        true
-                    } else {
-                        false
+                    None => {
+                        let mut filed = tx.open_table(KEYS).map_err(db_error)?;
+                        let now = filed
+                            .get(subject.as_bytes().as_slice())
+                            .map_err(db_error)?
+                            .map(|v| decode(v.value()))
+                            .transpose()?;
+                        if now.as_ref() == Some(&old) {
+                            filed
+                                .insert(subject.as_bytes().as_slice(), encode(&new).as_slice())
+                                .map_err(db_error)?;
+                            true
+                        } else {
+                            false
+                        }
                     }
+                })
+            })();
+            let swapped = match swapped.and_then(|sw| tx.commit().map_err(db_error).map(|()| sw)) {
+                Ok(swapped) => swapped,
+                Err(e) => {
+                    Self::journal(journal).restore(taken);
+                    return Err(e);
                 }
             };
-            tx.commit().map_err(db_error)?;
             if swapped && let Some((seq, _)) = in_journal {
                 Self::journal(journal)
                     .by_subject
@@ -1404,6 +1594,25 @@ mod tests {
         );
     }
 
+    /// Subjects name every record key and keyring row written so far: the
+    /// allocation-free computation must give the same bytes as the HMAC of
+    /// the identifier's key.
+    #[test]
+    fn a_subject_is_the_hmac_of_the_identifiers_key() {
+        let hasher = Hasher::new(&DataKey::generate().unwrap());
+        for (kind, value) in [
+            (cdp_domain::IdKind::Email, "lan@x.vn"),
+            (cdp_domain::IdKind::Phone, "+84912345678"),
+            (cdp_domain::IdKind::Email, ""),
+        ] {
+            let id = Identifier::new(kind, value.to_owned());
+            assert_eq!(
+                subject_of(&hasher, &id),
+                hasher.subject(id.key().as_bytes())
+            );
+        }
+    }
+
     #[tokio::test]
     async fn embedded_keyring_conforms() {
         let dir = tempfile::tempdir().unwrap();
@@ -1447,9 +1656,10 @@ mod tests {
         own.erase(&[subjects[3]], 5, "req-own").await.unwrap();
         drop(own);
         let log_db = open_db("log.redb");
-        let shared = EmbeddedKeyRows::open_on(Arc::clone(&log_db), &own_dir).unwrap();
+        let shared = Arc::new(EmbeddedKeyRows::open_on(Arc::clone(&log_db), &own_dir).unwrap());
         assert!(!own_dir.join(OWN_FILE).exists(), "the own file is deleted");
-        let moved = ring(Arc::new(shared)).await;
+        let hook_rows = Arc::clone(&shared);
+        let moved = ring(shared).await;
         assert_eq!(
             moved.subject(&id(0)),
             subjects[0],
@@ -1480,12 +1690,24 @@ mod tests {
             "a refused file is kept"
         );
 
-        // A key created without a sync, then a synced commit of the file.
+        // A key created on the log's file waits for the log's next append,
+        // whose transaction writes it (the hook the log calls); an append
+        // that fails gives it back for the next one.
         let late = moved.subject(&id(9));
         let key = moved.obtain(&[late]).await.unwrap().get(&late).cloned();
-        let mut tx = log_db.begin_write().unwrap();
-        tx.set_durability(Durability::Immediate).unwrap();
+        let hook = hook_rows.append_hook();
+        let tx = log_db.begin_write().unwrap();
+        hook(&tx).unwrap()(false);
+        tx.abort().unwrap();
+        let tx = log_db.begin_write().unwrap();
+        let written = hook(&tx).unwrap();
         tx.commit().unwrap();
+        written(true);
+        let tx = log_db.begin_write().unwrap();
+        hook(&tx).unwrap()(true);
+        tx.commit().unwrap();
+        drop(hook);
+        drop(hook_rows);
         drop(moved);
         drop(log_db);
         let reopened = ring(Arc::new(

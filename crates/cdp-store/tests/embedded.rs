@@ -98,3 +98,69 @@ async fn embedded_store_from_before_the_views_split_is_still_served() {
     // The identity graph works in the same file.
     conformance::identity_links_merges_and_replays(&old, "old").await;
 }
+
+/// The keyring on the embedded log's file: a key created for an append is
+/// written by that append's transaction (the hook the wiring installs), so
+/// it is there after a restart; a key no append followed is not (nothing
+/// was sealed with it).
+#[tokio::test]
+async fn a_key_on_the_logs_file_is_durable_with_the_next_append() {
+    use cdp_log::{EmbeddedLog, EventLog, Record, Topic};
+    use cdp_store::{EmbeddedKeyRows, Keyring};
+    const TOPIC: Topic = Topic::new("touchpoints");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let master = cdp_seal::MasterKeys::generate_file().expect("a master key");
+    let open = || async {
+        let log = EmbeddedLog::open(&dir.path().join("log"), &[TOPIC], 1).expect("the log opens");
+        let rows = EmbeddedKeyRows::open_on(log.database(), &dir.path().join("keys"))
+            .expect("the keyring opens");
+        log.set_append_hook(rows.append_hook()).expect("one hook");
+        let master = cdp_seal::MasterKeys::parse(&master).expect("the master key reads");
+        let ring = Keyring::open(Arc::new(rows), master, std::time::Duration::ZERO, 16)
+            .await
+            .expect("the keyring");
+        (log, ring)
+    };
+    let id = |v: &str| cdp_domain::Identifier::new(cdp_domain::IdKind::Email, v.to_owned());
+    let (log, ring) = open().await;
+    let (sealed, lost) = (
+        ring.subject(&id("lan@x.vn")),
+        ring.subject(&id("minh@x.vn")),
+    );
+    let key = ring
+        .obtain(&[sealed])
+        .await
+        .expect("a key")
+        .get(&sealed)
+        .cloned();
+    assert!(key.is_some());
+    let record = Record {
+        key: sealed.as_bytes().to_vec(),
+        value: b"sealed with the key".to_vec(),
+        headers: Vec::new(),
+        idempotency_key: None,
+    };
+    log.append(TOPIC, vec![record]).await.expect("the append");
+    // Created after the last append: pending when the process stops.
+    assert!(
+        ring.obtain(&[lost])
+            .await
+            .expect("a key")
+            .get(&lost)
+            .is_some()
+    );
+    drop((log, ring));
+
+    let (_log, ring) = open().await;
+    let read = ring.keys(&[sealed, lost]).await.expect("the keys read");
+    assert_eq!(read.get(&sealed).cloned(), key, "the appended key survives");
+    assert!(
+        read.get(&lost).is_none(),
+        "a key no append followed is not kept"
+    );
+    assert_eq!(
+        ring.erasures(&[lost]).await.expect("the erasures read"),
+        vec![None],
+        "and it was never erased: it has no row"
+    );
+}

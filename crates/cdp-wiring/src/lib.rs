@@ -68,7 +68,17 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
                 source,
             };
             let rows = match &embedded_log {
-                Some(log) => EmbeddedKeyRows::open_on(log.database(), &keys).map_err(failed)?,
+                Some(log) => {
+                    let rows = EmbeddedKeyRows::open_on(log.database(), &keys).map_err(failed)?;
+                    // New keys are written and synced with the log's appends.
+                    log.set_append_hook(rows.append_hook()).map_err(|source| {
+                        BackendError::Log {
+                            what: config.data_dir.join("log").display().to_string(),
+                            source,
+                        }
+                    })?;
+                    rows
+                }
                 None => EmbeddedKeyRows::open(&keys).map_err(failed)?,
             };
             (Arc::new(generations), None, Arc::new(rows))

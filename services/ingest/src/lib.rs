@@ -108,10 +108,14 @@ impl Ingestor {
     /// `t` as it may be kept when some of its identifiers were erased: not
     /// at all (`None`), or, with `privacy.suppressed = "anonymise"`, without
     /// them and without traits.
-    fn suppress(&self, t: &Touchpoint, sealing: &Sealing) -> Option<Touchpoint> {
+    fn suppress<'t>(
+        &self,
+        t: &'t Touchpoint,
+        sealing: &Sealing,
+    ) -> Option<std::borrow::Cow<'t, Touchpoint>> {
         let erased = |i: &cdp_domain::Identifier| sealing.key_of(i).is_none();
         if !t.personal.identifiers.iter().any(erased) {
-            return Some(t.clone());
+            return Some(std::borrow::Cow::Borrowed(t));
         }
         if self.suppressed == SuppressedEvents::Drop {
             return None;
@@ -120,7 +124,7 @@ impl Ingestor {
         kept.personal.identifiers.retain(|i| !erased(i));
         kept.personal.traits.clear();
         kept.personal.dropped.clear();
-        (!kept.personal.identifiers.is_empty()).then_some(kept)
+        (!kept.personal.identifiers.is_empty()).then_some(std::borrow::Cow::Owned(kept))
     }
 
     /// Validates one raw touchpoint.
@@ -141,7 +145,7 @@ impl Ingestor {
         }
         let traceparent = cdp_runtime::trace::current_traceparent();
         let sealing = self.sealing(touchpoints).await?;
-        let mut kept: Vec<Touchpoint> = Vec::with_capacity(touchpoints.len());
+        let mut kept: Vec<std::borrow::Cow<'_, Touchpoint>> = Vec::with_capacity(touchpoints.len());
         let mut records: Vec<Record> = Vec::with_capacity(touchpoints.len());
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(touchpoints.len());
         for t in touchpoints {
@@ -191,19 +195,22 @@ impl Ingestor {
     pub async fn ingest(&self, raws: &[RawTouchpoint]) -> Result<Vec<Outcome>, ServiceError> {
         let now = now_ms();
         let mut outcomes: Vec<Option<Outcome>> = vec![None; raws.len()];
-        let mut valid: Vec<(usize, Touchpoint)> = Vec::with_capacity(raws.len());
+        let mut valid: Vec<usize> = Vec::with_capacity(raws.len());
+        let mut touchpoints: Vec<Touchpoint> = Vec::with_capacity(raws.len());
         for (i, raw) in raws.iter().enumerate() {
             match self.validate(raw, now) {
-                Ok(t) => valid.push((i, t)),
+                Ok(t) => {
+                    valid.push(i);
+                    touchpoints.push(t);
+                }
                 Err(fields) => {
                     tracing::debug!(index = i, reason = ?fields, "touchpoint rejected");
                     outcomes[i] = Some(Outcome::Rejected(fields));
                 }
             }
         }
-        let touchpoints: Vec<Touchpoint> = valid.iter().map(|(_, t)| t.clone()).collect();
-        for ((i, _), outcome) in valid.iter().zip(self.append(&touchpoints).await?) {
-            outcomes[*i] = Some(outcome);
+        for (i, outcome) in valid.into_iter().zip(self.append(&touchpoints).await?) {
+            outcomes[i] = Some(outcome);
         }
         Ok(outcomes
             .into_iter()
