@@ -617,14 +617,6 @@ fn begin_write(db: &Database) -> Result<redb::WriteTransaction, StoreError> {
 /// Page cache of a keyring in a file of its own (redb's default is 1 GiB).
 const OWN_FILE_CACHE: usize = 16 << 20;
 
-/// What the embedded log calls before it commits an append (see
-/// [`EmbeddedKeyRows::append_hook`]): it writes into the append's
-/// transaction and returns what to do once that transaction committed
-/// (`true`) or failed (`false`).
-pub type BeforeCommit = Box<
-    dyn Fn(&redb::WriteTransaction) -> Result<Box<dyn FnOnce(bool) + Send>, String> + Send + Sync,
->;
-
 /// Rows waiting for the next commit of [`EmbeddedKeyRows::create`].
 struct Waiting {
     rows: Vec<(Subject, Wrapped)>,
@@ -1023,7 +1015,7 @@ impl EmbeddedKeyRows {
     /// it, in the same sync. Without it keys created on the log's file are
     /// written only by the keyring's own writes (an erasure, a rotation, the
     /// filing of the journal).
-    pub fn append_hook(&self) -> BeforeCommit {
+    pub fn append_hook(&self) -> cdp_log::embedded::AppendHook {
         let journal = Arc::clone(&self.journal);
         Box::new(move |tx| {
             let taken = Self::journal(&journal)
