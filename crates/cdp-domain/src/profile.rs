@@ -186,6 +186,12 @@ pub struct Profile {
     /// are labels of sources). Absent in profiles folded before it existed.
     #[serde(default)]
     pub sources: BTreeMap<String, UnixMillis>,
+    /// Every search term its events brought ([`crate::search::terms`]):
+    /// what a search checks its candidates against, where the stores keep
+    /// only keyed hashes of them. Absent in profiles folded before it
+    /// existed.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub search_terms: BTreeSet<String>,
 }
 
 impl Profile {
@@ -211,7 +217,14 @@ impl Profile {
             consent: BTreeMap::new(),
             event_types: BTreeMap::new(),
             sources: BTreeMap::new(),
+            search_terms: BTreeSet::new(),
         }
+    }
+
+    /// Whether one of its search terms starts with `prefix` (a profile
+    /// folded before terms were kept matches any prefix: it cannot tell).
+    pub fn matches_search(&self, prefix: &str) -> bool {
+        self.search_terms.is_empty() || self.search_terms.iter().any(|t| t.starts_with(prefix))
     }
 
     /// Folds one event in. Returns false (and changes nothing) when the event
@@ -234,6 +247,7 @@ impl Profile {
             .or_default() += 1;
         let seen = self.sources.entry(env.source_id.clone()).or_insert(at);
         *seen = (*seen).max(at);
+        self.search_terms.extend(crate::search::terms(t));
         for (key, value) in &t.personal.traits {
             let trust = options.trust(t);
             lww_map(
@@ -437,6 +451,7 @@ impl Profile {
         self.applied.extend(other.applied);
         self.merged_from.insert(other.customer_id);
         self.merged_from.extend(other.merged_from);
+        self.search_terms.extend(other.search_terms);
         self.first_seen = min_opt(self.first_seen, other.first_seen);
         self.last_seen = self.last_seen.max(other.last_seen);
         for (ch, (n, last)) in other.channels {

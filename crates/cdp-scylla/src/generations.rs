@@ -21,6 +21,7 @@ pub struct ScyllaGenerations {
     /// Generation 1: also the home of the registry.
     base: ScyllaStore,
     open: Mutex<BTreeMap<u32, ScyllaStore>>,
+    seal: cdp_store::ViewSeal,
 }
 
 impl ScyllaGenerations {
@@ -55,7 +56,19 @@ impl ScyllaGenerations {
             config: config.clone(),
             base,
             open: Mutex::new(open),
+            seal: cdp_store::ViewSeal::clear(),
         })
+    }
+
+    /// Every generation's views sealed under customer keys from `seal`.
+    pub fn with_seal(mut self, seal: cdp_store::ViewSeal) -> Self {
+        self.base = self.base.clone().with_seal(seal.clone());
+        let open = self.open.get_mut();
+        for store in open.values_mut() {
+            *store = store.clone().with_seal(seal.clone());
+        }
+        self.seal = seal;
+        self
     }
 
     /// The store of generation 1, which also holds the log's idempotency index.
@@ -145,7 +158,9 @@ impl Generations for ScyllaGenerations {
                     keyspace: self.keyspace_of(id),
                     ..self.config.clone()
                 };
-                let store = ScyllaStore::connect(&config).await?;
+                let store = ScyllaStore::connect(&config)
+                    .await?
+                    .with_seal(self.seal.clone());
                 open.insert(id, store.clone());
                 store
             }

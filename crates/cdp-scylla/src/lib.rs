@@ -158,6 +158,8 @@ pub use cdp_config::ScyllaConfig;
 #[derive(Clone)]
 pub struct ScyllaStore {
     inner: Arc<Inner>,
+    /// The customer keys the views are sealed under.
+    seal: cdp_store::ViewSeal,
 }
 
 struct Inner {
@@ -235,6 +237,7 @@ impl ScyllaStore {
                 #[cfg(test)]
                 faults: tests::Faults::default(),
             }),
+            seal: cdp_store::ViewSeal::clear(),
         };
         store.init_lease().await?;
         info!(
@@ -275,6 +278,13 @@ impl ScyllaStore {
     }
 
     /// The keyspace of this store.
+    /// This store, sealing the views it writes under customer keys from
+    /// `seal` (see `cdp_store::sealed`).
+    pub fn with_seal(mut self, seal: cdp_store::ViewSeal) -> Self {
+        self.seal = seal;
+        self
+    }
+
     pub fn keyspace(&self) -> &str {
         &self.inner.keyspace
     }
@@ -437,7 +447,7 @@ impl Statements {
             ))
             .await?,
             timeline_range: read(format!(
-                "SELECT occurred_at, entry FROM {ks}.timeline WHERE customer = ? \
+                "SELECT occurred_at, event_id, entry FROM {ks}.timeline WHERE customer = ? \
                  AND occurred_at >= ? AND occurred_at < ?"
             ))
             .await?,

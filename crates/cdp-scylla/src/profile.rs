@@ -11,14 +11,13 @@ use cdp_domain::redirect::{MAX_REDIRECTS, Walk};
 use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry};
 pub(crate) use cdp_store::PendingMerge;
 pub(crate) use cdp_store::read::settle_chain;
+use cdp_store::sealed::{Read, RowKind, ToWrite, ViewKeys, is_sealed};
 use cdp_store::{Applied, ProfileRow, ProfileStore, StoreError, TimelineQuery};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt, stream};
 use tracing::{debug, warn};
 
-use crate::{
-    Lwt, ScyllaStore, exec_error, from_json, jitter, next_row_error, pager_error, storage, to_json,
-};
+use crate::{Lwt, ScyllaStore, exec_error, jitter, next_row_error, pager_error, storage};
 
 /// Reads issued at once.
 const READ_CONCURRENCY: usize = 32;
@@ -56,6 +55,10 @@ type Rows = HashMap<CustomerId, Option<Stored>>;
 /// the bucket of every term it matches, so a prefix search is one range
 /// read in one partition; a shorter prefix only finds the term equal to it.
 pub(crate) fn search_bucket(term: &str) -> String {
+    // A hashed entry is looked up whole: it is a partition of its own.
+    if term.starts_with(cdp_store::sealed::HASHED_ENTRY) {
+        return term.to_owned();
+    }
     let (kind, rest) = match term.find(':') {
         Some(i) => term.split_at(i + 1),
         None => ("", term),
@@ -96,6 +99,9 @@ pub(crate) struct EventAccess<'a> {
     batch: &'a HashMap<CustomerId, Entry>,
     pub(crate) writes: HashMap<CustomerId, Entry>,
     pub(crate) missing: BTreeSet<CustomerId>,
+    /// The search terms of each live profile as this event's fold first
+    /// loaded it: the event indexes only terms new to its customer.
+    pub(crate) terms_before: HashMap<CustomerId, BTreeSet<String>>,
 }
 
 impl<'a> EventAccess<'a> {
@@ -105,6 +111,7 @@ impl<'a> EventAccess<'a> {
             batch,
             writes: HashMap::new(),
             missing: BTreeSet::new(),
+            terms_before: HashMap::new(),
         }
     }
 
@@ -197,6 +204,11 @@ impl ProfileAccess for EventAccess<'_> {
         };
         if entry.pending.is_some() && !entry.fresh && !self.settle(customer, &entry)? {
             return Ok(None);
+        }
+        if let ProfileSlot::Live(p) = &entry.slot {
+            self.terms_before
+                .entry(customer)
+                .or_insert_with(|| p.search_terms.clone());
         }
         Ok(Some(entry.slot))
     }
@@ -293,13 +305,37 @@ impl ScyllaStore {
                 reason: format!("row of {customer} has no version or slot"),
             });
         };
+        let keys = if is_sealed(&slot) || pending.as_deref().is_some_and(is_sealed) {
+            self.seal.keys([customer]).await?
+        } else {
+            ViewKeys::clear()
+        };
+        let unfetched = || {
+            StoreError::Storage(format!(
+                "the key of customer {customer} was fetched but not found"
+            ))
+        };
+        let slot = match keys.read_slot(customer, &slot)? {
+            Read::Value(slot) => slot,
+            // An erased customer's row reads as none (erasure removes it).
+            Read::Erased => return Ok(None),
+            Read::Missing => return Err(unfetched()),
+        };
+        let pending = match pending {
+            None => None,
+            Some(p) => {
+                match keys.read_json(customer, RowKind::PendingMerge, "pending merge", &p)? {
+                    Read::Value(p) => Some(p),
+                    Read::Erased => return Ok(None),
+                    Read::Missing => return Err(unfetched()),
+                }
+            }
+        };
         Ok(Some(Stored {
             version,
             entry: Entry {
-                slot: from_json("profile", &slot)?,
-                pending: pending
-                    .map(|p| from_json("pending merge", &p))
-                    .transpose()?,
+                slot,
+                pending,
                 fresh: false,
             },
         }))
@@ -371,7 +407,10 @@ impl ScyllaStore {
                     .map(|m| access.live_root(m.survivor))
                     .collect();
                 let EventAccess {
-                    writes, missing, ..
+                    writes,
+                    missing,
+                    terms_before,
+                    ..
                 } = access;
                 if !missing.is_empty() {
                     self.fetch_profiles(rows, missing).await?;
@@ -381,9 +420,10 @@ impl ScyllaStore {
                 let survivors = survivors.into_iter().collect::<Result<Vec<_>, _>>()?;
                 folded.writes.extend(writes);
                 if let Some(entry) = entry {
-                    folded
-                        .new_events
-                        .push((entry, cdp_domain::search::terms(&resolved.touchpoint)));
+                    let known = terms_before.get(&entry.customer_id);
+                    let mut terms = cdp_domain::search::terms(&resolved.touchpoint);
+                    terms.retain(|t| !known.is_some_and(|k| k.contains(t)));
+                    folded.new_events.push((entry, terms));
                 }
                 folded.survivors.extend(survivors);
                 break;
@@ -400,22 +440,34 @@ impl ScyllaStore {
         done: &mut HashSet<(CustomerId, EventId)>,
     ) -> Result<(), StoreError> {
         let st = self.st();
+        let keys = self
+            .seal
+            .obtain(new_events.iter().map(|(e, _)| e.customer_id))
+            .await?;
         let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> = Vec::new();
         for (entry, terms) in new_events {
             if !done.insert((entry.customer_id, entry.event_id)) {
                 continue;
             }
             let customer = entry.customer_id.0;
-            let values = (
-                customer,
-                entry.occurred_at,
-                entry.event_id.0,
-                to_json(entry)?,
-            );
+            let kind = RowKind::Timeline(entry.event_id.0.as_u128());
+            let bytes = match keys.write_json(entry.customer_id, kind, entry)? {
+                ToWrite::Bytes(b) => b,
+                // An erased customer's views are not made again.
+                ToWrite::Erased => continue,
+                ToWrite::Missing => {
+                    return Err(StoreError::Storage(format!(
+                        "the key of customer {customer} was fetched but not found"
+                    )));
+                }
+            };
+            let values = (customer, entry.occurred_at, entry.event_id.0, bytes);
             writes.push(Box::pin(self.write(&st.timeline_put, values)));
             for term in terms {
-                let values = (search_bucket(term), term.clone(), customer);
-                writes.push(Box::pin(self.write(&st.search_put, values)));
+                for e in cdp_store::sealed::index_entries(keys.hasher(), term) {
+                    let values = (search_bucket(&e), e, customer);
+                    writes.push(Box::pin(self.write(&st.search_put, values)));
+                }
             }
         }
         stream::iter(writes)
@@ -434,8 +486,30 @@ impl ScyllaStore {
         entry: &Entry,
         stored: Option<&Stored>,
     ) -> Result<Option<Stored>, StoreError> {
-        let slot = to_json(&entry.slot)?;
-        let pending = entry.pending.as_ref().map(to_json).transpose()?;
+        let keys = self.seal.obtain([customer]).await?;
+        if keys.erased(customer) {
+            // An erased customer's views are not made again: nothing is
+            // written, and the fold goes on as if it were.
+            return Ok(Some(Stored {
+                version: stored.map_or(0, |s| s.version),
+                entry: entry.clone(),
+            }));
+        }
+        let sealed = |w: ToWrite| match w {
+            ToWrite::Bytes(b) => Ok(b),
+            ToWrite::Erased | ToWrite::Missing => Err(StoreError::Storage(format!(
+                "the key of customer {customer} was fetched but not found"
+            ))),
+        };
+        let slot = sealed(keys.write_slot(customer, &entry.slot)?)?;
+        let pending = match &entry.pending {
+            Some(p) => Some(sealed(keys.write_json(
+                customer,
+                RowKind::PendingMerge,
+                p,
+            )?)?),
+            None => None,
+        };
         let (outcome, version) = match stored {
             None => (
                 self.lwt(&self.st().profile_insert, (customer.0, slot, pending))
@@ -568,18 +642,25 @@ impl ScyllaStore {
             .await
             .map_err(pager_error)?;
         let mut rows = pager
-            .rows_stream::<(i64, Option<Vec<u8>>)>()
+            .rows_stream::<(i64, uuid::Uuid, Option<Vec<u8>>)>()
             .map_err(storage)?;
+        let keys = self.seal.keys([customer]).await?;
         let mut found = Vec::new();
         // Once `want` match, finish the entries at the same instant (the
         // server orders event ids differently from us) and stop.
         let mut cut: Option<i64> = None;
-        while let Some((at, bytes)) = rows.try_next().await.map_err(next_row_error)? {
+        while let Some((at, event, bytes)) = rows.try_next().await.map_err(next_row_error)? {
             if cut.is_some_and(|c| at < c) {
                 break;
             }
             let Some(bytes) = bytes else { continue };
-            let entry: TimelineEntry = from_json("timeline entry", &bytes)?;
+            let kind = RowKind::Timeline(event.as_u128());
+            let entry: TimelineEntry =
+                match keys.read_json(customer, kind, "timeline entry", &bytes)? {
+                    Read::Value(entry) => entry,
+                    // An erased customer has no timeline.
+                    Read::Erased | Read::Missing => return Ok(Vec::new()),
+                };
             if query.matches(&entry) {
                 found.push(entry);
                 if found.len() >= want && cut.is_none() {
@@ -691,13 +772,14 @@ impl ProfileStore for ScyllaStore {
             crate::Kind::Write,
         )
         .await?;
+        let erased = cdp_store::sealed::erased_entries(self.seal.hasher(), terms);
         for c in customers {
             match self.lwt(&profile, (c.0,)).await? {
                 crate::Lwt::Applied | crate::Lwt::NotApplied => {}
                 crate::Lwt::Unknown(e) => return Err(e),
             }
             self.write(&timeline, (c.0,)).await?;
-            let entries: Vec<(String, String, uuid::Uuid)> = terms
+            let entries: Vec<(String, String, uuid::Uuid)> = erased
                 .iter()
                 .map(|t| (search_bucket(t), t.clone(), c.0))
                 .collect();
@@ -732,26 +814,31 @@ impl ProfileStore for ScyllaStore {
     }
 
     async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError> {
-        let values = (
-            search_bucket(prefix),
-            prefix,
-            prefix_upper_bound(prefix),
-            i32::try_from(scan).unwrap_or(i32::MAX),
-        );
-        let result = self
-            .session()
-            .execute_unpaged(&self.st().search_range, values)
-            .await
-            .map_err(exec_error)?
-            .into_rows_result()
-            .map_err(storage)?;
         let mut found = Vec::new();
-        for row in result.rows::<(String, uuid::Uuid)>().map_err(storage)? {
-            let (term, customer) = row.map_err(storage)?;
-            if !term.starts_with(prefix) {
-                break;
+        for prefix in self.seal.query_entries(prefix) {
+            let values = (
+                search_bucket(&prefix),
+                prefix.as_str(),
+                prefix_upper_bound(&prefix),
+                i32::try_from(scan).unwrap_or(i32::MAX),
+            );
+            let result = self
+                .session()
+                .execute_unpaged(&self.st().search_range, values)
+                .await
+                .map_err(exec_error)?
+                .into_rows_result()
+                .map_err(storage)?;
+            for row in result.rows::<(String, uuid::Uuid)>().map_err(storage)? {
+                let (term, customer) = row.map_err(storage)?;
+                if !term.starts_with(prefix.as_str()) {
+                    break;
+                }
+                let customer = CustomerId(customer);
+                if !found.contains(&customer) {
+                    found.push(customer);
+                }
             }
-            found.push(CustomerId(customer));
         }
         Ok(found)
     }

@@ -21,7 +21,8 @@ use cdp_domain::{
 use cdp_scylla::{ScyllaConfig, ScyllaGenerations, ScyllaStore};
 use cdp_store::conformance::StoresUnderTest;
 use cdp_store::{
-    Applied, Generations, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery,
+    Applied, Generations, IdentityStore, Keyring, ProfileRow, ProfileStore, StoreError,
+    TimelineQuery, ViewSeal,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -127,12 +128,36 @@ async fn drop_own_generations(own: &std::sync::Mutex<Option<ScyllaConfig>>) {
     }
 }
 
+/// The master key of this test process: the shared keyspaces' hash secret
+/// is wrapped by it once and read by every case.
+static MASTER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// `store` sealing its views under keys from a keyring on its keyspace (as
+/// a process of its own would: keys cached for no time).
+async fn sealed(store: ScyllaStore) -> (ScyllaStore, Arc<Keyring>) {
+    let text = MASTER.get_or_init(|| cdp_seal::MasterKeys::generate_file().expect("a master key"));
+    let master = cdp_seal::MasterKeys::parse(text).expect("the master key reads");
+    let rows = cdp_scylla::ScyllaKeyRows::new(&store)
+        .await
+        .expect("the keyring's tables");
+    let keyring = Arc::new(
+        Keyring::open(Arc::new(rows), master, std::time::Duration::ZERO, 1024)
+            .await
+            .expect("the keyring"),
+    );
+    (
+        store.with_seal(ViewSeal::new(Arc::clone(&keyring))),
+        keyring,
+    )
+}
+
 static ONE_CLIENT: tokio::sync::OnceCell<ScyllaConfig> = tokio::sync::OnceCell::const_new();
 static THREE_CLIENTS: tokio::sync::OnceCell<ScyllaConfig> = tokio::sync::OnceCell::const_new();
 
 /// One client, as the conformance suites run it.
 struct OneClient {
     store: ScyllaStore,
+    keyring: Arc<Keyring>,
     generations: std::sync::Mutex<Option<ScyllaConfig>>,
 }
 
@@ -140,11 +165,16 @@ struct OneClient {
 impl StoresUnderTest for OneClient {
     async fn open() -> Self {
         let config = shared_keyspace(&ONE_CLIENT, "one").await;
-        let store = connect(&config, 1).await.remove(0);
+        let (store, keyring) = sealed(connect(&config, 1).await.remove(0)).await;
         OneClient {
             store,
+            keyring,
             generations: std::sync::Mutex::new(None),
         }
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        Arc::clone(&self.keyring)
     }
 
     fn identity(&self) -> Arc<dyn IdentityStore> {
@@ -185,6 +215,7 @@ cdp_store::store_test_suite!(cassandra_one_client, OneClient, #[ignore = "needs 
 /// races run across separate sessions (and separate identity gates).
 struct ThreeClients {
     stores: Arc<RoundRobin>,
+    keyring: Arc<Keyring>,
     generations: std::sync::Mutex<Option<ScyllaConfig>>,
 }
 
@@ -192,11 +223,22 @@ struct ThreeClients {
 impl StoresUnderTest for ThreeClients {
     async fn open() -> Self {
         let config = shared_keyspace(&THREE_CLIENTS, "three").await;
-        let stores = Arc::new(RoundRobin::new(connect(&config, 3).await));
+        let mut stores = Vec::new();
+        let mut keyrings = Vec::new();
+        for store in connect(&config, 3).await {
+            let (store, keyring) = sealed(store).await;
+            stores.push(store);
+            keyrings.push(keyring);
+        }
         ThreeClients {
-            stores,
+            stores: Arc::new(RoundRobin::new(stores)),
+            keyring: keyrings.remove(0),
             generations: std::sync::Mutex::new(None),
         }
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        Arc::clone(&self.keyring)
     }
 
     fn identity(&self) -> Arc<dyn IdentityStore> {

@@ -32,6 +32,8 @@ pub trait StoresUnderTest: Send + Sync + Sized + 'static {
     fn profiles(&self) -> Arc<dyn ProfileStore>;
     /// A registry of generations on data of its own.
     async fn generations(&self) -> Arc<dyn Generations>;
+    /// The keyring the profile store seals its views with.
+    fn keyring(&self) -> Arc<crate::Keyring>;
     /// Releases what the stores hold on a shared server (a keyspace); runs
     /// after the case, whether it passed or not.
     async fn close(&self) {}
@@ -53,6 +55,7 @@ macro_rules! store_test_suite {
             profiles_lose_no_concurrent_update(profiles),
             profiles_are_searchable(profiles_ref),
             profiles_erase_removes_views_and_search(profiles_ref),
+            profiles_are_sealed_under_customer_keys(sealed),
             identity_erase_forgets_claims_nodes_and_decisions(identity_ref),
             unsynced_folds_are_visible_then_synced(profiles_ref),
             generations_switch_and_drop(generations));
@@ -62,6 +65,7 @@ macro_rules! store_test_suite {
     (@arg profiles_ref, $f:expr) => { &*$f.profiles() };
     (@arg profiles, $f:expr) => { $f.profiles() };
     (@arg generations, $f:expr) => { $f.generations().await };
+    (@arg sealed, $f:expr) => { (&*$f.profiles(), $f.keyring()) };
     (@cases $module:ident, $fixture:ty, $attrs:tt; $($case:ident($arg:ident)),+) => {
         mod $module {
             #[allow(unused_imports)]
@@ -842,6 +846,139 @@ pub async fn profiles_erase_removes_views_and_search(store: &dyn ProfileStore, p
         .erase_views(&[gone], &terms)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Views are sealed under customer keys: once the keys of a customer and
+/// of the one merged into it are erased, their profile, timeline and
+/// consent read as absent, a late event does not bring them back, and
+/// another customer is untouched.
+pub async fn profiles_are_sealed_under_customer_keys(
+    (store, keyring): (&dyn ProfileStore, Arc<crate::Keyring>),
+    prefix: &str,
+) {
+    let id = |who: &str| {
+        CustomerId(Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{prefix}-{who}").as_bytes(),
+        ))
+    };
+    let (loser, survivor, kept) = (id("sealed-loser"), id("sealed-survivor"), id("sealed-kept"));
+    let with_address = |n: u64, who: &str, address: &str| {
+        let mut t = event(
+            prefix,
+            n,
+            1000 + i64::try_from(n).unwrap_or(0),
+            EventType::OrderCompleted,
+            &[(IdKind::UserId, format!("{prefix}-{who}"))],
+            json!({"total": 10, "note": format!("giao cho {who}")}),
+        );
+        t.personal
+            .traits
+            .insert("address".into(), json!(address.to_owned()));
+        t
+    };
+    let merge = cdp_domain::identity::Merge {
+        loser,
+        survivor,
+        at: 1800,
+        cause: cdp_domain::identity::MergeCause {
+            event_id: EventId(Uuid::new_v5(
+                &Uuid::NAMESPACE_OID,
+                format!("{prefix}-sealed-merge").as_bytes(),
+            )),
+            identifier: Identifier::new(IdKind::UserId, format!("{prefix}-survivor")),
+            rule: "user_id may merge customers".into(),
+        },
+    };
+    let batch = vec![
+        resolved(loser, with_address(700, "loser", "1 Hàng Bạc")),
+        resolved(survivor, with_address(701, "survivor", "2 Hàng Bạc")),
+        resolved(kept, with_address(702, "kept", "3 Hàng Bạc")),
+        ResolvedTouchpoint {
+            customer_id: survivor,
+            merges: vec![merge],
+            touchpoint: with_address(703, "survivor", "2 Hàng Bạc"),
+        },
+    ];
+    store
+        .apply(&batch, &FoldOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let all = TimelineQuery {
+        limit: 10,
+        ..TimelineQuery::default()
+    };
+    let timeline = |c| {
+        let all = all.clone();
+        async move {
+            store
+                .timeline(c, &all)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .entries
+        }
+    };
+    let profile = |c| async move { store.profile(c).await.unwrap_or_else(|e| panic!("{e}")) };
+    let address = |p: &cdp_domain::profile::Profile| {
+        p.traits
+            .get("address")
+            .and_then(|t| t.value.as_str().map(str::to_owned))
+    };
+    let before = profile(survivor).await.expect("the survivor's profile");
+    assert_eq!(address(&before).as_deref(), Some("2 Hàng Bạc"));
+    assert_eq!(timeline(survivor).await.len(), 3, "the family's timeline");
+    assert!(
+        timeline(survivor)
+            .await
+            .iter()
+            .any(|e| e.properties.get("note") == Some(&json!("giao cho loser"))),
+        "the loser's entries open with the loser's key"
+    );
+
+    let subjects: Vec<cdp_seal::Subject> = [loser, survivor]
+        .iter()
+        .map(|c| crate::sealed::customer_subject(keyring.hasher(), *c))
+        .collect();
+    keyring
+        .erase(&subjects, 2000, "conformance")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(profile(survivor).await, None);
+    assert_eq!(profile(loser).await, None, "the redirect leads to nothing");
+    assert!(timeline(survivor).await.is_empty());
+    assert!(
+        store
+            .timeline_range(loser, &all)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_empty(),
+        "the loser's own entries"
+    );
+    // A late event of the erased customer is not folded into a new view.
+    store
+        .apply(
+            &[resolved(
+                survivor,
+                with_address(704, "survivor", "2 Hàng Bạc"),
+            )],
+            &FoldOptions::default(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(profile(survivor).await, None);
+    assert!(timeline(survivor).await.is_empty());
+    let consents = store
+        .consents(&[survivor, kept])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        consents[0].is_none() && consents[1].is_some(),
+        "{consents:?}"
+    );
+
+    let other = profile(kept).await.expect("the other customer's profile");
+    assert_eq!(address(&other).as_deref(), Some("3 Hàng Bạc"));
+    assert_eq!(timeline(kept).await.len(), 1);
 }
 
 /// An erasure forgets the customer's node, the claims of its identifiers

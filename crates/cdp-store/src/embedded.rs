@@ -19,7 +19,12 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::sealed::{Read, RowKind, ToWrite, ViewKeys, ViewSeal, batch_customers};
 use crate::{Applied, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery};
+
+/// How many times a fold fetches keys it met but had not fetched (each
+/// round follows the redirects found in the one before).
+const KEY_ROUNDS: usize = 8;
 
 /// identifier key (`kind \0 value`) -> Claim (JSON).
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
@@ -30,11 +35,15 @@ const CUSTOMERS: TableDefinition<u128, &[u8]> = TableDefinition::new("customers"
 /// end of the tree instead of on a random page each; a re-delivered event
 /// carries the same arrival time, so it finds its decision.
 const DECISIONS: TableDefinition<(i64, u128), &[u8]> = TableDefinition::new("decisions");
-/// customer id -> ProfileSlot (JSON).
+/// customer id -> ProfileSlot (JSON; a live profile sealed under the
+/// customer's key, see [`crate::sealed`]).
 const PROFILES: TableDefinition<u128, &[u8]> = TableDefinition::new("profiles");
-/// (search term, customer id) -> (): see `cdp_domain::search`.
+/// (search entry, customer id) -> (): keyed hashes of each term and of its
+/// prefixes when the views are sealed, else the terms (see
+/// `cdp_domain::search` and [`crate::sealed::index_entries`]).
 const SEARCH: TableDefinition<(&str, u128), ()> = TableDefinition::new("search");
-/// (customer id, occurred_at, event id) -> TimelineEntry (JSON).
+/// (customer id, occurred_at, event id) -> TimelineEntry (JSON, sealed
+/// under the customer's key).
 const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new("timeline");
 
 /// A write transaction that saves the allocator state with its commit
@@ -79,6 +88,8 @@ pub const FILES: [&str; 2] = ["store.redb", "views.redb"];
 pub struct EmbeddedStore {
     graph: Arc<Database>,
     views: Arc<Database>,
+    /// The customer keys the views are sealed under.
+    seal: ViewSeal,
 }
 
 fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreError> {
@@ -130,6 +141,7 @@ impl EmbeddedStore {
                 return Ok(EmbeddedStore {
                     graph: Arc::clone(&db),
                     views: db,
+                    seal: ViewSeal::clear(),
                 });
             }
             drop(db);
@@ -150,7 +162,15 @@ impl EmbeddedStore {
         Ok(EmbeddedStore {
             graph: Arc::new(graph),
             views: Arc::new(views),
+            seal: ViewSeal::clear(),
         })
+    }
+
+    /// This store, sealing the views it writes under customer keys from
+    /// `seal` (see [`crate::sealed`]).
+    pub fn with_seal(mut self, seal: ViewSeal) -> Self {
+        self.seal = seal;
+        self
     }
 
     async fn blocking<T: Send + 'static>(
@@ -412,81 +432,164 @@ impl IdentityStore for EmbeddedStore {
     }
 }
 
-/// Profiles over the table of one write transaction.
-struct TxProfiles<'t> {
+/// Profiles over the table of one write transaction, opened and sealed
+/// with the keys fetched for it; rows whose key was not fetched are read
+/// as absent and recorded in `missing` (the transaction is then dropped
+/// and run again with them).
+struct TxProfiles<'t, 'k> {
     profiles: Table<'t, u128, &'static [u8]>,
+    keys: &'k ViewKeys,
+    missing: std::collections::BTreeSet<CustomerId>,
+    /// The search terms of each live profile as the current event's fold
+    /// first loaded it: the event indexes only terms new to its customer.
+    terms_before: std::collections::HashMap<CustomerId, std::collections::BTreeSet<String>>,
 }
 
-impl ProfileAccess for TxProfiles<'_> {
+impl ProfileAccess for TxProfiles<'_, '_> {
     type Error = StoreError;
 
     fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, StoreError> {
-        match self.profiles.get(key(customer)).map_err(storage)? {
-            Some(v) => Ok(Some(from_json("profile", v.value())?)),
-            None => Ok(None),
+        let Some(v) = self.profiles.get(key(customer)).map_err(storage)? else {
+            return Ok(None);
+        };
+        match self.keys.read_slot(customer, v.value())? {
+            Read::Value(slot) => {
+                if let ProfileSlot::Live(p) = &slot {
+                    self.terms_before
+                        .entry(customer)
+                        .or_insert_with(|| p.search_terms.clone());
+                }
+                Ok(Some(slot))
+            }
+            Read::Erased => Ok(None),
+            Read::Missing => {
+                self.missing.insert(customer);
+                Ok(None)
+            }
         }
     }
 
     fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
-        self.profiles
-            .insert(key(customer), to_json(slot)?.as_slice())
-            .map_err(storage)?;
+        match self.keys.write_slot(customer, slot)? {
+            ToWrite::Bytes(bytes) => {
+                self.profiles
+                    .insert(key(customer), bytes.as_slice())
+                    .map_err(storage)?;
+            }
+            ToWrite::Erased => {}
+            ToWrite::Missing => {
+                self.missing.insert(customer);
+            }
+        }
         Ok(())
     }
 }
 
+/// A fold that met customers whose keys it had not fetched.
+type Unfetched = std::collections::BTreeSet<CustomerId>;
+
 impl EmbeddedStore {
-    /// One fold transaction; `durability` None leaves its pages in redb's
+    /// One fold transaction; `durable` false leaves its pages in redb's
     /// write buffer until a durable commit (see `ProfileStore::sync`).
     async fn fold(
         &self,
         batch: &[ResolvedTouchpoint],
         options: &FoldOptions,
-        durability: Durability,
+        durable: bool,
     ) -> Result<Applied, StoreError> {
-        let batch = batch.to_vec();
-        let options = options.clone();
-        self.on_views(move |db| {
-            let mut tx = begin_write(db)?;
-            tx.set_durability(durability).map_err(storage)?;
-            let mut applied = Applied::default();
-            {
-                let mut access = TxProfiles {
-                    profiles: tx.open_table(PROFILES).map_err(storage)?,
-                };
-                let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
-                let mut search = tx.open_table(SEARCH).map_err(storage)?;
-                for resolved in &batch {
-                    if let Some(entry) = fold_resolved(&mut access, resolved, &options)? {
-                        let customer = key(entry.customer_id);
-                        timeline
-                            .insert(
-                                (customer, entry.occurred_at, entry.event_id.0.as_u128()),
-                                to_json(&entry)?.as_slice(),
-                            )
-                            .map_err(storage)?;
-                        for term in cdp_domain::search::terms(&resolved.touchpoint) {
-                            // Most terms are known already: a read leaves the
-                            // page clean, a rewrite would copy it.
-                            let key = (term.as_str(), customer);
-                            if search.get(key).map_err(storage)?.is_none() {
-                                search.insert(key, ()).map_err(storage)?;
+        let batch = Arc::new(batch.to_vec());
+        let options = Arc::new(options.clone());
+        let mut keys = self.seal.obtain(batch_customers(&batch)).await?;
+        for _ in 0..KEY_ROUNDS {
+            if durable {
+                // The keys before the rows sealed with them.
+                self.seal.flush().await?;
+            }
+            let (b, o, k) = (Arc::clone(&batch), Arc::clone(&options), keys.clone());
+            let outcome = self
+                .on_views(move |db| Self::fold_tx(db, &b, &o, &k, durable))
+                .await?;
+            match outcome {
+                Ok(applied) => return Ok(applied),
+                Err(unfetched) => self.seal.add_missing(&mut keys, unfetched, true).await?,
+            }
+        }
+        Err(StoreError::Storage(format!(
+            "a fold kept meeting customers whose keys it had not fetched, after {KEY_ROUNDS} rounds"
+        )))
+    }
+
+    fn fold_tx(
+        db: &Database,
+        batch: &[ResolvedTouchpoint],
+        options: &FoldOptions,
+        keys: &ViewKeys,
+        durable: bool,
+    ) -> Result<Result<Applied, Unfetched>, StoreError> {
+        let mut tx = begin_write(db)?;
+        tx.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(storage)?;
+        let mut applied = Applied::default();
+        {
+            let mut access = TxProfiles {
+                profiles: tx.open_table(PROFILES).map_err(storage)?,
+                keys,
+                missing: Unfetched::new(),
+                terms_before: std::collections::HashMap::new(),
+            };
+            let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
+            let mut search = tx.open_table(SEARCH).map_err(storage)?;
+            for resolved in batch {
+                access.terms_before.clear();
+                if let Some(entry) = fold_resolved(&mut access, resolved, options)? {
+                    let customer = key(entry.customer_id);
+                    let event = entry.event_id.0.as_u128();
+                    match keys.write_json(entry.customer_id, RowKind::Timeline(event), &entry)? {
+                        ToWrite::Bytes(bytes) => {
+                            timeline
+                                .insert((customer, entry.occurred_at, event), bytes.as_slice())
+                                .map_err(storage)?;
+                            let known = access.terms_before.get(&entry.customer_id);
+                            for term in cdp_domain::search::terms(&resolved.touchpoint) {
+                                if known.is_some_and(|k| k.contains(&term)) {
+                                    continue;
+                                }
+                                for e in crate::sealed::index_entries(keys.hasher(), &term) {
+                                    // A read leaves the page clean, a rewrite
+                                    // would copy it.
+                                    let key = (e.as_str(), customer);
+                                    if search.get(key).map_err(storage)?.is_none() {
+                                        search.insert(key, ()).map_err(storage)?;
+                                    }
+                                }
                             }
+                            applied.new_events += 1;
+                            applied.customers.push(entry.customer_id);
                         }
-                        applied.new_events += 1;
-                        applied.customers.push(entry.customer_id);
-                    }
-                    for merge in &resolved.merges {
-                        applied.customers.push(access.live_root(merge.survivor)?);
+                        // An erased customer's views are not made again.
+                        ToWrite::Erased => {}
+                        ToWrite::Missing => {
+                            access.missing.insert(entry.customer_id);
+                        }
                     }
                 }
+                for merge in &resolved.merges {
+                    applied.customers.push(access.live_root(merge.survivor)?);
+                }
             }
-            tx.commit().map_err(storage)?;
-            applied.customers.sort();
-            applied.customers.dedup();
-            Ok(applied)
-        })
-        .await
+            if !access.missing.is_empty() {
+                // Dropped uncommitted: nothing of this attempt is kept.
+                return Ok(Err(access.missing));
+            }
+        }
+        tx.commit().map_err(storage)?;
+        applied.customers.sort();
+        applied.customers.dedup();
+        Ok(Ok(applied))
     }
 }
 
@@ -497,7 +600,7 @@ impl ProfileStore for EmbeddedStore {
         batch: &[ResolvedTouchpoint],
         options: &FoldOptions,
     ) -> Result<Applied, StoreError> {
-        self.fold(batch, options, Durability::Immediate).await
+        self.fold(batch, options, true).await
     }
 
     async fn apply_unsynced(
@@ -505,10 +608,12 @@ impl ProfileStore for EmbeddedStore {
         batch: &[ResolvedTouchpoint],
         options: &FoldOptions,
     ) -> Result<Applied, StoreError> {
-        self.fold(batch, options, Durability::None).await
+        self.fold(batch, options, false).await
     }
 
     async fn sync(&self) -> Result<(), StoreError> {
+        // The keys before the rows sealed with them.
+        self.seal.flush().await?;
         // A durable commit persists every non-durable one before it.
         self.on_views(|db| {
             let mut tx = begin_write(db)?;
@@ -524,7 +629,7 @@ impl ProfileStore for EmbeddedStore {
         terms: &[String],
     ) -> Result<(), StoreError> {
         let customers: Vec<u128> = customers.iter().map(|c| key(*c)).collect();
-        let terms = terms.to_vec();
+        let terms = crate::sealed::erased_entries(self.seal.hasher(), terms);
         self.on_views(move |db| {
             let mut tx = begin_write(db)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
@@ -550,19 +655,35 @@ impl ProfileStore for EmbeddedStore {
     }
 
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
-        self.on_views(move |db| {
-            let tx = db.begin_read().map_err(storage)?;
-            let table = tx.open_table(PROFILES).map_err(storage)?;
-            match table.get(key(customer)).map_err(storage)? {
-                Some(v) => Ok(Some(ProfileRow {
-                    slot: from_json("profile", v.value())?,
-                    // One transaction per fold: a merge is never left half done.
-                    pending: None,
-                })),
-                None => Ok(None),
-            }
-        })
-        .await
+        let bytes = self
+            .on_views(move |db| {
+                let tx = db.begin_read().map_err(storage)?;
+                let table = tx.open_table(PROFILES).map_err(storage)?;
+                Ok(table
+                    .get(key(customer))
+                    .map_err(storage)?
+                    .map(|v| v.value().to_vec()))
+            })
+            .await?;
+        let Some(bytes) = bytes else {
+            return Ok(None);
+        };
+        let keys = if crate::sealed::is_sealed(&bytes) {
+            self.seal.keys([customer]).await?
+        } else {
+            ViewKeys::clear()
+        };
+        match keys.read_slot(customer, &bytes)? {
+            Read::Value(slot) => Ok(Some(ProfileRow {
+                slot,
+                // One transaction per fold: a merge is never left half done.
+                pending: None,
+            })),
+            Read::Erased => Ok(None),
+            Read::Missing => Err(StoreError::Storage(format!(
+                "the key of customer {customer} was fetched but not found"
+            ))),
+        }
     }
 
     /// Reads only the consent of the profile rows on the way (the rest of
@@ -583,27 +704,56 @@ impl ProfileStore for EmbeddedStore {
             Live(Consent),
             MergedInto(CustomerId),
         }
+        /// Where a walk ended: a consent read in clear, or a sealed live
+        /// profile to open.
+        enum Found {
+            Clear(crate::ConsentMap),
+            Sealed(CustomerId, Vec<u8>),
+        }
         let customers = customers.to_vec();
-        self.on_views(move |db| {
-            let tx = db.begin_read().map_err(storage)?;
-            let table = tx.open_table(PROFILES).map_err(storage)?;
-            let mut out = Vec::with_capacity(customers.len());
-            for customer in customers {
-                let mut walk = cdp_domain::redirect::Walk::new(customer);
-                let found = loop {
-                    let Some(v) = table.get(key(walk.at())).map_err(storage)? else {
-                        break None;
+        let found = self
+            .on_views(move |db| {
+                let tx = db.begin_read().map_err(storage)?;
+                let table = tx.open_table(PROFILES).map_err(storage)?;
+                let mut out = Vec::with_capacity(customers.len());
+                for customer in customers {
+                    let mut walk = cdp_domain::redirect::Walk::new(customer);
+                    let found = loop {
+                        let Some(v) = table.get(key(walk.at())).map_err(storage)? else {
+                            break None;
+                        };
+                        // Redirects are in clear: a sealed row is live.
+                        if crate::sealed::is_sealed(v.value()) {
+                            break Some(Found::Sealed(walk.at(), v.value().to_vec()));
+                        }
+                        match from_json::<Slot>("profile", v.value())? {
+                            Slot::Live(c) => break Some(Found::Clear(c.consent)),
+                            Slot::MergedInto(next) => walk.hop(next)?,
+                        }
                     };
-                    match from_json::<Slot>("profile", v.value())? {
-                        Slot::Live(c) => break Some(c.consent),
-                        Slot::MergedInto(next) => walk.hop(next)?,
+                    out.push(found);
+                }
+                Ok(out)
+            })
+            .await?;
+        let sealed = found.iter().filter_map(|f| match f {
+            Some(Found::Sealed(c, _)) => Some(*c),
+            _ => None,
+        });
+        let keys = self.seal.keys(sealed).await?;
+        found
+            .into_iter()
+            .map(|f| match f {
+                None => Ok(None),
+                Some(Found::Clear(c)) => Ok(Some(c)),
+                Some(Found::Sealed(customer, bytes)) => {
+                    match keys.read_json::<Slot>(customer, RowKind::Profile, "profile", &bytes)? {
+                        Read::Value(Slot::Live(c)) => Ok(Some(c.consent)),
+                        Read::Value(Slot::MergedInto(_)) | Read::Erased | Read::Missing => Ok(None),
                     }
-                };
-                out.push(found);
-            }
-            Ok(out)
-        })
-        .await
+                }
+            })
+            .collect()
     }
 
     async fn consent(&self, customer: CustomerId) -> Result<Option<crate::ConsentMap>, StoreError> {
@@ -616,6 +766,7 @@ impl ProfileStore for EmbeddedStore {
         query: &TimelineQuery,
     ) -> Result<Vec<TimelineEntry>, StoreError> {
         let query = query.clone();
+        let keys = self.seal.keys([customer]).await?;
         self.on_views(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let table = tx.open_table(TIMELINE).map_err(storage)?;
@@ -626,8 +777,18 @@ impl ProfileStore for EmbeddedStore {
                 .map_err(storage)?
                 .rev()
             {
-                let (_, v) = item.map_err(storage)?;
-                let entry: TimelineEntry = from_json("timeline entry", v.value())?;
+                let (k, v) = item.map_err(storage)?;
+                let (_, _, event) = k.value();
+                let entry: TimelineEntry = match keys.read_json(
+                    customer,
+                    RowKind::Timeline(event),
+                    "timeline entry",
+                    v.value(),
+                )? {
+                    Read::Value(entry) => entry,
+                    // An erased customer has no timeline.
+                    Read::Erased | Read::Missing => return Ok(Vec::new()),
+                };
                 if query.matches(&entry) {
                     found.push(entry);
                     if found.len() >= query.limit {
@@ -641,22 +802,27 @@ impl ProfileStore for EmbeddedStore {
     }
 
     async fn search_range(&self, prefix: &str, scan: usize) -> Result<Vec<CustomerId>, StoreError> {
-        let prefix = prefix.to_owned();
+        let entries = self.seal.query_entries(prefix);
         self.on_views(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let table = tx.open_table(SEARCH).map_err(storage)?;
             let mut found = Vec::new();
-            for item in table
-                .range((prefix.as_str(), 0u128)..)
-                .map_err(storage)?
-                .take(scan)
-            {
-                let (k, _) = item.map_err(storage)?;
-                let (term, customer) = k.value();
-                if !term.starts_with(prefix.as_str()) {
-                    break;
+            for prefix in &entries {
+                for item in table
+                    .range((prefix.as_str(), 0u128)..)
+                    .map_err(storage)?
+                    .take(scan)
+                {
+                    let (k, _) = item.map_err(storage)?;
+                    let (term, customer) = k.value();
+                    if !term.starts_with(prefix.as_str()) {
+                        break;
+                    }
+                    let customer = CustomerId(uuid::Uuid::from_u128(customer));
+                    if !found.contains(&customer) {
+                        found.push(customer);
+                    }
                 }
-                found.push(CustomerId(uuid::Uuid::from_u128(customer)));
             }
             Ok(found)
         })

@@ -195,6 +195,7 @@ struct Registry {
 pub struct EmbeddedGenerations {
     dir: PathBuf,
     cache_bytes: usize,
+    seal: crate::ViewSeal,
     state: Mutex<(Registry, BTreeMap<u32, EmbeddedStore>)>,
 }
 
@@ -227,8 +228,15 @@ impl EmbeddedGenerations {
         Ok(EmbeddedGenerations {
             dir: dir.to_path_buf(),
             cache_bytes: 256 << 20,
+            seal: crate::ViewSeal::clear(),
             state: Mutex::new((registry, BTreeMap::new())),
         })
+    }
+
+    /// Every generation's views sealed under customer keys from `seal`.
+    pub fn with_seal(mut self, seal: crate::ViewSeal) -> Self {
+        self.seal = seal;
+        self
     }
 
     /// The page cache of each generation's store.
@@ -300,7 +308,8 @@ impl Generations for EmbeddedGenerations {
             Some(s) => s.clone(),
             None => {
                 // redb opens a file once per process: keep the handle.
-                let store = EmbeddedStore::open_with_cache(&self.dir_of(id), self.cache_bytes)?;
+                let store = EmbeddedStore::open_with_cache(&self.dir_of(id), self.cache_bytes)?
+                    .with_seal(self.seal.clone());
                 state.1.insert(id, store.clone());
                 store
             }

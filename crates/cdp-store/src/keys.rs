@@ -73,6 +73,13 @@ pub trait KeyRows: Send + Sync + 'static {
         old: &Wrapped,
         new: &Wrapped,
     ) -> Result<bool, StoreError>;
+
+    /// Makes every row [`create`](Self::create) returned durable. Rows
+    /// are durable when `create` returns, except on the embedded log's
+    /// file, where they wait for its next append.
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 fn seal_error(e: SealError) -> StoreError {
@@ -432,6 +439,11 @@ impl Keyring {
             set.insert(s, None);
         }
         Ok(set)
+    }
+
+    /// Makes every key created so far durable (see [`KeyRows::flush`]).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.rows.flush().await
     }
 
     /// Erases the keys of `subjects` (and forgets them here at once; other
@@ -1065,6 +1077,27 @@ impl EmbeddedKeyRows {
 
 #[async_trait]
 impl KeyRows for EmbeddedKeyRows {
+    /// Writes the pending keys (on the log's file) in a synced commit of
+    /// their own.
+    async fn flush(&self) -> Result<(), StoreError> {
+        if self.sync_creates || Self::journal(&self.journal).pending.is_empty() {
+            return Ok(());
+        }
+        self.write(|db, journal| {
+            let tx = begin_write(db)?;
+            let taken = Self::journal(journal).write_pending(&tx)?;
+            if taken.is_empty() {
+                return Ok(());
+            }
+            if let Err(e) = tx.commit().map_err(db_error) {
+                Self::journal(journal).restore(taken);
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     async fn read(&self, subjects: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
         // The journal first: an entry leaves it only after it is filed.
         let mut out: Vec<Option<KeyRow>> = {

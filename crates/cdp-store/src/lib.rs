@@ -29,6 +29,7 @@ pub mod embedded;
 pub mod generations;
 pub mod keys;
 pub mod read;
+pub mod sealed;
 
 pub use embedded::EmbeddedStore;
 pub use generations::{
@@ -36,6 +37,7 @@ pub use generations::{
     ProjectionStores,
 };
 pub use keys::{EmbeddedKeyRows, KeyRow, KeyRows, Keyring};
+pub use sealed::ViewSeal;
 
 #[derive(Debug, Error)]
 pub enum StoreError {

@@ -182,8 +182,11 @@ pub async fn search<S: ProfileStore + ?Sized>(
             .map(|c| store.profile(c))
             .buffered(CONCURRENCY);
         while let Some(profile) = live.try_next().await? {
+            // A hashed index finds candidates by a shorter prefix: the
+            // profile's own terms say whether it matches.
             if let Some(p) = profile
                 && !found.contains(&p.customer_id)
+                && p.matches_search(prefix)
             {
                 found.push(p.customer_id);
                 if found.len() >= limit {

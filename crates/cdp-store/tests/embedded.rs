@@ -5,21 +5,46 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cdp_store::conformance::{self, StoresUnderTest};
-use cdp_store::{EmbeddedStore, Generations, IdentityStore, ProfileStore};
+use cdp_store::{EmbeddedStore, Generations, IdentityStore, Keyring, ProfileStore, ViewSeal};
 
 /// A fresh embedded store in a temporary directory; its generations in
 /// another.
 struct Embedded {
     store: EmbeddedStore,
+    keyring: Arc<Keyring>,
     dir: tempfile::TempDir,
+}
+
+/// A keyring of its own in `dir` (keys cached for no time, so an erasure
+/// shows at once).
+async fn keyring(dir: &std::path::Path) -> Arc<Keyring> {
+    let master = cdp_seal::MasterKeys::generate_file().expect("a master key");
+    let master = cdp_seal::MasterKeys::parse(&master).expect("the master key reads");
+    let rows = cdp_store::EmbeddedKeyRows::open(dir).expect("the keyring opens");
+    Arc::new(
+        Keyring::open(Arc::new(rows), master, std::time::Duration::ZERO, 1024)
+            .await
+            .expect("the keyring"),
+    )
 }
 
 #[async_trait]
 impl StoresUnderTest for Embedded {
     async fn open() -> Self {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let store = EmbeddedStore::open(&dir.path().join("store")).expect("the store opens");
-        Embedded { store, dir }
+        let keyring = keyring(&dir.path().join("keys")).await;
+        let store = EmbeddedStore::open(&dir.path().join("store"))
+            .expect("the store opens")
+            .with_seal(ViewSeal::new(Arc::clone(&keyring)));
+        Embedded {
+            store,
+            keyring,
+            dir,
+        }
+    }
+
+    fn keyring(&self) -> Arc<Keyring> {
+        Arc::clone(&self.keyring)
     }
 
     fn identity(&self) -> Arc<dyn IdentityStore> {
@@ -33,7 +58,8 @@ impl StoresUnderTest for Embedded {
     async fn generations(&self) -> Arc<dyn Generations> {
         Arc::new(
             cdp_store::EmbeddedGenerations::open(&self.dir.path().join("generations"))
-                .expect("the registry opens"),
+                .expect("the registry opens")
+                .with_seal(ViewSeal::new(Arc::clone(&self.keyring))),
         )
     }
 }
@@ -163,4 +189,143 @@ async fn a_key_on_the_logs_file_is_durable_with_the_next_append() {
         vec![None],
         "and it was never erased: it has no row"
     );
+}
+
+/// An order of `customer` with a name, an address, a free-text note, an
+/// email and a phone.
+fn order_with_personal_data(customer: cdp_domain::CustomerId) -> cdp_domain::ResolvedTouchpoint {
+    use cdp_domain::{
+        Attributes, Channel, Envelope, EventId, EventType, IdKind, Identifier, Personal,
+        ResolvedTouchpoint, Touchpoint,
+    };
+    let mut traits = Attributes::new();
+    traits.insert(
+        "address".into(),
+        serde_json::json!("17 Phố Hàng Bạc, Hà Nội"),
+    );
+    traits.insert("name".into(), serde_json::json!("Trần Thị Hoa"));
+    let mut properties = Attributes::new();
+    properties.insert("note".into(), serde_json::json!("giao trước 9 giờ sáng"));
+    properties.insert("total".into(), serde_json::json!(250_000));
+    ResolvedTouchpoint {
+        customer_id: customer,
+        merges: Vec::new(),
+        touchpoint: Touchpoint {
+            envelope: Envelope {
+                event_id: EventId(uuid::Uuid::now_v7()),
+                event_type: EventType::OrderCompleted,
+                channel: Channel::Store,
+                source_id: "pos".into(),
+                occurred_at: 1_000,
+                received_at: 1_000,
+                properties,
+            },
+            personal: Personal {
+                identifiers: vec![
+                    Identifier::new(IdKind::Email, "hoa.tran@shop.vn"),
+                    Identifier::new(IdKind::Phone, "+84912345678"),
+                ],
+                traits,
+                ..Personal::default()
+            },
+        },
+    }
+}
+
+fn holds(file: &[u8], text: &str) -> bool {
+    file.windows(text.len()).any(|w| w == text.as_bytes())
+}
+
+/// The views file never holds a profile, a timeline entry or a search term
+/// in clear: a customer's address, free-text note, name, email and phone
+/// are not in `views.redb`, yet they read back through the store and the
+/// customer is found by the prefixes an agent types. The same fold on a
+/// store in clear leaves them in its file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_views_file_holds_no_profile_or_timeline_in_clear() {
+    use cdp_domain::CustomerId;
+    use cdp_domain::profile::FoldOptions;
+    let secrets = [
+        "Hàng Bạc",
+        "9 giờ sáng",
+        "hoa.tran@shop.vn",
+        "tran thi hoa",
+        "0912345678",
+        "84912345678",
+    ];
+    let fixture = Embedded::open().await;
+    let customer = CustomerId(uuid::Uuid::now_v7());
+    let order = order_with_personal_data(customer);
+    fixture
+        .store
+        .apply(std::slice::from_ref(&order), &FoldOptions::default())
+        .await
+        .expect("folded");
+    let profile = fixture
+        .store
+        .profile(customer)
+        .await
+        .expect("read")
+        .expect("a profile");
+    assert_eq!(
+        profile.traits.get("address").map(|t| &t.value),
+        Some(&serde_json::json!("17 Phố Hàng Bạc, Hà Nội"))
+    );
+    let page = fixture
+        .store
+        .timeline(
+            customer,
+            &cdp_store::TimelineQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the timeline");
+    assert_eq!(
+        page.entries[0].properties.get("note"),
+        Some(&serde_json::json!("giao trước 9 giờ sáng"))
+    );
+    for typed in [
+        "Trần Thị",
+        "tran thi hoa",
+        "hoa",
+        "hoa.tran@",
+        "0912 345",
+        "+84912345678",
+    ] {
+        let found = fixture
+            .store
+            .search(&cdp_domain::search::query_prefixes(typed), 10)
+            .await
+            .expect("a search");
+        assert_eq!(found, vec![customer], "{typed}");
+    }
+    for typed in ["Trần Văn", "hoa.tran@shop.vn.x", "0912 346"] {
+        let found = fixture
+            .store
+            .search(&cdp_domain::search::query_prefixes(typed), 10)
+            .await
+            .expect("a search");
+        assert!(found.is_empty(), "{typed} found {found:?}");
+    }
+    let file =
+        std::fs::read(fixture.dir.path().join("store").join("views.redb")).expect("the file");
+    for secret in secrets {
+        assert!(
+            !holds(&file, secret),
+            "{secret:?} is in views.redb in clear"
+        );
+    }
+
+    let clear_dir = tempfile::tempdir().expect("a temporary directory");
+    let clear = EmbeddedStore::open(clear_dir.path()).expect("the store opens");
+    clear
+        .apply(&[order], &FoldOptions::default())
+        .await
+        .expect("folded in clear");
+    let file = std::fs::read(clear_dir.path().join("views.redb")).expect("the file");
+    for secret in secrets {
+        assert!(holds(&file, secret), "{secret:?} is not in a file in clear");
+    }
 }

@@ -14,7 +14,9 @@ use cdp_runtime::serve::{BackendError, Backends, Context, Parts, ProcessArgs, St
 use cdp_scylla::ScyllaGenerations;
 use cdp_scylla::ScyllaKeyRows;
 use cdp_seal::MasterKeys;
-use cdp_store::{EmbeddedGenerations, EmbeddedKeyRows, Generations, KeyRows, Keyring, LiveStores};
+use cdp_store::{
+    EmbeddedGenerations, EmbeddedKeyRows, Generations, KeyRows, Keyring, LiveStores, ViewSeal,
+};
 use clap::Parser;
 
 /// Every CDP binary allocates with mimalloc: with many worker threads
@@ -45,11 +47,12 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
         }
         LogBackend::Kafka => None,
     };
-    type Opened = (
-        Arc<dyn Generations>,
-        Option<Arc<dyn DedupeIndex>>,
-        Arc<dyn KeyRows>,
-    );
+    /// The generations before the keyring their views are sealed with.
+    enum Unsealed {
+        Embedded(EmbeddedGenerations),
+        Scylla(ScyllaGenerations),
+    }
+    type Opened = (Unsealed, Option<Arc<dyn DedupeIndex>>, Arc<dyn KeyRows>);
     let (generations, dedupe, key_rows): Opened = match config.store.backend {
         StoreBackend::Embedded => {
             let dir = config.data_dir.join("store");
@@ -81,7 +84,7 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
                 }
                 None => EmbeddedKeyRows::open(&keys).map_err(failed)?,
             };
-            (Arc::new(generations), None, Arc::new(rows))
+            (Unsealed::Embedded(generations), None, Arc::new(rows))
         }
         StoreBackend::Scylla => {
             let c = &config.store.scylla;
@@ -99,10 +102,16 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
                     what: "the keyring on ScyllaDB".into(),
                     source,
                 })?;
-            (Arc::new(generations), Some(dedupe), Arc::new(rows))
+            (Unsealed::Scylla(generations), Some(dedupe), Arc::new(rows))
         }
     };
     let keyring = open_keyring(config, key_rows).await?;
+    // Profiles and timelines are sealed under customer keys.
+    let seal = ViewSeal::new(Arc::clone(&keyring));
+    let generations: Arc<dyn Generations> = match generations {
+        Unsealed::Embedded(g) => Arc::new(g.with_seal(seal)),
+        Unsealed::Scylla(g) => Arc::new(g.with_seal(seal)),
+    };
     let live =
         Arc::new(
             LiveStores::open(generations)

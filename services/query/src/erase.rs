@@ -286,6 +286,21 @@ impl Erasures {
         let now = cdp_runtime::now_ms();
         let deadline = now.saturating_add(i64::from(self.deadline_days) * 86_400_000);
         let found = self.find_all(&identifiers, &shared, &family).await?;
+        // The keys their views (profiles, timelines) are sealed under, in
+        // every generation.
+        let customers: BTreeSet<CustomerId> = family
+            .iter()
+            .chain(found.iter().flat_map(|(_, f)| &f.customers))
+            .copied()
+            .collect();
+        let identifier_keys = subjects.len();
+        subjects.extend(
+            customers
+                .iter()
+                .map(|c| cdp_store::sealed::customer_subject(keyring.hasher(), *c)),
+        );
+        subjects.sort();
+        subjects.dedup();
         let events: usize = found.iter().map(|(_, f)| f.events.len()).max().unwrap_or(0);
         let mut erasure = Erasure {
             request_id: request_id.clone(),
@@ -307,8 +322,8 @@ impl Erasures {
 
         keyring.erase(&subjects, now, &request_id).await?;
         erasure.steps.push(format!(
-            "erased the data keys of {} identifiers: every record of the log that named them is anonymous, and they are suppressed",
-            subjects.len()
+            "erased the data keys of {identifier_keys} identifiers and of {} customers' views: every record of the log that named them is anonymous, their stored views unreadable wherever a copy remains, and the identifiers are suppressed",
+            customers.len()
         ));
         if !shared.is_empty() {
             erasure.steps.push(format!(
@@ -328,6 +343,15 @@ impl Erasures {
         let wait = keyring.cache_ttl() + Duration::from_millis(500);
         tokio::time::sleep(wait).await;
         let found_again = self.find_all(&identifiers, &shared, &family).await?;
+        let late: Vec<cdp_seal::Subject> = found_again
+            .iter()
+            .flat_map(|(_, f)| &f.customers)
+            .filter(|c| !customers.contains(c))
+            .map(|c| cdp_store::sealed::customer_subject(keyring.hasher(), *c))
+            .collect();
+        if !late.is_empty() {
+            keyring.erase(&late, now, &request_id).await?;
+        }
         self.remove(&found_again).await?;
         self.remove(&found).await?;
         self.query.forget_history();
@@ -420,6 +444,7 @@ async fn find(
         if let Some(profile) = stores.profiles.profile(root).await? {
             found.customers.extend(cdp_store::read::family(&profile));
             found.events.extend(profile.applied.iter().copied());
+            found.terms.extend(profile.search_terms.iter().cloned());
             found
                 .terms
                 .extend(cdp_domain::search::terms_of(identifiers.iter(), |k| {

@@ -1,0 +1,633 @@
+//! The views sealed under per-customer keys (crypto-shredding of the
+//! stores, as `cdp_pipeline::seal` does for the log).
+//!
+//! - Each customer has a data key in the keyring, under the subject
+//!   `HMAC(\0 "customer" \0 id)` ([`customer_subject`]); an erasure deletes
+//!   it with the keys of the customer's identifiers.
+//! - A live profile, the profile a pending merge keeps, and each timeline
+//!   entry are stored sealed under the key of the customer whose row holds
+//!   them, bound to that row (the customer id and what the row is are the
+//!   associated data), so old copies left in free pages of a redb file or
+//!   in SSTables not compacted yet are unreadable once the key is gone.
+//! - A merge redirect names only another customer: it stays in clear, so
+//!   following redirects needs no key.
+//! - Rows written before sealing (plain JSON) are still read; they are
+//!   sealed when next written.
+//!
+//! A store folds inside a transaction that cannot wait for the keyring: it
+//! fetches the keys of the customers a batch names first ([`ViewKeys`]),
+//! records any other it meets ([`ViewKeys::open`] answers
+//! [`Opened::Missing`]) and folds again with those fetched.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use cdp_domain::profile::ProfileSlot;
+use cdp_domain::{CustomerId, ResolvedTouchpoint};
+use cdp_seal::{DataKey, Hasher, KeySet, Sealed, Subject};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::StoreError;
+use crate::keys::Keyring;
+
+/// First byte of a sealed row. Rows in clear are JSON, which starts with
+/// `{`, `"` or `[`.
+const SEALED: u8 = 0xC5;
+
+/// Bytes of a row's salt (`cdp_seal`'s).
+const SALT_LEN: usize = 32;
+
+/// What a sealed row is, in its associated data: a row moved to another
+/// customer or another table does not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    Profile,
+    PendingMerge,
+    /// A timeline entry, with its event id.
+    Timeline(u128),
+}
+
+impl RowKind {
+    fn aad(self, customer: CustomerId) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(40);
+        aad.extend_from_slice(customer.0.as_bytes());
+        match self {
+            RowKind::Profile => aad.extend_from_slice(b"profile"),
+            RowKind::PendingMerge => aad.extend_from_slice(b"pending merge"),
+            RowKind::Timeline(event) => {
+                aad.extend_from_slice(b"timeline");
+                aad.extend_from_slice(&event.to_be_bytes());
+            }
+        }
+        aad
+    }
+}
+
+/// Where the stores get customer keys: the keyring, or nothing (rows in
+/// clear: unit tests and tools that never hold personal data).
+#[derive(Clone, Default)]
+pub struct ViewSeal {
+    keyring: Option<Arc<Keyring>>,
+}
+
+impl std::fmt::Debug for ViewSeal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewSeal")
+            .field("sealing", &self.keyring.is_some())
+            .finish()
+    }
+}
+
+impl ViewSeal {
+    /// Views sealed under keys from `keyring`.
+    pub fn new(keyring: Arc<Keyring>) -> Self {
+        ViewSeal {
+            keyring: Some(keyring),
+        }
+    }
+
+    /// Views in clear.
+    pub fn clear() -> Self {
+        ViewSeal::default()
+    }
+
+    pub fn is_sealing(&self) -> bool {
+        self.keyring.is_some()
+    }
+
+    /// The keyring subject of a customer's views (none in clear).
+    pub fn subject(&self, customer: CustomerId) -> Option<Subject> {
+        self.keyring
+            .as_ref()
+            .map(|k| customer_subject(k.hasher(), customer))
+    }
+
+    /// The keys of `customers` for writing: a customer seen for the first
+    /// time gets one (durable before the views written with it are: see
+    /// [`flush`](Self::flush)); an erased customer has none.
+    pub async fn obtain(
+        &self,
+        customers: impl IntoIterator<Item = CustomerId>,
+    ) -> Result<ViewKeys, StoreError> {
+        self.fetch(customers, true).await
+    }
+
+    /// The keys of `customers` for reading.
+    pub async fn keys(
+        &self,
+        customers: impl IntoIterator<Item = CustomerId>,
+    ) -> Result<ViewKeys, StoreError> {
+        self.fetch(customers, false).await
+    }
+
+    async fn fetch(
+        &self,
+        customers: impl IntoIterator<Item = CustomerId>,
+        create: bool,
+    ) -> Result<ViewKeys, StoreError> {
+        let Some(keyring) = &self.keyring else {
+            return Ok(ViewKeys::clear());
+        };
+        let customers: BTreeSet<CustomerId> = customers.into_iter().collect();
+        let subjects: Vec<Subject> = customers
+            .iter()
+            .map(|c| customer_subject(keyring.hasher(), *c))
+            .collect();
+        let set = if create {
+            keyring.obtain(&subjects).await?
+        } else {
+            keyring.keys(&subjects).await?
+        };
+        let mut keys = ViewKeys {
+            sealing: true,
+            keys: KeySet::new(),
+            hasher: Some(keyring.hasher().clone()),
+        };
+        for (c, s) in customers.into_iter().zip(subjects) {
+            keys.keys.insert(customer_key(c), set.get(&s).cloned());
+        }
+        Ok(keys)
+    }
+
+    /// [`fetch`](Self::fetch) of the customers `keys` lacks, added to it.
+    pub async fn add_missing(
+        &self,
+        keys: &mut ViewKeys,
+        customers: impl IntoIterator<Item = CustomerId>,
+        create: bool,
+    ) -> Result<(), StoreError> {
+        let wanted: Vec<CustomerId> = customers
+            .into_iter()
+            .filter(|c| !keys.keys.contains(&customer_key(*c)))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let more = self.fetch(wanted, create).await?;
+        keys.absorb(more);
+        Ok(())
+    }
+
+    /// How search entries are named (none in clear).
+    pub fn hasher(&self) -> Option<&Hasher> {
+        self.keyring.as_ref().map(|k| k.hasher())
+    }
+
+    /// The entries a search for `prefix` looks up (see [`query_entries`]).
+    pub fn query_entries(&self, prefix: &str) -> Vec<String> {
+        query_entries(self.hasher(), prefix)
+    }
+
+    /// Makes every key created so far durable (the embedded log's keyring
+    /// writes new keys with its next append otherwise): a store calls it
+    /// before views sealed with those keys become durable.
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        match &self.keyring {
+            Some(k) => k.flush().await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The keyring subject of a customer's views: the HMAC of
+/// `\0customer\0` and the id's bytes (an identifier's subject starts with
+/// its kind, never with a zero byte).
+pub fn customer_subject(hasher: &cdp_seal::Hasher, customer: CustomerId) -> Subject {
+    hasher.subject_of_parts(&[b"\0customer\0", customer.0.as_bytes()])
+}
+
+/// [`ViewKeys`] indexes its keys by customer id (padded into a subject),
+/// not by keyring subject: the stores look them up by customer.
+fn customer_key(customer: CustomerId) -> Subject {
+    let mut s = [0u8; 32];
+    s[..16].copy_from_slice(customer.0.as_bytes());
+    Subject(s)
+}
+
+/// A sealed row opened.
+#[derive(Debug, PartialEq)]
+pub enum Opened {
+    /// The row's bytes in clear (a row written before sealing, as it is).
+    Clear(Vec<u8>),
+    /// The customer's key is erased: the row is gone for good.
+    Erased,
+    /// The customer's key was not fetched: fetch it and read again.
+    Missing,
+}
+
+/// A row to write, sealed.
+#[derive(Debug, PartialEq)]
+pub enum ToWrite {
+    Bytes(Vec<u8>),
+    /// The customer's key is erased: write nothing (an erased customer's
+    /// views are not created again).
+    Erased,
+    /// The customer's key was not fetched.
+    Missing,
+}
+
+/// The customer keys a store fetched for one fold or read.
+#[derive(Debug, Clone, Default)]
+pub struct ViewKeys {
+    sealing: bool,
+    keys: KeySet,
+    /// Names search entries (none in clear).
+    hasher: Option<Hasher>,
+}
+
+impl ViewKeys {
+    /// Keys of a store in clear: rows are written as they are.
+    pub fn clear() -> Self {
+        ViewKeys::default()
+    }
+
+    /// How this fold names search entries (none in clear).
+    pub fn hasher(&self) -> Option<&Hasher> {
+        self.hasher.as_ref()
+    }
+
+    fn absorb(&mut self, other: ViewKeys) {
+        self.sealing |= other.sealing;
+        if self.hasher.is_none() {
+            self.hasher = other.hasher;
+        }
+        for (s, k) in other.keys.into_entries() {
+            self.keys.insert(s, k);
+        }
+    }
+
+    /// Whether `customer`'s key was fetched and found erased.
+    pub fn erased(&self, customer: CustomerId) -> bool {
+        self.keys.erased(&customer_key(customer))
+    }
+
+    fn key(&self, customer: CustomerId) -> Result<&DataKey, ToWrite> {
+        let s = customer_key(customer);
+        match self.keys.get(&s) {
+            Some(k) => Ok(k),
+            None if self.keys.erased(&s) => Err(ToWrite::Erased),
+            None => Err(ToWrite::Missing),
+        }
+    }
+
+    /// `plain` (a row's bytes) sealed under `customer`'s key.
+    pub fn seal(
+        &self,
+        customer: CustomerId,
+        kind: RowKind,
+        plain: Vec<u8>,
+    ) -> Result<ToWrite, StoreError> {
+        if !self.sealing {
+            return Ok(ToWrite::Bytes(plain));
+        }
+        let key = match self.key(customer) {
+            Ok(k) => k,
+            Err(other) => return Ok(other),
+        };
+        // The subject only picks the key here: a row names its customer.
+        let s = customer_key(customer);
+        let sealed = cdp_seal::seal(&[(s, key)], &kind.aad(customer), &plain)
+            .map_err(|e| StoreError::Storage(format!("cannot seal a row of {customer}: {e}")))?;
+        let mut out = Vec::with_capacity(1 + SALT_LEN + sealed.ciphertext.len());
+        out.push(SEALED);
+        out.extend_from_slice(&sealed.salt);
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok(ToWrite::Bytes(out))
+    }
+
+    /// Opens a row of `customer`.
+    pub fn open(
+        &self,
+        customer: CustomerId,
+        kind: RowKind,
+        bytes: &[u8],
+    ) -> Result<Opened, StoreError> {
+        if !is_sealed(bytes) {
+            return Ok(Opened::Clear(bytes.to_vec()));
+        }
+        let key = match self.key(customer) {
+            Ok(k) => k,
+            Err(ToWrite::Erased) => return Ok(Opened::Erased),
+            Err(_) => return Ok(Opened::Missing),
+        };
+        let corrupt = |reason: String| StoreError::Corrupt {
+            what: "sealed row",
+            reason: format!("{kind:?} of {customer}: {reason}"),
+        };
+        if bytes.len() < 1 + SALT_LEN {
+            return Err(corrupt(format!("{} bytes", bytes.len())));
+        }
+        let s = customer_key(customer);
+        let sealed = Sealed {
+            subjects: vec![s],
+            salt: bytes[1..=SALT_LEN].to_vec(),
+            ciphertext: bytes[1 + SALT_LEN..].to_vec(),
+        };
+        match cdp_seal::open(&sealed, &kind.aad(customer), |_| Some(key)) {
+            Ok(Some(plain)) => Ok(Opened::Clear(plain)),
+            Ok(None) => Ok(Opened::Erased),
+            Err(e) => Err(corrupt(e.to_string())),
+        }
+    }
+}
+
+/// A stored value read through [`ViewKeys`].
+#[derive(Debug, PartialEq)]
+pub enum Read<T> {
+    Value(T),
+    /// Its customer's key is erased: read it as absent.
+    Erased,
+    /// Its customer's key was not fetched.
+    Missing,
+}
+
+impl ViewKeys {
+    /// `value` as JSON, sealed under `customer`'s key.
+    pub fn write_json<T: Serialize>(
+        &self,
+        customer: CustomerId,
+        kind: RowKind,
+        value: &T,
+    ) -> Result<ToWrite, StoreError> {
+        let plain = serde_json::to_vec(value).map_err(|e| StoreError::Storage(e.to_string()))?;
+        self.seal(customer, kind, plain)
+    }
+
+    /// A value [`write_json`](Self::write_json) wrote (or JSON in clear).
+    pub fn read_json<T: DeserializeOwned>(
+        &self,
+        customer: CustomerId,
+        kind: RowKind,
+        what: &'static str,
+        bytes: &[u8],
+    ) -> Result<Read<T>, StoreError> {
+        let parse = |b: &[u8]| {
+            serde_json::from_slice(b).map_err(|e| StoreError::Corrupt {
+                what,
+                reason: e.to_string(),
+            })
+        };
+        if !is_sealed(bytes) {
+            return parse(bytes).map(Read::Value);
+        }
+        Ok(match self.open(customer, kind, bytes)? {
+            Opened::Clear(plain) => Read::Value(parse(&plain)?),
+            Opened::Erased => Read::Erased,
+            Opened::Missing => Read::Missing,
+        })
+    }
+
+    /// A profile slot as stored: a live profile sealed, a merge redirect
+    /// in clear (it names only the customer it points at).
+    pub fn write_slot(
+        &self,
+        customer: CustomerId,
+        slot: &ProfileSlot,
+    ) -> Result<ToWrite, StoreError> {
+        match slot {
+            ProfileSlot::MergedInto(_) => serde_json::to_vec(slot)
+                .map(ToWrite::Bytes)
+                .map_err(|e| StoreError::Storage(e.to_string())),
+            ProfileSlot::Live(_) => self.write_json(customer, RowKind::Profile, slot),
+        }
+    }
+
+    /// A slot [`write_slot`](Self::write_slot) wrote.
+    pub fn read_slot(
+        &self,
+        customer: CustomerId,
+        bytes: &[u8],
+    ) -> Result<Read<ProfileSlot>, StoreError> {
+        self.read_json(customer, RowKind::Profile, "profile", bytes)
+    }
+}
+
+/// The customers whose views folding `batch` reads or writes first: each
+/// event's customer and the two sides of its merges.
+pub fn batch_customers(batch: &[ResolvedTouchpoint]) -> BTreeSet<CustomerId> {
+    let mut out = BTreeSet::new();
+    for r in batch {
+        out.insert(r.customer_id);
+        for m in &r.merges {
+            out.insert(m.loser);
+            out.insert(m.survivor);
+        }
+    }
+    out
+}
+
+/// Lengths (in characters of a term's text, after its `kind:`) of the
+/// prefixes a hashed search index holds for each term, besides the whole
+/// term. A typed prefix is looked up by its longest indexed prefix (and as
+/// a whole term); the candidates are checked against the search terms their
+/// opened profile keeps (`Profile::matches_search`).
+pub const INDEXED_PREFIXES: [usize; 9] = [2, 3, 4, 5, 6, 8, 10, 12, 16];
+
+/// First character of a hashed search entry (an entry in clear starts with
+/// its term's kind: `name:`, `email:`, `tel:`).
+pub const HASHED_ENTRY: char = '#';
+
+/// A search entry: a keyed hash (the platform's hash secret, apart from
+/// subjects) of what it stands for, 64 bits in hex.
+fn hashed(hasher: &Hasher, what: &[u8], text: &str) -> String {
+    use std::fmt::Write as _;
+    let tag = hasher.subject_of_parts(&[b"\0search\0", what, text.as_bytes()]);
+    let mut out = String::with_capacity(17);
+    out.push(HASHED_ENTRY);
+    for b in &tag.0[..8] {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A term's kind (with its colon) and its text.
+fn split_term(term: &str) -> (&str, &str) {
+    match term.find(':') {
+        Some(i) => term.split_at(i + 1),
+        None => ("", term),
+    }
+}
+
+/// `text` cut after `chars` characters.
+fn head(text: &str, chars: usize) -> &str {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
+/// The search entries of a term: in clear the term itself; hashed, the
+/// whole term and its [`INDEXED_PREFIXES`] shorter than it.
+pub fn index_entries(hasher: Option<&Hasher>, term: &str) -> Vec<String> {
+    let Some(h) = hasher else {
+        return vec![term.to_owned()];
+    };
+    let (kind, text) = split_term(term);
+    let n = text.chars().count();
+    let mut out = vec![hashed(h, b"=", term)];
+    for l in INDEXED_PREFIXES.into_iter().filter(|l| *l < n) {
+        out.push(hashed(h, b"^", &format!("{kind}{}", head(text, l))));
+    }
+    out
+}
+
+/// The entries a search for terms starting with `prefix` reads: in clear
+/// the prefix itself (a range of terms); hashed, the entry of the term
+/// equal to it and of its longest indexed prefix (its candidates are
+/// checked against their profile).
+pub fn query_entries(hasher: Option<&Hasher>, prefix: &str) -> Vec<String> {
+    let Some(h) = hasher else {
+        return vec![prefix.to_owned()];
+    };
+    let (kind, text) = split_term(prefix);
+    let n = text.chars().count();
+    let mut out = vec![hashed(h, b"=", prefix)];
+    if let Some(l) = INDEXED_PREFIXES.into_iter().rev().find(|l| *l <= n) {
+        out.push(hashed(h, b"^", &format!("{kind}{}", head(text, l))));
+    }
+    out
+}
+
+/// The entries of `terms` to delete: each term in clear (written before
+/// the index was hashed) and hashed.
+pub fn erased_entries(hasher: Option<&Hasher>, terms: &[String]) -> Vec<String> {
+    let mut out: BTreeSet<String> = terms.iter().cloned().collect();
+    if hasher.is_some() {
+        for t in terms {
+            out.extend(index_entries(hasher, t));
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// Whether a stored row is sealed (else it is JSON in clear).
+pub fn is_sealed(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&SEALED)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::Uuid;
+
+    fn keys_for(customers: &[CustomerId], erased: &[CustomerId]) -> ViewKeys {
+        let mut keys = ViewKeys {
+            sealing: true,
+            keys: KeySet::new(),
+            hasher: None,
+        };
+        for c in customers {
+            keys.keys
+                .insert(customer_key(*c), Some(DataKey::generate().expect("a key")));
+        }
+        for c in erased {
+            keys.keys.insert(customer_key(*c), None);
+        }
+        keys
+    }
+
+    #[test]
+    fn a_row_opens_only_as_the_row_it_was_sealed_for() {
+        let (a, b) = (CustomerId(Uuid::now_v7()), CustomerId(Uuid::now_v7()));
+        let keys = keys_for(&[a, b], &[]);
+        let plain = br#"{"traits":{"address":"12 Ly Thai To"}}"#.to_vec();
+        let Ok(ToWrite::Bytes(sealed)) = keys.seal(a, RowKind::Profile, plain.clone()) else {
+            panic!("sealed");
+        };
+        assert!(is_sealed(&sealed));
+        assert!(!sealed.windows(8).any(|w| w == b"Ly Thai "));
+        assert_eq!(
+            keys.open(a, RowKind::Profile, &sealed).expect("opens"),
+            Opened::Clear(plain.clone())
+        );
+        // Another customer's row, or another kind of row: refused.
+        assert!(keys.open(b, RowKind::Profile, &sealed).is_err());
+        assert!(keys.open(a, RowKind::PendingMerge, &sealed).is_err());
+        assert!(keys.open(a, RowKind::Timeline(1), &sealed).is_err());
+        // A row in clear (written before sealing) reads as it is.
+        assert_eq!(
+            keys.open(a, RowKind::Profile, &plain).expect("reads"),
+            Opened::Clear(plain.clone())
+        );
+    }
+
+    #[test]
+    fn a_typed_prefix_finds_the_entries_of_every_term_it_starts() {
+        let h = Hasher::new(&DataKey::generate().expect("a key"));
+        let term = "name:nguyễn thị lan";
+        let indexed = index_entries(Some(&h), term);
+        assert!(
+            indexed
+                .iter()
+                .all(|e| e.len() == 17 && e.starts_with(HASHED_ENTRY))
+        );
+        assert!(!indexed.iter().any(|e| e.contains("nguy")));
+        for typed in ["name:ng", "name:ngu", "name:nguyễ", "name:nguyễn thị", term] {
+            let wanted = query_entries(Some(&h), typed);
+            assert!(
+                wanted.iter().any(|e| indexed.contains(e)),
+                "{typed} finds {term}"
+            );
+        }
+        // Longer than the term, or another word: no entry in common.
+        for typed in ["name:nguyễn thị lan anh", "name:tran"] {
+            let wanted = query_entries(Some(&h), typed);
+            assert!(!wanted.iter().any(|e| indexed.contains(e)), "{typed}");
+        }
+        // Another hash secret names other entries.
+        let other = Hasher::new(&DataKey::generate().expect("a key"));
+        assert!(
+            !query_entries(Some(&other), "name:ngu")
+                .iter()
+                .any(|e| indexed.contains(e))
+        );
+        // In clear: the term, and the prefix to range over.
+        assert_eq!(index_entries(None, term), vec![term.to_owned()]);
+        assert_eq!(query_entries(None, "name:ngu"), vec!["name:ngu".to_owned()]);
+    }
+
+    #[test]
+    fn an_erased_or_unfetched_key_neither_opens_nor_writes() {
+        let (a, gone, unknown) = (
+            CustomerId(Uuid::now_v7()),
+            CustomerId(Uuid::now_v7()),
+            CustomerId(Uuid::now_v7()),
+        );
+        let keys = keys_for(&[a], &[gone]);
+        let Ok(ToWrite::Bytes(sealed)) = keys.seal(a, RowKind::Profile, b"{}".to_vec()) else {
+            panic!("sealed");
+        };
+        assert_eq!(
+            keys.seal(gone, RowKind::Profile, b"{}".to_vec()).ok(),
+            Some(ToWrite::Erased)
+        );
+        assert_eq!(
+            keys.seal(unknown, RowKind::Profile, b"{}".to_vec()).ok(),
+            Some(ToWrite::Missing)
+        );
+        // The same row once the key is erased.
+        let after = keys_for(&[], &[a]);
+        assert_eq!(
+            after.open(a, RowKind::Profile, &sealed).expect("no error"),
+            Opened::Erased
+        );
+        assert_eq!(
+            ViewKeys {
+                sealing: true,
+                keys: KeySet::new(),
+                hasher: None,
+            }
+            .open(a, RowKind::Profile, &sealed)
+            .expect("no error"),
+            Opened::Missing
+        );
+        // In clear, rows are written as they are.
+        assert_eq!(
+            ViewKeys::clear()
+                .seal(a, RowKind::Profile, b"{}".to_vec())
+                .ok(),
+            Some(ToWrite::Bytes(b"{}".to_vec()))
+        );
+    }
+}
