@@ -443,45 +443,103 @@ struct TxProfiles<'t, 'k> {
     /// The search terms of each live profile as the current event's fold
     /// first loaded it: the event indexes only terms new to its customer.
     terms_before: std::collections::HashMap<CustomerId, std::collections::BTreeSet<String>>,
+    /// Slots read or saved in this transaction (`true`: saved, to write):
+    /// a profile is opened once per batch, and sealed and written once
+    /// ([`write_back`](Self::write_back)), however many of its events the
+    /// batch folds.
+    slots: std::collections::HashMap<CustomerId, (Option<ProfileSlot>, bool)>,
+}
+
+impl TxProfiles<'_, '_> {
+    /// Writes every slot saved in this transaction.
+    fn write_back(&mut self) -> Result<(), StoreError> {
+        for (customer, (slot, dirty)) in &self.slots {
+            let (Some(slot), true) = (slot, dirty) else {
+                continue;
+            };
+            match self.keys.write_slot(*customer, slot)? {
+                ToWrite::Bytes(bytes) => {
+                    self.profiles
+                        .insert(key(*customer), bytes.as_slice())
+                        .map_err(storage)?;
+                }
+                // An erased customer's views are not made again.
+                ToWrite::Erased => {}
+                ToWrite::Missing => {
+                    self.missing.insert(*customer);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ProfileAccess for TxProfiles<'_, '_> {
     type Error = StoreError;
 
     fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, StoreError> {
-        let Some(v) = self.profiles.get(key(customer)).map_err(storage)? else {
-            return Ok(None);
+        let slot = match self.slots.get(&customer) {
+            Some((slot, _)) => slot.clone(),
+            None => {
+                let read = match self.profiles.get(key(customer)).map_err(storage)? {
+                    None => Read::Value(None),
+                    Some(v) => match self.keys.read_slot(customer, v.value())? {
+                        Read::Value(slot) => Read::Value(Some(slot)),
+                        Read::Erased => Read::Erased,
+                        Read::Missing => Read::Missing,
+                    },
+                };
+                let slot = match read {
+                    Read::Value(slot) => slot,
+                    Read::Erased => None,
+                    Read::Missing => {
+                        self.missing.insert(customer);
+                        return Ok(None);
+                    }
+                };
+                self.slots.insert(customer, (slot.clone(), false));
+                slot
+            }
         };
-        match self.keys.read_slot(customer, v.value())? {
-            Read::Value(slot) => {
-                if let ProfileSlot::Live(p) = &slot {
-                    self.terms_before
-                        .entry(customer)
-                        .or_insert_with(|| p.search_terms.clone());
-                }
-                Ok(Some(slot))
-            }
-            Read::Erased => Ok(None),
-            Read::Missing => {
-                self.missing.insert(customer);
-                Ok(None)
-            }
+        if let Some(ProfileSlot::Live(p)) = &slot {
+            self.terms_before
+                .entry(customer)
+                .or_insert_with(|| p.search_terms.clone());
         }
+        Ok(slot)
     }
 
     fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
-        match self.keys.write_slot(customer, slot)? {
-            ToWrite::Bytes(bytes) => {
-                self.profiles
-                    .insert(key(customer), bytes.as_slice())
-                    .map_err(storage)?;
-            }
-            ToWrite::Erased => {}
-            ToWrite::Missing => {
-                self.missing.insert(customer);
-            }
-        }
+        self.slots.insert(customer, (Some(slot.clone()), true));
         Ok(())
+    }
+
+    /// Follows redirects without opening a live profile: redirects are in
+    /// clear and a sealed row is always live.
+    fn live_root(&mut self, customer: CustomerId) -> Result<CustomerId, StoreError> {
+        #[derive(serde::Deserialize)]
+        enum Slot {
+            Live(serde::de::IgnoredAny),
+            MergedInto(CustomerId),
+        }
+        cdp_domain::redirect::follow(customer, |c| {
+            if let Some((slot, _)) = self.slots.get(&c) {
+                return Ok(match slot {
+                    Some(ProfileSlot::MergedInto(next)) => Some(*next),
+                    _ => None,
+                });
+            }
+            let Some(v) = self.profiles.get(key(c)).map_err(storage)? else {
+                return Ok(None);
+            };
+            if crate::sealed::is_sealed(v.value()) {
+                return Ok(None);
+            }
+            Ok(match from_json::<Slot>("profile", v.value())? {
+                Slot::Live(_) => None,
+                Slot::MergedInto(next) => Some(next),
+            })
+        })
     }
 }
 
@@ -540,9 +598,12 @@ impl EmbeddedStore {
                 keys,
                 missing: Unfetched::new(),
                 terms_before: std::collections::HashMap::new(),
+                slots: std::collections::HashMap::new(),
             };
             let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
             let mut search = tx.open_table(SEARCH).map_err(storage)?;
+            // Search entries of the terms new to their customer.
+            let mut index: Vec<(String, u128)> = Vec::new();
             for resolved in batch {
                 access.terms_before.clear();
                 if let Some(entry) = fold_resolved(&mut access, resolved, options)? {
@@ -555,15 +616,9 @@ impl EmbeddedStore {
                                 .map_err(storage)?;
                             let known = access.terms_before.get(&entry.customer_id);
                             for term in cdp_domain::search::terms(&resolved.touchpoint) {
-                                if known.is_some_and(|k| k.contains(&term)) {
-                                    continue;
-                                }
-                                for e in crate::sealed::index_entries(keys.hasher(), &term) {
-                                    // A read leaves the page clean, a rewrite
-                                    // would copy it.
-                                    let key = (e.as_str(), customer);
-                                    if search.get(key).map_err(storage)?.is_none() {
-                                        search.insert(key, ()).map_err(storage)?;
+                                if !known.is_some_and(|k| k.contains(&term)) {
+                                    for e in crate::sealed::index_entries(keys.hasher(), &term) {
+                                        index.push((e, customer));
                                     }
                                 }
                             }
@@ -581,9 +636,18 @@ impl EmbeddedStore {
                     applied.customers.push(access.live_root(merge.survivor)?);
                 }
             }
+            access.write_back()?;
             if !access.missing.is_empty() {
                 // Dropped uncommitted: nothing of this attempt is kept.
                 return Ok(Err(access.missing));
+            }
+            // In key order: entries that share a page are written together.
+            index.sort_unstable();
+            index.dedup();
+            for (entry, customer) in &index {
+                search
+                    .insert((entry.as_str(), *customer), ())
+                    .map_err(storage)?;
             }
         }
         tx.commit().map_err(storage)?;

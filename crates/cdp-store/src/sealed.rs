@@ -5,7 +5,8 @@
 //!   `HMAC(\0 "customer" \0 id)` ([`customer_subject`]); an erasure deletes
 //!   it with the keys of the customer's identifiers.
 //! - A live profile, the profile a pending merge keeps, and each timeline
-//!   entry are stored sealed under the key of the customer whose row holds
+//!   entry are stored sealed (AES-256-GCM, `cdp_seal::seal_with`) under the
+//!   key of the customer whose row holds
 //!   them, bound to that row (the customer id and what the row is are the
 //!   associated data), so old copies left in free pages of a redb file or
 //!   in SSTables not compacted yet are unreadable once the key is gone.
@@ -24,7 +25,7 @@ use std::sync::Arc;
 
 use cdp_domain::profile::ProfileSlot;
 use cdp_domain::{CustomerId, ResolvedTouchpoint};
-use cdp_seal::{DataKey, Hasher, KeySet, Sealed, Subject};
+use cdp_seal::{DataKey, Hasher, KeySet, Subject};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -34,9 +35,6 @@ use crate::keys::Keyring;
 /// First byte of a sealed row. Rows in clear are JSON, which starts with
 /// `{`, `"` or `[`.
 const SEALED: u8 = 0xC5;
-
-/// Bytes of a row's salt (`cdp_seal`'s).
-const SALT_LEN: usize = 32;
 
 /// What a sealed row is, in its associated data: a row moved to another
 /// customer or another table does not open.
@@ -285,14 +283,11 @@ impl ViewKeys {
             Ok(k) => k,
             Err(other) => return Ok(other),
         };
-        // The subject only picks the key here: a row names its customer.
-        let s = customer_key(customer);
-        let sealed = cdp_seal::seal(&[(s, key)], &kind.aad(customer), &plain)
+        let sealed = cdp_seal::seal_with(key, &kind.aad(customer), &plain)
             .map_err(|e| StoreError::Storage(format!("cannot seal a row of {customer}: {e}")))?;
-        let mut out = Vec::with_capacity(1 + SALT_LEN + sealed.ciphertext.len());
+        let mut out = Vec::with_capacity(1 + sealed.len());
         out.push(SEALED);
-        out.extend_from_slice(&sealed.salt);
-        out.extend_from_slice(&sealed.ciphertext);
+        out.extend_from_slice(&sealed);
         Ok(ToWrite::Bytes(out))
     }
 
@@ -311,23 +306,12 @@ impl ViewKeys {
             Err(ToWrite::Erased) => return Ok(Opened::Erased),
             Err(_) => return Ok(Opened::Missing),
         };
-        let corrupt = |reason: String| StoreError::Corrupt {
-            what: "sealed row",
-            reason: format!("{kind:?} of {customer}: {reason}"),
-        };
-        if bytes.len() < 1 + SALT_LEN {
-            return Err(corrupt(format!("{} bytes", bytes.len())));
-        }
-        let s = customer_key(customer);
-        let sealed = Sealed {
-            subjects: vec![s],
-            salt: bytes[1..=SALT_LEN].to_vec(),
-            ciphertext: bytes[1 + SALT_LEN..].to_vec(),
-        };
-        match cdp_seal::open(&sealed, &kind.aad(customer), |_| Some(key)) {
-            Ok(Some(plain)) => Ok(Opened::Clear(plain)),
-            Ok(None) => Ok(Opened::Erased),
-            Err(e) => Err(corrupt(e.to_string())),
+        match cdp_seal::open_with(key, &kind.aad(customer), &bytes[1..]) {
+            Ok(plain) => Ok(Opened::Clear(plain)),
+            Err(e) => Err(StoreError::Corrupt {
+                what: "sealed row",
+                reason: format!("{kind:?} of {customer}: {e}"),
+            }),
         }
     }
 }
@@ -422,7 +406,7 @@ pub fn batch_customers(batch: &[ResolvedTouchpoint]) -> BTreeSet<CustomerId> {
 /// term. A typed prefix is looked up by its longest indexed prefix (and as
 /// a whole term); the candidates are checked against the search terms their
 /// opened profile keeps (`Profile::matches_search`).
-pub const INDEXED_PREFIXES: [usize; 9] = [2, 3, 4, 5, 6, 8, 10, 12, 16];
+pub const INDEXED_PREFIXES: [usize; 3] = [3, 5, 8];
 
 /// First character of a hashed search entry (an entry in clear starts with
 /// its term's kind: `name:`, `email:`, `tel:`).
@@ -563,18 +547,28 @@ mod tests {
                 .all(|e| e.len() == 17 && e.starts_with(HASHED_ENTRY))
         );
         assert!(!indexed.iter().any(|e| e.contains("nguy")));
-        for typed in ["name:ng", "name:ngu", "name:nguyễ", "name:nguyễn thị", term] {
+        for typed in [
+            "name:ngu",
+            "name:nguy",
+            "name:nguyễ",
+            "name:nguyễn thị",
+            term,
+        ] {
             let wanted = query_entries(Some(&h), typed);
             assert!(
                 wanted.iter().any(|e| indexed.contains(e)),
                 "{typed} finds {term}"
             );
         }
-        // Longer than the term, or another word: no entry in common.
-        for typed in ["name:nguyễn thị lan anh", "name:tran"] {
+        // Another word: no entry in common.
+        for typed in ["name:tran", "name:ngo", "name:nguyen"] {
             let wanted = query_entries(Some(&h), typed);
             assert!(!wanted.iter().any(|e| indexed.contains(e)), "{typed}");
         }
+        // Longer than the term: a candidate by its first 8 characters only,
+        // which the profile's own terms then refuse.
+        let longer = query_entries(Some(&h), "name:nguyễn thị lan anh");
+        assert_eq!(longer.iter().filter(|e| indexed.contains(e)).count(), 1);
         // Another hash secret names other entries.
         let other = Hasher::new(&DataKey::generate().expect("a key"));
         assert!(

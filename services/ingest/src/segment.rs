@@ -51,6 +51,17 @@ pub fn message_from_json(value: Value) -> Result<Message, FieldError> {
     })
 }
 
+/// [`message_from_json`] from the message's JSON text, without building a
+/// `Value` first.
+pub fn message_from_str(text: &str) -> Result<Message, FieldError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize::<_, Message>(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { String::new() } else { path };
+        FieldError::new(field, e.into_inner().to_string())
+    })
+}
+
 /// A `/v1/batch` body.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
