@@ -310,11 +310,7 @@ impl ScyllaStore {
         } else {
             ViewKeys::clear()
         };
-        let unfetched = || {
-            StoreError::Storage(format!(
-                "the key of customer {customer} was fetched but not found"
-            ))
-        };
+        let unfetched = || cdp_store::sealed::unfetched(customer);
         let slot = match keys.read_slot(customer, &slot)? {
             Read::Value(slot) => slot,
             // An erased customer's row reads as none (erasure removes it).
@@ -455,11 +451,7 @@ impl ScyllaStore {
                 ToWrite::Bytes(b) => b,
                 // An erased customer's views are not made again.
                 ToWrite::Erased => continue,
-                ToWrite::Missing => {
-                    return Err(StoreError::Storage(format!(
-                        "the key of customer {customer} was fetched but not found"
-                    )));
-                }
+                ToWrite::Missing => return Err(cdp_store::sealed::unfetched(entry.customer_id)),
             };
             let values = (customer, entry.occurred_at, entry.event_id.0, bytes);
             writes.push(Box::pin(self.write(&st.timeline_put, values)));
@@ -497,9 +489,7 @@ impl ScyllaStore {
         }
         let sealed = |w: ToWrite| match w {
             ToWrite::Bytes(b) => Ok(b),
-            ToWrite::Erased | ToWrite::Missing => Err(StoreError::Storage(format!(
-                "the key of customer {customer} was fetched but not found"
-            ))),
+            ToWrite::Erased | ToWrite::Missing => Err(cdp_store::sealed::unfetched(customer)),
         };
         let slot = sealed(keys.write_slot(customer, &entry.slot)?)?;
         let pending = match &entry.pending {

@@ -534,11 +534,6 @@ impl KeySet {
         self.keys.len()
     }
 
-    /// Every subject and its key (`None`: erased).
-    pub fn into_entries(self) -> impl Iterator<Item = (Subject, Option<DataKey>)> {
-        self.keys.into_iter()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
     }

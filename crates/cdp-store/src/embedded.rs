@@ -481,21 +481,16 @@ impl ProfileAccess for TxProfiles<'_, '_> {
         let slot = match self.slots.get(&customer) {
             Some((slot, _)) => slot.clone(),
             None => {
-                let read = match self.profiles.get(key(customer)).map_err(storage)? {
-                    None => Read::Value(None),
+                let slot = match self.profiles.get(key(customer)).map_err(storage)? {
+                    None => None,
                     Some(v) => match self.keys.read_slot(customer, v.value())? {
-                        Read::Value(slot) => Read::Value(Some(slot)),
-                        Read::Erased => Read::Erased,
-                        Read::Missing => Read::Missing,
+                        Read::Value(slot) => Some(slot),
+                        Read::Erased => None,
+                        Read::Missing => {
+                            self.missing.insert(customer);
+                            return Ok(None);
+                        }
                     },
-                };
-                let slot = match read {
-                    Read::Value(slot) => slot,
-                    Read::Erased => None,
-                    Read::Missing => {
-                        self.missing.insert(customer);
-                        return Ok(None);
-                    }
                 };
                 self.slots.insert(customer, (slot.clone(), false));
                 slot
@@ -569,7 +564,7 @@ impl EmbeddedStore {
                 .await?;
             match outcome {
                 Ok(applied) => return Ok(applied),
-                Err(unfetched) => self.seal.add_missing(&mut keys, unfetched, true).await?,
+                Err(unfetched) => self.seal.obtain_missing(&mut keys, unfetched).await?,
             }
         }
         Err(StoreError::Storage(format!(
@@ -744,9 +739,7 @@ impl ProfileStore for EmbeddedStore {
                 pending: None,
             })),
             Read::Erased => Ok(None),
-            Read::Missing => Err(StoreError::Storage(format!(
-                "the key of customer {customer} was fetched but not found"
-            ))),
+            Read::Missing => Err(crate::sealed::unfetched(customer)),
         }
     }
 

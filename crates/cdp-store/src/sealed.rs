@@ -20,12 +20,12 @@
 //! records any other it meets ([`ViewKeys::open`] answers
 //! [`Opened::Missing`]) and folds again with those fetched.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use cdp_domain::profile::ProfileSlot;
 use cdp_domain::{CustomerId, ResolvedTouchpoint};
-use cdp_seal::{DataKey, Hasher, KeySet, Subject};
+use cdp_seal::{DataKey, Hasher, Subject};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -90,17 +90,6 @@ impl ViewSeal {
         ViewSeal::default()
     }
 
-    pub fn is_sealing(&self) -> bool {
-        self.keyring.is_some()
-    }
-
-    /// The keyring subject of a customer's views (none in clear).
-    pub fn subject(&self, customer: CustomerId) -> Option<Subject> {
-        self.keyring
-            .as_ref()
-            .map(|k| customer_subject(k.hasher(), customer))
-    }
-
     /// The keys of `customers` for writing: a customer seen for the first
     /// time gets one (durable before the views written with it are: see
     /// [`flush`](Self::flush)); an erased customer has none.
@@ -137,33 +126,34 @@ impl ViewSeal {
         } else {
             keyring.keys(&subjects).await?
         };
-        let mut keys = ViewKeys {
-            sealing: true,
-            keys: KeySet::new(),
+        Ok(ViewKeys {
+            keys: customers
+                .into_iter()
+                .zip(subjects)
+                .map(|(c, s)| (c, set.get(&s).cloned()))
+                .collect(),
             hasher: Some(keyring.hasher().clone()),
-        };
-        for (c, s) in customers.into_iter().zip(subjects) {
-            keys.keys.insert(customer_key(c), set.get(&s).cloned());
-        }
-        Ok(keys)
+        })
     }
 
-    /// [`fetch`](Self::fetch) of the customers `keys` lacks, added to it.
-    pub async fn add_missing(
+    /// [`obtain`](Self::obtain) of the customers `keys` lacks, added to it.
+    pub async fn obtain_missing(
         &self,
         keys: &mut ViewKeys,
         customers: impl IntoIterator<Item = CustomerId>,
-        create: bool,
     ) -> Result<(), StoreError> {
         let wanted: Vec<CustomerId> = customers
             .into_iter()
-            .filter(|c| !keys.keys.contains(&customer_key(*c)))
+            .filter(|c| !keys.keys.contains_key(c))
             .collect();
         if wanted.is_empty() {
             return Ok(());
         }
-        let more = self.fetch(wanted, create).await?;
-        keys.absorb(more);
+        let more = self.obtain(wanted).await?;
+        keys.keys.extend(more.keys);
+        if keys.hasher.is_none() {
+            keys.hasher = more.hasher;
+        }
         Ok(())
     }
 
@@ -195,12 +185,11 @@ pub fn customer_subject(hasher: &cdp_seal::Hasher, customer: CustomerId) -> Subj
     hasher.subject_of_parts(&[b"\0customer\0", customer.0.as_bytes()])
 }
 
-/// [`ViewKeys`] indexes its keys by customer id (padded into a subject),
-/// not by keyring subject: the stores look them up by customer.
-fn customer_key(customer: CustomerId) -> Subject {
-    let mut s = [0u8; 32];
-    s[..16].copy_from_slice(customer.0.as_bytes());
-    Subject(s)
+/// A row whose customer key a store fetched, yet did not get.
+pub fn unfetched(customer: CustomerId) -> StoreError {
+    StoreError::Storage(format!(
+        "the key of customer {customer} was fetched but not found"
+    ))
 }
 
 /// A sealed row opened.
@@ -228,9 +217,10 @@ pub enum ToWrite {
 /// The customer keys a store fetched for one fold or read.
 #[derive(Debug, Clone, Default)]
 pub struct ViewKeys {
-    sealing: bool,
-    keys: KeySet,
-    /// Names search entries (none in clear).
+    /// By customer; `None`: erased.
+    keys: HashMap<CustomerId, Option<DataKey>>,
+    /// Names search entries; none in clear, where rows are written as
+    /// they are.
     hasher: Option<Hasher>,
 }
 
@@ -245,26 +235,15 @@ impl ViewKeys {
         self.hasher.as_ref()
     }
 
-    fn absorb(&mut self, other: ViewKeys) {
-        self.sealing |= other.sealing;
-        if self.hasher.is_none() {
-            self.hasher = other.hasher;
-        }
-        for (s, k) in other.keys.into_entries() {
-            self.keys.insert(s, k);
-        }
-    }
-
     /// Whether `customer`'s key was fetched and found erased.
     pub fn erased(&self, customer: CustomerId) -> bool {
-        self.keys.erased(&customer_key(customer))
+        matches!(self.keys.get(&customer), Some(None))
     }
 
     fn key(&self, customer: CustomerId) -> Result<&DataKey, ToWrite> {
-        let s = customer_key(customer);
-        match self.keys.get(&s) {
-            Some(k) => Ok(k),
-            None if self.keys.erased(&s) => Err(ToWrite::Erased),
+        match self.keys.get(&customer) {
+            Some(Some(k)) => Ok(k),
+            Some(None) => Err(ToWrite::Erased),
             None => Err(ToWrite::Missing),
         }
     }
@@ -276,7 +255,7 @@ impl ViewKeys {
         kind: RowKind,
         plain: Vec<u8>,
     ) -> Result<ToWrite, StoreError> {
-        if !self.sealing {
+        if self.hasher.is_none() {
             return Ok(ToWrite::Bytes(plain));
         }
         let key = match self.key(customer) {
@@ -441,6 +420,11 @@ fn head(text: &str, chars: usize) -> &str {
     }
 }
 
+/// The entry of the first `chars` characters of a term's text.
+fn prefix_entry(hasher: &Hasher, kind: &str, text: &str, chars: usize) -> String {
+    hashed(hasher, b"^", &format!("{kind}{}", head(text, chars)))
+}
+
 /// The search entries of a term: in clear the term itself; hashed, the
 /// whole term and its [`INDEXED_PREFIXES`] shorter than it.
 pub fn index_entries(hasher: Option<&Hasher>, term: &str) -> Vec<String> {
@@ -451,7 +435,7 @@ pub fn index_entries(hasher: Option<&Hasher>, term: &str) -> Vec<String> {
     let n = text.chars().count();
     let mut out = vec![hashed(h, b"=", term)];
     for l in INDEXED_PREFIXES.into_iter().filter(|l| *l < n) {
-        out.push(hashed(h, b"^", &format!("{kind}{}", head(text, l))));
+        out.push(prefix_entry(h, kind, text, l));
     }
     out
 }
@@ -468,7 +452,7 @@ pub fn query_entries(hasher: Option<&Hasher>, prefix: &str) -> Vec<String> {
     let n = text.chars().count();
     let mut out = vec![hashed(h, b"=", prefix)];
     if let Some(l) = INDEXED_PREFIXES.into_iter().rev().find(|l| *l <= n) {
-        out.push(hashed(h, b"^", &format!("{kind}{}", head(text, l))));
+        out.push(prefix_entry(h, kind, text, l));
     }
     out
 }
@@ -497,16 +481,15 @@ mod tests {
 
     fn keys_for(customers: &[CustomerId], erased: &[CustomerId]) -> ViewKeys {
         let mut keys = ViewKeys {
-            sealing: true,
-            keys: KeySet::new(),
-            hasher: None,
+            keys: HashMap::new(),
+            hasher: Some(Hasher::new(&DataKey::generate().expect("a key"))),
         };
         for c in customers {
             keys.keys
-                .insert(customer_key(*c), Some(DataKey::generate().expect("a key")));
+                .insert(*c, Some(DataKey::generate().expect("a key")));
         }
         for c in erased {
-            keys.keys.insert(customer_key(*c), None);
+            keys.keys.insert(*c, None);
         }
         keys
     }
@@ -607,13 +590,9 @@ mod tests {
             Opened::Erased
         );
         assert_eq!(
-            ViewKeys {
-                sealing: true,
-                keys: KeySet::new(),
-                hasher: None,
-            }
-            .open(a, RowKind::Profile, &sealed)
-            .expect("no error"),
+            keys_for(&[], &[])
+                .open(a, RowKind::Profile, &sealed)
+                .expect("no error"),
             Opened::Missing
         );
         // In clear, rows are written as they are.
