@@ -10,6 +10,7 @@
 #   infra.sh smoke    create a Kafka topic + run a CQL round trip (needs `up`)
 #   infra.sh stop S   stop one server (kafka|cassandra), keeping its data
 #   infra.sh start S  start one stopped server again on its data
+#   infra.sh flush    write Cassandra's memtables to SSTables (nodetool flush)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -31,6 +32,8 @@ KAFKA_PORT=9092
 KAFKA_CONTROLLER_PORT=9093
 CQL_PORT=9042
 CASSANDRA_STORAGE_PORT=7000
+# JMX on the loopback interface only, for nodetool (`infra.sh flush`).
+CASSANDRA_JMX_PORT="${CDP_CASSANDRA_JMX_PORT:-7199}"
 
 SERVERS=(kafka cassandra)
 
@@ -281,7 +284,8 @@ EOF
 </configuration>
 EOF
   [[ -f "$d/system.log" ]] && mv -f "$d/system.log" "$d/system.log.prev"
-  # No -Dcassandra.jmx.*.port => Cassandra starts no JMX server (no port 7199).
+  # cassandra.jmx.local.port: a JMX server bound to the loopback interface
+  # only, for nodetool.
   nohup java -Xms"$CASSANDRA_HEAP" -Xmx"$CASSANDRA_HEAP" -Xss256k \
     -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1 \
     -XX:G1HeapRegionSize=16m -XX:MaxGCPauseMillis=300 \
@@ -289,6 +293,7 @@ EOF
     "${CASSANDRA_JVM17_OPTS[@]}" \
     -javaagent:"$jamm" \
     -Dcassandra.config="file://$d/conf/cassandra.yaml" \
+    -Dcassandra.jmx.local.port="$CASSANDRA_JMX_PORT" \
     -Dcassandra.storagedir="$data" \
     -Dcassandra.logdir="$d" \
     -Dcassandra-foreground=yes \
@@ -474,6 +479,25 @@ EOF
   log "cassandra: CQL ok ($out)"
 }
 
+cmd_flush() {
+  need java
+  [[ -f "$(pid_file cassandra)" ]] || die "cassandra is not running (infra.sh up)"
+  local quiet
+  quiet="$(run_dir cassandra)/conf/logback-tools.xml"
+  cat >"$quiet" <<EOF
+<configuration scan="false">
+  <appender name="ERR" class="ch.qos.logback.core.ConsoleAppender">
+    <target>System.err</target>
+    <encoder><pattern>%-5level %msg%n</pattern></encoder>
+  </appender>
+  <root level="WARN"><appender-ref ref="ERR"/></root>
+</configuration>
+EOF
+  java "${CASSANDRA_JVM17_OPTS[@]}" -Dlogback.configurationFile="$quiet" \
+    -cp "$(lib_dir cassandra)/*" org.apache.cassandra.tools.NodeTool \
+    -h "$HOST" -p "$CASSANDRA_JMX_PORT" flush "$@"
+}
+
 usage() {
   sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
@@ -500,6 +524,10 @@ case "${1:-}" in
   down) cmd_down ;;
   status) cmd_status ;;
   smoke) cmd_smoke ;;
+  flush)
+    shift
+    cmd_flush "$@"
+    ;;
   -h | --help | help) usage ;;
   *)
     usage >&2

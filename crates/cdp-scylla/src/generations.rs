@@ -161,6 +161,8 @@ impl Generations for ScyllaGenerations {
                 let store = ScyllaStore::connect(&config)
                     .await?
                     .with_seal(self.seal.clone());
+                // A graph written before sealing: its claims hashed first.
+                store.seal_claims().await?;
                 open.insert(id, store.clone());
                 store
             }

@@ -9,6 +9,10 @@ use async_trait::async_trait;
 use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, GraphWrite};
 use cdp_domain::redirect::MAX_REDIRECTS;
 use cdp_domain::{CustomerId, EventId, Identifier, IdentityRules, Resolution, Touchpoint};
+use cdp_seal::Hasher;
+use cdp_store::sealed::{
+    Read, ToWrite, claim_key, decision_owner, is_hashed_claim_key, node_link, unfetched,
+};
 use cdp_store::{IdentityStore, StoreError};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt, stream};
@@ -29,20 +33,67 @@ const MAX_LEASE_LOSSES: u32 = 5;
 /// reached normally).
 const MAX_FETCH_ROUNDS: usize = 4 * MAX_REDIRECTS;
 
-/// What one `resolve` call writes: stored in the lease row as `pending`
-/// before any of it is applied, so whoever holds the lease next can finish
-/// applying it if this holder dies half-way.
+/// What one `resolve` call writes, as stored: stored in the lease row as
+/// `pending` before any of it is applied, so whoever holds the lease next
+/// can finish applying it if this holder dies half-way. Its rows are sealed
+/// already (`cdp_store::sealed`): the lease row holds no personal data.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Intent {
-    pub claims: Vec<(Identifier, Claim)>,
+    /// Claim key (see `cdp_store::sealed::claim_key`) and claim.
+    pub claims: Vec<(String, Claim)>,
+    /// Customer id and node, sealed.
+    #[serde(with = "sealed_rows")]
+    pub nodes: Vec<(Uuid, Vec<u8>)>,
+    /// Event id and decision, sealed.
+    #[serde(with = "sealed_rows")]
+    pub resolutions: Vec<(Uuid, Vec<u8>)>,
+}
+
+/// Sealed rows in an intent's JSON: ids and base64.
+mod sealed_rows {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserialize, Deserializer, Serializer};
+    use uuid::Uuid;
+
+    pub fn serialize<S: Serializer>(rows: &[(Uuid, Vec<u8>)], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(rows.iter().map(|(id, bytes)| (id, STANDARD.encode(bytes))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(Uuid, Vec<u8>)>, D::Error> {
+        let rows: Vec<(Uuid, String)> = Deserialize::deserialize(d)?;
+        rows.into_iter()
+            .map(|(id, text)| {
+                STANDARD
+                    .decode(text)
+                    .map(|bytes| (id, bytes))
+                    .map_err(serde::de::Error::custom)
+            })
+            .collect()
+    }
+}
+
+/// What one `resolve` call decided to write, before it is sealed.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Decided {
+    pub claims: Vec<(String, Claim)>,
     pub nodes: Vec<CustomerNode>,
     pub resolutions: Vec<(EventId, Resolution)>,
 }
 
-impl Intent {
+impl Decided {
     fn is_empty(&self) -> bool {
         self.claims.is_empty() && self.nodes.is_empty() && self.resolutions.is_empty()
     }
+}
+
+/// An intent stored by a version that did not seal the graph: rolled
+/// forward sealed.
+#[derive(Deserialize)]
+struct ClearIntent {
+    claims: Vec<(Identifier, Claim)>,
+    nodes: Vec<CustomerNode>,
+    resolutions: Vec<(EventId, Resolution)>,
 }
 
 /// The lease row as read with `SERIAL`.
@@ -79,14 +130,14 @@ struct Overlay {
     claims: HashMap<String, Option<Claim>>,
     nodes: HashMap<CustomerId, Option<CustomerNode>>,
     decisions: HashMap<EventId, Option<Resolution>>,
-    new_claims: BTreeMap<String, (Identifier, Claim)>,
+    new_claims: BTreeMap<String, Claim>,
     new_nodes: BTreeMap<CustomerId, CustomerNode>,
     new_decisions: BTreeMap<EventId, Resolution>,
 }
 
 impl Overlay {
     fn claim(&self, key: &str) -> Lookup<Claim> {
-        if let Some((_, claim)) = self.new_claims.get(key) {
+        if let Some(claim) = self.new_claims.get(key) {
             return Lookup::Known(Some(claim.clone()));
         }
         match self.claims.get(key) {
@@ -121,9 +172,9 @@ impl Overlay {
         self.new_decisions.extend(writes.decisions);
     }
 
-    fn into_intent(self) -> Intent {
-        Intent {
-            claims: self.new_claims.into_values().collect(),
+    fn into_decided(self) -> Decided {
+        Decided {
+            claims: self.new_claims.into_iter().collect(),
             nodes: self.new_nodes.into_values().collect(),
             resolutions: self.new_decisions.into_iter().collect(),
         }
@@ -147,7 +198,7 @@ impl Missing {
 /// The writes of one event's resolution.
 #[derive(Default)]
 struct EventWrites {
-    claims: BTreeMap<String, (Identifier, Claim)>,
+    claims: BTreeMap<String, Claim>,
     nodes: BTreeMap<CustomerId, CustomerNode>,
     decisions: BTreeMap<EventId, Resolution>,
 }
@@ -157,14 +208,17 @@ struct EventWrites {
 /// row reads as absent and is recorded, and the attempt is then discarded.
 struct EventGraph<'a> {
     base: &'a Overlay,
+    /// Names claims (none when the graph is in clear).
+    hasher: Option<&'a Hasher>,
     writes: EventWrites,
     missing: RefCell<Missing>,
 }
 
 impl<'a> EventGraph<'a> {
-    fn new(base: &'a Overlay) -> Self {
+    fn new(base: &'a Overlay, hasher: Option<&'a Hasher>) -> Self {
         EventGraph {
             base,
+            hasher,
             writes: EventWrites::default(),
             missing: RefCell::new(Missing::default()),
         }
@@ -179,8 +233,8 @@ impl GraphRead for EventGraph<'_> {
     type Error = StoreError;
 
     fn claim(&self, id: &Identifier) -> Result<Option<Claim>, StoreError> {
-        let key = id.key();
-        if let Some((_, claim)) = self.writes.claims.get(&key) {
+        let key = claim_key(self.hasher, id);
+        if let Some(claim) = self.writes.claims.get(&key) {
             return Ok(Some(claim.clone()));
         }
         match self.base.claim(&key) {
@@ -210,7 +264,7 @@ impl GraphWrite for EventGraph<'_> {
     fn put_claim(&mut self, id: &Identifier, claim: &Claim) -> Result<(), StoreError> {
         self.writes
             .claims
-            .insert(id.key(), (id.clone(), claim.clone()));
+            .insert(claim_key(self.hasher, id), claim.clone());
         Ok(())
     }
 
@@ -257,21 +311,178 @@ impl ScyllaStore {
         }
     }
 
+    /// The key `id`'s claim is filed under.
+    pub(crate) fn claim_key(&self, id: &Identifier) -> String {
+        claim_key(self.seal.hasher(), id)
+    }
+
+    /// A customer node, opened (`None` too when its customer is erased).
     async fn fetch_node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        match self.read_blob(&self.st().node_get, (customer.0,)).await? {
-            Some(bytes) => Ok(Some(from_json("customer", &bytes)?)),
-            None => Ok(None),
+        let Some(bytes) = self.read_blob(&self.st().node_get, (customer.0,)).await? else {
+            return Ok(None);
+        };
+        let keys = self.seal.keys([customer]).await?;
+        match keys.read_node(customer, &bytes)? {
+            Read::Value(node) => Ok(Some(node)),
+            Read::Erased => Ok(None),
+            Read::Missing => Err(unfetched(customer)),
         }
     }
 
+    /// A stored decision, opened (`None` too when its customer is erased).
     async fn fetch_decision(&self, event: EventId) -> Result<Option<Resolution>, StoreError> {
-        match self
+        let Some(bytes) = self
             .read_blob(&self.st().resolution_get, (event.0,))
             .await?
-        {
-            Some(bytes) => Ok(Some(from_json("resolution", &bytes)?)),
-            None => Ok(None),
+        else {
+            return Ok(None);
+        };
+        let keys = match decision_owner(&bytes)? {
+            Some(owner) => self.seal.keys([owner]).await?,
+            None => self.seal.no_keys(),
+        };
+        match keys.read_decision(event, &bytes)? {
+            Read::Value(r) => Ok(Some(r)),
+            Read::Erased => Ok(None),
+            Read::Missing => Err(StoreError::Storage(format!(
+                "the decision of event {event} has no key fetched"
+            ))),
         }
+    }
+
+    /// The rows of `decided` sealed under the keys of their customers
+    /// (created for new customers, and durable before the rows are).
+    pub(crate) async fn seal_decided(&self, decided: Decided) -> Result<Intent, StoreError> {
+        let owners =
+            decided
+                .nodes
+                .iter()
+                .map(|n| n.id)
+                .chain(decided.resolutions.iter().filter_map(|(_, r)| match r {
+                    Resolution::Resolved(d) => Some(d.customer_id),
+                    Resolution::Unresolvable { .. } => None,
+                }));
+        let keys = self.seal.obtain(owners).await?;
+        self.seal.flush().await?;
+        let mut intent = Intent {
+            claims: decided.claims,
+            ..Intent::default()
+        };
+        for node in &decided.nodes {
+            match keys.write_node(node)? {
+                ToWrite::Bytes(bytes) => intent.nodes.push((node.id.0, bytes)),
+                // An erased customer is not made again.
+                ToWrite::Erased => {
+                    warn!(customer = %node.id, "not storing a node of an erased customer")
+                }
+                ToWrite::Missing => return Err(unfetched(node.id)),
+            }
+        }
+        for (event, resolution) in &decided.resolutions {
+            match keys.write_decision(*event, resolution)? {
+                ToWrite::Bytes(bytes) => intent.resolutions.push((event.0, bytes)),
+                ToWrite::Erased => {}
+                ToWrite::Missing => {
+                    return Err(StoreError::Storage(format!(
+                        "the decision of event {event} has no key fetched"
+                    )));
+                }
+            }
+        }
+        Ok(intent)
+    }
+
+    /// An intent as the lease row keeps it; one stored in clear by an
+    /// earlier version is sealed first.
+    async fn stored_intent(&self, bytes: &[u8]) -> Result<Intent, StoreError> {
+        if let Ok(intent) = serde_json::from_slice::<Intent>(bytes) {
+            return Ok(intent);
+        }
+        let clear: ClearIntent = from_json("identity intent", bytes)?;
+        let decided = Decided {
+            claims: clear
+                .claims
+                .into_iter()
+                .map(|(id, claim)| (self.claim_key(&id), claim))
+                .collect(),
+            nodes: clear.nodes,
+            resolutions: clear.resolutions,
+        };
+        self.seal_decided(decided).await
+    }
+
+    /// Files the claims of a graph written in clear under hashed keys, once
+    /// per keyspace when its store seals (recorded in `schema_version`);
+    /// nodes and decisions in clear are sealed when next written. Each
+    /// moved claim keeps its write time, so fenced writes still order.
+    /// Returns how many claims moved.
+    pub async fn seal_claims(&self) -> Result<usize, StoreError> {
+        const DONE: i32 = 1001;
+        let Some(hasher) = self.seal.hasher() else {
+            return Ok(0);
+        };
+        let ks = self.keyspace();
+        let session = self.session();
+        let done = session
+            .query_unpaged(
+                format!("SELECT version FROM {ks}.schema_version WHERE version = ?"),
+                (DONE,),
+            )
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(storage)?
+            .rows_num()
+            > 0;
+        if done {
+            return Ok(0);
+        }
+        let pager = session
+            .query_iter(
+                format!("SELECT id, claim, WRITETIME(claim) FROM {ks}.claims"),
+                (),
+            )
+            .await
+            .map_err(crate::pager_error)?;
+        let mut rows = pager
+            .rows_stream::<(String, Option<Vec<u8>>, Option<i64>)>()
+            .map_err(storage)?;
+        let put = format!("INSERT INTO {ks}.claims (id, claim) VALUES (?, ?) USING TIMESTAMP ?");
+        let delete = format!("DELETE FROM {ks}.claims USING TIMESTAMP ? WHERE id = ?");
+        let mut moved = 0;
+        while let Some((key, claim, at)) = rows.try_next().await.map_err(crate::next_row_error)? {
+            if is_hashed_claim_key(&key) {
+                continue;
+            }
+            let (Some(claim), Some(at)) = (claim, at) else {
+                continue;
+            };
+            let hashed = cdp_store::sealed::sealed_claim_key(hasher, &key);
+            session
+                .query_unpaged(put.as_str(), (hashed, claim, at))
+                .await
+                .map_err(exec_error)?;
+            session
+                .query_unpaged(delete.as_str(), (at, key))
+                .await
+                .map_err(exec_error)?;
+            moved += 1;
+        }
+        session
+            .query_unpaged(
+                format!(
+                    "INSERT INTO {ks}.schema_version (version, name, applied_at) VALUES (?, ?, ?)"
+                ),
+                (
+                    DONE,
+                    "data: claims filed under hashed identifiers",
+                    now_ms(),
+                ),
+            )
+            .await
+            .map_err(exec_error)?;
+        info!(keyspace = %ks, claims = moved, "claims filed under hashed identifiers");
+        Ok(moved)
     }
 
     /// Fetches the stored decisions of `events` not in the overlay yet.
@@ -357,9 +568,13 @@ impl ScyllaStore {
             if matches!(overlay.decision(event.event_id()), Lookup::Known(Some(_))) {
                 continue;
             }
-            missing
-                .claims
-                .extend(event.personal.identifiers.iter().map(Identifier::key));
+            missing.claims.extend(
+                event
+                    .personal
+                    .identifiers
+                    .iter()
+                    .map(|id| self.claim_key(id)),
+            );
         }
         self.fetch_rows(overlay, missing).await
     }
@@ -575,16 +790,16 @@ impl ScyllaStore {
         let st = self.st();
         let mut writes: Vec<BoxFuture<'_, Result<(), StoreError>>> =
             Vec::with_capacity(intent.claims.len() + intent.nodes.len() + intent.resolutions.len());
-        for (id, claim) in &intent.claims {
-            let values = (id.key(), to_json(claim)?, fence.next()?);
+        for (key, claim) in &intent.claims {
+            let values = (key.as_str(), to_json(claim)?, fence.next()?);
             writes.push(Box::pin(self.write(&st.claim_put, values)));
         }
-        for node in &intent.nodes {
-            let values = (node.id.0, to_json(node)?, fence.next()?);
+        for (customer, node) in &intent.nodes {
+            let values = (*customer, node.as_slice(), fence.next()?);
             writes.push(Box::pin(self.write(&st.node_put, values)));
         }
         for (event, resolution) in &intent.resolutions {
-            let values = (event.0, to_json(resolution)?, fence.next()?);
+            let values = (*event, resolution.as_slice(), fence.next()?);
             writes.push(Box::pin(self.write(&st.resolution_put, values)));
         }
         stream::iter(writes)
@@ -601,7 +816,7 @@ impl ScyllaStore {
         &self,
         events: &[Touchpoint],
         rules: &IdentityRules,
-    ) -> Result<(Vec<Resolution>, Intent), StoreError> {
+    ) -> Result<(Vec<Resolution>, Decided), StoreError> {
         let mut overlay = Overlay::default();
         self.prefetch(&mut overlay, events).await?;
         let mut out = Vec::with_capacity(events.len());
@@ -615,7 +830,7 @@ impl ScyllaStore {
                         event.event_id()
                     )));
                 }
-                let mut graph = EventGraph::new(&overlay);
+                let mut graph = EventGraph::new(&overlay, self.seal.hasher());
                 let result = identity::resolve_once(&mut graph, rules, event);
                 let (writes, missing) = graph.finish();
                 if !missing.is_empty() {
@@ -628,7 +843,7 @@ impl ScyllaStore {
             };
             out.push(resolution);
         }
-        Ok((out, overlay.into_intent()))
+        Ok((out, overlay.into_decided()))
     }
 
     /// One attempt under `lease`. `None` when the lease was lost before the
@@ -641,7 +856,7 @@ impl ScyllaStore {
     ) -> Result<Option<Vec<Resolution>>, StoreError> {
         let mut fence = Fence::new(lease.epoch)?;
         if let Some(bytes) = &lease.pending {
-            let intent: Intent = from_json("identity intent", bytes)?;
+            let intent = self.stored_intent(bytes).await?;
             info!(
                 epoch = lease.epoch,
                 claims = intent.claims.len(),
@@ -654,11 +869,12 @@ impl ScyllaStore {
                 return Ok(None);
             }
         }
-        let (out, intent) = self.decide_batch(events, rules).await?;
-        if intent.is_empty() {
+        let (out, decided) = self.decide_batch(events, rules).await?;
+        if decided.is_empty() {
             self.release_lease(lease).await;
             return Ok(Some(out));
         }
+        let intent = self.seal_decided(decided).await?;
         // The commit point: from here the outcome is durable (whoever holds
         // the lease next rolls it forward).
         if !self.set_pending(lease, Some(to_json(&intent)?)).await? {
@@ -723,8 +939,15 @@ impl IdentityStore for ScyllaStore {
         self.fetch_node(customer).await
     }
 
+    async fn link(&self, customer: CustomerId) -> Result<Option<CustomerId>, StoreError> {
+        match self.read_blob(&self.st().node_get, (customer.0,)).await? {
+            Some(bytes) => node_link(&bytes),
+            None => Ok(None),
+        }
+    }
+
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
-        let keys: Vec<String> = ids.iter().map(Identifier::key).collect();
+        let keys: Vec<String> = ids.iter().map(|id| self.claim_key(id)).collect();
         stream::iter(keys)
             .map(|key| async move { self.fetch_claim(&key).await })
             .buffered(READ_CONCURRENCY)
@@ -766,7 +989,11 @@ impl IdentityStore for ScyllaStore {
             crate::Kind::Write,
         )
         .await?;
-        let claims: Vec<String> = identifiers.iter().map(Identifier::key).collect();
+        // Only where claims are filed: a delete of the key in clear would
+        // write the identifier into a tombstone (a sealing store filed the
+        // claims of a keyspace from before sealing under hashed keys when it
+        // opened it, see `seal_claims`).
+        let claims: Vec<String> = identifiers.iter().map(|id| self.claim_key(id)).collect();
         for chunk in claims.chunks(READ_CONCURRENCY) {
             futures::future::try_join_all(chunk.iter().cloned().map(|k| self.write(&claim, (k,))))
                 .await?;

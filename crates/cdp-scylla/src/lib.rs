@@ -277,14 +277,14 @@ impl ScyllaStore {
         Ok(())
     }
 
-    /// The keyspace of this store.
-    /// This store, sealing the views it writes under customer keys from
-    /// `seal` (see `cdp_store::sealed`).
+    /// This store, sealing the identity graph and the views it writes
+    /// under customer keys from `seal` (see `cdp_store::sealed`).
     pub fn with_seal(mut self, seal: cdp_store::ViewSeal) -> Self {
         self.seal = seal;
         self
     }
 
+    /// The keyspace of this store.
     pub fn keyspace(&self) -> &str {
         &self.inner.keyspace
     }

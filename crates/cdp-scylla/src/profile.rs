@@ -762,6 +762,14 @@ impl ProfileStore for ScyllaStore {
             crate::Kind::Write,
         )
         .await?;
+        let present = crate::prepare(
+            session,
+            format!(
+                "SELECT customer FROM {ks}.search WHERE bucket = ? AND term = ? AND customer = ?"
+            ),
+            crate::Kind::Read,
+        )
+        .await?;
         let erased = cdp_store::sealed::erased_entries(self.seal.hasher(), terms);
         for c in customers {
             match self.lwt(&profile, (c.0,)).await? {
@@ -769,10 +777,28 @@ impl ProfileStore for ScyllaStore {
                 crate::Lwt::Unknown(e) => return Err(e),
             }
             self.write(&timeline, (c.0,)).await?;
-            let entries: Vec<(String, String, uuid::Uuid)> = erased
-                .iter()
-                .map(|t| (search_bucket(t), t.clone(), c.0))
-                .collect();
+            let mut entries: Vec<(String, String, uuid::Uuid)> = Vec::with_capacity(erased.len());
+            for t in &erased {
+                let row = (search_bucket(t), t.clone(), c.0);
+                // A term in clear (indexed before sealing) is deleted only
+                // where it is: the tombstone names what it deletes, and
+                // would otherwise write a term never stored in clear.
+                let in_clear = self.seal.hasher().is_some()
+                    && !t.starts_with(cdp_store::sealed::HASHED_ENTRY);
+                let stored = !in_clear
+                    || self
+                        .session()
+                        .execute_unpaged(&present, row.clone())
+                        .await
+                        .map_err(crate::exec_error)?
+                        .into_rows_result()
+                        .map_err(crate::storage)?
+                        .rows_num()
+                        > 0;
+                if stored {
+                    entries.push(row);
+                }
+            }
             for chunk in entries.chunks(16) {
                 futures::future::try_join_all(
                     chunk.iter().cloned().map(|row| self.write(&search, row)),

@@ -451,6 +451,103 @@ mod server {
         }
     }
 
+    /// `store` sealing with a keyring of its own on its keyspace.
+    async fn sealing(store: &ScyllaStore) -> ScyllaStore {
+        let text = cdp_seal::MasterKeys::generate_file().unwrap();
+        let master = cdp_seal::MasterKeys::parse(&text).unwrap();
+        let rows = crate::ScyllaKeyRows::new(store).await.unwrap();
+        let keyring =
+            cdp_store::Keyring::open(std::sync::Arc::new(rows), master, Duration::ZERO, 64)
+                .await
+                .unwrap();
+        store
+            .clone()
+            .with_seal(cdp_store::ViewSeal::new(std::sync::Arc::new(keyring)))
+    }
+
+    /// A keyspace whose graph was written in clear, by a version before
+    /// sealing, opened by a sealing store: its claims are filed under
+    /// hashed identifiers once, an intent left in clear is rolled forward
+    /// sealed, and every identifier still finds its customer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs a CQL server on 127.0.0.1:9042: `make test` starts Cassandra"]
+    async fn a_graph_in_clear_is_sealed_when_opened_with_keys() {
+        with_keyspace("graph_sealed_on_open", 300, |a, _| async move {
+            let rules = IdentityRules::default();
+            let (x, y, z) = (
+                email("x@clear.vn"),
+                email("y@clear.vn"),
+                email("z@clear.vn"),
+            );
+            let first = event("clear-1", 10, EventType::Identify, std::slice::from_ref(&x));
+            let owner = decided(&a.resolve(&[first], &rules).await.unwrap()[0]).customer_id;
+            // A holder of the version before sealing stored its intent in
+            // clear and died.
+            let lease = a.acquire_lease().await.unwrap();
+            let clear = serde_json::json!({
+                "claims": [[y, Claim::new(owner, cdp_domain::EventId(Uuid::nil()), 20)]],
+                "nodes": [],
+                "resolutions": [],
+            });
+            assert!(
+                a.set_pending(&lease, Some(serde_json::to_vec(&clear).unwrap()))
+                    .await
+                    .unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(400)).await;
+
+            let sealed = sealing(&a).await;
+            assert_eq!(sealed.seal_claims().await.unwrap(), 1);
+            assert_eq!(sealed.seal_claims().await.unwrap(), 0, "once per keyspace");
+            assert_eq!(sealed.owner(&x).await.unwrap(), Some(owner));
+            let second = event("clear-2", 30, EventType::Identify, &[x.clone(), z.clone()]);
+            let d = decided(&sealed.resolve(&[second], &rules).await.unwrap()[0]).clone();
+            assert_eq!(d.customer_id, owner);
+            assert_eq!(
+                sealed.owner(&y).await.unwrap(),
+                Some(owner),
+                "rolled forward"
+            );
+            let node = sealed.customer(owner).await.unwrap().unwrap();
+            assert!(node.identifiers.contains(&z), "{node:?}");
+
+            // No claim key nor node names an identifier any more.
+            let ks = sealed.keyspace().to_owned();
+            let rows = sealed
+                .session()
+                .query_unpaged(format!("SELECT id FROM {ks}.claims"), ())
+                .await
+                .unwrap()
+                .into_rows_result()
+                .unwrap();
+            let keys: Vec<String> = rows
+                .rows::<(String,)>()
+                .unwrap()
+                .map(|r| r.unwrap().0)
+                .collect();
+            assert_eq!(keys.len(), 3, "{keys:?}");
+            assert!(
+                keys.iter()
+                    .all(|k| k.starts_with('#') && !k.contains("clear.vn")),
+                "{keys:?}"
+            );
+            let rows = sealed
+                .session()
+                .query_unpaged(format!("SELECT node FROM {ks}.customers"), ())
+                .await
+                .unwrap()
+                .into_rows_result()
+                .unwrap();
+            for (node,) in rows.rows::<(Vec<u8>,)>().unwrap().map(Result::unwrap) {
+                assert!(
+                    !node.windows(8).any(|w| w == b"clear.vn"),
+                    "a node in clear"
+                );
+            }
+        })
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs a CQL server on 127.0.0.1:9042: `make test` starts Cassandra"]
     async fn an_intent_left_by_a_crashed_holder_is_rolled_forward() {
@@ -533,7 +630,7 @@ mod server {
             let intruder = customer("intruder");
             let bogus = Intent {
                 claims: vec![(
-                    x.clone(),
+                    a.claim_key(&x),
                     Claim::new(intruder, cdp_domain::EventId(Uuid::nil()), 1),
                 )],
                 ..Intent::default()

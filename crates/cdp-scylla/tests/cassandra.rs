@@ -294,6 +294,10 @@ impl IdentityStore for RoundRobin {
         self.pick().customer(customer).await
     }
 
+    async fn link(&self, customer: CustomerId) -> Result<Option<CustomerId>, StoreError> {
+        self.pick().link(customer).await
+    }
+
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
         self.pick().claims(ids).await
     }

@@ -57,6 +57,7 @@ macro_rules! store_test_suite {
             profiles_erase_removes_views_and_search(profiles_ref),
             profiles_are_sealed_under_customer_keys(sealed),
             identity_erase_forgets_claims_nodes_and_decisions(identity_ref),
+            identity_is_sealed_under_customer_keys(sealed_graph),
             unsynced_folds_are_visible_then_synced(profiles_ref),
             generations_switch_and_drop(generations));
     };
@@ -66,6 +67,7 @@ macro_rules! store_test_suite {
     (@arg profiles, $f:expr) => { $f.profiles() };
     (@arg generations, $f:expr) => { $f.generations().await };
     (@arg sealed, $f:expr) => { (&*$f.profiles(), $f.keyring()) };
+    (@arg sealed_graph, $f:expr) => { (&*$f.identity(), $f.keyring()) };
     (@cases $module:ident, $fixture:ty, $attrs:tt; $($case:ident($arg:ident)),+) => {
         mod $module {
             #[allow(unused_imports)]
@@ -979,6 +981,106 @@ pub async fn profiles_are_sealed_under_customer_keys(
     let other = profile(kept).await.expect("the other customer's profile");
     assert_eq!(address(&other).as_deref(), Some("3 Hàng Bạc"));
     assert_eq!(timeline(kept).await.len(), 1);
+}
+
+/// The identity graph under customer keys: a node lists its identifiers
+/// and a decision names them, read whole through the store; once the
+/// customer's key is erased both read as gone, while the merge redirect
+/// (which names only customers) still leads to the survivor.
+pub async fn identity_is_sealed_under_customer_keys(
+    (store, keyring): (&dyn IdentityStore, Arc<crate::Keyring>),
+    prefix: &str,
+) {
+    let rules = IdentityRules::default();
+    let anon = (IdKind::AnonymousId, format!("{prefix}-device"));
+    let browse = event(
+        prefix,
+        800,
+        1000,
+        EventType::PageViewed,
+        std::slice::from_ref(&anon),
+        json!({}),
+    );
+    let known = event(
+        prefix,
+        801,
+        2000,
+        EventType::Identify,
+        &[email(prefix, "sealed")],
+        json!({}),
+    );
+    let out = store
+        .resolve(&[browse.clone(), known.clone()], &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (decided(&out[0]).customer_id, decided(&out[1]).customer_id);
+    assert_ne!(a, b);
+    // The device logs in: the two merge, into the older customer.
+    let login = event(
+        prefix,
+        802,
+        3000,
+        EventType::Identify,
+        &[anon.clone(), email(prefix, "sealed")],
+        json!({}),
+    );
+    let merged = store
+        .resolve(std::slice::from_ref(&login), &rules)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let decision = decided(&merged[0]);
+    assert_eq!(decision.customer_id, a);
+    assert_eq!(decision.merges.len(), 1, "{decision:?}");
+    let node = store
+        .customer(a)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("the node of {a}"));
+    let email_id = Identifier::new(email(prefix, "sealed").0, email(prefix, "sealed").1);
+    assert!(node.identifiers.contains(&email_id), "{node:?}");
+    assert_eq!(node.merges.len(), 1, "{node:?}");
+    assert_eq!(
+        store
+            .decision(&login)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(merged[0].clone())
+    );
+    assert_eq!(
+        store
+            .owner(&login.personal.identifiers[0])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        Some(a)
+    );
+
+    let subjects: Vec<_> = [a, b]
+        .iter()
+        .map(|c| crate::sealed::customer_subject(keyring.hasher(), *c))
+        .collect();
+    keyring
+        .erase(&subjects, 1, prefix)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        store.customer(b).await.unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+    assert_eq!(
+        store
+            .decision(&login)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+    assert_eq!(
+        store
+            .decision(&known)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+        None
+    );
+    assert_eq!(store.root(b).await.unwrap_or_else(|e| panic!("{e}")), a);
 }
 
 /// An erasure forgets the customer's node, the claims of its identifiers

@@ -2,16 +2,20 @@
 //! write transaction, synced before it returns, so two workers can never
 //! interleave inside a resolution or a fold.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, GraphWrite};
 use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::redirect;
 use cdp_domain::{
     CustomerId, EventId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
     Touchpoint,
 };
+use cdp_seal::Hasher;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
     TableDefinition,
@@ -19,18 +23,24 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::sealed::{Read, RowKind, ToWrite, ViewKeys, ViewSeal, batch_customers};
+use crate::sealed::{
+    Read, RowKind, ToWrite, ViewKeys, ViewSeal, batch_customers, claim_key, decision_owner,
+    node_link, unfetched,
+};
 use crate::{Applied, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery};
 
 /// How many times a fold fetches keys it met but had not fetched (each
 /// round follows the redirects found in the one before).
 const KEY_ROUNDS: usize = 8;
 
-/// identifier key (`kind \0 value`) -> Claim (JSON).
+/// claim key (`#` and the hex of the identifier's keyring subject when
+/// sealing, else `kind \0 value`) -> Claim (JSON; names no identifier).
 const CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("claims");
-/// customer id -> CustomerNode (JSON).
+/// customer id -> CustomerNode (sealed under the customer's key behind
+/// where it redirects, see [`crate::sealed::node_link`]).
 const CUSTOMERS: TableDefinition<u128, &[u8]> = TableDefinition::new("customers");
-/// (received_at, event id) -> Resolution (JSON): what identity decided for
+/// (received_at, event id) -> Resolution (sealed under the key of the
+/// customer it attributes the event to): what identity decided for
 /// the event. Keyed by arrival first so each batch's decisions land at the
 /// end of the tree instead of on a random page each; a re-delivered event
 /// carries the same arrival time, so it finds its decision.
@@ -199,22 +209,165 @@ impl EmbeddedStore {
         Self::blocking(&self.views, f).await
     }
 
-    fn read_node(db: &Database, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        let tx = db.begin_read().map_err(storage)?;
-        let table = tx.open_table(CUSTOMERS).map_err(storage)?;
-        match table.get(key(customer)).map_err(storage)? {
-            Some(v) => Ok(Some(from_json("customer", v.value())?)),
-            None => Ok(None),
+    /// Files the claims of a graph written in clear under hashed keys, when
+    /// this store seals (see [`crate::sealed::claim_key`]); the nodes and
+    /// decisions in clear are sealed when next written. Returns how many
+    /// claims moved.
+    pub async fn seal_claims(&self) -> Result<usize, StoreError> {
+        let store = self.clone();
+        self.on_graph(move |_| store.seal_claims_now()).await
+    }
+
+    /// [`seal_claims`](Self::seal_claims) on this thread.
+    pub fn seal_claims_now(&self) -> Result<usize, StoreError> {
+        let Some(hasher) = self.seal.hasher() else {
+            return Ok(0);
+        };
+        let db = &self.graph;
+        // Keys in clear start with their kind's letters, after `#` (hashed
+        // keys) and `$`.
+        {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(CLAIMS).map_err(storage)?;
+            if table.range("$"..).map_err(storage)?.next().is_none() {
+                return Ok(0);
+            }
         }
+        let mut tx = begin_write(db)?;
+        tx.set_durability(Durability::Immediate).map_err(storage)?;
+        let moved = {
+            let mut table = tx.open_table(CLAIMS).map_err(storage)?;
+            let clear: Vec<(String, Vec<u8>)> = table
+                .range("$"..)
+                .map_err(storage)?
+                .map(|row| {
+                    row.map(|(k, v)| (k.value().to_string(), v.value().to_vec()))
+                        .map_err(storage)
+                })
+                .collect::<Result<_, _>>()?;
+            for (k, v) in &clear {
+                let hashed = crate::sealed::sealed_claim_key(hasher, k);
+                table
+                    .insert(hashed.as_str(), v.as_slice())
+                    .map_err(storage)?;
+                table.remove(k.as_str()).map_err(storage)?;
+            }
+            clear.len()
+        };
+        tx.commit().map_err(storage)?;
+        tracing::info!(claims = moved, "claims filed under hashed identifiers");
+        Ok(moved)
+    }
+
+    /// Customer keys for work on the graph's blocking thread.
+    fn graph_keys(&self) -> Result<BlockingKeys, StoreError> {
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| StoreError::Storage(format!("the graph needs a runtime: {e}")))?;
+        Ok(BlockingKeys {
+            keys: RefCell::new(self.seal.no_keys()),
+            seal: self.seal.clone(),
+            handle,
+        })
+    }
+}
+
+/// The customer keys of work on a blocking thread, fetched from the
+/// keyring (on the runtime that started the work) as rows need them: the
+/// graph finds the customers an event is about only inside its
+/// transaction.
+struct BlockingKeys {
+    seal: ViewSeal,
+    handle: tokio::runtime::Handle,
+    keys: RefCell<ViewKeys>,
+}
+
+impl BlockingKeys {
+    /// Fetches the keys of `customers` not fetched yet, creating them when
+    /// `create` (for rows to write).
+    fn ensure(
+        &self,
+        customers: impl IntoIterator<Item = CustomerId>,
+        create: bool,
+    ) -> Result<(), StoreError> {
+        let wanted: Vec<CustomerId> = {
+            let keys = self.keys.borrow();
+            customers.into_iter().filter(|c| !keys.has(*c)).collect()
+        };
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let mut keys = std::mem::take(&mut *self.keys.borrow_mut());
+        let fetched = self
+            .handle
+            .block_on(self.seal.add_missing(&mut keys, wanted, create));
+        *self.keys.borrow_mut() = keys;
+        fetched
+    }
+
+    /// Makes the keys created so far durable (before rows sealed with them).
+    fn flush(&self) -> Result<(), StoreError> {
+        if self.keys.borrow().sealing() {
+            self.handle.block_on(self.seal.flush())?;
+        }
+        Ok(())
+    }
+
+    fn hasher(&self) -> Option<Hasher> {
+        self.keys.borrow().hasher().cloned()
+    }
+
+    /// A stored node opened (`None`: its customer is erased).
+    fn node(&self, customer: CustomerId, bytes: &[u8]) -> Result<Option<CustomerNode>, StoreError> {
+        for _ in 0..2 {
+            match self.keys.borrow().read_node(customer, bytes)? {
+                Read::Value(node) => return Ok(Some(node)),
+                Read::Erased => return Ok(None),
+                Read::Missing => {}
+            }
+            self.ensure([customer], false)?;
+        }
+        Err(unfetched(customer))
+    }
+
+    /// A stored decision opened (`None`: its customer is erased).
+    fn decision(&self, event: EventId, bytes: &[u8]) -> Result<Option<Resolution>, StoreError> {
+        let owner = decision_owner(bytes)?;
+        for _ in 0..2 {
+            match self.keys.borrow().read_decision(event, bytes)? {
+                Read::Value(r) => return Ok(Some(r)),
+                Read::Erased => return Ok(None),
+                Read::Missing => {}
+            }
+            self.ensure(owner, false)?;
+        }
+        Err(unfetched(owner.unwrap_or(CustomerId(uuid::Uuid::nil()))))
+    }
+}
+
+/// Where `customer`'s stored node redirects, read without opening it.
+fn stored_link(
+    customers: &impl ReadableTable<u128, &'static [u8]>,
+    customer: CustomerId,
+) -> Result<Option<CustomerId>, StoreError> {
+    match customers.get(key(customer)).map_err(storage)? {
+        Some(v) => node_link(v.value()),
+        None => Ok(None),
     }
 }
 
 /// The identity graph and the decisions over the tables of one write
-/// transaction.
-struct TxGraph<'t> {
+/// transaction. Nodes and decisions are sealed and written when it
+/// [`finish`](Self::finish)es, each once, with keys fetched together.
+struct TxGraph<'t, 'k> {
     claims: Table<'t, &'static str, &'static [u8]>,
     customers: Table<'t, u128, &'static [u8]>,
     decisions: Table<'t, (i64, u128), &'static [u8]>,
+    keys: &'k BlockingKeys,
+    hasher: Option<Hasher>,
+    /// Nodes read or written in this transaction (`true`: written).
+    nodes: RefCell<HashMap<CustomerId, (Option<CustomerNode>, bool)>>,
+    /// Decisions taken in this transaction.
+    new_decisions: HashMap<(i64, u128), (EventId, Resolution)>,
 }
 
 /// Where an event's decision is filed: by arrival first, so each batch's
@@ -223,44 +376,130 @@ fn decision_key(event: &Touchpoint) -> (i64, u128) {
     (event.envelope.received_at, event.event_id().0.as_u128())
 }
 
-impl GraphRead for TxGraph<'_> {
+impl<'t, 'k> TxGraph<'t, 'k> {
+    fn open(tx: &'t redb::WriteTransaction, keys: &'k BlockingKeys) -> Result<Self, StoreError> {
+        Ok(TxGraph {
+            claims: tx.open_table(CLAIMS).map_err(storage)?,
+            customers: tx.open_table(CUSTOMERS).map_err(storage)?,
+            decisions: tx.open_table(DECISIONS).map_err(storage)?,
+            hasher: keys.hasher(),
+            keys,
+            nodes: RefCell::new(HashMap::new()),
+            new_decisions: HashMap::new(),
+        })
+    }
+
+    /// Seals and writes the nodes and decisions of this transaction, with
+    /// the keys of new customers created (and durable) first.
+    fn finish(mut self) -> Result<(), StoreError> {
+        let nodes: Vec<CustomerNode> = self
+            .nodes
+            .into_inner()
+            .into_values()
+            .filter_map(|(node, written)| node.filter(|_| written))
+            .collect();
+        let owners = self.new_decisions.values().filter_map(|(_, r)| match r {
+            Resolution::Resolved(d) => Some(d.customer_id),
+            Resolution::Unresolvable { .. } => None,
+        });
+        self.keys
+            .ensure(nodes.iter().map(|n| n.id).chain(owners), true)?;
+        self.keys.flush()?;
+        let keys = self.keys.keys.borrow();
+        for node in &nodes {
+            match keys.write_node(node)? {
+                ToWrite::Bytes(bytes) => {
+                    self.customers
+                        .insert(key(node.id), bytes.as_slice())
+                        .map_err(storage)?;
+                }
+                // An erased customer is not made again.
+                ToWrite::Erased => {
+                    tracing::warn!(customer = %node.id, "not storing a node of an erased customer")
+                }
+                ToWrite::Missing => return Err(unfetched(node.id)),
+            }
+        }
+        for (at, (event, resolution)) in &self.new_decisions {
+            match keys.write_decision(*event, resolution)? {
+                ToWrite::Bytes(bytes) => {
+                    self.decisions
+                        .insert(*at, bytes.as_slice())
+                        .map_err(storage)?;
+                }
+                ToWrite::Erased => {}
+                ToWrite::Missing => {
+                    return Err(StoreError::Storage(format!(
+                        "the decision of event {event} has no key fetched"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl GraphRead for TxGraph<'_, '_> {
     type Error = StoreError;
 
     fn claim(&self, id: &Identifier) -> Result<Option<Claim>, StoreError> {
-        match self.claims.get(id.key().as_str()).map_err(storage)? {
+        let k = claim_key(self.hasher.as_ref(), id);
+        match self.claims.get(k.as_str()).map_err(storage)? {
             Some(v) => Ok(Some(from_json("claim", v.value())?)),
             None => Ok(None),
         }
     }
 
     fn node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        match self.customers.get(key(customer)).map_err(storage)? {
-            Some(v) => Ok(Some(from_json("customer", v.value())?)),
-            None => Ok(None),
+        if let Some((node, _)) = self.nodes.borrow().get(&customer) {
+            return Ok(node.clone());
         }
+        let node = match self.customers.get(key(customer)).map_err(storage)? {
+            Some(v) => self.keys.node(customer, v.value())?,
+            None => None,
+        };
+        self.nodes
+            .borrow_mut()
+            .insert(customer, (node.clone(), false));
+        Ok(node)
+    }
+
+    /// Follows redirects without opening nodes (they redirect in clear).
+    fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
+        redirect::follow(customer, |c| {
+            if let Some((node, _)) = self.nodes.borrow().get(&c) {
+                return Ok(node.as_ref().and_then(|n| n.merged_into));
+            }
+            stored_link(&self.customers, c)
+        })
     }
 }
 
-impl GraphWrite for TxGraph<'_> {
+impl GraphWrite for TxGraph<'_, '_> {
     fn put_claim(&mut self, id: &Identifier, claim: &Claim) -> Result<(), StoreError> {
+        let k = claim_key(self.hasher.as_ref(), id);
         self.claims
-            .insert(id.key().as_str(), to_json(claim)?.as_slice())
+            .insert(k.as_str(), to_json(claim)?.as_slice())
             .map_err(storage)?;
         Ok(())
     }
 
     fn put_node(&mut self, node: &CustomerNode) -> Result<(), StoreError> {
-        self.customers
-            .insert(key(node.id), to_json(node)?.as_slice())
-            .map_err(storage)?;
+        self.nodes
+            .get_mut()
+            .insert(node.id, (Some(node.clone()), true));
         Ok(())
     }
 }
 
-impl DecisionLog for TxGraph<'_> {
+impl DecisionLog for TxGraph<'_, '_> {
     fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
-        match self.decisions.get(decision_key(event)).map_err(storage)? {
-            Some(v) => Ok(Some(from_json("resolution", v.value())?)),
+        let at = decision_key(event);
+        if let Some((_, r)) = self.new_decisions.get(&at) {
+            return Ok(Some(r.clone()));
+        }
+        match self.decisions.get(at).map_err(storage)? {
+            Some(v) => self.keys.decision(event.event_id(), v.value()),
             None => Ok(None),
         }
     }
@@ -270,30 +509,45 @@ impl DecisionLog for TxGraph<'_> {
         event: &Touchpoint,
         resolution: &Resolution,
     ) -> Result<(), StoreError> {
-        self.decisions
-            .insert(decision_key(event), to_json(resolution)?.as_slice())
-            .map_err(storage)?;
+        self.new_decisions
+            .insert(decision_key(event), (event.event_id(), resolution.clone()));
         Ok(())
     }
 }
 
 /// A read-only graph over committed data.
-struct ReadGraph<'a>(&'a Database);
+struct ReadGraph<'a> {
+    db: &'a Database,
+    keys: &'a BlockingKeys,
+}
 
 impl GraphRead for ReadGraph<'_> {
     type Error = StoreError;
 
     fn claim(&self, id: &Identifier) -> Result<Option<Claim>, StoreError> {
-        let tx = self.0.begin_read().map_err(storage)?;
+        let tx = self.db.begin_read().map_err(storage)?;
         let table = tx.open_table(CLAIMS).map_err(storage)?;
-        match table.get(id.key().as_str()).map_err(storage)? {
+        let k = claim_key(self.keys.hasher().as_ref(), id);
+        match table.get(k.as_str()).map_err(storage)? {
             Some(v) => Ok(Some(from_json("claim", v.value())?)),
             None => Ok(None),
         }
     }
 
     fn node(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        EmbeddedStore::read_node(self.0, customer)
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(CUSTOMERS).map_err(storage)?;
+        match table.get(key(customer)).map_err(storage)? {
+            Some(v) => self.keys.node(customer, v.value()),
+            None => Ok(None),
+        }
+    }
+
+    /// Follows redirects without opening nodes, in one read transaction.
+    fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(CUSTOMERS).map_err(storage)?;
+        redirect::follow(customer, |c| stored_link(&table, c))
     }
 }
 
@@ -306,19 +560,17 @@ impl IdentityStore for EmbeddedStore {
     ) -> Result<Vec<Resolution>, StoreError> {
         let events = events.to_vec();
         let rules = rules.clone();
+        let keys = self.graph_keys()?;
         self.on_graph(move |db| {
             let mut tx = begin_write(db)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             let mut out = Vec::with_capacity(events.len());
             {
-                let mut graph = TxGraph {
-                    claims: tx.open_table(CLAIMS).map_err(storage)?,
-                    customers: tx.open_table(CUSTOMERS).map_err(storage)?,
-                    decisions: tx.open_table(DECISIONS).map_err(storage)?,
-                };
+                let mut graph = TxGraph::open(&tx, &keys)?;
                 for event in &events {
                     out.push(identity::resolve_once(&mut graph, &rules, event)?);
                 }
+                graph.finish()?;
             }
             tx.commit().map_err(storage)?;
             Ok(out)
@@ -330,44 +582,33 @@ impl IdentityStore for EmbeddedStore {
     /// hop between threads once per redirect).
     async fn owner(&self, id: &Identifier) -> Result<Option<CustomerId>, StoreError> {
         let id = id.clone();
-        self.on_graph(move |db| ReadGraph(db).owner(&id)).await
+        let keys = self.graph_keys()?;
+        self.on_graph(move |db| ReadGraph { db, keys: &keys }.owner(&id))
+            .await
     }
 
     async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
-        self.on_graph(move |db| ReadGraph(db).root(customer)).await
+        let keys = self.graph_keys()?;
+        self.on_graph(move |db| ReadGraph { db, keys: &keys }.root(customer))
+            .await
     }
 
     async fn customer(&self, customer: CustomerId) -> Result<Option<CustomerNode>, StoreError> {
-        self.on_graph(move |db| Self::read_node(db, customer)).await
+        let keys = self.graph_keys()?;
+        self.on_graph(move |db| ReadGraph { db, keys: &keys }.node(customer))
+            .await
     }
 
     /// Every walk in one read transaction, reading only where each node
-    /// points (the rest of its JSON skipped).
+    /// points.
     async fn roots(&self, customers: &[CustomerId]) -> Result<Vec<CustomerId>, StoreError> {
-        #[derive(serde::Deserialize)]
-        struct Node {
-            #[serde(default)]
-            merged_into: Option<CustomerId>,
-        }
         let customers = customers.to_vec();
         self.on_graph(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let table = tx.open_table(CUSTOMERS).map_err(storage)?;
             customers
                 .into_iter()
-                .map(|customer| {
-                    let mut walk = cdp_domain::redirect::Walk::new(customer);
-                    loop {
-                        let next = match table.get(key(walk.at())).map_err(storage)? {
-                            Some(v) => from_json::<Node>("customer", v.value())?.merged_into,
-                            None => None,
-                        };
-                        match next {
-                            Some(n) => walk.hop(n)?,
-                            None => return Ok(walk.at()),
-                        }
-                    }
-                })
+                .map(|customer| redirect::follow(customer, |c| stored_link(&table, c)))
                 .collect()
         })
         .await
@@ -375,8 +616,9 @@ impl IdentityStore for EmbeddedStore {
 
     async fn claims(&self, ids: &[Identifier]) -> Result<Vec<Option<Claim>>, StoreError> {
         let ids = ids.to_vec();
+        let keys = self.graph_keys()?;
         self.on_graph(move |db| {
-            let graph = ReadGraph(db);
+            let graph = ReadGraph { db, keys: &keys };
             ids.iter().map(|id| graph.claim(id)).collect()
         })
         .await
@@ -389,7 +631,12 @@ impl IdentityStore for EmbeddedStore {
         events: &[EventId],
     ) -> Result<(), StoreError> {
         let customers: Vec<u128> = customers.iter().map(|c| key(*c)).collect();
-        let claims: Vec<String> = identifiers.iter().map(Identifier::key).collect();
+        // Filed hashed, or in clear by a store from before sealing.
+        let hasher = self.seal.hasher();
+        let claims: Vec<String> = identifiers
+            .iter()
+            .flat_map(|id| [id.key(), claim_key(hasher, id)])
+            .collect();
         let events: std::collections::HashSet<u128> =
             events.iter().map(|e| e.0.as_u128()).collect();
         self.on_graph(move |db| {
@@ -420,11 +667,13 @@ impl IdentityStore for EmbeddedStore {
 
     async fn decision(&self, event: &Touchpoint) -> Result<Option<Resolution>, StoreError> {
         let at = decision_key(event);
+        let id = event.event_id();
+        let keys = self.graph_keys()?;
         self.on_graph(move |db| {
             let tx = db.begin_read().map_err(storage)?;
             let table = tx.open_table(DECISIONS).map_err(storage)?;
             match table.get(at).map_err(storage)? {
-                Some(v) => Ok(Some(from_json("resolution", v.value())?)),
+                Some(v) => keys.decision(id, v.value()),
                 None => Ok(None),
             }
         })

@@ -310,6 +310,8 @@ impl Generations for EmbeddedGenerations {
                 // redb opens a file once per process: keep the handle.
                 let store = EmbeddedStore::open_with_cache(&self.dir_of(id), self.cache_bytes)?
                     .with_seal(self.seal.clone());
+                // A graph written before sealing: its claims hashed first.
+                store.seal_claims_now()?;
                 state.1.insert(id, store.clone());
                 store
             }

@@ -95,6 +95,12 @@ pub trait IdentityStore: Send + Sync + 'static {
         events: &[EventId],
     ) -> Result<(), StoreError>;
 
+    /// Where `customer`'s node redirects (none when it is live or absent).
+    /// A node redirects in clear, so an adapter reads this without keys.
+    async fn link(&self, customer: CustomerId) -> Result<Option<CustomerId>, StoreError> {
+        Ok(self.customer(customer).await?.and_then(|n| n.merged_into))
+    }
+
     /// The customer that stands for `customer` now (merges followed).
     async fn root(&self, customer: CustomerId) -> Result<CustomerId, StoreError> {
         read::root(self, customer).await

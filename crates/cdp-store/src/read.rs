@@ -25,11 +25,7 @@ pub async fn root<S: IdentityStore + ?Sized>(
     customer: CustomerId,
 ) -> Result<CustomerId, StoreError> {
     let mut walk = Walk::new(customer);
-    while let Some(next) = store
-        .customer(walk.at())
-        .await?
-        .and_then(|node| node.merged_into)
-    {
+    while let Some(next) = store.link(walk.at()).await? {
         walk.hop(next)?;
     }
     Ok(walk.at())

@@ -23,8 +23,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use cdp_domain::identity::CustomerNode;
 use cdp_domain::profile::ProfileSlot;
-use cdp_domain::{CustomerId, ResolvedTouchpoint};
+use cdp_domain::{CustomerId, EventId, Identifier, Resolution, ResolvedTouchpoint};
 use cdp_seal::{DataKey, Hasher, Subject};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -44,6 +45,10 @@ pub enum RowKind {
     PendingMerge,
     /// A timeline entry, with its event id.
     Timeline(u128),
+    /// A customer node of the identity graph.
+    Node,
+    /// The identity decision of an event, with its event id.
+    Decision(u128),
 }
 
 impl RowKind {
@@ -55,6 +60,11 @@ impl RowKind {
             RowKind::PendingMerge => aad.extend_from_slice(b"pending merge"),
             RowKind::Timeline(event) => {
                 aad.extend_from_slice(b"timeline");
+                aad.extend_from_slice(&event.to_be_bytes());
+            }
+            RowKind::Node => aad.extend_from_slice(b"customer node"),
+            RowKind::Decision(event) => {
+                aad.extend_from_slice(b"decision");
                 aad.extend_from_slice(&event.to_be_bytes());
             }
         }
@@ -142,6 +152,17 @@ impl ViewSeal {
         keys: &mut ViewKeys,
         customers: impl IntoIterator<Item = CustomerId>,
     ) -> Result<(), StoreError> {
+        self.add_missing(keys, customers, true).await
+    }
+
+    /// The keys of the customers `keys` lacks, added to it: created where
+    /// needed ([`obtain`](Self::obtain)) or only read ([`keys`](Self::keys)).
+    pub async fn add_missing(
+        &self,
+        keys: &mut ViewKeys,
+        customers: impl IntoIterator<Item = CustomerId>,
+        create: bool,
+    ) -> Result<(), StoreError> {
         let wanted: Vec<CustomerId> = customers
             .into_iter()
             .filter(|c| !keys.keys.contains_key(c))
@@ -149,12 +170,21 @@ impl ViewSeal {
         if wanted.is_empty() {
             return Ok(());
         }
-        let more = self.obtain(wanted).await?;
+        let more = self.fetch(wanted, create).await?;
         keys.keys.extend(more.keys);
         if keys.hasher.is_none() {
             keys.hasher = more.hasher;
         }
         Ok(())
+    }
+
+    /// No keys yet, sealing as this seal does: keys are added with
+    /// [`add_missing`](Self::add_missing).
+    pub fn no_keys(&self) -> ViewKeys {
+        ViewKeys {
+            keys: HashMap::new(),
+            hasher: self.hasher().cloned(),
+        }
     }
 
     /// How search entries are named (none in clear).
@@ -472,6 +502,177 @@ pub fn erased_entries(hasher: Option<&Hasher>, terms: &[String]) -> Vec<String> 
 /// Whether a stored row is sealed (else it is JSON in clear).
 pub fn is_sealed(bytes: &[u8]) -> bool {
     bytes.first() == Some(&SEALED)
+}
+
+// ---- the identity graph -------------------------------------------------
+
+/// First byte of a sealed row of the identity graph: `0xC6 | a customer id
+/// in clear (16 bytes) | a sealed row`. The id is where a customer node
+/// redirects (nil: nowhere), so merges are followed without keys, or the
+/// customer whose key seals a decision.
+const GRAPH_ROW: u8 = 0xC6;
+
+/// The key a claim is filed under: `#` and the hex of its identifier's
+/// keyring subject when the graph is sealed (a claim's row names only
+/// customers, events and times), else `kind \0 value`.
+pub fn claim_key(hasher: Option<&Hasher>, id: &Identifier) -> String {
+    match hasher {
+        Some(h) => hashed_claim_key(&crate::keys::subject_of(h, id)),
+        None => id.key(),
+    }
+}
+
+/// A claim filed in clear under `kind \0 value` ([`Identifier::key`]), as
+/// [`claim_key`] files it when sealing: the subject of an identifier is the
+/// keyed hash of exactly that text.
+pub fn sealed_claim_key(hasher: &Hasher, clear_key: &str) -> String {
+    hashed_claim_key(&hasher.subject(clear_key.as_bytes()))
+}
+
+fn hashed_claim_key(subject: &Subject) -> String {
+    let mut out = String::with_capacity(65);
+    out.push(HASHED_ENTRY);
+    out.push_str(&subject.hex());
+    out
+}
+
+/// Whether a claim key is a hashed one (else `kind \0 value`, and every
+/// kind starts with a letter, after `#` and `$`).
+pub fn is_hashed_claim_key(key: &str) -> bool {
+    key.starts_with(HASHED_ENTRY)
+}
+
+fn graph_row(id: Option<CustomerId>, sealed: Vec<u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(17 + sealed.len());
+    out.push(GRAPH_ROW);
+    out.extend_from_slice(&id.map_or([0u8; 16], |c| c.0.into_bytes()));
+    out.extend_from_slice(&sealed);
+    out
+}
+
+/// A sealed graph row split: the customer id in clear in front (none for a
+/// node that redirects nowhere) and the sealed row.
+type GraphRow<'a> = (Option<CustomerId>, &'a [u8]);
+
+/// A sealed graph row split (none for a row in clear).
+fn graph_row_id(bytes: &[u8]) -> Result<Option<GraphRow<'_>>, StoreError> {
+    if bytes.first() != Some(&GRAPH_ROW) {
+        return Ok(None);
+    }
+    let (Some(id), Some(rest)) = (bytes.get(1..17), bytes.get(17..)) else {
+        return Err(StoreError::Corrupt {
+            what: "sealed graph row",
+            reason: format!("{} bytes", bytes.len()),
+        });
+    };
+    let id = uuid::Uuid::from_slice(id).map_err(|e| StoreError::Corrupt {
+        what: "sealed graph row",
+        reason: e.to_string(),
+    })?;
+    Ok(Some(((!id.is_nil()).then_some(CustomerId(id)), rest)))
+}
+
+/// Where a stored customer node redirects, read without opening it.
+pub fn node_link(bytes: &[u8]) -> Result<Option<CustomerId>, StoreError> {
+    if let Some((link, _)) = graph_row_id(bytes)? {
+        return Ok(link);
+    }
+    #[derive(serde::Deserialize)]
+    struct Node {
+        #[serde(default)]
+        merged_into: Option<CustomerId>,
+    }
+    serde_json::from_slice::<Node>(bytes)
+        .map(|n| n.merged_into)
+        .map_err(|e| StoreError::Corrupt {
+            what: "customer",
+            reason: e.to_string(),
+        })
+}
+
+/// The customer whose key seals a stored decision (none in clear).
+pub fn decision_owner(bytes: &[u8]) -> Result<Option<CustomerId>, StoreError> {
+    Ok(graph_row_id(bytes)?.and_then(|(owner, _)| owner))
+}
+
+impl ViewKeys {
+    /// Whether `customer`'s key was fetched (found or erased).
+    pub fn has(&self, customer: CustomerId) -> bool {
+        self.hasher.is_none() || self.keys.contains_key(&customer)
+    }
+
+    /// Whether rows are sealed.
+    pub fn sealing(&self) -> bool {
+        self.hasher.is_some()
+    }
+
+    /// A customer node as stored: sealed under its customer's key behind
+    /// where it redirects (JSON in clear when not sealing).
+    pub fn write_node(&self, node: &CustomerNode) -> Result<ToWrite, StoreError> {
+        match self.write_json(node.id, RowKind::Node, node)? {
+            ToWrite::Bytes(b) if self.sealing() => {
+                Ok(ToWrite::Bytes(graph_row(node.merged_into, b)))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// A node [`write_node`](Self::write_node) wrote (or JSON in clear).
+    pub fn read_node(
+        &self,
+        customer: CustomerId,
+        bytes: &[u8],
+    ) -> Result<Read<CustomerNode>, StoreError> {
+        let body = graph_row_id(bytes)?.map_or(bytes, |(_, rest)| rest);
+        self.read_json(customer, RowKind::Node, "customer", body)
+    }
+
+    /// A decision as stored: sealed under the key of the customer it
+    /// attributes the event to. Only attributed events have their decision
+    /// stored (`cdp_domain::identity::resolve_once`).
+    pub fn write_decision(
+        &self,
+        event: EventId,
+        resolution: &Resolution,
+    ) -> Result<ToWrite, StoreError> {
+        let Resolution::Resolved(decision) = resolution else {
+            return Err(StoreError::Invalid(format!(
+                "the decision of event {event} attributes it to nobody: it is not stored"
+            )));
+        };
+        let owner = decision.customer_id;
+        match self.write_json(owner, RowKind::Decision(event.0.as_u128()), resolution)? {
+            ToWrite::Bytes(b) if self.sealing() => Ok(ToWrite::Bytes(graph_row(Some(owner), b))),
+            other => Ok(other),
+        }
+    }
+
+    /// A decision [`write_decision`](Self::write_decision) wrote (or JSON in
+    /// clear); `owner` is its [`decision_owner`].
+    pub fn read_decision(
+        &self,
+        event: EventId,
+        bytes: &[u8],
+    ) -> Result<Read<Resolution>, StoreError> {
+        let Some((owner, body)) = graph_row_id(bytes)? else {
+            return self.read_json(
+                CustomerId(uuid::Uuid::nil()),
+                RowKind::Node,
+                "resolution",
+                bytes,
+            );
+        };
+        let owner = owner.ok_or_else(|| StoreError::Corrupt {
+            what: "sealed decision",
+            reason: format!("event {event}: no customer"),
+        })?;
+        self.read_json(
+            owner,
+            RowKind::Decision(event.0.as_u128()),
+            "resolution",
+            body,
+        )
+    }
 }
 
 #[cfg(test)]

@@ -329,3 +329,115 @@ async fn the_views_file_holds_no_profile_or_timeline_in_clear() {
         assert!(holds(&file, secret), "{secret:?} is not in a file in clear");
     }
 }
+
+/// The identity graph keeps no identifier in clear: claims are filed under
+/// keyed hashes of their identifiers, nodes and decisions are sealed under
+/// their customer's key. Read through the store they are whole; once the
+/// customer's key is erased they read as gone.
+#[tokio::test]
+async fn the_graph_file_holds_no_identifier_in_clear() {
+    use cdp_domain::{IdKind, Identifier, IdentityRules, Resolution};
+    let fixture = Embedded::open().await;
+    let rules = IdentityRules::default();
+    let first = order_with_personal_data(cdp_domain::CustomerId(uuid::Uuid::nil())).touchpoint;
+    let mut second = order_with_personal_data(cdp_domain::CustomerId(uuid::Uuid::nil())).touchpoint;
+    second.personal.identifiers = vec![
+        Identifier::new(IdKind::Email, "hoa.tran@shop.vn"),
+        Identifier::new(IdKind::Phone, "+84987654321"),
+    ];
+    let decided = fixture
+        .store
+        .resolve(&[first.clone(), second.clone()], &rules)
+        .await
+        .expect("resolved");
+    let customer = match (&decided[0], &decided[1]) {
+        (Resolution::Resolved(a), Resolution::Resolved(b)) => {
+            assert_eq!(a.customer_id, b.customer_id);
+            a.customer_id
+        }
+        other => panic!("{other:?}"),
+    };
+    let work = Identifier::new(IdKind::Phone, "+84987654321");
+    assert_eq!(
+        fixture.store.owner(&work).await.expect("owner"),
+        Some(customer)
+    );
+    let node = fixture
+        .store
+        .customer(customer)
+        .await
+        .expect("read")
+        .expect("a node");
+    assert!(node.identifiers.contains(&work), "{node:?}");
+    assert_eq!(
+        fixture.store.decision(&second).await.expect("read"),
+        Some(decided[1].clone())
+    );
+    let file =
+        std::fs::read(fixture.dir.path().join("store").join("store.redb")).expect("the file");
+    for secret in [
+        "hoa.tran@shop.vn",
+        "84912345678",
+        "84987654321",
+        "0987654321",
+    ] {
+        assert!(
+            !holds(&file, secret),
+            "{secret:?} is in store.redb in clear"
+        );
+    }
+
+    // The customer's key erased: its node and decisions are gone.
+    let subject = cdp_store::sealed::customer_subject(fixture.keyring.hasher(), customer);
+    fixture
+        .keyring
+        .erase(&[subject], 1, "test")
+        .await
+        .expect("erased");
+    assert_eq!(fixture.store.customer(customer).await.expect("read"), None);
+    assert_eq!(fixture.store.decision(&second).await.expect("read"), None);
+}
+
+/// A graph written in clear (before sealing) is filed under hashed
+/// identifiers when a sealing store opens it: every identifier still finds
+/// its customer, and new claims join the same customers.
+#[tokio::test]
+async fn a_graph_in_clear_is_sealed_when_opened_with_keys() {
+    use cdp_domain::{IdKind, Identifier, IdentityRules, Resolution};
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let rules = IdentityRules::default();
+    let first = order_with_personal_data(cdp_domain::CustomerId(uuid::Uuid::nil())).touchpoint;
+    let customer = {
+        let clear = EmbeddedStore::open(&dir.path().join("store")).expect("the store opens");
+        match &clear.resolve(&[first], &rules).await.expect("resolved")[0] {
+            Resolution::Resolved(d) => d.customer_id,
+            other => panic!("{other:?}"),
+        }
+    };
+    // In clear, the file names the identifiers (the scan above can fail).
+    let file = std::fs::read(dir.path().join("store").join("store.redb")).expect("the file");
+    assert!(holds(&file, "hoa.tran@shop.vn"));
+    let keyring = keyring(&dir.path().join("keys")).await;
+    let sealed = EmbeddedStore::open(&dir.path().join("store"))
+        .expect("the store opens")
+        .with_seal(ViewSeal::new(Arc::clone(&keyring)));
+    assert_eq!(sealed.seal_claims().await.expect("sealed"), 2);
+    assert_eq!(sealed.seal_claims().await.expect("nothing left"), 0);
+    let email = Identifier::new(IdKind::Email, "hoa.tran@shop.vn");
+    assert_eq!(sealed.owner(&email).await.expect("owner"), Some(customer));
+    let mut second = order_with_personal_data(cdp_domain::CustomerId(uuid::Uuid::nil())).touchpoint;
+    second.personal.identifiers = vec![
+        Identifier::new(IdKind::Email, "hoa.tran@shop.vn"),
+        Identifier::new(IdKind::Phone, "+84987654321"),
+    ];
+    match &sealed.resolve(&[second], &rules).await.expect("resolved")[0] {
+        Resolution::Resolved(d) => assert_eq!(d.customer_id, customer),
+        other => panic!("{other:?}"),
+    }
+    let node = sealed
+        .customer(customer)
+        .await
+        .expect("read")
+        .expect("a node");
+    assert_eq!(node.identifiers.len(), 3, "{node:?}");
+}

@@ -79,6 +79,38 @@ fn infra_env(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_owned())
 }
 
+/// The harness's run directory (`CDP_INFRA_RUN`, by default under
+/// `CDP_INFRA_CACHE` or `~/.cache/cdp-infra`).
+fn infra_run() -> PathBuf {
+    std::env::var("CDP_INFRA_RUN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::env::var("CDP_INFRA_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                        .join(".cache/cdp-infra")
+                })
+                .join("run")
+        })
+}
+
+/// The files under `roots`, at any depth.
+fn files_under(roots: Vec<PathBuf>) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = roots;
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.filter_map(Result::ok).map(|e| e.path()));
+            }
+        } else if p.is_file() {
+            files.push(p);
+        }
+    }
+    files
+}
+
 /// How long a process may take to print its ready line.
 const STARTUP_PATIENCE: Duration = Duration::from_secs(90);
 
@@ -551,18 +583,7 @@ impl CdpProcess {
         let roots: Vec<PathBuf> = match self.backend {
             Backend::Embedded => vec![self.data.join("log")],
             Backend::Distributed => {
-                let run = std::env::var("CDP_INFRA_RUN")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|_| {
-                        std::env::var("CDP_INFRA_CACHE")
-                            .map(PathBuf::from)
-                            .unwrap_or_else(|_| {
-                                PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                                    .join(".cache/cdp-infra")
-                            })
-                            .join("run")
-                    });
-                let data = run.join("kafka/data");
+                let data = infra_run().join("kafka/data");
                 std::fs::read_dir(&data)
                     .unwrap_or_else(|e| panic!("Kafka's log directory {}: {e}", data.display()))
                     .filter_map(Result::ok)
@@ -575,18 +596,48 @@ impl CdpProcess {
                     .collect()
             }
         };
-        let mut files = Vec::new();
-        let mut stack = roots;
-        while let Some(p) = stack.pop() {
-            if p.is_dir() {
-                if let Ok(entries) = std::fs::read_dir(&p) {
-                    stack.extend(entries.filter_map(Result::ok).map(|e| e.path()));
-                }
-            } else if p.is_file() {
-                files.push(p);
+        files_under(roots)
+    }
+
+    /// Every file holding this platform's data: the whole embedded data
+    /// directory; or the Kafka log segments of this run's topics, and the
+    /// SSTables of this run's keyspaces and Cassandra's commit log after
+    /// `nodetool flush` (through `deploy/harness/infra.sh flush`).
+    pub fn stored_files(&self) -> Vec<PathBuf> {
+        match self.backend {
+            Backend::Embedded => files_under(vec![self.data.clone()]),
+            Backend::Distributed => {
+                let script =
+                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/harness/infra.sh");
+                let status = Command::new(&script)
+                    .arg("flush")
+                    .status()
+                    .unwrap_or_else(|e| panic!("{}: {e}", script.display()));
+                assert!(status.success(), "nodetool flush failed: {status}");
+                let cassandra = infra_run().join("cassandra/data");
+                let tables = cassandra.join("data");
+                let namespace = self.namespace.to_lowercase();
+                let mut roots: Vec<PathBuf> = std::fs::read_dir(&tables)
+                    .unwrap_or_else(|e| panic!("Cassandra's data {}: {e}", tables.display()))
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                            n == namespace || n.starts_with(&format!("{namespace}_"))
+                        })
+                    })
+                    .collect();
+                assert!(
+                    !roots.is_empty(),
+                    "no keyspace of {namespace} in {}",
+                    tables.display()
+                );
+                roots.push(cassandra.join("commitlog"));
+                let mut files = files_under(roots);
+                files.extend(self.log_files());
+                files
             }
         }
-        files
     }
 
     /// The gRPC address of the query service (profiles, identity).

@@ -1036,9 +1036,14 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
         .unwrap_err();
     assert_eq!(gone.code(), tonic::Code::NotFound, "{gone:?}");
 
-    // Not a trace in the log's files.
+    // Not a trace in any file of the platform: the log, the identity
+    // graph, the views, the keyring (the embedded data directory whole; on
+    // the distributed back end Kafka's segments, and Cassandra's SSTables
+    // and commit log once flushed).
+    let files = cdp.stored_files();
+    assert!(!files.is_empty(), "no files found");
     let found = occurrences(
-        &cdp.log_files(),
+        &files,
         &[
             format!("84{local}"),
             format!("0{local}"),
