@@ -88,15 +88,32 @@ fn personal_number(name: &str) -> bool {
 pub struct Sealing {
     pub hasher: Hasher,
     pub keys: KeySet,
+    /// Subjects computed already (see [`with_subjects`](Self::with_subjects)).
+    known: std::collections::HashMap<Identifier, Subject>,
 }
 
 impl Sealing {
     pub fn new(hasher: Hasher, keys: KeySet) -> Self {
-        Sealing { hasher, keys }
+        Sealing {
+            hasher,
+            keys,
+            known: std::collections::HashMap::new(),
+        }
+    }
+
+    /// This sealing, remembering the subjects of identifiers the caller
+    /// computed already: each is then named by one HMAC per batch, however
+    /// many times the batch's records name it.
+    pub fn with_subjects(mut self, known: std::collections::HashMap<Identifier, Subject>) -> Self {
+        self.known = known;
+        self
     }
 
     pub fn subject(&self, id: &Identifier) -> Subject {
-        cdp_store::keys::subject_of(&self.hasher, id)
+        match self.known.get(id) {
+            Some(s) => *s,
+            None => cdp_store::keys::subject_of(&self.hasher, id),
+        }
     }
 
     /// A sealing with a fresh hash secret and a fresh key for each of
@@ -112,7 +129,7 @@ impl Sealing {
                 Some(cdp_seal::DataKey::generate()?),
             );
         }
-        Ok(Sealing { hasher, keys })
+        Ok(Sealing::new(hasher, keys))
     }
 
     /// The key of `id`, when it has one (not erased).

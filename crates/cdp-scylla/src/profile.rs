@@ -783,8 +783,8 @@ impl ProfileStore for ScyllaStore {
                 // A term in clear (indexed before sealing) is deleted only
                 // where it is: the tombstone names what it deletes, and
                 // would otherwise write a term never stored in clear.
-                let in_clear = self.seal.hasher().is_some()
-                    && !t.starts_with(cdp_store::sealed::HASHED_ENTRY);
+                let in_clear =
+                    self.seal.hasher().is_some() && !t.starts_with(cdp_store::sealed::HASHED_ENTRY);
                 let stored = !in_clear
                     || self
                         .session()

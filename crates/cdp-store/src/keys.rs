@@ -93,16 +93,20 @@ fn seal_error(e: SealError) -> StoreError {
 const HASH_SECRET: Subject = Subject([0; 32]);
 
 struct Cache {
-    entries: HashMap<Subject, (Option<DataKey>, Instant)>,
+    entries: cdp_seal::SubjectMap<(Option<DataKey>, Instant)>,
     capacity: usize,
     ttl: Duration,
+    /// Only this keyring reads and writes its rows: entries never expire
+    /// (and no other process holds keys to wait for). See
+    /// [`Keyring::exclusive`].
+    exclusive: bool,
 }
 
 impl Cache {
     fn get(&self, s: &Subject) -> Option<Option<DataKey>> {
         self.entries
             .get(s)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
+            .filter(|(_, at)| self.exclusive || at.elapsed() < self.ttl)
             .map(|(k, _)| k.clone())
     }
 
@@ -192,9 +196,10 @@ impl Keyring {
             looked: Mutex::new(None),
             hasher: Hasher::new(&secret),
             cache: Mutex::new(Cache {
-                entries: HashMap::new(),
+                entries: cdp_seal::SubjectMap::default(),
                 capacity: cache_capacity.max(16),
                 ttl: cache_ttl,
+                exclusive: false,
             }),
         })
     }
@@ -203,6 +208,18 @@ impl Keyring {
     pub async fn embedded(dir: &Path, master: MasterKeys) -> Result<Self, StoreError> {
         let rows = Arc::new(EmbeddedKeyRows::open(dir)?);
         Keyring::open(rows, master, Duration::from_secs(5), 100_000).await
+    }
+
+    /// This keyring, declared the only one that reads and writes its rows
+    /// (the embedded keyring of a process, whose files it holds locked): a
+    /// key then changes only through it, and it keeps its cache in step, so
+    /// cached keys never expire (erased ones are forgotten at once).
+    pub fn exclusive(self) -> Self {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .exclusive = true;
+        self
     }
 
     /// Reads the master keys again from `path` when a row names a version
@@ -481,9 +498,15 @@ impl Keyring {
             .collect())
     }
 
-    /// How long another process may still use a key after it was erased.
+    /// How long another process may still use a key after it was erased
+    /// (none when the keyring is [`exclusive`](Self::exclusive)).
     pub fn cache_ttl(&self) -> Duration {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).ttl
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.exclusive {
+            Duration::ZERO
+        } else {
+            cache.ttl
+        }
     }
 
     /// The master key version that wraps.
@@ -648,7 +671,7 @@ pub const FILE_AT: usize = 100_000;
 /// opens), and the next sequence number.
 #[derive(Default)]
 struct Journal {
-    by_subject: HashMap<Subject, (u64, KeyRow)>,
+    by_subject: cdp_seal::SubjectMap<(u64, KeyRow)>,
     next: u64,
     /// Entries of `by_subject` not written to the file yet (on the log's
     /// file: the next commit of the file writes them, the log's append
@@ -1045,7 +1068,7 @@ impl EmbeddedKeyRows {
     /// Files every journal entry by subject and empties the journal, in one
     /// commit.
     fn file_journal(db: &Database, journal: &Mutex<Journal>) -> Result<(), StoreError> {
-        let entries: Vec<(Subject, KeyRow)> = Self::journal(journal)
+        let mut entries: Vec<(Subject, KeyRow)> = Self::journal(journal)
             .by_subject
             .iter()
             .map(|(s, (_, r))| (*s, r.clone()))
@@ -1053,6 +1076,8 @@ impl EmbeddedKeyRows {
         if entries.is_empty() {
             return Ok(());
         }
+        // In key order: each leaf of the tree is visited once, in turn.
+        entries.sort_unstable_by_key(|e| e.0);
         let tx = begin_write(db)?;
         {
             let mut filed = tx.open_table(KEYS).map_err(db_error)?;
@@ -1431,10 +1456,22 @@ pub mod conformance {
 mod tests {
     use super::*;
 
-    /// Rows whose reads fail while `down` is set.
+    /// Rows whose reads fail while `down` (unreachable) or `broken` (an
+    /// error no cache may hide) is set.
     struct Flaky {
         rows: EmbeddedKeyRows,
         down: std::sync::atomic::AtomicBool,
+        broken: std::sync::atomic::AtomicBool,
+    }
+
+    impl Flaky {
+        fn new(rows: EmbeddedKeyRows) -> Self {
+            Flaky {
+                rows,
+                down: std::sync::atomic::AtomicBool::new(false),
+                broken: std::sync::atomic::AtomicBool::new(false),
+            }
+        }
     }
 
     #[async_trait]
@@ -1442,6 +1479,9 @@ mod tests {
         async fn read(&self, s: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(StoreError::Unavailable("down".into()));
+            }
+            if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(StoreError::Storage("broken".into()));
             }
             self.rows.read(s).await
         }
@@ -1468,15 +1508,48 @@ mod tests {
         }
     }
 
+    /// The only keyring of its rows (the embedded one of a process) keeps
+    /// its keys past their time to live without reading the rows again, and
+    /// forgets an erased one at once; a shared one reads again.
+    #[tokio::test]
+    async fn an_exclusive_keyring_keeps_its_keys_and_forgets_erased_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = Arc::new(Flaky::new(EmbeddedKeyRows::open(dir.path()).unwrap()));
+        let text = MasterKeys::generate_file().unwrap();
+        let open = |rows: Arc<Flaky>| {
+            let master = MasterKeys::parse(&text).unwrap();
+            async move {
+                Keyring::open(rows, master, Duration::ZERO, 64)
+                    .await
+                    .unwrap()
+            }
+        };
+        let ring = open(rows.clone()).await.exclusive();
+        let shared = open(rows.clone()).await;
+        assert_eq!(
+            ring.cache_ttl(),
+            Duration::ZERO,
+            "no other process to wait for"
+        );
+        let id = Identifier::new(cdp_domain::IdKind::Email, "a@x.vn");
+        let a = ring.subject(&id);
+        let key = ring.obtain(&[a]).await.unwrap().get(&a).cloned();
+        assert!(key.is_some());
+        assert_eq!(shared.keys(&[a]).await.unwrap().get(&a).cloned(), key);
+        rows.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(ring.keys(&[a]).await.unwrap().get(&a).cloned(), key);
+        assert!(shared.keys(&[a]).await.is_err(), "its cached key expired");
+        ring.erase(&[a], 1, "r1").await.unwrap();
+        let after = ring.keys(&[a]).await.unwrap();
+        assert!(after.erased(&a) && after.get(&a).is_none());
+    }
+
     /// While its store is unreachable, a process goes on with the keys it
     /// last read (expired or not); a subject it never saw fails, retryably.
     #[tokio::test]
     async fn an_unreachable_keyring_serves_the_keys_last_read() {
         let dir = tempfile::tempdir().unwrap();
-        let rows = Arc::new(Flaky {
-            rows: EmbeddedKeyRows::open(dir.path()).unwrap(),
-            down: std::sync::atomic::AtomicBool::new(false),
-        });
+        let rows = Arc::new(Flaky::new(EmbeddedKeyRows::open(dir.path()).unwrap()));
         let master = MasterKeys::parse(&MasterKeys::generate_file().unwrap()).unwrap();
         let ring = Keyring::open(rows.clone(), master, Duration::ZERO, 64)
             .await

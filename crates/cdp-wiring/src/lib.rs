@@ -105,7 +105,10 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
             (Unsealed::Scylla(generations), Some(dedupe), Arc::new(rows))
         }
     };
-    let keyring = open_keyring(config, key_rows).await?;
+    // The embedded keyring's rows are this process's alone (it holds their
+    // file), read through this one keyring: its cached keys never go stale.
+    let exclusive = matches!(generations, Unsealed::Embedded(_));
+    let keyring = open_keyring(config, key_rows, exclusive).await?;
     // Profiles and timelines are sealed under customer keys.
     let seal = ViewSeal::new(Arc::clone(&keyring));
     let generations: Arc<dyn Generations> = match generations {
@@ -154,6 +157,7 @@ pub async fn open_backends(config: &PlatformConfig) -> Result<Backends, BackendE
 async fn open_keyring(
     config: &PlatformConfig,
     rows: Arc<dyn KeyRows>,
+    exclusive: bool,
 ) -> Result<Arc<Keyring>, BackendError> {
     let path = config.privacy.master_key_path(&config.data_dir);
     let failed = |reason: String| BackendError::Store {
@@ -186,6 +190,11 @@ async fn open_keyring(
         source,
     })?
     .with_master_file(path);
+    let keyring = if exclusive {
+        keyring.exclusive()
+    } else {
+        keyring
+    };
     tracing::info!(
         master_key_version = keyring.master_version(),
         "keyring open"

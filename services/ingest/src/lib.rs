@@ -1,6 +1,7 @@
 //! The ingest service: validates touchpoints, appends them durably to the
 //! touchpoints topic, and answers only after the log has them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use cdp_config::SuppressedEvents;
@@ -93,16 +94,21 @@ impl Ingestor {
         touchpoints: &[Touchpoint],
     ) -> Result<Sealing, ServiceError> {
         let hasher = self.keyring.hasher().clone();
-        let subjects: Vec<_> = touchpoints
+        let mut known: HashMap<cdp_domain::Identifier, cdp_seal::Subject> = HashMap::new();
+        for i in touchpoints
             .iter()
             .flat_map(|t| t.personal.identifiers.iter())
-            .map(|i| self.keyring.subject(i))
-            .collect();
+        {
+            if !known.contains_key(i) {
+                known.insert(i.clone(), self.keyring.subject(i));
+            }
+        }
+        let subjects: Vec<_> = known.values().copied().collect();
         let keys = self.keyring.obtain(&subjects).await.map_err(|e| {
             tracing::warn!(error = %e, "the keyring failed");
             ServiceError::from(e)
         })?;
-        Ok(Sealing::new(hasher, keys))
+        Ok(Sealing::new(hasher, keys).with_subjects(known))
     }
 
     /// `t` as it may be kept when some of its identifiers were erased: not
