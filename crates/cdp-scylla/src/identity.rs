@@ -10,9 +10,7 @@ use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, Gr
 use cdp_domain::redirect::MAX_REDIRECTS;
 use cdp_domain::{CustomerId, EventId, Identifier, IdentityRules, Resolution, Touchpoint};
 use cdp_seal::Hasher;
-use cdp_store::sealed::{
-    Read, ToWrite, claim_key, decision_owner, is_hashed_claim_key, node_link, unfetched,
-};
+use cdp_store::sealed::{claim_key, decision_owner, graph_owners, is_hashed_claim_key, node_link};
 use cdp_store::{IdentityStore, StoreError};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt, stream};
@@ -322,11 +320,7 @@ impl ScyllaStore {
             return Ok(None);
         };
         let keys = self.seal.keys([customer]).await?;
-        match keys.read_node(customer, &bytes)? {
-            Read::Value(node) => Ok(Some(node)),
-            Read::Erased => Ok(None),
-            Read::Missing => Err(unfetched(customer)),
-        }
+        keys.read_node(customer, &bytes)?.found(customer)
     }
 
     /// A stored decision, opened (`None` too when its customer is erased).
@@ -337,56 +331,38 @@ impl ScyllaStore {
         else {
             return Ok(None);
         };
-        let keys = match decision_owner(&bytes)? {
-            Some(owner) => self.seal.keys([owner]).await?,
-            None => self.seal.no_keys(),
-        };
-        match keys.read_decision(event, &bytes)? {
-            Read::Value(r) => Ok(Some(r)),
-            Read::Erased => Ok(None),
-            Read::Missing => Err(StoreError::Storage(format!(
-                "the decision of event {event} has no key fetched"
-            ))),
+        match decision_owner(&bytes)? {
+            Some(owner) => {
+                let keys = self.seal.keys([owner]).await?;
+                keys.read_decision(event, &bytes)?.found(owner)
+            }
+            // In clear.
+            None => Ok(Some(from_json("resolution", &bytes)?)),
         }
     }
 
     /// The rows of `decided` sealed under the keys of their customers
     /// (created for new customers, and durable before the rows are).
     pub(crate) async fn seal_decided(&self, decided: Decided) -> Result<Intent, StoreError> {
-        let owners =
-            decided
-                .nodes
-                .iter()
-                .map(|n| n.id)
-                .chain(decided.resolutions.iter().filter_map(|(_, r)| match r {
-                    Resolution::Resolved(d) => Some(d.customer_id),
-                    Resolution::Unresolvable { .. } => None,
-                }));
-        let keys = self.seal.obtain(owners).await?;
+        let decisions = decided.resolutions.iter().map(|(_, r)| r);
+        let keys = self
+            .seal
+            .obtain(graph_owners(&decided.nodes, decisions))
+            .await?;
         self.seal.flush().await?;
         let mut intent = Intent {
             claims: decided.claims,
             ..Intent::default()
         };
+        // An erased customer is not made again.
         for node in &decided.nodes {
-            match keys.write_node(node)? {
-                ToWrite::Bytes(bytes) => intent.nodes.push((node.id.0, bytes)),
-                // An erased customer is not made again.
-                ToWrite::Erased => {
-                    warn!(customer = %node.id, "not storing a node of an erased customer")
-                }
-                ToWrite::Missing => return Err(unfetched(node.id)),
+            if let Some(bytes) = keys.write_node(node)? {
+                intent.nodes.push((node.id.0, bytes));
             }
         }
         for (event, resolution) in &decided.resolutions {
-            match keys.write_decision(*event, resolution)? {
-                ToWrite::Bytes(bytes) => intent.resolutions.push((event.0, bytes)),
-                ToWrite::Erased => {}
-                ToWrite::Missing => {
-                    return Err(StoreError::Storage(format!(
-                        "the decision of event {event} has no key fetched"
-                    )));
-                }
+            if let Some(bytes) = keys.write_decision(*event, resolution)? {
+                intent.resolutions.push((event.0, bytes));
             }
         }
         Ok(intent)

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 
 use crate::sealed::{
     Read, RowKind, ToWrite, ViewKeys, ViewSeal, batch_customers, claim_key, decision_owner,
-    node_link, unfetched,
+    graph_owners, node_link,
 };
 use crate::{Applied, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery};
 
@@ -212,14 +212,9 @@ impl EmbeddedStore {
     /// Files the claims of a graph written in clear under hashed keys, when
     /// this store seals (see [`crate::sealed::claim_key`]); the nodes and
     /// decisions in clear are sealed when next written. Returns how many
-    /// claims moved.
-    pub async fn seal_claims(&self) -> Result<usize, StoreError> {
-        let store = self.clone();
-        self.on_graph(move |_| store.seal_claims_now()).await
-    }
-
-    /// [`seal_claims`](Self::seal_claims) on this thread.
-    pub fn seal_claims_now(&self) -> Result<usize, StoreError> {
+    /// claims moved. Blocking, like [`open`](Self::open), after which it
+    /// runs.
+    pub fn seal_claims(&self) -> Result<usize, StoreError> {
         let Some(hasher) = self.seal.hasher() else {
             return Ok(0);
         };
@@ -316,31 +311,33 @@ impl BlockingKeys {
         self.keys.borrow().hasher().cloned()
     }
 
+    /// A stored row of `owner` opened with `read`, its key fetched when
+    /// missing (`None`: the customer is erased).
+    fn open<T>(
+        &self,
+        owner: CustomerId,
+        read: impl Fn(&ViewKeys) -> Result<Read<T>, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let first = read(&self.keys.borrow())?;
+        if !matches!(first, Read::Missing) {
+            return first.found(owner);
+        }
+        self.ensure([owner], false)?;
+        read(&self.keys.borrow())?.found(owner)
+    }
+
     /// A stored node opened (`None`: its customer is erased).
     fn node(&self, customer: CustomerId, bytes: &[u8]) -> Result<Option<CustomerNode>, StoreError> {
-        for _ in 0..2 {
-            match self.keys.borrow().read_node(customer, bytes)? {
-                Read::Value(node) => return Ok(Some(node)),
-                Read::Erased => return Ok(None),
-                Read::Missing => {}
-            }
-            self.ensure([customer], false)?;
-        }
-        Err(unfetched(customer))
+        self.open(customer, |keys| keys.read_node(customer, bytes))
     }
 
     /// A stored decision opened (`None`: its customer is erased).
     fn decision(&self, event: EventId, bytes: &[u8]) -> Result<Option<Resolution>, StoreError> {
-        let owner = decision_owner(bytes)?;
-        for _ in 0..2 {
-            match self.keys.borrow().read_decision(event, bytes)? {
-                Read::Value(r) => return Ok(Some(r)),
-                Read::Erased => return Ok(None),
-                Read::Missing => {}
-            }
-            self.ensure(owner, false)?;
+        match decision_owner(bytes)? {
+            Some(owner) => self.open(owner, |keys| keys.read_decision(event, bytes)),
+            // In clear.
+            None => Ok(Some(from_json("resolution", bytes)?)),
         }
-        Err(unfetched(owner.unwrap_or(CustomerId(uuid::Uuid::nil()))))
     }
 }
 
@@ -398,41 +395,23 @@ impl<'t, 'k> TxGraph<'t, 'k> {
             .into_values()
             .filter_map(|(node, written)| node.filter(|_| written))
             .collect();
-        let owners = self.new_decisions.values().filter_map(|(_, r)| match r {
-            Resolution::Resolved(d) => Some(d.customer_id),
-            Resolution::Unresolvable { .. } => None,
-        });
-        self.keys
-            .ensure(nodes.iter().map(|n| n.id).chain(owners), true)?;
+        let decisions = self.new_decisions.values().map(|(_, r)| r);
+        self.keys.ensure(graph_owners(&nodes, decisions), true)?;
         self.keys.flush()?;
         let keys = self.keys.keys.borrow();
         for node in &nodes {
-            match keys.write_node(node)? {
-                ToWrite::Bytes(bytes) => {
-                    self.customers
-                        .insert(key(node.id), bytes.as_slice())
-                        .map_err(storage)?;
-                }
-                // An erased customer is not made again.
-                ToWrite::Erased => {
-                    tracing::warn!(customer = %node.id, "not storing a node of an erased customer")
-                }
-                ToWrite::Missing => return Err(unfetched(node.id)),
+            // An erased customer is not made again.
+            if let Some(bytes) = keys.write_node(node)? {
+                self.customers
+                    .insert(key(node.id), bytes.as_slice())
+                    .map_err(storage)?;
             }
         }
         for (at, (event, resolution)) in &self.new_decisions {
-            match keys.write_decision(*event, resolution)? {
-                ToWrite::Bytes(bytes) => {
-                    self.decisions
-                        .insert(*at, bytes.as_slice())
-                        .map_err(storage)?;
-                }
-                ToWrite::Erased => {}
-                ToWrite::Missing => {
-                    return Err(StoreError::Storage(format!(
-                        "the decision of event {event} has no key fetched"
-                    )));
-                }
+            if let Some(bytes) = keys.write_decision(*event, resolution)? {
+                self.decisions
+                    .insert(*at, bytes.as_slice())
+                    .map_err(storage)?;
             }
         }
         Ok(())

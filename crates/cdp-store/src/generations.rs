@@ -311,7 +311,7 @@ impl Generations for EmbeddedGenerations {
                 let store = EmbeddedStore::open_with_cache(&self.dir_of(id), self.cache_bytes)?
                     .with_seal(self.seal.clone());
                 // A graph written before sealing: its claims hashed first.
-                store.seal_claims_now()?;
+                store.seal_claims()?;
                 state.1.insert(id, store.clone());
                 store
             }

@@ -335,6 +335,26 @@ pub enum Read<T> {
     Missing,
 }
 
+impl<T> Read<T> {
+    /// The value, none when `customer`'s key is erased; an error when it
+    /// was not fetched (for a reader that fetched it first).
+    pub fn found(self, customer: CustomerId) -> Result<Option<T>, StoreError> {
+        match self {
+            Read::Value(v) => Ok(Some(v)),
+            Read::Erased => Ok(None),
+            Read::Missing => Err(unfetched(customer)),
+        }
+    }
+}
+
+/// A value stored as JSON.
+fn parse_json<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        what,
+        reason: e.to_string(),
+    })
+}
+
 impl ViewKeys {
     /// `value` as JSON, sealed under `customer`'s key.
     pub fn write_json<T: Serialize>(
@@ -355,17 +375,11 @@ impl ViewKeys {
         what: &'static str,
         bytes: &[u8],
     ) -> Result<Read<T>, StoreError> {
-        let parse = |b: &[u8]| {
-            serde_json::from_slice(b).map_err(|e| StoreError::Corrupt {
-                what,
-                reason: e.to_string(),
-            })
-        };
         if !is_sealed(bytes) {
-            return parse(bytes).map(Read::Value);
+            return parse_json(what, bytes).map(Read::Value);
         }
         Ok(match self.open(customer, kind, bytes)? {
-            Opened::Clear(plain) => Read::Value(parse(&plain)?),
+            Opened::Clear(plain) => Read::Value(parse_json(what, &plain)?),
             Opened::Erased => Read::Erased,
             Opened::Missing => Read::Missing,
         })
@@ -590,6 +604,18 @@ pub fn node_link(bytes: &[u8]) -> Result<Option<CustomerId>, StoreError> {
         })
 }
 
+/// The customers whose keys seal `nodes` and the attributed `decisions`.
+pub fn graph_owners<'a>(
+    nodes: impl IntoIterator<Item = &'a CustomerNode>,
+    decisions: impl IntoIterator<Item = &'a Resolution>,
+) -> Vec<CustomerId> {
+    let attributed = decisions.into_iter().filter_map(|r| match r {
+        Resolution::Resolved(d) => Some(d.customer_id),
+        Resolution::Unresolvable { .. } => None,
+    });
+    nodes.into_iter().map(|n| n.id).chain(attributed).collect()
+}
+
 /// The customer whose key seals a stored decision (none in clear).
 pub fn decision_owner(bytes: &[u8]) -> Result<Option<CustomerId>, StoreError> {
     Ok(graph_row_id(bytes)?.and_then(|(owner, _)| owner))
@@ -606,15 +632,28 @@ impl ViewKeys {
         self.hasher.is_some()
     }
 
-    /// A customer node as stored: sealed under its customer's key behind
-    /// where it redirects (JSON in clear when not sealing).
-    pub fn write_node(&self, node: &CustomerNode) -> Result<ToWrite, StoreError> {
-        match self.write_json(node.id, RowKind::Node, node)? {
-            ToWrite::Bytes(b) if self.sealing() => {
-                Ok(ToWrite::Bytes(graph_row(node.merged_into, b)))
-            }
-            other => Ok(other),
+    /// `value` as a graph row of `customer` to store: sealed under its
+    /// key behind `front` (JSON in clear when not sealing); none when the
+    /// customer is erased (it is not made again).
+    fn seal_graph_row<T: Serialize>(
+        &self,
+        customer: CustomerId,
+        front: Option<CustomerId>,
+        kind: RowKind,
+        value: &T,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.write_json(customer, kind, value)? {
+            ToWrite::Bytes(b) if self.sealing() => Ok(Some(graph_row(front, b))),
+            ToWrite::Bytes(b) => Ok(Some(b)),
+            ToWrite::Erased => Ok(None),
+            ToWrite::Missing => Err(unfetched(customer)),
         }
+    }
+
+    /// A customer node as stored: sealed under its customer's key behind
+    /// where it redirects; none when the customer is erased.
+    pub fn write_node(&self, node: &CustomerNode) -> Result<Option<Vec<u8>>, StoreError> {
+        self.seal_graph_row(node.id, node.merged_into, RowKind::Node, node)
     }
 
     /// A node [`write_node`](Self::write_node) wrote (or JSON in clear).
@@ -628,39 +667,33 @@ impl ViewKeys {
     }
 
     /// A decision as stored: sealed under the key of the customer it
-    /// attributes the event to. Only attributed events have their decision
-    /// stored (`cdp_domain::identity::resolve_once`).
+    /// attributes the event to; none when that customer is erased. Only
+    /// attributed events have their decision stored
+    /// (`cdp_domain::identity::resolve_once`).
     pub fn write_decision(
         &self,
         event: EventId,
         resolution: &Resolution,
-    ) -> Result<ToWrite, StoreError> {
+    ) -> Result<Option<Vec<u8>>, StoreError> {
         let Resolution::Resolved(decision) = resolution else {
             return Err(StoreError::Invalid(format!(
                 "the decision of event {event} attributes it to nobody: it is not stored"
             )));
         };
         let owner = decision.customer_id;
-        match self.write_json(owner, RowKind::Decision(event.0.as_u128()), resolution)? {
-            ToWrite::Bytes(b) if self.sealing() => Ok(ToWrite::Bytes(graph_row(Some(owner), b))),
-            other => Ok(other),
-        }
+        let kind = RowKind::Decision(event.0.as_u128());
+        self.seal_graph_row(owner, Some(owner), kind, resolution)
     }
 
     /// A decision [`write_decision`](Self::write_decision) wrote (or JSON in
-    /// clear); `owner` is its [`decision_owner`].
+    /// clear), under the key of its [`decision_owner`].
     pub fn read_decision(
         &self,
         event: EventId,
         bytes: &[u8],
     ) -> Result<Read<Resolution>, StoreError> {
         let Some((owner, body)) = graph_row_id(bytes)? else {
-            return self.read_json(
-                CustomerId(uuid::Uuid::nil()),
-                RowKind::Node,
-                "resolution",
-                bytes,
-            );
+            return parse_json("resolution", bytes).map(Read::Value);
         };
         let owner = owner.ok_or_else(|| StoreError::Corrupt {
             what: "sealed decision",

@@ -421,8 +421,8 @@ async fn a_graph_in_clear_is_sealed_when_opened_with_keys() {
     let sealed = EmbeddedStore::open(&dir.path().join("store"))
         .expect("the store opens")
         .with_seal(ViewSeal::new(Arc::clone(&keyring)));
-    assert_eq!(sealed.seal_claims().await.expect("sealed"), 2);
-    assert_eq!(sealed.seal_claims().await.expect("nothing left"), 0);
+    assert_eq!(sealed.seal_claims().expect("sealed"), 2);
+    assert_eq!(sealed.seal_claims().expect("nothing left"), 0);
     let email = Identifier::new(IdKind::Email, "hoa.tran@shop.vn");
     assert_eq!(sealed.owner(&email).await.expect("owner"), Some(customer));
     let mut second = order_with_personal_data(cdp_domain::CustomerId(uuid::Uuid::nil())).touchpoint;
