@@ -19,10 +19,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cdp_domain::{Identifier, UnixMillis};
 use cdp_seal::{DataKey, Hasher, KeySet, MasterKeys, SealError, Subject, Wrapped};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::Deserialize;
 
 use crate::StoreError;
+use crate::subject_filter::SubjectFilter;
 
 /// A subject's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -664,7 +665,9 @@ struct Waiting {
 const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("subject_keys_journal");
 
 /// Journal entries are filed by subject in one commit once this many wait
-/// (about 10 MB of memory for their index).
+/// (about 14 MB of memory for their index), or an eighth of the filed
+/// table, up to four times as many, once it is larger (see
+/// [`Journal::filing_due`]).
 pub const FILE_AT: usize = 100_000;
 
 /// The journal's entries by subject, in memory (loaded when the file
@@ -679,9 +682,25 @@ struct Journal {
     /// and only while it holds the same sequence number (an erasure
     /// removes it).
     pending: BTreeMap<u64, Subject>,
+    /// The subjects that may have a filed row (every one that has): a
+    /// subject it does not hold is looked up in neither table.
+    filed: SubjectFilter,
+    /// Rows of the filed table (about: erasures of filed rows count twice).
+    filed_len: usize,
 }
 
 impl Journal {
+    /// Whether the journal should be filed once `adding` more entries wait.
+    /// A filing rewrites every leaf of the filed tree that one of its
+    /// (random) subjects falls in, most of them once the tree is large, so
+    /// the journal waits for a share of the table rather than a fixed
+    /// count: without it, filing 3M keys 100,000 at a time rewrote most of
+    /// the tree 30 times.
+    fn filing_due(&self, file_at: usize, adding: usize) -> bool {
+        let at = (self.filed_len / 8).clamp(file_at, file_at.saturating_mul(4));
+        self.by_subject.len() + adding >= at
+    }
+
     /// Writes the pending entries into `tx` and takes them out of
     /// `pending`; give them back with [`restore`](Self::restore) if `tx`
     /// does not commit.
@@ -834,6 +853,13 @@ impl EmbeddedKeyRows {
         drop(old);
         // Every row of this file in one table first, so one lookup decides.
         Self::file_journal(&self.db, &self.journal)?;
+        {
+            let mut j = Self::journal(&self.journal);
+            for (s, _) in &rows {
+                j.filed.insert(&s.0);
+            }
+            j.filed_len += rows.len();
+        }
         let tx = begin_write(&self.db)?;
         let mut conflicts = 0usize;
         {
@@ -888,6 +914,16 @@ impl EmbeddedKeyRows {
                 journal.by_subject.insert(s, (seq.value(), row));
                 journal.next = journal.next.max(seq.value() + 1);
             }
+            let filed = tx.open_table(KEYS).map_err(db_error)?;
+            let count = usize::try_from(filed.len().map_err(db_error)?).unwrap_or(usize::MAX);
+            journal.filed = SubjectFilter::with_capacity(count);
+            journal.filed_len = count;
+            for item in filed.iter().map_err(db_error)? {
+                let (s, _) = item.map_err(db_error)?;
+                journal
+                    .filed
+                    .insert(&Subject::from_slice(s.value()).map_err(seal_error)?.0);
+            }
         }
         Ok(EmbeddedKeyRows {
             db,
@@ -925,7 +961,7 @@ impl EmbeddedKeyRows {
     ) {
         let rows: Vec<&(Subject, Wrapped)> = waiting.iter().flat_map(|w| &w.rows).collect();
         let stored = Self::append_new(db, journal, &rows).and_then(|stored| {
-            if Self::journal(journal).by_subject.len() >= file_at {
+            if Self::journal(journal).filing_due(file_at, 0) {
                 Self::file_journal(db, journal)?;
             }
             Ok(stored)
@@ -975,7 +1011,10 @@ impl EmbeddedKeyRows {
                     out.push(row);
                     continue;
                 }
-                if let Some(v) = filed.get(s.as_bytes().as_slice()).map_err(db_error)? {
+                let may_be_filed = Self::journal(journal).filed.may_contain(&s.0);
+                if may_be_filed
+                    && let Some(v) = filed.get(s.as_bytes().as_slice()).map_err(db_error)?
+                {
                     out.push(decode(v.value())?);
                     continue;
                 }
@@ -1011,7 +1050,7 @@ impl EmbeddedKeyRows {
             let j = Self::journal(journal);
             rows.iter()
                 .map(|(s, _)| *s)
-                .filter(|s| !j.by_subject.contains_key(s))
+                .filter(|s| !j.by_subject.contains_key(s) && j.filed.may_contain(&s.0))
                 .collect()
         };
         let mut filed_rows: HashMap<Subject, KeyRow> = HashMap::new();
@@ -1024,7 +1063,20 @@ impl EmbeddedKeyRows {
                 }
             }
         }
-        let mut j = Self::journal(journal);
+        Ok(Self::journal_new(
+            &mut Self::journal(journal),
+            rows,
+            &filed_rows,
+        ))
+    }
+
+    /// The row of each subject: its journal entry, else its filed row
+    /// (from `filed_rows`), else a new pending entry.
+    fn journal_new(
+        j: &mut Journal,
+        rows: &[(Subject, Wrapped)],
+        filed_rows: &HashMap<Subject, KeyRow>,
+    ) -> Vec<KeyRow> {
         let mut out = Vec::with_capacity(rows.len());
         for (s, w) in rows {
             if let Some((_, row)) = j.by_subject.get(s) {
@@ -1040,7 +1092,7 @@ impl EmbeddedKeyRows {
                 out.push(row);
             }
         }
-        Ok(out)
+        out
     }
 
     /// What the embedded log must call before it commits each append, when
@@ -1068,11 +1120,20 @@ impl EmbeddedKeyRows {
     /// Files every journal entry by subject and empties the journal, in one
     /// commit.
     fn file_journal(db: &Database, journal: &Mutex<Journal>) -> Result<(), StoreError> {
-        let mut entries: Vec<(Subject, KeyRow)> = Self::journal(journal)
-            .by_subject
-            .iter()
-            .map(|(s, (_, r))| (*s, r.clone()))
-            .collect();
+        let mut entries: Vec<(Subject, KeyRow)> = {
+            let mut j = Self::journal(journal);
+            let entries: Vec<(Subject, KeyRow)> = j
+                .by_subject
+                .iter()
+                .map(|(s, (_, r))| (*s, r.clone()))
+                .collect();
+            // Before they leave the journal (a false "maybe" if this
+            // commit fails costs a lookup, nothing else).
+            for (s, _) in &entries {
+                j.filed.insert(&s.0);
+            }
+            entries
+        };
         if entries.is_empty() {
             return Ok(());
         }
@@ -1095,6 +1156,7 @@ impl EmbeddedKeyRows {
         let mut j = Self::journal(journal);
         j.by_subject.clear();
         j.pending.clear();
+        j.filed_len += entries.len();
         tracing::debug!(keys = entries.len(), "keyring journal filed");
         Ok(())
     }
@@ -1125,19 +1187,20 @@ impl KeyRows for EmbeddedKeyRows {
 
     async fn read(&self, subjects: &[Subject]) -> Result<Vec<Option<KeyRow>>, StoreError> {
         // The journal first: an entry leaves it only after it is filed.
-        let mut out: Vec<Option<KeyRow>> = {
+        // Then the filed rows of the subjects the filter may hold.
+        let (mut out, missing) = {
             let j = Self::journal(&self.journal);
-            subjects
-                .iter()
-                .map(|s| j.by_subject.get(s).map(|(_, r)| r.clone()))
-                .collect()
+            let mut out: Vec<Option<KeyRow>> = Vec::with_capacity(subjects.len());
+            let mut missing: Vec<(usize, Subject)> = Vec::new();
+            for (i, s) in subjects.iter().enumerate() {
+                let row = j.by_subject.get(s).map(|(_, r)| r.clone());
+                if row.is_none() && j.filed.may_contain(&s.0) {
+                    missing.push((i, *s));
+                }
+                out.push(row);
+            }
+            (out, missing)
         };
-        let missing: Vec<(usize, Subject)> = subjects
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| out[*i].is_none())
-            .map(|(i, s)| (i, *s))
-            .collect();
         if missing.is_empty() {
             return Ok(out);
         }
@@ -1166,11 +1229,24 @@ impl KeyRows for EmbeddedKeyRows {
     async fn create(&self, rows: &[(Subject, Wrapped)]) -> Result<Vec<KeyRow>, StoreError> {
         if !self.sync_creates {
             // On the log's file: pending until the log's next append.
+            {
+                // Subjects with no filed row to look up (as the filter says
+                // of new ones) and no filing due: the journal in memory
+                // answers, with no hop to the blocking pool.
+                let _turn = self.committer.lock().await;
+                let mut j = Self::journal(&self.journal);
+                let lookups = rows
+                    .iter()
+                    .any(|(s, _)| !j.by_subject.contains_key(s) && j.filed.may_contain(&s.0));
+                if !lookups && !j.filing_due(self.file_at, rows.len()) {
+                    return Ok(Self::journal_new(&mut j, rows, &HashMap::new()));
+                }
+            }
             let (rows, file_at) = (rows.to_vec(), self.file_at);
             return self
                 .write(move |db, journal| {
                     let stored = Self::add_pending(db, journal, &rows)?;
-                    if Self::journal(journal).by_subject.len() >= file_at {
+                    if Self::journal(journal).filing_due(file_at, 0) {
                         Self::file_journal(db, journal)?;
                     }
                     Ok(stored)
@@ -1241,6 +1317,10 @@ impl KeyRows for EmbeddedKeyRows {
                     return Err(e);
                 }
             };
+            for s in &subjects {
+                j.filed.insert(&s.0);
+            }
+            j.filed_len += subjects.len();
             let written = (|| {
                 let mut filed = tx.open_table(KEYS).map_err(db_error)?;
                 let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
@@ -1683,6 +1763,9 @@ mod tests {
                 .unwrap();
             tx.commit().unwrap();
         }
+        // Opened again, as a file from before is.
+        drop(old);
+        let old = EmbeddedKeyRows::open(&legacy).unwrap();
         assert_eq!(
             old.read(&[s]).await.unwrap(),
             vec![Some(KeyRow::Erased {
@@ -1818,6 +1901,43 @@ mod tests {
         );
     }
 
+    /// The journal is filed every `file_at` keys while the filed table is
+    /// small, then once an eighth of it waits, at most four times `file_at`.
+    #[test]
+    fn the_journal_waits_for_a_share_of_a_large_filed_table() {
+        let journal = |filed_len: usize, waiting: usize| {
+            let mut j = Journal {
+                filed_len,
+                ..Journal::default()
+            };
+            for i in 0..waiting {
+                let mut s = [0u8; 32];
+                s[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                j.by_subject.insert(
+                    Subject(s),
+                    (
+                        i as u64,
+                        KeyRow::Erased {
+                            at: 0,
+                            request: String::new(),
+                        },
+                    ),
+                );
+            }
+            j
+        };
+        // Small tables: every `file_at` entries.
+        assert!(!journal(0, 9).filing_due(10, 0));
+        assert!(journal(0, 9).filing_due(10, 1));
+        assert!(journal(79, 10).filing_due(10, 0));
+        // An eighth of a larger one...
+        assert!(!journal(200, 24).filing_due(10, 0));
+        assert!(journal(200, 25).filing_due(10, 0));
+        // ...up to four times `file_at`.
+        assert!(!journal(10_000, 39).filing_due(10, 0));
+        assert!(journal(10_000, 40).filing_due(10, 0));
+    }
+
     /// Keys in the journal and keys filed by subject read, erase and
     /// rewrap alike, and survive a reopen (the journal is loaded again).
     #[tokio::test]
@@ -1873,5 +1993,10 @@ mod tests {
         // A scan (rotation) files the journal and sees every row once.
         let scanned = ring.rotate(4).await.unwrap().scanned;
         assert_eq!(scanned, 14, "12 subjects, the late one and the hash secret");
+        // An identifier erased before it ever had a key (a suppression):
+        // its row is found at once, and it gets no key.
+        let never = ring.subject(&id(500));
+        ring.erase(&[never], 10, "req-2").await.unwrap();
+        assert!(ring.obtain(&[never]).await.unwrap().erased(&never));
     }
 }

@@ -30,6 +30,7 @@ pub mod generations;
 pub mod keys;
 pub mod read;
 pub mod sealed;
+mod subject_filter;
 
 pub use embedded::EmbeddedStore;
 pub use generations::{

@@ -17,7 +17,7 @@
 //! The work runs in a task of its own: a caller that goes away does not
 //! leave it half done.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -331,7 +331,10 @@ impl Erasures {
                 shared.len()
             ));
         }
-        self.remove(&found).await?;
+        // The events' identity decisions wait for the last pass: they are
+        // sealed under the keys just erased, and the embedded store finds
+        // them by a scan of every decision.
+        self.remove(&found, false).await?;
         self.query.forget_history();
         let removed: usize = found.iter().map(|(_, f)| f.customers.len()).sum();
         erasure.steps.push(format!(
@@ -352,11 +355,10 @@ impl Erasures {
         if !late.is_empty() {
             keyring.erase(&late, now, &request_id).await?;
         }
-        self.remove(&found_again).await?;
-        self.remove(&found).await?;
+        self.remove(&both(found, found_again), true).await?;
         self.query.forget_history();
         erasure.steps.push(format!(
-            "after {} ms (every process has dropped the keys), removed what was folded meanwhile",
+            "after {} ms (every process has dropped the keys), removed what was folded meanwhile and the events' identity decisions",
             wait.as_millis()
         ));
         erasure.state = ErasureState::Complete.into();
@@ -389,13 +391,19 @@ impl Erasures {
         Ok(out)
     }
 
-    async fn remove(&self, found: &[(u32, Found)]) -> Result<(), ServiceError> {
+    /// Removes what `found` names in its generations; the events' identity
+    /// decisions only with `decisions`.
+    async fn remove(&self, found: &[(u32, Found)], decisions: bool) -> Result<(), ServiceError> {
         let generations = self.query.live().generations();
         for (id, f) in found {
             let stores = generations.open(*id).await?;
             let customers: Vec<CustomerId> = f.customers.iter().copied().collect();
             let terms: Vec<String> = f.terms.iter().cloned().collect();
-            let events: Vec<EventId> = f.events.iter().copied().collect();
+            let events: Vec<EventId> = if decisions {
+                f.events.iter().copied().collect()
+            } else {
+                Vec::new()
+            };
             stores.profiles.erase_views(&customers, &terms).await?;
             let identifiers: Vec<Identifier> = f.identifiers.iter().cloned().collect();
             stores
@@ -405,6 +413,19 @@ impl Erasures {
         }
         Ok(())
     }
+}
+
+/// What two passes found, by generation.
+fn both(first: Vec<(u32, Found)>, second: Vec<(u32, Found)>) -> Vec<(u32, Found)> {
+    let mut all: BTreeMap<u32, Found> = BTreeMap::new();
+    for (generation, f) in first.into_iter().chain(second) {
+        let into = all.entry(generation).or_default();
+        into.customers.extend(f.customers);
+        into.identifiers.extend(f.identifiers);
+        into.events.extend(f.events);
+        into.terms.extend(f.terms);
+    }
+    all.into_iter().collect()
 }
 
 /// The customers of one generation an erasure removes: those owning the
