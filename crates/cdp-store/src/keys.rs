@@ -684,9 +684,9 @@ struct Journal {
     pending: BTreeMap<u64, Subject>,
     /// The subjects that may have a filed row (every one that has): a
     /// subject it does not hold is looked up in neither table.
+    /// Its count of insertions stands for the table's rows (about: an
+    /// erasure of a filed row counts twice).
     filed: SubjectFilter,
-    /// Rows of the filed table (about: erasures of filed rows count twice).
-    filed_len: usize,
 }
 
 impl Journal {
@@ -697,8 +697,20 @@ impl Journal {
     /// count: without it, filing 3M keys 100,000 at a time rewrote most of
     /// the tree 30 times.
     fn filing_due(&self, file_at: usize, adding: usize) -> bool {
-        let at = (self.filed_len / 8).clamp(file_at, file_at.saturating_mul(4));
+        let at = (self.filed.len() / 8).clamp(file_at, file_at.saturating_mul(4));
         self.by_subject.len() + adding >= at
+    }
+
+    /// Notes that `subjects` have (or are about to have) a filed row.
+    fn file<'s>(&mut self, subjects: impl IntoIterator<Item = &'s Subject>) {
+        for s in subjects {
+            self.filed.insert(&s.0);
+        }
+    }
+
+    /// Whether `s`, not in the journal, may have a filed row to look up.
+    fn may_be_filed(&self, s: &Subject) -> bool {
+        !self.by_subject.contains_key(s) && self.filed.may_contain(&s.0)
     }
 
     /// Writes the pending entries into `tx` and takes them out of
@@ -853,13 +865,7 @@ impl EmbeddedKeyRows {
         drop(old);
         // Every row of this file in one table first, so one lookup decides.
         Self::file_journal(&self.db, &self.journal)?;
-        {
-            let mut j = Self::journal(&self.journal);
-            for (s, _) in &rows {
-                j.filed.insert(&s.0);
-            }
-            j.filed_len += rows.len();
-        }
+        Self::journal(&self.journal).file(rows.iter().map(|(s, _)| s));
         let tx = begin_write(&self.db)?;
         let mut conflicts = 0usize;
         {
@@ -917,12 +923,9 @@ impl EmbeddedKeyRows {
             let filed = tx.open_table(KEYS).map_err(db_error)?;
             let count = usize::try_from(filed.len().map_err(db_error)?).unwrap_or(usize::MAX);
             journal.filed = SubjectFilter::with_capacity(count);
-            journal.filed_len = count;
             for item in filed.iter().map_err(db_error)? {
                 let (s, _) = item.map_err(db_error)?;
-                journal
-                    .filed
-                    .insert(&Subject::from_slice(s.value()).map_err(seal_error)?.0);
+                journal.file([&Subject::from_slice(s.value()).map_err(seal_error)?]);
             }
         }
         Ok(EmbeddedKeyRows {
@@ -1050,7 +1053,7 @@ impl EmbeddedKeyRows {
             let j = Self::journal(journal);
             rows.iter()
                 .map(|(s, _)| *s)
-                .filter(|s| !j.by_subject.contains_key(s) && j.filed.may_contain(&s.0))
+                .filter(|s| j.may_be_filed(s))
                 .collect()
         };
         let mut filed_rows: HashMap<Subject, KeyRow> = HashMap::new();
@@ -1129,9 +1132,7 @@ impl EmbeddedKeyRows {
                 .collect();
             // Before they leave the journal (a false "maybe" if this
             // commit fails costs a lookup, nothing else).
-            for (s, _) in &entries {
-                j.filed.insert(&s.0);
-            }
+            j.file(entries.iter().map(|(s, _)| s));
             entries
         };
         if entries.is_empty() {
@@ -1156,7 +1157,6 @@ impl EmbeddedKeyRows {
         let mut j = Self::journal(journal);
         j.by_subject.clear();
         j.pending.clear();
-        j.filed_len += entries.len();
         tracing::debug!(keys = entries.len(), "keyring journal filed");
         Ok(())
     }
@@ -1235,9 +1235,7 @@ impl KeyRows for EmbeddedKeyRows {
                 // answers, with no hop to the blocking pool.
                 let _turn = self.committer.lock().await;
                 let mut j = Self::journal(&self.journal);
-                let lookups = rows
-                    .iter()
-                    .any(|(s, _)| !j.by_subject.contains_key(s) && j.filed.may_contain(&s.0));
+                let lookups = rows.iter().any(|(s, _)| j.may_be_filed(s));
                 if !lookups && !j.filing_due(self.file_at, rows.len()) {
                     return Ok(Self::journal_new(&mut j, rows, &HashMap::new()));
                 }
@@ -1317,10 +1315,7 @@ impl KeyRows for EmbeddedKeyRows {
                     return Err(e);
                 }
             };
-            for s in &subjects {
-                j.filed.insert(&s.0);
-            }
-            j.filed_len += subjects.len();
+            j.file(&subjects);
             let written = (|| {
                 let mut filed = tx.open_table(KEYS).map_err(db_error)?;
                 let mut appended = tx.open_table(JOURNAL).map_err(db_error)?;
@@ -1905,16 +1900,18 @@ mod tests {
     /// small, then once an eighth of it waits, at most four times `file_at`.
     #[test]
     fn the_journal_waits_for_a_share_of_a_large_filed_table() {
-        let journal = |filed_len: usize, waiting: usize| {
-            let mut j = Journal {
-                filed_len,
-                ..Journal::default()
-            };
+        let subject = |i: usize, tag: u8| {
+            let mut s = [tag; 32];
+            s[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Subject(s)
+        };
+        let journal = |filed: usize, waiting: usize| {
+            let mut j = Journal::default();
+            let filed: Vec<Subject> = (0..filed).map(|i| subject(i, 1)).collect();
+            j.file(&filed);
             for i in 0..waiting {
-                let mut s = [0u8; 32];
-                s[..8].copy_from_slice(&(i as u64).to_le_bytes());
                 j.by_subject.insert(
-                    Subject(s),
+                    subject(i, 2),
                     (
                         i as u64,
                         KeyRow::Erased {

@@ -37,25 +37,25 @@ impl Layer {
         }
     }
 
-    fn probes(&self, s: &[u8; 32]) -> impl Iterator<Item = (usize, u64)> + '_ {
-        let (h1, h2) = mix(s);
-        (0..PROBES).map(move |i| {
-            let bit = h1.wrapping_add(i.wrapping_mul(h2)) & self.mask;
-            ((bit / 64) as usize, 1u64 << (bit % 64))
-        })
-    }
-
     fn insert(&mut self, s: &[u8; 32]) {
-        let probes: Vec<(usize, u64)> = self.probes(s).collect();
-        for (word, bit) in probes {
+        for (word, bit) in probes(s, self.mask) {
             self.bits[word] |= bit;
         }
         self.len += 1;
     }
 
     fn may_contain(&self, s: &[u8; 32]) -> bool {
-        self.probes(s).all(|(word, bit)| self.bits[word] & bit != 0)
+        probes(s, self.mask).all(|(word, bit)| self.bits[word] & bit != 0)
     }
+}
+
+/// The word and bit of each probe of `s` in a table of `mask + 1` bits.
+fn probes(s: &[u8; 32], mask: u64) -> impl Iterator<Item = (usize, u64)> {
+    let (h1, h2) = mix(s);
+    (0..PROBES).map(move |i| {
+        let bit = h1.wrapping_add(i.wrapping_mul(h2)) & mask;
+        ((bit / 64) as usize, 1u64 << (bit % 64))
+    })
 }
 
 /// Two 64-bit hashes of a subject for double hashing (the second odd, so
@@ -112,6 +112,11 @@ impl SubjectFilter {
         if let Some(last) = self.layers.last_mut() {
             last.insert(s);
         }
+    }
+
+    /// How many subjects were inserted (each time counted).
+    pub(crate) fn len(&self) -> usize {
+        self.layers.iter().map(|l| l.len).sum()
     }
 
     /// False only for a subject never inserted.
