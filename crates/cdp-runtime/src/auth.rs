@@ -213,12 +213,12 @@ pub struct Registry {
     config: Vec<KeyEntry>,
     issued: RwLock<Arc<Vec<KeyEntry>>>,
     log: Arc<dyn EventLog>,
-    /// When the issued keys were last read (a miss reads them again, at
-    /// most this often).
-    refreshed: Mutex<Instant>,
+    /// Held while the issued keys are read, one reading at a time: when
+    /// the last completed reading started (none before the first).
+    reading: tokio::sync::Mutex<Option<Instant>>,
 }
 
-/// How often an unknown key may trigger a re-read of the issued keys.
+/// How often unknown keys may trigger a re-read of the issued keys.
 const MISS_REFRESH: Duration = Duration::from_millis(500);
 
 impl Registry {
@@ -231,7 +231,7 @@ impl Registry {
             config,
             issued: RwLock::new(Arc::new(Vec::new())),
             log,
-            refreshed: Mutex::new(Instant::now() - MISS_REFRESH),
+            reading: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -244,9 +244,13 @@ impl Registry {
 
     /// Reads the issued keys again from the `credentials` topic.
     pub async fn refresh(&self) -> Result<(), ServiceError> {
-        if let Ok(mut at) = self.refreshed.lock() {
-            *at = Instant::now();
-        }
+        let mut last = self.reading.lock().await;
+        self.read_issued(&mut last).await
+    }
+
+    /// One reading of the topic, under the reading lock.
+    async fn read_issued(&self, last: &mut Option<Instant>) -> Result<(), ServiceError> {
+        let started = Instant::now();
         let mut keys: Vec<KeyEntry> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         cdp_log::scan::<ServiceError>(self.log.as_ref(), topic::CREDENTIALS, 512, |r| {
@@ -271,14 +275,24 @@ impl Registry {
             Ok(mut g) => *g = Arc::new(keys),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
         }
+        *last = Some(started);
         Ok(())
     }
 
-    fn stale(&self) -> bool {
-        self.refreshed
-            .lock()
-            .map(|at| at.elapsed() >= MISS_REFRESH)
-            .unwrap_or(true)
+    /// After a miss: makes sure a reading that started after `asked` has
+    /// completed, so a key issued anywhere before the request arrived is
+    /// known. Misses that arrive together share one reading, and unknown
+    /// keys reach the log at most once per `MISS_REFRESH` (a caller waits
+    /// for the rest of it rather than being refused too early).
+    async fn read_since(&self, asked: Instant) -> Result<(), ServiceError> {
+        let mut last = self.reading.lock().await;
+        if last.is_some_and(|started| started >= asked) {
+            return Ok(());
+        }
+        if let Some(started) = *last {
+            tokio::time::sleep_until((started + MISS_REFRESH).into()).await;
+        }
+        self.read_issued(&mut last).await
     }
 
     /// The key whose hash matches, compared in constant time against every
@@ -297,9 +311,10 @@ impl Registry {
 
     /// The principal of a key, reading newly issued keys when it is unknown.
     pub async fn authenticate(&self, token: &str) -> Result<Principal, ServiceError> {
+        let asked = Instant::now();
         let mut found = self.find(token);
-        if found.is_none() && self.stale() {
-            self.refresh().await?;
+        if found.is_none() {
+            self.read_since(asked).await?;
             found = self.find(token);
         }
         let entry = found.ok_or_else(|| unauthenticated("unknown credential"))?;
@@ -970,6 +985,41 @@ mod tests {
                 .is_err()
         );
         assert!(access.from_session("garbage").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_key_issued_by_another_process_is_known_at_its_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(cdp_log::EmbeddedLog::open(dir.path(), &topic::ALL, 1).unwrap());
+        let here = Registry::new(&[], Arc::clone(&log)).unwrap();
+        let there = Registry::new(&[], Arc::clone(&log)).unwrap();
+        // This process has just read the keys (its periodic refresh, or a
+        // miss), so the next miss falls inside the re-read budget.
+        assert!(here.authenticate("cdp_nobody").await.is_err());
+        let (change, secret) = there.issue(IssuedKey {
+            id: "k1".into(),
+            name: "agent.hoa".into(),
+            role: "agent".into(),
+            key_sha256: String::new(),
+            sources: Vec::new(),
+            scopes: Vec::new(),
+            disclosure: None,
+            team: "hn".into(),
+            created_at: crate::now_ms(),
+            expires_at: None,
+            issued_by: "test".into(),
+        });
+        there.append(&change).await.unwrap();
+        let p = here.authenticate(&secret).await.unwrap();
+        assert_eq!((p.name.as_str(), p.role), ("agent.hoa", Role::Agent));
+        // Misses arriving together share one reading and are all refused.
+        let misses = futures::future::join_all((0..20).map(|i| {
+            let here = &here;
+            async move { here.authenticate(&format!("cdp_wrong_{i}")).await }
+        }))
+        .await;
+        assert!(misses.iter().all(|m| m.is_err()));
     }
 
     #[test]
