@@ -115,10 +115,6 @@ impl SubjectFilter {
     }
 
     /// How many subjects were inserted (each time counted).
-    pub(crate) fn len(&self) -> usize {
-        self.layers.iter().map(|l| l.len).sum()
-    }
-
     /// False only for a subject never inserted.
     pub(crate) fn may_contain(&self, s: &[u8; 32]) -> bool {
         self.layers.iter().any(|l| l.may_contain(s))
