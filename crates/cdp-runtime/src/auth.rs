@@ -214,7 +214,8 @@ pub struct Registry {
     issued: RwLock<Arc<Vec<KeyEntry>>>,
     log: Arc<dyn EventLog>,
     /// Held while the issued keys are read, one reading at a time: when
-    /// the last completed reading started (none before the first).
+    /// the last reading started, whether it succeeded or not (none before
+    /// the first).
     reading: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -250,7 +251,9 @@ impl Registry {
 
     /// One reading of the topic, under the reading lock.
     async fn read_issued(&self, last: &mut Option<Instant>) -> Result<(), ServiceError> {
-        let started = Instant::now();
+        // Noted before reading: a failed reading counts against the budget
+        // too, so misses during a log outage do not each try in turn.
+        *last = Some(Instant::now());
         let mut keys: Vec<KeyEntry> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         cdp_log::scan::<ServiceError>(self.log.as_ref(), topic::CREDENTIALS, 512, |r| {
@@ -275,7 +278,6 @@ impl Registry {
             Ok(mut g) => *g = Arc::new(keys),
             Err(poisoned) => *poisoned.into_inner() = Arc::new(keys),
         }
-        *last = Some(started);
         Ok(())
     }
 

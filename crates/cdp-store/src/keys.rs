@@ -677,7 +677,7 @@ impl Filed {
 
     /// Notes a new run of `subjects`.
     fn add_run<'s>(&mut self, run: u32, subjects: impl ExactSizeIterator<Item = &'s Subject>) {
-        let mut f = SubjectFilter::with_capacity(subjects.len());
+        let mut f = SubjectFilter::exactly(subjects.len());
         for s in subjects {
             f.insert(&s.0);
             self.all.insert(&s.0);
@@ -1124,6 +1124,26 @@ impl EmbeddedKeyRows {
             if let Some((at, subjects)) = run {
                 journal.filed.add_run(at, subjects.iter());
             }
+            // A journal entry for a subject already filed is a stale copy
+            // (written by an append between a filing's commit and its
+            // clearing of the journal, before filing took the pending
+            // entries first): the filed row stands, an erasure above all.
+            let tables = FiledTables::read(&tx)?;
+            let mut stale = Vec::new();
+            for s in journal.by_subject.keys() {
+                if tables.find(&journal.filed.places(s), s)?.is_some() {
+                    stale.push(*s);
+                }
+            }
+            for s in &stale {
+                journal.by_subject.remove(s);
+            }
+            if !stale.is_empty() {
+                tracing::warn!(
+                    subjects = stale.len(),
+                    "keyring: journal entries of subjects already filed were left out"
+                );
+            }
         }
         Ok(EmbeddedKeyRows {
             db,
@@ -1319,40 +1339,63 @@ impl EmbeddedKeyRows {
     /// Files every journal entry as a new run and empties the journal, in
     /// one commit.
     fn file_journal(db: &Database, journal: &Mutex<Journal>) -> Result<(), StoreError> {
-        let (run, mut entries) = {
-            let j = Self::journal(journal);
-            let entries: Vec<(Subject, KeyRow)> = j
+        // The pending entries are taken now: this commit files them, and
+        // the log's next append must not write them into the new journal
+        // between this commit and the journal's update below.
+        let (run, mut entries, taken) = {
+            let mut j = Self::journal(journal);
+            let entries: Vec<(Subject, KeyRow, Vec<Place>)> = j
                 .by_subject
                 .iter()
-                .map(|(s, (_, r))| (*s, r.clone()))
+                .map(|(s, (_, r))| (*s, r.clone(), j.filed.places(s)))
                 .collect();
-            (j.filed.next_run(), entries)
+            let taken = std::mem::take(&mut j.pending);
+            (j.filed.next_run(), entries, taken)
         };
         if entries.is_empty() {
             return Ok(());
         }
         // In key order, after every earlier run: appended to the tree.
         entries.sort_unstable_by_key(|e| e.0);
-        let tx = begin_write(db)?;
-        {
-            let mut runs = tx.open_table(RUNS).map_err(db_error)?;
-            for (s, row) in &entries {
-                runs.insert(Place::Run(run).key(s).as_slice(), encode(row).as_slice())
-                    .map_err(db_error)?;
+        let written = (|| {
+            let tx = begin_write(db)?;
+            let mut filed = Vec::with_capacity(entries.len());
+            {
+                let mut tables = FiledTables::write(&tx)?;
+                for (s, row, places) in &entries {
+                    // A journal entry for a subject already filed is a
+                    // stale copy (a file written before this was taken
+                    // care of): the filed row stands.
+                    if tables.find(places, s)?.is_some() {
+                        continue;
+                    }
+                    tables.put(Place::Run(run), s, encode(row).as_slice())?;
+                    filed.push(*s);
+                }
             }
-        }
-        tx.delete_table(JOURNAL).map_err(db_error)?;
-        tx.open_table(JOURNAL).map_err(db_error)?;
-        tx.commit().map_err(db_error)?;
+            tx.delete_table(JOURNAL).map_err(db_error)?;
+            tx.open_table(JOURNAL).map_err(db_error)?;
+            tx.commit().map_err(db_error)?;
+            Ok::<_, StoreError>(filed)
+        })();
+        let filed = match written {
+            Ok(filed) => filed,
+            Err(e) => {
+                Self::journal(journal).restore(taken);
+                return Err(e);
+            }
+        };
         // Every entry is filed now, the pending ones too. Nothing was
         // created meanwhile: creations and filing take the writers' turn.
         // The run's filter and the journal change under one lock, so a
         // reader finds a subject in one or the other.
         let mut j = Self::journal(journal);
-        j.filed.add_run(run, entries.iter().map(|(s, _)| s));
+        if !filed.is_empty() {
+            j.filed.add_run(run, filed.iter());
+        }
         j.by_subject.clear();
         j.pending.clear();
-        tracing::debug!(keys = entries.len(), "keyring journal filed");
+        tracing::debug!(keys = filed.len(), "keyring journal filed");
         Ok(())
     }
 }
@@ -1551,8 +1594,13 @@ impl KeyRows for EmbeddedKeyRows {
         limit: usize,
     ) -> Result<Vec<(Subject, KeyRow)>, StoreError> {
         // Filed first, so the filed tables hold every row: those filed by
-        // subject, then the runs in order.
-        self.write(Self::file_journal).await?;
+        // subject, then the runs in order. Only before the first page: a
+        // filing per page would make a run of the keys created meanwhile
+        // each time (keys created during a scan are made under the newest
+        // master key anyway).
+        if after.is_none() {
+            self.write(Self::file_journal).await?;
+        }
         let (db, journal) = (Arc::clone(&self.db), Arc::clone(&self.journal));
         tokio::task::spawn_blocking(move || {
             let tx = db.begin_read().map_err(db_error)?;
@@ -2174,6 +2222,61 @@ mod tests {
             }
         }
         assert_eq!(ring.rotate(3).await.unwrap().rewrapped, 0);
+    }
+
+    /// A journal entry left on disk for a subject already filed (as an
+    /// append between a filing's commit and its clearing of the journal
+    /// once wrote) never brings back a key its filed row erased.
+    #[tokio::test]
+    async fn a_stale_journal_entry_does_not_bring_back_an_erased_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = MasterKeys::generate_file().unwrap();
+        let open = || {
+            let rows: Arc<dyn KeyRows> =
+                Arc::new(EmbeddedKeyRows::open_filing_at(dir.path(), 2).unwrap());
+            let master = MasterKeys::parse(&v1).unwrap();
+            async move {
+                Keyring::open(rows, master, Duration::ZERO, 64)
+                    .await
+                    .unwrap()
+            }
+        };
+        fn raw<T>(dir: &Path, f: impl FnOnce(&redb::WriteTransaction) -> T) -> T {
+            let db = redb::Database::open(dir.join(OWN_FILE)).unwrap();
+            let tx = db.begin_write().unwrap();
+            let out = f(&tx);
+            tx.commit().unwrap();
+            out
+        }
+        let ring = open().await;
+        let id = |i: usize| Identifier::new(cdp_domain::IdKind::Email, format!("s{i}@x.vn"));
+        let s1 = ring.subject(&id(1));
+        // The hash secret and s1: filed as run 0.
+        assert!(ring.obtain(&[s1]).await.unwrap().get(&s1).is_some());
+        drop(ring);
+        let active = raw(dir.path(), |tx| {
+            let runs = tx.open_table(RUNS).unwrap();
+            let v = runs
+                .get(Place::Run(0).key(&s1).as_slice())
+                .unwrap()
+                .unwrap();
+            journal_entry(&s1, &decode(v.value()).unwrap())
+        });
+        let ring = open().await;
+        ring.erase(&[s1], 7, "req-s").await.unwrap();
+        drop(ring);
+        raw(dir.path(), |tx| {
+            let mut journal = tx.open_table(JOURNAL).unwrap();
+            journal.insert(1_000, active.as_slice()).unwrap();
+        });
+        let ring = open().await;
+        assert!(ring.keys(&[s1]).await.unwrap().erased(&s1));
+        // A filing after it files nothing for s1, and a scan sees it once.
+        let more: Vec<Subject> = (2..6).map(|i| ring.subject(&id(i))).collect();
+        ring.obtain(&more).await.unwrap();
+        assert!(ring.keys(&[s1]).await.unwrap().erased(&s1));
+        assert!(ring.obtain(&[s1]).await.unwrap().erased(&s1));
+        assert_eq!(ring.rotate(1).await.unwrap().scanned, 6);
     }
 
     /// Keys in the journal and keys filed by subject read, erase and

@@ -100,6 +100,13 @@ impl SubjectFilter {
         }
     }
 
+    /// A filter for exactly `count` subjects (a run's, which never grows).
+    pub(crate) fn exactly(count: usize) -> Self {
+        SubjectFilter {
+            layers: vec![Layer::new(count.max(1))],
+        }
+    }
+
     pub(crate) fn insert(&mut self, s: &[u8; 32]) {
         let full = self.layers.last().is_none_or(|l| l.len >= l.capacity);
         if full {
@@ -114,7 +121,6 @@ impl SubjectFilter {
         }
     }
 
-    /// How many subjects were inserted (each time counted).
     /// False only for a subject never inserted.
     pub(crate) fn may_contain(&self, s: &[u8; 32]) -> bool {
         self.layers.iter().any(|l| l.may_contain(s))
