@@ -1344,10 +1344,10 @@ impl EmbeddedKeyRows {
         // between this commit and the journal's update below.
         let (run, mut entries, taken) = {
             let mut j = Self::journal(journal);
-            let entries: Vec<(Subject, KeyRow, Vec<Place>)> = j
+            let entries: Vec<(Subject, KeyRow)> = j
                 .by_subject
                 .iter()
-                .map(|(s, (_, r))| (*s, r.clone(), j.filed.places(s)))
+                .map(|(s, (_, r))| (*s, r.clone()))
                 .collect();
             let taken = std::mem::take(&mut j.pending);
             (j.filed.next_run(), entries, taken)
@@ -1359,18 +1359,14 @@ impl EmbeddedKeyRows {
         entries.sort_unstable_by_key(|e| e.0);
         let written = (|| {
             let tx = begin_write(db)?;
-            let mut filed = Vec::with_capacity(entries.len());
+            // No entry is filed already: the journal gains only subjects
+            // without a filed row, and `init` leaves out stale copies.
+            let filed: Vec<Subject> = entries.iter().map(|(s, _)| *s).collect();
             {
-                let mut tables = FiledTables::write(&tx)?;
-                for (s, row, places) in &entries {
-                    // A journal entry for a subject already filed is a
-                    // stale copy (a file written before this was taken
-                    // care of): the filed row stands.
-                    if tables.find(places, s)?.is_some() {
-                        continue;
-                    }
-                    tables.put(Place::Run(run), s, encode(row).as_slice())?;
-                    filed.push(*s);
+                let mut runs = tx.open_table(RUNS).map_err(db_error)?;
+                for (s, row) in &entries {
+                    runs.insert(Place::Run(run).key(s).as_slice(), encode(row).as_slice())
+                        .map_err(db_error)?;
                 }
             }
             tx.delete_table(JOURNAL).map_err(db_error)?;
