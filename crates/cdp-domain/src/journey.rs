@@ -38,6 +38,8 @@ impl Default for JourneyConfig {
 #[derive(Debug, Clone)]
 pub struct Person {
     pub index: usize,
+    /// Family, middle and given name, with their diacritics.
+    pub name: String,
     pub email: String,
     pub phone_digits: String,
     pub anonymous_id: String,
@@ -60,20 +62,65 @@ fn attrs(v: Value) -> Attributes {
     }
 }
 
+/// Family names, middle names and given names as Vietnamese shops see them.
+const FAMILY: [&str; 16] = [
+    "Nguyễn", "Trần", "Lê", "Phạm", "Hoàng", "Huỳnh", "Phan", "Vũ", "Võ", "Đặng", "Bùi", "Đỗ",
+    "Hồ", "Ngô", "Dương", "Lý",
+];
+const MIDDLE: [&str; 10] = [
+    "Văn", "Thị", "Minh", "Thanh", "Ngọc", "Đức", "Hữu", "Thu", "Quốc", "Gia",
+];
+const GIVEN: [&str; 32] = [
+    "An", "Anh", "Bình", "Châu", "Dũng", "Giang", "Hà", "Hải", "Hạnh", "Hoa", "Hùng", "Hương",
+    "Khánh", "Lan", "Linh", "Long", "Mai", "Minh", "Nam", "Ngọc", "Phúc", "Phương", "Quân",
+    "Quang", "Sơn", "Tâm", "Thảo", "Trang", "Tuấn", "Vy", "Yến", "Đức",
+];
+const MAIL_DOMAINS: [&str; 6] = [
+    "gmail.com",
+    "yahoo.com",
+    "outlook.com",
+    "icloud.com",
+    "hotmail.com",
+    "fpt.vn",
+];
+/// The two digits after the national `0` of Vietnamese mobile numbers.
+const MOBILE_PREFIXES: [&str; 30] = [
+    "32", "33", "34", "35", "36", "37", "38", "39", "70", "76", "77", "78", "79", "81", "82", "83",
+    "84", "85", "86", "87", "88", "90", "91", "92", "93", "94", "95", "96", "97", "98",
+];
+
+fn pick<'a>(rng: &mut StdRng, from: &[&'a str]) -> &'a str {
+    from.choose(rng).copied().unwrap_or("")
+}
+
 impl Person {
+    /// A person whose identifiers look like a real shop's: names from the
+    /// usual lists, mailboxes at the usual providers, random device, Zalo
+    /// and loyalty numbers. Nothing starts with the namespace, so the
+    /// identifiers of a batch are spread over every key range as a real
+    /// population's are (the namespace and index keep emails unique).
     fn new(rng: &mut StdRng, ns: &str, index: usize) -> Self {
-        let prefix = ["91", "98", "96", "97"]
-            .choose(rng)
-            .copied()
-            .unwrap_or("91");
+        let (family, middle, given) = (pick(rng, &FAMILY), pick(rng, &MIDDLE), pick(rng, &GIVEN));
+        let ascii = |s: &str| crate::search::fold_text(s).replace(' ', "");
+        let local = format!("{}.{}{index}.{ns}", ascii(given), ascii(family));
         Person {
             index,
-            email: format!("{ns}.c{index}@shop.vn"),
-            phone_digits: format!("{prefix}{:07}", rng.random_range(0..10_000_000u32)),
+            name: format!("{family} {middle} {given}"),
+            email: format!("{}@{}", local.to_lowercase(), pick(rng, &MAIL_DOMAINS)),
+            phone_digits: format!(
+                "{}{:07}",
+                pick(rng, &MOBILE_PREFIXES),
+                rng.random_range(0..10_000_000u32)
+            ),
             anonymous_id: Uuid::from_u64_pair(rng.random(), rng.random()).to_string(),
-            device_id: format!("dev-{ns}-{index}"),
-            zalo_id: format!("{}", rng.random_range(1_000_000_000u64..9_999_999_999)),
-            loyalty_id: format!("LC-{ns}-{index:06}"),
+            device_id: Uuid::from_u64_pair(rng.random(), rng.random())
+                .to_string()
+                .to_uppercase(),
+            zalo_id: format!(
+                "{}",
+                rng.random_range(1_000_000_000_000_000u64..9_000_000_000_000_000)
+            ),
+            loyalty_id: format!("{:013}", rng.random_range(0..10_000_000_000_000u64)),
         }
     }
 
@@ -131,7 +178,7 @@ pub fn generate(seed: u64, config: &JourneyConfig) -> (Vec<Person>, Vec<Generate
                     channel: Some("web".into()),
                     source_id: Some("web-backend".into()),
                     identifiers: person.all_identifiers(&mut rng),
-                    traits: attrs(json!({"name": format!("Khách {}", person.index)})),
+                    traits: attrs(json!({"name": person.name})),
                     ..RawTouchpoint::default()
                 }
             } else {
@@ -244,5 +291,58 @@ fn random_event(rng: &mut StdRng, p: &Person, ns: &str, k: usize) -> RawTouchpoi
         identifiers: ids,
         properties: attrs(props),
         ..RawTouchpoint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::IdKind;
+    use crate::normalize::{EmailPolicy, PhonePolicy, normalize};
+
+    /// Two chunks of a population, as the bench makes them: every person's
+    /// identifiers normalise, are their own (ground truth depends on it),
+    /// and none starts with the namespace (a real population's identifiers
+    /// have no such locality).
+    #[test]
+    fn identifiers_are_valid_unique_and_spread_like_a_real_populations() {
+        let mut seen: HashSet<(String, String)> = HashSet::new();
+        for chunk in 0..2u64 {
+            let config = JourneyConfig {
+                customers: 3_000,
+                namespace: format!("b7x{chunk}"),
+                ..JourneyConfig::default()
+            };
+            let mut rng = StdRng::seed_from_u64(99);
+            let (people, _) = generate(7 + chunk, &config);
+            for p in &people {
+                assert!(p.name.split(' ').count() == 3, "{}", p.name);
+                for raw in p.all_identifiers(&mut rng) {
+                    assert!(
+                        !raw.value.trim().starts_with(&config.namespace),
+                        "{raw:?} starts with its batch's namespace"
+                    );
+                    let kind = IdKind::parse(&raw.kind).unwrap_or_else(|e| panic!("{e}"));
+                    let id = normalize(
+                        &kind,
+                        &raw.value,
+                        &EmailPolicy::default(),
+                        &PhonePolicy::default(),
+                    )
+                    .unwrap_or_else(|e| panic!("{raw:?} does not normalise: {e}"));
+                    if id.kind == IdKind::Phone {
+                        // Numbers drawn at random may be shared, as
+                        // family phones are; the rest never are.
+                        continue;
+                    }
+                    assert!(
+                        seen.insert((id.kind.as_str().to_owned(), id.value.clone())),
+                        "{id:?} given to two people"
+                    );
+                }
+            }
+        }
     }
 }

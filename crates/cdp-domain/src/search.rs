@@ -20,13 +20,22 @@ pub fn fold_text(s: &str) -> String {
         .join(" ")
 }
 
+/// A phone's search term: its digits in international form (`84912...`).
+/// A national form typed in a query (`0912...`) is looked for in this form
+/// too ([`query_prefixes`]), so one term per phone serves both.
 fn phone_terms(e164: &str) -> Vec<String> {
     let digits: String = e164.chars().filter(char::is_ascii_digit).collect();
-    let mut out = vec![format!("tel:{digits}")];
-    if let Some(national) = digits.strip_prefix("84") {
-        out.push(format!("tel:0{national}"));
-    }
-    out
+    vec![format!("tel:{digits}")]
+}
+
+/// The country code a phone typed with a national `0` is looked for under.
+const NATIONAL_PREFIX_COUNTRY: &str = "84";
+
+/// Terms earlier versions indexed for `term` besides it: a phone's national
+/// form (`tel:0912...` beside `tel:84912...`). An erasure removes them too.
+pub fn former_terms(term: &str) -> Option<String> {
+    let national = term.strip_prefix("tel:")?.strip_prefix(NATIONAL_PREFIX_COUNTRY)?;
+    (!national.is_empty()).then(|| format!("tel:0{national}"))
 }
 
 /// The search terms an event contributes to its customer.
@@ -84,6 +93,15 @@ pub fn query_prefixes(query: &str) -> Vec<String> {
         if !digits.is_empty() {
             out.push(format!("tel:{digits}"));
         }
+        // A national number (`0912...`) as its international digits, the
+        // form phones are indexed in; the national form still finds
+        // profiles indexed before that.
+        if let Some(national) = digits.strip_prefix('0')
+            && !national.is_empty()
+            && !q.trim_start().starts_with('+')
+        {
+            out.push(format!("tel:{NATIONAL_PREFIX_COUNTRY}{national}"));
+        }
     }
     out
 }
@@ -107,10 +125,18 @@ mod tests {
 
     #[test]
     fn phones_are_found_by_national_and_international_prefixes() {
-        let terms = phone_terms("+84912345678");
-        assert!(terms.contains(&"tel:84912345678".to_string()));
-        assert!(terms.contains(&"tel:0912345678".to_string()));
-        assert!(query_prefixes("0912 345").contains(&"tel:0912345".to_string()));
+        assert_eq!(phone_terms("+84912345678"), vec!["tel:84912345678"]);
+        let national = query_prefixes("0912 345");
+        assert!(national.contains(&"tel:84912345".to_string()));
+        assert!(national.contains(&"tel:0912345".to_string()));
         assert!(query_prefixes("+84 912").contains(&"tel:84912".to_string()));
+        assert!(!query_prefixes("+0912").contains(&"tel:84912".to_string()));
+        assert!(!query_prefixes("0").iter().any(|p| p == "tel:84"));
+        assert_eq!(
+            former_terms("tel:84912345678").as_deref(),
+            Some("tel:0912345678")
+        );
+        assert_eq!(former_terms("tel:14155552671"), None);
+        assert_eq!(former_terms("email:a@b.vn"), None);
     }
 }

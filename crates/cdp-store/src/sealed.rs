@@ -429,7 +429,13 @@ pub fn batch_customers(batch: &[ResolvedTouchpoint]) -> BTreeSet<CustomerId> {
 /// term. A typed prefix is looked up by its longest indexed prefix (and as
 /// a whole term); the candidates are checked against the search terms their
 /// opened profile keeps (`Profile::matches_search`).
-pub const INDEXED_PREFIXES: [usize; 3] = [3, 5, 8];
+/// (A query shorter than the shortest finds whole terms only: shorter
+/// prefixes would add an entry per term for candidates too many to check.)
+pub const INDEXED_PREFIXES: [usize; 2] = [5, 8];
+
+/// Prefix lengths indexed by earlier versions: an erasure removes their
+/// entries too.
+const FORMERLY_INDEXED_PREFIXES: [usize; 1] = [3];
 
 /// First character of a hashed search entry (an entry in clear starts with
 /// its term's kind: `name:`, `email:`, `tel:`).
@@ -472,13 +478,17 @@ fn prefix_entry(hasher: &Hasher, kind: &str, text: &str, chars: usize) -> String
 /// The search entries of a term: in clear the term itself; hashed, the
 /// whole term and its [`INDEXED_PREFIXES`] shorter than it.
 pub fn index_entries(hasher: Option<&Hasher>, term: &str) -> Vec<String> {
+    entries_with_prefixes(hasher, term, &INDEXED_PREFIXES)
+}
+
+fn entries_with_prefixes(hasher: Option<&Hasher>, term: &str, prefixes: &[usize]) -> Vec<String> {
     let Some(h) = hasher else {
         return vec![term.to_owned()];
     };
     let (kind, text) = split_term(term);
     let n = text.chars().count();
     let mut out = vec![hashed(h, b"=", term)];
-    for l in INDEXED_PREFIXES.into_iter().filter(|l| *l < n) {
+    for l in prefixes.iter().copied().filter(|l| *l < n) {
         out.push(prefix_entry(h, kind, text, l));
     }
     out
@@ -502,12 +512,25 @@ pub fn query_entries(hasher: Option<&Hasher>, prefix: &str) -> Vec<String> {
 }
 
 /// The entries of `terms` to delete: each term in clear (written before
-/// the index was hashed) and hashed.
+/// the index was hashed) and hashed, with the prefixes indexed now and
+/// those indexed before, and a phone's national form too (indexed beside
+/// the international one before 2026-12-02; see
+/// `cdp_domain::search::former_terms`).
 pub fn erased_entries(hasher: Option<&Hasher>, terms: &[String]) -> Vec<String> {
+    let terms: BTreeSet<String> = terms
+        .iter()
+        .flat_map(|t| std::iter::once(t.clone()).chain(cdp_domain::search::former_terms(t)))
+        .collect();
+    let terms: Vec<String> = terms.into_iter().collect();
     let mut out: BTreeSet<String> = terms.iter().cloned().collect();
     if hasher.is_some() {
-        for t in terms {
-            out.extend(index_entries(hasher, t));
+        let every: Vec<usize> = INDEXED_PREFIXES
+            .iter()
+            .chain(&FORMERLY_INDEXED_PREFIXES)
+            .copied()
+            .collect();
+        for t in &terms {
+            out.extend(entries_with_prefixes(hasher, t, &every));
         }
     }
     out.into_iter().collect()
@@ -764,19 +787,31 @@ mod tests {
                 .all(|e| e.len() == 17 && e.starts_with(HASHED_ENTRY))
         );
         assert!(!indexed.iter().any(|e| e.contains("nguy")));
-        for typed in [
-            "name:ngu",
-            "name:nguy",
-            "name:nguyễ",
-            "name:nguyễn thị",
-            term,
-        ] {
+        assert_eq!(indexed.len(), 1 + INDEXED_PREFIXES.len());
+        for typed in ["name:nguyễ", "name:nguyễn t", "name:nguyễn thị", term] {
             let wanted = query_entries(Some(&h), typed);
             assert!(
                 wanted.iter().any(|e| indexed.contains(e)),
                 "{typed} finds {term}"
             );
         }
+        // Shorter than the shortest indexed prefix: whole terms only.
+        for typed in ["name:ngu", "name:nguy"] {
+            let wanted = query_entries(Some(&h), typed);
+            assert!(!wanted.iter().any(|e| indexed.contains(e)), "{typed}");
+        }
+        // An erasure removes the entries of prefixes indexed before too.
+        let erased = erased_entries(Some(&h), &[term.to_owned()]);
+        assert!(indexed.iter().all(|e| erased.contains(e)));
+        assert!(erased.contains(&prefix_entry(&h, "name:", "nguyễn thị lan", 3)));
+        // A phone's national form, which earlier versions indexed too, in
+        // clear and hashed.
+        let phone = erased_entries(Some(&h), &["tel:84912345678".to_owned()]);
+        for term in ["tel:84912345678", "tel:0912345678"] {
+            assert!(phone.contains(&term.to_owned()), "{term}");
+            assert!(phone.contains(&hashed(&h, b"=", term)), "{term} hashed");
+        }
+        assert!(phone.contains(&prefix_entry(&h, "tel:", "0912345678", 3)));
         // Another word: no entry in common.
         for typed in ["name:tran", "name:ngo", "name:nguyen"] {
             let wanted = query_entries(Some(&h), typed);
@@ -789,7 +824,7 @@ mod tests {
         // Another hash secret names other entries.
         let other = Hasher::new(&DataKey::generate().expect("a key"));
         assert!(
-            !query_entries(Some(&other), "name:ngu")
+            !query_entries(Some(&other), "name:nguyễ")
                 .iter()
                 .any(|e| indexed.contains(e))
         );

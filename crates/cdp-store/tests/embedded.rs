@@ -250,7 +250,6 @@ async fn the_views_file_holds_no_profile_or_timeline_in_clear() {
         "9 giờ sáng",
         "hoa.tran@shop.vn",
         "tran thi hoa",
-        "0912345678",
         "84912345678",
     ];
     let fixture = Embedded::open().await;
