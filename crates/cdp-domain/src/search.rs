@@ -34,7 +34,9 @@ const NATIONAL_PREFIX_COUNTRY: &str = "84";
 /// Terms earlier versions indexed for `term` besides it: a phone's national
 /// form (`tel:0912...` beside `tel:84912...`). An erasure removes them too.
 pub fn former_terms(term: &str) -> Option<String> {
-    let national = term.strip_prefix("tel:")?.strip_prefix(NATIONAL_PREFIX_COUNTRY)?;
+    let national = term
+        .strip_prefix("tel:")?
+        .strip_prefix(NATIONAL_PREFIX_COUNTRY)?;
     (!national.is_empty()).then(|| format!("tel:0{national}"))
 }
 
