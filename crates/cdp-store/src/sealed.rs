@@ -521,8 +521,7 @@ pub fn erased_entries(hasher: Option<&Hasher>, terms: &[String]) -> Vec<String> 
         .iter()
         .flat_map(|t| std::iter::once(t.clone()).chain(cdp_domain::search::former_terms(t)))
         .collect();
-    let terms: Vec<String> = terms.into_iter().collect();
-    let mut out: BTreeSet<String> = terms.iter().cloned().collect();
+    let mut out = terms.clone();
     if hasher.is_some() {
         let every: Vec<usize> = INDEXED_PREFIXES
             .iter()
