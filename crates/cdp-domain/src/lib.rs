@@ -10,6 +10,7 @@
 pub mod access;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod accuracy;
+pub mod audience;
 pub mod consent;
 pub mod event;
 pub mod identity;

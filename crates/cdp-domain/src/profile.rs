@@ -793,6 +793,55 @@ pub fn fold_resolved<A: ProfileAccess>(
     resolved: &ResolvedTouchpoint,
     options: &FoldOptions,
 ) -> Result<Option<TimelineEntry>, A::Error> {
+    fold_observed(access, resolved, options, &mut ())
+}
+
+/// What else folds along with the profile, in the same transaction (the
+/// audiences): told of each merge and of each event the profile applied.
+pub trait FoldObserver<A: ProfileAccess> {
+    /// `survivor` absorbed customer `loser` (whose slot is now a redirect).
+    fn merged(
+        &mut self,
+        access: &mut A,
+        survivor: &Profile,
+        loser: CustomerId,
+        merge: &crate::identity::Merge,
+    ) -> Result<(), A::Error>;
+
+    /// `profile` applied `t`, which was new to it.
+    fn applied(
+        &mut self,
+        access: &mut A,
+        profile: &Profile,
+        t: &Touchpoint,
+    ) -> Result<(), A::Error>;
+}
+
+/// Observes nothing: the profile alone.
+impl<A: ProfileAccess> FoldObserver<A> for () {
+    fn merged(
+        &mut self,
+        _: &mut A,
+        _: &Profile,
+        _: CustomerId,
+        _: &crate::identity::Merge,
+    ) -> Result<(), A::Error> {
+        Ok(())
+    }
+
+    fn applied(&mut self, _: &mut A, _: &Profile, _: &Touchpoint) -> Result<(), A::Error> {
+        Ok(())
+    }
+}
+
+/// [`fold_resolved`], telling `observer` of each merge and of the event
+/// when it was new.
+pub fn fold_observed<A: ProfileAccess, O: FoldObserver<A>>(
+    access: &mut A,
+    resolved: &ResolvedTouchpoint,
+    options: &FoldOptions,
+    observer: &mut O,
+) -> Result<Option<TimelineEntry>, A::Error> {
     for merge in &resolved.merges {
         let survivor = access.live_root(merge.survivor)?;
         let loser = access.live_root(merge.loser)?;
@@ -809,6 +858,7 @@ pub fn fold_resolved<A: ProfileAccess>(
             target.merged_from.insert(loser);
         }
         access.save(loser, &ProfileSlot::MergedInto(survivor))?;
+        observer.merged(access, &target, loser, merge)?;
         access.save(survivor, &ProfileSlot::Live(Box::new(target)))?;
     }
     let customer = access.live_root(resolved.customer_id)?;
@@ -819,6 +869,7 @@ pub fn fold_resolved<A: ProfileAccess>(
     if !profile.apply(&resolved.touchpoint, options) {
         return Ok(None);
     }
+    observer.applied(access, &profile, &resolved.touchpoint)?;
     access.save(customer, &ProfileSlot::Live(Box::new(profile)))?;
     Ok(Some(TimelineEntry::of(
         customer,

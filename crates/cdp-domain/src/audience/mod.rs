@@ -1,0 +1,468 @@
+//! Audiences: computed traits ([`computed`]) and segments ([`segment`]),
+//! kept per customer as one more fold of the log, like the profile.
+//!
+//! [`Audience`] is a customer's part: the states of its computed traits
+//! and the segments it is a member of. Each input that can change a
+//! membership re-evaluates it and returns the [`Change`]s (`Entered`,
+//! `Exited`) with their cause:
+//!
+//! - an event ([`Audience::on_event`]), folded once (the profile's applied
+//!   set decides, in the same transaction);
+//! - a merge ([`Audience::on_merge`]): the absorbed customer exits every
+//!   segment, the survivor is re-evaluated at once on the merged state;
+//! - a window's expiry ([`Audience::on_expiry`]), at
+//!   [`Audience::next_expiry`] (the stage's durable timer);
+//! - a definition created, updated or deleted ([`Audience::on_definitions`]).
+//!
+//! [`reference`] evaluates every definition over a customer's whole event
+//! set at once: the incremental path must agree with it under any order,
+//! partitioning and merges (the property test below).
+
+pub mod computed;
+pub mod segment;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use thiserror::Error;
+
+pub use computed::{Aggregate, Computed, Condition, EventFilter, Op, TraitDef, Window};
+pub use segment::{Input, Segment, SegmentDef};
+
+use crate::identity::Merge;
+use crate::profile::{FoldObserver, ProfileAccess, ProfileSlot};
+use crate::{CustomerId, EventId, FoldOptions, Profile, ProfileView, Touchpoint, UnixMillis};
+
+/// A definition that cannot be used: which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{field}: {reason}")]
+pub struct DefinitionError {
+    pub field: String,
+    pub reason: String,
+}
+
+/// The computed traits and segments of a workspace, checked together.
+#[derive(Debug, Clone, Default)]
+pub struct Definitions {
+    pub traits: Vec<TraitDef>,
+    pub segments: Vec<Segment>,
+}
+
+impl Definitions {
+    /// Checks every definition; the error names the definition and field
+    /// (`traits[2].filter.conditions[0].value: ...`).
+    pub fn new(traits: Vec<TraitDef>, segments: Vec<SegmentDef>) -> Result<Self, DefinitionError> {
+        let within = |what: &str, i: usize, e: DefinitionError| DefinitionError {
+            field: format!("{what}[{i}].{}", e.field),
+            reason: e.reason,
+        };
+        let mut names = BTreeSet::new();
+        for (i, t) in traits.iter().enumerate() {
+            t.check().map_err(|e| within("traits", i, e))?;
+            if !names.insert(t.name.as_str()) {
+                return Err(within("traits", i, duplicate(&t.name)));
+            }
+        }
+        let mut compiled = Vec::with_capacity(segments.len());
+        let mut names = BTreeSet::new();
+        for (i, s) in segments.into_iter().enumerate() {
+            if !names.insert(s.name.clone()) {
+                return Err(within("segments", i, duplicate(&s.name)));
+            }
+            compiled.push(Segment::compile(s, &traits).map_err(|e| within("segments", i, e))?);
+        }
+        Ok(Definitions {
+            traits,
+            segments: compiled,
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.traits.is_empty() && self.segments.is_empty()
+    }
+}
+
+fn duplicate(name: &str) -> DefinitionError {
+    DefinitionError {
+        field: "name".into(),
+        reason: format!("{name:?} is defined twice"),
+    }
+}
+
+/// Entering or leaving a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    Entered,
+    Exited,
+}
+
+/// What made a membership change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Cause {
+    Event {
+        event_id: EventId,
+    },
+    /// The customer absorbed `absorbed` (survivor side).
+    Merge {
+        absorbed: CustomerId,
+    },
+    /// The customer was merged into `survivor` and exits everything.
+    MergedInto {
+        survivor: CustomerId,
+    },
+    /// A computed trait's window let an event go.
+    Expiry,
+    /// A definition was created, updated or deleted.
+    Definition,
+}
+
+/// One membership change of one customer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub segment: String,
+    /// The definition version it was evaluated under.
+    pub version: u64,
+    pub kind: ChangeKind,
+    pub cause: Cause,
+    pub at: UnixMillis,
+}
+
+/// A segment a customer is a member of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub version: u64,
+    pub since: UnixMillis,
+}
+
+/// A customer's audience state: computed traits and memberships.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Audience {
+    #[serde(default)]
+    pub computed: Computed,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub members: BTreeMap<String, Member>,
+}
+
+impl Audience {
+    /// The segments a customer described by `view` and this state belongs
+    /// to at `now`, with the reason any condition could not tell.
+    pub fn evaluate(
+        &self,
+        defs: &Definitions,
+        view: &ProfileView,
+        now: UnixMillis,
+    ) -> BTreeMap<String, Result<bool, String>> {
+        let values = self.computed.values(&defs.traits, now);
+        let input = Input::new(view, &values);
+        defs.segments
+            .iter()
+            .map(|s| (s.def.name.clone(), s.matches(&input)))
+            .collect()
+    }
+
+    /// Brings the memberships in line with the definitions, the view and
+    /// the computed traits at `now`.
+    fn reconcile(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        cause: &Cause,
+        now: UnixMillis,
+    ) -> Vec<Change> {
+        let results = self.evaluate(defs, view, now);
+        let mut changes = Vec::new();
+        // Segments deleted since.
+        let gone: Vec<String> = self
+            .members
+            .keys()
+            .filter(|name| !results.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(m) = self.members.remove(&name) {
+                changes.push(Change {
+                    segment: name,
+                    version: m.version,
+                    kind: ChangeKind::Exited,
+                    cause: Cause::Definition,
+                    at: now,
+                });
+            }
+        }
+        for s in &defs.segments {
+            let name = &s.def.name;
+            let member = matches!(results.get(name), Some(Ok(true)));
+            match (member, self.members.get_mut(name)) {
+                (true, None) => {
+                    self.members.insert(
+                        name.clone(),
+                        Member {
+                            version: s.def.version,
+                            since: now,
+                        },
+                    );
+                    changes.push(Change {
+                        segment: name.clone(),
+                        version: s.def.version,
+                        kind: ChangeKind::Entered,
+                        cause: cause.clone(),
+                        at: now,
+                    });
+                }
+                (true, Some(m)) => m.version = s.def.version,
+                (false, Some(_)) => {
+                    self.members.remove(name);
+                    changes.push(Change {
+                        segment: name.clone(),
+                        version: s.def.version,
+                        kind: ChangeKind::Exited,
+                        cause: cause.clone(),
+                        at: now,
+                    });
+                }
+                (false, None) => {}
+            }
+        }
+        changes
+    }
+
+    /// After the profile folded `t` (`applied`: it was new to it), with
+    /// `view` the profile's view now.
+    pub fn on_event(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        t: &Touchpoint,
+        applied: bool,
+        now: UnixMillis,
+    ) -> Vec<Change> {
+        if applied {
+            self.computed.fold(&defs.traits, t);
+        }
+        self.computed.expire(&defs.traits, now);
+        self.reconcile(
+            defs,
+            view,
+            &Cause::Event {
+                event_id: t.event_id(),
+            },
+            now,
+        )
+    }
+
+    /// `self` (customer `survivor`, now described by `view`) absorbed
+    /// `absorbed` (customer `absorbed_id`). Returns the absorbed customer's
+    /// exits and the survivor's changes.
+    pub fn on_merge(
+        &mut self,
+        survivor: CustomerId,
+        mut absorbed: Audience,
+        absorbed_id: CustomerId,
+        defs: &Definitions,
+        view: &ProfileView,
+        now: UnixMillis,
+    ) -> (Vec<Change>, Vec<Change>) {
+        let exits = absorbed.exit_all(&Cause::MergedInto { survivor }, now);
+        self.computed.absorb(absorbed.computed);
+        self.computed.expire(&defs.traits, now);
+        let changes = self.reconcile(
+            defs,
+            view,
+            &Cause::Merge {
+                absorbed: absorbed_id,
+            },
+            now,
+        );
+        (exits, changes)
+    }
+
+    /// At a window's expiry (or any time after it).
+    pub fn on_expiry(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        now: UnixMillis,
+    ) -> Vec<Change> {
+        self.computed.expire(&defs.traits, now);
+        self.reconcile(defs, view, &Cause::Expiry, now)
+    }
+
+    /// After definitions changed (the computed traits of an updated
+    /// definition refolded by the caller).
+    pub fn on_definitions(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        now: UnixMillis,
+    ) -> Vec<Change> {
+        self.computed.expire(&defs.traits, now);
+        self.reconcile(defs, view, &Cause::Definition, now)
+    }
+
+    /// Leaves every segment.
+    pub fn exit_all(&mut self, cause: &Cause, now: UnixMillis) -> Vec<Change> {
+        std::mem::take(&mut self.members)
+            .into_iter()
+            .map(|(segment, m)| Change {
+                segment,
+                version: m.version,
+                kind: ChangeKind::Exited,
+                cause: cause.clone(),
+                at: now,
+            })
+            .collect()
+    }
+
+    /// When a windowed trait next changes on its own.
+    pub fn next_expiry(&self, defs: &Definitions) -> Option<UnixMillis> {
+        self.computed.next_expiry(&defs.traits)
+    }
+}
+
+/// Where audience states are kept: next to the profiles, written in the
+/// same transaction.
+pub trait AudienceAccess: ProfileAccess {
+    fn load_audience(&mut self, customer: CustomerId) -> Result<Option<Audience>, Self::Error>;
+    fn save_audience(
+        &mut self,
+        customer: CustomerId,
+        audience: &Audience,
+    ) -> Result<(), Self::Error>;
+    fn remove_audience(&mut self, customer: CustomerId) -> Result<(), Self::Error>;
+}
+
+/// Folds the audiences along with the profile
+/// ([`crate::profile::fold_observed`]), collecting the membership changes
+/// by customer.
+#[derive(Debug)]
+pub struct AudienceFold<'a> {
+    defs: &'a Definitions,
+    now: UnixMillis,
+    pub changes: Vec<(CustomerId, Change)>,
+}
+
+impl<'a> AudienceFold<'a> {
+    /// Evaluates at `now`, the processing time (windows are relative to it).
+    pub fn new(defs: &'a Definitions, now: UnixMillis) -> Self {
+        AudienceFold {
+            defs,
+            now,
+            changes: Vec::new(),
+        }
+    }
+}
+
+impl<A: AudienceAccess> FoldObserver<A> for AudienceFold<'_> {
+    fn merged(
+        &mut self,
+        access: &mut A,
+        survivor: &Profile,
+        loser: CustomerId,
+        _merge: &Merge,
+    ) -> Result<(), A::Error> {
+        let absorbed = access.load_audience(loser)?;
+        let mine = access.load_audience(survivor.customer_id)?;
+        if absorbed.is_none() && mine.is_none() && self.defs.is_empty() {
+            return Ok(());
+        }
+        let mut target = mine.unwrap_or_default();
+        let (exits, changes) = target.on_merge(
+            survivor.customer_id,
+            absorbed.unwrap_or_default(),
+            loser,
+            self.defs,
+            &survivor.view(),
+            self.now,
+        );
+        access.remove_audience(loser)?;
+        access.save_audience(survivor.customer_id, &target)?;
+        self.changes.extend(exits.into_iter().map(|c| (loser, c)));
+        self.changes
+            .extend(changes.into_iter().map(|c| (survivor.customer_id, c)));
+        Ok(())
+    }
+
+    fn applied(
+        &mut self,
+        access: &mut A,
+        profile: &Profile,
+        t: &Touchpoint,
+    ) -> Result<(), A::Error> {
+        let customer = profile.customer_id;
+        let before = access.load_audience(customer)?;
+        if before.is_none() && self.defs.is_empty() {
+            return Ok(());
+        }
+        let mut audience = before.clone().unwrap_or_default();
+        let changes = audience.on_event(self.defs, &profile.view(), t, true, self.now);
+        if before.as_ref() != Some(&audience) {
+            access.save_audience(customer, &audience)?;
+        }
+        self.changes
+            .extend(changes.into_iter().map(|c| (customer, c)));
+        Ok(())
+    }
+}
+
+/// A customer's timer: at (or after) [`Audience::next_expiry`], drops what
+/// windows no longer hold and re-evaluates. Nothing for a customer merged
+/// away or without audience state.
+pub fn expire<A: AudienceAccess>(
+    access: &mut A,
+    customer: CustomerId,
+    defs: &Definitions,
+    now: UnixMillis,
+) -> Result<Vec<Change>, A::Error> {
+    let Some(ProfileSlot::Live(profile)) = access.load(customer)? else {
+        return Ok(Vec::new());
+    };
+    let Some(mut audience) = access.load_audience(customer)? else {
+        return Ok(Vec::new());
+    };
+    let before = audience.clone();
+    let changes = audience.on_expiry(defs, &profile.view(), now);
+    if audience != before {
+        access.save_audience(customer, &audience)?;
+    }
+    Ok(changes)
+}
+
+/// What [`reference`] computes for one customer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluated {
+    pub traits: BTreeMap<String, Value>,
+    pub members: BTreeSet<String>,
+}
+
+/// Every definition evaluated over a customer's whole event set at `now`,
+/// from scratch: the meaning the incremental path must keep.
+pub fn reference(
+    defs: &Definitions,
+    customer: CustomerId,
+    events: &[Touchpoint],
+    options: &FoldOptions,
+    now: UnixMillis,
+) -> Evaluated {
+    let mut profile = Profile::new(customer);
+    let mut computed = Computed::default();
+    for t in events {
+        if profile.apply(t, options) {
+            computed.fold(&defs.traits, t);
+        }
+    }
+    let traits = computed.values(&defs.traits, now);
+    let input = Input::new(&profile.view(), &traits);
+    let members = defs
+        .segments
+        .iter()
+        .filter(|s| s.matches(&input) == Ok(true))
+        .map(|s| s.def.name.clone())
+        .collect();
+    Evaluated { traits, members }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+//! Segments: a condition in the Common Expression Language (CEL, the
+//! language of Kubernetes validation rules and Envoy's RBAC) over two
+//! variables:
+//!
+//! - `profile`: the customer's view ([`segment_profile`]): `events_count`,
+//!   `first_seen`, `last_seen` (Unix milliseconds), `channels` (the
+//!   channels seen, a list), `preferred_channel`, `journey_stage`,
+//!   `orders_count`, `spend` (total per currency), `refunds`,
+//!   `first_order_at`, `last_order_at`, `cart_items`, `open_tickets`,
+//!   `loyalty_points`, `last_feedback_rating`, `consent` (purpose to
+//!   bool) and `traits` (the customer's own traits);
+//! - `traits`: the computed traits by name.
+//!
+//! For example `traits.orders_7d >= 1 && profile.journey_stage == "act" &&
+//! "store" in profile.channels`.
+//!
+//! A condition reads nothing else, so it changes only when the profile,
+//! a computed trait or a window's expiry changes: every segment runs in
+//! real time. Time goes into computed traits' windows, which expire on
+//! time; a condition naming anything but these two variables, or a
+//! computed trait that is not defined, is refused when it is created, with
+//! the line and column.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, LazyLock};
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::DefinitionError;
+use super::computed::{TraitDef, check_name};
+use crate::ProfileView;
+
+/// The longest condition, in bytes.
+pub const MAX_CONDITION_LEN: usize = 4_096;
+
+/// The variables a condition may read.
+pub const VARIABLES: [&str; 2] = ["profile", "traits"];
+
+static ENV: LazyLock<Arc<cel::Env>> = LazyLock::new(|| Arc::new(cel::Env::stdlib()));
+
+/// A segment's definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentDef {
+    /// `[a-z][a-z0-9_]*`, at most 64 characters.
+    pub name: String,
+    /// Set by the registry: each update gives a new version.
+    #[serde(default)]
+    pub version: u64,
+    /// A CEL expression that is true for members.
+    pub condition: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+}
+
+/// A checked, compiled segment.
+#[derive(Clone)]
+pub struct Segment {
+    pub def: SegmentDef,
+    program: Arc<cel::Program>,
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment").field("def", &self.def).finish()
+    }
+}
+
+fn err(reason: String) -> DefinitionError {
+    DefinitionError {
+        field: "condition".into(),
+        reason,
+    }
+}
+
+/// Line and column (from 1) of byte `offset` in `source`.
+fn position(source: &str, offset: u32) -> (usize, usize) {
+    let offset = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(source.len());
+    let before = source.get(..offset).unwrap_or(source);
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Every node of `e`, depth first, with the variables comprehensions bind
+/// over it.
+fn walk<'a>(
+    e: &'a IdedExpr,
+    bound: &mut Vec<&'a str>,
+    visit: &mut dyn FnMut(&'a IdedExpr, &[&'a str]),
+) {
+    visit(e, bound);
+    match &e.expr {
+        Expr::Call(c) => {
+            if let Some(t) = &c.target {
+                walk(t, bound, visit);
+            }
+            for a in &c.args {
+                walk(a, bound, visit);
+            }
+        }
+        Expr::Comprehension(c) => {
+            walk(&c.iter_range, bound, visit);
+            walk(&c.accu_init, bound, visit);
+            let depth = bound.len();
+            bound.push(&c.iter_var);
+            if let Some(v) = &c.iter_var2 {
+                bound.push(v);
+            }
+            bound.push(&c.accu_var);
+            walk(&c.loop_cond, bound, visit);
+            walk(&c.loop_step, bound, visit);
+            walk(&c.result, bound, visit);
+            bound.truncate(depth);
+        }
+        Expr::List(l) => {
+            for x in &l.elements {
+                walk(x, bound, visit);
+            }
+        }
+        Expr::Map(m) => {
+            for entry in &m.entries {
+                if let EntryExpr::MapEntry(me) = &entry.expr {
+                    walk(&me.key, bound, visit);
+                    walk(&me.value, bound, visit);
+                }
+            }
+        }
+        Expr::Struct(s) => {
+            for entry in &s.entries {
+                if let EntryExpr::StructField(f) = &entry.expr {
+                    walk(&f.value, bound, visit);
+                }
+            }
+        }
+        Expr::Select(s) => walk(&s.operand, bound, visit),
+        Expr::Ident(_) | Expr::Literal(_) | Expr::Unspecified => {}
+    }
+}
+
+impl Segment {
+    /// Checks and compiles a definition against the computed traits
+    /// defined; the error gives the line and column of what is wrong.
+    pub fn compile(def: SegmentDef, traits: &[TraitDef]) -> Result<Segment, DefinitionError> {
+        check_name("name", &def.name)?;
+        let source = def.condition.as_str();
+        if source.trim().is_empty() {
+            return Err(err("a condition is empty".into()));
+        }
+        if source.len() > MAX_CONDITION_LEN {
+            return Err(err(format!(
+                "a condition is at most {MAX_CONDITION_LEN} bytes, found {}",
+                source.len()
+            )));
+        }
+        let program = ENV.compile(source).map_err(|errors| {
+            let first = errors.errors.first();
+            err(first.map_or_else(
+                || "does not parse".to_owned(),
+                |e| format!("line {}, column {}: {}", e.pos.0, e.pos.1 + 1, e.msg),
+            ))
+        })?;
+        let mut problem: Option<(u64, String)> = None;
+        walk(program.expression(), &mut Vec::new(), &mut |e, bound| {
+            if problem.is_some() {
+                return;
+            }
+            match &e.expr {
+                Expr::Ident(name)
+                    if !bound.contains(&name.as_str()) && !VARIABLES.contains(&name.as_str()) =>
+                {
+                    let hint = if matches!(name.as_str(), "now" | "today" | "time") {
+                        "; time goes into a computed trait's window, which expires on time"
+                    } else {
+                        ""
+                    };
+                    problem = Some((
+                        e.id,
+                        format!(
+                            "unknown variable `{name}`: a condition reads `profile` and `traits`{hint}"
+                        ),
+                    ));
+                }
+                Expr::Select(s) => {
+                    if let Expr::Ident(root) = &s.operand.expr
+                        && root == "traits"
+                        && !bound.contains(&"traits")
+                        && !traits.iter().any(|t| t.name == s.field)
+                    {
+                        let defined: Vec<&str> = traits.iter().map(|t| t.name.as_str()).collect();
+                        // Pointed at `traits`, where the selection starts.
+                        problem = Some((
+                            s.operand.id,
+                            format!(
+                                "no computed trait is named `{}` (defined: {})",
+                                s.field,
+                                if defined.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    defined.join(", ")
+                                }
+                            ),
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        });
+        if let Some((id, reason)) = problem {
+            let (line, column) = program
+                .source_info()
+                .offset_for(id)
+                .map_or((1, 1), |(start, _)| position(source, start));
+            return Err(err(format!("line {line}, column {column}: {reason}")));
+        }
+        Ok(Segment {
+            def,
+            program: Arc::new(program),
+        })
+    }
+
+    /// Whether the customer described by `input` is a member; an error
+    /// (a type mismatch, a missing key) is the reason it cannot tell, and
+    /// counts as not a member.
+    pub fn matches(&self, input: &Input) -> Result<bool, String> {
+        let mut ctx = cel::Context::with_env(ENV.clone());
+        ctx.add_variable_from_value("profile", input.profile.clone());
+        ctx.add_variable_from_value("traits", input.traits.clone());
+        match self.program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("the condition gave {other:?}, not true or false")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// What a condition reads about one customer, converted once for every
+/// segment.
+#[derive(Debug, Clone)]
+pub struct Input {
+    profile: cel::Value,
+    traits: cel::Value,
+}
+
+impl Input {
+    pub fn new(profile: &ProfileView, traits: &BTreeMap<String, Value>) -> Input {
+        let convert = |v: &Value| cel::to_value(v).unwrap_or(cel::Value::Null);
+        Input {
+            profile: convert(&segment_profile(profile)),
+            traits: convert(&serde_json::to_value(traits).unwrap_or(Value::Null)),
+        }
+    }
+}
+
+/// The `profile` a condition reads (see the module's docs).
+pub fn segment_profile(v: &ProfileView) -> Value {
+    let amounts = |spend: &[crate::profile::SpendView]| -> serde_json::Map<String, Value> {
+        spend
+            .iter()
+            .map(|s| (s.currency.clone(), super::computed::number(s.total)))
+            .collect()
+    };
+    json!({
+        "customer_id": v.customer_id.to_string(),
+        "events_count": v.events_count,
+        "first_seen": v.first_seen,
+        "last_seen": v.last_seen,
+        "channels": v.last_seen_by_channel.keys().map(|c| c.as_str()).collect::<Vec<_>>(),
+        "last_seen_by_channel": v.last_seen_by_channel.iter().map(|(c, t)| (c.as_str().to_owned(), json!(t))).collect::<serde_json::Map<_, _>>(),
+        "preferred_channel": v.preferred_channel.map(|c| c.as_str()),
+        "journey_stage": v.stage.as_str(),
+        "orders_count": v.orders_count,
+        "spend": amounts(&v.spend),
+        "refunds": amounts(&v.refunds),
+        "first_order_at": v.first_order_at,
+        "last_order_at": v.last_order_at,
+        "cart_items": v.cart.iter().map(|c| c.quantity).sum::<i64>(),
+        "open_tickets": v.open_tickets,
+        "loyalty_points": v.loyalty_points,
+        "last_feedback_rating": v.last_feedback_rating,
+        "consent": v.consent,
+        "traits": v.traits,
+    })
+}

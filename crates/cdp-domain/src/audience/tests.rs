@@ -1,0 +1,841 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::*;
+use crate::profile::{ProfileAccess, ProfileSlot, fold_observed};
+use crate::{Channel, Envelope, EventType, Personal};
+
+const DAY: i64 = 86_400_000;
+const T0: i64 = 1_780_000_000_000;
+
+fn ev(n: u128, at: i64, ty: &str, channel: Channel, props: Value) -> Touchpoint {
+    Touchpoint {
+        envelope: Envelope {
+            event_id: EventId(Uuid::from_u128(n)),
+            event_type: EventType::from(ty),
+            channel,
+            source_id: "pos-1".into(),
+            occurred_at: at,
+            received_at: at,
+            properties: props.as_object().cloned().unwrap_or_default(),
+        },
+        personal: Personal::default(),
+    }
+}
+
+fn order(n: u128, at: i64, channel: Channel, revenue: i64, product: &str) -> Touchpoint {
+    ev(
+        n,
+        at,
+        "order_completed",
+        channel,
+        json!({"order_id": format!("SO-{n}"), "revenue": revenue, "currency": "VND",
+               "store_id": "HN-01", "products": [{"product_id": product, "price": revenue}]}),
+    )
+}
+
+fn view(n: u128, at: i64, product: &str) -> Touchpoint {
+    ev(
+        n,
+        at,
+        "product_viewed",
+        Channel::Web,
+        json!({"product_id": product}),
+    )
+}
+
+fn def(
+    name: &str,
+    aggregate: Aggregate,
+    property: Option<&str>,
+    types: &[&str],
+    window: &str,
+) -> TraitDef {
+    TraitDef {
+        name: name.into(),
+        version: 1,
+        aggregate,
+        property: property.map(str::to_owned),
+        filter: EventFilter {
+            types: types.iter().map(|t| (*t).to_owned()).collect(),
+            ..EventFilter::default()
+        },
+        window: window.parse().unwrap(),
+    }
+}
+
+fn seg(name: &str, condition: &str) -> SegmentDef {
+    SegmentDef {
+        name: name.into(),
+        version: 1,
+        condition: condition.into(),
+        description: String::new(),
+    }
+}
+
+fn shop_traits() -> Vec<TraitDef> {
+    vec![
+        def(
+            "spend_90d",
+            Aggregate::Sum,
+            Some("revenue"),
+            &["order_completed"],
+            "90d",
+        ),
+        def(
+            "views_7d",
+            Aggregate::Count,
+            None,
+            &["product_viewed"],
+            "7d",
+        ),
+        def(
+            "orders_7d",
+            Aggregate::Count,
+            None,
+            &["order_completed"],
+            "7d",
+        ),
+        def(
+            "orders",
+            Aggregate::Count,
+            None,
+            &["order_completed"],
+            "all",
+        ),
+        def(
+            "top_product",
+            Aggregate::MostFrequent,
+            Some("products.product_id"),
+            &[],
+            "all",
+        ),
+        def(
+            "products",
+            Aggregate::UniqueList,
+            Some("products.product_id"),
+            &[],
+            "all",
+        ),
+        def(
+            "product_count",
+            Aggregate::UniqueCount,
+            Some("products.product_id"),
+            &[],
+            "all",
+        ),
+        def(
+            "first_channel",
+            Aggregate::First,
+            Some("$channel"),
+            &[],
+            "all",
+        ),
+        def(
+            "last_store",
+            Aggregate::Last,
+            Some("store_id"),
+            &["order_completed"],
+            "all",
+        ),
+        def(
+            "avg_order",
+            Aggregate::Avg,
+            Some("revenue"),
+            &["order_completed"],
+            "all",
+        ),
+        def(
+            "max_order_30d",
+            Aggregate::Max,
+            Some("revenue"),
+            &["order_completed"],
+            "30d",
+        ),
+        def(
+            "min_order",
+            Aggregate::Min,
+            Some("revenue"),
+            &["order_completed"],
+            "all",
+        ),
+    ]
+}
+
+fn shop() -> Definitions {
+    Definitions::new(
+        shop_traits(),
+        vec![
+            seg("vip", "traits.spend_90d >= 3000000"),
+            seg("browsers", "traits.views_7d >= 2 && traits.orders_7d == 0"),
+            seg(
+                "store_buyers",
+                "traits.orders_7d >= 1 && profile.journey_stage != \"awareness\" && \"store\" in profile.channels",
+            ),
+            seg("fans", "traits.top_product == \"P1\" || size(traits.products) >= 3"),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn windows_parse_and_print() {
+    assert_eq!("7d".parse::<Window>().unwrap().millis(), Some(7 * DAY));
+    assert_eq!("24h".parse::<Window>().unwrap().to_string(), "1d");
+    assert_eq!("90m".parse::<Window>().unwrap().to_string(), "90m");
+    assert_eq!("all".parse::<Window>().unwrap(), Window::ALL_TIME);
+    for bad in ["7w", "0d", "-3d", "d", "99999d"] {
+        assert!(bad.parse::<Window>().is_err(), "{bad}");
+    }
+    let t: TraitDef = serde_json::from_value(json!({
+        "name": "orders_7d", "aggregate": "count", "window": "7d",
+        "filter": {"types": ["order_completed"]}
+    }))
+    .unwrap();
+    assert_eq!(t.window.millis(), Some(7 * DAY));
+    let bad = serde_json::from_value::<TraitDef>(json!({
+        "name": "x", "aggregate": "count", "window": "7 days"
+    }))
+    .unwrap_err();
+    assert!(bad.to_string().contains("\"7 days\""), "{bad}");
+}
+
+#[test]
+fn bad_trait_definitions_name_the_field() {
+    let cases = [
+        (
+            def("Orders", Aggregate::Count, None, &[], "all"),
+            "traits[0].name",
+        ),
+        (
+            def("n", Aggregate::Count, Some("revenue"), &[], "all"),
+            "traits[0].property",
+        ),
+        (
+            def("n", Aggregate::Sum, None, &[], "all"),
+            "traits[0].property",
+        ),
+        (
+            def("n", Aggregate::Sum, Some("a..b"), &[], "all"),
+            "traits[0].property",
+        ),
+        (
+            def("n", Aggregate::Sum, Some("$when"), &[], "all"),
+            "traits[0].property",
+        ),
+    ];
+    for (t, field) in cases {
+        let e = Definitions::new(vec![t], vec![]).unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+    }
+    let mut t = def("n", Aggregate::Count, None, &[], "all");
+    t.filter.conditions.push(Condition {
+        property: "revenue".into(),
+        op: Op::Gt,
+        value: json!("lots"),
+    });
+    let e = Definitions::new(vec![t], vec![]).unwrap_err();
+    assert_eq!(e.field, "traits[0].filter.conditions[0].value");
+    assert!(e.reason.contains("number"), "{e}");
+    let twice = vec![
+        def("n", Aggregate::Count, None, &[], "all"),
+        def("n", Aggregate::Count, None, &[], "7d"),
+    ];
+    let e = Definitions::new(twice, vec![]).unwrap_err();
+    assert_eq!(e.field, "traits[1].name");
+}
+
+#[test]
+fn bad_conditions_are_refused_with_line_and_column() {
+    let traits = shop_traits();
+    let refused = |condition: &str| {
+        Definitions::new(traits.clone(), vec![seg("s", condition)])
+            .map(|_| ())
+            .unwrap_err()
+    };
+    let e = refused("traits.orders_7d >= ");
+    assert_eq!(e.field, "segments[0].condition");
+    assert!(e.reason.starts_with("line 1, column "), "{e}");
+
+    let e = refused("traits.orders_7d >= 1 &&\n  traits.spend_30d > 0");
+    assert!(e.reason.starts_with("line 2, column 3"), "{e}");
+    assert!(e.reason.contains("`spend_30d`"), "{e}");
+    assert!(
+        e.reason.contains("spend_90d"),
+        "lists the defined ones: {e}"
+    );
+
+    let e = refused("profile.last_seen > now - 7");
+    assert!(e.reason.contains("line 1, column 21"), "{e}");
+    assert!(e.reason.contains("window"), "{e}");
+
+    let e = refused("customer.vip");
+    assert!(e.reason.contains("`customer`"), "{e}");
+
+    // Comprehension variables are not free variables.
+    Definitions::new(
+        traits.clone(),
+        vec![seg(
+            "s",
+            "profile.channels.exists(c, c == \"store\") && has(traits.orders)",
+        )],
+    )
+    .unwrap();
+    let e = refused("");
+    assert!(e.reason.contains("empty"), "{e}");
+}
+
+#[test]
+fn computed_values() {
+    let defs = shop();
+    let mut c = Computed::default();
+    let events = [
+        order(1, T0, Channel::Store, 1_000_000, "P1"),
+        order(2, T0 + DAY, Channel::Web, 500_000, "P2"),
+        order(3, T0 + 40 * DAY, Channel::Store, 2_000_000, "P1"),
+        view(4, T0 + 41 * DAY, "P3"),
+        ev(
+            5,
+            T0 + 41 * DAY,
+            "order_completed",
+            Channel::App,
+            json!({"revenue": "250000.5"}),
+        ),
+    ];
+    for e in &events {
+        c.fold(&defs.traits, e);
+    }
+    let now = T0 + 42 * DAY;
+    let v = c.values(&defs.traits, now);
+    assert_eq!(v["orders"], json!(4));
+    assert_eq!(v["orders_7d"], json!(2));
+    assert_eq!(v["views_7d"], json!(1));
+    // 90 days back from day 42 holds every order.
+    assert_eq!(v["spend_90d"], json!(3_750_000.5));
+    assert_eq!(v["avg_order"], json!(937_500.125));
+    assert_eq!(v["min_order"], json!(250_000.5));
+    assert_eq!(v["max_order_30d"], json!(2_000_000));
+    assert_eq!(v["top_product"], json!("P1"));
+    assert_eq!(v["products"], json!(["P1", "P2"]));
+    assert_eq!(v["product_count"], json!(2));
+    assert_eq!(v["first_channel"], json!("store"));
+    // The last order with a store_id: event 5 has none.
+    assert_eq!(v["last_store"], json!("HN-01"));
+
+    // An empty customer: counts and sums are 0, lists empty, the rest null.
+    let e = Computed::default().values(&defs.traits, now);
+    assert_eq!(e["orders"], json!(0));
+    assert_eq!(e["spend_90d"], json!(0));
+    assert_eq!(e["products"], json!([]));
+    assert_eq!(e["avg_order"], Value::Null);
+    assert_eq!(e["first_channel"], Value::Null);
+}
+
+#[test]
+fn filters_compare_numbers_text_and_lists() {
+    let mut t = def(
+        "big_hn",
+        Aggregate::Count,
+        None,
+        &["order_completed"],
+        "all",
+    );
+    t.filter.channels = vec![Channel::Store, Channel::Web];
+    t.filter.conditions = vec![
+        Condition {
+            property: "revenue".into(),
+            op: Op::Gte,
+            value: json!(1_000_000),
+        },
+        Condition {
+            property: "store_id".into(),
+            op: Op::In,
+            value: json!(["HN-01", "HN-02"]),
+        },
+        Condition {
+            property: "products.product_id".into(),
+            op: Op::Ne,
+            value: json!("P9"),
+        },
+    ];
+    let defs = Definitions::new(vec![t], vec![]).unwrap();
+    let kept = |e: &Touchpoint| defs.traits[0].matches(e);
+    assert!(kept(&order(1, T0, Channel::Store, 1_000_000, "P1")));
+    assert!(!kept(&order(2, T0, Channel::Store, 999_999, "P1")));
+    assert!(
+        !kept(&order(3, T0, Channel::App, 2_000_000, "P1")),
+        "channel"
+    );
+    assert!(!kept(&order(4, T0, Channel::Store, 2_000_000, "P9")), "ne");
+    assert!(!kept(&view(5, T0, "P1")), "type");
+    let text_amount = ev(
+        6,
+        T0,
+        "order_completed",
+        Channel::Web,
+        json!({"revenue": "1500000", "store_id": "HN-02"}),
+    );
+    assert!(kept(&text_amount), "a number sent as text compares as one");
+}
+
+#[test]
+fn a_customer_enters_through_a_store_purchase_and_exits_when_the_window_expires() {
+    let defs = shop();
+    let mut profile = Profile::new(CustomerId(Uuid::from_u128(7)));
+    let mut audience = Audience::default();
+    let options = FoldOptions::default();
+    let purchase = order(1, T0, Channel::Store, 1_200_000, "P2");
+    let applied = profile.apply(&purchase, &options);
+    let changes = audience.on_event(&defs, &profile.view(), &purchase, applied, T0 + 1_000);
+    let entered: Vec<_> = changes
+        .iter()
+        .map(|c| (c.segment.as_str(), c.kind))
+        .collect();
+    assert_eq!(entered, [("store_buyers", ChangeKind::Entered)]);
+    assert_eq!(
+        changes[0].cause,
+        Cause::Event {
+            event_id: purchase.event_id()
+        }
+    );
+
+    // The same event again changes nothing.
+    let again = profile.apply(&purchase, &options);
+    assert!(!again);
+    assert!(
+        audience
+            .on_event(&defs, &profile.view(), &purchase, again, T0 + 2_000)
+            .is_empty()
+    );
+    assert_eq!(
+        audience.computed.values(&defs.traits, T0 + 2_000)["orders"],
+        json!(1)
+    );
+
+    // The 7-day window lets the purchase go at exactly T0 + 7 days.
+    let expiry = audience.next_expiry(&defs).unwrap();
+    assert_eq!(expiry, T0 + 7 * DAY);
+    assert!(
+        audience
+            .on_expiry(&defs, &profile.view(), expiry - 1)
+            .is_empty()
+    );
+    let exits = audience.on_expiry(&defs, &profile.view(), expiry);
+    assert_eq!(exits.len(), 1);
+    assert_eq!(
+        (exits[0].segment.as_str(), exits[0].kind, &exits[0].cause),
+        ("store_buyers", ChangeKind::Exited, &Cause::Expiry)
+    );
+    // The 90-day and 30-day windows still hold it.
+    assert_eq!(audience.next_expiry(&defs), Some(T0 + 30 * DAY));
+}
+
+#[test]
+fn a_merge_of_two_half_qualifying_customers_makes_one_member_with_one_entered() {
+    let defs = Definitions::new(
+        shop_traits(),
+        vec![seg("omni", "traits.views_7d >= 1 && traits.orders_7d >= 1")],
+    )
+    .unwrap();
+    let options = FoldOptions::default();
+    let (a_id, b_id) = (
+        CustomerId(Uuid::from_u128(1)),
+        CustomerId(Uuid::from_u128(2)),
+    );
+    let (mut a, mut b) = (Profile::new(a_id), Profile::new(b_id));
+    let (mut a_aud, mut b_aud) = (Audience::default(), Audience::default());
+    let seen = view(1, T0, "P1");
+    let bought = order(2, T0 + 1_000, Channel::Store, 300_000, "P1");
+    let applied = a.apply(&seen, &options);
+    assert!(
+        a_aud
+            .on_event(&defs, &a.view(), &seen, applied, T0)
+            .is_empty()
+    );
+    let applied = b.apply(&bought, &options);
+    assert!(
+        b_aud
+            .on_event(&defs, &b.view(), &bought, applied, T0)
+            .is_empty()
+    );
+
+    a.absorb(b);
+    let (exits, changes) = a_aud.on_merge(a_id, b_aud, b_id, &defs, &a.view(), T0 + 2_000);
+    assert!(exits.is_empty(), "b was in nothing: {exits:?}");
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].kind, ChangeKind::Entered);
+    assert_eq!(changes[0].cause, Cause::Merge { absorbed: b_id });
+    assert!(a_aud.members.contains_key("omni"));
+}
+
+#[test]
+fn the_absorbed_customer_exits_everything_and_the_survivor_stays_without_a_new_entered() {
+    let defs = shop();
+    let options = FoldOptions::default();
+    let (a_id, b_id) = (
+        CustomerId(Uuid::from_u128(1)),
+        CustomerId(Uuid::from_u128(2)),
+    );
+    let (mut a, mut b) = (Profile::new(a_id), Profile::new(b_id));
+    let (mut a_aud, mut b_aud) = (Audience::default(), Audience::default());
+    let one = order(1, T0, Channel::Store, 3_500_000, "P1");
+    let two = order(2, T0, Channel::Store, 3_600_000, "P1");
+    let applied = a.apply(&one, &options);
+    let entered_a = a_aud.on_event(&defs, &a.view(), &one, applied, T0);
+    let applied = b.apply(&two, &options);
+    let entered_b = b_aud.on_event(&defs, &b.view(), &two, applied, T0);
+    assert_eq!(entered_a.len(), 3, "vip, store_buyers, fans: {entered_a:?}");
+    assert_eq!(entered_b.len(), 3);
+    a.absorb(b);
+    let (exits, changes) = a_aud.on_merge(a_id, b_aud, b_id, &defs, &a.view(), T0 + 1);
+    assert_eq!(exits.len(), 3);
+    assert!(
+        exits.iter().all(
+            |c| c.kind == ChangeKind::Exited && c.cause == Cause::MergedInto { survivor: a_id }
+        )
+    );
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(
+        a_aud.computed.values(&defs.traits, T0 + 1)["spend_90d"],
+        json!(7_100_000)
+    );
+}
+
+#[test]
+fn a_deleted_segment_exits_and_an_updated_trait_starts_over() {
+    let defs = shop();
+    let options = FoldOptions::default();
+    let mut p = Profile::new(CustomerId(Uuid::from_u128(1)));
+    let mut aud = Audience::default();
+    let e = order(1, T0, Channel::Store, 3_500_000, "P1");
+    let applied = p.apply(&e, &options);
+    aud.on_event(&defs, &p.view(), &e, applied, T0);
+    assert!(aud.members.contains_key("vip"));
+
+    let mut traits = shop_traits();
+    traits[0].version = 2; // spend_90d updated: its state is refolded by the stage.
+    let fewer =
+        Definitions::new(traits, vec![seg("fans", "traits.top_product == \"P1\"")]).unwrap();
+    let changes = aud.on_definitions(&fewer, &p.view(), T0 + 1);
+    let exited: BTreeSet<_> = changes
+        .iter()
+        .filter(|c| c.kind == ChangeKind::Exited)
+        .map(|c| c.segment.as_str())
+        .collect();
+    assert_eq!(exited, BTreeSet::from(["store_buyers", "vip"]));
+    assert!(changes.iter().all(|c| c.cause == Cause::Definition));
+    assert_eq!(aud.computed.value(&fewer.traits[0], T0 + 1), json!(0));
+}
+
+#[test]
+fn state_round_trips_through_json() {
+    let defs = shop();
+    let options = FoldOptions::default();
+    let mut p = Profile::new(CustomerId(Uuid::from_u128(1)));
+    let mut aud = Audience::default();
+    for e in [
+        order(1, T0, Channel::Store, 3_500_000, "P1"),
+        view(2, T0 + 1, "P2"),
+        order(3, T0 + 2, Channel::Web, 100_000, "P3"),
+    ] {
+        let applied = p.apply(&e, &options);
+        aud.on_event(&defs, &p.view(), &e, applied, T0 + 3);
+    }
+    let json = serde_json::to_string(&aud).unwrap();
+    let back: Audience = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, aud);
+    assert_eq!(
+        back.computed.values(&defs.traits, T0 + 3),
+        aud.computed.values(&defs.traits, T0 + 3)
+    );
+}
+
+#[test]
+fn distinct_values_keep_the_smallest_whatever_the_order() {
+    let t = def("ids", Aggregate::UniqueCount, Some("sku"), &[], "all");
+    let defs = vec![t];
+    let events: Vec<_> = (0..(computed::MAX_DISTINCT as u128 + 50))
+        .map(|i| ev(i, T0, "x", Channel::Web, json!({"sku": format!("S{i:05}")})))
+        .collect();
+    let mut forward = Computed::default();
+    let mut backward = Computed::default();
+    for e in &events {
+        forward.fold(&defs, e);
+    }
+    for e in events.iter().rev() {
+        backward.fold(&defs, e);
+    }
+    assert_eq!(forward, backward);
+    assert_eq!(forward.value(&defs[0], T0), json!(computed::MAX_DISTINCT));
+}
+
+// ---------------------------------------------------------------------
+// Incremental memberships equal the reference under any event order,
+// duplicates, merges at any point and expiries at any time.
+
+#[derive(Debug, Clone)]
+struct Gen {
+    customer: usize,
+    day: i64,
+    kind: u8,
+    revenue: i64,
+    product: u8,
+    channel: u8,
+}
+
+fn gen_event() -> impl Strategy<Value = Gen> {
+    (0..3usize, 0..40i64, 0..3u8, 1..40i64, 0..5u8, 0..3u8).prop_map(
+        |(customer, day, kind, revenue, product, channel)| Gen {
+            customer,
+            day,
+            kind,
+            revenue,
+            product,
+            channel,
+        },
+    )
+}
+
+fn touchpoint(i: usize, g: &Gen) -> Touchpoint {
+    let at = T0 + g.day * DAY + i64::try_from(i).unwrap_or(0);
+    let channel = [Channel::Web, Channel::Store, Channel::App][usize::from(g.channel)];
+    let product = format!("P{}", g.product);
+    let n = u128::try_from(i).unwrap_or(0) + 1;
+    match g.kind {
+        0 => order(n, at, channel, g.revenue * 100_000, &product),
+        1 => view(n, at, &product),
+        _ => ev(n, at, "page_viewed", channel, json!({"path": "/"})),
+    }
+}
+
+/// Profiles and audiences in memory, written as a store would.
+#[derive(Default)]
+struct Mem {
+    profiles: BTreeMap<CustomerId, ProfileSlot>,
+    audiences: BTreeMap<CustomerId, Audience>,
+}
+
+impl ProfileAccess for Mem {
+    type Error = crate::redirect::RedirectError;
+    fn load(&mut self, c: CustomerId) -> Result<Option<ProfileSlot>, Self::Error> {
+        self.profiles.load(c)
+    }
+    fn save(&mut self, c: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error> {
+        self.profiles.save(c, slot)
+    }
+}
+
+impl AudienceAccess for Mem {
+    fn load_audience(&mut self, c: CustomerId) -> Result<Option<Audience>, Self::Error> {
+        Ok(self.audiences.get(&c).cloned())
+    }
+    fn save_audience(&mut self, c: CustomerId, a: &Audience) -> Result<(), Self::Error> {
+        self.audiences.insert(c, a.clone());
+        Ok(())
+    }
+    fn remove_audience(&mut self, c: CustomerId) -> Result<(), Self::Error> {
+        self.audiences.remove(&c);
+        Ok(())
+    }
+}
+
+fn resolved(customer: CustomerId, merges: Vec<Merge>, t: &Touchpoint) -> crate::ResolvedTouchpoint {
+    crate::ResolvedTouchpoint {
+        customer_id: customer,
+        merges,
+        touchpoint: t.clone(),
+    }
+}
+
+#[test]
+fn the_fold_carries_audiences_through_merges_in_the_same_records_as_the_profile() {
+    let defs = Definitions::new(
+        shop_traits(),
+        vec![seg("omni", "traits.views_7d >= 1 && traits.orders_7d >= 1")],
+    )
+    .unwrap();
+    let options = FoldOptions::default();
+    let (a, b) = (
+        CustomerId(Uuid::from_u128(1)),
+        CustomerId(Uuid::from_u128(2)),
+    );
+    let mut mem = Mem::default();
+    let mut fold = AudienceFold::new(&defs, T0 + 10);
+    let seen = view(1, T0, "P1");
+    let bought = order(2, T0 + 1, Channel::Store, 300_000, "P1");
+    fold_observed(&mut mem, &resolved(a, vec![], &seen), &options, &mut fold).unwrap();
+    fold_observed(&mut mem, &resolved(b, vec![], &bought), &options, &mut fold).unwrap();
+    assert!(fold.changes.is_empty());
+    let merge = Merge {
+        loser: b,
+        survivor: a,
+        at: T0 + 2,
+        cause: crate::identity::MergeCause {
+            event_id: EventId(Uuid::from_u128(3)),
+            identifier: crate::Identifier::new(crate::IdKind::Phone, "+84912345678"),
+            rule: "phone".into(),
+        },
+    };
+    let carrier = ev(3, T0 + 2, "page_viewed", Channel::Web, json!({}));
+    fold_observed(
+        &mut mem,
+        &resolved(b, vec![merge], &carrier),
+        &options,
+        &mut fold,
+    )
+    .unwrap();
+    assert_eq!(fold.changes.len(), 1, "{:?}", fold.changes);
+    assert_eq!(fold.changes[0].0, a);
+    assert_eq!(fold.changes[0].1.kind, ChangeKind::Entered);
+    assert!(
+        !mem.audiences.contains_key(&b),
+        "the absorbed customer keeps no state"
+    );
+    // A redelivered record changes nothing.
+    let again =
+        fold_observed(&mut mem, &resolved(b, vec![], &bought), &options, &mut fold).unwrap();
+    assert!(again.is_none());
+    assert_eq!(fold.changes.len(), 1);
+    // The timer lets both events go after 7 days.
+    let at = mem.audiences[&a].next_expiry(&defs).unwrap();
+    assert_eq!(at, T0 + 7 * DAY);
+    let exits = expire(&mut mem, a, &defs, at).unwrap();
+    assert_eq!(exits.len(), 1);
+    assert_eq!(exits[0].cause, Cause::Expiry);
+    assert!(
+        expire(&mut mem, b, &defs, at).unwrap().is_empty(),
+        "merged away"
+    );
+}
+
+/// One step of a schedule.
+#[derive(Debug, Clone)]
+enum Step {
+    Event(usize),
+    /// The event at that index delivered again.
+    Again(usize),
+    /// Customer `loser` merged into `survivor`, carried by a new event.
+    Merge(usize, usize),
+    Expire,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn incremental_memberships_equal_the_reference(
+        events in prop::collection::vec(gen_event(), 1..30),
+        order_seed in prop::collection::vec(any::<u32>(), 30),
+        merges in prop::collection::vec((0..3usize, 0..3usize, 0..40usize), 0..3),
+        expiries in prop::collection::vec(0..40usize, 0..4),
+        again in prop::collection::vec(0..30usize, 0..4),
+    ) {
+        let defs = shop();
+        let options = FoldOptions::default();
+        let mut tps: Vec<Touchpoint> = events.iter().enumerate().map(|(i, g)| touchpoint(i, g)).collect();
+        let mut owner: Vec<usize> = events.iter().map(|g| g.customer).collect();
+        // Any arrival order.
+        let mut arrival: Vec<usize> = (0..tps.len()).collect();
+        arrival.sort_by_key(|i| order_seed[*i % order_seed.len()].wrapping_mul(u32::try_from(*i).unwrap_or(0) + 1));
+        let mut steps: Vec<Step> = arrival.iter().map(|i| Step::Event(*i)).collect();
+        for (a, b, at) in &merges {
+            if a != b {
+                steps.insert((*at).min(steps.len()), Step::Merge(*a, *b));
+            }
+        }
+        for at in &expiries {
+            steps.insert((*at).min(steps.len()), Step::Expire);
+        }
+        for i in &again {
+            if *i < tps.len() {
+                // Re-delivered after it was first delivered.
+                let first = steps.iter().position(|s| matches!(s, Step::Event(j) if j == i)).unwrap_or(0);
+                steps.insert(first + 1, Step::Again(*i));
+            }
+        }
+
+        let ids: Vec<CustomerId> = (0..3).map(|i| CustomerId(Uuid::from_u128(100 + i))).collect();
+        let mut root: Vec<usize> = (0..3).collect();
+        let find = |root: &Vec<usize>, mut c: usize| { while root[c] != c { c = root[c]; } c };
+        let mut mem = Mem::default();
+        let mut log: Vec<(CustomerId, Change)> = Vec::new();
+        // Processing time: a day per step, whatever the events' own times.
+        let mut now = T0;
+        for step in &steps {
+            now += DAY;
+            let mut fold = AudienceFold::new(&defs, now);
+            match step {
+                Step::Event(i) | Step::Again(i) => {
+                    let r = resolved(ids[owner[*i]], vec![], &tps[*i]);
+                    let entry = fold_observed(&mut mem, &r, &options, &mut fold).unwrap();
+                    prop_assert_eq!(entry.is_some(), matches!(step, Step::Event(_)));
+                }
+                Step::Merge(loser, survivor) => {
+                    let (l, s) = (find(&root, *loser), find(&root, *survivor));
+                    if l == s { continue; }
+                    root[l] = s;
+                    let carrier = ev(1_000 + tps.len() as u128, now, "page_viewed", Channel::App, json!({}));
+                    let merge = Merge {
+                        loser: ids[l],
+                        survivor: ids[s],
+                        at: now,
+                        cause: crate::identity::MergeCause {
+                            event_id: carrier.event_id(),
+                            identifier: crate::Identifier::new(crate::IdKind::Email, "a@b.vn"),
+                            rule: "email".into(),
+                        },
+                    };
+                    fold_observed(&mut mem, &resolved(ids[l], vec![merge], &carrier), &options, &mut fold).unwrap();
+                    tps.push(carrier);
+                    owner.push(l);
+                }
+                Step::Expire => {
+                    for id in &ids {
+                        log.extend(expire(&mut mem, *id, &defs, now).unwrap().into_iter().map(|c| (*id, c)));
+                    }
+                }
+            }
+            log.extend(fold.changes);
+        }
+        // A last timer at the end.
+        now += DAY;
+        for id in &ids {
+            log.extend(expire(&mut mem, *id, &defs, now).unwrap().into_iter().map(|c| (*id, c)));
+        }
+
+        for (c, &id) in ids.iter().enumerate() {
+            if find(&root, c) != c {
+                prop_assert!(!mem.audiences.contains_key(&id), "merged away, kept no state");
+                continue;
+            }
+            let mine: Vec<Touchpoint> = (0..tps.len())
+                .filter(|i| find(&root, owner[*i]) == c)
+                .map(|i| tps[i].clone())
+                .collect();
+            let want = reference(&defs, id, &mine, &options, now);
+            let have = mem.audiences.get(&id).cloned().unwrap_or_default();
+            prop_assert_eq!(&have.computed.values(&defs.traits, now), &want.traits);
+            let members: BTreeSet<String> = have.members.keys().cloned().collect();
+            prop_assert_eq!(&members, &want.members);
+        }
+
+        // The change records alone say who is in what: entries and exits
+        // alternate, starting with an entry, and end where the state is.
+        let mut member: BTreeMap<(CustomerId, String), bool> = BTreeMap::new();
+        for (c, ch) in &log {
+            let was = member.insert((*c, ch.segment.clone()), ch.kind == ChangeKind::Entered).unwrap_or(false);
+            prop_assert_eq!(was, ch.kind == ChangeKind::Exited, "{:?} for customer {}", ch, c);
+        }
+        for id in &ids {
+            let from_log: BTreeSet<String> = member.iter()
+                .filter(|((cc, _), m)| cc == id && **m)
+                .map(|((_, s), _)| s.clone())
+                .collect();
+            let state: BTreeSet<String> = mem.audiences.get(id).map(|a| a.members.keys().cloned().collect()).unwrap_or_default();
+            prop_assert_eq!(from_log, state);
+        }
+    }
+}
