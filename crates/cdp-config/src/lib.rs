@@ -756,6 +756,7 @@ impl PlatformConfig {
         cdp_domain::FoldOptions {
             default_currency: self.validation.default_currency.clone(),
             source_trust: self.profile.source_trust.clone(),
+            audiences: Default::default(),
         }
     }
 

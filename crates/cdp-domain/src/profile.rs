@@ -32,6 +32,10 @@ pub struct FoldOptions {
     /// A trait from a more trusted source wins over one from a less trusted
     /// source; between equals, the newer value wins.
     pub source_trust: BTreeMap<String, i64>,
+    /// The computed traits and segments folded along (not configuration:
+    /// the workers set them from the definitions in the log).
+    #[serde(skip)]
+    pub audiences: AudienceOptions,
 }
 
 impl Default for FoldOptions {
@@ -39,7 +43,53 @@ impl Default for FoldOptions {
         FoldOptions {
             default_currency: "VND".into(),
             source_trust: BTreeMap::new(),
+            audiences: AudienceOptions::default(),
         }
+    }
+}
+
+/// The audience definitions a fold evaluates, and the instant it
+/// evaluates them at (processing time: windows end there).
+///
+/// Without definitions (`None`, a fold that does not evaluate audiences:
+/// time travel, tools) the audience state is left as it is; with a set of
+/// definitions, even an empty one, memberships follow it (a segment no
+/// longer defined is exited).
+#[derive(Clone, Default)]
+pub struct AudienceOptions {
+    pub definitions: Option<std::sync::Arc<crate::audience::Definitions>>,
+    pub now: UnixMillis,
+}
+
+impl AudienceOptions {
+    pub fn new(definitions: std::sync::Arc<crate::audience::Definitions>, now: UnixMillis) -> Self {
+        AudienceOptions {
+            definitions: Some(definitions),
+            now,
+        }
+    }
+}
+
+impl std::fmt::Debug for AudienceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = self.definitions.as_deref();
+        f.debug_struct("AudienceOptions")
+            .field("traits", &d.map(|d| d.traits.len()))
+            .field("segments", &d.map(|d| d.segments.len()))
+            .field("now", &self.now)
+            .finish()
+    }
+}
+
+/// The same definitions (the same `Arc`) at the same instant.
+impl PartialEq for AudienceOptions {
+    fn eq(&self, other: &Self) -> bool {
+        let same = match (&self.definitions, &other.definitions) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        same && self.now == other.now
     }
 }
 
@@ -192,6 +242,10 @@ pub struct Profile {
     /// existed.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub search_terms: BTreeSet<String>,
+    /// Computed traits and segment memberships ([`crate::audience`]),
+    /// folded with the profile in the same row while definitions exist.
+    #[serde(default, skip_serializing_if = "crate::audience::Audience::is_empty")]
+    pub audience: crate::audience::Audience,
 }
 
 impl Profile {
@@ -218,6 +272,7 @@ impl Profile {
             event_types: BTreeMap::new(),
             sources: BTreeMap::new(),
             search_terms: BTreeSet::new(),
+            audience: crate::audience::Audience::default(),
         }
     }
 
@@ -519,6 +574,9 @@ impl Profile {
         for (k, v) in other.consent {
             lww_map(&mut self.consent, &k, &v);
         }
+        // The computed traits add up; the absorbed customer's memberships
+        // end with it (the fold records its exits and re-evaluates).
+        self.audience.computed.absorb(other.audience.computed);
     }
 
     /// The computed view an agent reads.
@@ -792,56 +850,11 @@ pub fn fold_resolved<A: ProfileAccess>(
     access: &mut A,
     resolved: &ResolvedTouchpoint,
     options: &FoldOptions,
-) -> Result<Option<TimelineEntry>, A::Error> {
-    fold_observed(access, resolved, options, &mut ())
-}
-
-/// What else folds along with the profile, in the same transaction (the
-/// audiences): told of each merge and of each event the profile applied.
-pub trait FoldObserver<A: ProfileAccess> {
-    /// `survivor` absorbed customer `loser` (whose slot is now a redirect).
-    fn merged(
-        &mut self,
-        access: &mut A,
-        survivor: &Profile,
-        loser: CustomerId,
-        merge: &crate::identity::Merge,
-    ) -> Result<(), A::Error>;
-
-    /// `profile` applied `t`, which was new to it.
-    fn applied(
-        &mut self,
-        access: &mut A,
-        profile: &Profile,
-        t: &Touchpoint,
-    ) -> Result<(), A::Error>;
-}
-
-/// Observes nothing: the profile alone.
-impl<A: ProfileAccess> FoldObserver<A> for () {
-    fn merged(
-        &mut self,
-        _: &mut A,
-        _: &Profile,
-        _: CustomerId,
-        _: &crate::identity::Merge,
-    ) -> Result<(), A::Error> {
-        Ok(())
-    }
-
-    fn applied(&mut self, _: &mut A, _: &Profile, _: &Touchpoint) -> Result<(), A::Error> {
-        Ok(())
-    }
-}
-
-/// [`fold_resolved`], telling `observer` of each merge and of the event
-/// when it was new.
-pub fn fold_observed<A: ProfileAccess, O: FoldObserver<A>>(
-    access: &mut A,
-    resolved: &ResolvedTouchpoint,
-    options: &FoldOptions,
-    observer: &mut O,
-) -> Result<Option<TimelineEntry>, A::Error> {
+) -> Result<Folded, A::Error> {
+    use crate::audience::Cause;
+    let defs = options.audiences.definitions.as_deref();
+    let now = options.audiences.now;
+    let mut folded = Folded::default();
     for merge in &resolved.merges {
         let survivor = access.live_root(merge.survivor)?;
         let loser = access.live_root(merge.loser)?;
@@ -853,12 +866,25 @@ pub fn fold_observed<A: ProfileAccess, O: FoldObserver<A>>(
             _ => Profile::new(survivor),
         };
         if let Some(ProfileSlot::Live(absorbed)) = access.load(loser)? {
-            target.absorb(*absorbed);
+            let mut absorbed = *absorbed;
+            if defs.is_some() {
+                let exits = absorbed
+                    .audience
+                    .exit_all(&Cause::MergedInto { survivor }, now);
+                folded.changes.extend(exits.into_iter().map(|c| (loser, c)));
+            }
+            target.absorb(absorbed);
         } else {
             target.merged_from.insert(loser);
         }
+        if let Some(defs) = defs.filter(|d| !d.is_empty() || !target.audience.is_empty()) {
+            let view = target.view();
+            let changes = target.audience.on_merge(loser, defs, &view, now);
+            folded
+                .changes
+                .extend(changes.into_iter().map(|c| (survivor, c)));
+        }
         access.save(loser, &ProfileSlot::MergedInto(survivor))?;
-        observer.merged(access, &target, loser, merge)?;
         access.save(survivor, &ProfileSlot::Live(Box::new(target)))?;
     }
     let customer = access.live_root(resolved.customer_id)?;
@@ -867,15 +893,61 @@ pub fn fold_observed<A: ProfileAccess, O: FoldObserver<A>>(
         _ => Profile::new(customer),
     };
     if !profile.apply(&resolved.touchpoint, options) {
-        return Ok(None);
+        return Ok(folded);
     }
-    observer.applied(access, &profile, &resolved.touchpoint)?;
+    if let Some(defs) = defs.filter(|d| !d.is_empty() || !profile.audience.is_empty()) {
+        let view = profile.view();
+        let changes = profile
+            .audience
+            .on_event(defs, &view, &resolved.touchpoint, true, now);
+        folded
+            .changes
+            .extend(changes.into_iter().map(|c| (customer, c)));
+    }
     access.save(customer, &ProfileSlot::Live(Box::new(profile)))?;
-    Ok(Some(TimelineEntry::of(
+    folded.timeline = Some(TimelineEntry::of(
         customer,
         &resolved.touchpoint,
         &options.default_currency,
-    )))
+    ));
+    Ok(folded)
+}
+
+/// What folding one resolved touchpoint did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Folded {
+    /// The event's timeline entry, when it was new.
+    pub timeline: Option<TimelineEntry>,
+    /// Segment memberships entered and exited, by customer, in order.
+    pub changes: Vec<(CustomerId, crate::audience::Change)>,
+}
+
+/// A customer's audience timer: at (or after) its next expiry, drops what
+/// windows no longer hold and re-evaluates its memberships at
+/// `options.audiences.now`. Nothing for a customer merged away.
+pub fn expire_audience<A: ProfileAccess>(
+    access: &mut A,
+    customer: CustomerId,
+    options: &FoldOptions,
+) -> Result<Vec<crate::audience::Change>, A::Error> {
+    let Some(defs) = options.audiences.definitions.as_deref() else {
+        return Ok(Vec::new());
+    };
+    let Some(ProfileSlot::Live(mut profile)) = access.load(customer)? else {
+        return Ok(Vec::new());
+    };
+    if profile.audience.is_empty() && defs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let before = profile.audience.clone();
+    let view = profile.view();
+    let changes = profile
+        .audience
+        .on_expiry(defs, &view, options.audiences.now);
+    if profile.audience != before {
+        access.save(customer, &ProfileSlot::Live(profile))?;
+    }
+    Ok(changes)
 }
 
 /// Profiles in memory: the reference model's store.

@@ -256,6 +256,8 @@ struct Folded {
     new_events: Vec<(TimelineEntry, Vec<String>)>,
     /// The live survivors of the batch's merges.
     survivors: Vec<CustomerId>,
+    /// Segment memberships entered and exited, by customer.
+    changes: Vec<(CustomerId, cdp_domain::audience::Change)>,
 }
 
 /// The three commit phases, in order.
@@ -412,10 +414,11 @@ impl ScyllaStore {
                     self.fetch_profiles(rows, missing).await?;
                     continue;
                 }
-                let entry = entry?;
+                let outcome = entry?;
                 let survivors = survivors.into_iter().collect::<Result<Vec<_>, _>>()?;
                 folded.writes.extend(writes);
-                if let Some(entry) = entry {
+                folded.changes.extend(outcome.changes);
+                if let Some(entry) = outcome.timeline {
                     let known = terms_before.get(&entry.customer_id);
                     let mut terms = cdp_domain::search::terms(&resolved.touchpoint);
                     terms.retain(|t| !known.is_some_and(|k| k.contains(t)));
@@ -676,6 +679,10 @@ impl ProfileStore for ScyllaStore {
         let mut indexed: HashSet<(CustomerId, EventId)> = HashSet::new();
         // Events this call folded in, with the customer of their entry.
         let mut committed: BTreeMap<EventId, CustomerId> = BTreeMap::new();
+        // Membership changes of rows this call stored: a row written by an
+        // attempt that then folds again keeps its events as applied, so
+        // the next attempt does not report them a second time.
+        let mut changes: Vec<(CustomerId, cdp_domain::audience::Change)> = Vec::new();
         let mut wanted: Vec<CustomerId> = Vec::new();
         for r in batch {
             wanted.push(r.customer_id);
@@ -691,6 +698,12 @@ impl ProfileStore for ScyllaStore {
             // longer sees these events as new and would not index them.
             self.index(&folded.new_events, &mut indexed).await?;
             let (written, complete) = self.commit(&mut rows, &folded.writes).await?;
+            changes.extend(
+                folded
+                    .changes
+                    .into_iter()
+                    .filter(|(c, _)| written.contains(c)),
+            );
             for (entry, _) in &folded.new_events {
                 let event = entry.event_id;
                 let stored = written.iter().any(|c| {
@@ -717,6 +730,7 @@ impl ProfileStore for ScyllaStore {
                 return Ok(Applied {
                     new_events: committed.len(),
                     customers,
+                    changes,
                 });
             }
             debug!(

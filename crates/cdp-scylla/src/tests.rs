@@ -313,7 +313,7 @@ mod unit {
         // skips the merge; loading the loser completes it.
         let mut access = EventAccess::new(&rows, &batch);
         let entry = fold_resolved(&mut access, &merge(l, s, "m"), &FoldOptions::default()).unwrap();
-        assert!(entry.is_some());
+        assert!(entry.timeline.is_some());
         assert!(access.missing.is_empty());
         assert_eq!(access.writes[&l].pending, None, "the loser is settled");
         match &access.writes[&s].slot {

@@ -59,6 +59,7 @@ macro_rules! store_test_suite {
             identity_erase_forgets_claims_nodes_and_decisions(identity_ref),
             identity_is_sealed_under_customer_keys(sealed_graph),
             unsynced_folds_are_visible_then_synced(profiles_ref),
+            profiles_fold_audiences(profiles_ref),
             generations_switch_and_drop(generations));
     };
     (@arg identity_ref, $f:expr) => { &*$f.identity() };
@@ -407,6 +408,160 @@ fn resolved(customer: CustomerId, t: Touchpoint) -> ResolvedTouchpoint {
         merges: Vec::new(),
         touchpoint: t,
     }
+}
+
+/// Audiences fold with the profile, in its row: a membership entered
+/// through an event, nothing again on re-delivery, the absorbed customer's
+/// exits and the survivor's entry on a merge, the state read back with the
+/// profile, and a fold without definitions leaving it alone.
+pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
+    use cdp_domain::audience::{
+        Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
+    };
+    use cdp_domain::identity::{Merge, MergeCause};
+    use cdp_domain::profile::AudienceOptions;
+
+    let count = |name: &str, ty: &str| TraitDef {
+        name: name.into(),
+        version: 1,
+        aggregate: Aggregate::Count,
+        property: None,
+        filter: EventFilter {
+            types: vec![ty.into()],
+            ..EventFilter::default()
+        },
+        window: "7d".parse().unwrap_or_default(),
+    };
+    let segment = |name: &str, condition: &str| SegmentDef {
+        name: name.into(),
+        version: 1,
+        condition: condition.into(),
+        description: String::new(),
+    };
+    let defs = Definitions::new(
+        vec![
+            count("orders_7d", "order_completed"),
+            count("views_7d", "product_viewed"),
+        ],
+        vec![
+            segment("omni", "traits.orders_7d >= 1 && traits.views_7d >= 1"),
+            segment("buyers", "traits.orders_7d >= 1"),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let options = FoldOptions {
+        audiences: AudienceOptions::new(Arc::new(defs), 10_000),
+        ..FoldOptions::default()
+    };
+    let customer = |who: &str| {
+        CustomerId(Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{prefix}-{who}").as_bytes(),
+        ))
+    };
+    let (c1, c2) = (customer("c1"), customer("c2"));
+    let (ids1, ids2) = ([email(prefix, "a1")], [email(prefix, "a2")]);
+    let seen = event(
+        prefix,
+        1,
+        1_000,
+        EventType::ProductViewed,
+        &ids1,
+        json!({"product_id": "p1"}),
+    );
+    let bought = event(
+        prefix,
+        2,
+        2_000,
+        EventType::OrderCompleted,
+        &ids2,
+        json!({"order_id": format!("{prefix}-o2"), "total": 300_000}),
+    );
+    let first = vec![resolved(c1, seen), resolved(c2, bought)];
+    let applied = store
+        .apply(&first, &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let summary = |a: &crate::Applied| -> Vec<(CustomerId, String, ChangeKind)> {
+        let mut v: Vec<_> = a
+            .changes
+            .iter()
+            .map(|(c, ch)| (*c, ch.segment.clone(), ch.kind))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        summary(&applied),
+        [(c2, "buyers".to_owned(), ChangeKind::Entered)]
+    );
+    let again = store
+        .apply(&first, &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+
+    let carrier = event(prefix, 3, 3_000, EventType::PageViewed, &ids1, json!({}));
+    let merge = ResolvedTouchpoint {
+        customer_id: c1,
+        merges: vec![Merge {
+            loser: c2,
+            survivor: c1,
+            at: 3_000,
+            cause: MergeCause {
+                event_id: carrier.envelope.event_id,
+                identifier: Identifier::new(IdKind::Email, ids1[0].1.clone()),
+                rule: "email".into(),
+            },
+        }],
+        touchpoint: carrier,
+    };
+    let merged = store
+        .apply(&[merge], &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut want = vec![
+        (c2, "buyers".to_owned(), ChangeKind::Exited),
+        (c1, "omni".to_owned(), ChangeKind::Entered),
+        (c1, "buyers".to_owned(), ChangeKind::Entered),
+    ];
+    want.sort();
+    assert_eq!(summary(&merged), want);
+    assert!(merged.changes.iter().all(|(c, ch)| match ch.kind {
+        ChangeKind::Exited => *c == c2 && ch.cause == Cause::MergedInto { survivor: c1 },
+        ChangeKind::Entered => *c == c1 && ch.cause == Cause::Merge { absorbed: c2 },
+    }));
+
+    for c in [c1, c2] {
+        let profile = store
+            .profile(c)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("no profile for {c}"));
+        assert_eq!(profile.customer_id, c1);
+        let members: Vec<&str> = profile
+            .audience
+            .members
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(members, ["buyers", "omni"]);
+    }
+
+    // A fold that does not evaluate audiences keeps the state as it is.
+    let later = event(prefix, 4, 4_000, EventType::PageViewed, &ids1, json!({}));
+    let blind = store
+        .apply(&[resolved(c1, later)], &FoldOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(blind.new_events, 1);
+    assert!(blind.changes.is_empty());
+    let profile = store
+        .profile(c1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no profile for {c1}"));
+    assert_eq!(profile.audience.members.len(), 2);
 }
 
 /// Folding, idempotent re-delivery, merges with redirects, and the timeline.

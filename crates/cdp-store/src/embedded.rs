@@ -829,7 +829,11 @@ impl EmbeddedStore {
             let mut index: Vec<(String, u128)> = Vec::new();
             for resolved in batch {
                 access.terms_before.clear();
-                if let Some(entry) = fold_resolved(&mut access, resolved, options)? {
+                let folded = fold_resolved(&mut access, resolved, options)?;
+                applied
+                    .changes
+                    .extend(folded.changes.into_iter().filter(|(c, _)| !keys.erased(*c)));
+                if let Some(entry) = folded.timeline {
                     let customer = key(entry.customer_id);
                     let event = entry.event_id.0.as_u128();
                     match keys.write_json(entry.customer_id, RowKind::Timeline(event), &entry)? {

@@ -200,6 +200,10 @@ pub struct Applied {
     pub new_events: usize,
     /// The live customers whose view changed.
     pub customers: Vec<CustomerId>,
+    /// Segment memberships entered and exited, by customer, in fold order
+    /// (none without audience definitions in the fold options; none for
+    /// an erased customer).
+    pub changes: Vec<(CustomerId, cdp_domain::audience::Change)>,
 }
 
 /// Profiles and their timeline.

@@ -165,7 +165,7 @@ impl History {
         let fold = |snap: &mut Snapshot, r: &ResolvedTouchpoint| -> Result<(), ServiceError> {
             let entry = fold_resolved(&mut snap.slots, r, &self.options)
                 .map_err(|e| ServiceError::Internal(format!("folding the past: {e}")))?;
-            snap.timeline.extend(entry);
+            snap.timeline.extend(entry.timeline);
             Ok(())
         };
         // Records read earlier that now fall within the instant.

@@ -229,7 +229,8 @@ pub struct Condition {
 /// Which events a trait counts. Empty lists keep every type or channel.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct EventFilter {
-    /// Event types (`order_completed`, a custom type...).
+    /// Event types, spelled as sent (`Order Completed`) or in snake case
+    /// (`order_completed`): case, spaces, `_` and `-` do not count.
     #[serde(default)]
     pub types: Vec<String>,
     #[serde(default)]
@@ -363,12 +364,27 @@ impl TraitDef {
     pub fn matches(&self, t: &Touchpoint) -> bool {
         let f = &self.filter;
         let env = &t.envelope;
-        (f.types.is_empty() || f.types.iter().any(|ty| ty == env.event_type.as_str()))
+        (f.types.is_empty()
+            || f.types
+                .iter()
+                .any(|ty| same_type(ty, env.event_type.as_str())))
             && (f.channels.is_empty() || f.channels.contains(&env.channel))
             && f.conditions
                 .iter()
                 .all(|c| holds(c, &values_of(t, &c.property)))
     }
+}
+
+/// Whether two event type names are the same once case, spaces, `_` and
+/// `-` are left out (`order_completed` is `Order Completed`).
+fn same_type(a: &str, b: &str) -> bool {
+    let key = |s: &str| {
+        s.chars()
+            .filter(|c| !matches!(c, ' ' | '_' | '-'))
+            .flat_map(char::to_lowercase)
+            .collect::<String>()
+    };
+    key(a) == key(b)
 }
 
 /// The scalar values `property` has on `t` (arrays are read through).

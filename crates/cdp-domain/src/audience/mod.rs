@@ -8,11 +8,17 @@
 //!
 //! - an event ([`Audience::on_event`]), folded once (the profile's applied
 //!   set decides, in the same transaction);
-//! - a merge ([`Audience::on_merge`]): the absorbed customer exits every
-//!   segment, the survivor is re-evaluated at once on the merged state;
 //! - a window's expiry ([`Audience::on_expiry`]), at
 //!   [`Audience::next_expiry`] (the stage's durable timer);
-//! - a definition created, updated or deleted ([`Audience::on_definitions`]).
+//! - a definition created, updated or deleted ([`Audience::on_definitions`]);
+//! - a merge ([`Audience::on_merge`]): the absorbed customer exits every
+//!   segment, the survivor is re-evaluated at once on the merged state;
+//!
+//! The state lives in the profile (`Profile::audience`), so it is stored,
+//! sealed, erased and rebuilt with it, in the same row and transaction:
+//! `profile::fold_resolved` does all of the above when
+//! `FoldOptions::audiences` carries definitions, and returns the changes;
+//! `profile::expire_audience` is a customer's timer.
 //!
 //! [`reference`] evaluates every definition over a customer's whole event
 //! set at once: the incremental path must agree with it under any order,
@@ -30,8 +36,6 @@ use thiserror::Error;
 pub use computed::{Aggregate, Computed, Condition, EventFilter, Op, TraitDef, Window};
 pub use segment::{Input, Segment, SegmentDef};
 
-use crate::identity::Merge;
-use crate::profile::{FoldObserver, ProfileAccess, ProfileSlot};
 use crate::{CustomerId, EventId, FoldOptions, Profile, ProfileView, Touchpoint, UnixMillis};
 
 /// A definition that cannot be used: which field, and why.
@@ -91,7 +95,7 @@ fn duplicate(name: &str) -> DefinitionError {
 }
 
 /// Entering or leaving a segment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ChangeKind {
     Entered,
@@ -147,6 +151,11 @@ pub struct Audience {
 }
 
 impl Audience {
+    /// No computed trait and no membership: nothing to keep.
+    pub fn is_empty(&self) -> bool {
+        self.computed.is_empty() && self.members.is_empty()
+    }
+
     /// The segments a customer described by `view` and this state belongs
     /// to at `now`, with the reason any condition could not tell.
     pub fn evaluate(
@@ -253,30 +262,18 @@ impl Audience {
         )
     }
 
-    /// `self` (customer `survivor`, now described by `view`) absorbed
-    /// `absorbed` (customer `absorbed_id`). Returns the absorbed customer's
-    /// exits and the survivor's changes.
+    /// This customer absorbed customer `absorbed` (whose computed traits
+    /// `Profile::absorb` added to these, and who exits everything with
+    /// [`exit_all`](Self::exit_all)), and is now described by `view`.
     pub fn on_merge(
         &mut self,
-        survivor: CustomerId,
-        mut absorbed: Audience,
-        absorbed_id: CustomerId,
+        absorbed: CustomerId,
         defs: &Definitions,
         view: &ProfileView,
         now: UnixMillis,
-    ) -> (Vec<Change>, Vec<Change>) {
-        let exits = absorbed.exit_all(&Cause::MergedInto { survivor }, now);
-        self.computed.absorb(absorbed.computed);
+    ) -> Vec<Change> {
         self.computed.expire(&defs.traits, now);
-        let changes = self.reconcile(
-            defs,
-            view,
-            &Cause::Merge {
-                absorbed: absorbed_id,
-            },
-            now,
-        );
-        (exits, changes)
+        self.reconcile(defs, view, &Cause::Merge { absorbed }, now)
     }
 
     /// At a window's expiry (or any time after it).
@@ -320,114 +317,6 @@ impl Audience {
     pub fn next_expiry(&self, defs: &Definitions) -> Option<UnixMillis> {
         self.computed.next_expiry(&defs.traits)
     }
-}
-
-/// Where audience states are kept: next to the profiles, written in the
-/// same transaction.
-pub trait AudienceAccess: ProfileAccess {
-    fn load_audience(&mut self, customer: CustomerId) -> Result<Option<Audience>, Self::Error>;
-    fn save_audience(
-        &mut self,
-        customer: CustomerId,
-        audience: &Audience,
-    ) -> Result<(), Self::Error>;
-    fn remove_audience(&mut self, customer: CustomerId) -> Result<(), Self::Error>;
-}
-
-/// Folds the audiences along with the profile
-/// ([`crate::profile::fold_observed`]), collecting the membership changes
-/// by customer.
-#[derive(Debug)]
-pub struct AudienceFold<'a> {
-    defs: &'a Definitions,
-    now: UnixMillis,
-    pub changes: Vec<(CustomerId, Change)>,
-}
-
-impl<'a> AudienceFold<'a> {
-    /// Evaluates at `now`, the processing time (windows are relative to it).
-    pub fn new(defs: &'a Definitions, now: UnixMillis) -> Self {
-        AudienceFold {
-            defs,
-            now,
-            changes: Vec::new(),
-        }
-    }
-}
-
-impl<A: AudienceAccess> FoldObserver<A> for AudienceFold<'_> {
-    fn merged(
-        &mut self,
-        access: &mut A,
-        survivor: &Profile,
-        loser: CustomerId,
-        _merge: &Merge,
-    ) -> Result<(), A::Error> {
-        let absorbed = access.load_audience(loser)?;
-        let mine = access.load_audience(survivor.customer_id)?;
-        if absorbed.is_none() && mine.is_none() && self.defs.is_empty() {
-            return Ok(());
-        }
-        let mut target = mine.unwrap_or_default();
-        let (exits, changes) = target.on_merge(
-            survivor.customer_id,
-            absorbed.unwrap_or_default(),
-            loser,
-            self.defs,
-            &survivor.view(),
-            self.now,
-        );
-        access.remove_audience(loser)?;
-        access.save_audience(survivor.customer_id, &target)?;
-        self.changes.extend(exits.into_iter().map(|c| (loser, c)));
-        self.changes
-            .extend(changes.into_iter().map(|c| (survivor.customer_id, c)));
-        Ok(())
-    }
-
-    fn applied(
-        &mut self,
-        access: &mut A,
-        profile: &Profile,
-        t: &Touchpoint,
-    ) -> Result<(), A::Error> {
-        let customer = profile.customer_id;
-        let before = access.load_audience(customer)?;
-        if before.is_none() && self.defs.is_empty() {
-            return Ok(());
-        }
-        let mut audience = before.clone().unwrap_or_default();
-        let changes = audience.on_event(self.defs, &profile.view(), t, true, self.now);
-        if before.as_ref() != Some(&audience) {
-            access.save_audience(customer, &audience)?;
-        }
-        self.changes
-            .extend(changes.into_iter().map(|c| (customer, c)));
-        Ok(())
-    }
-}
-
-/// A customer's timer: at (or after) [`Audience::next_expiry`], drops what
-/// windows no longer hold and re-evaluates. Nothing for a customer merged
-/// away or without audience state.
-pub fn expire<A: AudienceAccess>(
-    access: &mut A,
-    customer: CustomerId,
-    defs: &Definitions,
-    now: UnixMillis,
-) -> Result<Vec<Change>, A::Error> {
-    let Some(ProfileSlot::Live(profile)) = access.load(customer)? else {
-        return Ok(Vec::new());
-    };
-    let Some(mut audience) = access.load_audience(customer)? else {
-        return Ok(Vec::new());
-    };
-    let before = audience.clone();
-    let changes = audience.on_expiry(defs, &profile.view(), now);
-    if audience != before {
-        access.save_audience(customer, &audience)?;
-    }
-    Ok(changes)
 }
 
 /// What [`reference`] computes for one customer.

@@ -5,7 +5,8 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::*;
-use crate::profile::{ProfileAccess, ProfileSlot, fold_observed};
+use crate::identity::Merge;
+use crate::profile::{Folded, ProfileSlot, expire_audience, fold_resolved};
 use crate::{Channel, Envelope, EventType, Personal};
 
 const DAY: i64 = 86_400_000;
@@ -30,7 +31,7 @@ fn order(n: u128, at: i64, channel: Channel, revenue: i64, product: &str) -> Tou
     ev(
         n,
         at,
-        "order_completed",
+        "Order Completed",
         channel,
         json!({"order_id": format!("SO-{n}"), "revenue": revenue, "currency": "VND",
                "store_id": "HN-01", "products": [{"product_id": product, "price": revenue}]}),
@@ -41,7 +42,7 @@ fn view(n: u128, at: i64, product: &str) -> Touchpoint {
     ev(
         n,
         at,
-        "product_viewed",
+        "Product Viewed",
         Channel::Web,
         json!({"product_id": product}),
     )
@@ -173,7 +174,7 @@ fn shop() -> Definitions {
             seg("browsers", "traits.views_7d >= 2 && traits.orders_7d == 0"),
             seg(
                 "store_buyers",
-                "traits.orders_7d >= 1 && profile.journey_stage != \"awareness\" && \"store\" in profile.channels",
+                "traits.orders_7d >= 1 && profile.journey_stage in [\"act\", \"advocate\"] && profile.orders_count >= 1 && \"store\" in profile.channels",
             ),
             seg("fans", "traits.top_product == \"P1\" || size(traits.products) >= 3"),
         ],
@@ -374,134 +375,271 @@ fn filters_compare_numbers_text_and_lists() {
     let text_amount = ev(
         6,
         T0,
-        "order_completed",
+        "Order Completed",
         Channel::Web,
         json!({"revenue": "1500000", "store_id": "HN-02"}),
     );
     assert!(kept(&text_amount), "a number sent as text compares as one");
 }
 
+/// Profiles in memory, folded as a store folds them, with the
+/// definitions and the processing time in the options.
+struct Shop {
+    store: BTreeMap<CustomerId, ProfileSlot>,
+    options: FoldOptions,
+}
+
+impl Shop {
+    fn new(defs: Definitions) -> Self {
+        let mut options = FoldOptions::default();
+        options.audiences.definitions = Some(std::sync::Arc::new(defs));
+        Shop {
+            store: BTreeMap::new(),
+            options,
+        }
+    }
+
+    fn defs(&self) -> &Definitions {
+        self.options.audiences.definitions.as_deref().unwrap()
+    }
+
+    fn fold(&mut self, r: &crate::ResolvedTouchpoint, now: UnixMillis) -> Folded {
+        self.options.audiences.now = now;
+        fold_resolved(&mut self.store, r, &self.options).unwrap()
+    }
+
+    fn expire(&mut self, c: CustomerId, now: UnixMillis) -> Vec<Change> {
+        self.options.audiences.now = now;
+        expire_audience(&mut self.store, c, &self.options).unwrap()
+    }
+
+    fn audience(&self, c: CustomerId) -> Audience {
+        match self.store.get(&c) {
+            Some(ProfileSlot::Live(p)) => p.audience.clone(),
+            _ => Audience::default(),
+        }
+    }
+}
+
+fn resolved(customer: CustomerId, merges: Vec<Merge>, t: &Touchpoint) -> crate::ResolvedTouchpoint {
+    crate::ResolvedTouchpoint {
+        customer_id: customer,
+        merges,
+        touchpoint: t.clone(),
+    }
+}
+
+fn merge(loser: CustomerId, survivor: CustomerId, at: UnixMillis, carrier: &Touchpoint) -> Merge {
+    Merge {
+        loser,
+        survivor,
+        at,
+        cause: crate::identity::MergeCause {
+            event_id: carrier.event_id(),
+            identifier: crate::Identifier::new(crate::IdKind::Phone, "+84912345678"),
+            rule: "phone".into(),
+        },
+    }
+}
+
+fn kinds(changes: &[(CustomerId, Change)]) -> Vec<(CustomerId, &str, ChangeKind)> {
+    changes
+        .iter()
+        .map(|(c, ch)| (*c, ch.segment.as_str(), ch.kind))
+        .collect()
+}
+
 #[test]
 fn a_customer_enters_through_a_store_purchase_and_exits_when_the_window_expires() {
-    let defs = shop();
-    let mut profile = Profile::new(CustomerId(Uuid::from_u128(7)));
-    let mut audience = Audience::default();
-    let options = FoldOptions::default();
+    let mut shop = Shop::new(shop());
+    let c = CustomerId(Uuid::from_u128(7));
     let purchase = order(1, T0, Channel::Store, 1_200_000, "P2");
-    let applied = profile.apply(&purchase, &options);
-    let changes = audience.on_event(&defs, &profile.view(), &purchase, applied, T0 + 1_000);
-    let entered: Vec<_> = changes
-        .iter()
-        .map(|c| (c.segment.as_str(), c.kind))
-        .collect();
-    assert_eq!(entered, [("store_buyers", ChangeKind::Entered)]);
+    let folded = shop.fold(&resolved(c, vec![], &purchase), T0 + 1_000);
+    assert!(folded.timeline.is_some());
     assert_eq!(
-        changes[0].cause,
+        kinds(&folded.changes),
+        [(c, "store_buyers", ChangeKind::Entered)]
+    );
+    assert_eq!(
+        folded.changes[0].1.cause,
         Cause::Event {
             event_id: purchase.event_id()
         }
     );
 
     // The same event again changes nothing.
-    let again = profile.apply(&purchase, &options);
-    assert!(!again);
-    assert!(
-        audience
-            .on_event(&defs, &profile.view(), &purchase, again, T0 + 2_000)
-            .is_empty()
-    );
+    let again = shop.fold(&resolved(c, vec![], &purchase), T0 + 2_000);
+    assert_eq!(again, Folded::default());
+    let defs = shop.defs().clone();
     assert_eq!(
-        audience.computed.values(&defs.traits, T0 + 2_000)["orders"],
+        shop.audience(c).computed.values(&defs.traits, T0 + 2_000)["orders"],
         json!(1)
     );
 
     // The 7-day window lets the purchase go at exactly T0 + 7 days.
-    let expiry = audience.next_expiry(&defs).unwrap();
+    let expiry = shop.audience(c).next_expiry(&defs).unwrap();
     assert_eq!(expiry, T0 + 7 * DAY);
-    assert!(
-        audience
-            .on_expiry(&defs, &profile.view(), expiry - 1)
-            .is_empty()
-    );
-    let exits = audience.on_expiry(&defs, &profile.view(), expiry);
+    assert!(shop.expire(c, expiry - 1).is_empty());
+    let exits = shop.expire(c, expiry);
     assert_eq!(exits.len(), 1);
     assert_eq!(
         (exits[0].segment.as_str(), exits[0].kind, &exits[0].cause),
         ("store_buyers", ChangeKind::Exited, &Cause::Expiry)
     );
-    // The 90-day and 30-day windows still hold it.
-    assert_eq!(audience.next_expiry(&defs), Some(T0 + 30 * DAY));
+    // The 30-day and 90-day windows still hold it.
+    assert_eq!(shop.audience(c).next_expiry(&defs), Some(T0 + 30 * DAY));
 }
 
 #[test]
 fn a_merge_of_two_half_qualifying_customers_makes_one_member_with_one_entered() {
-    let defs = Definitions::new(
-        shop_traits(),
-        vec![seg("omni", "traits.views_7d >= 1 && traits.orders_7d >= 1")],
-    )
-    .unwrap();
-    let options = FoldOptions::default();
-    let (a_id, b_id) = (
+    let mut shop = Shop::new(
+        Definitions::new(
+            shop_traits(),
+            vec![seg("omni", "traits.views_7d >= 1 && traits.orders_7d >= 1")],
+        )
+        .unwrap(),
+    );
+    let (a, b) = (
         CustomerId(Uuid::from_u128(1)),
         CustomerId(Uuid::from_u128(2)),
     );
-    let (mut a, mut b) = (Profile::new(a_id), Profile::new(b_id));
-    let (mut a_aud, mut b_aud) = (Audience::default(), Audience::default());
     let seen = view(1, T0, "P1");
-    let bought = order(2, T0 + 1_000, Channel::Store, 300_000, "P1");
-    let applied = a.apply(&seen, &options);
+    let bought = order(2, T0 + 1, Channel::Store, 300_000, "P1");
     assert!(
-        a_aud
-            .on_event(&defs, &a.view(), &seen, applied, T0)
+        shop.fold(&resolved(a, vec![], &seen), T0 + 10)
+            .changes
             .is_empty()
     );
-    let applied = b.apply(&bought, &options);
     assert!(
-        b_aud
-            .on_event(&defs, &b.view(), &bought, applied, T0)
+        shop.fold(&resolved(b, vec![], &bought), T0 + 10)
+            .changes
             .is_empty()
     );
 
-    a.absorb(b);
-    let (exits, changes) = a_aud.on_merge(a_id, b_aud, b_id, &defs, &a.view(), T0 + 2_000);
-    assert!(exits.is_empty(), "b was in nothing: {exits:?}");
-    assert_eq!(changes.len(), 1, "{changes:?}");
-    assert_eq!(changes[0].kind, ChangeKind::Entered);
-    assert_eq!(changes[0].cause, Cause::Merge { absorbed: b_id });
-    assert!(a_aud.members.contains_key("omni"));
+    let carrier = ev(3, T0 + 2, "Page Viewed", Channel::Web, json!({}));
+    let folded = shop.fold(
+        &resolved(b, vec![merge(b, a, T0 + 2, &carrier)], &carrier),
+        T0 + 20,
+    );
+    assert_eq!(kinds(&folded.changes), [(a, "omni", ChangeKind::Entered)]);
+    assert_eq!(folded.changes[0].1.cause, Cause::Merge { absorbed: b });
+    assert!(matches!(shop.store.get(&b), Some(ProfileSlot::MergedInto(s)) if *s == a));
+
+    // A redelivered record changes nothing.
+    let again = shop.fold(&resolved(b, vec![], &bought), T0 + 30);
+    assert_eq!(again, Folded::default());
+
+    // The timer lets both events go after 7 days.
+    let defs = shop.defs().clone();
+    let at = shop.audience(a).next_expiry(&defs).unwrap();
+    assert_eq!(at, T0 + 7 * DAY);
+    let exits = shop.expire(a, at);
+    assert_eq!(exits.len(), 1);
+    assert_eq!(exits[0].cause, Cause::Expiry);
+    assert!(shop.expire(b, at).is_empty(), "merged away");
 }
 
 #[test]
 fn the_absorbed_customer_exits_everything_and_the_survivor_stays_without_a_new_entered() {
-    let defs = shop();
-    let options = FoldOptions::default();
-    let (a_id, b_id) = (
+    let mut shop = Shop::new(shop());
+    let (a, b) = (
         CustomerId(Uuid::from_u128(1)),
         CustomerId(Uuid::from_u128(2)),
     );
-    let (mut a, mut b) = (Profile::new(a_id), Profile::new(b_id));
-    let (mut a_aud, mut b_aud) = (Audience::default(), Audience::default());
     let one = order(1, T0, Channel::Store, 3_500_000, "P1");
     let two = order(2, T0, Channel::Store, 3_600_000, "P1");
-    let applied = a.apply(&one, &options);
-    let entered_a = a_aud.on_event(&defs, &a.view(), &one, applied, T0);
-    let applied = b.apply(&two, &options);
-    let entered_b = b_aud.on_event(&defs, &b.view(), &two, applied, T0);
+    let entered_a = shop.fold(&resolved(a, vec![], &one), T0).changes;
+    let entered_b = shop.fold(&resolved(b, vec![], &two), T0).changes;
     assert_eq!(entered_a.len(), 3, "vip, store_buyers, fans: {entered_a:?}");
     assert_eq!(entered_b.len(), 3);
-    a.absorb(b);
-    let (exits, changes) = a_aud.on_merge(a_id, b_aud, b_id, &defs, &a.view(), T0 + 1);
+    let carrier = view(3, T0, "P1");
+    let folded = shop.fold(
+        &resolved(a, vec![merge(b, a, T0, &carrier)], &carrier),
+        T0 + 1,
+    );
+    let exits: Vec<_> = folded.changes.iter().filter(|(c, _)| *c == b).collect();
     assert_eq!(exits.len(), 3);
     assert!(
-        exits.iter().all(
-            |c| c.kind == ChangeKind::Exited && c.cause == Cause::MergedInto { survivor: a_id }
-        )
+        exits
+            .iter()
+            .all(|(_, c)| c.kind == ChangeKind::Exited
+                && c.cause == Cause::MergedInto { survivor: a })
     );
-    assert!(changes.is_empty(), "{changes:?}");
     assert_eq!(
-        a_aud.computed.values(&defs.traits, T0 + 1)["spend_90d"],
+        folded.changes.len(),
+        3,
+        "no new entry for a: {:?}",
+        folded.changes
+    );
+    let defs = shop.defs().clone();
+    assert_eq!(
+        shop.audience(a).computed.values(&defs.traits, T0 + 1)["spend_90d"],
         json!(7_100_000)
     );
+}
+
+#[test]
+fn a_fold_without_definitions_leaves_the_audience_state_alone() {
+    let mut shop = Shop::new(shop());
+    let c = CustomerId(Uuid::from_u128(1));
+    let entered = shop.fold(
+        &resolved(c, vec![], &order(1, T0, Channel::Store, 3_500_000, "P1")),
+        T0,
+    );
+    assert_eq!(entered.changes.len(), 3);
+    let before = shop.audience(c);
+    let mut blind = FoldOptions::default();
+    blind.audiences.now = T0 + 1;
+    let folded = fold_resolved(
+        &mut shop.store,
+        &resolved(c, vec![], &view(2, T0 + 1, "P2")),
+        &blind,
+    )
+    .unwrap();
+    assert!(folded.timeline.is_some());
+    assert!(folded.changes.is_empty());
+    assert_eq!(shop.audience(c), before);
+    assert!(
+        expire_audience(&mut shop.store, c, &blind)
+            .unwrap()
+            .is_empty()
+    );
+    // An empty set of definitions is a decision: every segment is exited.
+    let none = FoldOptions {
+        audiences: crate::profile::AudienceOptions::new(
+            std::sync::Arc::new(Definitions::default()),
+            T0 + 2,
+        ),
+        ..FoldOptions::default()
+    };
+    let exits = expire_audience(&mut shop.store, c, &none).unwrap();
+    assert_eq!(exits.len(), 3);
+    assert!(
+        exits
+            .iter()
+            .all(|e| e.kind == ChangeKind::Exited && e.cause == Cause::Definition)
+    );
+    assert!(shop.audience(c).is_empty());
+}
+
+#[test]
+fn without_definitions_the_profile_keeps_no_audience_state() {
+    let mut options = FoldOptions::default();
+    options.audiences.now = T0;
+    let mut store: BTreeMap<CustomerId, ProfileSlot> = BTreeMap::new();
+    let c = CustomerId(Uuid::from_u128(1));
+    let folded = fold_resolved(
+        &mut store,
+        &resolved(c, vec![], &order(1, T0, Channel::Store, 1, "P1")),
+        &options,
+    )
+    .unwrap();
+    assert!(folded.changes.is_empty());
+    let Some(ProfileSlot::Live(p)) = store.get(&c) else {
+        panic!("no profile")
+    };
+    assert!(p.audience.is_empty());
+    assert!(!serde_json::to_string(p).unwrap().contains("audience"));
 }
 
 #[test]
@@ -607,108 +745,8 @@ fn touchpoint(i: usize, g: &Gen) -> Touchpoint {
     match g.kind {
         0 => order(n, at, channel, g.revenue * 100_000, &product),
         1 => view(n, at, &product),
-        _ => ev(n, at, "page_viewed", channel, json!({"path": "/"})),
+        _ => ev(n, at, "Page Viewed", channel, json!({"path": "/"})),
     }
-}
-
-/// Profiles and audiences in memory, written as a store would.
-#[derive(Default)]
-struct Mem {
-    profiles: BTreeMap<CustomerId, ProfileSlot>,
-    audiences: BTreeMap<CustomerId, Audience>,
-}
-
-impl ProfileAccess for Mem {
-    type Error = crate::redirect::RedirectError;
-    fn load(&mut self, c: CustomerId) -> Result<Option<ProfileSlot>, Self::Error> {
-        self.profiles.load(c)
-    }
-    fn save(&mut self, c: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error> {
-        self.profiles.save(c, slot)
-    }
-}
-
-impl AudienceAccess for Mem {
-    fn load_audience(&mut self, c: CustomerId) -> Result<Option<Audience>, Self::Error> {
-        Ok(self.audiences.get(&c).cloned())
-    }
-    fn save_audience(&mut self, c: CustomerId, a: &Audience) -> Result<(), Self::Error> {
-        self.audiences.insert(c, a.clone());
-        Ok(())
-    }
-    fn remove_audience(&mut self, c: CustomerId) -> Result<(), Self::Error> {
-        self.audiences.remove(&c);
-        Ok(())
-    }
-}
-
-fn resolved(customer: CustomerId, merges: Vec<Merge>, t: &Touchpoint) -> crate::ResolvedTouchpoint {
-    crate::ResolvedTouchpoint {
-        customer_id: customer,
-        merges,
-        touchpoint: t.clone(),
-    }
-}
-
-#[test]
-fn the_fold_carries_audiences_through_merges_in_the_same_records_as_the_profile() {
-    let defs = Definitions::new(
-        shop_traits(),
-        vec![seg("omni", "traits.views_7d >= 1 && traits.orders_7d >= 1")],
-    )
-    .unwrap();
-    let options = FoldOptions::default();
-    let (a, b) = (
-        CustomerId(Uuid::from_u128(1)),
-        CustomerId(Uuid::from_u128(2)),
-    );
-    let mut mem = Mem::default();
-    let mut fold = AudienceFold::new(&defs, T0 + 10);
-    let seen = view(1, T0, "P1");
-    let bought = order(2, T0 + 1, Channel::Store, 300_000, "P1");
-    fold_observed(&mut mem, &resolved(a, vec![], &seen), &options, &mut fold).unwrap();
-    fold_observed(&mut mem, &resolved(b, vec![], &bought), &options, &mut fold).unwrap();
-    assert!(fold.changes.is_empty());
-    let merge = Merge {
-        loser: b,
-        survivor: a,
-        at: T0 + 2,
-        cause: crate::identity::MergeCause {
-            event_id: EventId(Uuid::from_u128(3)),
-            identifier: crate::Identifier::new(crate::IdKind::Phone, "+84912345678"),
-            rule: "phone".into(),
-        },
-    };
-    let carrier = ev(3, T0 + 2, "page_viewed", Channel::Web, json!({}));
-    fold_observed(
-        &mut mem,
-        &resolved(b, vec![merge], &carrier),
-        &options,
-        &mut fold,
-    )
-    .unwrap();
-    assert_eq!(fold.changes.len(), 1, "{:?}", fold.changes);
-    assert_eq!(fold.changes[0].0, a);
-    assert_eq!(fold.changes[0].1.kind, ChangeKind::Entered);
-    assert!(
-        !mem.audiences.contains_key(&b),
-        "the absorbed customer keeps no state"
-    );
-    // A redelivered record changes nothing.
-    let again =
-        fold_observed(&mut mem, &resolved(b, vec![], &bought), &options, &mut fold).unwrap();
-    assert!(again.is_none());
-    assert_eq!(fold.changes.len(), 1);
-    // The timer lets both events go after 7 days.
-    let at = mem.audiences[&a].next_expiry(&defs).unwrap();
-    assert_eq!(at, T0 + 7 * DAY);
-    let exits = expire(&mut mem, a, &defs, at).unwrap();
-    assert_eq!(exits.len(), 1);
-    assert_eq!(exits[0].cause, Cause::Expiry);
-    assert!(
-        expire(&mut mem, b, &defs, at).unwrap().is_empty(),
-        "merged away"
-    );
 }
 
 /// One step of a schedule.
@@ -733,8 +771,8 @@ proptest! {
         expiries in prop::collection::vec(0..40usize, 0..4),
         again in prop::collection::vec(0..30usize, 0..4),
     ) {
-        let defs = shop();
-        let options = FoldOptions::default();
+        let mut shop = Shop::new(shop());
+        let defs = shop.defs().clone();
         let mut tps: Vec<Touchpoint> = events.iter().enumerate().map(|(i, g)| touchpoint(i, g)).collect();
         let mut owner: Vec<usize> = events.iter().map(|g| g.customer).collect();
         // Any arrival order.
@@ -760,55 +798,43 @@ proptest! {
         let ids: Vec<CustomerId> = (0..3).map(|i| CustomerId(Uuid::from_u128(100 + i))).collect();
         let mut root: Vec<usize> = (0..3).collect();
         let find = |root: &Vec<usize>, mut c: usize| { while root[c] != c { c = root[c]; } c };
-        let mut mem = Mem::default();
         let mut log: Vec<(CustomerId, Change)> = Vec::new();
         // Processing time: a day per step, whatever the events' own times.
         let mut now = T0;
         for step in &steps {
             now += DAY;
-            let mut fold = AudienceFold::new(&defs, now);
             match step {
                 Step::Event(i) | Step::Again(i) => {
-                    let r = resolved(ids[owner[*i]], vec![], &tps[*i]);
-                    let entry = fold_observed(&mut mem, &r, &options, &mut fold).unwrap();
-                    prop_assert_eq!(entry.is_some(), matches!(step, Step::Event(_)));
+                    let folded = shop.fold(&resolved(ids[owner[*i]], vec![], &tps[*i]), now);
+                    prop_assert_eq!(folded.timeline.is_some(), matches!(step, Step::Event(_)));
+                    log.extend(folded.changes);
                 }
                 Step::Merge(loser, survivor) => {
                     let (l, s) = (find(&root, *loser), find(&root, *survivor));
                     if l == s { continue; }
                     root[l] = s;
-                    let carrier = ev(1_000 + tps.len() as u128, now, "page_viewed", Channel::App, json!({}));
-                    let merge = Merge {
-                        loser: ids[l],
-                        survivor: ids[s],
-                        at: now,
-                        cause: crate::identity::MergeCause {
-                            event_id: carrier.event_id(),
-                            identifier: crate::Identifier::new(crate::IdKind::Email, "a@b.vn"),
-                            rule: "email".into(),
-                        },
-                    };
-                    fold_observed(&mut mem, &resolved(ids[l], vec![merge], &carrier), &options, &mut fold).unwrap();
+                    let carrier = ev(1_000 + tps.len() as u128, now, "Page Viewed", Channel::App, json!({}));
+                    let r = resolved(ids[l], vec![merge(ids[l], ids[s], now, &carrier)], &carrier);
+                    log.extend(shop.fold(&r, now).changes);
                     tps.push(carrier);
                     owner.push(l);
                 }
                 Step::Expire => {
                     for id in &ids {
-                        log.extend(expire(&mut mem, *id, &defs, now).unwrap().into_iter().map(|c| (*id, c)));
+                        log.extend(shop.expire(*id, now).into_iter().map(|c| (*id, c)));
                     }
                 }
             }
-            log.extend(fold.changes);
         }
         // A last timer at the end.
         now += DAY;
         for id in &ids {
-            log.extend(expire(&mut mem, *id, &defs, now).unwrap().into_iter().map(|c| (*id, c)));
+            log.extend(shop.expire(*id, now).into_iter().map(|c| (*id, c)));
         }
 
+        let options = FoldOptions::default();
         for (c, &id) in ids.iter().enumerate() {
             if find(&root, c) != c {
-                prop_assert!(!mem.audiences.contains_key(&id), "merged away, kept no state");
                 continue;
             }
             let mine: Vec<Touchpoint> = (0..tps.len())
@@ -816,7 +842,7 @@ proptest! {
                 .map(|i| tps[i].clone())
                 .collect();
             let want = reference(&defs, id, &mine, &options, now);
-            let have = mem.audiences.get(&id).cloned().unwrap_or_default();
+            let have = shop.audience(id);
             prop_assert_eq!(&have.computed.values(&defs.traits, now), &want.traits);
             let members: BTreeSet<String> = have.members.keys().cloned().collect();
             prop_assert_eq!(&members, &want.members);
@@ -834,7 +860,7 @@ proptest! {
                 .filter(|((cc, _), m)| cc == id && **m)
                 .map(|((_, s), _)| s.clone())
                 .collect();
-            let state: BTreeSet<String> = mem.audiences.get(id).map(|a| a.members.keys().cloned().collect()).unwrap_or_default();
+            let state: BTreeSet<String> = shop.audience(*id).members.keys().cloned().collect();
             prop_assert_eq!(from_log, state);
         }
     }
