@@ -8,13 +8,15 @@
 //! - [`group`]: the consumer groups of the workers;
 //! - [`codec`]: the protobuf encoding of records (`proto/cdp/v1/log.proto`);
 //! - [`emit`]: the records each stage appends, as pure functions, and the
-//!   readers of what other stages appended.
+//!   readers of what other stages appended;
+//! - [`audience`]: the audience definitions and membership changes.
 //!
 //! A new worker (an audience, a journey, an outbound channel) plugs in
 //! here: it reads a topic of [`topic`] under a group of its own, decodes
 //! with [`emit`], and appends what [`emit`] builds. No I/O happens in this
 //! crate; the log itself is the `cdp_log::EventLog` port.
 
+pub mod audience;
 pub mod audit;
 pub mod codec;
 pub mod credentials;

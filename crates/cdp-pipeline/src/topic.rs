@@ -40,8 +40,17 @@ pub const REDRIVES: Topic = Topic::new("redrives");
 /// request id: the log's own record that a customer was erased.
 pub const ERASURES: Topic = Topic::new("erasures");
 
+/// Computed traits and segments saved and deleted
+/// ([`crate::audience::DefinitionChange`]), keyed `trait/<name>` or
+/// `segment/<name>`: every profile worker folds it.
+pub const AUDIENCE_DEFINITIONS: Topic = Topic::new("audience-definitions");
+
+/// Segment memberships entered and exited
+/// ([`crate::audience::MembershipChange`]), keyed by customer id.
+pub const AUDIENCE_CHANGES: Topic = Topic::new("audience-changes");
+
 /// Every topic of the pipeline.
-pub const ALL: [Topic; 10] = [
+pub const ALL: [Topic; 12] = [
     TOUCHPOINTS,
     IDENTITY,
     RESOLVED,
@@ -52,4 +61,6 @@ pub const ALL: [Topic; 10] = [
     CREDENTIALS,
     REDRIVES,
     ERASURES,
+    AUDIENCE_DEFINITIONS,
+    AUDIENCE_CHANGES,
 ];

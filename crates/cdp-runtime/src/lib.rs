@@ -3,6 +3,7 @@
 //! (one code, mapped to a gRPC status and to an HTTP status). It sees the
 //! ports only: which back ends fill them is `cdp-wiring`'s choice.
 
+pub mod audiences;
 pub mod audit;
 pub mod auth;
 pub mod error;

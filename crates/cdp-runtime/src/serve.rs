@@ -81,6 +81,8 @@ pub struct Context {
     pub access: Arc<crate::auth::Access>,
     /// The process's load, read by every listener's guard.
     pub load: Arc<crate::limits::Load>,
+    /// The audience definitions (the `audience-definitions` topic).
+    pub audiences: Arc<crate::audiences::AudienceRegistry>,
     /// The audit writer, until [`Context::start_access`] runs it.
     audit_writer: std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>,
 }
@@ -99,8 +101,13 @@ impl Context {
                     reason,
                 })?;
         let load = crate::limits::Load::new(&config.limits);
+        let audiences = Arc::new(crate::audiences::AudienceRegistry::new(
+            Arc::clone(&backends.log),
+            std::time::Duration::from_secs(1),
+        ));
         Ok(Context {
             load,
+            audiences,
             config,
             backends,
             rules,

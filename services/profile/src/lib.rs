@@ -28,6 +28,13 @@ pub struct ProfileWorker {
     /// rebuild running), and when the registry last said so: it is asked
     /// again at most once per `RECHECK`, not for every batch.
     not_active_yet: Option<(u32, std::time::Instant)>,
+    /// The audience definitions folded along with the profiles (none: the
+    /// audience state is left as it is).
+    audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
+    /// Membership changes folded but not appended yet (an append failed):
+    /// appended before anything else, since a retried batch finds its
+    /// events folded already and would not report them again.
+    pending_changes: Vec<cdp_log::Record>,
 }
 
 /// How often records of a generation that is not active yet make a worker
@@ -51,7 +58,19 @@ impl ProfileWorker {
             announce_on_log: false,
             unsynced: None,
             not_active_yet: None,
+            audiences: None,
+            pending_changes: Vec::new(),
         }
+    }
+
+    /// Folds audiences with these definitions and appends the membership
+    /// changes to `audience-changes`.
+    pub fn with_audiences(
+        mut self,
+        registry: Arc<cdp_runtime::audiences::AudienceRegistry>,
+    ) -> Self {
+        self.audiences = Some(registry);
+        self
     }
 
     /// Announces changed customers on the log too (distributed deployments).
@@ -144,11 +163,49 @@ impl BatchHandler for ProfileWorker {
         {
             self.sync().await?;
         }
+        let options = match &self.audiences {
+            Some(registry) => {
+                let definitions = registry
+                    .current()
+                    .await
+                    .map_err(|e| Retry(format!("audience definitions: {e}")))?;
+                let mut options = self.options.clone();
+                options.audiences = cdp_domain::profile::AudienceOptions::new(definitions, now);
+                std::borrow::Cow::Owned(options)
+            }
+            None => std::borrow::Cow::Borrowed(&self.options),
+        };
         let applied = stores
             .profiles
-            .apply_unsynced(&batch, &self.options)
+            .apply_unsynced(&batch, &options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
+        for (customer_id, change) in applied.changes {
+            let change = cdp_pipeline::audience::MembershipChange {
+                customer_id,
+                generation: stores.generation,
+                change,
+            };
+            match cdp_pipeline::audience::change_record(&change) {
+                Ok(record) => self.pending_changes.push(record),
+                Err(error) => tracing::error!(%error, "an unencodable membership change"),
+            }
+        }
+        if !self.pending_changes.is_empty() {
+            let records = std::mem::take(&mut self.pending_changes);
+            if let Err(error) = self
+                .log
+                .append(topic::AUDIENCE_CHANGES, records.clone())
+                .await
+            {
+                self.pending_changes = records;
+                return Err(Retry(format!(
+                    "append to {}: {error}",
+                    topic::AUDIENCE_CHANGES
+                )));
+            }
+            tracing::debug!(changes = records.len(), "membership changes appended");
+        }
         self.unsynced = Some((stores.generation, Arc::clone(&stores.profiles)));
         if applied.new_events < batch.len() {
             tracing::debug!(
@@ -208,6 +265,7 @@ pub async fn install(
             Arc::clone(&ctx.backends.keyring),
         )
         .announce_on_log(on_log)
+        .with_audiences(Arc::clone(&ctx.audiences))
         .run(membership, options, cancel)
     });
     Ok(())
@@ -318,6 +376,94 @@ mod tests {
 
     async fn live_on(generations: Arc<dyn Generations>) -> Arc<LiveStores> {
         Arc::new(LiveStores::open(generations).await.unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memberships_follow_the_definitions_in_the_log_and_are_appended_once() {
+        use cdp_domain::audience::{Aggregate, ChangeKind, EventFilter, SegmentDef, TraitDef};
+        use cdp_pipeline::audience::{DefinitionChange, read_change};
+        use cdp_runtime::audiences::AudienceRegistry;
+
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 1).unwrap());
+        let generations = Arc::new(EmbeddedGenerations::open(&dir.path().join("store")).unwrap());
+        let live = live_on(generations.clone()).await;
+        let keys = keyring(dir.path()).await;
+        let registry = Arc::new(AudienceRegistry::new(
+            Arc::clone(&log),
+            std::time::Duration::ZERO,
+        ));
+        registry
+            .append(&DefinitionChange::TraitSaved {
+                definition: TraitDef {
+                    name: "orders".into(),
+                    version: 1,
+                    aggregate: Aggregate::Count,
+                    property: None,
+                    filter: EventFilter {
+                        types: vec!["order_completed".into()],
+                        ..EventFilter::default()
+                    },
+                    window: Default::default(),
+                },
+                at: 1,
+                by: "test".into(),
+            })
+            .await
+            .unwrap();
+        registry
+            .append(&DefinitionChange::SegmentSaved {
+                definition: SegmentDef {
+                    name: "repeat_buyers".into(),
+                    version: 1,
+                    condition: "traits.orders >= 2".into(),
+                    description: String::new(),
+                },
+                at: 2,
+                by: "test".into(),
+            })
+            .await
+            .unwrap();
+        let mut worker = ProfileWorker::new(
+            Arc::clone(&log),
+            Arc::clone(&live),
+            FoldOptions::default(),
+            ProfileChanges::default(),
+            keys.clone(),
+        )
+        .with_audiences(registry);
+        let customer = CustomerId(Uuid::from_u128(42));
+        let first =
+            vec![resolved_record(&keys, customer, event(1, EventType::OrderCompleted), 1, 0).await];
+        let second =
+            vec![resolved_record(&keys, customer, event(2, EventType::OrderCompleted), 1, 1).await];
+        worker.handle(&first).await.unwrap();
+        assert!(
+            log.read(topic::AUDIENCE_CHANGES, 0, 0, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        worker.handle(&second).await.unwrap();
+        // Delivered again: nothing changes, nothing is appended again.
+        worker.handle(&second).await.unwrap();
+        worker.sync().await.unwrap();
+        let appended = log.read(topic::AUDIENCE_CHANGES, 0, 0, 10).await.unwrap();
+        assert_eq!(appended.len(), 1);
+        let change = read_change(&appended[0]).unwrap();
+        assert_eq!(change.customer_id, customer);
+        assert_eq!(change.generation, 1);
+        assert_eq!(change.change.segment, "repeat_buyers");
+        assert_eq!(change.change.kind, ChangeKind::Entered);
+        let profile = live
+            .current()
+            .profiles
+            .profile(customer)
+            .await
+            .unwrap()
+            .expect("a folded profile");
+        assert!(profile.audience.members.contains_key("repeat_buyers"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,370 @@
+//! The audience topics (see `cdp_domain::audience`):
+//!
+//! - `audience-definitions`: computed traits and segments saved and
+//!   deleted, keyed by kind and name (so the changes of one definition
+//!   stay in order); every process folds it to know the definitions, the
+//!   way it folds `credentials`;
+//! - `audience-changes`: segment memberships entered and exited, keyed by
+//!   customer, each with its cause, so a downstream consumer (a journey,
+//!   an export) follows who enters and leaves what.
+//!
+//! Both are JSON: they are small, read by tools, and carry no personal
+//! data (customer ids, segment names, event ids).
+
+use std::collections::BTreeMap;
+
+use cdp_domain::audience::{Change, DefinitionError, Definitions, SegmentDef, TraitDef};
+use cdp_domain::{CustomerId, UnixMillis};
+use cdp_log::{LogRecord, Record};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A computed trait or a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefinitionKind {
+    Trait,
+    Segment,
+}
+
+impl DefinitionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefinitionKind::Trait => "trait",
+            DefinitionKind::Segment => "segment",
+        }
+    }
+}
+
+/// A change to the definitions, with who made it and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum DefinitionChange {
+    /// Created or updated (its `version` is the new one).
+    TraitSaved {
+        definition: TraitDef,
+        at: UnixMillis,
+        by: String,
+    },
+    SegmentSaved {
+        definition: SegmentDef,
+        at: UnixMillis,
+        by: String,
+    },
+    Deleted {
+        kind: DefinitionKind,
+        name: String,
+        /// The version deleted.
+        version: u64,
+        at: UnixMillis,
+        by: String,
+    },
+}
+
+impl DefinitionChange {
+    pub fn kind(&self) -> DefinitionKind {
+        match self {
+            DefinitionChange::TraitSaved { .. } => DefinitionKind::Trait,
+            DefinitionChange::SegmentSaved { .. } => DefinitionKind::Segment,
+            DefinitionChange::Deleted { kind, .. } => *kind,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            DefinitionChange::TraitSaved { definition, .. } => &definition.name,
+            DefinitionChange::SegmentSaved { definition, .. } => &definition.name,
+            DefinitionChange::Deleted { name, .. } => name,
+        }
+    }
+
+    fn version(&self) -> u64 {
+        match self {
+            DefinitionChange::TraitSaved { definition, .. } => definition.version,
+            DefinitionChange::SegmentSaved { definition, .. } => definition.version,
+            DefinitionChange::Deleted { version, .. } => *version,
+        }
+    }
+}
+
+/// The record of a definition change, keyed `trait/<name>` or
+/// `segment/<name>`.
+pub fn definition_record(c: &DefinitionChange) -> Result<Record, serde_json::Error> {
+    Ok(Record {
+        key: format!("{}/{}", c.kind().as_str(), c.name()).into_bytes(),
+        value: serde_json::to_vec(c)?,
+        ..Record::default()
+    })
+}
+
+pub fn read_definition(r: &LogRecord) -> Result<DefinitionChange, serde_json::Error> {
+    serde_json::from_slice(&r.value)
+}
+
+/// The definitions the `audience-definitions` topic holds, folded record
+/// by record: the latest save of each name, unless deleted since.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DefinitionSet {
+    traits: BTreeMap<String, TraitDef>,
+    segments: BTreeMap<String, SegmentDef>,
+    /// The highest version each name ever had (deleted ones too), so a
+    /// name created again gets a version of its own.
+    versions: BTreeMap<(DefinitionKind, String), u64>,
+}
+
+impl DefinitionSet {
+    pub fn apply(&mut self, c: DefinitionChange) {
+        let key = (c.kind(), c.name().to_owned());
+        let top = self.versions.entry(key).or_default();
+        *top = (*top).max(c.version());
+        match c {
+            DefinitionChange::TraitSaved { definition, .. } => {
+                self.traits.insert(definition.name.clone(), definition);
+            }
+            DefinitionChange::SegmentSaved { definition, .. } => {
+                self.segments.insert(definition.name.clone(), definition);
+            }
+            DefinitionChange::Deleted { kind, name, .. } => match kind {
+                DefinitionKind::Trait => {
+                    self.traits.remove(&name);
+                }
+                DefinitionKind::Segment => {
+                    self.segments.remove(&name);
+                }
+            },
+        }
+    }
+
+    /// The version the next save of `name` gets.
+    pub fn next_version(&self, kind: DefinitionKind, name: &str) -> u64 {
+        self.versions
+            .get(&(kind, name.to_owned()))
+            .copied()
+            .unwrap_or(0)
+            + 1
+    }
+
+    pub fn traits(&self) -> impl Iterator<Item = &TraitDef> {
+        self.traits.values()
+    }
+
+    pub fn segments(&self) -> impl Iterator<Item = &SegmentDef> {
+        self.segments.values()
+    }
+
+    pub fn trait_def(&self, name: &str) -> Option<&TraitDef> {
+        self.traits.get(name)
+    }
+
+    pub fn segment_def(&self, name: &str) -> Option<&SegmentDef> {
+        self.segments.get(name)
+    }
+
+    /// The checked definitions (what a change must leave valid), or the
+    /// first problem.
+    pub fn check(&self) -> Result<Definitions, DefinitionError> {
+        Definitions::new(
+            self.traits.values().cloned().collect(),
+            self.segments.values().cloned().collect(),
+        )
+    }
+
+    /// The definitions a fold evaluates: every trait that checks, and every
+    /// segment that compiles against them; the others are returned with
+    /// their problem (writers check before appending, so only writers
+    /// racing each other leave such a set).
+    pub fn usable(&self) -> (Definitions, Vec<(String, DefinitionError)>) {
+        let mut problems = Vec::new();
+        let traits: Vec<TraitDef> = self
+            .traits
+            .values()
+            .filter(|t| match t.check() {
+                Ok(()) => true,
+                Err(e) => {
+                    problems.push((format!("trait {}", t.name), e));
+                    false
+                }
+            })
+            .cloned()
+            .collect();
+        let segments = self
+            .segments
+            .values()
+            .filter_map(
+                |s| match cdp_domain::audience::Segment::compile(s.clone(), &traits) {
+                    Ok(compiled) => Some(compiled),
+                    Err(e) => {
+                        problems.push((format!("segment {}", s.name), e));
+                        None
+                    }
+                },
+            )
+            .collect();
+        (Definitions { traits, segments }, problems)
+    }
+}
+
+/// One membership change as the `audience-changes` topic holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipChange {
+    pub customer_id: CustomerId,
+    /// The projection generation whose fold made it: consumers follow
+    /// the active one (a rebuild makes its own).
+    pub generation: u32,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+/// The record of a membership change, keyed by customer. Its idempotency
+/// key names the change without its time, so a fold repeated after a
+/// crash (the same event, merge or timer again) appends it once on a log
+/// that deduplicates.
+pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> {
+    use cdp_domain::audience::Cause;
+    let c = &m.change;
+    let cause = match &c.cause {
+        Cause::Event { event_id } => format!("event/{event_id}"),
+        Cause::Merge { absorbed } => format!("merge/{absorbed}"),
+        Cause::MergedInto { survivor } => format!("merged-into/{survivor}"),
+        Cause::Expiry => format!("expiry/{}", c.at),
+        Cause::Definition => format!("definition/{}", c.at),
+    };
+    let name = format!(
+        "{}/{}/{}/{}/{:?}/{cause}",
+        m.generation, m.customer_id, c.segment, c.version, c.kind
+    );
+    Ok(Record {
+        key: crate::key::customer(m.customer_id),
+        value: serde_json::to_vec(m)?,
+        idempotency_key: Some(Sha256::digest(name.as_bytes()).to_vec()),
+        ..Record::default()
+    })
+}
+
+pub fn read_change(r: &LogRecord) -> Result<MembershipChange, serde_json::Error> {
+    serde_json::from_slice(&r.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cdp_domain::EventId;
+    use cdp_domain::audience::{Aggregate, Cause, ChangeKind, EventFilter};
+
+    fn count(name: &str, version: u64) -> TraitDef {
+        TraitDef {
+            name: name.into(),
+            version,
+            aggregate: Aggregate::Count,
+            property: None,
+            filter: EventFilter::default(),
+            window: Default::default(),
+        }
+    }
+
+    fn segment(name: &str, version: u64, condition: &str) -> SegmentDef {
+        SegmentDef {
+            name: name.into(),
+            version,
+            condition: condition.into(),
+            description: String::new(),
+        }
+    }
+
+    fn log_record(r: Record) -> LogRecord {
+        LogRecord {
+            topic: crate::topic::AUDIENCE_DEFINITIONS,
+            partition: 0,
+            offset: 0,
+            key: r.key,
+            value: r.value,
+            headers: r.headers,
+            timestamp: 0,
+        }
+    }
+
+    #[test]
+    fn the_set_keeps_the_latest_save_and_versions_survive_deletion() {
+        let mut set = DefinitionSet::default();
+        let changes = [
+            DefinitionChange::TraitSaved {
+                definition: count("orders", 1),
+                at: 1,
+                by: "admin".into(),
+            },
+            DefinitionChange::SegmentSaved {
+                definition: segment("buyers", 1, "traits.orders >= 1"),
+                at: 2,
+                by: "admin".into(),
+            },
+            DefinitionChange::SegmentSaved {
+                definition: segment("buyers", 2, "traits.orders >= 2"),
+                at: 3,
+                by: "admin".into(),
+            },
+            DefinitionChange::Deleted {
+                kind: DefinitionKind::Segment,
+                name: "buyers".into(),
+                version: 2,
+                at: 4,
+                by: "admin".into(),
+            },
+        ];
+        for c in changes {
+            let back = read_definition(&log_record(definition_record(&c).unwrap())).unwrap();
+            assert_eq!(back, c);
+            set.apply(back);
+        }
+        assert_eq!(set.segments().count(), 0);
+        assert_eq!(set.next_version(DefinitionKind::Segment, "buyers"), 3);
+        assert_eq!(set.next_version(DefinitionKind::Trait, "orders"), 2);
+        assert_eq!(set.next_version(DefinitionKind::Trait, "new"), 1);
+        assert!(set.check().is_ok());
+    }
+
+    #[test]
+    fn a_segment_left_without_its_trait_is_set_aside_not_fatal() {
+        let mut set = DefinitionSet::default();
+        set.apply(DefinitionChange::SegmentSaved {
+            definition: segment("buyers", 1, "traits.orders >= 1"),
+            at: 1,
+            by: "admin".into(),
+        });
+        assert!(set.check().is_err());
+        let (defs, problems) = set.usable();
+        assert!(defs.segments.is_empty());
+        assert_eq!(problems.len(), 1);
+        assert!(problems[0].1.reason.contains("orders"), "{:?}", problems);
+    }
+
+    #[test]
+    fn change_records_name_the_change_without_its_time() {
+        let c = |at| MembershipChange {
+            customer_id: CustomerId(uuid::Uuid::from_u128(1)),
+            generation: 1,
+            change: Change {
+                segment: "buyers".into(),
+                version: 1,
+                kind: ChangeKind::Entered,
+                cause: Cause::Event {
+                    event_id: EventId(uuid::Uuid::from_u128(9)),
+                },
+                at,
+            },
+        };
+        let (a, b) = (
+            change_record(&c(10)).unwrap(),
+            change_record(&c(20)).unwrap(),
+        );
+        assert_eq!(a.idempotency_key, b.idempotency_key);
+        assert_eq!(
+            a.key,
+            crate::key::customer(CustomerId(uuid::Uuid::from_u128(1)))
+        );
+        let back: MembershipChange = serde_json::from_slice(&a.value).unwrap();
+        assert_eq!(back, c(10));
+        let json: serde_json::Value = serde_json::from_slice(&a.value).unwrap();
+        assert_eq!(json["kind"], "entered");
+        assert_eq!(json["cause"]["kind"], "event");
+    }
+}

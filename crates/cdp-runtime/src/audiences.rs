@@ -1,0 +1,106 @@
+//! The audience definitions as a process knows them: the
+//! `audience-definitions` topic folded (`cdp_pipeline::audience`), read
+//! again when the topic grows, looked at no more than once per interval.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cdp_domain::audience::Definitions;
+use cdp_log::{EventLog, LogError};
+use cdp_pipeline::audience::{DefinitionChange, DefinitionSet};
+use cdp_pipeline::topic;
+
+struct Known {
+    /// The topic's end offsets when it was last read.
+    ends: Option<Vec<u64>>,
+    set: DefinitionSet,
+    usable: Arc<Definitions>,
+    checked: Option<Instant>,
+}
+
+/// The definitions of one process, shared by its workers and services.
+pub struct AudienceRegistry {
+    log: Arc<dyn EventLog>,
+    every: Duration,
+    known: tokio::sync::Mutex<Known>,
+}
+
+impl AudienceRegistry {
+    /// Looks at the topic's end at most once per `every`.
+    pub fn new(log: Arc<dyn EventLog>, every: Duration) -> Self {
+        AudienceRegistry {
+            log,
+            every,
+            known: tokio::sync::Mutex::new(Known {
+                ends: None,
+                set: DefinitionSet::default(),
+                usable: Arc::new(Definitions::default()),
+                checked: None,
+            }),
+        }
+    }
+
+    /// The definitions a fold evaluates now.
+    pub async fn current(&self) -> Result<Arc<Definitions>, LogError> {
+        let mut known = self.known.lock().await;
+        if known.checked.is_none_or(|at| at.elapsed() >= self.every) {
+            self.read(&mut known).await?;
+        }
+        Ok(Arc::clone(&known.usable))
+    }
+
+    /// The folded set, read again first (a writer checks a change
+    /// against it).
+    pub async fn latest(&self) -> Result<DefinitionSet, LogError> {
+        let mut known = self.known.lock().await;
+        self.read(&mut known).await?;
+        Ok(known.set.clone())
+    }
+
+    /// Appends a change (after the caller checked it against
+    /// [`latest`](Self::latest)) and reads the topic again.
+    pub async fn append(&self, change: &DefinitionChange) -> Result<(), LogError> {
+        let record = cdp_pipeline::audience::definition_record(change)
+            .map_err(|e| LogError::Invalid(format!("definition record: {e}")))?;
+        self.log
+            .append(topic::AUDIENCE_DEFINITIONS, vec![record])
+            .await?;
+        let mut known = self.known.lock().await;
+        self.read(&mut known).await
+    }
+
+    async fn read(&self, known: &mut Known) -> Result<(), LogError> {
+        known.checked = Some(Instant::now());
+        let ends = self.log.end_offsets(topic::AUDIENCE_DEFINITIONS).await?;
+        if known.ends.as_ref() == Some(&ends) {
+            return Ok(());
+        }
+        let mut set = DefinitionSet::default();
+        cdp_log::scan::<LogError>(self.log.as_ref(), topic::AUDIENCE_DEFINITIONS, 512, |r| {
+            match cdp_pipeline::audience::read_definition(r) {
+                Ok(change) => set.apply(change),
+                Err(error) => tracing::warn!(
+                    partition = r.partition,
+                    offset = r.offset,
+                    %error,
+                    "an unreadable audience definition record"
+                ),
+            }
+            Ok(())
+        })
+        .await?;
+        let (usable, problems) = set.usable();
+        for (what, error) in problems {
+            tracing::warn!(%what, %error, "an audience definition set aside");
+        }
+        tracing::info!(
+            traits = usable.traits.len(),
+            segments = usable.segments.len(),
+            "audience definitions read"
+        );
+        known.usable = Arc::new(usable);
+        known.set = set;
+        known.ends = Some(ends);
+        Ok(())
+    }
+}
