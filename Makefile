@@ -67,7 +67,7 @@ test: lint tools build ## Build everything, start Kafka and Cassandra (deploy/ha
 	$(CARGO) test --workspace --no-fail-fast -- --include-ignored --skip distributed_only || status=$$?; \
 	if [ $$status = 0 ]; then \
 		echo "== the end-to-end journeys again on the distributed back end (Kafka + Cassandra, one process per service)"; \
-		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --no-fail-fast --test flow --test convergence --test crash --test rebuild --test identity --test replay --test view --test http --test access --test tls --test hardening --test privacy --test chaos -- --include-ignored --skip distributed_only || status=$$?; \
+		CDP_E2E_BACKEND=distributed $(CARGO) test --workspace --no-fail-fast --test flow --test convergence --test crash --test rebuild --test identity --test replay --test view --test http --test access --test tls --test hardening --test privacy --test audience --test chaos -- --include-ignored --skip distributed_only || status=$$?; \
 	fi; \
 	if [ $$status = 0 ]; then \
 		echo "== outages (stops the shared servers, so alone and last)"; \

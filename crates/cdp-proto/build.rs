@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "projection",
         "access",
         "privacy",
+        "audience",
     ]
     .iter()
     .map(|name| root.join(format!("cdp/v1/{name}.proto")))

@@ -86,7 +86,8 @@ impl Role {
                 p,
                 P::ReadProfiles | P::RecordConsent | P::Privacy | P::ReadAudit | P::Reflect
             ),
-            Role::Analyst => matches!(p, P::Replay | P::Reflect),
+            // Analysts (marketing) define the audiences.
+            Role::Analyst => matches!(p, P::Replay | P::Audiences | P::Reflect),
             Role::Operator => matches!(p, P::Operate | P::Reflect),
             Role::Admin => !matches!(p, P::Ingest),
         }
@@ -143,6 +144,8 @@ pub enum Permission {
     /// Answers a customer's requests about their data: a full, unmasked
     /// export (and erasure).
     Privacy,
+    /// Defines computed traits and segments (no customer data).
+    Audiences,
 }
 
 impl Permission {
@@ -198,6 +201,11 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         ("cdp.v1.PrivacyService", "RecordConsent") => P::RecordConsent,
         ("cdp.v1.PrivacyService", "Export" | "Erase" | "GetErasure") => P::Privacy,
         ("cdp.v1.PrivacyService", "RotateMasterKey") => P::Operate,
+        (
+            "cdp.v1.AudienceService",
+            "SaveComputedTrait" | "SaveSegment" | "DeleteDefinition" | "ListDefinitions"
+            | "ValidateSegment",
+        ) => P::Audiences,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
         _ => return None,
@@ -244,6 +252,11 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.PrivacyService/Erase",
     "/cdp.v1.PrivacyService/GetErasure",
     "/cdp.v1.PrivacyService/RotateMasterKey",
+    "/cdp.v1.AudienceService/SaveComputedTrait",
+    "/cdp.v1.AudienceService/SaveSegment",
+    "/cdp.v1.AudienceService/DeleteDefinition",
+    "/cdp.v1.AudienceService/ListDefinitions",
+    "/cdp.v1.AudienceService/ValidateSegment",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)
@@ -828,6 +841,8 @@ mod tests {
         assert!(Role::Supervisor.allows(P::ReadAudit));
         assert!(!Role::Operator.allows(P::ReadProfiles));
         assert!(Role::Operator.allows(P::Operate));
+        assert!(Role::Analyst.allows(P::Audiences));
+        assert!(!Role::Agent.allows(P::Audiences));
         assert!(!Role::Analyst.allows(P::ReadProfiles));
         assert!(Role::Analyst.allows(P::Replay));
         assert!(!Role::Admin.allows(P::Ingest));

@@ -1,16 +1,19 @@
-//! Installs the query side in a process: `ProfileService` and
-//! `IdentityService` and `AccessService` over gRPC and the agent console
+//! Installs the query side in a process: `ProfileService`,
+//! `IdentityService`, `AccessService`, `PrivacyService` and
+//! `AudienceService` over gRPC and the agent console
 //! over HTTP.
 
 use std::sync::Arc;
 
 use cdp_proto::v1::access_service_server::AccessServiceServer;
+use cdp_proto::v1::audience_service_server::AudienceServiceServer;
 use cdp_proto::v1::identity_service_server::IdentityServiceServer;
 use cdp_proto::v1::privacy_service_server::PrivacyServiceServer;
 use cdp_proto::v1::profile_service_server::ProfileServiceServer;
 use cdp_runtime::serve::{Context, Parts, StartError};
 
 use crate::access::AccessGrpc;
+use crate::audiences::AudienceGrpc;
 use crate::grpc::{IdentityGrpc, ProfileGrpc};
 use crate::privacy::PrivacyGrpc;
 
@@ -65,6 +68,10 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         .health
         .set_serving::<PrivacyServiceServer<PrivacyGrpc>>()
         .await;
+    parts
+        .health
+        .set_serving::<AudienceServiceServer<AudienceGrpc>>()
+        .await;
     let privacy = PrivacyGrpc::new(
         query.clone(),
         Arc::clone(&ctx.access),
@@ -84,6 +91,10 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
             Arc::clone(&ctx.access),
         )))
         .add_service(AccessServiceServer::from_arc(api))
-        .add_service(PrivacyServiceServer::new(privacy));
+        .add_service(PrivacyServiceServer::new(privacy))
+        .add_service(AudienceServiceServer::new(AudienceGrpc::new(
+            Arc::clone(&ctx.audiences),
+            Arc::clone(&ctx.access),
+        )));
     Ok(())
 }

@@ -12,6 +12,7 @@
 //! - [`install`]: what a process adds to serve all of it.
 
 pub mod access;
+pub mod audiences;
 pub mod console;
 pub mod erase;
 pub mod explain;

@@ -609,6 +609,16 @@ impl ProfileQuery {
                     segment: r.segment.to_owned(),
                 }),
             consents: view.consents.iter().map(convert::consent_record).collect(),
+            segments: profile
+                .audience
+                .members
+                .iter()
+                .map(|(segment, m)| v1::SegmentMembership {
+                    segment: segment.clone(),
+                    version: m.version,
+                    since: Some(convert::millis_to_timestamp(m.since)),
+                })
+                .collect(),
         }
     }
 

@@ -1,0 +1,341 @@
+//! `AudienceService`: computed traits and segments saved, deleted, listed
+//! and checked. A change is checked against the definitions the log holds
+//! (`AudienceRegistry::latest`), appended to `audience-definitions`, and
+//! audited; the profile workers pick it up within a second.
+
+use std::sync::Arc;
+
+use cdp_domain::Channel;
+use cdp_domain::audience::{
+    Aggregate, Condition, DefinitionError, EventFilter, Op, SegmentDef, TraitDef, Window,
+};
+use cdp_pipeline::audience::{DefinitionChange, DefinitionKind, DefinitionSet};
+use cdp_proto::v1;
+use cdp_proto::v1::audience_service_server::AudienceService;
+use cdp_runtime::ServiceError;
+use cdp_runtime::audiences::AudienceRegistry;
+use cdp_runtime::auth::{Access, Caller};
+use tonic::{Request, Response, Status};
+
+pub struct AudienceGrpc {
+    registry: Arc<AudienceRegistry>,
+    access: Arc<Access>,
+}
+
+impl AudienceGrpc {
+    pub fn new(registry: Arc<AudienceRegistry>, access: Arc<Access>) -> Self {
+        AudienceGrpc { registry, access }
+    }
+
+    async fn latest(&self) -> Result<DefinitionSet, ServiceError> {
+        self.registry
+            .latest()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("audience definitions: {e}")))
+    }
+
+    /// Checks `change` against the definitions held now, appends it and
+    /// audits it.
+    async fn save(
+        &self,
+        caller: &Caller,
+        set: &DefinitionSet,
+        change: DefinitionChange,
+    ) -> Result<(), ServiceError> {
+        let mut after = set.clone();
+        after.apply(change.clone());
+        if let Err(e) = after.check() {
+            return Err(match change {
+                DefinitionChange::Deleted { .. } => ServiceError::FailedPrecondition(format!(
+                    "{} {} is still needed: {e}",
+                    change.kind().as_str(),
+                    change.name()
+                )),
+                _ => invalid(e),
+            });
+        }
+        self.registry
+            .append(&change)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("audience definitions: {e}")))?;
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![format!("{}/{}", change.kind().as_str(), change.name())];
+        entry.reason = match &change {
+            DefinitionChange::TraitSaved { definition, .. } => {
+                format!("computed trait saved, version {}", definition.version)
+            }
+            DefinitionChange::SegmentSaved { definition, .. } => {
+                format!("segment saved, version {}", definition.version)
+            }
+            DefinitionChange::Deleted { version, .. } => format!("deleted at version {version}"),
+        };
+        self.access.audit_durable(entry).await?;
+        tracing::info!(
+            kind = change.kind().as_str(),
+            name = change.name(),
+            actor = %caller.principal.name,
+            "audience definition changed"
+        );
+        Ok(())
+    }
+}
+
+/// A domain check's error as the API's: the field under `definition.`.
+fn invalid(e: DefinitionError) -> ServiceError {
+    let field = e
+        .field
+        .split_once('.')
+        .map_or(e.field.as_str(), |(_, rest)| rest);
+    ServiceError::invalid(format!("definition.{field}"), e.reason)
+}
+
+fn required<T>(d: Option<T>) -> Result<T, ServiceError> {
+    d.ok_or_else(|| ServiceError::invalid("definition", "is required"))
+}
+
+/// A computed trait from the API.
+pub fn trait_def(d: &v1::ComputedTrait) -> Result<TraitDef, ServiceError> {
+    let aggregate: Aggregate = d
+        .aggregate
+        .parse()
+        .map_err(|e: String| ServiceError::invalid("definition.aggregate", e))?;
+    let window: Window = d
+        .window
+        .parse()
+        .map_err(|e: String| ServiceError::invalid("definition.window", e))?;
+    let f = d.filter.clone().unwrap_or_default();
+    let channels = f
+        .channels
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            c.parse::<Channel>()
+                .map_err(|e| ServiceError::invalid(format!("definition.filter.channels[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let conditions = f
+        .conditions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let field = |name: &str| format!("definition.filter.conditions[{i}].{name}");
+            let op: Op = serde_json::from_value(serde_json::Value::String(c.op.trim().to_owned()))
+                .map_err(|_| {
+                    ServiceError::invalid(
+                        field("op"),
+                        format!(
+                            "{:?} is not one of eq, ne, gt, gte, lt, lte, exists, in, contains",
+                            c.op
+                        ),
+                    )
+                })?;
+            let value = if c.value_json.trim().is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&c.value_json).map_err(|e| {
+                    ServiceError::invalid(field("value_json"), format!("not JSON: {e}"))
+                })?
+            };
+            Ok(Condition {
+                property: c.property.clone(),
+                op,
+                value,
+            })
+        })
+        .collect::<Result<Vec<_>, ServiceError>>()?;
+    let def = TraitDef {
+        name: d.name.trim().to_owned(),
+        version: 0,
+        aggregate,
+        property: Some(d.property.trim().to_owned()).filter(|p| !p.is_empty()),
+        filter: EventFilter {
+            types: f.types.clone(),
+            channels,
+            conditions,
+        },
+        window,
+    };
+    def.check()
+        .map_err(|e| ServiceError::invalid(format!("definition.{}", e.field), e.reason))?;
+    Ok(def)
+}
+
+fn trait_proto(d: &TraitDef) -> v1::ComputedTrait {
+    v1::ComputedTrait {
+        name: d.name.clone(),
+        version: d.version,
+        aggregate: d.aggregate.as_str().to_owned(),
+        property: d.property.clone().unwrap_or_default(),
+        filter: Some(v1::EventFilter {
+            types: d.filter.types.clone(),
+            channels: d
+                .filter
+                .channels
+                .iter()
+                .map(|c| c.as_str().to_owned())
+                .collect(),
+            conditions: d
+                .filter
+                .conditions
+                .iter()
+                .map(|c| v1::PropertyCondition {
+                    property: c.property.clone(),
+                    op: serde_json::to_value(c.op)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    value_json: if c.value.is_null() {
+                        String::new()
+                    } else {
+                        c.value.to_string()
+                    },
+                })
+                .collect(),
+        }),
+        window: d.window.to_string(),
+    }
+}
+
+fn segment_def(d: &v1::Segment) -> SegmentDef {
+    SegmentDef {
+        name: d.name.trim().to_owned(),
+        version: 0,
+        condition: d.condition.clone(),
+        description: d.description.clone(),
+    }
+}
+
+fn segment_proto(d: &SegmentDef) -> v1::Segment {
+    v1::Segment {
+        name: d.name.clone(),
+        version: d.version,
+        condition: d.condition.clone(),
+        description: d.description.clone(),
+    }
+}
+
+fn saved(kind: DefinitionKind, name: &str, version: u64, deleted: bool) -> v1::SavedDefinition {
+    v1::SavedDefinition {
+        kind: kind.as_str().to_owned(),
+        name: name.to_owned(),
+        version,
+        deleted,
+    }
+}
+
+#[tonic::async_trait]
+impl AudienceService for AudienceGrpc {
+    async fn save_computed_trait(
+        &self,
+        request: Request<v1::SaveComputedTraitRequest>,
+    ) -> Result<Response<v1::SavedDefinition>, Status> {
+        let caller = Caller::of(&request)?;
+        let mut def = trait_def(&required(request.into_inner().definition)?)?;
+        let set = self.latest().await?;
+        def.version = set.next_version(DefinitionKind::Trait, &def.name);
+        let (name, version) = (def.name.clone(), def.version);
+        let change = DefinitionChange::TraitSaved {
+            definition: def,
+            at: cdp_runtime::now_ms(),
+            by: caller.principal.name.clone(),
+        };
+        self.save(&caller, &set, change).await?;
+        Ok(Response::new(saved(
+            DefinitionKind::Trait,
+            &name,
+            version,
+            false,
+        )))
+    }
+
+    async fn save_segment(
+        &self,
+        request: Request<v1::SaveSegmentRequest>,
+    ) -> Result<Response<v1::SavedDefinition>, Status> {
+        let caller = Caller::of(&request)?;
+        let mut def = segment_def(&required(request.into_inner().definition)?);
+        let set = self.latest().await?;
+        def.version = set.next_version(DefinitionKind::Segment, &def.name);
+        let (name, version) = (def.name.clone(), def.version);
+        let change = DefinitionChange::SegmentSaved {
+            definition: def,
+            at: cdp_runtime::now_ms(),
+            by: caller.principal.name.clone(),
+        };
+        self.save(&caller, &set, change).await?;
+        Ok(Response::new(saved(
+            DefinitionKind::Segment,
+            &name,
+            version,
+            false,
+        )))
+    }
+
+    async fn delete_definition(
+        &self,
+        request: Request<v1::DeleteDefinitionRequest>,
+    ) -> Result<Response<v1::SavedDefinition>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let kind = match r.kind.trim() {
+            "trait" => DefinitionKind::Trait,
+            "segment" => DefinitionKind::Segment,
+            other => {
+                return Err(ServiceError::invalid(
+                    "kind",
+                    format!("{other:?} is not \"trait\" or \"segment\""),
+                )
+                .into());
+            }
+        };
+        let name = r.name.trim();
+        let set = self.latest().await?;
+        let version = match kind {
+            DefinitionKind::Trait => set.trait_def(name).map(|d| d.version),
+            DefinitionKind::Segment => set.segment_def(name).map(|d| d.version),
+        }
+        .ok_or_else(|| ServiceError::NotFound(format!("no {} named {name:?}", kind.as_str())))?;
+        let change = DefinitionChange::Deleted {
+            kind,
+            name: name.to_owned(),
+            version,
+            at: cdp_runtime::now_ms(),
+            by: caller.principal.name.clone(),
+        };
+        self.save(&caller, &set, change).await?;
+        Ok(Response::new(saved(kind, name, version, true)))
+    }
+
+    async fn list_definitions(
+        &self,
+        _request: Request<v1::ListDefinitionsRequest>,
+    ) -> Result<Response<v1::ListDefinitionsResponse>, Status> {
+        let set = self.latest().await?;
+        Ok(Response::new(v1::ListDefinitionsResponse {
+            traits: set.traits().map(trait_proto).collect(),
+            segments: set.segments().map(segment_proto).collect(),
+        }))
+    }
+
+    async fn validate_segment(
+        &self,
+        request: Request<v1::ValidateSegmentRequest>,
+    ) -> Result<Response<v1::ValidateSegmentResponse>, Status> {
+        let def = segment_def(&required(request.into_inner().definition)?);
+        let set = self.latest().await?;
+        let traits: Vec<TraitDef> = set.traits().cloned().collect();
+        Ok(Response::new(
+            match cdp_domain::audience::Segment::compile(def, &traits) {
+                Ok(_) => v1::ValidateSegmentResponse {
+                    valid: true,
+                    ..Default::default()
+                },
+                Err(e) => v1::ValidateSegmentResponse {
+                    valid: false,
+                    field: format!("definition.{}", e.field),
+                    reason: e.reason,
+                },
+            },
+        ))
+    }
+}

@@ -1,0 +1,232 @@
+//! Audiences end to end, on the back end of `CDP_E2E_BACKEND`: an analyst
+//! defines computed traits and segments over gRPC, events come in through
+//! ingest, and the customer's memberships show in `GetProfile`, through a
+//! store purchase, through a merge of two half-qualifying customers, and
+//! after a restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use cdp_e2e::{
+    ADMIN_KEY, AGENT_KEY, ANALYST_KEY, CdpProcess, id, mobile, profile_when, touchpoint, unique,
+};
+use cdp_proto::v1::audience_service_client::AudienceServiceClient;
+use cdp_proto::v1::{self, CustomerProfile};
+use serde_json::json;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn audiences(
+    cdp: &CdpProcess,
+    key: &str,
+) -> AudienceServiceClient<cdp_proto::client::Authed> {
+    AudienceServiceClient::new(CdpProcess::connect_as(cdp.query_addr(), Some(key)).await)
+}
+
+fn orders_7d() -> v1::ComputedTrait {
+    v1::ComputedTrait {
+        name: "orders_7d".into(),
+        aggregate: "count".into(),
+        filter: Some(v1::EventFilter {
+            types: vec!["Order Completed".into()],
+            ..Default::default()
+        }),
+        window: "7d".into(),
+        ..Default::default()
+    }
+}
+
+fn segment(name: &str, condition: &str) -> v1::Segment {
+    v1::Segment {
+        name: name.into(),
+        condition: condition.into(),
+        ..Default::default()
+    }
+}
+
+fn segments(p: &CustomerProfile) -> Vec<&str> {
+    p.segments.iter().map(|s| s.segment.as_str()).collect()
+}
+
+fn field_of(status: &tonic::Status) -> String {
+    let details = status.get_error_details();
+    let bad = details.bad_request().expect("a BadRequest detail");
+    bad.field_violations[0].field.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
+    let mut cdp = CdpProcess::start();
+    let mut analyst = audiences(&cdp, ANALYST_KEY).await;
+
+    // Definitions, with precise refusals.
+    let saved = analyst
+        .save_computed_trait(v1::SaveComputedTraitRequest {
+            definition: Some(orders_7d()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((saved.name.as_str(), saved.version), ("orders_7d", 1));
+    let bad_window = analyst
+        .save_computed_trait(v1::SaveComputedTraitRequest {
+            definition: Some(v1::ComputedTrait {
+                window: "7 days".into(),
+                ..orders_7d()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_window.code(), Code::InvalidArgument);
+    assert_eq!(field_of(&bad_window), "definition.window");
+    let unknown_trait = analyst
+        .save_segment(v1::SaveSegmentRequest {
+            definition: Some(segment(
+                "vip",
+                "traits.orders_7d >= 1 &&\n traits.spend_90d > 0",
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown_trait.code(), Code::InvalidArgument);
+    assert_eq!(field_of(&unknown_trait), "definition.condition");
+    assert!(
+        unknown_trait.message().contains("line 2, column 2")
+            && unknown_trait.message().contains("spend_90d"),
+        "{unknown_trait:?}"
+    );
+    let draft = analyst
+        .validate_segment(v1::ValidateSegmentRequest {
+            definition: Some(segment("draft", "traits.orders_7d >= ")),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!draft.valid);
+    assert!(draft.reason.starts_with("line 1, column"), "{draft:?}");
+    let condition = "traits.orders_7d >= 1 && \"store\" in profile.channels";
+    for name in ["store_buyers", "omni"] {
+        analyst
+            .save_segment(v1::SaveSegmentRequest {
+                definition: Some(segment(name, condition)),
+            })
+            .await
+            .unwrap();
+    }
+    let denied = audiences(&cdp, AGENT_KEY)
+        .await
+        .save_segment(v1::SaveSegmentRequest {
+            definition: Some(segment("agents_pick", "true")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let in_use = analyst
+        .delete_definition(v1::DeleteDefinitionRequest {
+            kind: "trait".into(),
+            name: "orders_7d".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(in_use.code(), Code::FailedPrecondition, "{in_use:?}");
+    let listed = audiences(&cdp, ADMIN_KEY)
+        .await
+        .list_definitions(v1::ListDefinitionsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.traits.len(), 1);
+    assert_eq!(listed.traits[0].window, "7d");
+    let mut names: Vec<_> = listed.segments.iter().map(|s| s.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["omni", "store_buyers"]);
+
+    // A customer enters through a store purchase.
+    let phone = format!("0{}", mobile());
+    cdp.track(touchpoint(
+        "Product Viewed",
+        "web",
+        "website",
+        vec![id("phone", &phone)],
+        json!({"product_id": "SKU-1"}),
+    ))
+    .await;
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "pos-q1",
+        vec![id("phone", &phone)],
+        json!({"order_id": unique("POS-"), "total": 450000, "currency": "VND"}),
+    ))
+    .await;
+    let mut profiles = cdp.profiles().await;
+    let p = profile_when(&mut profiles, id("phone", &phone), PATIENCE, |p| {
+        segments(p).contains(&"store_buyers")
+    })
+    .await;
+    assert_eq!(segments(&p), ["omni", "store_buyers"]);
+    assert_eq!(p.segments[0].version, 1);
+
+    // Two half-qualifying customers: one ordered on the web, the other
+    // visited a store; merged, they make one member.
+    let email = format!("{}@gmail.com", unique("mai.tran"));
+    let other_phone = format!("0{}", mobile());
+    cdp.track(touchpoint(
+        "Order Completed",
+        "web",
+        "website",
+        vec![id("email", &email)],
+        json!({"order_id": unique("WEB-"), "total": 200000, "currency": "VND"}),
+    ))
+    .await;
+    cdp.track(touchpoint(
+        "Page Viewed",
+        "store",
+        "pos-q1",
+        vec![id("phone", &other_phone)],
+        json!({}),
+    ))
+    .await;
+    let web = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        p.metrics.as_ref().is_some_and(|m| m.orders_count == 1)
+    })
+    .await;
+    assert!(segments(&web).is_empty(), "{:?}", web.segments);
+    let store = profile_when(&mut profiles, id("phone", &other_phone), PATIENCE, |_| true).await;
+    assert!(segments(&store).is_empty());
+    cdp.track(touchpoint(
+        "Identify",
+        "call_center",
+        "hotline",
+        vec![id("email", &email), id("phone", &other_phone)],
+        json!({}),
+    ))
+    .await;
+    let merged = profile_when(&mut profiles, id("phone", &other_phone), PATIENCE, |p| {
+        segments(p).contains(&"omni")
+    })
+    .await;
+    assert_eq!(segments(&merged), ["omni", "store_buyers"]);
+
+    // Memberships are kept with the profile, and the definitions in the
+    // log: after a restart both are there, and new events are evaluated.
+    cdp.restart();
+    let mut profiles = cdp.profiles().await;
+    let again = profile_when(&mut profiles, id("phone", &phone), PATIENCE, |_| true).await;
+    assert_eq!(segments(&again), ["omni", "store_buyers"]);
+    let late = format!("0{}", mobile());
+    cdp.track(touchpoint(
+        "Order Completed",
+        "store",
+        "pos-q1",
+        vec![id("phone", &late)],
+        json!({"order_id": unique("POS-"), "total": 99000, "currency": "VND"}),
+    ))
+    .await;
+    profile_when(&mut profiles, id("phone", &late), PATIENCE, |p| {
+        segments(p) == ["omni", "store_buyers"]
+    })
+    .await;
+}
