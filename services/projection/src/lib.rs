@@ -29,7 +29,8 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         ctx.consumer_options("rebuild"),
         ctx.cancel.clone(),
         Arc::clone(&ctx.backends.keyring),
-    );
+    )
+    .with_audiences(Arc::clone(&ctx.audiences));
     // Replay resolves a customer lookup the way the view does.
     let query = cdp_query::ProfileQuery::new(
         Arc::clone(&ctx.backends.live),

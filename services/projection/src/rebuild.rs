@@ -107,6 +107,9 @@ pub struct Rebuilder {
     current: Current,
     /// Held while a rebuild starts, so two requests cannot both start one.
     starting: Arc<tokio::sync::Mutex<()>>,
+    /// The audience definitions the rebuild folds with (none: the new
+    /// generation's profiles hold no memberships).
+    audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,7 +152,19 @@ impl Rebuilder {
             shutdown,
             current: Arc::new(Mutex::new(None)),
             starting: Arc::new(tokio::sync::Mutex::new(())),
+            audiences: None,
         }
+    }
+
+    /// Folds the audiences too, with these definitions: the new generation
+    /// has memberships as of the rebuild, and their changes are appended
+    /// to `audience-changes` under its number.
+    pub fn with_audiences(
+        mut self,
+        registry: Arc<cdp_runtime::audiences::AudienceRegistry>,
+    ) -> Self {
+        self.audiences = Some(registry);
+        self
     }
 
     pub fn log(&self) -> &Arc<dyn EventLog> {
@@ -284,6 +299,8 @@ impl Rebuilder {
             rules: Arc::clone(&self.rules),
             keyring: Arc::clone(&self.keyring),
             fold: self.fold.clone(),
+            audiences: self.audiences.clone(),
+            pending_changes: Vec::new(),
             stores,
             current: Arc::clone(&self.current),
             appended: None,
@@ -389,6 +406,10 @@ struct RebuildHandler {
     rules: Arc<IdentityRules>,
     keyring: Arc<Keyring>,
     fold: FoldOptions,
+    audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
+    /// Membership changes folded but not appended yet (see the profile
+    /// worker's).
+    pending_changes: Vec<cdp_log::Record>,
     stores: ProjectionStores,
     current: Current,
     /// The batch (its next positions) whose records are appended already,
@@ -462,10 +483,22 @@ impl RebuildHandler {
             }
             Ok::<_, String>(())
         };
+        let options = match &self.audiences {
+            Some(registry) => {
+                let definitions = registry
+                    .current()
+                    .await
+                    .map_err(|e| format!("audience definitions: {e}"))?;
+                let mut options = self.fold.clone();
+                options.audiences = cdp_domain::profile::AudienceOptions::new(definitions, now);
+                std::borrow::Cow::Owned(options)
+            }
+            None => std::borrow::Cow::Borrowed(&self.fold),
+        };
         let fold = async {
             self.stores
                 .profiles
-                .apply_unsynced(&folded, &self.fold)
+                .apply_unsynced(&folded, &options)
                 .await
                 .map_err(|e| format!("profile store: {e}"))
         };
@@ -474,7 +507,29 @@ impl RebuildHandler {
             self.appended = Some(batch);
         }
         appended?;
-        folded?;
+        let applied = folded?;
+        for (customer_id, change) in applied.changes {
+            let change = cdp_pipeline::audience::MembershipChange {
+                customer_id,
+                generation: self.stores.generation,
+                change,
+            };
+            match cdp_pipeline::audience::change_record(&change) {
+                Ok(record) => self.pending_changes.push(record),
+                Err(error) => tracing::error!(%error, "an unencodable membership change"),
+            }
+        }
+        if !self.pending_changes.is_empty() {
+            let records = std::mem::take(&mut self.pending_changes);
+            if let Err(e) = self
+                .log
+                .append(cdp_pipeline::topic::AUDIENCE_CHANGES, records.clone())
+                .await
+            {
+                self.pending_changes = records;
+                return Err(format!("append to audience-changes: {e}"));
+            }
+        }
         Ok(())
     }
 }
