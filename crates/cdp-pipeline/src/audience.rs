@@ -77,14 +77,6 @@ impl DefinitionChange {
             DefinitionChange::Deleted { name, .. } => name,
         }
     }
-
-    fn version(&self) -> u64 {
-        match self {
-            DefinitionChange::TraitSaved { definition, .. } => definition.version,
-            DefinitionChange::SegmentSaved { definition, .. } => definition.version,
-            DefinitionChange::Deleted { version, .. } => *version,
-        }
-    }
 }
 
 /// The record of a definition change, keyed `trait/<name>` or
@@ -110,18 +102,28 @@ pub struct DefinitionSet {
     /// The highest version each name ever had (deleted ones too), so a
     /// name created again gets a version of its own.
     versions: BTreeMap<(DefinitionKind, String), u64>,
+    /// Names whose latest record this build cannot read (written by a
+    /// newer one): held, neither evaluated nor taken for deleted.
+    held: std::collections::BTreeSet<(DefinitionKind, String)>,
 }
 
 impl DefinitionSet {
+    /// Folds one change. A save gets the version after the highest this
+    /// name had: the records of one name are in one partition, so every
+    /// process numbers them alike, even when two writers raced.
     pub fn apply(&mut self, c: DefinitionChange) {
         let key = (c.kind(), c.name().to_owned());
+        self.held.remove(&key);
         let top = self.versions.entry(key).or_default();
-        *top = (*top).max(c.version());
         match c {
-            DefinitionChange::TraitSaved { definition, .. } => {
+            DefinitionChange::TraitSaved { mut definition, .. } => {
+                *top += 1;
+                definition.version = *top;
                 self.traits.insert(definition.name.clone(), definition);
             }
-            DefinitionChange::SegmentSaved { definition, .. } => {
+            DefinitionChange::SegmentSaved { mut definition, .. } => {
+                *top += 1;
+                definition.version = *top;
                 self.segments.insert(definition.name.clone(), definition);
             }
             DefinitionChange::Deleted { kind, name, .. } => match kind {
@@ -135,7 +137,20 @@ impl DefinitionSet {
         }
     }
 
-    /// The version the next save of `name` gets.
+    /// A record of this topic that could not be read: the name its key
+    /// gives (`trait/<name>`, `segment/<name>`) is held.
+    pub fn hold_unreadable(&mut self, key: &[u8]) {
+        let key = String::from_utf8_lossy(key);
+        let held = match key.split_once('/') {
+            Some(("trait", name)) => (DefinitionKind::Trait, name.to_owned()),
+            Some(("segment", name)) => (DefinitionKind::Segment, name.to_owned()),
+            _ => return,
+        };
+        self.held.insert(held);
+    }
+
+    /// The version the next save of `name` gets (unless another writer
+    /// saves it first).
     pub fn next_version(&self, kind: DefinitionKind, name: &str) -> u64 {
         self.versions
             .get(&(kind, name.to_owned()))
@@ -175,32 +190,38 @@ impl DefinitionSet {
     /// racing each other leave such a set).
     pub fn usable(&self) -> (Definitions, Vec<(String, DefinitionError)>) {
         let mut problems = Vec::new();
-        let traits: Vec<TraitDef> = self
-            .traits
-            .values()
-            .filter(|t| match t.check() {
-                Ok(()) => true,
+        let mut defs = Definitions::default();
+        for (kind, name) in &self.held {
+            match kind {
+                DefinitionKind::Trait => defs.held_traits.insert(name.clone()),
+                DefinitionKind::Segment => defs.held_segments.insert(name.clone()),
+            };
+        }
+        for t in self.traits.values() {
+            if defs.held_traits.contains(&t.name) {
+                continue;
+            }
+            match t.check() {
+                Ok(()) => defs.traits.push(t.clone()),
                 Err(e) => {
                     problems.push((format!("trait {}", t.name), e));
-                    false
+                    defs.held_traits.insert(t.name.clone());
                 }
-            })
-            .cloned()
-            .collect();
-        let segments = self
-            .segments
-            .values()
-            .filter_map(
-                |s| match cdp_domain::audience::Segment::compile(s.clone(), &traits) {
-                    Ok(compiled) => Some(compiled),
-                    Err(e) => {
-                        problems.push((format!("segment {}", s.name), e));
-                        None
-                    }
-                },
-            )
-            .collect();
-        (Definitions { traits, segments }, problems)
+            }
+        }
+        for s in self.segments.values() {
+            if defs.held_segments.contains(&s.name) {
+                continue;
+            }
+            match cdp_domain::audience::Segment::compile(s.clone(), &defs.traits) {
+                Ok(compiled) => defs.segments.push(compiled),
+                Err(e) => {
+                    problems.push((format!("segment {}", s.name), e));
+                    defs.held_segments.insert(s.name.clone());
+                }
+            }
+        }
+        (defs, problems)
     }
 }
 
@@ -216,23 +237,32 @@ pub struct MembershipChange {
 }
 
 /// The record of a membership change, keyed by customer. Its idempotency
-/// key names the change without its time, so a fold repeated after a
-/// crash (the same event, merge or timer again) appends it once on a log
-/// that deduplicates.
+/// key names the change without its time (an exit by the start of the
+/// membership it ends, an entry by its cause), so a fold repeated after a
+/// crash appends it once on a log that deduplicates. Entries caused by a
+/// timer or a definition change are named by their time.
 pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> {
     use cdp_domain::audience::Cause;
     let c = &m.change;
-    let cause = match &c.cause {
-        Cause::Event { event_id } => format!("event/{event_id}"),
-        Cause::Merge { absorbed } => format!("merge/{absorbed}"),
-        Cause::MergedInto { survivor } => format!("merged-into/{survivor}"),
-        Cause::Expiry => format!("expiry/{}", c.at),
-        Cause::Definition => format!("definition/{}", c.at),
+    let name = match (c.kind, c.since) {
+        // A membership ends once: its start names its exit.
+        (cdp_domain::audience::ChangeKind::Exited, Some(since)) => {
+            format!("exited/since/{since}")
+        }
+        (kind, _) => {
+            let cause = match &c.cause {
+                Cause::Event { event_id } => format!("event/{event_id}"),
+                Cause::Merge { absorbed } => format!("merge/{absorbed}"),
+                Cause::MergedInto { survivor } => format!("merged-into/{survivor}"),
+                // Entries caused by a timer or a definition change have
+                // nothing but their time to tell them apart.
+                Cause::Expiry => format!("expiry/{}", c.at),
+                Cause::Definition => format!("definition/{}", c.at),
+            };
+            format!("{kind:?}/{}/{cause}", c.version)
+        }
     };
-    let name = format!(
-        "{}/{}/{}/{}/{:?}/{cause}",
-        m.generation, m.customer_id, c.segment, c.version, c.kind
-    );
+    let name = format!("{}/{}/{}/{name}", m.generation, m.customer_id, c.segment);
     Ok(Record {
         key: crate::key::customer(m.customer_id),
         value: serde_json::to_vec(m)?,
@@ -317,6 +347,20 @@ mod tests {
         }
         assert_eq!(set.segments().count(), 0);
         assert_eq!(set.next_version(DefinitionKind::Segment, "buyers"), 3);
+        // Two writers that raced with the same version are numbered apart.
+        for _ in 0..2 {
+            set.apply(DefinitionChange::SegmentSaved {
+                definition: segment("buyers", 3, "traits.orders >= 3"),
+                at: 5,
+                by: "admin".into(),
+            });
+        }
+        assert_eq!(set.segment_def("buyers").map(|d| d.version), Some(4));
+        // A record this build cannot read holds its name.
+        set.hold_unreadable(b"segment/buyers");
+        let (defs, _) = set.usable();
+        assert!(defs.segments.is_empty());
+        assert!(defs.held_segments.contains("buyers"));
         assert_eq!(set.next_version(DefinitionKind::Trait, "orders"), 2);
         assert_eq!(set.next_version(DefinitionKind::Trait, "new"), 1);
         assert!(set.check().is_ok());
@@ -350,6 +394,7 @@ mod tests {
                     event_id: EventId(uuid::Uuid::from_u128(9)),
                 },
                 at,
+                since: None,
             },
         };
         let (a, b) = (

@@ -15,6 +15,9 @@ struct Known {
     ends: Option<Vec<u64>>,
     set: DefinitionSet,
     usable: Arc<Definitions>,
+    /// When the topic was last read successfully (none before the first
+    /// success: until then there are no definitions to give, not an
+    /// empty set, which would make every member exit).
     checked: Option<Instant>,
 }
 
@@ -40,11 +43,18 @@ impl AudienceRegistry {
         }
     }
 
-    /// The definitions a fold evaluates now.
+    /// The definitions a fold evaluates now; an error until the topic was
+    /// read once.
     pub async fn current(&self) -> Result<Arc<Definitions>, LogError> {
         let mut known = self.known.lock().await;
-        if known.checked.is_none_or(|at| at.elapsed() >= self.every) {
-            self.read(&mut known).await?;
+        if known.checked.is_none_or(|at| at.elapsed() >= self.every)
+            && let Err(e) = self.read(&mut known).await
+        {
+            // Read once already: go on with those definitions.
+            if known.checked.is_none() {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "audience definitions not read again; using the last ones");
         }
         Ok(Arc::clone(&known.usable))
     }
@@ -70,28 +80,34 @@ impl AudienceRegistry {
     }
 
     async fn read(&self, known: &mut Known) -> Result<(), LogError> {
-        known.checked = Some(Instant::now());
+        let started = Instant::now();
         let ends = self.log.end_offsets(topic::AUDIENCE_DEFINITIONS).await?;
         if known.ends.as_ref() == Some(&ends) {
+            known.checked = Some(started);
             return Ok(());
         }
         let mut set = DefinitionSet::default();
         cdp_log::scan::<LogError>(self.log.as_ref(), topic::AUDIENCE_DEFINITIONS, 512, |r| {
             match cdp_pipeline::audience::read_definition(r) {
                 Ok(change) => set.apply(change),
-                Err(error) => tracing::warn!(
-                    partition = r.partition,
-                    offset = r.offset,
-                    %error,
-                    "an unreadable audience definition record"
-                ),
+                Err(error) => {
+                    // Written by a newer build, say: its name is held (its
+                    // members stay) rather than taken for deleted.
+                    tracing::warn!(
+                        partition = r.partition,
+                        offset = r.offset,
+                        %error,
+                        "an unreadable audience definition record"
+                    );
+                    set.hold_unreadable(&r.key);
+                }
             }
             Ok(())
         })
         .await?;
         let (usable, problems) = set.usable();
         for (what, error) in problems {
-            tracing::warn!(%what, %error, "an audience definition set aside");
+            tracing::warn!(%what, field = %error.field, "an audience definition set aside");
         }
         tracing::info!(
             traits = usable.traits.len(),
@@ -101,6 +117,7 @@ impl AudienceRegistry {
         known.usable = Arc::new(usable);
         known.set = set;
         known.ends = Some(ends);
+        known.checked = Some(started);
         Ok(())
     }
 }

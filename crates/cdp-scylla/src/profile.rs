@@ -698,12 +698,19 @@ impl ProfileStore for ScyllaStore {
             // longer sees these events as new and would not index them.
             self.index(&folded.new_events, &mut indexed).await?;
             let (written, complete) = self.commit(&mut rows, &folded.writes).await?;
-            changes.extend(
-                folded
-                    .changes
-                    .into_iter()
-                    .filter(|(c, _)| written.contains(c)),
-            );
+            if !folded.changes.is_empty() {
+                // An erased customer's rows are not written: nor are its changes.
+                let keys = self
+                    .seal
+                    .obtain(folded.changes.iter().map(|(c, _)| *c))
+                    .await?;
+                changes.extend(
+                    folded
+                        .changes
+                        .into_iter()
+                        .filter(|(c, _)| written.contains(c) && !keys.erased(*c)),
+                );
+            }
             for (entry, _) in &folded.new_events {
                 let event = entry.event_id;
                 let stored = written.iter().any(|c| {

@@ -506,9 +506,19 @@ impl RebuildHandler {
         if appended.is_ok() {
             self.appended = Some(batch);
         }
+        // The changes of a fold that happened are kept before anything can
+        // fail: a retried batch finds its events folded and reports none.
+        let folded = folded.map(|applied| self.queue_changes(applied.changes));
         appended?;
-        let applied = folded?;
-        for (customer_id, change) in applied.changes {
+        folded?;
+        self.append_changes().await
+    }
+
+    fn queue_changes(
+        &mut self,
+        changes: Vec<(cdp_domain::CustomerId, cdp_domain::audience::Change)>,
+    ) {
+        for (customer_id, change) in changes {
             let change = cdp_pipeline::audience::MembershipChange {
                 customer_id,
                 generation: self.stores.generation,
@@ -519,6 +529,9 @@ impl RebuildHandler {
                 Err(error) => tracing::error!(%error, "an unencodable membership change"),
             }
         }
+    }
+
+    async fn append_changes(&mut self) -> Result<(), String> {
         if !self.pending_changes.is_empty() {
             let records = std::mem::take(&mut self.pending_changes);
             if let Err(e) = self

@@ -42,17 +42,23 @@ impl AudienceGrpc {
         set: &DefinitionSet,
         change: DefinitionChange,
     ) -> Result<(), ServiceError> {
+        // The definition itself first, so its own problem names its field.
+        if let DefinitionChange::SegmentSaved { definition, .. } = &change {
+            let traits: Vec<TraitDef> = set.traits().cloned().collect();
+            cdp_domain::audience::Segment::compile(definition.clone(), &traits).map_err(invalid)?;
+        }
+        // Then the whole set it would leave.
         let mut after = set.clone();
         after.apply(change.clone());
         if let Err(e) = after.check() {
-            return Err(match change {
-                DefinitionChange::Deleted { .. } => ServiceError::FailedPrecondition(format!(
+            return Err(ServiceError::FailedPrecondition(match change {
+                DefinitionChange::Deleted { .. } => format!(
                     "{} {} is still needed: {e}",
                     change.kind().as_str(),
                     change.name()
-                )),
-                _ => invalid(e),
-            });
+                ),
+                _ => format!("the definitions would not hold together: {e}"),
+            }));
         }
         self.registry
             .append(&change)
@@ -80,12 +86,13 @@ impl AudienceGrpc {
     }
 }
 
-/// A domain check's error as the API's: the field under `definition.`.
+/// A domain check's error on the request's definition, as the API's: the
+/// field under `definition.`, named as in the API (`value_json`).
 fn invalid(e: DefinitionError) -> ServiceError {
-    let field = e
-        .field
-        .split_once('.')
-        .map_or(e.field.as_str(), |(_, rest)| rest);
+    let field = match e.field.strip_suffix(".value") {
+        Some(condition) => format!("{condition}.value_json"),
+        None => e.field,
+    };
     ServiceError::invalid(format!("definition.{field}"), e.reason)
 }
 
@@ -155,8 +162,7 @@ pub fn trait_def(d: &v1::ComputedTrait) -> Result<TraitDef, ServiceError> {
         },
         window,
     };
-    def.check()
-        .map_err(|e| ServiceError::invalid(format!("definition.{}", e.field), e.reason))?;
+    def.check().map_err(invalid)?;
     Ok(def)
 }
 

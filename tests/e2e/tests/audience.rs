@@ -81,6 +81,37 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
         .unwrap_err();
     assert_eq!(bad_window.code(), Code::InvalidArgument);
     assert_eq!(field_of(&bad_window), "definition.window");
+    let text_threshold = analyst
+        .save_computed_trait(v1::SaveComputedTraitRequest {
+            definition: Some(v1::ComputedTrait {
+                filter: Some(v1::EventFilter {
+                    conditions: vec![v1::PropertyCondition {
+                        property: "total".into(),
+                        op: "gt".into(),
+                        value_json: "\"lots\"".into(),
+                    }],
+                    ..Default::default()
+                }),
+                ..orders_7d()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        field_of(&text_threshold),
+        "definition.filter.conditions[0].value_json"
+    );
+    let personal = analyst
+        .save_computed_trait(v1::SaveComputedTraitRequest {
+            definition: Some(v1::ComputedTrait {
+                aggregate: "last".into(),
+                property: "shipping_address".into(),
+                ..orders_7d()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&personal), "definition.property");
     let unknown_trait = analyst
         .save_segment(v1::SaveSegmentRequest {
             definition: Some(segment(

@@ -304,6 +304,16 @@ fn check_property(field: &str, property: &str) -> Result<(), DefinitionError> {
             format!("{property:?}: the names starting with $ are $type, $channel and $source"),
         ));
     }
+    let personal = crate::access::PersonalKeys::default();
+    if let Some(part) = property.split('.').find(|p| personal.is_personal(p)) {
+        return Err(err(
+            field,
+            format!(
+                "{part:?} holds personal data (an email, a phone, an address, a name...): \
+                 audiences classify customers, they do not read who they are"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -797,12 +807,18 @@ impl Computed {
     }
 
     /// Drops the events windows no longer hold at `now`, and the states of
-    /// traits no longer defined; true when something was dropped.
-    pub fn expire(&mut self, defs: &[TraitDef], now: UnixMillis) -> bool {
+    /// traits no longer defined (except `held` ones: defined, but not
+    /// usable now); true when something was dropped.
+    pub fn expire(
+        &mut self,
+        defs: &[TraitDef],
+        held: &std::collections::BTreeSet<String>,
+        now: UnixMillis,
+    ) -> bool {
         let before: usize = self.traits.values().map(|s| s.entries.len()).sum();
         let count = self.traits.len();
         self.traits
-            .retain(|name, _| defs.iter().any(|d| &d.name == name));
+            .retain(|name, _| held.contains(name) || defs.iter().any(|d| &d.name == name));
         for def in defs {
             if let (Some(w), Some(state)) = (def.window.millis(), self.traits.get_mut(&def.name)) {
                 state.entries.retain(|e| e.at.saturating_add(w) > now);

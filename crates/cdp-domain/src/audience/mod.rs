@@ -9,10 +9,11 @@
 //! - an event ([`Audience::on_event`]), folded once (the profile's applied
 //!   set decides, in the same transaction);
 //! - a window's expiry ([`Audience::on_expiry`]), at
-//!   [`Audience::next_expiry`] (the stage's durable timer);
+//!   [`Audience::next_expiry`] (nothing calls it on time yet: a window
+//!   lets its events go at the customer's next change);
 //! - a definition created, updated or deleted ([`Audience::on_definitions`]);
 //! - a merge ([`Audience::on_merge`]): the absorbed customer exits every
-//!   segment, the survivor is re-evaluated at once on the merged state;
+//!   segment, the survivor is re-evaluated at once on the merged state.
 //!
 //! The state lives in the profile (`Profile::audience`), so it is stored,
 //! sealed, erased and rebuilt with it, in the same row and transaction:
@@ -51,6 +52,13 @@ pub struct DefinitionError {
 pub struct Definitions {
     pub traits: Vec<TraitDef>,
     pub segments: Vec<Segment>,
+    /// Computed traits defined but not usable now (a record this build
+    /// cannot read, a definition that no longer checks): their states are
+    /// kept, not dropped as if deleted.
+    pub held_traits: BTreeSet<String>,
+    /// Segments defined but not usable now: their members stay members
+    /// until the definition can be read again.
+    pub held_segments: BTreeSet<String>,
 }
 
 impl Definitions {
@@ -79,6 +87,7 @@ impl Definitions {
         Ok(Definitions {
             traits,
             segments: compiled,
+            ..Definitions::default()
         })
     }
 
@@ -132,6 +141,10 @@ pub struct Change {
     pub kind: ChangeKind,
     pub cause: Cause,
     pub at: UnixMillis,
+    /// Of an exit: when the membership it ends began (a membership ends
+    /// once, so this names the exit whatever its cause and time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<UnixMillis>,
 }
 
 /// A segment a customer is a member of.
@@ -183,11 +196,11 @@ impl Audience {
     ) -> Vec<Change> {
         let results = self.evaluate(defs, view, now);
         let mut changes = Vec::new();
-        // Segments deleted since.
+        // Segments deleted since (not those held: defined, unusable now).
         let gone: Vec<String> = self
             .members
             .keys()
-            .filter(|name| !results.contains_key(*name))
+            .filter(|name| !results.contains_key(*name) && !defs.held_segments.contains(*name))
             .cloned()
             .collect();
         for name in gone {
@@ -198,6 +211,7 @@ impl Audience {
                     kind: ChangeKind::Exited,
                     cause: Cause::Definition,
                     at: now,
+                    since: Some(m.since),
                 });
             }
         }
@@ -219,17 +233,19 @@ impl Audience {
                         kind: ChangeKind::Entered,
                         cause: cause.clone(),
                         at: now,
+                        since: None,
                     });
                 }
                 (true, Some(m)) => m.version = s.def.version,
                 (false, Some(_)) => {
-                    self.members.remove(name);
+                    let since = self.members.remove(name).map(|m| m.since);
                     changes.push(Change {
                         segment: name.clone(),
                         version: s.def.version,
                         kind: ChangeKind::Exited,
                         cause: cause.clone(),
                         at: now,
+                        since,
                     });
                 }
                 (false, None) => {}
@@ -251,7 +267,7 @@ impl Audience {
         if applied {
             self.computed.fold(&defs.traits, t);
         }
-        self.computed.expire(&defs.traits, now);
+        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(
             defs,
             view,
@@ -272,7 +288,7 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, now);
+        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(defs, view, &Cause::Merge { absorbed }, now)
     }
 
@@ -283,7 +299,7 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, now);
+        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(defs, view, &Cause::Expiry, now)
     }
 
@@ -295,7 +311,7 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, now);
+        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(defs, view, &Cause::Definition, now)
     }
 
@@ -309,6 +325,7 @@ impl Audience {
                 kind: ChangeKind::Exited,
                 cause: cause.clone(),
                 at: now,
+                since: Some(m.since),
             })
             .collect()
     }

@@ -4,22 +4,23 @@
 //!
 //! - `profile`: the customer's view ([`segment_profile`]): `events_count`,
 //!   `first_seen`, `last_seen` (Unix milliseconds), `channels` (the
-//!   channels seen, a list), `preferred_channel`, `journey_stage`,
-//!   `orders_count`, `spend` (total per currency), `refunds`,
-//!   `first_order_at`, `last_order_at`, `cart_items`, `open_tickets`,
-//!   `loyalty_points`, `last_feedback_rating`, `consent` (purpose to
-//!   bool) and `traits` (the customer's own traits);
+//!   channels seen, a list), `last_seen_by_channel`, `preferred_channel`,
+//!   `journey_stage`, `orders_count`, `spend` (total per currency),
+//!   `refunds`, `first_order_at`, `last_order_at`, `cart_items`,
+//!   `open_tickets`, `loyalty_points`, `last_feedback_rating`, `consent`
+//!   (purpose to bool) and `traits` (the customer's own traits, without
+//!   the personal ones: no email, phone, address, birthday or name);
 //! - `traits`: the computed traits by name.
 //!
 //! For example `traits.orders_7d >= 1 && profile.journey_stage == "act" &&
 //! "store" in profile.channels`.
 //!
 //! A condition reads nothing else, so it changes only when the profile,
-//! a computed trait or a window's expiry changes: every segment runs in
-//! real time. Time goes into computed traits' windows, which expire on
-//! time; a condition naming anything but these two variables, or a
-//! computed trait that is not defined, is refused when it is created, with
-//! the line and column.
+//! a computed trait or a window's expiry changes, and it is evaluated at
+//! each of those (no condition is left to a batch). Time goes into
+//! computed traits' windows; a condition naming anything but these two
+//! variables, or a computed trait that is not defined, is refused when it
+//! is created, with the line and column.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
@@ -160,7 +161,8 @@ impl Segment {
             let first = errors.errors.first();
             err(first.map_or_else(
                 || "does not parse".to_owned(),
-                |e| format!("line {}, column {}: {}", e.pos.0, e.pos.1 + 1, e.msg),
+                // cel's positions count from 1 already.
+                |e| format!("line {}, column {}: {}", e.pos.0, e.pos.1, e.msg),
             ))
         })?;
         let mut problem: Option<(u64, String)> = None;
@@ -173,7 +175,7 @@ impl Segment {
                     if !bound.contains(&name.as_str()) && !VARIABLES.contains(&name.as_str()) =>
                 {
                     let hint = if matches!(name.as_str(), "now" | "today" | "time") {
-                        "; time goes into a computed trait's window, which expires on time"
+                        "; time goes into a computed trait's window (\"window\": \"7d\")"
                     } else {
                         ""
                     };
@@ -263,8 +265,17 @@ pub fn segment_profile(v: &ProfileView) -> Value {
             .map(|s| (s.currency.clone(), super::computed::number(s.total)))
             .collect()
     };
+    // The customer's own traits without the personal ones (email, phone,
+    // address, birthday, names...): a condition classifies people, it does
+    // not look them up.
+    let personal = crate::access::PersonalKeys::default();
+    let traits: serde_json::Map<String, Value> = v
+        .traits
+        .iter()
+        .filter(|(k, _)| !personal.is_personal(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     json!({
-        "customer_id": v.customer_id.to_string(),
         "events_count": v.events_count,
         "first_seen": v.first_seen,
         "last_seen": v.last_seen,
@@ -282,6 +293,6 @@ pub fn segment_profile(v: &ProfileView) -> Value {
         "loyalty_points": v.loyalty_points,
         "last_feedback_rating": v.last_feedback_rating,
         "consent": v.consent,
-        "traits": v.traits,
+        "traits": traits,
     })
 }

@@ -227,6 +227,21 @@ fn bad_trait_definitions_name_the_field() {
             def("n", Aggregate::Sum, Some("$when"), &[], "all"),
             "traits[0].property",
         ),
+        // Personal data is not for audiences.
+        (
+            def("n", Aggregate::Last, Some("shipping_address"), &[], "all"),
+            "traits[0].property",
+        ),
+        (
+            def(
+                "n",
+                Aggregate::UniqueList,
+                Some("recipients.phone"),
+                &[],
+                "all",
+            ),
+            "traits[0].property",
+        ),
     ];
     for (t, field) in cases {
         let e = Definitions::new(vec![t], vec![]).unwrap_err();
@@ -259,7 +274,9 @@ fn bad_conditions_are_refused_with_line_and_column() {
     };
     let e = refused("traits.orders_7d >= ");
     assert_eq!(e.field, "segments[0].condition");
-    assert!(e.reason.starts_with("line 1, column "), "{e}");
+    assert!(e.reason.starts_with("line 1, column 21:"), "{e}");
+    let e = refused("traits.orders_7d >= 1 )");
+    assert!(e.reason.starts_with("line 1, column 23:"), "{e}");
 
     let e = refused("traits.orders_7d >= 1 &&\n  traits.spend_30d > 0");
     assert!(e.reason.starts_with("line 2, column 3"), "{e}");
@@ -287,6 +304,46 @@ fn bad_conditions_are_refused_with_line_and_column() {
     .unwrap();
     let e = refused("");
     assert!(e.reason.contains("empty"), "{e}");
+}
+
+#[test]
+fn conditions_read_no_personal_trait_and_held_segments_keep_their_members() {
+    let defs = Definitions::new(
+        vec![],
+        vec![
+            seg("tiered", "profile.traits.tier == \"gold\""),
+            seg(
+                "probing",
+                "has(profile.traits.email) || has(profile.customer_id)",
+            ),
+        ],
+    )
+    .unwrap();
+    let options = FoldOptions::default();
+    let mut p = Profile::new(CustomerId(Uuid::from_u128(1)));
+    let mut e = view(1, T0, "P1");
+    e.personal.traits = json!({"tier": "gold", "email": "lan@shop.vn", "phone": "+84912345678"})
+        .as_object()
+        .cloned()
+        .unwrap();
+    p.apply(&e, &options);
+    let mut aud = Audience::default();
+    let changes = aud.on_event(&defs, &p.view(), &e, true, T0);
+    let entered: Vec<_> = changes.iter().map(|c| c.segment.as_str()).collect();
+    assert_eq!(entered, ["tiered"]);
+    let input = segment::segment_profile(&p.view());
+    assert!(input["traits"].get("email").is_none() && input["traits"].get("phone").is_none());
+    assert!(input.get("customer_id").is_none());
+
+    // The segment's record cannot be read now: held, its members stay.
+    let mut held = Definitions::default();
+    held.held_segments.insert("tiered".into());
+    assert!(aud.on_definitions(&held, &p.view(), T0 + 1).is_empty());
+    assert!(aud.members.contains_key("tiered"));
+    // Deleted for real: exited, with when the membership began.
+    let exits = aud.on_definitions(&Definitions::default(), &p.view(), T0 + 2);
+    assert_eq!(exits.len(), 1);
+    assert_eq!(exits[0].since, Some(T0));
 }
 
 #[test]
