@@ -1,13 +1,19 @@
 //! The audience definitions as a process knows them: the
 //! `audience-definitions` topic folded (`cdp_pipeline::audience`), read
-//! again when the topic grows, looked at no more than once per interval.
+//! again when the topic grows, looked at no more than once per interval;
+//! and what every fold with them does around the store: the options it
+//! folds with ([`fold_options`]) and the changes it appends
+//! ([`ChangeOutbox`]).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cdp_domain::audience::Definitions;
-use cdp_log::{EventLog, LogError};
-use cdp_pipeline::audience::{DefinitionChange, DefinitionSet};
+use cdp_domain::audience::{Change, Definitions};
+use cdp_domain::profile::AudienceOptions;
+use cdp_domain::{CustomerId, FoldOptions, UnixMillis};
+use cdp_log::{EventLog, LogError, Record};
+use cdp_pipeline::audience::{DefinitionChange, DefinitionSet, MembershipChange};
 use cdp_pipeline::topic;
 
 struct Known {
@@ -119,5 +125,60 @@ impl AudienceRegistry {
         known.ends = Some(ends);
         known.checked = Some(started);
         Ok(())
+    }
+}
+
+/// `base` with the definitions `registry` holds now, evaluated at `now`
+/// (`base` itself without a registry: the audience state is left alone).
+pub async fn fold_options<'a>(
+    registry: Option<&AudienceRegistry>,
+    base: &'a FoldOptions,
+    now: UnixMillis,
+) -> Result<Cow<'a, FoldOptions>, LogError> {
+    let Some(registry) = registry else {
+        return Ok(Cow::Borrowed(base));
+    };
+    let mut options = base.clone();
+    options.audiences = AudienceOptions::new(registry.current().await?, now);
+    Ok(Cow::Owned(options))
+}
+
+/// Membership changes folded but not appended yet. A fold's changes are
+/// queued before anything else can fail, and stay queued while appends
+/// fail: a retried batch finds its events folded and reports none again.
+#[derive(Debug, Default)]
+pub struct ChangeOutbox {
+    pending: Vec<Record>,
+}
+
+impl ChangeOutbox {
+    /// Queues the changes a fold of projection generation `generation` made.
+    pub fn queue(&mut self, generation: u32, changes: Vec<(CustomerId, Change)>) {
+        for (customer_id, change) in changes {
+            let change = MembershipChange {
+                customer_id,
+                generation,
+                change,
+            };
+            match cdp_pipeline::audience::change_record(&change) {
+                Ok(record) => self.pending.push(record),
+                Err(error) => tracing::error!(%error, "an unencodable membership change"),
+            }
+        }
+    }
+
+    /// Appends what is queued to `audience-changes`; kept for the next
+    /// call when the append fails. Returns how many were appended.
+    pub async fn flush(&mut self, log: &dyn EventLog) -> Result<usize, LogError> {
+        if self.pending.is_empty() {
+            return Ok(0);
+        }
+        let records = std::mem::take(&mut self.pending);
+        let count = records.len();
+        if let Err(e) = log.append(topic::AUDIENCE_CHANGES, records.clone()).await {
+            self.pending = records;
+            return Err(e);
+        }
+        Ok(count)
     }
 }

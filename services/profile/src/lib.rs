@@ -31,10 +31,8 @@ pub struct ProfileWorker {
     /// The audience definitions folded along with the profiles (none: the
     /// audience state is left as it is).
     audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
-    /// Membership changes folded but not appended yet (an append failed):
-    /// appended before anything else, since a retried batch finds its
-    /// events folded already and would not report them again.
-    pending_changes: Vec<cdp_log::Record>,
+    /// Membership changes folded but not appended yet.
+    outbox: cdp_runtime::audiences::ChangeOutbox,
 }
 
 /// How often records of a generation that is not active yet make a worker
@@ -59,7 +57,7 @@ impl ProfileWorker {
             unsynced: None,
             not_active_yet: None,
             audiences: None,
-            pending_changes: Vec::new(),
+            outbox: Default::default(),
         }
     }
 
@@ -163,48 +161,23 @@ impl BatchHandler for ProfileWorker {
         {
             self.sync().await?;
         }
-        let options = match &self.audiences {
-            Some(registry) => {
-                let definitions = registry
-                    .current()
-                    .await
-                    .map_err(|e| Retry(format!("audience definitions: {e}")))?;
-                let mut options = self.options.clone();
-                options.audiences = cdp_domain::profile::AudienceOptions::new(definitions, now);
-                std::borrow::Cow::Owned(options)
-            }
-            None => std::borrow::Cow::Borrowed(&self.options),
-        };
+        let options =
+            cdp_runtime::audiences::fold_options(self.audiences.as_deref(), &self.options, now)
+                .await
+                .map_err(|e| Retry(format!("audience definitions: {e}")))?;
         let applied = stores
             .profiles
             .apply_unsynced(&batch, &options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
-        for (customer_id, change) in applied.changes {
-            let change = cdp_pipeline::audience::MembershipChange {
-                customer_id,
-                generation: stores.generation,
-                change,
-            };
-            match cdp_pipeline::audience::change_record(&change) {
-                Ok(record) => self.pending_changes.push(record),
-                Err(error) => tracing::error!(%error, "an unencodable membership change"),
-            }
-        }
-        if !self.pending_changes.is_empty() {
-            let records = std::mem::take(&mut self.pending_changes);
-            if let Err(error) = self
-                .log
-                .append(topic::AUDIENCE_CHANGES, records.clone())
-                .await
-            {
-                self.pending_changes = records;
-                return Err(Retry(format!(
-                    "append to {}: {error}",
-                    topic::AUDIENCE_CHANGES
-                )));
-            }
-            tracing::debug!(changes = records.len(), "membership changes appended");
+        self.outbox.queue(stores.generation, applied.changes);
+        let appended = self
+            .outbox
+            .flush(self.log.as_ref())
+            .await
+            .map_err(|e| Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES)))?;
+        if appended > 0 {
+            tracing::debug!(changes = appended, "membership changes appended");
         }
         self.unsynced = Some((stores.generation, Arc::clone(&stores.profiles)));
         if applied.new_events < batch.len() {

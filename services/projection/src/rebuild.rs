@@ -300,7 +300,7 @@ impl Rebuilder {
             keyring: Arc::clone(&self.keyring),
             fold: self.fold.clone(),
             audiences: self.audiences.clone(),
-            pending_changes: Vec::new(),
+            outbox: Default::default(),
             stores,
             current: Arc::clone(&self.current),
             appended: None,
@@ -407,9 +407,8 @@ struct RebuildHandler {
     keyring: Arc<Keyring>,
     fold: FoldOptions,
     audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
-    /// Membership changes folded but not appended yet (see the profile
-    /// worker's).
-    pending_changes: Vec<cdp_log::Record>,
+    /// Membership changes folded but not appended yet.
+    outbox: cdp_runtime::audiences::ChangeOutbox,
     stores: ProjectionStores,
     current: Current,
     /// The batch (its next positions) whose records are appended already,
@@ -483,18 +482,10 @@ impl RebuildHandler {
             }
             Ok::<_, String>(())
         };
-        let options = match &self.audiences {
-            Some(registry) => {
-                let definitions = registry
-                    .current()
-                    .await
-                    .map_err(|e| format!("audience definitions: {e}"))?;
-                let mut options = self.fold.clone();
-                options.audiences = cdp_domain::profile::AudienceOptions::new(definitions, now);
-                std::borrow::Cow::Owned(options)
-            }
-            None => std::borrow::Cow::Borrowed(&self.fold),
-        };
+        let options =
+            cdp_runtime::audiences::fold_options(self.audiences.as_deref(), &self.fold, now)
+                .await
+                .map_err(|e| format!("audience definitions: {e}"))?;
         let fold = async {
             self.stores
                 .profiles
@@ -508,41 +499,14 @@ impl RebuildHandler {
         }
         // The changes of a fold that happened are kept before anything can
         // fail: a retried batch finds its events folded and reports none.
-        let folded = folded.map(|applied| self.queue_changes(applied.changes));
+        let folded =
+            folded.map(|applied| self.outbox.queue(self.stores.generation, applied.changes));
         appended?;
         folded?;
-        self.append_changes().await
-    }
-
-    fn queue_changes(
-        &mut self,
-        changes: Vec<(cdp_domain::CustomerId, cdp_domain::audience::Change)>,
-    ) {
-        for (customer_id, change) in changes {
-            let change = cdp_pipeline::audience::MembershipChange {
-                customer_id,
-                generation: self.stores.generation,
-                change,
-            };
-            match cdp_pipeline::audience::change_record(&change) {
-                Ok(record) => self.pending_changes.push(record),
-                Err(error) => tracing::error!(%error, "an unencodable membership change"),
-            }
-        }
-    }
-
-    async fn append_changes(&mut self) -> Result<(), String> {
-        if !self.pending_changes.is_empty() {
-            let records = std::mem::take(&mut self.pending_changes);
-            if let Err(e) = self
-                .log
-                .append(cdp_pipeline::topic::AUDIENCE_CHANGES, records.clone())
-                .await
-            {
-                self.pending_changes = records;
-                return Err(format!("append to audience-changes: {e}"));
-            }
-        }
+        self.outbox
+            .flush(self.log.as_ref())
+            .await
+            .map_err(|e| format!("append to audience-changes: {e}"))?;
         Ok(())
     }
 }

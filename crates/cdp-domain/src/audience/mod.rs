@@ -185,8 +185,9 @@ impl Audience {
             .collect()
     }
 
-    /// Brings the memberships in line with the definitions, the view and
-    /// the computed traits at `now`.
+    /// Drops what windows no longer hold at `now`, then brings the
+    /// memberships in line with the definitions, the view and the computed
+    /// traits.
     fn reconcile(
         &mut self,
         defs: &Definitions,
@@ -194,6 +195,7 @@ impl Audience {
         cause: &Cause,
         now: UnixMillis,
     ) -> Vec<Change> {
+        self.computed.expire(&defs.traits, &defs.held_traits, now);
         let results = self.evaluate(defs, view, now);
         let mut changes = Vec::new();
         // Segments deleted since (not those held: defined, unusable now).
@@ -267,7 +269,6 @@ impl Audience {
         if applied {
             self.computed.fold(&defs.traits, t);
         }
-        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(
             defs,
             view,
@@ -288,7 +289,6 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(defs, view, &Cause::Merge { absorbed }, now)
     }
 
@@ -299,7 +299,6 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(defs, view, &Cause::Expiry, now)
     }
 
@@ -311,7 +310,6 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, &defs.held_traits, now);
         self.reconcile(defs, view, &Cause::Definition, now)
     }
 
