@@ -707,6 +707,56 @@ impl CdpProcess {
     pub async fn profiles(&self) -> ProfileServiceClient<Authed> {
         ProfileServiceClient::new(self.query_channel().await)
     }
+
+    /// Starts a rebuild of every event into a new generation and waits
+    /// until it is activated (`activate`), or has caught up when it does
+    /// not activate; returns the generation.
+    pub async fn rebuild_until(&self, activate: bool) -> u32 {
+        use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
+        use cdp_proto::v1::rebuild_status::State;
+        let mut projections = ProjectionServiceClient::new(self.projection_channel().await);
+        let done = if activate {
+            State::Activated
+        } else {
+            State::CaughtUp
+        };
+        let started = projections
+            .start_rebuild(v1::StartRebuildRequest {
+                activate,
+                generation: 0,
+            })
+            .await
+            .unwrap_or_else(|s| panic!("StartRebuild failed: {s}"))
+            .into_inner();
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = projections
+                .get_rebuild(v1::GetRebuildRequest {
+                    generation: started.generation,
+                })
+                .await
+                .unwrap_or_else(|s| panic!("GetRebuild failed: {s}"))
+                .into_inner();
+            match status.state() {
+                state if state == done => {
+                    assert!(status.records_done >= status.records_total.min(1));
+                    return status.generation;
+                }
+                State::Running => {}
+                other => panic!(
+                    "the rebuild ended {other:?}: {}\n{}",
+                    status.error,
+                    self.log()
+                ),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rebuild did not finish in 120 s: {status:?}\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Drop for CdpProcess {

@@ -263,7 +263,7 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
 
     // A rebuild folds the definitions too: the new generation has the
     // same memberships.
-    let generation = rebuild_and_switch(&cdp).await;
+    let generation = cdp.rebuild_until(true).await;
     assert!(generation > 1);
     let mut profiles = cdp.profiles().await;
     for (kind, value) in [
@@ -277,44 +277,5 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
         })
         .await;
         assert_eq!(segments(&p), ["omni", "store_buyers"], "{kind} {value}");
-    }
-}
-
-/// Starts a rebuild that activates its generation, and waits until it has.
-async fn rebuild_and_switch(cdp: &CdpProcess) -> u32 {
-    use v1::projection_service_client::ProjectionServiceClient;
-    use v1::rebuild_status::State;
-    let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
-    let started = projections
-        .start_rebuild(v1::StartRebuildRequest {
-            activate: true,
-            generation: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = projections
-            .get_rebuild(v1::GetRebuildRequest {
-                generation: started.generation,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        match status.state() {
-            State::Activated => return status.generation,
-            State::Running => {}
-            other => panic!(
-                "the rebuild ended {other:?}: {}\n{}",
-                status.error,
-                cdp.log()
-            ),
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the rebuild took over 120 s: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

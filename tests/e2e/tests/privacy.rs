@@ -673,38 +673,6 @@ async fn the_log_holds_no_personal_data_in_clear() {
     );
 }
 
-/// Waits until a rebuild of every event has activated its generation.
-async fn rebuild(cdp: &CdpProcess) {
-    use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
-    use cdp_proto::v1::rebuild_status::State;
-    let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
-    let started = projections
-        .start_rebuild(v1::StartRebuildRequest {
-            activate: true,
-            generation: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = projections
-            .get_rebuild(v1::GetRebuildRequest {
-                generation: started.generation,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        match status.state() {
-            State::Activated => return,
-            State::Running => {}
-            other => panic!("the rebuild ended {other:?}: {}", status.error),
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{status:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The right to erasure, end to end: a customer found by a phone typed
 /// the national way, and the customer merged into it, are erased; their
 /// views, search entries and exports are gone, the log's records of them
@@ -1017,7 +985,7 @@ async fn erasure_shreds_the_log_removes_the_views_and_suppresses_the_identifiers
 
     // A rebuild from the log honours the erasure: the same view for the
     // other customer, none for the erased one.
-    rebuild(&cdp).await;
+    cdp.rebuild_until(true).await;
     let kept_after = profile_when(&mut profiles, id("email", &kept), PATIENCE, |p| {
         cdp_e2e::metrics(p).events_count == 2
     })
@@ -1159,7 +1127,7 @@ async fn the_master_key_rotates_without_downtime() {
         cdp_e2e::metrics(p).events_count == 2
     })
     .await;
-    rebuild(&cdp).await;
+    cdp.rebuild_until(true).await;
     let p = profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
         cdp_e2e::metrics(p).events_count == 2
     })

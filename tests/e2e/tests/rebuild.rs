@@ -7,17 +7,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cdp_domain::journey::{self, JourneyConfig};
-use cdp_e2e::Authed;
 use cdp_e2e::{CdpProcess, expect_reference, now_ms, reference_of, to_api};
 use cdp_proto::v1::projection_service_client::ProjectionServiceClient;
-use cdp_proto::v1::rebuild_status::State;
 use cdp_proto::v1::{
-    CompareGenerationsRequest, DropGenerationRequest, GetProfileRequest, GetRebuildRequest,
-    Identifier, ListGenerationsRequest, StartRebuildRequest, TrackBatchRequest,
-    get_profile_request::Lookup,
+    CompareGenerationsRequest, DropGenerationRequest, GetProfileRequest, Identifier,
+    ListGenerationsRequest, TrackBatchRequest, get_profile_request::Lookup,
 };
 
 fn lookup(id: Identifier) -> GetProfileRequest {
@@ -25,64 +22,6 @@ fn lookup(id: Identifier) -> GetProfileRequest {
         lookup: Some(Lookup::Identifier(id)),
         timeline_limit: 5,
         as_of: None,
-    }
-}
-
-/// Starts a rebuild that activates its generation, and waits until it has.
-async fn rebuild_and_switch(
-    projections: &mut ProjectionServiceClient<Authed>,
-    cdp: &CdpProcess,
-) -> u32 {
-    rebuild_until(projections, cdp, true).await
-}
-
-/// Starts a rebuild (activating its generation or not) and waits until it
-/// is activated, or has caught up when it does not activate.
-async fn rebuild_until(
-    projections: &mut ProjectionServiceClient<Authed>,
-    cdp: &CdpProcess,
-    activate: bool,
-) -> u32 {
-    let done = if activate {
-        State::Activated
-    } else {
-        State::CaughtUp
-    };
-    let started = projections
-        .start_rebuild(StartRebuildRequest {
-            activate,
-            generation: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let status = projections
-            .get_rebuild(GetRebuildRequest {
-                generation: started.generation,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        match status.state() {
-            state if state == done => {
-                assert!(status.records_done >= status.records_total.min(1));
-                return status.generation;
-            }
-            State::Running => {}
-            other => panic!(
-                "the rebuild ended {other:?}: {}\n{}",
-                status.error,
-                cdp.log()
-            ),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the rebuild did not finish in 120 s: {status:?}\n{}",
-            cdp.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -160,7 +99,7 @@ async fn a_rebuild_while_events_arrive_switches_to_the_same_views() {
     };
     let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
     let before = answered.load(Ordering::SeqCst);
-    let generation = rebuild_and_switch(&mut projections, &cdp).await;
+    let generation = cdp.rebuild_until(true).await;
     assert_eq!(generation, 2);
     let during_rebuild = answered.load(Ordering::SeqCst) - before;
     done.store(true, Ordering::SeqCst);
@@ -479,7 +418,7 @@ async fn a_shadow_rule_set_reports_who_would_split_before_it_is_activated() {
     .await
     .unwrap_or_else(|e| panic!("the active view after the restart: {e}\n{}", cdp.log()));
     let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
-    let shadow = rebuild_until(&mut projections, &cdp, false).await;
+    let shadow = cdp.rebuild_until(false).await;
     let report = projections
         .compare_generations(CompareGenerationsRequest {
             candidate: shadow,
