@@ -217,6 +217,10 @@ pub struct PipelineConfig {
     /// How long the generation a switch retired is kept before it may be
     /// dropped without `force`, in seconds.
     pub drop_grace_secs: u64,
+    /// How often a profile process looks for audience timers that are due
+    /// (windowed computed traits letting events go), in ms; 0 turns the
+    /// timers off (memberships then change at each customer's next event).
+    pub audience_timer_ms: u64,
 }
 
 impl PipelineConfig {
@@ -245,6 +249,7 @@ impl Default for PipelineConfig {
             profile_workers: 1,
             activation_max_lag: 1_000,
             drop_grace_secs: 600,
+            audience_timer_ms: 1_000,
         }
     }
 }

@@ -204,7 +204,7 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         (
             "cdp.v1.AudienceService",
             "SaveComputedTrait" | "SaveSegment" | "DeleteDefinition" | "ListDefinitions"
-            | "ValidateSegment",
+            | "ValidateSegment" | "ListChanges",
         ) => P::Audiences,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
@@ -257,6 +257,7 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.AudienceService/DeleteDefinition",
     "/cdp.v1.AudienceService/ListDefinitions",
     "/cdp.v1.AudienceService/ValidateSegment",
+    "/cdp.v1.AudienceService/ListChanges",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

@@ -240,7 +240,8 @@ pub struct MembershipChange {
 /// key names the change without its time (an exit by the start of the
 /// membership it ends, an entry by its cause), so a fold repeated after a
 /// crash appends it once on a log that deduplicates. Entries caused by a
-/// timer or a definition change are named by their time.
+/// timer are named by the instant it was due at, those caused by a
+/// definition change by their time.
 pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> {
     use cdp_domain::audience::Cause;
     let c = &m.change;
@@ -254,9 +255,10 @@ pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> 
                 Cause::Event { event_id } => format!("event/{event_id}"),
                 Cause::Merge { absorbed } => format!("merge/{absorbed}"),
                 Cause::MergedInto { survivor } => format!("merged-into/{survivor}"),
-                // Entries caused by a timer or a definition change have
-                // nothing but their time to tell them apart.
-                Cause::Expiry => format!("expiry/{}", c.at),
+                // A timer is named by the instant it was due at; an
+                // entry caused by a definition change has nothing but its
+                // time to tell it apart.
+                Cause::Expiry { due } => format!("expiry/{due}"),
                 Cause::Definition => format!("definition/{}", c.at),
             };
             format!("{kind:?}/{}/{cause}", c.version)

@@ -19,6 +19,15 @@ pub use cdp_config as config;
 pub use cdp_config::{ConfigError, PlatformConfig};
 pub use error::{ErrorCode, ServiceError};
 
+/// Where a worker reads the time (ms since the Unix epoch): the system
+/// clock in a process ([`system_clock`]), one moved by hand in tests.
+pub type Clock = std::sync::Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// [`now_ms`] as a [`Clock`].
+pub fn system_clock() -> Clock {
+    std::sync::Arc::new(now_ms)
+}
+
 /// Milliseconds since the Unix epoch, by the system clock.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

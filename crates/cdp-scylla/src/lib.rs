@@ -196,6 +196,9 @@ pub(crate) struct Statements {
     pub timeline_range: PreparedStatement,
     pub search_put: PreparedStatement,
     pub search_range: PreparedStatement,
+    pub due_put: PreparedStatement,
+    pub due_delete: PreparedStatement,
+    pub due_range: PreparedStatement,
     pub idempotency_get: PreparedStatement,
     pub idempotency_put: PreparedStatement,
 }
@@ -466,6 +469,18 @@ impl Statements {
             search_range: read(format!(
                 "SELECT term, customer FROM {ks}.search WHERE bucket = ? \
                  AND term >= ? AND term < ? LIMIT ?"
+            ))
+            .await?,
+            due_put: write(format!(
+                "INSERT INTO {ks}.audience_due (shard, due, customer) VALUES (?, ?, ?)"
+            ))
+            .await?,
+            due_delete: write(format!(
+                "DELETE FROM {ks}.audience_due WHERE shard = ? AND due = ? AND customer = ?"
+            ))
+            .await?,
+            due_range: read(format!(
+                "SELECT due, customer FROM {ks}.audience_due WHERE shard = ? AND due <= ? LIMIT ?"
             ))
             .await?,
         })

@@ -28,6 +28,51 @@ const MAX_ATTEMPTS: u32 = 100;
 /// Rounds of fetching missing rows for one event.
 const MAX_FETCH_ROUNDS: usize = 4 * MAX_REDIRECTS;
 
+/// Partitions of the audience timers: a timer scan reads each one from
+/// its start (the earliest due first).
+pub(crate) const DUE_SHARDS: u128 = 16;
+
+/// The partition of `customer`'s audience timer.
+pub(crate) fn due_shard(customer: CustomerId) -> i32 {
+    // Below 16: fits.
+    (customer.0.as_u128() % DUE_SHARDS) as i32
+}
+
+/// The audience timer of a row.
+fn due_of(slot: &ProfileSlot) -> Option<i64> {
+    match slot {
+        ProfileSlot::Live(p) => p.audience.due,
+        ProfileSlot::MergedInto(_) => None,
+    }
+}
+
+/// One row as an expiry sees it: loaded once, saved in memory.
+struct OneRow {
+    customer: CustomerId,
+    slot: ProfileSlot,
+    saved: bool,
+}
+
+impl ProfileAccess for OneRow {
+    type Error = StoreError;
+
+    fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, StoreError> {
+        Ok((customer == self.customer).then(|| self.slot.clone()))
+    }
+
+    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
+        if customer != self.customer {
+            return Err(StoreError::Storage(format!(
+                "an audience timer of {} saved another row ({customer})",
+                self.customer
+            )));
+        }
+        self.slot = slot.clone();
+        self.saved = true;
+        Ok(())
+    }
+}
+
 /// What a profile row holds.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Entry {
@@ -284,6 +329,53 @@ fn contains_event(entry: &Entry, event: EventId) -> bool {
 }
 
 impl ScyllaStore {
+    /// Runs one audience timer (see [`ProfileStore::expire_audiences`]):
+    /// the changes it made.
+    async fn expire_one(
+        &self,
+        at: i64,
+        customer: CustomerId,
+        options: &FoldOptions,
+    ) -> Result<Vec<cdp_domain::audience::Change>, StoreError> {
+        let drop_entry =
+            || self.write(&self.st().due_delete, (due_shard(customer), at, customer.0));
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(stored) = self.fetch_profile(customer).await? else {
+                drop_entry().await?;
+                return Ok(Vec::new());
+            };
+            let mut row = OneRow {
+                customer,
+                slot: stored.entry.slot.clone(),
+                saved: false,
+            };
+            let changes = cdp_domain::profile::expire_audience(&mut row, customer, options)?;
+            if row.saved {
+                let entry = Entry {
+                    slot: row.slot.clone(),
+                    pending: stored.entry.pending.clone(),
+                    fresh: false,
+                };
+                if self
+                    .put_profile(customer, &entry, Some(&stored))
+                    .await?
+                    .is_none()
+                {
+                    // Written meanwhile: read again.
+                    tokio::time::sleep(Duration::from_millis(1) + jitter(20)).await;
+                    continue;
+                }
+            }
+            if due_of(&row.slot) != Some(at) {
+                drop_entry().await?;
+            }
+            return Ok(changes);
+        }
+        Err(StoreError::Storage(format!(
+            "the audience timer of {customer} kept conflicting with other writers"
+        )))
+    }
+
     pub(crate) async fn fetch_profile(
         &self,
         customer: CustomerId,
@@ -503,6 +595,18 @@ impl ScyllaStore {
             )?)?),
             None => None,
         };
+        // The row's new timer is filed before the row (a row never waits
+        // on a missing entry); its old one is removed once the row moved on
+        // (an entry left by a failed write fires once, finds nothing due,
+        // and is dropped).
+        let (before, after) = (
+            stored.and_then(|s| due_of(&s.entry.slot)),
+            due_of(&entry.slot),
+        );
+        if let Some(at) = after.filter(|_| before != after) {
+            self.write(&self.st().due_put, (due_shard(customer), at, customer.0))
+                .await?;
+        }
         let (outcome, version) = match stored {
             None => (
                 self.lwt(&self.st().profile_insert, (customer.0, slot, pending))
@@ -515,6 +619,10 @@ impl ScyllaStore {
                 (self.lwt(&self.st().profile_update, values).await?, version)
             }
         };
+        if let (Lwt::Applied, Some(at)) = (&outcome, before.filter(|_| before != after)) {
+            self.write(&self.st().due_delete, (due_shard(customer), at, customer.0))
+                .await?;
+        }
         match outcome {
             Lwt::Applied => Ok(Some(Stored {
                 version,
@@ -758,6 +866,65 @@ impl ProfileStore for ScyllaStore {
 
     /// The profile row with a conditional delete (its writes are
     /// conditional), the timeline as one partition, each search entry.
+    async fn due_audiences(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, CustomerId)>, StoreError> {
+        let per_shard = i32::try_from(limit).unwrap_or(i32::MAX);
+        let shards: Vec<Vec<(i64, CustomerId)>> = stream::iter(0..DUE_SHARDS as i32)
+            .map(|shard| async move {
+                let rows = self
+                    .session()
+                    .execute_unpaged(&self.st().due_range, (shard, now, per_shard))
+                    .await
+                    .map_err(exec_error)?
+                    .into_rows_result()
+                    .map_err(storage)?;
+                rows.rows::<(i64, uuid::Uuid)>()
+                    .map_err(storage)?
+                    .map(|r| r.map(|(at, c)| (at, CustomerId(c))).map_err(storage))
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })
+            .buffer_unordered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut due: Vec<(i64, CustomerId)> = shards.into_iter().flatten().collect();
+        due.sort_unstable();
+        due.truncate(limit);
+        Ok(due)
+    }
+
+    async fn expire_audiences(
+        &self,
+        due: &[(i64, CustomerId)],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        if options.audiences.definitions.is_none() {
+            return Ok(Applied::default());
+        }
+        let fired: Vec<(CustomerId, Vec<cdp_domain::audience::Change>)> =
+            stream::iter(due.iter().copied())
+                .map(|(at, c)| async move {
+                    Ok::<_, StoreError>((c, self.expire_one(at, c, options).await?))
+                })
+                .buffered(WRITE_CONCURRENCY)
+                .try_collect()
+                .await?;
+        let mut applied = Applied::default();
+        for (c, changes) in fired {
+            if !changes.is_empty() {
+                applied.customers.push(c);
+                applied
+                    .changes
+                    .extend(changes.into_iter().map(|ch| (c, ch)));
+            }
+        }
+        applied.customers.sort();
+        applied.customers.dedup();
+        Ok(applied)
+    }
+
     async fn erase_views(
         &self,
         customers: &[CustomerId],

@@ -78,6 +78,17 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
          wrapped blob, erased_at bigint, request text) WITH gc_grace_seconds = 3600",
         ],
     },
+    Migration {
+        version: 5,
+        name: "audience timers: live profiles by the instant their audience state is due",
+        statements: &[
+            // (shard of the customer, due, customer): see `profile::due_shard`.
+            // Written before the profile row that is due then, removed after
+            // the row moved on, so a row never waits on a missing entry.
+            "CREATE TABLE IF NOT EXISTS {ks}.audience_due (shard int, due bigint, \
+         customer uuid, PRIMARY KEY ((shard), due, customer))",
+        ],
+    },
 ];
 
 /// The tables holding data, emptied by `truncate` (not the lease nor the
@@ -89,6 +100,7 @@ pub(crate) const DATA_TABLES: &[&str] = &[
     "profiles",
     "timeline",
     "search",
+    "audience_due",
 ];
 
 /// Keyspace names go into CQL text: allow only what CQL allows unquoted.

@@ -344,6 +344,22 @@ impl ProfileStore for RoundRobin {
         Ok(())
     }
 
+    async fn due_audiences(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, CustomerId)>, StoreError> {
+        self.pick().due_audiences(now, limit).await
+    }
+
+    async fn expire_audiences(
+        &self,
+        due: &[(i64, CustomerId)],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        self.pick().expire_audiences(due, options).await
+    }
+
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         self.pick().row(customer).await
     }

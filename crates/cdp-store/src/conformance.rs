@@ -60,6 +60,7 @@ macro_rules! store_test_suite {
             identity_is_sealed_under_customer_keys(sealed_graph),
             unsynced_folds_are_visible_then_synced(profiles_ref),
             profiles_fold_audiences(profiles_ref),
+            audience_timers_fire_on_time_and_once(profiles_ref),
             generations_switch_and_drop(generations));
     };
     (@arg identity_ref, $f:expr) => { &*$f.identity() };
@@ -562,6 +563,188 @@ pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
         .unwrap_or_else(|e| panic!("{e}"))
         .unwrap_or_else(|| panic!("no profile for {c1}"));
     assert_eq!(profile.audience.members.len(), 2);
+}
+
+/// Audience timers: a row is due when its window lets an event go, found
+/// by `due_audiences` then and not before, expired once; its timer moves
+/// with merges, and an entry left by an erased row is dropped.
+pub async fn audience_timers_fire_on_time_and_once(store: &dyn ProfileStore, prefix: &str) {
+    use cdp_domain::audience::{
+        Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
+    };
+    use cdp_domain::identity::{Merge, MergeCause};
+    use cdp_domain::profile::AudienceOptions;
+
+    const DAY: i64 = 86_400_000;
+    // Far from the instants of the other cases (a shared table may hold
+    // their timers): only this case's customers are looked at.
+    const T: i64 = 4_000_000_000_000;
+    let defs = Arc::new(
+        Definitions::new(
+            vec![TraitDef {
+                name: "orders_7d".into(),
+                version: 1,
+                aggregate: Aggregate::Count,
+                property: None,
+                filter: EventFilter {
+                    types: vec!["order_completed".into()],
+                    ..EventFilter::default()
+                },
+                window: "7d".parse().unwrap_or_default(),
+            }],
+            vec![SegmentDef {
+                name: "buyers".into(),
+                version: 1,
+                condition: "traits.orders_7d >= 1".into(),
+                description: String::new(),
+            }],
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let at = |now: i64| FoldOptions {
+        audiences: AudienceOptions::new(Arc::clone(&defs), now),
+        ..FoldOptions::default()
+    };
+    let customer = |who: &str| {
+        CustomerId(Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{prefix}-{who}").as_bytes(),
+        ))
+    };
+    let [buyer, erased, loser, survivor] = ["buyer", "erased", "loser", "survivor"].map(customer);
+    let ours = [buyer, erased, loser, survivor];
+    let due = |now: i64| async move {
+        let mut mine: Vec<(i64, CustomerId)> = store
+            .due_audiences(now, 100_000)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .filter(|(_, c)| ours.contains(c))
+            .collect();
+        mine.sort();
+        mine
+    };
+    let order = |n: u64, when: i64, who: &str| {
+        event(
+            prefix,
+            n,
+            when,
+            EventType::OrderCompleted,
+            &[email(prefix, who)],
+            json!({"order_id": format!("{prefix}-o{n}"), "total": 100_000}),
+        )
+    };
+    let batch = vec![
+        resolved(buyer, order(1, T, "buyer")),
+        resolved(erased, order(2, T, "erased")),
+        resolved(loser, order(3, T + DAY, "loser")),
+    ];
+    let applied = store
+        .apply(&batch, &at(T + 1_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(applied.changes.len(), 3, "{:?}", applied.changes);
+    assert_eq!(due(T + 7 * DAY - 1).await, []);
+    let mut want = vec![(T + 7 * DAY, buyer), (T + 7 * DAY, erased)];
+    want.sort();
+    assert_eq!(due(T + 7 * DAY).await, want);
+
+    // A merge moves the loser's timer to the survivor.
+    let carrier = event(
+        prefix,
+        4,
+        T + 2 * DAY,
+        EventType::PageViewed,
+        &[email(prefix, "survivor")],
+        json!({}),
+    );
+    let merge = ResolvedTouchpoint {
+        customer_id: survivor,
+        merges: vec![Merge {
+            loser,
+            survivor,
+            at: T + 2 * DAY,
+            cause: MergeCause {
+                event_id: carrier.envelope.event_id,
+                identifier: Identifier::new(IdKind::Email, email(prefix, "survivor").1),
+                rule: "email".into(),
+            },
+        }],
+        touchpoint: carrier,
+    };
+    store
+        .apply(&[merge], &at(T + 2 * DAY))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // An erased row leaves its entry behind.
+    store
+        .erase_views(&[erased], &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let mut want = vec![
+        (T + 7 * DAY, buyer),
+        (T + 7 * DAY, erased),
+        (T + 8 * DAY, survivor),
+    ];
+    want.sort();
+    assert_eq!(due(T + 30 * DAY).await, want);
+
+    // Without definitions a timer does nothing, and keeps its entries.
+    let blind = store
+        .expire_audiences(&want, &FoldOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(blind, crate::Applied::default());
+    assert_eq!(due(T + 30 * DAY).await, want);
+
+    // On time: the buyer exits, named by the instant it was due at; the
+    // erased row's entry is dropped; the survivor is not due yet.
+    let now = T + 7 * DAY;
+    let fired = store
+        .expire_audiences(&due(now).await, &at(now))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let changes: Vec<_> = fired
+        .changes
+        .iter()
+        .map(|(c, ch)| (*c, ch.segment.as_str(), ch.kind, ch.cause.clone()))
+        .collect();
+    assert_eq!(
+        changes,
+        [(
+            buyer,
+            "buyers",
+            ChangeKind::Exited,
+            Cause::Expiry { due: T + 7 * DAY }
+        )]
+    );
+    assert_eq!(fired.customers, [buyer]);
+    assert_eq!(due(T + 30 * DAY).await, [(T + 8 * DAY, survivor)]);
+    let profile = store
+        .profile(buyer)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no profile for {buyer}"));
+    assert!(profile.audience.members.is_empty());
+    assert_eq!(profile.audience.due, None);
+
+    // A timer run again (a crash before its changes were appended, say)
+    // finds nothing more to do.
+    let again = store
+        .expire_audiences(&[(T + 7 * DAY, buyer)], &at(now + 1_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(again.changes.is_empty(), "{:?}", again.changes);
+
+    let now = T + 8 * DAY;
+    let fired = store
+        .expire_audiences(&due(now).await, &at(now))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(fired.customers, [survivor]);
+    assert_eq!(due(T + 365 * DAY).await, []);
+    store.sync().await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Folding, idempotent re-delivery, merges with redirects, and the timeline.

@@ -55,6 +55,11 @@ const SEARCH: TableDefinition<(&str, u128), ()> = TableDefinition::new("search")
 /// (customer id, occurred_at, event id) -> TimelineEntry (JSON, sealed
 /// under the customer's key).
 const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new("timeline");
+/// (due, customer id) -> (): the audience timers, one per live profile
+/// whose state is due (`Audience::due`), written with the profile row. An
+/// entry that no longer stands for its row (the row erased, say) is
+/// dropped by the timer that finds it.
+const AUDIENCE_DUE: TableDefinition<(i64, u128), ()> = TableDefinition::new("audience_due");
 
 /// A write transaction that saves the allocator state with its commit
 /// (redb's quick repair): after a crash the file opens at once instead of
@@ -113,6 +118,7 @@ fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreErr
         tx.open_table(PROFILES).map_err(storage)?;
         tx.open_table(TIMELINE).map_err(storage)?;
         tx.open_table(SEARCH).map_err(storage)?;
+        tx.open_table(AUDIENCE_DUE).map_err(storage)?;
     }
     tx.commit().map_err(storage)
 }
@@ -666,6 +672,10 @@ impl IdentityStore for EmbeddedStore {
 /// and run again with them).
 struct TxProfiles<'t, 'k> {
     profiles: Table<'t, u128, &'static [u8]>,
+    /// The audience timers, moved with the rows written.
+    due: Table<'t, (i64, u128), ()>,
+    /// Each row's timer as first read in this transaction.
+    due_before: std::collections::HashMap<CustomerId, Option<i64>>,
     keys: &'k ViewKeys,
     missing: std::collections::BTreeSet<CustomerId>,
     /// The search terms of each live profile as the current event's fold
@@ -678,8 +688,40 @@ struct TxProfiles<'t, 'k> {
     slots: std::collections::HashMap<CustomerId, (Option<ProfileSlot>, bool)>,
 }
 
-impl TxProfiles<'_, '_> {
-    /// Writes every slot saved in this transaction.
+/// The audience timer of a row.
+fn due_of(slot: Option<&ProfileSlot>) -> Option<i64> {
+    match slot {
+        Some(ProfileSlot::Live(p)) => p.audience.due,
+        _ => None,
+    }
+}
+
+impl<'t> TxProfiles<'t, '_> {
+    fn open(
+        tx: &'t redb::WriteTransaction,
+        keys: &'t ViewKeys,
+    ) -> Result<TxProfiles<'t, 't>, StoreError> {
+        Ok(TxProfiles {
+            profiles: tx.open_table(PROFILES).map_err(storage)?,
+            due: tx.open_table(AUDIENCE_DUE).map_err(storage)?,
+            due_before: std::collections::HashMap::new(),
+            keys,
+            missing: Unfetched::new(),
+            terms_before: std::collections::HashMap::new(),
+            slots: std::collections::HashMap::new(),
+        })
+    }
+
+    /// The audience timer of `customer`'s row as this transaction has it
+    /// (`None` for a row it did not read).
+    fn due_now(&self, customer: CustomerId) -> Option<i64> {
+        self.slots
+            .get(&customer)
+            .and_then(|(slot, _)| due_of(slot.as_ref()))
+    }
+
+    /// Writes every slot saved in this transaction, and moves the audience
+    /// timers of the rows written.
     fn write_back(&mut self) -> Result<(), StoreError> {
         for (customer, (slot, dirty)) in &self.slots {
             let (Some(slot), true) = (slot, dirty) else {
@@ -690,6 +732,16 @@ impl TxProfiles<'_, '_> {
                     self.profiles
                         .insert(key(*customer), bytes.as_slice())
                         .map_err(storage)?;
+                    let before = self.due_before.get(customer).copied().flatten();
+                    let after = due_of(Some(slot));
+                    if before != after {
+                        if let Some(at) = before {
+                            self.due.remove((at, key(*customer))).map_err(storage)?;
+                        }
+                        if let Some(at) = after {
+                            self.due.insert((at, key(*customer)), ()).map_err(storage)?;
+                        }
+                    }
                 }
                 // An erased customer's views are not made again.
                 ToWrite::Erased => {}
@@ -721,6 +773,7 @@ impl ProfileAccess for TxProfiles<'_, '_> {
                     },
                 };
                 self.slots.insert(customer, (slot.clone(), false));
+                self.due_before.insert(customer, due_of(slot.as_ref()));
                 slot
             }
         };
@@ -780,16 +833,33 @@ impl EmbeddedStore {
     ) -> Result<Applied, StoreError> {
         let batch = Arc::new(batch.to_vec());
         let options = Arc::new(options.clone());
-        let mut keys = self.seal.obtain(batch_customers(&batch)).await?;
+        let customers = batch_customers(&batch);
+        self.with_keys(customers, durable, move |db, keys| {
+            Self::fold_tx(db, &batch, &options, keys, durable)
+        })
+        .await
+    }
+
+    /// Runs `tx` with the keys of `customers`, and again with the keys of
+    /// the customers it met but had not fetched.
+    async fn with_keys(
+        &self,
+        customers: std::collections::BTreeSet<CustomerId>,
+        durable: bool,
+        tx: impl Fn(&Database, &ViewKeys) -> Result<Result<Applied, Unfetched>, StoreError>
+        + Send
+        + Sync
+        + 'static,
+    ) -> Result<Applied, StoreError> {
+        let tx = Arc::new(tx);
+        let mut keys = self.seal.obtain(customers).await?;
         for _ in 0..KEY_ROUNDS {
             if durable {
                 // The keys before the rows sealed with them.
                 self.seal.flush().await?;
             }
-            let (b, o, k) = (Arc::clone(&batch), Arc::clone(&options), keys.clone());
-            let outcome = self
-                .on_views(move |db| Self::fold_tx(db, &b, &o, &k, durable))
-                .await?;
+            let (run, k) = (Arc::clone(&tx), keys.clone());
+            let outcome = self.on_views(move |db| run(db, &k)).await?;
             match outcome {
                 Ok(applied) => return Ok(applied),
                 Err(unfetched) => self.seal.obtain_missing(&mut keys, unfetched).await?,
@@ -798,6 +868,47 @@ impl EmbeddedStore {
         Err(StoreError::Storage(format!(
             "a fold kept meeting customers whose keys it had not fetched, after {KEY_ROUNDS} rounds"
         )))
+    }
+
+    /// One transaction of audience timers (see
+    /// [`ProfileStore::expire_audiences`]).
+    fn expire_tx(
+        db: &Database,
+        due: &[(i64, CustomerId)],
+        options: &FoldOptions,
+        keys: &ViewKeys,
+    ) -> Result<Result<Applied, Unfetched>, StoreError> {
+        let mut tx = begin_write(db)?;
+        tx.set_durability(Durability::None).map_err(storage)?;
+        let mut applied = Applied::default();
+        {
+            let mut access = TxProfiles::open(&tx, keys)?;
+            for (_, customer) in due {
+                let changes =
+                    cdp_domain::profile::expire_audience(&mut access, *customer, options)?;
+                if !changes.is_empty() && !keys.erased(*customer) {
+                    applied.customers.push(*customer);
+                    applied
+                        .changes
+                        .extend(changes.into_iter().map(|c| (*customer, c)));
+                }
+            }
+            access.write_back()?;
+            if !access.missing.is_empty() {
+                return Ok(Err(access.missing));
+            }
+            // Entries that no longer stand for their row: the row's timer
+            // moved (written above), or there is no live row.
+            for (at, customer) in due {
+                if access.due_now(*customer) != Some(*at) {
+                    access.due.remove((*at, key(*customer))).map_err(storage)?;
+                }
+            }
+        }
+        tx.commit().map_err(storage)?;
+        applied.customers.sort();
+        applied.customers.dedup();
+        Ok(Ok(applied))
     }
 
     fn fold_tx(
@@ -816,13 +927,7 @@ impl EmbeddedStore {
         .map_err(storage)?;
         let mut applied = Applied::default();
         {
-            let mut access = TxProfiles {
-                profiles: tx.open_table(PROFILES).map_err(storage)?,
-                keys,
-                missing: Unfetched::new(),
-                terms_before: std::collections::HashMap::new(),
-                slots: std::collections::HashMap::new(),
-            };
+            let mut access = TxProfiles::open(&tx, keys)?;
             let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
             let mut search = tx.open_table(SEARCH).map_err(storage)?;
             // Search entries of the terms new to their customer.
@@ -910,6 +1015,45 @@ impl ProfileStore for EmbeddedStore {
             let mut tx = begin_write(db)?;
             tx.set_durability(Durability::Immediate).map_err(storage)?;
             tx.commit().map_err(storage)
+        })
+        .await
+    }
+
+    async fn due_audiences(
+        &self,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<(i64, CustomerId)>, StoreError> {
+        self.on_views(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let table = tx.open_table(AUDIENCE_DUE).map_err(storage)?;
+            let mut out = Vec::new();
+            for entry in table.range(..=(now, u128::MAX)).map_err(storage)? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, _) = entry.map_err(storage)?;
+                let (at, customer) = k.value();
+                out.push((at, CustomerId(uuid::Uuid::from_u128(customer))));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn expire_audiences(
+        &self,
+        due: &[(i64, CustomerId)],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError> {
+        if due.is_empty() || options.audiences.definitions.is_none() {
+            return Ok(Applied::default());
+        }
+        let due = Arc::new(due.to_vec());
+        let options = Arc::new(options.clone());
+        let customers = due.iter().map(|(_, c)| *c).collect();
+        self.with_keys(customers, false, move |db, keys| {
+            Self::expire_tx(db, &due, &options, keys)
         })
         .await
     }

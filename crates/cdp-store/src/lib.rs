@@ -236,6 +236,33 @@ pub trait ProfileStore: Send + Sync + 'static {
         Ok(())
     }
 
+    /// The audience timers due at or before `now`, earliest first, at most
+    /// `limit`: `(due, customer)` of each live profile whose
+    /// `Audience::due` has come (see [`expire_audiences`](Self::expire_audiences)).
+    /// May hold entries that no longer stand for their row (a crash
+    /// between writes, an erased row): expiring drops those.
+    async fn due_audiences(
+        &self,
+        now: cdp_domain::UnixMillis,
+        limit: usize,
+    ) -> Result<Vec<(cdp_domain::UnixMillis, CustomerId)>, StoreError>;
+
+    /// Runs the audience timers `due` (from
+    /// [`due_audiences`](Self::due_audiences)): each customer's live row is
+    /// re-evaluated at `options.audiences.now` (`profile::expire_audience`:
+    /// expired window entries dropped, memberships brought in line), written
+    /// when it changed with its timer moved; an entry that no longer
+    /// stands for its row is dropped. Returns the membership changes and
+    /// the customers whose view changed. Without definitions in `options`
+    /// it does nothing. Visible at once; durable after the next
+    /// [`sync`](Self::sync) where [`apply_unsynced`](Self::apply_unsynced)
+    /// is, so a caller appends the changes before it syncs.
+    async fn expire_audiences(
+        &self,
+        due: &[(cdp_domain::UnixMillis, CustomerId)],
+        options: &FoldOptions,
+    ) -> Result<Applied, StoreError>;
+
     /// The row stored under `customer`, as it is (no redirect followed).
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError>;
 

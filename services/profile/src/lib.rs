@@ -1,6 +1,9 @@
 //! The profile worker: consumes the resolved topic and folds each event
 //! (and the merges that came with it) into the profile store of the
-//! active projection generation.
+//! active projection generation; the audience timers ([`timer`]) run
+//! beside them.
+
+pub mod timer;
 
 use std::sync::Arc;
 
@@ -33,6 +36,8 @@ pub struct ProfileWorker {
     audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
     /// Membership changes folded but not appended yet.
     outbox: cdp_runtime::audiences::ChangeOutbox,
+    /// The time audiences are evaluated at.
+    clock: cdp_runtime::Clock,
 }
 
 /// How often records of a generation that is not active yet make a worker
@@ -58,7 +63,14 @@ impl ProfileWorker {
             not_active_yet: None,
             audiences: None,
             outbox: Default::default(),
+            clock: cdp_runtime::system_clock(),
         }
+    }
+
+    /// Reads the time from `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: cdp_runtime::Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Folds audiences with these definitions and appends the membership
@@ -123,7 +135,7 @@ impl BatchHandler for ProfileWorker {
             self.not_active_yet = (active < newest).then(|| (newest, std::time::Instant::now()));
         }
         let stores = self.live.current();
-        let now = cdp_runtime::now_ms();
+        let now = (self.clock)();
         let mut batch: Vec<ResolvedTouchpoint> = Vec::with_capacity(records.len());
         let mut out = Outputs::default();
         let mut other_generation = 0usize;
@@ -241,6 +253,20 @@ pub async fn install(
         .with_audiences(Arc::clone(&ctx.audiences))
         .run(membership, options, cancel)
     });
+    let every = ctx.config.pipeline.audience_timer_ms;
+    if every > 0 {
+        let timer = timer::AudienceTimer::new(
+            Arc::clone(&ctx.backends.log),
+            Arc::clone(&ctx.backends.live),
+            ctx.config.fold_options(),
+            Arc::clone(&ctx.audiences),
+            ctx.changes.clone(),
+        )
+        .announce_on_log(on_log);
+        parts
+            .tasks
+            .spawn(timer.run(std::time::Duration::from_millis(every), ctx.cancel.clone()));
+    }
     Ok(())
 }
 
@@ -440,6 +466,159 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_window_lets_its_event_go_on_time_and_the_exit_is_appended_once() {
+        use std::sync::atomic::{AtomicI64, Ordering};
+
+        use cdp_domain::audience::{
+            Aggregate, Cause, ChangeKind, EventFilter, SegmentDef, TraitDef,
+        };
+        use cdp_pipeline::audience::{DefinitionChange, read_change};
+        use cdp_runtime::audiences::AudienceRegistry;
+
+        const WEEK: i64 = 7 * 86_400_000;
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 1).unwrap());
+        let generations = Arc::new(EmbeddedGenerations::open(&dir.path().join("store")).unwrap());
+        let live = live_on(generations.clone()).await;
+        let keys = keyring(dir.path()).await;
+        let registry = Arc::new(AudienceRegistry::new(
+            Arc::clone(&log),
+            std::time::Duration::ZERO,
+        ));
+        registry
+            .append(&DefinitionChange::TraitSaved {
+                definition: TraitDef {
+                    name: "orders_7d".into(),
+                    version: 1,
+                    aggregate: Aggregate::Count,
+                    property: None,
+                    filter: EventFilter {
+                        types: vec!["order_completed".into()],
+                        ..EventFilter::default()
+                    },
+                    window: "7d".parse().unwrap(),
+                },
+                at: 1,
+                by: "test".into(),
+            })
+            .await
+            .unwrap();
+        registry
+            .append(&DefinitionChange::SegmentSaved {
+                definition: SegmentDef {
+                    name: "buyers_7d".into(),
+                    version: 1,
+                    condition: "traits.orders_7d >= 1".into(),
+                    description: String::new(),
+                },
+                at: 2,
+                by: "test".into(),
+            })
+            .await
+            .unwrap();
+        // The time, moved by hand.
+        let time = Arc::new(AtomicI64::new(2_000));
+        let clock: cdp_runtime::Clock = {
+            let time = Arc::clone(&time);
+            Arc::new(move || time.load(Ordering::SeqCst))
+        };
+        let mut worker = ProfileWorker::new(
+            Arc::clone(&log),
+            Arc::clone(&live),
+            FoldOptions::default(),
+            ProfileChanges::default(),
+            keys.clone(),
+        )
+        .with_audiences(Arc::clone(&registry))
+        .with_clock(Arc::clone(&clock));
+        let customer = CustomerId(Uuid::from_u128(42));
+        // An order at 1001.
+        let order =
+            vec![resolved_record(&keys, customer, event(1, EventType::OrderCompleted), 1, 0).await];
+        worker.handle(&order).await.unwrap();
+        worker.sync().await.unwrap();
+        let changes = ProfileChanges::default();
+        let mut announced = changes.subscribe();
+        let timer = |clock: &cdp_runtime::Clock| {
+            timer::AudienceTimer::new(
+                Arc::clone(&log),
+                Arc::clone(&live),
+                FoldOptions::default(),
+                Arc::clone(&registry),
+                changes.clone(),
+            )
+            .with_clock(Arc::clone(clock))
+        };
+        let mut first = timer(&clock);
+
+        // Not before the week is over, to the millisecond.
+        time.store(1_001 + WEEK - 1, Ordering::SeqCst);
+        let round = first.round().await.unwrap();
+        assert_eq!(round, timer::Round::default());
+        time.store(1_001 + WEEK, Ordering::SeqCst);
+        let round = first.round().await.unwrap();
+        assert_eq!(
+            round,
+            timer::Round {
+                due: 1,
+                appended: 1
+            }
+        );
+        assert_eq!(announced.recv().await.unwrap(), customer);
+
+        // Fired once: neither this timer nor one started afresh (a
+        // restart) fires it again.
+        time.store(1_001 + 2 * WEEK, Ordering::SeqCst);
+        assert_eq!(first.round().await.unwrap(), timer::Round::default());
+        assert_eq!(
+            timer(&clock).round().await.unwrap(),
+            timer::Round::default()
+        );
+
+        let appended = log.read(topic::AUDIENCE_CHANGES, 0, 0, 10).await.unwrap();
+        let kinds: Vec<_> = appended
+            .iter()
+            .map(|r| {
+                let c = read_change(r).unwrap();
+                (c.customer_id, c.change.kind, c.change.cause)
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (
+                    customer,
+                    ChangeKind::Entered,
+                    Cause::Event {
+                        event_id: EventId(Uuid::from_u128(1))
+                    }
+                ),
+                (
+                    customer,
+                    ChangeKind::Exited,
+                    Cause::Expiry { due: 1_001 + WEEK }
+                ),
+            ]
+        );
+        let profile = live
+            .current()
+            .profiles
+            .profile(customer)
+            .await
+            .unwrap()
+            .expect("a folded profile");
+        assert!(profile.audience.members.is_empty());
+        assert_eq!(
+            profile
+                .audience
+                .computed
+                .values(&registry.current().await.unwrap().traits, 1_001 + WEEK)["orders_7d"],
+            serde_json::json!(0)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_active_generations_records_are_folded_and_announced() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 1).unwrap());
@@ -527,6 +706,21 @@ mod tests {
         async fn sync(&self) -> Result<(), StoreError> {
             self.saw("sync");
             Ok(())
+        }
+        async fn due_audiences(
+            &self,
+            _: i64,
+            _: usize,
+        ) -> Result<Vec<(i64, CustomerId)>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn expire_audiences(
+            &self,
+            _: &[(i64, CustomerId)],
+            _: &FoldOptions,
+        ) -> Result<Applied, StoreError> {
+            self.saw("expire");
+            Ok(Applied::default())
         }
         async fn row(&self, _: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
             Ok(None)

@@ -1,7 +1,9 @@
 //! `AudienceService`: computed traits and segments saved, deleted, listed
 //! and checked. A change is checked against the definitions the log holds
 //! (`AudienceRegistry::latest`), appended to `audience-definitions`, and
-//! audited; the profile workers pick it up within a second.
+//! audited; the profile workers pick it up within a second. The
+//! membership changes the workers append are listed from the
+//! `audience-changes` topic.
 
 use std::sync::Arc;
 
@@ -20,11 +22,28 @@ use tonic::{Request, Response, Status};
 pub struct AudienceGrpc {
     registry: Arc<AudienceRegistry>,
     access: Arc<Access>,
+    log: Arc<dyn cdp_log::EventLog>,
+    live: Arc<cdp_store::LiveStores>,
 }
 
+/// Records of `audience-changes` one `ListChanges` page reads at most.
+const CHANGES_SCAN: usize = 10_000;
+/// Records read from one partition at once.
+const CHANGES_READ: usize = 512;
+
 impl AudienceGrpc {
-    pub fn new(registry: Arc<AudienceRegistry>, access: Arc<Access>) -> Self {
-        AudienceGrpc { registry, access }
+    pub fn new(
+        registry: Arc<AudienceRegistry>,
+        access: Arc<Access>,
+        log: Arc<dyn cdp_log::EventLog>,
+        live: Arc<cdp_store::LiveStores>,
+    ) -> Self {
+        AudienceGrpc {
+            registry,
+            access,
+            log,
+            live,
+        }
     }
 
     async fn latest(&self) -> Result<DefinitionSet, ServiceError> {
@@ -83,6 +102,57 @@ impl AudienceGrpc {
             "audience definition changed"
         );
         Ok(())
+    }
+}
+
+/// Where a `ListChanges` page starts: the next offset of each partition,
+/// `.`-separated (empty: every partition from its start).
+fn parse_cursor(cursor: &str, partitions: usize) -> Result<Vec<u64>, ServiceError> {
+    if cursor.trim().is_empty() {
+        return Ok(vec![0; partitions]);
+    }
+    let bad = || {
+        ServiceError::invalid(
+            "cursor",
+            format!("{cursor:?} is not a cursor from a ListChanges response of this topic"),
+        )
+    };
+    let offsets: Vec<u64> = cursor
+        .split('.')
+        .map(|o| o.parse::<u64>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    if offsets.len() != partitions {
+        return Err(bad());
+    }
+    Ok(offsets)
+}
+
+fn change_proto(m: cdp_pipeline::audience::MembershipChange) -> v1::MembershipChange {
+    use cdp_domain::audience::{Cause, ChangeKind};
+    use cdp_proto::convert::millis_to_timestamp;
+    let c = m.change;
+    let (cause, event, customer) = match c.cause {
+        Cause::Event { event_id } => ("event", event_id.to_string(), String::new()),
+        Cause::Merge { absorbed } => ("merge", String::new(), absorbed.to_string()),
+        Cause::MergedInto { survivor } => ("merged_into", String::new(), survivor.to_string()),
+        Cause::Expiry { .. } => ("expiry", String::new(), String::new()),
+        Cause::Definition => ("definition", String::new(), String::new()),
+    };
+    v1::MembershipChange {
+        customer_id: m.customer_id.to_string(),
+        segment: c.segment,
+        version: c.version,
+        kind: match c.kind {
+            ChangeKind::Entered => "entered",
+            ChangeKind::Exited => "exited",
+        }
+        .into(),
+        cause: cause.into(),
+        cause_event_id: event,
+        cause_customer_id: customer,
+        at: Some(millis_to_timestamp(c.at)),
+        since: c.since.map(millis_to_timestamp),
+        generation: m.generation,
     }
 }
 
@@ -320,6 +390,102 @@ impl AudienceService for AudienceGrpc {
         Ok(Response::new(v1::ListDefinitionsResponse {
             traits: set.traits().map(trait_proto).collect(),
             segments: set.segments().map(segment_proto).collect(),
+        }))
+    }
+
+    async fn list_changes(
+        &self,
+        request: Request<v1::ListChangesRequest>,
+    ) -> Result<Response<v1::ListChangesResponse>, Status> {
+        use cdp_pipeline::topic::AUDIENCE_CHANGES;
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            n => {
+                return Err(
+                    ServiceError::invalid("limit", format!("{n} is more than 1000")).into(),
+                );
+            }
+        };
+        let customer = match r.customer_id.trim() {
+            "" => None,
+            c => Some(c.parse::<uuid::Uuid>().map_err(|e| {
+                ServiceError::invalid("customer_id", format!("is not a customer id: {e}"))
+            })?),
+        };
+        let segment = r.segment.trim();
+        let unavailable =
+            |e: cdp_log::LogError| ServiceError::Unavailable(format!("{AUDIENCE_CHANGES}: {e}"));
+        let ends = self
+            .log
+            .end_offsets(AUDIENCE_CHANGES)
+            .await
+            .map_err(unavailable)?;
+        let mut next = parse_cursor(&r.cursor, ends.len())?;
+        let generation =
+            match r.generation {
+                // The pointer itself: a switch this process has not picked up
+                // yet is listed already.
+                0 => self.live.refresh().await.map_err(|e| {
+                    ServiceError::Unavailable(format!("projection generation: {e}"))
+                })?,
+                g => g,
+            };
+        let mut changes = Vec::new();
+        let mut budget = CHANGES_SCAN;
+        'partitions: for (partition, end) in ends.iter().enumerate() {
+            let p = u32::try_from(partition).unwrap_or(u32::MAX);
+            while next[partition] < *end {
+                if changes.len() >= limit || budget == 0 {
+                    break 'partitions;
+                }
+                let records = self
+                    .log
+                    .read(
+                        AUDIENCE_CHANGES,
+                        p,
+                        next[partition],
+                        budget.min(CHANGES_READ),
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                if records.is_empty() {
+                    break;
+                }
+                for record in records {
+                    budget = budget.saturating_sub(1);
+                    next[partition] = record.offset + 1;
+                    let m = match cdp_pipeline::audience::read_change(&record) {
+                        Ok(m) => m,
+                        Err(error) => {
+                            tracing::warn!(partition, offset = record.offset, %error, "an unreadable membership change");
+                            continue;
+                        }
+                    };
+                    if m.generation != generation
+                        || (!segment.is_empty() && m.change.segment != segment)
+                        || customer.is_some_and(|c| m.customer_id.0 != c)
+                    {
+                        continue;
+                    }
+                    changes.push(change_proto(m));
+                    if changes.len() >= limit || budget == 0 {
+                        break 'partitions;
+                    }
+                }
+            }
+        }
+        let at_end = next.iter().zip(&ends).all(|(n, e)| n >= e);
+        let next_cursor = next
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(".");
+        Ok(Response::new(v1::ListChangesResponse {
+            changes,
+            next_cursor,
+            at_end,
         }))
     }
 

@@ -95,6 +95,8 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         .add_service(AudienceServiceServer::new(AudienceGrpc::new(
             Arc::clone(&ctx.audiences),
             Arc::clone(&ctx.access),
+            Arc::clone(&ctx.backends.log),
+            Arc::clone(&ctx.backends.live),
         )));
     Ok(())
 }

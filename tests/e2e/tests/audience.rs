@@ -1,14 +1,17 @@
 //! Audiences end to end, on the back end of `CDP_E2E_BACKEND`: an analyst
 //! defines computed traits and segments over gRPC, events come in through
-//! ingest, and the customer's memberships show in `GetProfile`, through a
-//! store purchase, through a merge of two half-qualifying customers, and
-//! after a restart.
+//! ingest, and the customer's memberships show in `GetProfile` and in the
+//! change records (`ListChanges`): through a store purchase, through a merge
+//! of two half-qualifying customers (one `Entered`), when a 7-day window
+//! lets a purchase go (no event needed), and after a restart and a rebuild
+//! (no `Entered` twice).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use cdp_e2e::{
-    ADMIN_KEY, AGENT_KEY, ANALYST_KEY, CdpProcess, id, mobile, profile_when, touchpoint, unique,
+    ADMIN_KEY, AGENT_KEY, ANALYST_KEY, CdpProcess, id, mobile, now_ms, profile_when, touchpoint,
+    unique,
 };
 use cdp_proto::v1::audience_service_client::AudienceServiceClient;
 use cdp_proto::v1::{self, CustomerProfile};
@@ -48,6 +51,41 @@ fn segment(name: &str, condition: &str) -> v1::Segment {
 
 fn segments(p: &CustomerProfile) -> Vec<&str> {
     p.segments.iter().map(|s| s.segment.as_str()).collect()
+}
+
+/// Every membership change of the active generation, for `customer`
+/// (empty: everyone's), paged to the end.
+async fn changes(cdp: &CdpProcess, customer: &str) -> Vec<v1::MembershipChange> {
+    let mut client = audiences(cdp, ANALYST_KEY).await;
+    let mut all = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client
+            .list_changes(v1::ListChangesRequest {
+                customer_id: customer.into(),
+                cursor: cursor.clone(),
+                limit: 50,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.changes);
+        if page.at_end {
+            return all;
+        }
+        cursor = page.next_cursor;
+    }
+}
+
+/// `(segment, kind, cause)` of each change, sorted.
+fn summary(changes: &[v1::MembershipChange]) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = changes
+        .iter()
+        .map(|c| (c.segment.clone(), c.kind.clone(), c.cause.clone()))
+        .collect();
+    v.sort();
+    v
 }
 
 fn field_of(status: &tonic::Status) -> String {
@@ -174,6 +212,22 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     names.sort_unstable();
     assert_eq!(names, ["omni", "store_buyers"]);
 
+    // A store purchase of almost a week ago: its customer enters now, and
+    // leaves when the 7-day window lets the purchase go, with no event.
+    const WEEK: i64 = 7 * 86_400_000;
+    let aged = format!("0{}", mobile());
+    let mut aged_order = touchpoint(
+        "Order Completed",
+        "store",
+        "pos-q1",
+        vec![id("phone", &aged)],
+        json!({"order_id": unique("POS-"), "total": 150000, "currency": "VND"}),
+    );
+    // The window ends 25 s from now.
+    let bought_at = now_ms() - WEEK + 25_000;
+    aged_order.occurred_at = Some(cdp_proto::convert::millis_to_timestamp(bought_at));
+    cdp.track(aged_order).await;
+
     // A customer enters through a store purchase.
     let phone = format!("0{}", mobile());
     cdp.track(touchpoint(
@@ -199,6 +253,11 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     .await;
     assert_eq!(segments(&p), ["omni", "store_buyers"]);
     assert_eq!(p.segments[0].version, 1);
+    let entered = |segment: &str| (segment.to_owned(), "entered".to_owned(), "event".to_owned());
+    assert_eq!(
+        summary(&changes(&cdp, &p.customer_id).await),
+        [entered("omni"), entered("store_buyers")]
+    );
 
     // Two half-qualifying customers: one ordered on the web, the other
     // visited a store; merged, they make one member.
@@ -240,6 +299,42 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     })
     .await;
     assert_eq!(segments(&merged), ["omni", "store_buyers"]);
+    // One `Entered` per segment, caused by the merge; the absorbed
+    // customer, a member of nothing, exits nothing.
+    let merge = |segment: &str| (segment.to_owned(), "entered".to_owned(), "merge".to_owned());
+    let survivor = changes(&cdp, &merged.customer_id).await;
+    assert_eq!(summary(&survivor), [merge("omni"), merge("store_buyers")]);
+    let absorbed = &survivor[0].cause_customer_id;
+    assert!([&web.customer_id, &store.customer_id].contains(&absorbed));
+    assert!(changes(&cdp, absorbed).await.is_empty());
+
+    // The aged purchase: in, then out when its window ended.
+    let aged_profile = profile_when(&mut profiles, id("phone", &aged), PATIENCE, |p| {
+        p.metrics.as_ref().is_some_and(|m| m.orders_count == 1)
+    })
+    .await;
+    let gone = profile_when(&mut profiles, id("phone", &aged), PATIENCE, |p| {
+        p.segments.is_empty() && now_ms() >= bought_at + WEEK
+    })
+    .await;
+    assert_eq!(gone.customer_id, aged_profile.customer_id);
+    let aged_changes = changes(&cdp, &gone.customer_id).await;
+    let expired = |segment: &str| (segment.to_owned(), "exited".to_owned(), "expiry".to_owned());
+    let mut want = vec![
+        entered("omni"),
+        entered("store_buyers"),
+        expired("omni"),
+        expired("store_buyers"),
+    ];
+    want.sort();
+    assert_eq!(summary(&aged_changes), want);
+    for exit in aged_changes.iter().filter(|c| c.kind == "exited") {
+        let at = cdp_proto::convert::timestamp_to_millis(exit.at.as_ref().unwrap());
+        assert!(
+            at >= bought_at + WEEK,
+            "exited at {at}, before the window ended"
+        );
+    }
 
     // Memberships are kept with the profile, and the definitions in the
     // log: after a restart both are there, and new events are evaluated.
@@ -278,4 +373,18 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
         .await;
         assert_eq!(segments(&p), ["omni", "store_buyers"], "{kind} {value}");
     }
+    // The new generation's records: one `Entered` per member and segment,
+    // none twice; the aged purchase, folded after its window, enters
+    // nothing.
+    let all = changes(&cdp, "").await;
+    assert!(all.iter().all(|c| c.generation == generation));
+    let mut entries: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|c| c.kind == "entered")
+        .map(|c| (c.customer_id.as_str(), c.segment.as_str()))
+        .collect();
+    assert_eq!(entries.len(), 6, "{all:?}");
+    entries.sort_unstable();
+    entries.dedup();
+    assert_eq!(entries.len(), 6, "an Entered twice: {all:?}");
 }

@@ -8,9 +8,10 @@
 //!
 //! - an event ([`Audience::on_event`]), folded once (the profile's applied
 //!   set decides, in the same transaction);
-//! - a window's expiry ([`Audience::on_expiry`]), at
-//!   [`Audience::next_expiry`] (nothing calls it on time yet: a window
-//!   lets its events go at the customer's next change);
+//! - a window's expiry ([`Audience::on_expiry`]), at [`Audience::due`]:
+//!   every re-evaluation sets it, and a store indexes customers by it so a
+//!   timer finds the ones due (a window lets its events go on time, not
+//!   at the customer's next event);
 //! - a definition created, updated or deleted ([`Audience::on_definitions`]);
 //! - a merge ([`Audience::on_merge`]): the absorbed customer exits every
 //!   segment, the survivor is re-evaluated at once on the merged state.
@@ -126,8 +127,14 @@ pub enum Cause {
     MergedInto {
         survivor: CustomerId,
     },
-    /// A computed trait's window let an event go.
-    Expiry,
+    /// A computed trait's window let an event go: the timer of the
+    /// customer's state that was due at `due` (what names the change: a
+    /// timer run again after a crash finds the same state and makes the
+    /// same changes).
+    Expiry {
+        #[serde(default)]
+        due: UnixMillis,
+    },
     /// A definition was created, updated or deleted.
     Definition,
 }
@@ -161,12 +168,17 @@ pub struct Audience {
     pub computed: Computed,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub members: BTreeMap<String, Member>,
+    /// When a windowed trait next lets an event go under the definitions
+    /// of the last re-evaluation (`None`: never on its own). Set by every
+    /// re-evaluation; what a store indexes its timers by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<UnixMillis>,
 }
 
 impl Audience {
     /// No computed trait and no membership: nothing to keep.
     pub fn is_empty(&self) -> bool {
-        self.computed.is_empty() && self.members.is_empty()
+        self.computed.is_empty() && self.members.is_empty() && self.due.is_none()
     }
 
     /// The segments a customer described by `view` and this state belongs
@@ -253,6 +265,7 @@ impl Audience {
                 (false, None) => {}
             }
         }
+        self.due = self.computed.next_expiry(&defs.traits);
         changes
     }
 
@@ -299,7 +312,8 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.reconcile(defs, view, &Cause::Expiry, now)
+        let due = self.due.unwrap_or(now);
+        self.reconcile(defs, view, &Cause::Expiry { due }, now)
     }
 
     /// After definitions changed (the computed traits of an updated
@@ -315,6 +329,7 @@ impl Audience {
 
     /// Leaves every segment.
     pub fn exit_all(&mut self, cause: &Cause, now: UnixMillis) -> Vec<Change> {
+        self.due = None;
         std::mem::take(&mut self.members)
             .into_iter()
             .map(|(segment, m)| Change {

@@ -536,15 +536,22 @@ fn a_customer_enters_through_a_store_purchase_and_exits_when_the_window_expires(
     // The 7-day window lets the purchase go at exactly T0 + 7 days.
     let expiry = shop.audience(c).next_expiry(&defs).unwrap();
     assert_eq!(expiry, T0 + 7 * DAY);
+    // What a store indexes the customer's timer by.
+    assert_eq!(shop.audience(c).due, Some(expiry));
     assert!(shop.expire(c, expiry - 1).is_empty());
     let exits = shop.expire(c, expiry);
     assert_eq!(exits.len(), 1);
     assert_eq!(
         (exits[0].segment.as_str(), exits[0].kind, &exits[0].cause),
-        ("store_buyers", ChangeKind::Exited, &Cause::Expiry)
+        (
+            "store_buyers",
+            ChangeKind::Exited,
+            &Cause::Expiry { due: expiry }
+        )
     );
     // The 30-day and 90-day windows still hold it.
     assert_eq!(shop.audience(c).next_expiry(&defs), Some(T0 + 30 * DAY));
+    assert_eq!(shop.audience(c).due, Some(T0 + 30 * DAY));
 }
 
 #[test]
@@ -592,7 +599,9 @@ fn a_merge_of_two_half_qualifying_customers_makes_one_member_with_one_entered() 
     assert_eq!(at, T0 + 7 * DAY);
     let exits = shop.expire(a, at);
     assert_eq!(exits.len(), 1);
-    assert_eq!(exits[0].cause, Cause::Expiry);
+    assert_eq!(exits[0].cause, Cause::Expiry { due: at });
+    assert_eq!(shop.audience(a).due, shop.audience(a).next_expiry(&defs));
+    assert!(shop.audience(a).due > Some(at), "the next window's turn");
     assert!(shop.expire(b, at).is_empty(), "merged away");
 }
 
@@ -903,6 +912,8 @@ proptest! {
             prop_assert_eq!(&have.computed.values(&defs.traits, now), &want.traits);
             let members: BTreeSet<String> = have.members.keys().cloned().collect();
             prop_assert_eq!(&members, &want.members);
+            // The timer a store indexes is the next expiry of the state.
+            prop_assert_eq!(have.due, have.next_expiry(&defs));
         }
 
         // The change records alone say who is in what: entries and exits
