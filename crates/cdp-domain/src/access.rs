@@ -204,7 +204,7 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         (
             "cdp.v1.AudienceService",
             "SaveComputedTrait" | "SaveSegment" | "DeleteDefinition" | "ListDefinitions"
-            | "ValidateSegment" | "ListChanges",
+            | "ValidateSegment" | "ListChanges" | "GetBackfill",
         ) => P::Audiences,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
@@ -258,6 +258,7 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.AudienceService/ListDefinitions",
     "/cdp.v1.AudienceService/ValidateSegment",
     "/cdp.v1.AudienceService/ListChanges",
+    "/cdp.v1.AudienceService/GetBackfill",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

@@ -501,6 +501,7 @@ impl Profile {
     /// Joins `other` (a customer merged into this one) into this profile.
     /// Equivalent to having folded both customers' events into one.
     pub fn absorb(&mut self, other: Profile) {
+        let (had_events, they_had_events) = (!self.applied.is_empty(), !other.applied.is_empty());
         let overlap = self.applied.intersection(&other.applied).count();
         debug_assert_eq!(overlap, 0, "an event was folded into two customers");
         self.applied.extend(other.applied);
@@ -576,7 +577,8 @@ impl Profile {
         }
         // The computed traits add up; the absorbed customer's memberships
         // end with it (the fold records its exits and re-evaluates).
-        self.audience.computed.absorb(other.audience.computed);
+        self.audience
+            .absorb(other.audience, had_events, they_had_events);
     }
 
     /// The computed view an agent reads.
@@ -892,10 +894,15 @@ pub fn fold_resolved<A: ProfileAccess>(
         Some(ProfileSlot::Live(p)) => *p,
         _ => Profile::new(customer),
     };
+    let first = profile.applied.is_empty();
     if !profile.apply(&resolved.touchpoint, options) {
         return Ok(folded);
     }
     if let Some(defs) = defs.filter(|d| !d.is_empty() || !profile.audience.is_empty()) {
+        if first {
+            // Nothing came before: every trait defined now sees it all.
+            profile.audience.know_all(defs);
+        }
         let view = profile.view();
         let changes = profile
             .audience
@@ -948,6 +955,38 @@ pub fn expire_audience<A: ProfileAccess>(
         access.save(customer, &ProfileSlot::Live(profile))?;
     }
     Ok(changes)
+}
+
+/// Brings a live profile's audience up to the definitions of `options`
+/// after they changed (see `Audience::backfill`): `events` are the events
+/// folded into it (from its timeline and those of the customers it
+/// absorbed; others are ignored), needed only when
+/// `profile.audience.unknown(defs)` is not empty. Returns the changes; the
+/// caller saves the profile when its audience changed.
+pub fn backfill_audience(
+    profile: &mut Profile,
+    options: &FoldOptions,
+    events: &[Touchpoint],
+) -> Vec<crate::audience::Change> {
+    let Some(defs) = options.audiences.definitions.as_deref() else {
+        return Vec::new();
+    };
+    if profile.audience.is_empty() && defs.is_empty() {
+        return Vec::new();
+    }
+    // Each event folded into the profile, once.
+    let folded: Vec<Touchpoint> = events
+        .iter()
+        .filter(|t| profile.applied.contains(&t.event_id()))
+        .map(|t| (t.event_id(), t))
+        .collect::<BTreeMap<_, _>>()
+        .into_values()
+        .cloned()
+        .collect();
+    let view = profile.view();
+    profile
+        .audience
+        .backfill(defs, &view, &folded, options.audiences.now)
 }
 
 /// Profiles in memory: the reference model's store.

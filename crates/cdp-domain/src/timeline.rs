@@ -31,6 +31,24 @@ impl TimelineEntry {
             properties: t.envelope.properties.clone(),
         }
     }
+
+    /// The touchpoint as the timeline keeps it: its envelope (received at
+    /// the instant it occurred), without personal data. What a backfill of
+    /// computed traits folds.
+    pub fn touchpoint(&self) -> crate::Touchpoint {
+        crate::Touchpoint {
+            envelope: crate::Envelope {
+                event_id: self.event_id,
+                event_type: self.event_type.clone(),
+                channel: self.channel,
+                source_id: self.source_id.clone(),
+                occurred_at: self.occurred_at,
+                received_at: self.occurred_at,
+                properties: self.properties.clone(),
+            },
+            personal: crate::Personal::default(),
+        }
+    }
 }
 
 /// Groups the integer digits in thousands: `1250000.5` -> `1,250,000.5`.

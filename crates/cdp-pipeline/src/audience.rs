@@ -6,7 +6,9 @@
 //!   way it folds `credentials`;
 //! - `audience-changes`: segment memberships entered and exited, keyed by
 //!   customer, each with its cause, so a downstream consumer (a journey,
-//!   an export) follows who enters and leaves what.
+//!   an export) follows who enters and leaves what;
+//! - `audience-backfills`: how far the profiles of a generation are
+//!   brought up to the definitions after they changed.
 //!
 //! Both are JSON: they are small, read by tools, and carry no personal
 //! data (customer ids, segment names, event ids).
@@ -234,6 +236,71 @@ pub struct MembershipChange {
     pub generation: u32,
     #[serde(flatten)]
     pub change: Change,
+}
+
+/// Whether a backfill is going on or done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackfillState {
+    Running,
+    Done,
+}
+
+/// How far the profiles of a generation are brought up to a set of
+/// definitions (`ProfileStore::backfill_audiences`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackfillProgress {
+    pub generation: u32,
+    /// Which definitions ([`fingerprint`]).
+    pub definitions: String,
+    pub state: BackfillState,
+    /// Profile rows read so far.
+    pub scanned: u64,
+    /// Customers whose memberships changed, and the changes.
+    pub customers_changed: u64,
+    pub changes: u64,
+    /// Where the next page starts (the store's own cursor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    pub started_at: UnixMillis,
+    pub updated_at: UnixMillis,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<UnixMillis>,
+}
+
+/// Names a set of definitions: every name with its version, held ones
+/// marked. Two processes with the same definitions give the same text.
+pub fn fingerprint(defs: &Definitions) -> String {
+    let mut parts: Vec<String> = defs
+        .traits
+        .iter()
+        .map(|t| format!("trait/{}@{}", t.name, t.version))
+        .chain(
+            defs.segments
+                .iter()
+                .map(|s| format!("segment/{}@{}", s.def.name, s.def.version)),
+        )
+        .chain(defs.held_traits.iter().map(|t| format!("trait/{t}@held")))
+        .chain(
+            defs.held_segments
+                .iter()
+                .map(|s| format!("segment/{s}@held")),
+        )
+        .collect();
+    parts.sort();
+    parts.join(",")
+}
+
+pub fn backfill_record(p: &BackfillProgress) -> Result<Record, serde_json::Error> {
+    Ok(Record {
+        key: format!("generation/{}", p.generation).into_bytes(),
+        value: serde_json::to_vec(p)?,
+        ..Record::default()
+    })
+}
+
+pub fn read_backfill(r: &LogRecord) -> Result<BackfillProgress, serde_json::Error> {
+    serde_json::from_slice(&r.value)
 }
 
 /// The record of a membership change, keyed by customer. Its idempotency

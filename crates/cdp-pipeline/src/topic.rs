@@ -49,8 +49,13 @@ pub const AUDIENCE_DEFINITIONS: Topic = Topic::new("audience-definitions");
 /// ([`crate::audience::MembershipChange`]), keyed by customer id.
 pub const AUDIENCE_CHANGES: Topic = Topic::new("audience-changes");
 
+/// The progress of audience backfills ([`crate::audience::BackfillProgress`]),
+/// keyed by projection generation: the latest record of a generation says
+/// which definitions its profiles were last brought up to, and how far.
+pub const AUDIENCE_BACKFILLS: Topic = Topic::new("audience-backfills");
+
 /// Every topic of the pipeline.
-pub const ALL: [Topic; 12] = [
+pub const ALL: [Topic; 13] = [
     TOUCHPOINTS,
     IDENTITY,
     RESOLVED,
@@ -63,4 +68,5 @@ pub const ALL: [Topic; 12] = [
     ERASURES,
     AUDIENCE_DEFINITIONS,
     AUDIENCE_CHANGES,
+    AUDIENCE_BACKFILLS,
 ];

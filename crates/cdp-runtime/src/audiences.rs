@@ -182,3 +182,24 @@ impl ChangeOutbox {
         Ok(count)
     }
 }
+
+/// The latest backfill progress recorded for `generation` on
+/// `audience-backfills`.
+pub async fn latest_backfill(
+    log: &dyn EventLog,
+    generation: u32,
+) -> Result<Option<cdp_pipeline::audience::BackfillProgress>, LogError> {
+    let mut latest = None;
+    cdp_log::scan::<LogError>(log, topic::AUDIENCE_BACKFILLS, 512, |r| {
+        match cdp_pipeline::audience::read_backfill(r) {
+            Ok(p) if p.generation == generation => latest = Some(p),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(partition = r.partition, offset = r.offset, %error, "an unreadable backfill record");
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(latest)
+}

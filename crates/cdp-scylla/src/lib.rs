@@ -199,6 +199,7 @@ pub(crate) struct Statements {
     pub due_put: PreparedStatement,
     pub due_delete: PreparedStatement,
     pub due_range: PreparedStatement,
+    pub profile_scan: PreparedStatement,
     pub idempotency_get: PreparedStatement,
     pub idempotency_put: PreparedStatement,
 }
@@ -477,6 +478,11 @@ impl Statements {
             .await?,
             due_delete: write(format!(
                 "DELETE FROM {ks}.audience_due WHERE shard = ? AND due = ? AND customer = ?"
+            ))
+            .await?,
+            profile_scan: read(format!(
+                "SELECT token(customer), customer FROM {ks}.profiles \
+                 WHERE token(customer) > ? LIMIT ?"
             ))
             .await?,
             due_range: read(format!(

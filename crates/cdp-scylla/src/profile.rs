@@ -12,7 +12,7 @@ use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry};
 pub(crate) use cdp_store::PendingMerge;
 pub(crate) use cdp_store::read::settle_chain;
 use cdp_store::sealed::{Read, RowKind, ToWrite, ViewKeys, is_sealed};
-use cdp_store::{Applied, ProfileRow, ProfileStore, StoreError, TimelineQuery};
+use cdp_store::{Applied, BackfillPage, ProfileRow, ProfileStore, StoreError, TimelineQuery};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt, stream};
 use tracing::{debug, warn};
@@ -373,6 +373,61 @@ impl ScyllaStore {
         }
         Err(StoreError::Storage(format!(
             "the audience timer of {customer} kept conflicting with other writers"
+        )))
+    }
+
+    /// Brings one customer's audience up to the definitions (see
+    /// [`ProfileStore::backfill_audiences`]): the changes it made.
+    async fn backfill_one(
+        &self,
+        customer: CustomerId,
+        options: &FoldOptions,
+    ) -> Result<Vec<cdp_domain::audience::Change>, StoreError> {
+        let Some(defs) = options.audiences.definitions.as_deref() else {
+            return Ok(Vec::new());
+        };
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(stored) = self.fetch_profile(customer).await? else {
+                return Ok(Vec::new());
+            };
+            let ProfileSlot::Live(profile) = &stored.entry.slot else {
+                return Ok(Vec::new());
+            };
+            let mut profile = profile.as_ref().clone();
+            let mut events = Vec::new();
+            if !profile.audience.unknown(defs).is_empty() {
+                let everything = TimelineQuery {
+                    limit: usize::MAX,
+                    ..TimelineQuery::default()
+                };
+                let family = std::iter::once(customer).chain(profile.merged_from.iter().copied());
+                for member in family {
+                    let entries = self.timeline_range(member, &everything).await?;
+                    events.extend(entries.iter().map(TimelineEntry::touchpoint));
+                }
+            }
+            let before = profile.audience.clone();
+            let changes = cdp_domain::profile::backfill_audience(&mut profile, options, &events);
+            if profile.audience == before {
+                return Ok(changes);
+            }
+            let entry = Entry {
+                slot: ProfileSlot::Live(Box::new(profile)),
+                pending: stored.entry.pending.clone(),
+                fresh: false,
+            };
+            if self
+                .put_profile(customer, &entry, Some(&stored))
+                .await?
+                .is_some()
+            {
+                return Ok(changes);
+            }
+            // Written meanwhile: read again.
+            tokio::time::sleep(Duration::from_millis(1) + jitter(20)).await;
+        }
+        Err(StoreError::Storage(format!(
+            "the audience backfill of {customer} kept conflicting with other writers"
         )))
     }
 
@@ -923,6 +978,59 @@ impl ProfileStore for ScyllaStore {
         applied.customers.sort();
         applied.customers.dedup();
         Ok(applied)
+    }
+
+    async fn backfill_audiences(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        options: &FoldOptions,
+    ) -> Result<BackfillPage, StoreError> {
+        let after = match from {
+            None => i64::MIN,
+            Some(cursor) => cursor
+                .parse::<i64>()
+                .map_err(|e| StoreError::Invalid(format!("backfill cursor {cursor:?}: {e}")))?,
+        };
+        let rows = self
+            .session()
+            .execute_unpaged(
+                &self.st().profile_scan,
+                (after, i32::try_from(limit).unwrap_or(i32::MAX)),
+            )
+            .await
+            .map_err(exec_error)?
+            .into_rows_result()
+            .map_err(storage)?;
+        let rows: Vec<(i64, uuid::Uuid)> = rows
+            .rows::<(i64, uuid::Uuid)>()
+            .map_err(storage)?
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        let next = (rows.len() >= limit.max(1))
+            .then(|| rows.last().map(|(token, _)| token.to_string()))
+            .flatten();
+        let fired: Vec<(CustomerId, Vec<cdp_domain::audience::Change>)> = stream::iter(
+            rows.iter().map(|(_, c)| CustomerId(*c)).collect::<Vec<_>>(),
+        )
+        .map(|c| async move { Ok::<_, StoreError>((c, self.backfill_one(c, options).await?)) })
+        .buffered(WRITE_CONCURRENCY)
+        .try_collect()
+        .await?;
+        let mut applied = Applied::default();
+        for (c, changes) in fired {
+            if !changes.is_empty() {
+                applied.customers.push(c);
+                applied
+                    .changes
+                    .extend(changes.into_iter().map(|ch| (c, ch)));
+            }
+        }
+        Ok(BackfillPage {
+            applied,
+            scanned: rows.len(),
+            next,
+        })
     }
 
     async fn erase_views(

@@ -360,6 +360,15 @@ impl ProfileStore for RoundRobin {
         self.pick().expire_audiences(due, options).await
     }
 
+    async fn backfill_audiences(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        options: &FoldOptions,
+    ) -> Result<cdp_store::BackfillPage, StoreError> {
+        self.pick().backfill_audiences(from, limit, options).await
+    }
+
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         self.pick().row(customer).await
     }

@@ -61,6 +61,7 @@ macro_rules! store_test_suite {
             unsynced_folds_are_visible_then_synced(profiles_ref),
             profiles_fold_audiences(profiles_ref),
             audience_timers_fire_on_time_and_once(profiles_ref),
+            audience_backfill_folds_past_events_once(profiles_ref),
             generations_switch_and_drop(generations));
     };
     (@arg identity_ref, $f:expr) => { &*$f.identity() };
@@ -744,6 +745,161 @@ pub async fn audience_timers_fire_on_time_and_once(store: &dyn ProfileStore, pre
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(fired.customers, [survivor]);
     assert_eq!(due(T + 365 * DAY).await, []);
+    store.sync().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A computed trait defined after customers had events: segments over it
+/// wait, then a backfill folds the past events (the absorbed customer's
+/// too) page by page, and enters the member once.
+pub async fn audience_backfill_folds_past_events_once(store: &dyn ProfileStore, prefix: &str) {
+    use cdp_domain::audience::{
+        Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
+    };
+    use cdp_domain::identity::{Merge, MergeCause};
+    use cdp_domain::profile::AudienceOptions;
+
+    let customer = |who: &str| {
+        CustomerId(Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{prefix}-{who}").as_bytes(),
+        ))
+    };
+    let (kept, absorbed) = (customer("kept"), customer("absorbed"));
+    let ours = [kept, absorbed];
+    let order = |n: u64, at: i64, who: &str| {
+        event(
+            prefix,
+            n,
+            at,
+            EventType::OrderCompleted,
+            &[email(prefix, who)],
+            json!({"order_id": format!("{prefix}-o{n}"), "total": 100_000}),
+        )
+    };
+    let nothing = FoldOptions {
+        audiences: AudienceOptions::new(Arc::new(Definitions::default()), 10_000),
+        ..FoldOptions::default()
+    };
+    store
+        .apply(
+            &[
+                resolved(kept, order(1, 1_000, "kept")),
+                resolved(absorbed, order(2, 2_000, "absorbed")),
+            ],
+            &nothing,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let carrier = event(
+        prefix,
+        3,
+        3_000,
+        EventType::PageViewed,
+        &[email(prefix, "kept")],
+        json!({}),
+    );
+    let merge = ResolvedTouchpoint {
+        customer_id: kept,
+        merges: vec![Merge {
+            loser: absorbed,
+            survivor: kept,
+            at: 3_000,
+            cause: MergeCause {
+                event_id: carrier.envelope.event_id,
+                identifier: Identifier::new(IdKind::Email, email(prefix, "kept").1),
+                rule: "email".into(),
+            },
+        }],
+        touchpoint: carrier,
+    };
+    store
+        .apply(&[merge], &nothing)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let defs = Definitions::new(
+        vec![TraitDef {
+            name: "orders_ever".into(),
+            version: 1,
+            aggregate: Aggregate::Count,
+            property: None,
+            filter: EventFilter {
+                types: vec!["order_completed".into()],
+                ..EventFilter::default()
+            },
+            window: "all".parse().unwrap_or_default(),
+        }],
+        vec![SegmentDef {
+            name: "repeat".into(),
+            version: 1,
+            condition: "traits.orders_ever >= 2".into(),
+            description: String::new(),
+        }],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let options = FoldOptions {
+        audiences: AudienceOptions::new(Arc::new(defs), 20_000),
+        ..FoldOptions::default()
+    };
+    // An event after the definitions: the segment waits for the backfill
+    // rather than judging on this event alone.
+    let later = event(
+        prefix,
+        4,
+        4_000,
+        EventType::PageViewed,
+        &[email(prefix, "kept")],
+        json!({}),
+    );
+    let waited = store
+        .apply(&[resolved(kept, later)], &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(waited.changes.is_empty(), "{:?}", waited.changes);
+
+    let options = &options;
+    let backfill = |limit: usize| async move {
+        let (mut changes, mut scanned, mut from) = (Vec::new(), 0, None::<String>);
+        loop {
+            let page = store
+                .backfill_audiences(from.as_deref(), limit, options)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(page.scanned <= limit);
+            scanned += page.scanned;
+            changes.extend(
+                page.applied
+                    .changes
+                    .into_iter()
+                    .filter(|(c, _)| ours.contains(c)),
+            );
+            match page.next {
+                Some(next) => from = Some(next),
+                None => return (changes, scanned),
+            }
+        }
+    };
+    let (changes, scanned) = backfill(1).await;
+    assert!(scanned >= 2, "every row read, one per page: {scanned}");
+    let summary: Vec<_> = changes
+        .iter()
+        .map(|(c, ch)| (*c, ch.segment.as_str(), ch.kind, ch.cause.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        [(kept, "repeat", ChangeKind::Entered, Cause::Definition)]
+    );
+    let profile = store
+        .profile(kept)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|| panic!("no profile for {kept}"));
+    assert_eq!(profile.audience.known.get("orders_ever"), Some(&1));
+    assert!(profile.audience.members.contains_key("repeat"));
+
+    // Done again: nothing changes.
+    let (again, _) = backfill(100).await;
+    assert!(again.is_empty(), "{again:?}");
     store.sync().await.unwrap_or_else(|e| panic!("{e}"));
 }
 

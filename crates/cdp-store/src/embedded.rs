@@ -27,7 +27,9 @@ use crate::sealed::{
     Read, RowKind, ToWrite, ViewKeys, ViewSeal, batch_customers, claim_key, decision_owner,
     graph_owners, node_link,
 };
-use crate::{Applied, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery};
+use crate::{
+    Applied, BackfillPage, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery,
+};
 
 /// How many times a fold fetches keys it met but had not fetched (each
 /// round follows the redirects found in the one before).
@@ -870,6 +872,81 @@ impl EmbeddedStore {
         )))
     }
 
+    /// One transaction of an audience backfill (see
+    /// [`ProfileStore::backfill_audiences`]).
+    fn backfill_tx(
+        db: &Database,
+        customers: &[CustomerId],
+        options: &FoldOptions,
+        keys: &ViewKeys,
+    ) -> Result<Result<Applied, Unfetched>, StoreError> {
+        let Some(defs) = options.audiences.definitions.as_deref() else {
+            return Ok(Ok(Applied::default()));
+        };
+        let mut tx = begin_write(db)?;
+        tx.set_durability(Durability::None).map_err(storage)?;
+        let mut applied = Applied::default();
+        {
+            let mut access = TxProfiles::open(&tx, keys)?;
+            let timeline = tx.open_table(TIMELINE).map_err(storage)?;
+            for customer in customers {
+                let Some(ProfileSlot::Live(mut profile)) = access.load(*customer)? else {
+                    continue;
+                };
+                let mut events = Vec::new();
+                if !profile.audience.unknown(defs).is_empty() {
+                    let family =
+                        std::iter::once(*customer).chain(profile.merged_from.iter().copied());
+                    for member in family {
+                        let k = key(member);
+                        for row in timeline
+                            .range((k, i64::MIN, 0u128)..=(k, i64::MAX, u128::MAX))
+                            .map_err(storage)?
+                        {
+                            let (at, bytes) = row.map_err(storage)?;
+                            let kind = RowKind::Timeline(at.value().2);
+                            match keys.read_json::<TimelineEntry>(
+                                member,
+                                kind,
+                                "timeline entry",
+                                bytes.value(),
+                            )? {
+                                Read::Value(entry) => events.push(entry.touchpoint()),
+                                Read::Erased => {}
+                                Read::Missing => {
+                                    access.missing.insert(member);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+                if !access.missing.is_empty() {
+                    // Done again with the keys it met.
+                    continue;
+                }
+                let before = profile.audience.clone();
+                let changes =
+                    cdp_domain::profile::backfill_audience(&mut profile, options, &events);
+                if profile.audience != before {
+                    access.save(*customer, &ProfileSlot::Live(profile))?;
+                }
+                if !changes.is_empty() && !keys.erased(*customer) {
+                    applied.customers.push(*customer);
+                    applied
+                        .changes
+                        .extend(changes.into_iter().map(|c| (*customer, c)));
+                }
+            }
+            access.write_back()?;
+            if !access.missing.is_empty() {
+                return Ok(Err(access.missing));
+            }
+        }
+        tx.commit().map_err(storage)?;
+        Ok(Ok(applied))
+    }
+
     /// One transaction of audience timers (see
     /// [`ProfileStore::expire_audiences`]).
     fn expire_tx(
@@ -1056,6 +1133,61 @@ impl ProfileStore for EmbeddedStore {
             Self::expire_tx(db, &due, &options, keys)
         })
         .await
+    }
+
+    async fn backfill_audiences(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        options: &FoldOptions,
+    ) -> Result<BackfillPage, StoreError> {
+        let start = match from {
+            None => 0u128,
+            Some(cursor) => cursor
+                .parse::<uuid::Uuid>()
+                .map_err(|e| StoreError::Invalid(format!("backfill cursor {cursor:?}: {e}")))?
+                .as_u128()
+                .checked_add(1)
+                .ok_or_else(|| StoreError::Invalid("backfill cursor past the end".into()))?,
+        };
+        let rows: Vec<u128> = self
+            .on_views(move |db| {
+                let tx = db.begin_read().map_err(storage)?;
+                let table = tx.open_table(PROFILES).map_err(storage)?;
+                let mut rows = Vec::new();
+                for row in table.range(start..).map_err(storage)? {
+                    if rows.len() >= limit {
+                        break;
+                    }
+                    rows.push(row.map_err(storage)?.0.value());
+                }
+                Ok(rows)
+            })
+            .await?;
+        let next = (rows.len() >= limit.max(1))
+            .then(|| rows.last().map(|k| uuid::Uuid::from_u128(*k).to_string()))
+            .flatten();
+        let scanned = rows.len();
+        let customers: Vec<CustomerId> = rows
+            .into_iter()
+            .map(|k| CustomerId(uuid::Uuid::from_u128(k)))
+            .collect();
+        let applied = if customers.is_empty() || options.audiences.definitions.is_none() {
+            Applied::default()
+        } else {
+            let wanted = customers.iter().copied().collect();
+            let customers = Arc::new(customers);
+            let options = Arc::new(options.clone());
+            self.with_keys(wanted, false, move |db, keys| {
+                Self::backfill_tx(db, &customers, &options, keys)
+            })
+            .await?
+        };
+        Ok(BackfillPage {
+            applied,
+            scanned,
+            next,
+        })
     }
 
     async fn erase_views(

@@ -206,6 +206,18 @@ pub struct Applied {
     pub changes: Vec<(CustomerId, cdp_domain::audience::Change)>,
 }
 
+/// One page of an audience backfill ([`ProfileStore::backfill_audiences`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BackfillPage {
+    /// The membership changes made, and the customers whose view changed.
+    pub applied: Applied,
+    /// Profile rows read (live or not).
+    pub scanned: usize,
+    /// Where the next page starts (opaque to callers); `None` after the
+    /// last row.
+    pub next: Option<String>,
+}
+
 /// Profiles and their timeline.
 #[async_trait]
 pub trait ProfileStore: Send + Sync + 'static {
@@ -262,6 +274,23 @@ pub trait ProfileStore: Send + Sync + 'static {
         due: &[(cdp_domain::UnixMillis, CustomerId)],
         options: &FoldOptions,
     ) -> Result<Applied, StoreError>;
+
+    /// One page of an audience backfill after definitions changed: at
+    /// most `limit` profile rows from `from` (a previous page's `next`;
+    /// `None`: the first row), in the store's own order. Each live
+    /// profile's audience is brought up to the definitions of `options`
+    /// (`profile::backfill_audience`, with the events of its timeline and
+    /// of the customers it absorbed when a computed trait does not know
+    /// them yet) and written when it changed, with its timer. Idempotent:
+    /// a page done again changes nothing. Without definitions it reads
+    /// the rows and changes nothing. Visible at once; durable after the
+    /// next [`sync`](Self::sync) where [`apply_unsynced`](Self::apply_unsynced) is.
+    async fn backfill_audiences(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        options: &FoldOptions,
+    ) -> Result<BackfillPage, StoreError>;
 
     /// The row stored under `customer`, as it is (no redirect followed).
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError>;

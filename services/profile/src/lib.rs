@@ -1,8 +1,9 @@
 //! The profile worker: consumes the resolved topic and folds each event
 //! (and the merges that came with it) into the profile store of the
-//! active projection generation; the audience timers ([`timer`]) run
-//! beside them.
+//! active projection generation; the audience timers ([`timer`]) and the
+//! backfill after definitions change ([`backfill`]) run beside them.
 
+pub mod backfill;
 pub mod timer;
 
 use std::sync::Arc;
@@ -266,6 +267,20 @@ pub async fn install(
         parts
             .tasks
             .spawn(timer.run(std::time::Duration::from_millis(every), ctx.cancel.clone()));
+    }
+    // One backfill for all the processes: the first runs it.
+    if ctx.config.pipeline.process_index == 0 {
+        let backfill = backfill::AudienceBackfill::new(
+            Arc::clone(&ctx.backends.log),
+            Arc::clone(&ctx.backends.live),
+            ctx.config.fold_options(),
+            Arc::clone(&ctx.audiences),
+            ctx.changes.clone(),
+        )
+        .announce_on_log(on_log);
+        parts
+            .tasks
+            .spawn(backfill.run(std::time::Duration::from_secs(1), ctx.cancel.clone()));
     }
     Ok(())
 }
@@ -619,6 +634,124 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trait_defined_after_the_events_is_backfilled_once_and_resumes_after_a_restart() {
+        use cdp_domain::audience::{
+            Aggregate, Cause, ChangeKind, EventFilter, SegmentDef, TraitDef,
+        };
+        use cdp_pipeline::audience::{BackfillState, DefinitionChange, read_change};
+        use cdp_runtime::audiences::AudienceRegistry;
+
+        let dir = tempfile::tempdir().unwrap();
+        let log: Arc<dyn EventLog> =
+            Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 1).unwrap());
+        let generations = Arc::new(EmbeddedGenerations::open(&dir.path().join("store")).unwrap());
+        let live = live_on(generations.clone()).await;
+        let keys = keyring(dir.path()).await;
+        let registry = Arc::new(AudienceRegistry::new(
+            Arc::clone(&log),
+            std::time::Duration::ZERO,
+        ));
+        let mut worker = ProfileWorker::new(
+            Arc::clone(&log),
+            Arc::clone(&live),
+            FoldOptions::default(),
+            ProfileChanges::default(),
+            keys.clone(),
+        )
+        .with_audiences(Arc::clone(&registry));
+        let customer = CustomerId(Uuid::from_u128(42));
+        // Two orders before anything is defined.
+        for n in [1, 2] {
+            let record = resolved_record(
+                &keys,
+                customer,
+                event(n, EventType::OrderCompleted),
+                1,
+                n as u64,
+            )
+            .await;
+            worker.handle(&[record]).await.unwrap();
+        }
+        worker.sync().await.unwrap();
+        let backfill = || {
+            backfill::AudienceBackfill::new(
+                Arc::clone(&log),
+                Arc::clone(&live),
+                FoldOptions::default(),
+                Arc::clone(&registry),
+                ProfileChanges::default(),
+            )
+        };
+        let mut running = backfill();
+        // Nothing defined: one pass that changes nothing, then nothing.
+        let first = running.step().await.unwrap().expect("a first pass");
+        assert_eq!((first.state, first.changes), (BackfillState::Done, 0));
+        assert!(running.step().await.unwrap().is_none());
+
+        registry
+            .append(&DefinitionChange::TraitSaved {
+                definition: TraitDef {
+                    name: "orders".into(),
+                    version: 1,
+                    aggregate: Aggregate::Count,
+                    property: None,
+                    filter: EventFilter {
+                        types: vec!["order_completed".into()],
+                        ..EventFilter::default()
+                    },
+                    window: Default::default(),
+                },
+                at: 1,
+                by: "test".into(),
+            })
+            .await
+            .unwrap();
+        registry
+            .append(&DefinitionChange::SegmentSaved {
+                definition: SegmentDef {
+                    name: "repeat_buyers".into(),
+                    version: 1,
+                    condition: "traits.orders >= 2".into(),
+                    description: String::new(),
+                },
+                at: 2,
+                by: "test".into(),
+            })
+            .await
+            .unwrap();
+        let done = running.step().await.unwrap().expect("a backfill");
+        assert_eq!(done.state, BackfillState::Done);
+        assert_eq!(
+            (done.scanned, done.customers_changed, done.changes),
+            (1, 1, 1)
+        );
+        assert!(done.definitions.contains("segment/repeat_buyers@1"));
+        assert!(running.step().await.unwrap().is_none());
+        // A restarted process reads the progress: nothing to do again.
+        assert!(backfill().step().await.unwrap().is_none());
+
+        let appended = log.read(topic::AUDIENCE_CHANGES, 0, 0, 10).await.unwrap();
+        assert_eq!(appended.len(), 1);
+        let change = read_change(&appended[0]).unwrap();
+        assert_eq!(
+            (change.customer_id, change.change.kind, change.change.cause),
+            (customer, ChangeKind::Entered, Cause::Definition)
+        );
+        let profile = live
+            .current()
+            .profiles
+            .profile(customer)
+            .await
+            .unwrap()
+            .expect("a folded profile");
+        assert!(profile.audience.members.contains_key("repeat_buyers"));
+        let recorded = cdp_runtime::audiences::latest_backfill(log.as_ref(), live.generation())
+            .await
+            .unwrap();
+        assert_eq!(recorded, Some(done));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_active_generations_records_are_folded_and_announced() {
         let dir = tempfile::tempdir().unwrap();
         let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), &topic::ALL, 1).unwrap());
@@ -721,6 +854,15 @@ mod tests {
         ) -> Result<Applied, StoreError> {
             self.saw("expire");
             Ok(Applied::default())
+        }
+        async fn backfill_audiences(
+            &self,
+            _: Option<&str>,
+            _: usize,
+            _: &FoldOptions,
+        ) -> Result<cdp_store::BackfillPage, StoreError> {
+            self.saw("backfill");
+            Ok(cdp_store::BackfillPage::default())
         }
         async fn row(&self, _: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
             Ok(None)

@@ -489,6 +489,53 @@ impl AudienceService for AudienceGrpc {
         }))
     }
 
+    async fn get_backfill(
+        &self,
+        request: Request<v1::GetBackfillRequest>,
+    ) -> Result<Response<v1::Backfill>, Status> {
+        use cdp_pipeline::audience::{BackfillState, fingerprint};
+        use cdp_proto::convert::millis_to_timestamp;
+        let generation =
+            match request.into_inner().generation {
+                0 => self.live.refresh().await.map_err(|e| {
+                    ServiceError::Unavailable(format!("projection generation: {e}"))
+                })?,
+                g => g,
+            };
+        let current = self
+            .registry
+            .current()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("audience definitions: {e}")))?;
+        let definitions = fingerprint(&current);
+        let latest = cdp_runtime::audiences::latest_backfill(self.log.as_ref(), generation)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("audience-backfills: {e}")))?;
+        Ok(Response::new(match latest {
+            Some(p) if p.definitions == definitions => v1::Backfill {
+                generation,
+                state: match p.state {
+                    BackfillState::Running => "running",
+                    BackfillState::Done => "done",
+                }
+                .into(),
+                definitions,
+                scanned: p.scanned,
+                customers_changed: p.customers_changed,
+                changes: p.changes,
+                started_at: Some(millis_to_timestamp(p.started_at)),
+                updated_at: Some(millis_to_timestamp(p.updated_at)),
+                finished_at: p.finished_at.map(millis_to_timestamp),
+            },
+            _ => v1::Backfill {
+                generation,
+                state: "pending".into(),
+                definitions,
+                ..Default::default()
+            },
+        }))
+    }
+
     async fn validate_segment(
         &self,
         request: Request<v1::ValidateSegmentRequest>,

@@ -3,8 +3,9 @@
 //! ingest, and the customer's memberships show in `GetProfile` and in the
 //! change records (`ListChanges`): through a store purchase, through a merge
 //! of two half-qualifying customers (one `Entered`), when a 7-day window
-//! lets a purchase go (no event needed), and after a restart and a rebuild
-//! (no `Entered` twice).
+//! lets a purchase go (no event needed), through the backfill of a trait
+//! defined after the purchases, and after a restart and a rebuild (no
+//! `Entered` twice).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -336,12 +337,82 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
         );
     }
 
+    // A computed trait defined now, over every order ever: the customers
+    // who bought before it enter through the backfill, with no event of
+    // theirs, and nobody enters twice.
+    analyst
+        .save_computed_trait(v1::SaveComputedTraitRequest {
+            definition: Some(v1::ComputedTrait {
+                name: "orders_ever".into(),
+                window: "all".into(),
+                ..orders_7d()
+            }),
+        })
+        .await
+        .unwrap();
+    analyst
+        .save_segment(v1::SaveSegmentRequest {
+            definition: Some(segment("ever_bought", "traits.orders_ever >= 1")),
+        })
+        .await
+        .unwrap();
+    let backfilled = profile_when(&mut profiles, id("phone", &phone), PATIENCE, |p| {
+        segments(p).contains(&"ever_bought")
+    })
+    .await;
+    assert_eq!(
+        segments(&backfilled),
+        ["ever_bought", "omni", "store_buyers"]
+    );
+    profile_when(&mut profiles, id("phone", &aged), PATIENCE, |p| {
+        segments(p) == ["ever_bought"]
+    })
+    .await;
+    profile_when(&mut profiles, id("email", &email), PATIENCE, |p| {
+        segments(p) == ["ever_bought", "omni", "store_buyers"]
+    })
+    .await;
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let progress = loop {
+        let b = analyst
+            .get_backfill(v1::GetBackfillRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if b.state == "done" || std::time::Instant::now() > deadline {
+            break b;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(progress.state, "done", "{progress:?}");
+    assert!(
+        progress.definitions.contains("trait/orders_ever@1"),
+        "{progress:?}"
+    );
+    assert!(progress.scanned >= 4, "{progress:?}");
+    assert!(progress.changes >= 3, "{progress:?}");
+    assert!(progress.finished_at.is_some());
+    let by_definition = |segment: &str| {
+        (
+            segment.to_owned(),
+            "entered".to_owned(),
+            "definition".to_owned(),
+        )
+    };
+    let mut want = vec![
+        entered("omni"),
+        entered("store_buyers"),
+        by_definition("ever_bought"),
+    ];
+    want.sort();
+    assert_eq!(summary(&changes(&cdp, &backfilled.customer_id).await), want);
+
     // Memberships are kept with the profile, and the definitions in the
     // log: after a restart both are there, and new events are evaluated.
     cdp.restart();
     let mut profiles = cdp.profiles().await;
     let again = profile_when(&mut profiles, id("phone", &phone), PATIENCE, |_| true).await;
-    assert_eq!(segments(&again), ["omni", "store_buyers"]);
+    assert_eq!(segments(&again), ["ever_bought", "omni", "store_buyers"]);
     let late = format!("0{}", mobile());
     cdp.track(touchpoint(
         "Order Completed",
@@ -352,7 +423,7 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     ))
     .await;
     profile_when(&mut profiles, id("phone", &late), PATIENCE, |p| {
-        segments(p) == ["omni", "store_buyers"]
+        segments(p) == ["ever_bought", "omni", "store_buyers"]
     })
     .await;
 
@@ -371,11 +442,17 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
             !p.segments.is_empty()
         })
         .await;
-        assert_eq!(segments(&p), ["omni", "store_buyers"], "{kind} {value}");
+        assert_eq!(
+            segments(&p),
+            ["ever_bought", "omni", "store_buyers"],
+            "{kind} {value}"
+        );
     }
+    let p = profile_when(&mut profiles, id("phone", &aged), PATIENCE, |_| true).await;
+    assert_eq!(segments(&p), ["ever_bought"]);
     // The new generation's records: one `Entered` per member and segment,
     // none twice; the aged purchase, folded after its window, enters
-    // nothing.
+    // `ever_bought` only.
     let all = changes(&cdp, "").await;
     assert!(all.iter().all(|c| c.generation == generation));
     let mut entries: Vec<(&str, &str)> = all
@@ -383,8 +460,8 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
         .filter(|c| c.kind == "entered")
         .map(|c| (c.customer_id.as_str(), c.segment.as_str()))
         .collect();
-    assert_eq!(entries.len(), 6, "{all:?}");
+    assert_eq!(entries.len(), 10, "{all:?}");
     entries.sort_unstable();
     entries.dedup();
-    assert_eq!(entries.len(), 6, "an Entered twice: {all:?}");
+    assert_eq!(entries.len(), 10, "an Entered twice: {all:?}");
 }

@@ -779,6 +779,14 @@ impl Computed {
         changed
     }
 
+    /// Folds `events` into `def`'s state from scratch (a backfill).
+    pub fn refold(&mut self, def: &TraitDef, events: &[Touchpoint]) {
+        self.traits.remove(&def.name);
+        for t in events {
+            self.fold(std::slice::from_ref(def), t);
+        }
+    }
+
     /// Takes in the states of a customer merged into this one.
     pub fn absorb(&mut self, other: Computed) {
         for (name, theirs) in other.traits {

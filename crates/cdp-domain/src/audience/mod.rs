@@ -173,12 +173,80 @@ pub struct Audience {
     /// re-evaluation; what a store indexes its timers by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub due: Option<UnixMillis>,
+    /// The computed traits (name to definition version) whose state holds
+    /// every event of the customer: those defined before its first event,
+    /// and those a backfill folded its past events into. A segment that
+    /// reads a trait not known here is not evaluated (its membership stays
+    /// as it is) until a backfill ([`Audience::backfill`]) knows it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub known: BTreeMap<String, u64>,
 }
 
 impl Audience {
     /// No computed trait and no membership: nothing to keep.
     pub fn is_empty(&self) -> bool {
-        self.computed.is_empty() && self.members.is_empty() && self.due.is_none()
+        self.computed.is_empty()
+            && self.members.is_empty()
+            && self.due.is_none()
+            && self.known.is_empty()
+    }
+
+    /// A customer's first event: every trait defined now holds all of its
+    /// events.
+    pub fn know_all(&mut self, defs: &Definitions) {
+        self.known = defs
+            .traits
+            .iter()
+            .map(|d| (d.name.clone(), d.version))
+            .collect();
+    }
+
+    /// Takes in the state of a customer merged into this one: the computed
+    /// traits add up, and a trait is known when both sides knew it (or
+    /// the side that had no event yet took the other's word).
+    pub fn absorb(&mut self, other: Audience, had_events: bool, they_had_events: bool) {
+        self.computed.absorb(other.computed);
+        self.known = match (had_events, they_had_events) {
+            (false, _) => other.known,
+            (true, false) => std::mem::take(&mut self.known),
+            (true, true) => std::mem::take(&mut self.known)
+                .into_iter()
+                .filter(|(name, v)| other.known.get(name) == Some(v))
+                .collect(),
+        };
+    }
+
+    /// The computed traits of `defs` whose state may miss some of the
+    /// customer's events.
+    pub fn unknown<'d>(&self, defs: &'d Definitions) -> Vec<&'d TraitDef> {
+        defs.traits
+            .iter()
+            .filter(|d| self.known.get(&d.name) != Some(&d.version))
+            .collect()
+    }
+
+    /// After definitions changed: folds `events` (every event folded into
+    /// the customer, in any order) into the traits not known yet, from
+    /// scratch, and re-evaluates every segment (cause `definition`).
+    pub fn backfill(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        events: &[Touchpoint],
+        now: UnixMillis,
+    ) -> Vec<Change> {
+        for def in self.unknown(defs) {
+            self.computed.refold(def, events);
+            self.known.insert(def.name.clone(), def.version);
+        }
+        self.reconcile(defs, view, &Cause::Definition, now)
+    }
+
+    /// Whether every computed trait `segment` reads is known.
+    fn determined(&self, defs: &Definitions, segment: &Segment) -> bool {
+        defs.traits
+            .iter()
+            .all(|d| !segment.reads(&d.name) || self.known.get(&d.name) == Some(&d.version))
     }
 
     /// The segments a customer described by `view` and this state belongs
@@ -229,8 +297,18 @@ impl Audience {
                 });
             }
         }
+        // Names no longer defined are forgotten (a trait defined again
+        // starts unknown).
+        self.known.retain(|name, _| {
+            defs.traits.iter().any(|d| &d.name == name) || defs.held_traits.contains(name)
+        });
         for s in &defs.segments {
             let name = &s.def.name;
+            if !self.determined(defs, s) {
+                // It reads a trait that may miss past events: left as it
+                // is until a backfill knows the trait.
+                continue;
+            }
             let member = matches!(results.get(name), Some(Ok(true)));
             match (member, self.members.get_mut(name)) {
                 (true, None) => {

@@ -60,6 +60,9 @@ pub struct SegmentDef {
 pub struct Segment {
     pub def: SegmentDef,
     program: Arc<cel::Program>,
+    /// The computed traits the condition reads (`None`: it reads `traits`
+    /// as a whole, so any of them).
+    reads: Option<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -166,7 +169,24 @@ impl Segment {
             ))
         })?;
         let mut problem: Option<(u64, String)> = None;
+        // `traits.<name>` selections, and every reading of `traits`: when
+        // each reading is a selection, the condition reads those names only.
+        let mut selected = std::collections::BTreeSet::new();
+        let (mut selections, mut readings) = (0usize, 0usize);
         walk(program.expression(), &mut Vec::new(), &mut |e, bound| {
+            match &e.expr {
+                Expr::Ident(name) if name == "traits" && !bound.contains(&"traits") => {
+                    readings += 1;
+                }
+                Expr::Select(s)
+                    if matches!(&s.operand.expr, Expr::Ident(root) if root == "traits")
+                        && !bound.contains(&"traits") =>
+                {
+                    selections += 1;
+                    selected.insert(s.field.clone());
+                }
+                _ => {}
+            }
             if problem.is_some() {
                 return;
             }
@@ -221,7 +241,13 @@ impl Segment {
         Ok(Segment {
             def,
             program: Arc::new(program),
+            reads: (selections == readings).then_some(selected),
         })
+    }
+
+    /// Whether the condition reads the computed trait `name`.
+    pub fn reads(&self, name: &str) -> bool {
+        self.reads.as_ref().is_none_or(|r| r.contains(name))
     }
 
     /// Whether the customer described by `input` is a member; an error

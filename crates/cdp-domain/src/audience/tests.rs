@@ -470,6 +470,22 @@ impl Shop {
         expire_audience(&mut self.store, c, &self.options).unwrap()
     }
 
+    /// The definitions change (the stores learn it from the registry).
+    fn redefine(&mut self, defs: Definitions) {
+        self.options.audiences.definitions = Some(std::sync::Arc::new(defs));
+    }
+
+    /// A backfill of customer `c`, given every event there is.
+    fn backfill(&mut self, c: CustomerId, events: &[Touchpoint], now: UnixMillis) -> Vec<Change> {
+        self.options.audiences.now = now;
+        let Some(ProfileSlot::Live(mut p)) = self.store.get(&c).cloned() else {
+            return Vec::new();
+        };
+        let changes = crate::profile::backfill_audience(&mut p, &self.options, events);
+        self.store.insert(c, ProfileSlot::Live(p));
+        changes
+    }
+
     fn audience(&self, c: CustomerId) -> Audience {
         match self.store.get(&c) {
             Some(ProfileSlot::Live(p)) => p.audience.clone(),
@@ -709,11 +725,12 @@ fn without_definitions_the_profile_keeps_no_audience_state() {
 }
 
 #[test]
-fn a_deleted_segment_exits_and_an_updated_trait_starts_over() {
+fn a_deleted_segment_exits_and_an_updated_trait_is_backfilled() {
     let defs = shop();
     let options = FoldOptions::default();
     let mut p = Profile::new(CustomerId(Uuid::from_u128(1)));
     let mut aud = Audience::default();
+    aud.know_all(&defs);
     let e = order(1, T0, Channel::Store, 3_500_000, "P1");
     let applied = p.apply(&e, &options);
     aud.on_event(&defs, &p.view(), &e, applied, T0);
@@ -732,6 +749,74 @@ fn a_deleted_segment_exits_and_an_updated_trait_starts_over() {
     assert_eq!(exited, BTreeSet::from(["store_buyers", "vip"]));
     assert!(changes.iter().all(|c| c.cause == Cause::Definition));
     assert_eq!(aud.computed.value(&fewer.traits[0], T0 + 1), json!(0));
+    // Until a backfill, the updated trait may miss past events.
+    let unknown: Vec<&str> = aud
+        .unknown(&fewer)
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    assert_eq!(unknown, ["spend_90d"]);
+    let changes = aud.backfill(&fewer, &p.view(), std::slice::from_ref(&e), T0 + 2);
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(
+        aud.computed.value(&fewer.traits[0], T0 + 2),
+        json!(3_500_000)
+    );
+    assert!(aud.unknown(&fewer).is_empty());
+}
+
+#[test]
+fn a_segment_over_a_trait_defined_after_the_first_event_waits_for_its_backfill() {
+    let options = FoldOptions::default();
+    let mut p = Profile::new(CustomerId(Uuid::from_u128(1)));
+    let mut aud = Audience::default();
+    let before = Definitions::new(shop_traits(), vec![]).unwrap();
+    aud.know_all(&before);
+    let first = order(1, T0, Channel::Store, 300_000, "P1");
+    let applied = p.apply(&first, &options);
+    aud.on_event(&before, &p.view(), &first, applied, T0);
+
+    // "No order at all" over a trait defined after the first order: the
+    // customer's state has not seen that order, so the segment waits
+    // instead of taking them in.
+    let mut traits = shop_traits();
+    traits.push(def(
+        "orders_ever",
+        Aggregate::Count,
+        None,
+        &["order_completed"],
+        "all",
+    ));
+    let after = Definitions::new(
+        traits,
+        vec![
+            seg("never_bought", "traits.orders_ever == 0"),
+            seg("in_store", "\"store\" in profile.channels"),
+        ],
+    )
+    .unwrap();
+    let second = view(2, T0 + 1, "P2");
+    let applied = p.apply(&second, &options);
+    let changes = aud.on_event(&after, &p.view(), &second, applied, T0 + 1);
+    let entered: Vec<&str> = changes.iter().map(|c| c.segment.as_str()).collect();
+    assert_eq!(entered, ["in_store"], "a segment on known data only");
+    assert!(!aud.members.contains_key("never_bought"));
+
+    // The backfill folds both events: one order, so not a member.
+    let changes = aud.backfill(&after, &p.view(), &[first, second], T0 + 2);
+    assert!(changes.is_empty(), "{changes:?}");
+    assert_eq!(
+        aud.computed.values(&after.traits, T0 + 2)["orders_ever"],
+        json!(1)
+    );
+    assert!(aud.unknown(&after).is_empty());
+
+    // A condition reading `traits` whole waits for every trait.
+    let whole =
+        Definitions::new(after.traits.to_vec(), vec![seg("any", "size(traits) > 0")]).unwrap();
+    assert!(whole.segments[0].reads("orders_ever") && whole.segments[0].reads("views_7d"));
+    let narrow = &after.segments[0];
+    assert!(narrow.reads("orders_ever") && !narrow.reads("views_7d"));
 }
 
 #[test]
@@ -824,6 +909,10 @@ enum Step {
     /// Customer `loser` merged into `survivor`, carried by a new event.
     Merge(usize, usize),
     Expire,
+    /// The full definitions replace the early ones.
+    Redefine,
+    /// Every customer backfilled.
+    Backfill,
 }
 
 proptest! {
@@ -836,9 +925,15 @@ proptest! {
         merges in prop::collection::vec((0..3usize, 0..3usize, 0..40usize), 0..3),
         expiries in prop::collection::vec(0..40usize, 0..4),
         again in prop::collection::vec(0..30usize, 0..4),
+        redefine in proptest::option::of(0..40usize),
+        backfills in prop::collection::vec(0..40usize, 0..2),
     ) {
-        let mut shop = Shop::new(shop());
-        let defs = shop.defs().clone();
+        let defs = shop();
+        // Some schedules start with fewer definitions, and get the full
+        // ones part way through (customers with events by then wait for a
+        // backfill).
+        let early = Definitions::new(defs.traits[..2].to_vec(), vec![]).unwrap();
+        let mut shop = Shop::new(if redefine.is_some() { early } else { defs.clone() });
         let mut tps: Vec<Touchpoint> = events.iter().enumerate().map(|(i, g)| touchpoint(i, g)).collect();
         let mut owner: Vec<usize> = events.iter().map(|g| g.customer).collect();
         // Any arrival order.
@@ -852,6 +947,12 @@ proptest! {
         }
         for at in &expiries {
             steps.insert((*at).min(steps.len()), Step::Expire);
+        }
+        if let Some(at) = redefine {
+            steps.insert(at.min(steps.len()), Step::Redefine);
+        }
+        for at in &backfills {
+            steps.insert((*at).min(steps.len()), Step::Backfill);
         }
         for i in &again {
             if *i < tps.len() {
@@ -890,11 +991,19 @@ proptest! {
                         log.extend(shop.expire(*id, now).into_iter().map(|c| (*id, c)));
                     }
                 }
+                Step::Redefine => shop.redefine(defs.clone()),
+                Step::Backfill => {
+                    for id in &ids {
+                        log.extend(shop.backfill(*id, &tps, now).into_iter().map(|c| (*id, c)));
+                    }
+                }
             }
         }
-        // A last timer at the end.
+        // A last backfill and a last timer at the end.
         now += DAY;
+        shop.redefine(defs.clone());
         for id in &ids {
+            log.extend(shop.backfill(*id, &tps, now).into_iter().map(|c| (*id, c)));
             log.extend(shop.expire(*id, now).into_iter().map(|c| (*id, c)));
         }
 
