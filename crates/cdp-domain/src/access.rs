@@ -204,8 +204,10 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         (
             "cdp.v1.AudienceService",
             "SaveComputedTrait" | "SaveSegment" | "DeleteDefinition" | "ListDefinitions"
-            | "ValidateSegment" | "ListChanges" | "GetBackfill",
+            | "ValidateSegment" | "ListChanges" | "GetBackfill" | "ListMembers",
         ) => P::Audiences,
+        // One customer's view, audited like GetProfile.
+        ("cdp.v1.AudienceService", "ExplainMembership") => P::ReadProfiles,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
         _ => return None,
@@ -259,6 +261,8 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.AudienceService/ValidateSegment",
     "/cdp.v1.AudienceService/ListChanges",
     "/cdp.v1.AudienceService/GetBackfill",
+    "/cdp.v1.AudienceService/ListMembers",
+    "/cdp.v1.AudienceService/ExplainMembership",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

@@ -989,6 +989,54 @@ pub fn backfill_audience(
         .backfill(defs, &view, &folded, options.audiences.now)
 }
 
+/// Why a store refreshes a customer's audience (see [`refresh_audience`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refresh {
+    /// Its timer came (`Audience::due`).
+    Timer,
+    /// A backfill pass after the definitions changed.
+    Backfill,
+}
+
+/// A live profile's audience brought up to the definitions of `options`
+/// at `options.audiences.now`, by a store's timer or backfill pass. When
+/// a computed trait may miss some of the customer's events, `events` is
+/// asked for them (the events of its timeline and of the customers it
+/// absorbed) and they are folded ([`backfill_audience`]); otherwise a
+/// timer lets expired window entries go (cause `expiry`) and a backfill
+/// pass evaluates every segment again (cause `definition`). Returns
+/// whether the audience changed (the caller saves the profile then) and
+/// the changes. Without definitions nothing changes.
+pub fn refresh_audience<E>(
+    profile: &mut Profile,
+    options: &FoldOptions,
+    why: Refresh,
+    events: impl FnOnce(&Profile) -> Result<Vec<Touchpoint>, E>,
+) -> Result<(bool, Vec<crate::audience::Change>), E> {
+    let Some(defs) = options.audiences.definitions.as_deref() else {
+        return Ok((false, Vec::new()));
+    };
+    let before = profile.audience.clone();
+    let changes = if !profile.audience.unknown(defs).is_empty() {
+        let events = events(profile)?;
+        backfill_audience(profile, options, &events)
+    } else {
+        match why {
+            Refresh::Backfill => backfill_audience(profile, options, &[]),
+            Refresh::Timer => {
+                if profile.audience.is_empty() && defs.is_empty() {
+                    return Ok((false, Vec::new()));
+                }
+                let view = profile.view();
+                profile
+                    .audience
+                    .on_expiry(defs, &view, options.audiences.now)
+            }
+        }
+    };
+    Ok((profile.audience != before, changes))
+}
+
 /// Profiles in memory: the reference model's store.
 impl ProfileAccess for BTreeMap<CustomerId, ProfileSlot> {
     type Error = crate::redirect::RedirectError;

@@ -234,6 +234,9 @@ pub struct MembershipChange {
     /// The projection generation whose fold made it: consumers follow
     /// the active one (a rebuild makes its own).
     pub generation: u32,
+    /// The definitions it was evaluated under ([`fingerprint`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definitions: Option<String>,
     #[serde(flatten)]
     pub change: Change,
 }
@@ -259,6 +262,9 @@ pub struct BackfillProgress {
     /// Customers whose memberships changed, and the changes.
     pub customers_changed: u64,
     pub changes: u64,
+    /// Customers whose row could not be read (logged and left out).
+    #[serde(default)]
+    pub failed: u64,
     /// Where the next page starts (the store's own cursor).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
@@ -308,7 +314,7 @@ pub fn read_backfill(r: &LogRecord) -> Result<BackfillProgress, serde_json::Erro
 /// membership it ends, an entry by its cause), so a fold repeated after a
 /// crash appends it once on a log that deduplicates. Entries caused by a
 /// timer are named by the instant it was due at, those caused by a
-/// definition change by their time.
+/// definition change by the definitions.
 pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> {
     use cdp_domain::audience::Cause;
     let c = &m.change;
@@ -323,10 +329,15 @@ pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> 
                 Cause::Merge { absorbed } => format!("merge/{absorbed}"),
                 Cause::MergedInto { survivor } => format!("merged-into/{survivor}"),
                 // A timer is named by the instant it was due at; an
-                // entry caused by a definition change has nothing but its
-                // time to tell it apart.
+                // entry caused by a definition change by the definitions
+                // (a customer is brought up to a set of them once, so a
+                // backfill page done again after a crash names the same
+                // entries).
                 Cause::Expiry { due } => format!("expiry/{due}"),
-                Cause::Definition => format!("definition/{}", c.at),
+                Cause::Definition => match &m.definitions {
+                    Some(set) => format!("definition/{set}"),
+                    None => format!("definition/at/{}", c.at),
+                },
             };
             format!("{kind:?}/{}/{cause}", c.version)
         }
@@ -455,6 +466,7 @@ mod tests {
         let c = |at| MembershipChange {
             customer_id: CustomerId(uuid::Uuid::from_u128(1)),
             generation: 1,
+            definitions: Some("trait/orders@1,segment/buyers@1".into()),
             change: Change {
                 segment: "buyers".into(),
                 version: 1,
@@ -480,5 +492,26 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&a.value).unwrap();
         assert_eq!(json["kind"], "entered");
         assert_eq!(json["cause"]["kind"], "event");
+
+        // An entry of a backfill is named by the definitions: done again
+        // later (after a crash) it is the same record; under other
+        // definitions it is another.
+        let by_definition = |at, set: &str| MembershipChange {
+            definitions: Some(set.into()),
+            change: Change {
+                cause: Cause::Definition,
+                ..c(at).change
+            },
+            ..c(at)
+        };
+        let key = |m: &MembershipChange| change_record(m).unwrap().idempotency_key;
+        assert_eq!(
+            key(&by_definition(10, "segment/buyers@1")),
+            key(&by_definition(99, "segment/buyers@1"))
+        );
+        assert_ne!(
+            key(&by_definition(10, "segment/buyers@1")),
+            key(&by_definition(10, "segment/buyers@2"))
+        );
     }
 }

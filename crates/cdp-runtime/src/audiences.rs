@@ -32,6 +32,7 @@ pub struct AudienceRegistry {
     log: Arc<dyn EventLog>,
     every: Duration,
     known: tokio::sync::Mutex<Known>,
+    appends: tokio::sync::RwLock<()>,
 }
 
 impl AudienceRegistry {
@@ -46,7 +47,20 @@ impl AudienceRegistry {
                 usable: Arc::new(Definitions::default()),
                 checked: None,
             }),
+            appends: tokio::sync::RwLock::new(()),
         }
+    }
+
+    /// Orders the store writes of a process's profile workers, audience
+    /// timers and backfill with the appends of their changes: a fold
+    /// holds it shared from its store commit to the append of its
+    /// changes, and a sync (which makes every commit before it durable)
+    /// holds it alone. So no sync makes a commit durable whose changes are
+    /// not appended yet (a crash then would lose them: the redelivered
+    /// events find themselves folded), and the changes of one customer are
+    /// appended in the order they were made.
+    pub fn appends(&self) -> &tokio::sync::RwLock<()> {
+        &self.appends
     }
 
     /// The definitions a fold evaluates now; an error until the topic was
@@ -152,12 +166,27 @@ pub struct ChangeOutbox {
 }
 
 impl ChangeOutbox {
-    /// Queues the changes a fold of projection generation `generation` made.
-    pub fn queue(&mut self, generation: u32, changes: Vec<(CustomerId, Change)>) {
+    /// Queues the changes a fold of projection generation `generation`
+    /// made with `options`' definitions.
+    pub fn queue(
+        &mut self,
+        generation: u32,
+        changes: Vec<(CustomerId, Change)>,
+        options: &FoldOptions,
+    ) {
+        if changes.is_empty() {
+            return;
+        }
+        let definitions = options
+            .audiences
+            .definitions
+            .as_deref()
+            .map(cdp_pipeline::audience::fingerprint);
         for (customer_id, change) in changes {
             let change = MembershipChange {
                 customer_id,
                 generation,
+                definitions: definitions.clone(),
                 change,
             };
             match cdp_pipeline::audience::change_record(&change) {

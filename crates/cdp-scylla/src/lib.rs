@@ -200,6 +200,9 @@ pub(crate) struct Statements {
     pub due_delete: PreparedStatement,
     pub due_range: PreparedStatement,
     pub profile_scan: PreparedStatement,
+    pub member_put: PreparedStatement,
+    pub member_delete: PreparedStatement,
+    pub member_range: PreparedStatement,
     pub idempotency_get: PreparedStatement,
     pub idempotency_put: PreparedStatement,
 }
@@ -483,6 +486,20 @@ impl Statements {
             profile_scan: read(format!(
                 "SELECT token(customer), customer FROM {ks}.profiles \
                  WHERE token(customer) > ? LIMIT ?"
+            ))
+            .await?,
+            member_put: write(format!(
+                "INSERT INTO {ks}.segment_members (segment, bucket, customer, since) \
+                 VALUES (?, ?, ?, ?)"
+            ))
+            .await?,
+            member_delete: write(format!(
+                "DELETE FROM {ks}.segment_members WHERE segment = ? AND bucket = ? AND customer = ?"
+            ))
+            .await?,
+            member_range: read(format!(
+                "SELECT customer, since FROM {ks}.segment_members \
+                 WHERE segment = ? AND bucket = ? AND customer > ? LIMIT ?"
             ))
             .await?,
             due_range: read(format!(

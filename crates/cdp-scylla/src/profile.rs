@@ -6,13 +6,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::profile::{
+    FoldOptions, ProfileAccess, ProfileSlot, Refresh, fold_resolved, refresh_audience,
+};
 use cdp_domain::redirect::{MAX_REDIRECTS, Walk};
 use cdp_domain::{CustomerId, EventId, ResolvedTouchpoint, TimelineEntry};
 pub(crate) use cdp_store::PendingMerge;
+use cdp_store::audience_index::{AudienceIndex, IndexMoves};
 pub(crate) use cdp_store::read::settle_chain;
 use cdp_store::sealed::{Read, RowKind, ToWrite, ViewKeys, is_sealed};
-use cdp_store::{Applied, BackfillPage, ProfileRow, ProfileStore, StoreError, TimelineQuery};
+use cdp_store::{
+    Applied, BackfillPage, MembersPage, ProfileRow, ProfileStore, StoreError, TimelineQuery,
+};
 use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt, stream};
 use tracing::{debug, warn};
@@ -38,39 +43,14 @@ pub(crate) fn due_shard(customer: CustomerId) -> i32 {
     (customer.0.as_u128() % DUE_SHARDS) as i32
 }
 
-/// The audience timer of a row.
-fn due_of(slot: &ProfileSlot) -> Option<i64> {
-    match slot {
-        ProfileSlot::Live(p) => p.audience.due,
-        ProfileSlot::MergedInto(_) => None,
-    }
-}
+/// Buckets of each segment's members (a segment's partition is
+/// `(segment, bucket)`, so a large segment spreads over 16).
+pub(crate) const MEMBER_BUCKETS: i32 = 16;
 
-/// One row as an expiry sees it: loaded once, saved in memory.
-struct OneRow {
-    customer: CustomerId,
-    slot: ProfileSlot,
-    saved: bool,
-}
-
-impl ProfileAccess for OneRow {
-    type Error = StoreError;
-
-    fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, StoreError> {
-        Ok((customer == self.customer).then(|| self.slot.clone()))
-    }
-
-    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
-        if customer != self.customer {
-            return Err(StoreError::Storage(format!(
-                "an audience timer of {} saved another row ({customer})",
-                self.customer
-            )));
-        }
-        self.slot = slot.clone();
-        self.saved = true;
-        Ok(())
-    }
+/// The bucket of `customer` in a segment's members.
+pub(crate) fn member_bucket(customer: CustomerId) -> i32 {
+    // Below 16: fits.
+    (customer.0.as_u128() % MEMBER_BUCKETS as u128) as i32
 }
 
 /// What a profile row holds.
@@ -329,30 +309,57 @@ fn contains_event(entry: &Entry, event: EventId) -> bool {
 }
 
 impl ScyllaStore {
-    /// Runs one audience timer (see [`ProfileStore::expire_audiences`]):
-    /// the changes it made.
-    async fn expire_one(
+    /// Refreshes one customer's audience (see
+    /// [`ProfileStore::expire_audiences`] and
+    /// [`ProfileStore::backfill_audiences`]): the changes it made. `at`:
+    /// the timer entry it came from, dropped once it no longer stands for
+    /// the row.
+    async fn refresh_one(
         &self,
-        at: i64,
+        at: Option<i64>,
         customer: CustomerId,
+        why: Refresh,
         options: &FoldOptions,
     ) -> Result<Vec<cdp_domain::audience::Change>, StoreError> {
-        let drop_entry =
-            || self.write(&self.st().due_delete, (due_shard(customer), at, customer.0));
+        let drop_entry = |at: i64| async move {
+            // Best effort: an entry left behind fires once more.
+            if let Err(error) = self
+                .write(&self.st().due_delete, (due_shard(customer), at, customer.0))
+                .await
+            {
+                warn!(%customer, %error, "an audience timer entry was not removed");
+            }
+        };
         for _ in 0..MAX_ATTEMPTS {
             let Some(stored) = self.fetch_profile(customer).await? else {
-                drop_entry().await?;
+                if let Some(at) = at {
+                    drop_entry(at).await;
+                }
                 return Ok(Vec::new());
             };
-            let mut row = OneRow {
-                customer,
-                slot: stored.entry.slot.clone(),
-                saved: false,
+            let ProfileSlot::Live(profile) = &stored.entry.slot else {
+                if let Some(at) = at {
+                    drop_entry(at).await;
+                }
+                return Ok(Vec::new());
             };
-            let changes = cdp_domain::profile::expire_audience(&mut row, customer, options)?;
-            if row.saved {
+            let mut profile = profile.as_ref().clone();
+            // The family's timelines are read before the profile is
+            // written back under its version: an event folded meanwhile
+            // fails the write, and the refresh starts over.
+            let mut events = None;
+            if let Some(defs) = options.audiences.definitions.as_deref()
+                && !profile.audience.unknown(defs).is_empty()
+            {
+                events = Some(self.family_events(&profile).await?);
+            }
+            let (changed, changes) = refresh_audience(&mut profile, options, why, |_| {
+                Ok::<_, StoreError>(events.take().unwrap_or_default())
+            })?;
+            let due = profile.audience.due;
+            if changed {
                 let entry = Entry {
-                    slot: row.slot.clone(),
+                    slot: ProfileSlot::Live(Box::new(profile)),
                     pending: stored.entry.pending.clone(),
                     fresh: false,
                 };
@@ -366,69 +373,70 @@ impl ScyllaStore {
                     continue;
                 }
             }
-            if due_of(&row.slot) != Some(at) {
-                drop_entry().await?;
+            if let Some(at) = at.filter(|at| due != Some(*at)) {
+                drop_entry(at).await;
             }
             return Ok(changes);
         }
         Err(StoreError::Storage(format!(
-            "the audience timer of {customer} kept conflicting with other writers"
+            "the audience of {customer} kept conflicting with other writers"
         )))
     }
 
-    /// Brings one customer's audience up to the definitions (see
-    /// [`ProfileStore::backfill_audiences`]): the changes it made.
-    async fn backfill_one(
+    /// The events of `profile`'s timeline and of the customers it absorbed.
+    async fn family_events(
         &self,
-        customer: CustomerId,
-        options: &FoldOptions,
-    ) -> Result<Vec<cdp_domain::audience::Change>, StoreError> {
-        let Some(defs) = options.audiences.definitions.as_deref() else {
-            return Ok(Vec::new());
+        profile: &cdp_domain::Profile,
+    ) -> Result<Vec<cdp_domain::Touchpoint>, StoreError> {
+        let everything = TimelineQuery {
+            limit: usize::MAX,
+            ..TimelineQuery::default()
         };
-        for _ in 0..MAX_ATTEMPTS {
-            let Some(stored) = self.fetch_profile(customer).await? else {
-                return Ok(Vec::new());
-            };
-            let ProfileSlot::Live(profile) = &stored.entry.slot else {
-                return Ok(Vec::new());
-            };
-            let mut profile = profile.as_ref().clone();
-            let mut events = Vec::new();
-            if !profile.audience.unknown(defs).is_empty() {
-                let everything = TimelineQuery {
-                    limit: usize::MAX,
-                    ..TimelineQuery::default()
-                };
-                let family = std::iter::once(customer).chain(profile.merged_from.iter().copied());
-                for member in family {
-                    let entries = self.timeline_range(member, &everything).await?;
-                    events.extend(entries.iter().map(TimelineEntry::touchpoint));
+        let mut events = Vec::new();
+        let family =
+            std::iter::once(profile.customer_id).chain(profile.merged_from.iter().copied());
+        for member in family {
+            let entries = self.timeline_range(member, &everything).await?;
+            events.extend(entries.iter().map(TimelineEntry::touchpoint));
+        }
+        Ok(events)
+    }
+
+    /// Refreshes `customers` side by side; one that fails is logged and
+    /// counted, the others go on.
+    async fn refresh_many(
+        &self,
+        customers: Vec<(Option<i64>, CustomerId)>,
+        why: Refresh,
+        options: &FoldOptions,
+    ) -> Applied {
+        let done: Vec<(
+            CustomerId,
+            Result<Vec<cdp_domain::audience::Change>, StoreError>,
+        )> = stream::iter(customers)
+            .map(|(at, c)| async move { (c, self.refresh_one(at, c, why, options).await) })
+            .buffered(WRITE_CONCURRENCY)
+            .collect()
+            .await;
+        let mut applied = Applied::default();
+        for (c, outcome) in done {
+            match outcome {
+                Ok(changes) if changes.is_empty() => {}
+                Ok(changes) => {
+                    applied.customers.push(c);
+                    applied
+                        .changes
+                        .extend(changes.into_iter().map(|ch| (c, ch)));
+                }
+                Err(error) => {
+                    warn!(customer = %c, %error, "an audience not refreshed");
+                    applied.failed += 1;
                 }
             }
-            let before = profile.audience.clone();
-            let changes = cdp_domain::profile::backfill_audience(&mut profile, options, &events);
-            if profile.audience == before {
-                return Ok(changes);
-            }
-            let entry = Entry {
-                slot: ProfileSlot::Live(Box::new(profile)),
-                pending: stored.entry.pending.clone(),
-                fresh: false,
-            };
-            if self
-                .put_profile(customer, &entry, Some(&stored))
-                .await?
-                .is_some()
-            {
-                return Ok(changes);
-            }
-            // Written meanwhile: read again.
-            tokio::time::sleep(Duration::from_millis(1) + jitter(20)).await;
         }
-        Err(StoreError::Storage(format!(
-            "the audience backfill of {customer} kept conflicting with other writers"
-        )))
+        applied.customers.sort();
+        applied.customers.dedup();
+        applied
     }
 
     pub(crate) async fn fetch_profile(
@@ -650,17 +658,27 @@ impl ScyllaStore {
             )?)?),
             None => None,
         };
-        // The row's new timer is filed before the row (a row never waits
-        // on a missing entry); its old one is removed once the row moved on
-        // (an entry left by a failed write fires once, finds nothing due,
-        // and is dropped).
-        let (before, after) = (
-            stored.and_then(|s| due_of(&s.entry.slot)),
-            due_of(&entry.slot),
+        // The row's new index entries (its timer, the segments it
+        // enters) are filed before the row, so a row never waits on a
+        // missing entry; the old ones are removed once the row moved on
+        // (a timer left by a failed write fires once, finds nothing due,
+        // and is dropped; a member left so is skipped by `members`).
+        let moves = IndexMoves::between(
+            &AudienceIndex::of(stored.map(|s| &s.entry.slot)),
+            &AudienceIndex::of(Some(&entry.slot)),
         );
-        if let Some(at) = after.filter(|_| before != after) {
+        if let Some(at) = moves.due_added {
             self.write(&self.st().due_put, (due_shard(customer), at, customer.0))
                 .await?;
+        }
+        for (segment, since) in &moves.members_added {
+            let values = (
+                segment.as_str(),
+                member_bucket(customer),
+                customer.0,
+                *since,
+            );
+            self.write(&self.st().member_put, values).await?;
         }
         let (outcome, version) = match stored {
             None => (
@@ -674,9 +692,24 @@ impl ScyllaStore {
                 (self.lwt(&self.st().profile_update, values).await?, version)
             }
         };
-        if let (Lwt::Applied, Some(at)) = (&outcome, before.filter(|_| before != after)) {
-            self.write(&self.st().due_delete, (due_shard(customer), at, customer.0))
-                .await?;
+        if matches!(outcome, Lwt::Applied) {
+            // Best effort: the row is written, and an entry left behind is
+            // harmless (a timer fires once and is dropped, a member is
+            // checked against its row); failing here would make the caller
+            // fold again and report the row's changes as already made.
+            if let Some(at) = moves.due_removed
+                && let Err(error) = self
+                    .write(&self.st().due_delete, (due_shard(customer), at, customer.0))
+                    .await
+            {
+                warn!(%customer, %error, "an old audience timer entry was not removed");
+            }
+            for segment in &moves.members_removed {
+                let values = (segment.as_str(), member_bucket(customer), customer.0);
+                if let Err(error) = self.write(&self.st().member_delete, values).await {
+                    warn!(%customer, %segment, %error, "an old segment member entry was not removed");
+                }
+            }
         }
         match outcome {
             Lwt::Applied => Ok(Some(Stored {
@@ -901,6 +934,7 @@ impl ProfileStore for ScyllaStore {
                     new_events: committed.len(),
                     customers,
                     changes,
+                    failed: 0,
                 });
             }
             debug!(
@@ -958,26 +992,8 @@ impl ProfileStore for ScyllaStore {
         if options.audiences.definitions.is_none() {
             return Ok(Applied::default());
         }
-        let fired: Vec<(CustomerId, Vec<cdp_domain::audience::Change>)> =
-            stream::iter(due.iter().copied())
-                .map(|(at, c)| async move {
-                    Ok::<_, StoreError>((c, self.expire_one(at, c, options).await?))
-                })
-                .buffered(WRITE_CONCURRENCY)
-                .try_collect()
-                .await?;
-        let mut applied = Applied::default();
-        for (c, changes) in fired {
-            if !changes.is_empty() {
-                applied.customers.push(c);
-                applied
-                    .changes
-                    .extend(changes.into_iter().map(|ch| (c, ch)));
-            }
-        }
-        applied.customers.sort();
-        applied.customers.dedup();
-        Ok(applied)
+        let due = due.iter().map(|(at, c)| (Some(*at), *c)).collect();
+        Ok(self.refresh_many(due, Refresh::Timer, options).await)
     }
 
     async fn backfill_audiences(
@@ -1010,27 +1026,98 @@ impl ProfileStore for ScyllaStore {
         let next = (rows.len() >= limit.max(1))
             .then(|| rows.last().map(|(token, _)| token.to_string()))
             .flatten();
-        let fired: Vec<(CustomerId, Vec<cdp_domain::audience::Change>)> = stream::iter(
-            rows.iter().map(|(_, c)| CustomerId(*c)).collect::<Vec<_>>(),
-        )
-        .map(|c| async move { Ok::<_, StoreError>((c, self.backfill_one(c, options).await?)) })
-        .buffered(WRITE_CONCURRENCY)
-        .try_collect()
-        .await?;
-        let mut applied = Applied::default();
-        for (c, changes) in fired {
-            if !changes.is_empty() {
-                applied.customers.push(c);
-                applied
-                    .changes
-                    .extend(changes.into_iter().map(|ch| (c, ch)));
-            }
-        }
+        let customers = rows.iter().map(|(_, c)| (None, CustomerId(*c))).collect();
+        let applied = if options.audiences.definitions.is_none() {
+            Applied::default()
+        } else {
+            self.refresh_many(customers, Refresh::Backfill, options)
+                .await
+        };
         Ok(BackfillPage {
             applied,
             scanned: rows.len(),
             next,
         })
+    }
+
+    async fn members(
+        &self,
+        segment: &str,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<MembersPage, StoreError> {
+        // The cursor: `<bucket>/<last customer read in it>` (none read yet:
+        // `<bucket>/`).
+        let (mut bucket, mut after) = match from {
+            None => (0, None),
+            Some(cursor) => {
+                let bad =
+                    |why: String| StoreError::Invalid(format!("members cursor {cursor:?}: {why}"));
+                let (b, c) = cursor
+                    .split_once('/')
+                    .ok_or_else(|| bad("no bucket".into()))?;
+                let b: i32 = b.parse().map_err(|e| bad(format!("{e}")))?;
+                let c = match c {
+                    "" => None,
+                    c => Some(c.parse::<uuid::Uuid>().map_err(|e| bad(format!("{e}")))?),
+                };
+                (b, c)
+            }
+        };
+        let mut page = MembersPage::default();
+        while bucket < MEMBER_BUCKETS && page.members.len() < limit.max(1) {
+            let want = i32::try_from(limit.max(1) - page.members.len()).unwrap_or(i32::MAX);
+            // The nil id (version 0) sorts before every customer id.
+            let rows = self
+                .session()
+                .execute_unpaged(
+                    &self.st().member_range,
+                    (segment, bucket, after.unwrap_or(uuid::Uuid::nil()), want),
+                )
+                .await
+                .map_err(exec_error)?
+                .into_rows_result()
+                .map_err(storage)?;
+            let rows: Vec<(uuid::Uuid, i64)> = rows
+                .rows::<(uuid::Uuid, i64)>()
+                .map_err(storage)?
+                .collect::<Result<_, _>>()
+                .map_err(storage)?;
+            if let Some((last, _)) = rows.last() {
+                after = Some(*last);
+            }
+            let exhausted = rows.len() < usize::try_from(want).unwrap_or(usize::MAX);
+            // Each entry checked against its row: an entry left by a write
+            // that did not apply, or by an erased row, is skipped.
+            let checked: Vec<Option<(CustomerId, i64)>> = stream::iter(rows)
+                .map(|(c, since)| async move {
+                    let customer = CustomerId(c);
+                    let live = self.fetch_profile(customer).await?;
+                    let member = live.is_some_and(|s| match &s.entry.slot {
+                        ProfileSlot::Live(p) => p.audience.members.contains_key(segment),
+                        ProfileSlot::MergedInto(_) => false,
+                    });
+                    Ok::<_, StoreError>(member.then_some((customer, since)))
+                })
+                .buffered(READ_CONCURRENCY)
+                .try_collect()
+                .await?;
+            page.members.extend(checked.into_iter().flatten());
+            if exhausted {
+                bucket += 1;
+                after = None;
+            } else {
+                // One query per call and bucket: a page may end short.
+                break;
+            }
+        }
+        if bucket < MEMBER_BUCKETS {
+            page.next = Some(format!(
+                "{bucket}/{}",
+                after.map(|c| c.to_string()).unwrap_or_default()
+            ));
+        }
+        Ok(page)
     }
 
     async fn erase_views(

@@ -85,8 +85,22 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             // (shard of the customer, due, customer): see `profile::due_shard`.
             // Written before the profile row that is due then, removed after
             // the row moved on, so a row never waits on a missing entry.
+            // Every fired timer leaves a tombstone where the next scan
+            // starts: they are purged an hour after compaction reaches them.
             "CREATE TABLE IF NOT EXISTS {ks}.audience_due (shard int, due bigint, \
-         customer uuid, PRIMARY KEY ((shard), due, customer))",
+         customer uuid, PRIMARY KEY ((shard), due, customer)) WITH gc_grace_seconds = 3600",
+        ],
+    },
+    Migration {
+        version: 6,
+        name: "segment members: each segment's live members, beside the profile rows",
+        statements: &[
+            // (segment, bucket of the customer, customer) -> since: see
+            // `profile::member_bucket`. Written before the profile row that
+            // enters, removed after the row that exits.
+            "CREATE TABLE IF NOT EXISTS {ks}.segment_members (segment text, bucket int, \
+         customer uuid, since bigint, PRIMARY KEY ((segment, bucket), customer)) \
+         WITH gc_grace_seconds = 3600",
         ],
     },
 ];
@@ -101,6 +115,7 @@ pub(crate) const DATA_TABLES: &[&str] = &[
     "timeline",
     "search",
     "audience_due",
+    "segment_members",
 ];
 
 /// Keyspace names go into CQL text: allow only what CQL allows unquoted.

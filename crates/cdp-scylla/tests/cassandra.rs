@@ -369,6 +369,15 @@ impl ProfileStore for RoundRobin {
         self.pick().backfill_audiences(from, limit, options).await
     }
 
+    async fn members(
+        &self,
+        segment: &str,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<cdp_store::MembersPage, StoreError> {
+        self.pick().members(segment, from, limit).await
+    }
+
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
         self.pick().row(customer).await
     }

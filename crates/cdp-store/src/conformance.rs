@@ -62,6 +62,7 @@ macro_rules! store_test_suite {
             profiles_fold_audiences(profiles_ref),
             audience_timers_fire_on_time_and_once(profiles_ref),
             audience_backfill_folds_past_events_once(profiles_ref),
+            segment_members_follow_entries_merges_and_erasure(profiles_ref),
             generations_switch_and_drop(generations));
     };
     (@arg identity_ref, $f:expr) => { &*$f.identity() };
@@ -901,6 +902,132 @@ pub async fn audience_backfill_folds_past_events_once(store: &dyn ProfileStore, 
     let (again, _) = backfill(100).await;
     assert!(again.is_empty(), "{again:?}");
     store.sync().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// A segment's members, page by page: those who entered, without the
+/// customer merged away (it exits) or the one erased.
+pub async fn segment_members_follow_entries_merges_and_erasure(
+    store: &dyn ProfileStore,
+    prefix: &str,
+) {
+    use cdp_domain::audience::{Aggregate, Definitions, EventFilter, SegmentDef, TraitDef};
+    use cdp_domain::identity::{Merge, MergeCause};
+    use cdp_domain::profile::AudienceOptions;
+
+    let defs = Definitions::new(
+        vec![TraitDef {
+            name: "orders".into(),
+            version: 1,
+            aggregate: Aggregate::Count,
+            property: None,
+            filter: EventFilter {
+                types: vec!["order_completed".into()],
+                ..EventFilter::default()
+            },
+            window: "all".parse().unwrap_or_default(),
+        }],
+        vec![SegmentDef {
+            name: format!("buyers_{prefix}"),
+            version: 1,
+            condition: "traits.orders >= 1".into(),
+            description: String::new(),
+        }],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let segment = defs.segments[0].def.name.clone();
+    let options = FoldOptions {
+        audiences: AudienceOptions::new(Arc::new(defs), 10_000),
+        ..FoldOptions::default()
+    };
+    let customer = |who: &str| {
+        CustomerId(Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{prefix}-{who}").as_bytes(),
+        ))
+    };
+    let [a, b, c] = ["a", "b", "c"].map(customer);
+    let order = |n: u64, who: &str| {
+        event(
+            prefix,
+            n,
+            1_000 + n as i64,
+            EventType::OrderCompleted,
+            &[email(prefix, who)],
+            json!({"order_id": format!("{prefix}-o{n}"), "total": 100_000}),
+        )
+    };
+    store
+        .apply(
+            &[
+                resolved(a, order(1, "a")),
+                resolved(b, order(2, "b")),
+                resolved(c, order(3, "c")),
+            ],
+            &options,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let members = |name: String| async move {
+        let (mut all, mut from) = (Vec::new(), None::<String>);
+        for _ in 0..1_000 {
+            let page = store
+                .members(&name, from.as_deref(), 2)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert!(page.members.len() <= 2, "{page:?}");
+            all.extend(page.members);
+            match page.next {
+                Some(next) => from = Some(next),
+                None => {
+                    all.sort();
+                    return all;
+                }
+            }
+        }
+        panic!("the members of {name} never ended");
+    };
+    let mut want = vec![(a, 10_000), (b, 10_000), (c, 10_000)];
+    want.sort();
+    assert_eq!(members(segment.clone()).await, want);
+    assert!(members("nobody".into()).await.is_empty());
+
+    // b merged into a: b exits everything.
+    let carrier = event(
+        prefix,
+        4,
+        2_000,
+        EventType::PageViewed,
+        &[email(prefix, "a")],
+        json!({}),
+    );
+    let merge = ResolvedTouchpoint {
+        customer_id: a,
+        merges: vec![Merge {
+            loser: b,
+            survivor: a,
+            at: 2_000,
+            cause: MergeCause {
+                event_id: carrier.envelope.event_id,
+                identifier: Identifier::new(IdKind::Email, email(prefix, "a").1),
+                rule: "email".into(),
+            },
+        }],
+        touchpoint: carrier,
+    };
+    store
+        .apply(&[merge], &options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut want = vec![(a, 10_000), (c, 10_000)];
+    want.sort();
+    assert_eq!(members(segment.clone()).await, want);
+
+    // c erased: gone from the members.
+    store
+        .erase_views(&[c], &[])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(members(segment).await, [(a, 10_000)]);
 }
 
 /// Folding, idempotent re-delivery, merges with redirects, and the timeline.

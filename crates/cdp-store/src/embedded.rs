@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cdp_domain::identity::{self, Claim, CustomerNode, DecisionLog, GraphRead, GraphWrite};
-use cdp_domain::profile::{FoldOptions, ProfileAccess, ProfileSlot, fold_resolved};
+use cdp_domain::profile::{
+    FoldOptions, ProfileAccess, ProfileSlot, Refresh, fold_resolved, refresh_audience,
+};
 use cdp_domain::redirect;
 use cdp_domain::{
     CustomerId, EventId, Identifier, IdentityRules, Resolution, ResolvedTouchpoint, TimelineEntry,
@@ -23,12 +25,14 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::audience_index::{AudienceIndex, IndexMoves};
 use crate::sealed::{
     Read, RowKind, ToWrite, ViewKeys, ViewSeal, batch_customers, claim_key, decision_owner,
     graph_owners, node_link,
 };
 use crate::{
-    Applied, BackfillPage, IdentityStore, ProfileRow, ProfileStore, StoreError, TimelineQuery,
+    Applied, BackfillPage, IdentityStore, MembersPage, ProfileRow, ProfileStore, StoreError,
+    TimelineQuery,
 };
 
 /// How many times a fold fetches keys it met but had not fetched (each
@@ -62,6 +66,10 @@ const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new
 /// entry that no longer stands for its row (the row erased, say) is
 /// dropped by the timer that finds it.
 const AUDIENCE_DUE: TableDefinition<(i64, u128), ()> = TableDefinition::new("audience_due");
+/// (segment, customer id) -> since: the members of each segment, written
+/// with the profile row. An erased row's entries stay until a read finds
+/// the row gone (`ProfileStore::members` drops them).
+const SEGMENT_MEMBERS: TableDefinition<(&str, u128), i64> = TableDefinition::new("segment_members");
 
 /// A write transaction that saves the allocator state with its commit
 /// (redb's quick repair): after a crash the file opens at once instead of
@@ -121,6 +129,7 @@ fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreErr
         tx.open_table(TIMELINE).map_err(storage)?;
         tx.open_table(SEARCH).map_err(storage)?;
         tx.open_table(AUDIENCE_DUE).map_err(storage)?;
+        tx.open_table(SEGMENT_MEMBERS).map_err(storage)?;
     }
     tx.commit().map_err(storage)
 }
@@ -674,10 +683,12 @@ impl IdentityStore for EmbeddedStore {
 /// and run again with them).
 struct TxProfiles<'t, 'k> {
     profiles: Table<'t, u128, &'static [u8]>,
-    /// The audience timers, moved with the rows written.
+    /// The audience timers and segment members, moved with the rows
+    /// written.
     due: Table<'t, (i64, u128), ()>,
-    /// Each row's timer as first read in this transaction.
-    due_before: std::collections::HashMap<CustomerId, Option<i64>>,
+    members: Table<'t, (&'static str, u128), i64>,
+    /// Each row's audience index as first read in this transaction.
+    indexed: std::collections::HashMap<CustomerId, AudienceIndex>,
     keys: &'k ViewKeys,
     missing: std::collections::BTreeSet<CustomerId>,
     /// The search terms of each live profile as the current event's fold
@@ -690,14 +701,6 @@ struct TxProfiles<'t, 'k> {
     slots: std::collections::HashMap<CustomerId, (Option<ProfileSlot>, bool)>,
 }
 
-/// The audience timer of a row.
-fn due_of(slot: Option<&ProfileSlot>) -> Option<i64> {
-    match slot {
-        Some(ProfileSlot::Live(p)) => p.audience.due,
-        _ => None,
-    }
-}
-
 impl<'t> TxProfiles<'t, '_> {
     fn open(
         tx: &'t redb::WriteTransaction,
@@ -706,7 +709,8 @@ impl<'t> TxProfiles<'t, '_> {
         Ok(TxProfiles {
             profiles: tx.open_table(PROFILES).map_err(storage)?,
             due: tx.open_table(AUDIENCE_DUE).map_err(storage)?,
-            due_before: std::collections::HashMap::new(),
+            members: tx.open_table(SEGMENT_MEMBERS).map_err(storage)?,
+            indexed: std::collections::HashMap::new(),
             keys,
             missing: Unfetched::new(),
             terms_before: std::collections::HashMap::new(),
@@ -719,7 +723,7 @@ impl<'t> TxProfiles<'t, '_> {
     fn due_now(&self, customer: CustomerId) -> Option<i64> {
         self.slots
             .get(&customer)
-            .and_then(|(slot, _)| due_of(slot.as_ref()))
+            .and_then(|(slot, _)| AudienceIndex::of(slot.as_ref()).due)
     }
 
     /// Writes every slot saved in this transaction, and moves the audience
@@ -734,15 +738,24 @@ impl<'t> TxProfiles<'t, '_> {
                     self.profiles
                         .insert(key(*customer), bytes.as_slice())
                         .map_err(storage)?;
-                    let before = self.due_before.get(customer).copied().flatten();
-                    let after = due_of(Some(slot));
-                    if before != after {
-                        if let Some(at) = before {
-                            self.due.remove((at, key(*customer))).map_err(storage)?;
-                        }
-                        if let Some(at) = after {
-                            self.due.insert((at, key(*customer)), ()).map_err(storage)?;
-                        }
+                    let before = self.indexed.get(customer).cloned().unwrap_or_default();
+                    let moves = IndexMoves::between(&before, &AudienceIndex::of(Some(slot)));
+                    let k = key(*customer);
+                    if let Some(at) = moves.due_removed {
+                        self.due.remove((at, k)).map_err(storage)?;
+                    }
+                    if let Some(at) = moves.due_added {
+                        self.due.insert((at, k), ()).map_err(storage)?;
+                    }
+                    for segment in &moves.members_removed {
+                        self.members
+                            .remove((segment.as_str(), k))
+                            .map_err(storage)?;
+                    }
+                    for (segment, since) in &moves.members_added {
+                        self.members
+                            .insert((segment.as_str(), k), since)
+                            .map_err(storage)?;
                     }
                 }
                 // An erased customer's views are not made again.
@@ -775,7 +788,8 @@ impl ProfileAccess for TxProfiles<'_, '_> {
                     },
                 };
                 self.slots.insert(customer, (slot.clone(), false));
-                self.due_before.insert(customer, due_of(slot.as_ref()));
+                self.indexed
+                    .insert(customer, AudienceIndex::of(slot.as_ref()));
                 slot
             }
         };
@@ -823,6 +837,38 @@ impl ProfileAccess for TxProfiles<'_, '_> {
 
 /// A fold that met customers whose keys it had not fetched.
 type Unfetched = std::collections::BTreeSet<CustomerId>;
+
+/// The events of `profile`'s timeline and of the customers it absorbed,
+/// opened with `keys`; a customer whose key was not fetched goes into
+/// `missing` (the caller runs again with it).
+fn family_events(
+    timeline: &Table<'_, (u128, i64, u128), &'static [u8]>,
+    keys: &ViewKeys,
+    profile: &cdp_domain::Profile,
+    missing: &mut Unfetched,
+) -> Result<Vec<Touchpoint>, StoreError> {
+    let mut events = Vec::new();
+    let family = std::iter::once(profile.customer_id).chain(profile.merged_from.iter().copied());
+    for member in family {
+        let k = key(member);
+        for row in timeline
+            .range((k, i64::MIN, 0u128)..=(k, i64::MAX, u128::MAX))
+            .map_err(storage)?
+        {
+            let (at, bytes) = row.map_err(storage)?;
+            let kind = RowKind::Timeline(at.value().2);
+            match keys.read_json::<TimelineEntry>(member, kind, "timeline entry", bytes.value())? {
+                Read::Value(entry) => events.push(entry.touchpoint()),
+                Read::Erased => {}
+                Read::Missing => {
+                    missing.insert(member);
+                    break;
+                }
+            }
+        }
+    }
+    Ok(events)
+}
 
 impl EmbeddedStore {
     /// One fold transaction; `durable` false leaves its pages in redb's
@@ -872,112 +918,66 @@ impl EmbeddedStore {
         )))
     }
 
-    /// One transaction of an audience backfill (see
-    /// [`ProfileStore::backfill_audiences`]).
-    fn backfill_tx(
+    /// One transaction of audience refreshes: the timers `due` (each with
+    /// the instant its entry was filed under) or the rows of a backfill
+    /// page (see [`ProfileStore::expire_audiences`] and
+    /// [`ProfileStore::backfill_audiences`]). A customer whose row cannot
+    /// be read is logged and left out; the others go on.
+    fn refresh_tx(
         db: &Database,
-        customers: &[CustomerId],
+        due: &[(Option<i64>, CustomerId)],
+        why: Refresh,
         options: &FoldOptions,
         keys: &ViewKeys,
     ) -> Result<Result<Applied, Unfetched>, StoreError> {
-        let Some(defs) = options.audiences.definitions.as_deref() else {
-            return Ok(Ok(Applied::default()));
-        };
         let mut tx = begin_write(db)?;
         tx.set_durability(Durability::None).map_err(storage)?;
         let mut applied = Applied::default();
         {
             let mut access = TxProfiles::open(&tx, keys)?;
             let timeline = tx.open_table(TIMELINE).map_err(storage)?;
-            for customer in customers {
-                let Some(ProfileSlot::Live(mut profile)) = access.load(*customer)? else {
-                    continue;
-                };
-                let mut events = Vec::new();
-                if !profile.audience.unknown(defs).is_empty() {
-                    let family =
-                        std::iter::once(*customer).chain(profile.merged_from.iter().copied());
-                    for member in family {
-                        let k = key(member);
-                        for row in timeline
-                            .range((k, i64::MIN, 0u128)..=(k, i64::MAX, u128::MAX))
-                            .map_err(storage)?
-                        {
-                            let (at, bytes) = row.map_err(storage)?;
-                            let kind = RowKind::Timeline(at.value().2);
-                            match keys.read_json::<TimelineEntry>(
-                                member,
-                                kind,
-                                "timeline entry",
-                                bytes.value(),
-                            )? {
-                                Read::Value(entry) => events.push(entry.touchpoint()),
-                                Read::Erased => {}
-                                Read::Missing => {
-                                    access.missing.insert(member);
-                                    break;
-                                }
-                            }
+            for (_, customer) in due {
+                let mut missing = Unfetched::new();
+                let outcome = access.load(*customer).and_then(|slot| {
+                    let Some(ProfileSlot::Live(mut profile)) = slot else {
+                        return Ok(None);
+                    };
+                    let (changed, changes) = refresh_audience(&mut profile, options, why, |p| {
+                        family_events(&timeline, keys, p, &mut missing)
+                    })?;
+                    Ok(Some((profile, changed, changes)))
+                });
+                match outcome {
+                    Err(error) => {
+                        tracing::warn!(%customer, %error, "an audience not refreshed");
+                        applied.failed += 1;
+                    }
+                    // Done again with the keys it met.
+                    Ok(_) if !missing.is_empty() => access.missing.extend(missing),
+                    Ok(None) => {}
+                    Ok(Some((profile, changed, changes))) => {
+                        if changed {
+                            access.save(*customer, &ProfileSlot::Live(profile))?;
+                        }
+                        if !changes.is_empty() && !keys.erased(*customer) {
+                            applied.customers.push(*customer);
+                            applied
+                                .changes
+                                .extend(changes.into_iter().map(|c| (*customer, c)));
                         }
                     }
                 }
-                if !access.missing.is_empty() {
-                    // Done again with the keys it met.
-                    continue;
-                }
-                let before = profile.audience.clone();
-                let changes =
-                    cdp_domain::profile::backfill_audience(&mut profile, options, &events);
-                if profile.audience != before {
-                    access.save(*customer, &ProfileSlot::Live(profile))?;
-                }
-                if !changes.is_empty() && !keys.erased(*customer) {
-                    applied.customers.push(*customer);
-                    applied
-                        .changes
-                        .extend(changes.into_iter().map(|c| (*customer, c)));
-                }
             }
             access.write_back()?;
             if !access.missing.is_empty() {
                 return Ok(Err(access.missing));
             }
-        }
-        tx.commit().map_err(storage)?;
-        Ok(Ok(applied))
-    }
-
-    /// One transaction of audience timers (see
-    /// [`ProfileStore::expire_audiences`]).
-    fn expire_tx(
-        db: &Database,
-        due: &[(i64, CustomerId)],
-        options: &FoldOptions,
-        keys: &ViewKeys,
-    ) -> Result<Result<Applied, Unfetched>, StoreError> {
-        let mut tx = begin_write(db)?;
-        tx.set_durability(Durability::None).map_err(storage)?;
-        let mut applied = Applied::default();
-        {
-            let mut access = TxProfiles::open(&tx, keys)?;
-            for (_, customer) in due {
-                let changes =
-                    cdp_domain::profile::expire_audience(&mut access, *customer, options)?;
-                if !changes.is_empty() && !keys.erased(*customer) {
-                    applied.customers.push(*customer);
-                    applied
-                        .changes
-                        .extend(changes.into_iter().map(|c| (*customer, c)));
-                }
-            }
-            access.write_back()?;
-            if !access.missing.is_empty() {
-                return Ok(Err(access.missing));
-            }
-            // Entries that no longer stand for their row: the row's timer
-            // moved (written above), or there is no live row.
+            // Timer entries that no longer stand for their row: the row's
+            // timer moved (written above), or there is no live row.
             for (at, customer) in due {
-                if access.due_now(*customer) != Some(*at) {
+                if let Some(at) = at
+                    && access.due_now(*customer) != Some(*at)
+                {
                     access.due.remove((*at, key(*customer))).map_err(storage)?;
                 }
             }
@@ -1126,11 +1126,12 @@ impl ProfileStore for EmbeddedStore {
         if due.is_empty() || options.audiences.definitions.is_none() {
             return Ok(Applied::default());
         }
-        let due = Arc::new(due.to_vec());
-        let options = Arc::new(options.clone());
         let customers = due.iter().map(|(_, c)| *c).collect();
+        let due: Arc<Vec<(Option<i64>, CustomerId)>> =
+            Arc::new(due.iter().map(|(at, c)| (Some(*at), *c)).collect());
+        let options = Arc::new(options.clone());
         self.with_keys(customers, false, move |db, keys| {
-            Self::expire_tx(db, &due, &options, keys)
+            Self::refresh_tx(db, &due, Refresh::Timer, &options, keys)
         })
         .await
     }
@@ -1176,10 +1177,11 @@ impl ProfileStore for EmbeddedStore {
             Applied::default()
         } else {
             let wanted = customers.iter().copied().collect();
-            let customers = Arc::new(customers);
+            let rows: Arc<Vec<(Option<i64>, CustomerId)>> =
+                Arc::new(customers.into_iter().map(|c| (None, c)).collect());
             let options = Arc::new(options.clone());
             self.with_keys(wanted, false, move |db, keys| {
-                Self::backfill_tx(db, &customers, &options, keys)
+                Self::refresh_tx(db, &rows, Refresh::Backfill, &options, keys)
             })
             .await?
         };
@@ -1188,6 +1190,55 @@ impl ProfileStore for EmbeddedStore {
             scanned,
             next,
         })
+    }
+
+    async fn members(
+        &self,
+        segment: &str,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<MembersPage, StoreError> {
+        let start = match from {
+            None => 0u128,
+            Some(cursor) => match cursor
+                .parse::<uuid::Uuid>()
+                .map_err(|e| StoreError::Invalid(format!("members cursor {cursor:?}: {e}")))?
+                .as_u128()
+                .checked_add(1)
+            {
+                Some(start) => start,
+                None => return Ok(MembersPage::default()),
+            },
+        };
+        let segment = segment.to_owned();
+        // Stale entries are skipped, but not without end: a page reads at
+        // most this many.
+        let scan = limit.saturating_mul(4).max(64);
+        self.on_views(move |db| {
+            let tx = db.begin_read().map_err(storage)?;
+            let index = tx.open_table(SEGMENT_MEMBERS).map_err(storage)?;
+            let profiles = tx.open_table(PROFILES).map_err(storage)?;
+            let mut page = MembersPage::default();
+            let (mut read, mut last) = (0usize, None);
+            let range = (segment.as_str(), start)..=(segment.as_str(), u128::MAX);
+            for entry in index.range(range).map_err(storage)? {
+                if page.members.len() >= limit || read >= scan {
+                    page.next = last.map(|k| uuid::Uuid::from_u128(k).to_string());
+                    break;
+                }
+                let (k, since) = entry.map_err(storage)?;
+                let customer = k.value().1;
+                read += 1;
+                last = Some(customer);
+                // The row is gone (erased): not a member any more.
+                if profiles.get(customer).map_err(storage)?.is_some() {
+                    page.members
+                        .push((CustomerId(uuid::Uuid::from_u128(customer)), since.value()));
+                }
+            }
+            Ok(page)
+        })
+        .await
     }
 
     async fn erase_views(

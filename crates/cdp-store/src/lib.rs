@@ -23,6 +23,7 @@ use cdp_domain::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub mod audience_index;
 #[cfg(any(test, feature = "testsuite"))]
 pub mod conformance;
 pub mod embedded;
@@ -204,6 +205,9 @@ pub struct Applied {
     /// (none without audience definitions in the fold options; none for
     /// an erased customer).
     pub changes: Vec<(CustomerId, cdp_domain::audience::Change)>,
+    /// Of an audience refresh (timers, backfill): customers whose row
+    /// could not be read, left out (logged) so the others go on.
+    pub failed: usize,
 }
 
 /// One page of an audience backfill ([`ProfileStore::backfill_audiences`]).
@@ -215,6 +219,15 @@ pub struct BackfillPage {
     pub scanned: usize,
     /// Where the next page starts (opaque to callers); `None` after the
     /// last row.
+    pub next: Option<String>,
+}
+
+/// One page of a segment's members ([`ProfileStore::members`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MembersPage {
+    /// Members, with when their membership began.
+    pub members: Vec<(CustomerId, UnixMillis)>,
+    /// Where the next page starts (opaque); `None` after the last.
     pub next: Option<String>,
 }
 
@@ -291,6 +304,18 @@ pub trait ProfileStore: Send + Sync + 'static {
         limit: usize,
         options: &FoldOptions,
     ) -> Result<BackfillPage, StoreError>;
+
+    /// The members of `segment`, at most `limit` from `from` (a previous
+    /// page's `next`; `None`: the first), in the store's own order, from
+    /// an index written with the profile rows. Entries that no longer
+    /// stand for a live member (an erased row) are left out. A page may
+    /// hold fewer than `limit` and still have a `next`.
+    async fn members(
+        &self,
+        segment: &str,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<MembersPage, StoreError>;
 
     /// The row stored under `customer`, as it is (no redirect followed).
     async fn row(&self, customer: CustomerId) -> Result<Option<ProfileRow>, StoreError>;

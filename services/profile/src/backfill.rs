@@ -137,6 +137,7 @@ impl AudienceBackfill {
                     scanned: 0,
                     customers_changed: 0,
                     changes: 0,
+                    failed: 0,
                     cursor: None,
                     started_at: now,
                     updated_at: now,
@@ -144,6 +145,9 @@ impl AudienceBackfill {
                 }
             }
         };
+        // Its commit, append and sync together (see
+        // `AudienceRegistry::appends`).
+        let _alone = self.registry.appends().write().await;
         let page = match stores
             .profiles
             .backfill_audiences(progress.cursor.as_deref(), PAGE, &options)
@@ -157,7 +161,9 @@ impl AudienceBackfill {
         };
         let customers = page.applied.customers.len() as u64;
         let changed = page.applied.changes.len() as u64;
-        self.outbox.queue(stores.generation, page.applied.changes);
+        let failed = page.applied.failed as u64;
+        self.outbox
+            .queue(stores.generation, page.applied.changes, &options);
         if let Err(source) = self.outbox.flush(self.log.as_ref()).await {
             // The page is done again next time (it changes nothing then,
             // and the outbox keeps its changes).
@@ -171,6 +177,7 @@ impl AudienceBackfill {
         progress.scanned += page.scanned as u64;
         progress.customers_changed += customers;
         progress.changes += changed;
+        progress.failed += failed;
         progress.cursor = page.next;
         progress.updated_at = now;
         if progress.cursor.is_none() {
@@ -181,6 +188,7 @@ impl AudienceBackfill {
                 scanned = progress.scanned,
                 customers_changed = progress.customers_changed,
                 changes = progress.changes,
+                failed = progress.failed,
                 "audience backfill done"
             );
         }

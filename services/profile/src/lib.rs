@@ -178,12 +178,19 @@ impl BatchHandler for ProfileWorker {
             cdp_runtime::audiences::fold_options(self.audiences.as_deref(), &self.options, now)
                 .await
                 .map_err(|e| Retry(format!("audience definitions: {e}")))?;
+        // From the commit to the append of its changes (see
+        // `AudienceRegistry::appends`).
+        let _appending = match &self.audiences {
+            Some(registry) => Some(registry.appends().read().await),
+            None => None,
+        };
         let applied = stores
             .profiles
             .apply_unsynced(&batch, &options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
-        self.outbox.queue(stores.generation, applied.changes);
+        self.outbox
+            .queue(stores.generation, applied.changes, &options);
         let appended = self
             .outbox
             .flush(self.log.as_ref())
@@ -223,6 +230,10 @@ impl BatchHandler for ProfileWorker {
 
     async fn sync(&mut self) -> Result<(), Retry> {
         if let Some((generation, store)) = &self.unsynced {
+            let _alone = match &self.audiences {
+                Some(registry) => Some(registry.appends().write().await),
+                None => None,
+            };
             store
                 .sync()
                 .await
@@ -863,6 +874,14 @@ mod tests {
         ) -> Result<cdp_store::BackfillPage, StoreError> {
             self.saw("backfill");
             Ok(cdp_store::BackfillPage::default())
+        }
+        async fn members(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<cdp_store::MembersPage, StoreError> {
+            Ok(cdp_store::MembersPage::default())
         }
         async fn row(&self, _: CustomerId) -> Result<Option<ProfileRow>, StoreError> {
             Ok(None)

@@ -99,8 +99,12 @@ impl AudienceTimer {
                 .await
                 .map_err(TimerError::Definitions)?;
         let due = stores.profiles.due_audiences(now, ROUND).await?;
+        // Its commit, append and sync together (see
+        // `AudienceRegistry::appends`).
+        let _alone = self.registry.appends().write().await;
         let applied = stores.profiles.expire_audiences(&due, &options).await?;
-        self.outbox.queue(stores.generation, applied.changes);
+        self.outbox
+            .queue(stores.generation, applied.changes, &options);
         // Appended before the expiry is durable: a crash in between fires
         // the timer again rather than losing its changes.
         let appended = self
@@ -121,6 +125,12 @@ impl AudienceTimer {
             if let Err(error) = self.log.append(topic::PROFILE_CHANGES, records).await {
                 tracing::warn!(%error, "could not announce changed customers");
             }
+        }
+        if applied.failed > 0 {
+            tracing::warn!(
+                failed = applied.failed,
+                "audience timers of some customers not run (their rows could not be read)"
+            );
         }
         if !due.is_empty() {
             tracing::debug!(

@@ -499,8 +499,10 @@ impl RebuildHandler {
         }
         // The changes of a fold that happened are kept before anything can
         // fail: a retried batch finds its events folded and reports none.
-        let folded =
-            folded.map(|applied| self.outbox.queue(self.stores.generation, applied.changes));
+        let folded = folded.map(|applied| {
+            self.outbox
+                .queue(self.stores.generation, applied.changes, &options)
+        });
         appended?;
         folded?;
         self.outbox

@@ -24,6 +24,8 @@ pub struct AudienceGrpc {
     access: Arc<Access>,
     log: Arc<dyn cdp_log::EventLog>,
     live: Arc<cdp_store::LiveStores>,
+    /// Customer views (members, explanations), read as the caller may.
+    query: crate::ProfileQuery,
 }
 
 /// Records of `audience-changes` one `ListChanges` page reads at most.
@@ -36,14 +38,23 @@ impl AudienceGrpc {
         registry: Arc<AudienceRegistry>,
         access: Arc<Access>,
         log: Arc<dyn cdp_log::EventLog>,
-        live: Arc<cdp_store::LiveStores>,
+        query: crate::ProfileQuery,
     ) -> Self {
         AudienceGrpc {
             registry,
             access,
             log,
-            live,
+            live: Arc::clone(query.live()),
+            query,
         }
+    }
+
+    /// The definitions folds use now.
+    async fn current(&self) -> Result<Arc<cdp_domain::audience::Definitions>, ServiceError> {
+        self.registry
+            .current()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("audience definitions: {e}")))
     }
 
     async fn latest(&self) -> Result<DefinitionSet, ServiceError> {
@@ -398,6 +409,7 @@ impl AudienceService for AudienceGrpc {
         request: Request<v1::ListChangesRequest>,
     ) -> Result<Response<v1::ListChangesResponse>, Status> {
         use cdp_pipeline::topic::AUDIENCE_CHANGES;
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let limit = match r.limit {
             0 => 100,
@@ -451,6 +463,9 @@ impl AudienceService for AudienceGrpc {
                     .await
                     .map_err(unavailable)?;
                 if records.is_empty() {
+                    // Nothing readable up to the end (offsets with no
+                    // record, as Kafka's transaction markers): past it.
+                    next[partition] = *end;
                     break;
                 }
                 for record in records {
@@ -477,6 +492,13 @@ impl AudienceService for AudienceGrpc {
             }
         }
         let at_end = next.iter().zip(&ends).all(|(n, e)| n >= e);
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![
+            format!("segment/{segment}"),
+            format!("customer/{}", r.customer_id),
+        ];
+        entry.reason = format!("{} membership changes listed", changes.len());
+        self.access.audit(entry).await?;
         let next_cursor = next
             .iter()
             .map(u64::to_string)
@@ -523,6 +545,7 @@ impl AudienceService for AudienceGrpc {
                 scanned: p.scanned,
                 customers_changed: p.customers_changed,
                 changes: p.changes,
+                failed: p.failed,
                 started_at: Some(millis_to_timestamp(p.started_at)),
                 updated_at: Some(millis_to_timestamp(p.updated_at)),
                 finished_at: p.finished_at.map(millis_to_timestamp),
@@ -533,6 +556,130 @@ impl AudienceService for AudienceGrpc {
                 definitions,
                 ..Default::default()
             },
+        }))
+    }
+
+    async fn list_members(
+        &self,
+        request: Request<v1::ListMembersRequest>,
+    ) -> Result<Response<v1::ListMembersResponse>, Status> {
+        let caller = Caller::of(&request)?;
+        let r = request.into_inner();
+        let limit = match r.limit {
+            0 => 100,
+            n @ 1..=1000 => n as usize,
+            n => {
+                return Err(
+                    ServiceError::invalid("limit", format!("{n} is more than 1000")).into(),
+                );
+            }
+        };
+        let segment = r.segment.trim();
+        if segment.is_empty() {
+            return Err(ServiceError::invalid("segment", "is required").into());
+        }
+        let set = self.latest().await?;
+        if !set.segments().any(|s| s.name == segment) {
+            return Err(ServiceError::NotFound(format!("no segment is named {segment:?}")).into());
+        }
+        let cursor = Some(r.cursor.as_str()).filter(|c| !c.is_empty());
+        let page = self
+            .query
+            .stores()
+            .profiles
+            .members(segment, cursor, limit)
+            .await
+            .map_err(|e| match e {
+                cdp_store::StoreError::Invalid(reason) => ServiceError::invalid("cursor", reason),
+                e => ServiceError::Unavailable(format!("segment members: {e}")),
+            })?;
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![format!("segment/{segment}")];
+        entry.reason = format!("{} members listed", page.members.len());
+        self.access.audit(entry).await?;
+        Ok(Response::new(v1::ListMembersResponse {
+            members: page
+                .members
+                .into_iter()
+                .map(|(c, since)| v1::SegmentMember {
+                    customer_id: c.to_string(),
+                    since: Some(cdp_proto::convert::millis_to_timestamp(since)),
+                })
+                .collect(),
+            next_cursor: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn explain_membership(
+        &self,
+        request: Request<v1::ExplainMembershipRequest>,
+    ) -> Result<Response<v1::ExplainMembershipResponse>, Status> {
+        use cdp_proto::convert::{millis_to_timestamp, timeline_entry};
+        let viewer = crate::viewer::Viewer::new(&self.access, Caller::of(&request)?);
+        let r = request.into_inner();
+        let name = r.segment.trim().to_owned();
+        if name.is_empty() {
+            return Err(ServiceError::invalid("segment", "is required").into());
+        }
+        let defs = self.current().await?;
+        let Some(segment) = defs.segments.iter().find(|s| s.def.name == name) else {
+            return Err(ServiceError::NotFound(format!("no segment is named {name:?}")).into());
+        };
+        let lookup = r.lookup.map(|l| match l {
+            v1::explain_membership_request::Lookup::CustomerId(c) => crate::Lookup::CustomerId(c),
+            v1::explain_membership_request::Lookup::Identifier(i) => crate::Lookup::Identifier(i),
+        });
+        let loaded = self
+            .query
+            .load_for(&viewer, lookup, usize::MAX, &["audience", "explain"])
+            .await
+            .map_err(|e| viewer.hide(e))?;
+        let now = cdp_runtime::now_ms();
+        let audience = &loaded.profile.audience;
+        let view = loaded.profile.view();
+        let evaluation = match audience.evaluate(&defs, &view, now).remove(&name) {
+            Some(Ok(b)) => b.to_string(),
+            Some(Err(reason)) => reason,
+            None => "not evaluated".to_owned(),
+        };
+        let values = audience.trait_values(&defs, now);
+        let traits = defs
+            .traits
+            .iter()
+            .zip(values)
+            .filter(|(d, _)| segment.reads(&d.name))
+            .map(|(d, v)| {
+                let since = d
+                    .window
+                    .millis()
+                    .map_or(i64::MIN, |w| now.saturating_sub(w));
+                v1::TraitEvidence {
+                    name: d.name.clone(),
+                    value_json: v.value.to_string(),
+                    complete: v.complete,
+                    aggregate: d.aggregate.as_str().to_owned(),
+                    window: d.window.to_string(),
+                    events: loaded
+                        .timeline
+                        .iter()
+                        .filter(|e| e.occurred_at > since && d.matches(&e.touchpoint()))
+                        .take(20)
+                        .map(timeline_entry)
+                        .collect(),
+                }
+            })
+            .collect();
+        let member = audience.members.get(&name);
+        Ok(Response::new(v1::ExplainMembershipResponse {
+            customer_id: loaded.profile.customer_id.to_string(),
+            segment: name.clone(),
+            version: segment.def.version,
+            condition: segment.def.condition.clone(),
+            member: member.is_some(),
+            since: member.map(|m| millis_to_timestamp(m.since)),
+            evaluation,
+            waiting_for_backfill: !audience.determined(&defs, segment),
+            traits,
         }))
     }
 

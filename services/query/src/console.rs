@@ -207,7 +207,11 @@ impl ProfileQueryParams {
     }
 }
 
-fn profile_json(loaded: &Loaded, currency: &str) -> Value {
+fn profile_json(
+    loaded: &Loaded,
+    currency: &str,
+    traits: &[cdp_domain::audience::TraitValue],
+) -> Value {
     let view = loaded.profile.view();
     let rfm = loaded.profile.rfm(cdp_runtime::now_ms(), currency);
     json!({
@@ -216,6 +220,8 @@ fn profile_json(loaded: &Loaded, currency: &str) -> Value {
         "view": view,
         "rfm": rfm,
         "timeline": loaded.timeline,
+        "segments": loaded.profile.audience.members.iter().map(|(name, m)| json!({"segment": name, "version": m.version, "since": m.since})).collect::<Vec<_>>(),
+        "computed_traits": traits,
     })
 }
 
@@ -238,7 +244,13 @@ async fn profile(
         .load_for(&viewer, Some(lookup), 50, &["profile"])
         .await
     {
-        Ok(loaded) => axum::Json(profile_json(&loaded, state.query.currency())).into_response(),
+        Ok(loaded) => {
+            let traits = state
+                .query
+                .trait_values(&loaded.profile, cdp_runtime::now_ms())
+                .await;
+            axum::Json(profile_json(&loaded, state.query.currency(), &traits)).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

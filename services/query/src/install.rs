@@ -28,6 +28,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
         Arc::clone(&ctx.backends.keyring),
     )
     .with_history(Arc::clone(&ctx.backends.log))
+    .with_audiences(Arc::clone(&ctx.audiences))
     .with_shutdown(ctx.cancel.clone());
     let api = Arc::new(AccessGrpc::new(query.clone(), Arc::clone(&ctx.access)));
     let console = Arc::new(console::ConsoleState {
@@ -87,7 +88,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
             Arc::clone(&ctx.access),
         )))
         .add_service(IdentityServiceServer::new(IdentityGrpc::new(
-            query,
+            query.clone(),
             Arc::clone(&ctx.access),
         )))
         .add_service(AccessServiceServer::from_arc(api))
@@ -96,7 +97,7 @@ pub async fn install(ctx: &Context, parts: &mut Parts) -> Result<(), StartError>
             Arc::clone(&ctx.audiences),
             Arc::clone(&ctx.access),
             Arc::clone(&ctx.backends.log),
-            Arc::clone(&ctx.backends.live),
+            query,
         )));
     Ok(())
 }

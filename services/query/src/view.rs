@@ -107,6 +107,8 @@ pub struct ProfileQuery {
     history: Option<Arc<history::History>>,
     /// Fires when the process shuts down: live streams end.
     shutdown: tokio_util::sync::CancellationToken,
+    /// The audience definitions, for the computed traits' values.
+    audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
 }
 
 impl ProfileQuery {
@@ -140,6 +142,36 @@ impl ProfileQuery {
             keyring,
             history: None,
             shutdown: tokio_util::sync::CancellationToken::new(),
+            audiences: None,
+        }
+    }
+
+    /// Shows the computed traits these definitions hold.
+    pub fn with_audiences(
+        mut self,
+        registry: Arc<cdp_runtime::audiences::AudienceRegistry>,
+    ) -> Self {
+        self.audiences = Some(registry);
+        self
+    }
+
+    /// The computed traits' values of `profile` at `now` under the
+    /// definitions held now (none without a registry; none, with a
+    /// warning, while the definitions cannot be read).
+    pub async fn trait_values(
+        &self,
+        profile: &cdp_domain::Profile,
+        now: cdp_domain::UnixMillis,
+    ) -> Vec<cdp_domain::audience::TraitValue> {
+        let Some(registry) = &self.audiences else {
+            return Vec::new();
+        };
+        match registry.current().await {
+            Ok(defs) => profile.audience.trait_values(&defs, now),
+            Err(error) => {
+                tracing::warn!(%error, "audience definitions not read; computed traits left out");
+                Vec::new()
+            }
         }
     }
 
@@ -467,7 +499,19 @@ impl ProfileQuery {
         let loaded = self
             .load_for(viewer, lookup, timeline_limit, &["profile"])
             .await?;
-        Ok(self.render(loaded, cdp_runtime::now_ms()))
+        let now = cdp_runtime::now_ms();
+        let values = self.trait_values(&loaded.profile, now).await;
+        let mut profile = self.render(loaded, now);
+        profile.computed_traits = values
+            .into_iter()
+            .map(|t| v1::ComputedTraitValue {
+                name: t.name,
+                version: t.version,
+                value_json: t.value.to_string(),
+                complete: t.complete,
+            })
+            .collect();
+        Ok(profile)
     }
 
     /// The view as it was at `as_of`, folded from the event log.
@@ -619,6 +663,7 @@ impl ProfileQuery {
                     since: Some(convert::millis_to_timestamp(m.since)),
                 })
                 .collect(),
+            computed_traits: Vec::new(),
         }
     }
 

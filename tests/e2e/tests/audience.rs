@@ -319,7 +319,15 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     })
     .await;
     assert_eq!(gone.customer_id, aged_profile.customer_id);
-    let aged_changes = changes(&cdp, &gone.customer_id).await;
+    // The exits are appended right after the view shows them.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let aged_changes = loop {
+        let found = changes(&cdp, &gone.customer_id).await;
+        if found.len() >= 4 || std::time::Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let expired = |segment: &str| (segment.to_owned(), "exited".to_owned(), "expiry".to_owned());
     let mut want = vec![
         entered("omni"),
@@ -406,6 +414,81 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     ];
     want.sort();
     assert_eq!(summary(&changes(&cdp, &backfilled.customer_id).await), want);
+
+    // The computed traits show in GetProfile.
+    let values: Vec<(&str, &str, bool)> = backfilled
+        .computed_traits
+        .iter()
+        .map(|t| (t.name.as_str(), t.value_json.as_str(), t.complete))
+        .collect();
+    assert_eq!(
+        values,
+        [("orders_7d", "1", true), ("orders_ever", "1", true)]
+    );
+
+    // The members of a segment, page by page.
+    let mut members = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = analyst
+            .list_members(v1::ListMembersRequest {
+                segment: "store_buyers".into(),
+                cursor: cursor.clone(),
+                limit: 1,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.members.len() <= 1);
+        members.extend(page.members.into_iter().map(|m| m.customer_id));
+        if page.next_cursor.is_empty() {
+            break;
+        }
+        cursor = page.next_cursor;
+    }
+    members.sort();
+    let mut want = vec![backfilled.customer_id.clone(), merged.customer_id.clone()];
+    want.sort();
+    assert_eq!(members, want);
+    let unknown = analyst
+        .list_members(v1::ListMembersRequest {
+            segment: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // Why is this customer a store buyer? An agent asks.
+    let why = audiences(&cdp, AGENT_KEY)
+        .await
+        .explain_membership(v1::ExplainMembershipRequest {
+            lookup: Some(v1::explain_membership_request::Lookup::Identifier(id(
+                "phone", &phone,
+            ))),
+            segment: "store_buyers".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(why.member, "{why:?}");
+    assert_eq!(why.evaluation, "true");
+    assert!(!why.waiting_for_backfill);
+    assert_eq!(why.condition, condition);
+    assert_eq!(why.traits.len(), 1, "{why:?}");
+    assert_eq!(
+        (
+            why.traits[0].name.as_str(),
+            why.traits[0].value_json.as_str()
+        ),
+        ("orders_7d", "1")
+    );
+    let evidence = &why.traits[0].events;
+    assert_eq!(evidence.len(), 1, "{evidence:?}");
+    assert_eq!(
+        (evidence[0].r#type.as_str(), evidence[0].channel.as_str()),
+        ("Order Completed", "store")
+    );
 
     // Memberships are kept with the profile, and the definitions in the
     // log: after a restart both are there, and new events are evaluated.

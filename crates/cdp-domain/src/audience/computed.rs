@@ -754,7 +754,15 @@ impl Computed {
     pub fn fold(&mut self, defs: &[TraitDef], t: &Touchpoint) -> bool {
         let env = &t.envelope;
         let mut changed = false;
-        for def in defs.iter().filter(|d| d.matches(t)) {
+        // A state kept under a newer version (folded by a process further
+        // ahead) is not started over by an older definition.
+        let newer = |d: &TraitDef| {
+            self.traits
+                .get(&d.name)
+                .is_some_and(|s| s.version > d.version)
+        };
+        let defs: Vec<&TraitDef> = defs.iter().filter(|d| !newer(d) && d.matches(t)).collect();
+        for def in defs {
             let values = def
                 .property
                 .as_deref()
@@ -777,6 +785,19 @@ impl Computed {
             changed = true;
         }
         changed
+    }
+
+    /// The traits of `defs` whose state is kept under a newer version than
+    /// `defs` has (folded by a process further ahead).
+    pub fn newer_than(&self, defs: &[TraitDef]) -> Vec<String> {
+        defs.iter()
+            .filter(|d| {
+                self.traits
+                    .get(&d.name)
+                    .is_some_and(|s| s.version > d.version)
+            })
+            .map(|d| d.name.clone())
+            .collect()
     }
 
     /// Folds `events` into `def`'s state from scratch (a backfill).

@@ -217,11 +217,12 @@ impl Audience {
     }
 
     /// The computed traits of `defs` whose state may miss some of the
-    /// customer's events.
+    /// customer's events (a state known under a newer version than `defs`
+    /// has, by a process further ahead, is not this one's to fold).
     pub fn unknown<'d>(&self, defs: &'d Definitions) -> Vec<&'d TraitDef> {
         defs.traits
             .iter()
-            .filter(|d| self.known.get(&d.name) != Some(&d.version))
+            .filter(|d| self.known.get(&d.name).is_none_or(|v| *v < d.version))
             .collect()
     }
 
@@ -243,7 +244,7 @@ impl Audience {
     }
 
     /// Whether every computed trait `segment` reads is known.
-    fn determined(&self, defs: &Definitions, segment: &Segment) -> bool {
+    pub fn determined(&self, defs: &Definitions, segment: &Segment) -> bool {
         defs.traits
             .iter()
             .all(|d| !segment.reads(&d.name) || self.known.get(&d.name) == Some(&d.version))
@@ -343,7 +344,13 @@ impl Audience {
                 (false, None) => {}
             }
         }
-        self.due = self.computed.next_expiry(&defs.traits);
+        // A trait that may miss past events makes the customer due at
+        // once: the store's timer folds them (see `profile::refresh_audience`).
+        self.due = if self.unknown(defs).is_empty() {
+            self.computed.next_expiry(&defs.traits)
+        } else {
+            Some(now)
+        };
         changes
     }
 
@@ -358,6 +365,11 @@ impl Audience {
         now: UnixMillis,
     ) -> Vec<Change> {
         if applied {
+            // States kept under newer definitions than these miss this
+            // event: no longer known, the process ahead folds them again.
+            for name in self.computed.newer_than(&defs.traits) {
+                self.known.remove(&name);
+            }
             self.computed.fold(&defs.traits, t);
         }
         self.reconcile(
@@ -424,6 +436,32 @@ impl Audience {
     /// When a windowed trait next changes on its own.
     pub fn next_expiry(&self, defs: &Definitions) -> Option<UnixMillis> {
         self.computed.next_expiry(&defs.traits)
+    }
+}
+
+/// A computed trait's value for one customer, as shown to people.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraitValue {
+    pub name: String,
+    pub version: u64,
+    pub value: Value,
+    /// False while a backfill has not folded the customer's earlier events
+    /// into it (the value counts only what came after the definition).
+    pub complete: bool,
+}
+
+impl Audience {
+    /// Every defined computed trait's value at `now`, by name.
+    pub fn trait_values(&self, defs: &Definitions, now: UnixMillis) -> Vec<TraitValue> {
+        defs.traits
+            .iter()
+            .map(|d| TraitValue {
+                name: d.name.clone(),
+                version: d.version,
+                value: self.computed.value(d, now),
+                complete: self.known.get(&d.name) == Some(&d.version),
+            })
+            .collect()
     }
 }
 

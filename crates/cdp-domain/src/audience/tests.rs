@@ -820,6 +820,115 @@ fn a_segment_over_a_trait_defined_after_the_first_event_waits_for_its_backfill()
 }
 
 #[test]
+fn an_unknown_trait_makes_the_customer_due_at_once_and_its_timer_folds_the_past() {
+    use crate::profile::{Refresh, refresh_audience};
+    // An order before anything was defined.
+    let mut shop = Shop::new(Definitions::default());
+    let c = CustomerId(Uuid::from_u128(7));
+    let first = order(1, T0, Channel::Store, 300_000, "P1");
+    shop.fold(&resolved(c, vec![], &first), T0);
+
+    let mut traits = vec![def(
+        "orders_ever",
+        Aggregate::Count,
+        None,
+        &["order_completed"],
+        "all",
+    )];
+    traits.extend(shop_traits());
+    shop.redefine(
+        Definitions::new(traits, vec![seg("repeat", "traits.orders_ever >= 2")]).unwrap(),
+    );
+    let second = order(2, T0 + 1, Channel::Web, 100_000, "P2");
+    let folded = shop.fold(&resolved(c, vec![], &second), T0 + 10);
+    assert!(
+        folded.changes.is_empty(),
+        "the segment waits: {:?}",
+        folded.changes
+    );
+    assert_eq!(shop.audience(c).due, Some(T0 + 10), "due at once");
+
+    // The timer finds the trait unknown: it asks for the events, folds
+    // them, and the customer enters (cause `definition`).
+    let Some(ProfileSlot::Live(mut p)) = shop.store.get(&c).cloned() else {
+        panic!("no profile");
+    };
+    shop.options.audiences.now = T0 + 11;
+    let (changed, changes) = refresh_audience(&mut p, &shop.options, Refresh::Timer, |_| {
+        Ok::<_, ()>(vec![first.clone(), second.clone()])
+    })
+    .unwrap();
+    assert!(changed);
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (
+            changes[0].segment.as_str(),
+            changes[0].kind,
+            &changes[0].cause
+        ),
+        ("repeat", ChangeKind::Entered, &Cause::Definition)
+    );
+    assert!(p.audience.unknown(shop.defs()).is_empty());
+    assert_eq!(p.audience.due, p.audience.next_expiry(shop.defs()));
+
+    // Known now: the next timer does not ask for events again.
+    let (_, again) = refresh_audience(&mut p, &shop.options, Refresh::Timer, |_| {
+        Err::<Vec<Touchpoint>, _>("asked for events again")
+    })
+    .unwrap();
+    assert!(again.is_empty());
+}
+
+#[test]
+fn an_older_definition_does_not_start_a_newer_state_over() {
+    let mut newer = def(
+        "orders",
+        Aggregate::Count,
+        None,
+        &["order_completed"],
+        "all",
+    );
+    newer.version = 2;
+    let older = def(
+        "orders",
+        Aggregate::Count,
+        None,
+        &["order_completed"],
+        "all",
+    );
+    let mut computed = Computed::default();
+    computed.fold(
+        std::slice::from_ref(&newer),
+        &order(1, T0, Channel::Store, 1, "P1"),
+    );
+    // A process still on version 1 folds the next order: the version-2
+    // state is neither started over nor counted into (the behind process
+    // leaves it to the definitions it does not know yet).
+    computed.fold(
+        std::slice::from_ref(&older),
+        &order(2, T0, Channel::Store, 1, "P1"),
+    );
+    assert_eq!(computed.value(&newer, T0), json!(1));
+    let mut aud = Audience::default();
+    aud.known.insert("orders".into(), 2);
+    let behind = Definitions::new(vec![older], vec![]).unwrap();
+    assert!(
+        aud.unknown(&behind).is_empty(),
+        "not the behind process's to fold"
+    );
+
+    // Through the audience: the event the behind process folded is missing
+    // from the version-2 state, which is no longer known, so the process
+    // ahead folds it again.
+    aud.computed = computed;
+    let p = Profile::new(CustomerId(Uuid::from_u128(1)));
+    let e = order(3, T0, Channel::Store, 1, "P1");
+    aud.on_event(&behind, &p.view(), &e, true, T0);
+    let ahead = Definitions::new(vec![newer], vec![]).unwrap();
+    assert_eq!(aud.unknown(&ahead).len(), 1);
+}
+
+#[test]
 fn state_round_trips_through_json() {
     let defs = shop();
     let options = FoldOptions::default();
