@@ -204,10 +204,10 @@ pub fn permission_of(path: &str) -> Option<Permission> {
         (
             "cdp.v1.AudienceService",
             "SaveComputedTrait" | "SaveSegment" | "DeleteDefinition" | "ListDefinitions"
-            | "ValidateSegment" | "ListChanges" | "GetBackfill" | "ListMembers",
+            | "ValidateSegment" | "ListChanges" | "GetBackfill" | "ListMembers" | "PreviewSegment",
         ) => P::Audiences,
         // One customer's view, audited like GetProfile.
-        ("cdp.v1.AudienceService", "ExplainMembership") => P::ReadProfiles,
+        ("cdp.v1.AudienceService", "ExplainMembership" | "GetMemberships") => P::ReadProfiles,
         ("grpc.reflection.v1.ServerReflection", _)
         | ("grpc.reflection.v1alpha.ServerReflection", _) => P::Reflect,
         _ => return None,
@@ -263,6 +263,8 @@ pub const METHODS: &[&str] = &[
     "/cdp.v1.AudienceService/GetBackfill",
     "/cdp.v1.AudienceService/ListMembers",
     "/cdp.v1.AudienceService/ExplainMembership",
+    "/cdp.v1.AudienceService/GetMemberships",
+    "/cdp.v1.AudienceService/PreviewSegment",
 ];
 
 /// The source a touchpoint sent with `claimed` (free text, may be empty)

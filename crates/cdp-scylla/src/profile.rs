@@ -996,17 +996,16 @@ impl ProfileStore for ScyllaStore {
         Ok(self.refresh_many(due, Refresh::Timer, options).await)
     }
 
-    async fn backfill_audiences(
+    async fn scan_customers(
         &self,
         from: Option<&str>,
         limit: usize,
-        options: &FoldOptions,
-    ) -> Result<BackfillPage, StoreError> {
+    ) -> Result<(Vec<CustomerId>, Option<String>), StoreError> {
         let after = match from {
             None => i64::MIN,
             Some(cursor) => cursor
                 .parse::<i64>()
-                .map_err(|e| StoreError::Invalid(format!("backfill cursor {cursor:?}: {e}")))?,
+                .map_err(|e| StoreError::Invalid(format!("profile cursor {cursor:?}: {e}")))?,
         };
         let rows = self
             .session()
@@ -1026,16 +1025,27 @@ impl ProfileStore for ScyllaStore {
         let next = (rows.len() >= limit.max(1))
             .then(|| rows.last().map(|(token, _)| token.to_string()))
             .flatten();
-        let customers = rows.iter().map(|(_, c)| (None, CustomerId(*c))).collect();
+        Ok((rows.into_iter().map(|(_, c)| CustomerId(c)).collect(), next))
+    }
+
+    async fn backfill_audiences(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        options: &FoldOptions,
+    ) -> Result<BackfillPage, StoreError> {
+        let (customers, next) = self.scan_customers(from, limit).await?;
+        let scanned = customers.len();
         let applied = if options.audiences.definitions.is_none() {
             Applied::default()
         } else {
+            let customers = customers.into_iter().map(|c| (None, c)).collect();
             self.refresh_many(customers, Refresh::Backfill, options)
                 .await
         };
         Ok(BackfillPage {
             applied,
-            scanned: rows.len(),
+            scanned,
             next,
         })
     }

@@ -369,6 +369,14 @@ impl ProfileStore for RoundRobin {
         self.pick().backfill_audiences(from, limit, options).await
     }
 
+    async fn scan_customers(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<CustomerId>, Option<String>), StoreError> {
+        self.pick().scan_customers(from, limit).await
+    }
+
     async fn members(
         &self,
         segment: &str,

@@ -1136,20 +1136,22 @@ impl ProfileStore for EmbeddedStore {
         .await
     }
 
-    async fn backfill_audiences(
+    async fn scan_customers(
         &self,
         from: Option<&str>,
         limit: usize,
-        options: &FoldOptions,
-    ) -> Result<BackfillPage, StoreError> {
+    ) -> Result<(Vec<CustomerId>, Option<String>), StoreError> {
         let start = match from {
             None => 0u128,
-            Some(cursor) => cursor
+            Some(cursor) => match cursor
                 .parse::<uuid::Uuid>()
-                .map_err(|e| StoreError::Invalid(format!("backfill cursor {cursor:?}: {e}")))?
+                .map_err(|e| StoreError::Invalid(format!("profile cursor {cursor:?}: {e}")))?
                 .as_u128()
                 .checked_add(1)
-                .ok_or_else(|| StoreError::Invalid("backfill cursor past the end".into()))?,
+            {
+                Some(start) => start,
+                None => return Ok((Vec::new(), None)),
+            },
         };
         let rows: Vec<u128> = self
             .on_views(move |db| {
@@ -1168,11 +1170,21 @@ impl ProfileStore for EmbeddedStore {
         let next = (rows.len() >= limit.max(1))
             .then(|| rows.last().map(|k| uuid::Uuid::from_u128(*k).to_string()))
             .flatten();
-        let scanned = rows.len();
-        let customers: Vec<CustomerId> = rows
+        let customers = rows
             .into_iter()
             .map(|k| CustomerId(uuid::Uuid::from_u128(k)))
             .collect();
+        Ok((customers, next))
+    }
+
+    async fn backfill_audiences(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+        options: &FoldOptions,
+    ) -> Result<BackfillPage, StoreError> {
+        let (customers, next) = self.scan_customers(from, limit).await?;
+        let scanned = customers.len();
         let applied = if customers.is_empty() || options.audiences.definitions.is_none() {
             Applied::default()
         } else {

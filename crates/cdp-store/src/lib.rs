@@ -305,6 +305,16 @@ pub trait ProfileStore: Send + Sync + 'static {
         options: &FoldOptions,
     ) -> Result<BackfillPage, StoreError>;
 
+    /// The customer ids of the profile rows (live or not), at most `limit`
+    /// from `from` (a previous call's cursor; `None`: the first), in the
+    /// store's own order, and the cursor of the next ones (`None` after
+    /// the last row).
+    async fn scan_customers(
+        &self,
+        from: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<CustomerId>, Option<String>), StoreError>;
+
     /// The members of `segment`, at most `limit` from `from` (a previous
     /// page's `next`; `None`: the first), in the store's own order, from
     /// an index written with the profile rows. Entries that no longer

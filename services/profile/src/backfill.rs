@@ -29,6 +29,10 @@ use tokio_util::sync::CancellationToken;
 const PAGE: usize = 256;
 /// How often progress is recorded while a backfill runs.
 const RECORD_EVERY: Duration = Duration::from_secs(1);
+/// Times a page with customers whose rows could not be read is done
+/// again (the others change nothing the second time) before the backfill
+/// moves on and counts them as failed.
+const PAGE_RETRIES: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackfillError {
@@ -57,6 +61,8 @@ pub struct AudienceBackfill {
     /// The progress of the active generation, as last recorded or made.
     progress: Option<BackfillProgress>,
     recorded: Option<Instant>,
+    /// Times the current page was done again.
+    retries: u32,
 }
 
 impl AudienceBackfill {
@@ -78,6 +84,7 @@ impl AudienceBackfill {
             outbox: ChangeOutbox::default(),
             progress: None,
             recorded: None,
+            retries: 0,
         }
     }
 
@@ -174,6 +181,17 @@ impl AudienceBackfill {
             });
         }
         stores.profiles.sync().await?;
+        if failed > 0 && self.retries < PAGE_RETRIES {
+            self.retries += 1;
+            tracing::warn!(
+                failed,
+                retry = self.retries,
+                "some customers of a backfill page were not refreshed; doing the page again"
+            );
+            self.progress = Some(progress.clone());
+            return Ok(Some(progress));
+        }
+        self.retries = 0;
         progress.scanned += page.scanned as u64;
         progress.customers_changed += customers;
         progress.changes += changed;

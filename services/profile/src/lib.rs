@@ -875,6 +875,13 @@ mod tests {
             self.saw("backfill");
             Ok(cdp_store::BackfillPage::default())
         }
+        async fn scan_customers(
+            &self,
+            _: Option<&str>,
+            _: usize,
+        ) -> Result<(Vec<CustomerId>, Option<String>), StoreError> {
+            Ok((Vec::new(), None))
+        }
         async fn members(
             &self,
             _: &str,

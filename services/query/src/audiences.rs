@@ -7,10 +7,10 @@
 
 use std::sync::Arc;
 
-use cdp_domain::Channel;
 use cdp_domain::audience::{
     Aggregate, Condition, DefinitionError, EventFilter, Op, SegmentDef, TraitDef, Window,
 };
+use cdp_domain::{Channel, CustomerId};
 use cdp_pipeline::audience::{DefinitionChange, DefinitionKind, DefinitionSet};
 use cdp_proto::v1;
 use cdp_proto::v1::audience_service_server::AudienceService;
@@ -435,6 +435,16 @@ impl AudienceService for AudienceGrpc {
             .await
             .map_err(unavailable)?;
         let mut next = parse_cursor(&r.cursor, ends.len())?;
+        // A customer's records are all in its key's partition.
+        if let Some(c) = customer {
+            let partitions = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+            let mine = cdp_pipeline::key::customer_partition(CustomerId(c), partitions);
+            for (p, (n, end)) in next.iter_mut().zip(&ends).enumerate() {
+                if p != mine as usize {
+                    *n = (*n).max(*end);
+                }
+            }
+        }
         let generation =
             match r.generation {
                 // The pointer itself: a switch this process has not picked up
@@ -681,6 +691,178 @@ impl AudienceService for AudienceGrpc {
             waiting_for_backfill: !audience.determined(&defs, segment),
             traits,
         }))
+    }
+
+    async fn get_memberships(
+        &self,
+        request: Request<v1::GetMembershipsRequest>,
+    ) -> Result<Response<v1::GetMembershipsResponse>, Status> {
+        use cdp_domain::audience::ChangeKind;
+        use cdp_pipeline::topic::AUDIENCE_CHANGES;
+        use cdp_proto::convert::{millis_to_timestamp, timestamp_to_millis};
+        let viewer = crate::viewer::Viewer::new(&self.access, Caller::of(&request)?);
+        let r = request.into_inner();
+        let as_of = r
+            .as_of
+            .as_ref()
+            .map_or_else(cdp_runtime::now_ms, timestamp_to_millis);
+        let lookup = r.lookup.map(|l| match l {
+            v1::get_memberships_request::Lookup::CustomerId(c) => crate::Lookup::CustomerId(c),
+            v1::get_memberships_request::Lookup::Identifier(i) => crate::Lookup::Identifier(i),
+        });
+        let loaded = self
+            .query
+            .load_for(&viewer, lookup, 1, &["audience", "memberships"])
+            .await
+            .map_err(|e| viewer.hide(e))?;
+        let profile = &loaded.profile;
+        let family: std::collections::BTreeSet<CustomerId> = std::iter::once(profile.customer_id)
+            .chain(profile.merged_from.iter().copied())
+            .collect();
+        let generation = self
+            .live
+            .refresh()
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("projection generation: {e}")))?;
+        let unavailable =
+            |e: cdp_log::LogError| ServiceError::Unavailable(format!("{AUDIENCE_CHANGES}: {e}"));
+        let ends = self
+            .log
+            .end_offsets(AUDIENCE_CHANGES)
+            .await
+            .map_err(unavailable)?;
+        let partitions = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+        let wanted: std::collections::BTreeSet<u32> = family
+            .iter()
+            .map(|c| cdp_pipeline::key::customer_partition(*c, partitions))
+            .collect();
+        // (customer, segment) -> (version, since), folded in log order.
+        let mut members: std::collections::BTreeMap<(CustomerId, String), (u64, i64)> =
+            std::collections::BTreeMap::new();
+        let mut read = 0u64;
+        for p in wanted {
+            let end = ends.get(p as usize).copied().unwrap_or(0);
+            let mut next = 0;
+            while next < end {
+                let records = self
+                    .log
+                    .read(AUDIENCE_CHANGES, p, next, CHANGES_READ)
+                    .await
+                    .map_err(unavailable)?;
+                if records.is_empty() {
+                    break;
+                }
+                for record in records {
+                    next = record.offset + 1;
+                    read += 1;
+                    let Ok(m) = cdp_pipeline::audience::read_change(&record) else {
+                        continue;
+                    };
+                    if m.generation != generation
+                        || !family.contains(&m.customer_id)
+                        || m.change.at > as_of
+                    {
+                        continue;
+                    }
+                    let key = (m.customer_id, m.change.segment);
+                    match m.change.kind {
+                        ChangeKind::Entered => {
+                            members.insert(key, (m.change.version, m.change.at));
+                        }
+                        ChangeKind::Exited => {
+                            members.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Response::new(v1::GetMembershipsResponse {
+            customer_id: profile.customer_id.to_string(),
+            memberships: members
+                .into_iter()
+                .map(|((customer, segment), (version, since))| v1::Membership {
+                    customer_id: customer.to_string(),
+                    segment,
+                    version,
+                    since: Some(millis_to_timestamp(since)),
+                })
+                .collect(),
+            records_read: read,
+        }))
+    }
+
+    async fn preview_segment(
+        &self,
+        request: Request<v1::PreviewSegmentRequest>,
+    ) -> Result<Response<v1::PreviewSegmentResponse>, Status> {
+        use futures::{StreamExt, TryStreamExt};
+        let r = request.into_inner();
+        let sample = match r.sample {
+            0 => 10_000,
+            n @ 1..=100_000 => n as usize,
+            n => {
+                return Err(
+                    ServiceError::invalid("sample", format!("{n} is more than 100000")).into(),
+                );
+            }
+        };
+        let draft = segment_def(&required(r.definition)?);
+        let defs = self.current().await?;
+        let segment =
+            cdp_domain::audience::Segment::compile(draft, &defs.traits).map_err(invalid)?;
+        let stores = self.query.stores();
+        let unavailable =
+            |e: cdp_store::StoreError| ServiceError::Unavailable(format!("profiles: {e}"));
+        let now = cdp_runtime::now_ms();
+        let mut response = v1::PreviewSegmentResponse::default();
+        let (mut from, mut read) = (None::<String>, 0usize);
+        loop {
+            let want = (sample - read).min(256);
+            let (customers, next) = stores
+                .profiles
+                .scan_customers(from.as_deref(), want)
+                .await
+                .map_err(unavailable)?;
+            read += customers.len();
+            let rows: Vec<Option<cdp_store::ProfileRow>> = futures::stream::iter(customers)
+                .map(|c| stores.profiles.row(c))
+                .buffered(32)
+                .try_collect()
+                .await
+                .map_err(unavailable)?;
+            for row in rows.into_iter().flatten() {
+                let cdp_domain::profile::ProfileSlot::Live(profile) = row.slot else {
+                    continue;
+                };
+                response.evaluated += 1;
+                if !profile.audience.determined(&defs, &segment) {
+                    response.undetermined += 1;
+                    continue;
+                }
+                let values = profile.audience.computed.values(&defs.traits, now);
+                let view = profile.view();
+                let input = cdp_domain::audience::Input::new(&view, &values);
+                if matches!(segment.matches(&input), Ok(true)) {
+                    response.matched += 1;
+                    if response.examples.len() < 10 {
+                        response.examples.push(profile.customer_id.to_string());
+                    }
+                }
+            }
+            match next {
+                None => {
+                    response.complete = true;
+                    break;
+                }
+                Some(_) if read >= sample => break,
+                Some(n) => from = Some(n),
+            }
+        }
+        let determined = response.evaluated.saturating_sub(response.undetermined);
+        if determined > 0 {
+            response.share = response.matched as f64 / determined as f64;
+        }
+        Ok(Response::new(response))
     }
 
     async fn validate_segment(

@@ -344,6 +344,37 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
             "exited at {at}, before the window ended"
         );
     }
+    // Membership as of an instant: in, while the purchase was in the
+    // window; out now.
+    let entered_at = aged_changes
+        .iter()
+        .filter(|c| c.kind == "entered")
+        .filter_map(|c| c.at)
+        .max_by_key(cdp_proto::convert::timestamp_to_millis);
+    let mut agent = audiences(&cdp, AGENT_KEY).await;
+    let memberships = |as_of| v1::GetMembershipsRequest {
+        lookup: Some(v1::get_memberships_request::Lookup::CustomerId(
+            gone.customer_id.clone(),
+        )),
+        as_of,
+    };
+    let then = agent
+        .get_memberships(memberships(entered_at))
+        .await
+        .unwrap()
+        .into_inner();
+    let segments_then: Vec<&str> = then
+        .memberships
+        .iter()
+        .map(|m| m.segment.as_str())
+        .collect();
+    assert_eq!(segments_then, ["omni", "store_buyers"]);
+    let now = agent
+        .get_memberships(memberships(None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(now.memberships.is_empty(), "{now:?}");
 
     // A computed trait defined now, over every order ever: the customers
     // who bought before it enter through the backfill, with no event of
@@ -414,6 +445,35 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     ];
     want.sort();
     assert_eq!(summary(&changes(&cdp, &backfilled.customer_id).await), want);
+
+    // A draft previewed against the stored profiles, not saved.
+    let preview = analyst
+        .preview_segment(v1::PreviewSegmentRequest {
+            definition: Some(segment(
+                "two_orders",
+                "traits.orders_ever >= 1 && profile.orders_count >= 1",
+            )),
+            sample: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(preview.complete, "{preview:?}");
+    assert_eq!(
+        (preview.matched, preview.undetermined),
+        (3, 0),
+        "{preview:?}"
+    );
+    assert!(preview.examples.contains(&backfilled.customer_id));
+    assert_eq!(preview.evaluated, 3, "live profiles only: {preview:?}");
+    let bad_draft = analyst
+        .preview_segment(v1::PreviewSegmentRequest {
+            definition: Some(segment("bad", "traits.nope > 1")),
+            sample: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field_of(&bad_draft), "definition.condition");
 
     // The computed traits show in GetProfile.
     let values: Vec<(&str, &str, bool)> = backfilled
