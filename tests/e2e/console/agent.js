@@ -61,6 +61,10 @@ async function lookUp(page) {
     if (!zalo.includes('granted') || !zalo.includes('notice v3')) fail('the Zalo consent is not shown: ' + zalo)
     const absent = await page.textContent('#consent-absent')
     if (!absent.includes('analytics')) fail('never-granted purposes are not shown: ' + absent)
+    // Audiences: the segment the customer is in, and the computed trait.
+    if (!await page.isVisible('[data-segment="store_regulars"]')) fail('the segment is not shown')
+    const trait = await page.textContent('[data-trait="store_orders"]')
+    if (!trait.includes('2')) fail('the computed trait is not shown: ' + trait)
     const masked = national.slice(0, 4) + '***' + national.slice(-3)
     if (!ids.includes('phone: ' + masked)) fail('the phone is not masked as ' + masked + ': ' + ids)
     if (text.includes(e164) || text.includes(national)) fail('the agent sees the phone in clear')

@@ -226,9 +226,39 @@ async fn an_agent_finds_a_customer_in_the_console_and_the_view_is_audited() {
         json!({"purpose": "marketing", "channel": "zalo", "granted": true, "notice_version": "v3"}),
     ))
     .await;
+    // An analyst's computed trait and segment: the agent sees them.
+    let mut analyst = cdp_proto::v1::audience_service_client::AudienceServiceClient::new(
+        CdpProcess::connect_as(cdp.query_addr(), Some(cdp_e2e::ANALYST_KEY)).await,
+    );
+    analyst
+        .save_computed_trait(v1::SaveComputedTraitRequest {
+            definition: Some(v1::ComputedTrait {
+                name: "store_orders".into(),
+                aggregate: "count".into(),
+                filter: Some(v1::EventFilter {
+                    types: vec!["Order Completed".into()],
+                    channels: vec!["store".into()],
+                    ..Default::default()
+                }),
+                window: "all".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    analyst
+        .save_segment(v1::SaveSegmentRequest {
+            definition: Some(v1::Segment {
+                name: "store_regulars".into(),
+                condition: "traits.store_orders >= 2".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
     let mut profiles = cdp.profiles().await;
     let p = profile_when(&mut profiles, who[0].clone(), PATIENCE, |p| {
-        metrics(p).events_count == 4
+        metrics(p).events_count == 4 && !p.segments.is_empty()
     })
     .await;
 
