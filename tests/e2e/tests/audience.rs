@@ -569,6 +569,17 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
         segments(p) == ["ever_bought", "omni", "store_buyers"]
     })
     .await;
+    // Across the restart no change was recorded twice: for every customer
+    // and segment, entries and exits alternate, starting with an entry.
+    let before_rebuild = changes(&cdp, "").await;
+    let mut member: std::collections::BTreeMap<(String, String), bool> = Default::default();
+    for c in &before_rebuild {
+        let entered = c.kind == "entered";
+        let was = member
+            .insert((c.customer_id.clone(), c.segment.clone()), entered)
+            .unwrap_or(false);
+        assert_eq!(was, !entered, "{c:?} twice in {before_rebuild:?}");
+    }
 
     // A rebuild folds the definitions too: the new generation has the
     // same memberships.
