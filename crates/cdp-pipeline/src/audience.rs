@@ -334,8 +334,8 @@ pub fn change_record(m: &MembershipChange) -> Result<Record, serde_json::Error> 
                 // backfill page done again after a crash names the same
                 // entries).
                 Cause::Expiry { due } => format!("expiry/{due}"),
-                Cause::Definition => match &m.definitions {
-                    Some(set) => format!("definition/{set}"),
+                Cause::Definition { events } => match &m.definitions {
+                    Some(set) => format!("definition/{set}/{events}"),
                     None => format!("definition/at/{}", c.at),
                 },
             };
@@ -499,7 +499,7 @@ mod tests {
         let by_definition = |at, set: &str| MembershipChange {
             definitions: Some(set.into()),
             change: Change {
-                cause: Cause::Definition,
+                cause: Cause::Definition { events: 3 },
                 ..c(at).change
             },
             ..c(at)

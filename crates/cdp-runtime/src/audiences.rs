@@ -33,6 +33,8 @@ pub struct AudienceRegistry {
     every: Duration,
     known: tokio::sync::Mutex<Known>,
     appends: tokio::sync::RwLock<()>,
+    /// The changes of every fold of this process not appended yet.
+    outbox: tokio::sync::Mutex<ChangeOutbox>,
 }
 
 impl AudienceRegistry {
@@ -48,7 +50,31 @@ impl AudienceRegistry {
                 checked: None,
             }),
             appends: tokio::sync::RwLock::new(()),
+            outbox: tokio::sync::Mutex::new(ChangeOutbox::default()),
         }
+    }
+
+    /// Queues the changes a fold of generation `generation` made with
+    /// `options` (into the process's one outbox, before anything can
+    /// fail) and appends every change pending. Returns how many were
+    /// appended.
+    pub async fn record(
+        &self,
+        generation: u32,
+        changes: Vec<(CustomerId, Change)>,
+        options: &FoldOptions,
+    ) -> Result<usize, LogError> {
+        let mut outbox = self.outbox.lock().await;
+        outbox.queue(generation, changes, options);
+        outbox.flush(self.log.as_ref()).await
+    }
+
+    /// Appends the changes an earlier append left pending. A sync calls it
+    /// first (holding [`appends`](Self::appends) alone) and does not run
+    /// when it fails: no commit is made durable while its changes are not
+    /// in the log, whichever task made them.
+    pub async fn flush_pending(&self) -> Result<usize, LogError> {
+        self.outbox.lock().await.flush(self.log.as_ref()).await
     }
 
     /// Orders the store writes of a process's profile workers, audience

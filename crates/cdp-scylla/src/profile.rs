@@ -43,6 +43,13 @@ pub(crate) fn due_shard(customer: CustomerId) -> i32 {
     (customer.0.as_u128() % DUE_SHARDS) as i32
 }
 
+/// A customer's refresh: the timer entry it came from, and what it did.
+type Refreshed = (
+    Option<i64>,
+    CustomerId,
+    Result<Vec<cdp_domain::audience::Change>, StoreError>,
+);
+
 /// Buckets of each segment's members (a segment's partition is
 /// `(segment, bucket)`, so a large segment spreads over 16).
 pub(crate) const MEMBER_BUCKETS: i32 = 16;
@@ -374,6 +381,12 @@ impl ScyllaStore {
                 }
             }
             if let Some(at) = at.filter(|at| due != Some(*at)) {
+                // The row's own timer stays filed (written with the row when
+                // it changed; filed again here when it did not).
+                if let Some(when) = due.filter(|_| !changed) {
+                    self.write(&self.st().due_put, (due_shard(customer), when, customer.0))
+                        .await?;
+                }
                 drop_entry(at).await;
             }
             return Ok(changes);
@@ -410,16 +423,19 @@ impl ScyllaStore {
         why: Refresh,
         options: &FoldOptions,
     ) -> Applied {
-        let done: Vec<(
-            CustomerId,
-            Result<Vec<cdp_domain::audience::Change>, StoreError>,
-        )> = stream::iter(customers)
-            .map(|(at, c)| async move { (c, self.refresh_one(at, c, why, options).await) })
+        let done: Vec<Refreshed> = stream::iter(customers)
+            .map(|(at, c)| async move { (at, c, self.refresh_one(at, c, why, options).await) })
             .buffered(WRITE_CONCURRENCY)
             .collect()
             .await;
         let mut applied = Applied::default();
-        for (c, outcome) in done {
+        let mut failures: Vec<(i64, CustomerId)> = Vec::new();
+        for (at, c, outcome) in done {
+            if outcome.is_err()
+                && let Some(at) = at
+            {
+                failures.push((at, c));
+            }
             match outcome {
                 Ok(changes) if changes.is_empty() => {}
                 Ok(changes) => {
@@ -432,6 +448,23 @@ impl ScyllaStore {
                     warn!(customer = %c, %error, "an audience not refreshed");
                     applied.failed += 1;
                 }
+            }
+        }
+        // A timer whose row could not be read waits a while, out of the
+        // others' way (best effort: left as it is, it fires again at once).
+        let retry = options
+            .audiences
+            .now
+            .saturating_add(cdp_store::AUDIENCE_RETRY_MS);
+        for (at, c) in &failures {
+            let moved = async {
+                self.write(&self.st().due_put, (due_shard(*c), retry, c.0))
+                    .await?;
+                self.write(&self.st().due_delete, (due_shard(*c), *at, c.0))
+                    .await
+            };
+            if let Err(error) = moved.await {
+                warn!(customer = %c, %error, "a failed audience timer not moved");
             }
         }
         applied.customers.sort();

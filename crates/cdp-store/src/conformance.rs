@@ -701,13 +701,14 @@ pub async fn audience_timers_fire_on_time_and_once(store: &dyn ProfileStore, pre
     assert_eq!(due(T + 30 * DAY).await, want);
 
     // Fires what is due at `now` like a timer does: an entry whose row
-    // could not be read (a timeout of a loaded server) fires again at the
-    // next round; a few rounds at most.
+    // could not be read (a timeout of a loaded server) is moved a minute
+    // on, and fired again; a few rounds at most.
     let fire = |now: i64| async move {
         let mut all = crate::Applied::default();
+        let mut read_until = now;
         for _ in 0..5 {
             let round = store
-                .expire_audiences(&due(now).await, &at(now))
+                .expire_audiences(&due(read_until).await, &at(now))
                 .await
                 .unwrap_or_else(|e| panic!("{e}"));
             all.changes.extend(round.changes);
@@ -716,6 +717,7 @@ pub async fn audience_timers_fire_on_time_and_once(store: &dyn ProfileStore, pre
             if round.failed == 0 {
                 break;
             }
+            read_until = now + crate::AUDIENCE_RETRY_MS;
         }
         assert_eq!(all.failed, 0, "timers kept failing");
         all
@@ -916,7 +918,12 @@ pub async fn audience_backfill_folds_past_events_once(store: &dyn ProfileStore, 
         .collect();
     assert_eq!(
         summary,
-        [(kept, "repeat", ChangeKind::Entered, Cause::Definition)]
+        [(
+            kept,
+            "repeat",
+            ChangeKind::Entered,
+            Cause::Definition { events: 4 }
+        )]
     );
     let profile = store
         .profile(kept)

@@ -936,6 +936,7 @@ impl EmbeddedStore {
         {
             let mut access = TxProfiles::open(&tx, keys)?;
             let timeline = tx.open_table(TIMELINE).map_err(storage)?;
+            let mut failed = std::collections::BTreeSet::new();
             for (_, customer) in due {
                 let mut missing = Unfetched::new();
                 let outcome = access.load(*customer).and_then(|slot| {
@@ -951,6 +952,7 @@ impl EmbeddedStore {
                     Err(error) => {
                         tracing::warn!(%customer, %error, "an audience not refreshed");
                         applied.failed += 1;
+                        failed.insert(*customer);
                     }
                     // Done again with the keys it met.
                     Ok(_) if !missing.is_empty() => access.missing.extend(missing),
@@ -972,13 +974,26 @@ impl EmbeddedStore {
             if !access.missing.is_empty() {
                 return Ok(Err(access.missing));
             }
-            // Timer entries that no longer stand for their row: the row's
-            // timer moved (written above), or there is no live row.
+            // The timer entries read: one whose row could not be read waits
+            // a while (out of the others' way); otherwise the row's own
+            // timer is what stays filed.
+            let retry = options
+                .audiences
+                .now
+                .saturating_add(crate::AUDIENCE_RETRY_MS);
             for (at, customer) in due {
-                if let Some(at) = at
-                    && access.due_now(*customer) != Some(*at)
-                {
-                    access.due.remove((*at, key(*customer))).map_err(storage)?;
+                let Some(at) = at else { continue };
+                let k = key(*customer);
+                let keep = if failed.contains(customer) {
+                    Some(retry)
+                } else {
+                    access.due_now(*customer)
+                };
+                if keep != Some(*at) {
+                    access.due.remove((*at, k)).map_err(storage)?;
+                    if let Some(when) = keep {
+                        access.due.insert((when, k), ()).map_err(storage)?;
+                    }
                 }
             }
         }

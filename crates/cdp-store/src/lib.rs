@@ -210,6 +210,10 @@ pub struct Applied {
     pub failed: usize,
 }
 
+/// How long an audience timer whose row could not be read waits before it
+/// fires again, in ms (it moves out of the way of the others meanwhile).
+pub const AUDIENCE_RETRY_MS: i64 = 60_000;
+
 /// One page of an audience backfill ([`ProfileStore::backfill_audiences`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BackfillPage {

@@ -21,7 +21,7 @@ use cdp_log::EventLog;
 use cdp_pipeline::audience::{BackfillProgress, BackfillState, fingerprint};
 use cdp_pipeline::{emit, topic};
 use cdp_runtime::Clock;
-use cdp_runtime::audiences::{AudienceRegistry, ChangeOutbox};
+use cdp_runtime::audiences::AudienceRegistry;
 use cdp_store::{LiveStores, ProfileChanges};
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +57,6 @@ pub struct AudienceBackfill {
     changes: ProfileChanges,
     announce_on_log: bool,
     clock: Clock,
-    outbox: ChangeOutbox,
     /// The progress of the active generation, as last recorded or made.
     progress: Option<BackfillProgress>,
     recorded: Option<Instant>,
@@ -81,7 +80,6 @@ impl AudienceBackfill {
             changes,
             announce_on_log: false,
             clock: cdp_runtime::system_clock(),
-            outbox: ChangeOutbox::default(),
             progress: None,
             recorded: None,
             retries: 0,
@@ -169,9 +167,11 @@ impl AudienceBackfill {
         let customers = page.applied.customers.len() as u64;
         let changed = page.applied.changes.len() as u64;
         let failed = page.applied.failed as u64;
-        self.outbox
-            .queue(stores.generation, page.applied.changes, &options);
-        if let Err(source) = self.outbox.flush(self.log.as_ref()).await {
+        if let Err(source) = self
+            .registry
+            .record(stores.generation, page.applied.changes, &options)
+            .await
+        {
             // The page is done again next time (it changes nothing then,
             // and the outbox keeps its changes).
             self.progress = Some(progress);
@@ -181,35 +181,6 @@ impl AudienceBackfill {
             });
         }
         stores.profiles.sync().await?;
-        if failed > 0 && self.retries < PAGE_RETRIES {
-            self.retries += 1;
-            tracing::warn!(
-                failed,
-                retry = self.retries,
-                "some customers of a backfill page were not refreshed; doing the page again"
-            );
-            self.progress = Some(progress.clone());
-            return Ok(Some(progress));
-        }
-        self.retries = 0;
-        progress.scanned += page.scanned as u64;
-        progress.customers_changed += customers;
-        progress.changes += changed;
-        progress.failed += failed;
-        progress.cursor = page.next;
-        progress.updated_at = now;
-        if progress.cursor.is_none() {
-            progress.state = BackfillState::Done;
-            progress.finished_at = Some(now);
-            tracing::info!(
-                generation = progress.generation,
-                scanned = progress.scanned,
-                customers_changed = progress.customers_changed,
-                changes = progress.changes,
-                failed = progress.failed,
-                "audience backfill done"
-            );
-        }
         self.changes.publish(&page.applied.customers);
         if self.announce_on_log && !page.applied.customers.is_empty() {
             let records = page
@@ -221,6 +192,37 @@ impl AudienceBackfill {
             if let Err(error) = self.log.append(topic::PROFILE_CHANGES, records).await {
                 tracing::warn!(%error, "could not announce changed customers");
             }
+        }
+        progress.customers_changed += customers;
+        progress.changes += changed;
+        progress.updated_at = now;
+        if failed > 0 && self.retries < PAGE_RETRIES {
+            // Done again: the customers refreshed change nothing the second
+            // time.
+            self.retries += 1;
+            tracing::warn!(
+                failed,
+                retry = self.retries,
+                "some customers of a backfill page were not refreshed; doing the page again"
+            );
+            self.progress = Some(progress.clone());
+            return Ok(Some(progress));
+        }
+        self.retries = 0;
+        progress.scanned += page.scanned as u64;
+        progress.failed += failed;
+        progress.cursor = page.next;
+        if progress.cursor.is_none() {
+            progress.state = BackfillState::Done;
+            progress.finished_at = Some(now);
+            tracing::info!(
+                generation = progress.generation,
+                scanned = progress.scanned,
+                customers_changed = progress.customers_changed,
+                changes = progress.changes,
+                failed = progress.failed,
+                "audience backfill done"
+            );
         }
         let due = self.recorded.is_none_or(|at| at.elapsed() >= RECORD_EVERY);
         if progress.state == BackfillState::Done || due {

@@ -35,8 +35,6 @@ pub struct ProfileWorker {
     /// The audience definitions folded along with the profiles (none: the
     /// audience state is left as it is).
     audiences: Option<Arc<cdp_runtime::audiences::AudienceRegistry>>,
-    /// Membership changes folded but not appended yet.
-    outbox: cdp_runtime::audiences::ChangeOutbox,
     /// The time audiences are evaluated at.
     clock: cdp_runtime::Clock,
 }
@@ -63,7 +61,6 @@ impl ProfileWorker {
             unsynced: None,
             not_active_yet: None,
             audiences: None,
-            outbox: Default::default(),
             clock: cdp_runtime::system_clock(),
         }
     }
@@ -189,13 +186,13 @@ impl BatchHandler for ProfileWorker {
             .apply_unsynced(&batch, &options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
-        self.outbox
-            .queue(stores.generation, applied.changes, &options);
-        let appended = self
-            .outbox
-            .flush(self.log.as_ref())
-            .await
-            .map_err(|e| Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES)))?;
+        let appended = match &self.audiences {
+            Some(registry) => registry
+                .record(stores.generation, applied.changes, &options)
+                .await
+                .map_err(|e| Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES)))?,
+            None => 0,
+        };
         if appended > 0 {
             tracing::debug!(changes = appended, "membership changes appended");
         }
@@ -231,7 +228,14 @@ impl BatchHandler for ProfileWorker {
     async fn sync(&mut self) -> Result<(), Retry> {
         if let Some((generation, store)) = &self.unsynced {
             let _alone = match &self.audiences {
-                Some(registry) => Some(registry.appends().write().await),
+                Some(registry) => {
+                    let alone = registry.appends().write().await;
+                    // Nothing made durable whose changes are not appended.
+                    registry.flush_pending().await.map_err(|e| {
+                        Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES))
+                    })?;
+                    Some(alone)
+                }
                 None => None,
             };
             store
@@ -746,7 +750,11 @@ mod tests {
         let change = read_change(&appended[0]).unwrap();
         assert_eq!(
             (change.customer_id, change.change.kind, change.change.cause),
-            (customer, ChangeKind::Entered, Cause::Definition)
+            (
+                customer,
+                ChangeKind::Entered,
+                Cause::Definition { events: 2 }
+            )
         );
         let profile = live
             .current()

@@ -19,7 +19,7 @@ use cdp_domain::FoldOptions;
 use cdp_log::EventLog;
 use cdp_pipeline::{emit, topic};
 use cdp_runtime::Clock;
-use cdp_runtime::audiences::{AudienceRegistry, ChangeOutbox};
+use cdp_runtime::audiences::AudienceRegistry;
 use cdp_store::{LiveStores, ProfileChanges};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,6 @@ pub struct AudienceTimer {
     changes: ProfileChanges,
     announce_on_log: bool,
     clock: Clock,
-    outbox: ChangeOutbox,
 }
 
 /// What one round did.
@@ -73,7 +72,6 @@ impl AudienceTimer {
             changes,
             announce_on_log: false,
             clock: cdp_runtime::system_clock(),
-            outbox: ChangeOutbox::default(),
         }
     }
 
@@ -103,13 +101,11 @@ impl AudienceTimer {
         // `AudienceRegistry::appends`).
         let _alone = self.registry.appends().write().await;
         let applied = stores.profiles.expire_audiences(&due, &options).await?;
-        self.outbox
-            .queue(stores.generation, applied.changes, &options);
         // Appended before the expiry is durable: a crash in between fires
         // the timer again rather than losing its changes.
         let appended = self
-            .outbox
-            .flush(self.log.as_ref())
+            .registry
+            .record(stores.generation, applied.changes, &options)
             .await
             .map_err(TimerError::Append)?;
         if !due.is_empty() || appended > 0 {

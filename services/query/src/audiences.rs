@@ -32,6 +32,8 @@ pub struct AudienceGrpc {
 const CHANGES_SCAN: usize = 10_000;
 /// Records read from one partition at once.
 const CHANGES_READ: usize = 512;
+/// Records of `audience-changes` one `GetMemberships` reads at most.
+const MEMBERSHIPS_SCAN: u64 = 1_000_000;
 
 impl AudienceGrpc {
     pub fn new(
@@ -147,7 +149,7 @@ fn change_proto(m: cdp_pipeline::audience::MembershipChange) -> v1::MembershipCh
         Cause::Merge { absorbed } => ("merge", String::new(), absorbed.to_string()),
         Cause::MergedInto { survivor } => ("merged_into", String::new(), survivor.to_string()),
         Cause::Expiry { .. } => ("expiry", String::new(), String::new()),
-        Cause::Definition => ("definition", String::new(), String::new()),
+        Cause::Definition { .. } => ("definition", String::new(), String::new()),
     };
     v1::MembershipChange {
         customer_id: m.customer_id.to_string(),
@@ -435,16 +437,11 @@ impl AudienceService for AudienceGrpc {
             .await
             .map_err(unavailable)?;
         let mut next = parse_cursor(&r.cursor, ends.len())?;
-        // A customer's records are all in its key's partition.
-        if let Some(c) = customer {
-            let partitions = u32::try_from(ends.len()).unwrap_or(u32::MAX);
-            let mine = cdp_pipeline::key::customer_partition(CustomerId(c), partitions);
-            for (p, (n, end)) in next.iter_mut().zip(&ends).enumerate() {
-                if p != mine as usize {
-                    *n = (*n).max(*end);
-                }
-            }
-        }
+        // A customer's records are all in its key's partition: only that
+        // one is read (the cursor keeps the others where they were).
+        let partitions = u32::try_from(ends.len()).unwrap_or(u32::MAX);
+        let only = customer
+            .map(|c| cdp_pipeline::key::customer_partition(CustomerId(c), partitions) as usize);
         let generation =
             match r.generation {
                 // The pointer itself: a switch this process has not picked up
@@ -457,6 +454,9 @@ impl AudienceService for AudienceGrpc {
         let mut changes = Vec::new();
         let mut budget = CHANGES_SCAN;
         'partitions: for (partition, end) in ends.iter().enumerate() {
+            if only.is_some_and(|o| o != partition) {
+                continue;
+            }
             let p = u32::try_from(partition).unwrap_or(u32::MAX);
             while next[partition] < *end {
                 if changes.len() >= limit || budget == 0 {
@@ -501,7 +501,12 @@ impl AudienceService for AudienceGrpc {
                 }
             }
         }
-        let at_end = next.iter().zip(&ends).all(|(n, e)| n >= e);
+        let at_end = next
+            .iter()
+            .zip(&ends)
+            .enumerate()
+            .filter(|(p, _)| only.is_none_or(|o| o == *p))
+            .all(|(_, (n, e))| n >= e);
         let mut entry = caller.entry("allowed");
         entry.fields = vec![
             format!("segment/{segment}"),
@@ -652,7 +657,10 @@ impl AudienceService for AudienceGrpc {
             Some(Err(reason)) => reason,
             None => "not evaluated".to_owned(),
         };
-        let values = audience.trait_values(&defs, now);
+        let mut values = audience.trait_values(&defs, now);
+        for (v, def) in values.iter_mut().zip(&defs.traits) {
+            v.mask(def, &viewer.masker);
+        }
         let traits = defs
             .traits
             .iter()
@@ -740,10 +748,15 @@ impl AudienceService for AudienceGrpc {
         let mut members: std::collections::BTreeMap<(CustomerId, String), (u64, i64)> =
             std::collections::BTreeMap::new();
         let mut read = 0u64;
-        for p in wanted {
+        let mut complete = true;
+        'partitions: for p in wanted {
             let end = ends.get(p as usize).copied().unwrap_or(0);
             let mut next = 0;
             while next < end {
+                if read >= MEMBERSHIPS_SCAN {
+                    complete = false;
+                    break 'partitions;
+                }
                 let records = self
                     .log
                     .read(AUDIENCE_CHANGES, p, next, CHANGES_READ)
@@ -788,6 +801,7 @@ impl AudienceService for AudienceGrpc {
                 })
                 .collect(),
             records_read: read,
+            complete,
         }))
     }
 
@@ -795,7 +809,8 @@ impl AudienceService for AudienceGrpc {
         &self,
         request: Request<v1::PreviewSegmentRequest>,
     ) -> Result<Response<v1::PreviewSegmentResponse>, Status> {
-        use futures::{StreamExt, TryStreamExt};
+        use futures::StreamExt;
+        let caller = Caller::of(&request)?;
         let r = request.into_inner();
         let sample = match r.sample {
             0 => 10_000,
@@ -824,13 +839,22 @@ impl AudienceService for AudienceGrpc {
                 .await
                 .map_err(unavailable)?;
             read += customers.len();
-            let rows: Vec<Option<cdp_store::ProfileRow>> = futures::stream::iter(customers)
-                .map(|c| stores.profiles.row(c))
-                .buffered(32)
-                .try_collect()
-                .await
-                .map_err(unavailable)?;
-            for row in rows.into_iter().flatten() {
+            let rows: Vec<Result<Option<cdp_store::ProfileRow>, cdp_store::StoreError>> =
+                futures::stream::iter(customers)
+                    .map(|c| stores.profiles.row(c))
+                    .buffered(32)
+                    .collect()
+                    .await;
+            for row in rows {
+                let row = match row {
+                    Ok(Some(row)) => row,
+                    Ok(None) => continue,
+                    Err(error) => {
+                        // Left out of the sample, not the whole preview.
+                        tracing::warn!(%error, "a profile not read for a preview");
+                        continue;
+                    }
+                };
                 let cdp_domain::profile::ProfileSlot::Live(profile) = row.slot else {
                     continue;
                 };
@@ -862,6 +886,13 @@ impl AudienceService for AudienceGrpc {
         if determined > 0 {
             response.share = response.matched as f64 / determined as f64;
         }
+        let mut entry = caller.entry("allowed");
+        entry.fields = vec![format!("segment/{}", segment.def.name)];
+        entry.reason = format!(
+            "draft previewed over {} profiles, {} matched",
+            response.evaluated, response.matched
+        );
+        self.access.audit(entry).await?;
         Ok(Response::new(response))
     }
 

@@ -247,7 +247,7 @@ async fn profile(
         Ok(loaded) => {
             let traits = state
                 .query
-                .trait_values(&loaded.profile, cdp_runtime::now_ms())
+                .trait_values(&viewer, &loaded.profile, cdp_runtime::now_ms())
                 .await;
             axum::Json(profile_json(&loaded, state.query.currency(), &traits)).into_response()
         }

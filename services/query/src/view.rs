@@ -160,6 +160,7 @@ impl ProfileQuery {
     /// warning, while the definitions cannot be read).
     pub async fn trait_values(
         &self,
+        viewer: &Viewer,
         profile: &cdp_domain::Profile,
         now: cdp_domain::UnixMillis,
     ) -> Vec<cdp_domain::audience::TraitValue> {
@@ -167,7 +168,13 @@ impl ProfileQuery {
             return Vec::new();
         };
         match registry.current().await {
-            Ok(defs) => profile.audience.trait_values(&defs, now),
+            Ok(defs) => {
+                let mut values = profile.audience.trait_values(&defs, now);
+                for (v, def) in values.iter_mut().zip(&defs.traits) {
+                    v.mask(def, &viewer.masker);
+                }
+                values
+            }
             Err(error) => {
                 tracing::warn!(%error, "audience definitions not read; computed traits left out");
                 Vec::new()
@@ -500,7 +507,7 @@ impl ProfileQuery {
             .load_for(viewer, lookup, timeline_limit, &["profile"])
             .await?;
         let now = cdp_runtime::now_ms();
-        let values = self.trait_values(&loaded.profile, now).await;
+        let values = self.trait_values(viewer, &loaded.profile, now).await;
         let mut profile = self.render(loaded, now);
         profile.computed_traits = values
             .into_iter()

@@ -135,8 +135,14 @@ pub enum Cause {
         #[serde(default)]
         due: UnixMillis,
     },
-    /// A definition was created, updated or deleted.
-    Definition,
+    /// A definition was created, updated or deleted; `events`: how many
+    /// events the customer had then (what tells a later entry by a
+    /// definition apart from this one: one needs an event or a merge in
+    /// between).
+    Definition {
+        #[serde(default)]
+        events: u64,
+    },
 }
 
 /// One membership change of one customer.
@@ -220,9 +226,11 @@ impl Audience {
     /// customer's events (a state known under a newer version than `defs`
     /// has, by a process further ahead, is not this one's to fold).
     pub fn unknown<'d>(&self, defs: &'d Definitions) -> Vec<&'d TraitDef> {
+        let newer = self.computed.newer_than(&defs.traits);
         defs.traits
             .iter()
             .filter(|d| self.known.get(&d.name).is_none_or(|v| *v < d.version))
+            .filter(|d| !newer.contains(&d.name))
             .collect()
     }
 
@@ -240,7 +248,10 @@ impl Audience {
             self.computed.refold(def, events);
             self.known.insert(def.name.clone(), def.version);
         }
-        self.reconcile(defs, view, &Cause::Definition, now)
+        let cause = Cause::Definition {
+            events: view.events_count,
+        };
+        self.reconcile(defs, view, &cause, now)
     }
 
     /// Whether every computed trait `segment` reads is known.
@@ -292,7 +303,9 @@ impl Audience {
                     segment: name,
                     version: m.version,
                     kind: ChangeKind::Exited,
-                    cause: Cause::Definition,
+                    cause: Cause::Definition {
+                        events: view.events_count,
+                    },
                     at: now,
                     since: Some(m.since),
                 });
@@ -414,7 +427,10 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.reconcile(defs, view, &Cause::Definition, now)
+        let cause = Cause::Definition {
+            events: view.events_count,
+        };
+        self.reconcile(defs, view, &cause, now)
     }
 
     /// Leaves every segment.
@@ -448,6 +464,20 @@ pub struct TraitValue {
     /// False while a backfill has not folded the customer's earlier events
     /// into it (the value counts only what came after the definition).
     pub complete: bool,
+}
+
+impl TraitValue {
+    /// Masks the value as `masker` masks the property it is read from (a
+    /// key the deployment counts as personal whole, free text's emails and
+    /// phone numbers otherwise).
+    pub fn mask(&mut self, def: &TraitDef, masker: &crate::access::Masker) {
+        let key = def
+            .property
+            .as_deref()
+            .and_then(|p| p.rsplit('.').next())
+            .unwrap_or(&def.name);
+        masker.keyed(key, &mut self.value);
+    }
 }
 
 impl Audience {

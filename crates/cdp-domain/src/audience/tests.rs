@@ -699,7 +699,7 @@ fn a_fold_without_definitions_leaves_the_audience_state_alone() {
     assert!(
         exits
             .iter()
-            .all(|e| e.kind == ChangeKind::Exited && e.cause == Cause::Definition)
+            .all(|e| e.kind == ChangeKind::Exited && matches!(e.cause, Cause::Definition { .. }))
     );
     assert!(shop.audience(c).is_empty());
 }
@@ -747,7 +747,11 @@ fn a_deleted_segment_exits_and_an_updated_trait_is_backfilled() {
         .map(|c| c.segment.as_str())
         .collect();
     assert_eq!(exited, BTreeSet::from(["store_buyers", "vip"]));
-    assert!(changes.iter().all(|c| c.cause == Cause::Definition));
+    assert!(
+        changes
+            .iter()
+            .all(|c| matches!(c.cause, Cause::Definition { .. }))
+    );
     assert_eq!(aud.computed.value(&fewer.traits[0], T0 + 1), json!(0));
     // Until a backfill, the updated trait may miss past events.
     let unknown: Vec<&str> = aud
@@ -866,7 +870,11 @@ fn an_unknown_trait_makes_the_customer_due_at_once_and_its_timer_folds_the_past(
             changes[0].kind,
             &changes[0].cause
         ),
-        ("repeat", ChangeKind::Entered, &Cause::Definition)
+        (
+            "repeat",
+            ChangeKind::Entered,
+            &Cause::Definition { events: 2 }
+        )
     );
     assert!(p.audience.unknown(shop.defs()).is_empty());
     assert_eq!(p.audience.due, p.audience.next_expiry(shop.defs()));
