@@ -85,6 +85,10 @@ fuzz: ## Fuzz every decoder of untrusted bytes for FUZZ_SECONDS each (release, o
 # Populations of `make bench` (customers, comma separated), per back end.
 BENCH_CUSTOMERS ?= 10000,100000,1000000
 BENCH_DISTRIBUTED_CUSTOMERS ?= 10000,100000
+# Populations run again with 20 computed traits and 50 segments defined (`--audiences`), each
+# compared with the run above at the same population (empty: none). See docs/benchmarks.md.
+BENCH_AUDIENCE_CUSTOMERS ?= 100000,1000000
+BENCH_DISTRIBUTED_AUDIENCE_CUSTOMERS ?= 100000
 # Load offered during the freshness samples on Kafka + Cassandra (events/s): below what the
 # JVM servers sharing the machine's cores sustain, so freshness measures latency, not a backlog.
 BENCH_DISTRIBUTED_OFFERED ?= 1000
@@ -100,12 +104,14 @@ chaos: build ## SIGKILL random processes CHAOS_KILLS times under load on both ba
 	CDP_E2E_BACKEND=distributed CDP_CHAOS_KILLS=$(CHAOS_KILLS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --skip distributed_only && \
 	CDP_E2E_BACKEND=distributed CDP_CHAOS_OUTAGE_SECS=$(CHAOS_OUTAGE_SECS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --include-ignored distributed_only
 
-bench: bench-identity ## Print the figures on both back ends (ingest, freshness, lookups, replay, rebuild, memory, disk, naive baseline); JSON in target/bench/. See docs/benchmarks.md.
+bench: bench-identity ## Print the figures on both back ends (ingest, freshness, lookups, replay, rebuild, memory, disk, naive baseline, then with audiences defined); JSON in target/bench/. See docs/benchmarks.md.
 	$(CARGO) build --release --workspace --bins
 	target/release/cdp-bench --backend embedded --customers $(BENCH_CUSTOMERS)
+	$(if $(BENCH_AUDIENCE_CUSTOMERS),target/release/cdp-bench --backend embedded --audiences --customers $(BENCH_AUDIENCE_CUSTOMERS))
 	@trap 'deploy/harness/infra.sh down' EXIT; \
 	deploy/harness/infra.sh up || exit 1; \
 	target/release/cdp-bench --backend distributed --customers $(BENCH_DISTRIBUTED_CUSTOMERS) --offered $(BENCH_DISTRIBUTED_OFFERED) && \
+	$(if $(BENCH_DISTRIBUTED_AUDIENCE_CUSTOMERS),target/release/cdp-bench --backend distributed --audiences --customers $(BENCH_DISTRIBUTED_AUDIENCE_CUSTOMERS) --offered $(BENCH_DISTRIBUTED_OFFERED) &&) \
 	target/release/cdp-bench --backend distributed --identity --customers 1000
 
 bench-identity: ## Identity-resolution precision, recall, F1 per trap: in memory, then through the running service (docs/identity.md).

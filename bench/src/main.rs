@@ -11,8 +11,12 @@
 //! durable read-modify-write transaction per event) runs on the same events
 //! for comparison. Prints a table per run and writes
 //! `target/bench/<backend>-<customers>.json`. Bounded: every phase stops by
-//! itself.
+//! itself. With `--audiences`, 20 computed traits and 50 segments are
+//! defined before the load, membership freshness is measured too, and the
+//! run is checked against the targets of issue #19 (`audiences.rs`); it
+//! writes `target/bench/<backend>-<customers>-audiences.json`.
 
+mod audiences;
 mod identity;
 mod naive;
 
@@ -91,6 +95,13 @@ struct Args {
     /// import of history) instead of as a live stream.
     #[arg(long)]
     backlog: bool,
+    /// Define 20 computed traits and 50 segments (and a probe of each)
+    /// before the load, wait for their backfill, add the membership
+    /// freshness phase (`--freshness` samples on customers of their own),
+    /// and check the targets against the run without --audiences at the
+    /// same population in --out-dir, if there is one.
+    #[arg(long)]
+    audiences: bool,
     #[arg(long, default_value = "target/bench")]
     out_dir: PathBuf,
 }
@@ -396,33 +407,37 @@ async fn lookups(
     }))
 }
 
-/// Freshness under a fixed offered load: a background sender offers
-/// `offered` events/s to other customers while each sample sends one event
-/// and polls GetProfile until it shows.
-async fn freshness(
-    cdp: &CdpProcess,
-    emails: &Arc<Vec<String>>,
-    args: &Args,
-) -> anyhow::Result<Value> {
-    let reserved = args.freshness.min(emails.len() / 2).max(1);
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = {
+/// A background sender offering `offered` events/s (product views, every
+/// 20 ms) to the customers after the first `skip`, until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<f64>,
+}
+
+impl Load {
+    async fn start(
+        cdp: &CdpProcess,
+        emails: &Arc<Vec<String>>,
+        skip: usize,
+        offered: usize,
+    ) -> Load {
         let mut ingest: IngestServiceClient<Authed> = cdp.ingest().await;
         let emails = Arc::clone(emails);
-        let stop = Arc::clone(&stop);
-        let per_tick = (args.offered / 50).max(1); // every 20 ms
-        tokio::spawn(async move {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let per_tick = (offered / 50).max(1); // every 20 ms
+        let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut sent = 0usize;
             let started = Instant::now();
             let mut k = 0usize;
-            while !stop.load(Ordering::SeqCst) {
+            while !stopped.load(Ordering::SeqCst) {
                 tick.tick().await;
                 let touchpoints = (0..per_tick)
                     .map(|_| {
                         k += 1;
-                        let who = reserved + (k * 7919) % (emails.len() - reserved).max(1);
+                        let who = skip + (k * 7919) % (emails.len().saturating_sub(skip)).max(1);
                         cdp_e2e::touchpoint(
                             "Product Viewed",
                             "web",
@@ -441,8 +456,27 @@ async fn freshness(
                 }
             }
             sent as f64 / started.elapsed().as_secs_f64()
-        })
-    };
+        });
+        Load { stop, task }
+    }
+
+    /// Stops the sender; returns the events/s it got acknowledged.
+    async fn stop(self) -> anyhow::Result<f64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.context("background load")
+    }
+}
+
+/// Freshness under a fixed offered load: a background sender offers
+/// `offered` events/s to other customers while each sample sends one event
+/// and polls GetProfile until it shows.
+async fn freshness(
+    cdp: &CdpProcess,
+    emails: &Arc<Vec<String>>,
+    args: &Args,
+) -> anyhow::Result<Value> {
+    let reserved = args.freshness.min(emails.len() / 2).max(1);
+    let load = Load::start(cdp, emails, reserved, args.offered).await;
     let mut ingest = cdp.ingest().await;
     let mut profiles = cdp.profiles().await;
     let mut samples = Vec::with_capacity(reserved);
@@ -478,8 +512,7 @@ async fn freshness(
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
-    stop.store(true, Ordering::SeqCst);
-    let achieved = background.await.context("background load")?;
+    let achieved = load.stop().await?;
     samples.sort();
     Ok(json!({
         "offered_per_s": args.offered, "achieved_per_s": achieved, "samples": samples.len(),
@@ -589,6 +622,12 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
     let emails = Arc::new(pop.emails);
     let cdp = CdpProcess::start_on(backend, CONFIG);
     let mut projections = ProjectionServiceClient::new(cdp.projection_channel().await);
+    let defined = if args.audiences {
+        eprintln!("[bench] defining {}", audiences::label());
+        Some(audiences::define(&cdp, Duration::from_secs(300)).await?)
+    } else {
+        None
+    };
 
     eprintln!("[bench] ingesting {events} events");
     let started = Instant::now();
@@ -623,6 +662,19 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
     eprintln!("[bench] lookups, freshness, replay");
     let lookup = lookups(&cdp, &emails, args).await?;
     let fresh = freshness(&cdp, &emails, args).await?;
+    let membership = if defined.is_some() {
+        eprintln!("[bench] membership freshness");
+        drain(&mut projections, Instant::now(), Duration::from_secs(3600)).await?;
+        // Customers of their own, after those of profile freshness.
+        let first = args.freshness.min(emails.len() / 2).max(1);
+        let count = args
+            .freshness
+            .min(emails.len().saturating_sub(first) / 2)
+            .max(1);
+        Some(audiences::membership_freshness(&cdp, &emails, first, count, args.offered).await?)
+    } else {
+        None
+    };
     drain(&mut projections, Instant::now(), Duration::from_secs(3600)).await?;
     let replayed = replay(&cdp).await?;
     eprintln!("[bench] erasures");
@@ -651,7 +703,7 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
     let naive_rate = naive::run(naive_dir.path(), &pop.raw_sample)?;
     let pipeline_rate = events as f64 / pipeline_secs;
 
-    Ok(json!({
+    let mut r = json!({
         "backend": format!("{backend:?}").to_lowercase(),
         "customers": customers,
         "events": events,
@@ -683,7 +735,16 @@ async fn run_one(args: &Args, backend: Backend, customers: usize) -> anyhow::Res
             "ingest_ratio": ingest_rate / naive_rate,
             "pipeline_ratio": pipeline_rate / naive_rate,
         },
-    }))
+    });
+    if let (Some(mut a), Some(m)) = (defined, membership) {
+        a["membership_freshness"] = m;
+        r["audiences"] = a;
+        let baseline = args
+            .out_dir
+            .join(format!("{}-{customers}.json", args.backend));
+        r["audiences"]["targets"] = audiences::targets(&r, &baseline);
+    }
+    Ok(r)
 }
 
 fn f(v: &Value, path: &[&str]) -> f64 {
@@ -695,8 +756,11 @@ fn f(v: &Value, path: &[&str]) -> f64 {
 }
 
 fn print(r: &Value) {
+    let defined = r["audiences"]["label"]
+        .as_str()
+        .map_or_else(String::new, |l| format!(", {l}"));
     println!(
-        "\n== {} back end, {} customers, {} events ==",
+        "\n== {} back end, {} customers, {} events{defined} ==",
         r["backend"].as_str().unwrap_or("?"),
         r["customers"],
         r["events"]
@@ -760,6 +824,9 @@ fn print(r: &Value) {
             );
         }
     }
+    if r["audiences"].is_object() {
+        audiences::print(r);
+    }
 }
 
 #[tokio::main]
@@ -771,6 +838,10 @@ async fn main() -> anyhow::Result<()> {
         other => bail!("--backend {other}: use embedded or distributed"),
     };
     std::fs::create_dir_all(&args.out_dir)?;
+    ensure!(
+        !(args.identity && args.audiences),
+        "--identity and --audiences are separate runs"
+    );
     if args.identity {
         let customers = args.customers.first().copied().unwrap_or(3_000);
         let r = identity::run(
@@ -795,32 +866,47 @@ async fn main() -> anyhow::Result<()> {
     for &customers in &args.customers {
         let r = run_one(&args, backend, customers).await?;
         print(&r);
+        let suffix = if args.audiences { "-audiences" } else { "" };
         let path = args
             .out_dir
-            .join(format!("{}-{customers}.json", args.backend));
+            .join(format!("{}-{customers}{suffix}.json", args.backend));
         std::fs::write(&path, serde_json::to_vec_pretty(&r)?)?;
         println!("  written to {}", path.display());
         all.push(r);
     }
     if all.len() > 1 {
-        println!("\n== scaling, {} back end ==", args.backend);
+        let defined = if args.audiences {
+            format!(", {}", audiences::label())
+        } else {
+            String::new()
+        };
+        println!("\n== scaling, {} back end{defined} ==", args.backend);
         println!(
-            "  {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}",
+            "  {:>10} {:>12} {:>12} {:>10} {:>10} {:>10} {:>12}{}",
             "customers",
             "ingest/s",
             "pipeline/s",
             "lookup p99",
             "fresh p99",
             "RSS MiB",
-            "B/profile"
+            "B/profile",
+            if args.audiences { "  member p99" } else { "" }
         );
         for r in &all {
             let rss: f64 = r["peak_rss_mib"]
                 .as_object()
                 .map(|m| m.values().filter_map(Value::as_f64).sum())
                 .unwrap_or(f64::NAN);
+            let member = if args.audiences {
+                format!(
+                    " {:>11.2}",
+                    f(r, &["audiences", "membership_freshness", "p99_ms"])
+                )
+            } else {
+                String::new()
+            };
             println!(
-                "  {:>10} {:>12.0} {:>12.0} {:>10.2} {:>10.2} {:>10.0} {:>12.0}",
+                "  {:>10} {:>12.0} {:>12.0} {:>10.2} {:>10.2} {:>10.0} {:>12.0}{member}",
                 r["customers"],
                 f(r, &["ingest", "grpc_events_per_s"]),
                 f(r, &["pipeline", "events_per_s"]),

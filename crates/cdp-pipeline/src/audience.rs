@@ -234,7 +234,7 @@ pub struct MembershipChange {
     /// The projection generation whose fold made it: consumers follow
     /// the active one (a rebuild makes its own).
     pub generation: u32,
-    /// The definitions it was evaluated under ([`fingerprint`]).
+    /// The definitions it was evaluated under ([`fingerprint_id`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definitions: Option<String>,
     #[serde(flatten)]
@@ -295,6 +295,13 @@ pub fn fingerprint(defs: &Definitions) -> String {
         .collect();
     parts.sort();
     parts.join(",")
+}
+
+/// A short name of a set of definitions (16 hex digits of the SHA-256 of
+/// its [`fingerprint`]), for records written by the thousand.
+pub fn fingerprint_id(defs: &Definitions) -> String {
+    let digest = Sha256::digest(fingerprint(defs).as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub fn backfill_record(p: &BackfillProgress) -> Result<Record, serde_json::Error> {

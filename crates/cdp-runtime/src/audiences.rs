@@ -189,6 +189,10 @@ pub async fn fold_options<'a>(
 #[derive(Debug, Default)]
 pub struct ChangeOutbox {
     pending: Vec<Record>,
+    /// The short name of the definitions last queued with (their shared
+    /// copy, held weakly so its address is not reused): computed once per
+    /// set, not per batch.
+    named: Option<(std::sync::Weak<Definitions>, String)>,
 }
 
 impl ChangeOutbox {
@@ -206,8 +210,15 @@ impl ChangeOutbox {
         let definitions = options
             .audiences
             .definitions
-            .as_deref()
-            .map(cdp_pipeline::audience::fingerprint);
+            .as_ref()
+            .map(|defs| match &self.named {
+                Some((known, id)) if std::ptr::eq(known.as_ptr(), Arc::as_ptr(defs)) => id.clone(),
+                _ => {
+                    let id = cdp_pipeline::audience::fingerprint_id(defs);
+                    self.named = Some((Arc::downgrade(defs), id.clone()));
+                    id
+                }
+            });
         for (customer_id, change) in changes {
             let change = MembershipChange {
                 customer_id,

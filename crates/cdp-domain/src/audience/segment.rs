@@ -254,10 +254,7 @@ impl Segment {
     /// (a type mismatch, a missing key) is the reason it cannot tell, and
     /// counts as not a member.
     pub fn matches(&self, input: &Input) -> Result<bool, String> {
-        let mut ctx = cel::Context::with_env(ENV.clone());
-        ctx.add_variable_from_value("profile", input.profile.clone());
-        ctx.add_variable_from_value("traits", input.traits.clone());
-        match self.program.execute(&ctx) {
+        match self.program.execute(&input.context) {
             Ok(cel::Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("the condition gave {other:?}, not true or false")),
             Err(e) => Err(e.to_string()),
@@ -265,21 +262,28 @@ impl Segment {
     }
 }
 
-/// What a condition reads about one customer, converted once for every
-/// segment.
-#[derive(Debug, Clone)]
+/// What a condition reads about one customer, converted (and bound to the
+/// condition's variables) once for every segment.
 pub struct Input {
-    profile: cel::Value,
-    traits: cel::Value,
+    context: cel::Context<'static, 'static>,
+}
+
+impl std::fmt::Debug for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Input").finish_non_exhaustive()
+    }
 }
 
 impl Input {
     pub fn new(profile: &ProfileView, traits: &BTreeMap<String, Value>) -> Input {
         let convert = |v: &Value| cel::to_value(v).unwrap_or(cel::Value::Null);
-        Input {
-            profile: convert(&segment_profile(profile)),
-            traits: convert(&serde_json::to_value(traits).unwrap_or(Value::Null)),
-        }
+        let mut context = cel::Context::with_env(ENV.clone());
+        context.add_variable_from_value("profile", convert(&segment_profile(profile)));
+        context.add_variable_from_value(
+            "traits",
+            convert(&serde_json::to_value(traits).unwrap_or(Value::Null)),
+        );
+        Input { context }
     }
 }
 
