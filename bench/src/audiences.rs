@@ -579,7 +579,10 @@ pub fn print(r: &Value) {
             f(a, &["membership_freshness", "not_entered_in_10s"]),
         ),
         ("pipeline, with definitions (events/s)", pipeline),
-        ("  segment evaluations/s (x segments)", pipeline * segments),
+        (
+            "  memberships kept/s (events/s x segments)",
+            pipeline * segments,
+        ),
         ("peak RSS, all processes (MiB)", total_rss_mib(r)),
         ("disk, log + store, per customer (B)", disk / customers),
         (

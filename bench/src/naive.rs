@@ -30,9 +30,9 @@ impl ProfileAccess for Access<'_, '_> {
         }
     }
 
-    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> anyhow::Result<()> {
+    fn save(&mut self, customer: CustomerId, slot: ProfileSlot) -> anyhow::Result<()> {
         self.0
-            .insert(customer.0.as_u128(), serde_json::to_vec(slot)?.as_slice())?;
+            .insert(customer.0.as_u128(), serde_json::to_vec(&slot)?.as_slice())?;
         Ok(())
     }
 }

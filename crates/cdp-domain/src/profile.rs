@@ -831,7 +831,9 @@ pub enum ProfileSlot {
 pub trait ProfileAccess {
     type Error: From<crate::redirect::RedirectError>;
     fn load(&mut self, customer: CustomerId) -> Result<Option<ProfileSlot>, Self::Error>;
-    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error>;
+    /// Keeps `slot` as `customer`'s (by value: a profile is not copied
+    /// to be saved).
+    fn save(&mut self, customer: CustomerId, slot: ProfileSlot) -> Result<(), Self::Error>;
 
     /// Follows merge redirects to the live customer.
     fn live_root(&mut self, customer: CustomerId) -> Result<CustomerId, Self::Error> {
@@ -886,8 +888,8 @@ pub fn fold_resolved<A: ProfileAccess>(
                 .changes
                 .extend(changes.into_iter().map(|c| (survivor, c)));
         }
-        access.save(loser, &ProfileSlot::MergedInto(survivor))?;
-        access.save(survivor, &ProfileSlot::Live(Box::new(target)))?;
+        access.save(loser, ProfileSlot::MergedInto(survivor))?;
+        access.save(survivor, ProfileSlot::Live(Box::new(target)))?;
     }
     let customer = access.live_root(resolved.customer_id)?;
     let mut profile = match access.load(customer)? {
@@ -899,19 +901,22 @@ pub fn fold_resolved<A: ProfileAccess>(
         return Ok(folded);
     }
     if let Some(defs) = defs.filter(|d| !d.is_empty() || !profile.audience.is_empty()) {
-        if first {
-            // Nothing came before: every trait defined now sees it all.
-            profile.audience.know_all(defs);
-        }
         let view = profile.view();
-        let changes = profile
-            .audience
-            .on_event(defs, &view, &resolved.touchpoint, true, now);
+        let changes = if first {
+            // Nothing came before: every trait defined now sees it all.
+            profile
+                .audience
+                .on_first_event(defs, &view, &resolved.touchpoint, now)
+        } else {
+            profile
+                .audience
+                .on_event(defs, &view, &resolved.touchpoint, true, now)
+        };
         folded
             .changes
             .extend(changes.into_iter().map(|c| (customer, c)));
     }
-    access.save(customer, &ProfileSlot::Live(Box::new(profile)))?;
+    access.save(customer, ProfileSlot::Live(Box::new(profile)))?;
     folded.timeline = Some(TimelineEntry::of(
         customer,
         &resolved.touchpoint,
@@ -952,7 +957,7 @@ pub fn expire_audience<A: ProfileAccess>(
         .audience
         .on_expiry(defs, &view, options.audiences.now);
     if profile.audience != before {
-        access.save(customer, &ProfileSlot::Live(profile))?;
+        access.save(customer, ProfileSlot::Live(profile))?;
     }
     Ok(changes)
 }
@@ -1045,8 +1050,8 @@ impl ProfileAccess for BTreeMap<CustomerId, ProfileSlot> {
         Ok(self.get(&customer).cloned())
     }
 
-    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), Self::Error> {
-        self.insert(customer, slot.clone());
+    fn save(&mut self, customer: CustomerId, slot: ProfileSlot) -> Result<(), Self::Error> {
+        self.insert(customer, slot);
         Ok(())
     }
 }

@@ -274,34 +274,17 @@ pub struct BackfillProgress {
     pub finished_at: Option<UnixMillis>,
 }
 
-/// Names a set of definitions: every name with its version, held ones
-/// marked. Two processes with the same definitions give the same text.
+/// Names a set of definitions ([`Definitions::fingerprint`]): every name
+/// with its version, held ones marked.
 pub fn fingerprint(defs: &Definitions) -> String {
-    let mut parts: Vec<String> = defs
-        .traits
-        .iter()
-        .map(|t| format!("trait/{}@{}", t.name, t.version))
-        .chain(
-            defs.segments
-                .iter()
-                .map(|s| format!("segment/{}@{}", s.def.name, s.def.version)),
-        )
-        .chain(defs.held_traits.iter().map(|t| format!("trait/{t}@held")))
-        .chain(
-            defs.held_segments
-                .iter()
-                .map(|s| format!("segment/{s}@held")),
-        )
-        .collect();
-    parts.sort();
-    parts.join(",")
+    defs.fingerprint()
 }
 
 /// A short name of a set of definitions (16 hex digits of the SHA-256 of
-/// its [`fingerprint`]), for records written by the thousand.
+/// its [`fingerprint`], [`Definitions::id`]), for records written by the
+/// thousand.
 pub fn fingerprint_id(defs: &Definitions) -> String {
-    let digest = Sha256::digest(fingerprint(defs).as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:016x}", defs.id())
 }
 
 pub fn backfill_record(p: &BackfillProgress) -> Result<Record, serde_json::Error> {

@@ -245,10 +245,10 @@ impl ProfileAccess for EventAccess<'_> {
         Ok(Some(entry.slot))
     }
 
-    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
+    fn save(&mut self, customer: CustomerId, slot: ProfileSlot) -> Result<(), StoreError> {
         let entry = match slot {
             ProfileSlot::Live(_) => Entry {
-                slot: slot.clone(),
+                slot,
                 pending: None,
                 fresh: false,
             },
@@ -268,7 +268,7 @@ impl ProfileAccess for EventAccess<'_> {
                     }
                 };
                 Entry {
-                    slot: slot.clone(),
+                    slot,
                     pending,
                     fresh,
                 }

@@ -801,8 +801,8 @@ impl ProfileAccess for TxProfiles<'_, '_> {
         Ok(slot)
     }
 
-    fn save(&mut self, customer: CustomerId, slot: &ProfileSlot) -> Result<(), StoreError> {
-        self.slots.insert(customer, (Some(slot.clone()), true));
+    fn save(&mut self, customer: CustomerId, slot: ProfileSlot) -> Result<(), StoreError> {
+        self.slots.insert(customer, (Some(slot), true));
         Ok(())
     }
 
@@ -959,7 +959,7 @@ impl EmbeddedStore {
                     Ok(None) => {}
                     Ok(Some((profile, changed, changes))) => {
                         if changed {
-                            access.save(*customer, &ProfileSlot::Live(profile))?;
+                            access.save(*customer, ProfileSlot::Live(profile))?;
                         }
                         if !changes.is_empty() && !keys.erased(*customer) {
                             applied.customers.push(*customer);

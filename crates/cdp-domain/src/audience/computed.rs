@@ -388,13 +388,12 @@ impl TraitDef {
 /// Whether two event type names are the same once case, spaces, `_` and
 /// `-` are left out (`order_completed` is `Order Completed`).
 fn same_type(a: &str, b: &str) -> bool {
-    let key = |s: &str| {
+    fn key(s: &str) -> impl Iterator<Item = char> + '_ {
         s.chars()
             .filter(|c| !matches!(c, ' ' | '_' | '-'))
             .flat_map(char::to_lowercase)
-            .collect::<String>()
-    };
-    key(a) == key(b)
+    }
+    key(a).eq(key(b))
 }
 
 /// The scalar values `property` has on `t` (arrays are read through).
@@ -668,14 +667,30 @@ pub(crate) fn number(d: Decimal) -> Value {
     f64::try_from(d).map_or(Value::Null, Value::from)
 }
 
-/// One matching event of a windowed trait.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One matching event of a windowed trait. Stored as a list, `[at,
+/// event]` or `[at, event, values]` (a customer keeps one per matching
+/// event and trait, read and written with the profile at every event);
+/// read from that or from an object with the same names.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Entry {
     pub at: UnixMillis,
     pub event: EventId,
     /// The property's values on it (none for `count`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub values: Vec<Value>,
+}
+
+impl Serialize for Entry {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut t = serializer.serialize_tuple(if self.values.is_empty() { 2 } else { 3 })?;
+        t.serialize_element(&self.at)?;
+        t.serialize_element(&self.event)?;
+        if !self.values.is_empty() {
+            t.serialize_element(&self.values)?;
+        }
+        t.end()
+    }
 }
 
 /// One trait's state for one customer.
@@ -689,15 +704,82 @@ pub struct TraitState {
     /// Windowed traits: the matching events, oldest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub entries: Vec<Entry>,
+    /// The entries keep each value once, on the newest event that had it
+    /// (a unique list or count over a window: a value is in it while its
+    /// newest event is).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub latest: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Whether `def`'s state keeps each value on its newest event only.
+fn keeps_latest(def: &TraitDef) -> bool {
+    def.window.millis().is_some()
+        && matches!(
+            def.aggregate,
+            Aggregate::UniqueList | Aggregate::UniqueCount
+        )
+}
+
+/// Whether two values count as the same distinct value (their text).
+fn same_text(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::String(x), Value::String(y)) => x == y,
+        _ => text(a) == text(b),
+    }
 }
 
 impl TraitState {
     fn insert(&mut self, entry: Entry) {
+        if self.latest {
+            self.insert_latest(entry);
+            return;
+        }
         let k = (entry.at, entry.event);
         match self.entries.binary_search_by(|e| (e.at, e.event).cmp(&k)) {
             Ok(_) => {}
             Err(i) => self.entries.insert(i, entry),
         }
+        self.cap();
+    }
+
+    /// Each of the entry's values replaces the same value's entry when
+    /// newer (the same set whatever the order events came in or were
+    /// merged).
+    fn insert_latest(&mut self, entry: Entry) {
+        let k = (entry.at, entry.event);
+        for value in entry.values {
+            if let Some(i) = self
+                .entries
+                .iter()
+                .position(|e| e.values.first().is_some_and(|v| same_text(v, &value)))
+            {
+                if (self.entries[i].at, self.entries[i].event) >= k {
+                    continue;
+                }
+                self.entries.remove(i);
+            }
+            let key = text(&value);
+            let at = self.entries.partition_point(|e| {
+                (e.at, e.event) < k
+                    || ((e.at, e.event) == k && e.values.first().is_some_and(|v| text(v) < key))
+            });
+            self.entries.insert(
+                at,
+                Entry {
+                    at: k.0,
+                    event: k.1,
+                    values: vec![value],
+                },
+            );
+        }
+        self.cap();
+    }
+
+    fn cap(&mut self) {
         if self.entries.len() > MAX_WINDOW_EVENTS {
             let extra = self.entries.len() - MAX_WINDOW_EVENTS;
             self.entries.drain(..extra);
@@ -739,21 +821,30 @@ impl Computed {
     /// events after an update).
     fn state(&mut self, def: &TraitDef) -> &mut TraitState {
         let state = self.traits.entry(def.name.clone()).or_default();
+        let latest = keeps_latest(def);
         if state.version != def.version || (state.totals.is_none() && state.entries.is_empty()) {
             *state = TraitState {
                 version: def.version,
                 totals: def.window.millis().is_none().then(Totals::default),
                 entries: Vec::new(),
+                latest,
             };
+        } else if latest && !state.latest {
+            // Kept whole by an earlier build: each value on its newest
+            // event from now on.
+            state.latest = true;
+            for e in std::mem::take(&mut state.entries) {
+                state.insert_latest(e);
+            }
         }
         state
     }
 
-    /// Folds `t` into every trait whose filter keeps it; true when some
-    /// state changed. Call once per event (see the module's docs).
-    pub fn fold(&mut self, defs: &[TraitDef], t: &Touchpoint) -> bool {
+    /// Folds `t` into every trait whose filter keeps it; returns their
+    /// names. Call once per event (see the module's docs).
+    pub fn fold(&mut self, defs: &[TraitDef], t: &Touchpoint) -> Vec<String> {
         let env = &t.envelope;
-        let mut changed = false;
+        let mut changed = Vec::new();
         // A state kept under a newer version (folded by a process further
         // ahead) is not started over by an older definition.
         let newer = |d: &TraitDef| {
@@ -782,7 +873,7 @@ impl Computed {
                     values,
                 }),
             }
-            changed = true;
+            changed.push(def.name.clone());
         }
         changed
     }
@@ -837,24 +928,29 @@ impl Computed {
 
     /// Drops the events windows no longer hold at `now`, and the states of
     /// traits no longer defined (except `held` ones: defined, but not
-    /// usable now); true when something was dropped.
+    /// usable now); returns the defined traits that let events go.
     pub fn expire(
         &mut self,
         defs: &[TraitDef],
         held: &std::collections::BTreeSet<String>,
         now: UnixMillis,
-    ) -> bool {
-        let before: usize = self.traits.values().map(|s| s.entries.len()).sum();
-        let count = self.traits.len();
+    ) -> Vec<String> {
         self.traits
             .retain(|name, _| held.contains(name) || defs.iter().any(|d| &d.name == name));
+        let mut expired = Vec::new();
         for def in defs {
             if let (Some(w), Some(state)) = (def.window.millis(), self.traits.get_mut(&def.name)) {
-                state.entries.retain(|e| e.at.saturating_add(w) > now);
+                // Entries are kept oldest first: those gone are a prefix.
+                let kept = state
+                    .entries
+                    .partition_point(|e| e.at.saturating_add(w) <= now);
+                if kept > 0 {
+                    state.entries.drain(..kept);
+                    expired.push(def.name.clone());
+                }
             }
         }
-        let after: usize = self.traits.values().map(|s| s.entries.len()).sum();
-        before != after || count != self.traits.len()
+        expired
     }
 
     /// When a windowed value next changes without a new event: the first

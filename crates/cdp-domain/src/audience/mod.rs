@@ -30,9 +30,11 @@ pub mod computed;
 pub mod segment;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 pub use computed::{Aggregate, Computed, Condition, EventFilter, Op, TraitDef, Window};
@@ -60,6 +62,22 @@ pub struct Definitions {
     /// Segments defined but not usable now: their members stay members
     /// until the definition can be read again.
     pub held_segments: BTreeSet<String>,
+    /// Derived from the fields above at first use (set them before).
+    plan: OnceLock<Plan>,
+}
+
+/// What a set of definitions reads, worked out once.
+#[derive(Debug, Clone)]
+struct Plan {
+    /// The first 8 bytes of the SHA-256 of [`Definitions::fingerprint`].
+    id: u64,
+    /// The `profile` fields some segment reads (`None`: all of them).
+    profile_fields: Option<BTreeSet<String>>,
+    /// A customer without any event: the digest of what the segments read
+    /// of its profile, and whether it is a member of each segment (what a
+    /// customer's first event starts from).
+    empty_digest: u64,
+    empty_results: Vec<bool>,
 }
 
 impl Definitions {
@@ -95,6 +113,111 @@ impl Definitions {
     pub fn is_empty(&self) -> bool {
         self.traits.is_empty() && self.segments.is_empty()
     }
+
+    /// Names the definitions: every name with its version, held ones
+    /// marked, in order. Two processes with the same definitions give the
+    /// same text.
+    pub fn fingerprint(&self) -> String {
+        let mut parts: Vec<String> = self
+            .traits
+            .iter()
+            .map(|t| format!("trait/{}@{}", t.name, t.version))
+            .chain(
+                self.segments
+                    .iter()
+                    .map(|s| format!("segment/{}@{}", s.def.name, s.def.version)),
+            )
+            .chain(self.held_traits.iter().map(|t| format!("trait/{t}@held")))
+            .chain(
+                self.held_segments
+                    .iter()
+                    .map(|s| format!("segment/{s}@held")),
+            )
+            .collect();
+        parts.sort();
+        parts.join(",")
+    }
+
+    fn plan(&self) -> &Plan {
+        self.plan.get_or_init(|| {
+            let sha = Sha256::digest(self.fingerprint().as_bytes());
+            let mut id = [0u8; 8];
+            id.copy_from_slice(&sha[..8]);
+            let mut profile_fields = Some(BTreeSet::new());
+            for s in &self.segments {
+                profile_fields = match (profile_fields, s.profile_read()) {
+                    (Some(mut all), Some(read)) => {
+                        all.extend(read.iter().cloned());
+                        Some(all)
+                    }
+                    _ => None,
+                };
+            }
+            let view = Profile::new(CustomerId(uuid::Uuid::nil())).view();
+            let empty = Audience::default();
+            let segments: Vec<&Segment> = self.segments.iter().collect();
+            // An empty state's values do not depend on the instant.
+            let empty_results = empty.results(self, &segments, &view, 0);
+            Plan {
+                id: u64::from_be_bytes(id),
+                empty_digest: digest(&profile_read(&profile_fields, &view)),
+                profile_fields,
+                empty_results,
+            }
+        })
+    }
+
+    /// A short name of the definitions: the first 8 bytes of the SHA-256
+    /// of their [`fingerprint`](Self::fingerprint).
+    pub fn id(&self) -> u64 {
+        self.plan().id
+    }
+
+    /// A digest of what the segments read of a customer's `profile`.
+    fn profile_digest(&self, view: &ProfileView) -> u64 {
+        digest(&profile_read(&self.plan().profile_fields, view))
+    }
+}
+
+/// The `profile` fields in `fields` (`None`: all of them).
+fn profile_read(fields: &Option<BTreeSet<String>>, view: &ProfileView) -> Value {
+    match fields {
+        None => segment::segment_profile(view),
+        Some(fields) => segment::profile_fields(view, fields),
+    }
+}
+
+/// The first 8 bytes of the SHA-256 of `value`'s JSON.
+fn digest(value: &Value) -> u64 {
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    let digest = Sha256::digest(&bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// What a customer's memberships were last brought in line with: the
+/// definitions ([`Definitions::id`]) and what their segments read of the
+/// profile (a digest). While both stay the same, an event re-evaluates
+/// only the segments reading a computed trait it changed: the others
+/// would give what they gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Basis {
+    pub definitions: u64,
+    pub profile: u64,
+}
+
+/// Which segments a re-evaluation must evaluate.
+enum Scope<'a> {
+    /// Every one (definitions changed, a merge, a backfill).
+    All,
+    /// Those reading what changed: these computed traits, those a window
+    /// let events go from, and the profile when its digest changed.
+    Changed(&'a [String]),
+    /// A customer's first event, folded into these computed traits: those
+    /// reading what changed from a customer without any event; the others
+    /// give what they give for that customer.
+    First(&'a [String]),
 }
 
 fn duplicate(name: &str) -> DefinitionError {
@@ -160,11 +283,18 @@ pub struct Change {
     pub since: Option<UnixMillis>,
 }
 
-/// A segment a customer is a member of.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A segment a customer is a member of. Stored as `[version, since]`;
+/// read from that or from an object with the same names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Member {
     pub version: u64,
     pub since: UnixMillis,
+}
+
+impl Serialize for Member {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (self.version, self.since).serialize(serializer)
+    }
 }
 
 /// A customer's audience state: computed traits and memberships.
@@ -186,6 +316,11 @@ pub struct Audience {
     /// as it is) until a backfill ([`Audience::backfill`]) knows it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub known: BTreeMap<String, u64>,
+    /// What the memberships were last brought in line with (`None`: not
+    /// yet, or by a build that did not keep it: every segment is
+    /// evaluated next time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basis: Option<Basis>,
 }
 
 impl Audience {
@@ -251,7 +386,7 @@ impl Audience {
         let cause = Cause::Definition {
             events: view.events_count,
         };
-        self.reconcile(defs, view, &cause, now)
+        self.reconcile(defs, view, &cause, now, Scope::All)
     }
 
     /// Whether every computed trait `segment` reads is known.
@@ -279,51 +414,70 @@ impl Audience {
 
     /// Drops what windows no longer hold at `now`, then brings the
     /// memberships in line with the definitions, the view and the computed
-    /// traits.
+    /// traits (evaluating the segments `scope` says may have changed).
     fn reconcile(
         &mut self,
         defs: &Definitions,
         view: &ProfileView,
         cause: &Cause,
         now: UnixMillis,
+        scope: Scope,
     ) -> Vec<Change> {
-        self.computed.expire(&defs.traits, &defs.held_traits, now);
-        let results = self.evaluate(defs, view, now);
-        let mut changes = Vec::new();
-        // Segments deleted since (not those held: defined, unusable now).
-        let gone: Vec<String> = self
-            .members
-            .keys()
-            .filter(|name| !results.contains_key(*name) && !defs.held_segments.contains(*name))
-            .cloned()
-            .collect();
-        for name in gone {
-            if let Some(m) = self.members.remove(&name) {
-                changes.push(Change {
-                    segment: name,
-                    version: m.version,
-                    kind: ChangeKind::Exited,
-                    cause: Cause::Definition {
-                        events: view.events_count,
-                    },
-                    at: now,
-                    since: Some(m.since),
-                });
+        let expired = self.computed.expire(&defs.traits, &defs.held_traits, now);
+        let basis = Basis {
+            definitions: defs.id(),
+            profile: defs.profile_digest(view),
+        };
+        let prior = self.basis.replace(basis);
+        let first = matches!(scope, Scope::First(_));
+        // The computed traits that changed and whether the profile did,
+        // when only those can change a membership: the memberships were
+        // last brought in line under these definitions (or there were none
+        // yet, for a customer's first event).
+        let changed = match scope {
+            Scope::Changed(folded) if prior.is_some_and(|p| p.definitions == basis.definitions) => {
+                Some((
+                    folded.iter().chain(&expired).collect::<BTreeSet<_>>(),
+                    prior.is_none_or(|p| p.profile != basis.profile),
+                ))
             }
+            Scope::First(folded) => Some((
+                folded.iter().chain(&expired).collect::<BTreeSet<_>>(),
+                basis.profile != defs.plan().empty_digest,
+            )),
+            _ => None,
+        };
+        let mut changes = Vec::new();
+        if changed.is_none() {
+            self.forget_deleted(defs, view, now, &mut changes);
         }
-        // Names no longer defined are forgotten (a trait defined again
-        // starts unknown).
-        self.known.retain(|name, _| {
-            defs.traits.iter().any(|d| &d.name == name) || defs.held_traits.contains(name)
-        });
-        for s in &defs.segments {
-            let name = &s.def.name;
+        let mut evaluated: Vec<&Segment> = Vec::new();
+        // Segments not evaluated whose result is known: a customer's first
+        // event starts from those of a customer without any event.
+        let mut known: Vec<(&Segment, bool)> = Vec::new();
+        for (i, s) in defs.segments.iter().enumerate() {
+            // One reading a trait that may miss past events is left as it
+            // is until a backfill knows the trait.
             if !self.determined(defs, s) {
-                // It reads a trait that may miss past events: left as it
-                // is until a backfill knows the trait.
                 continue;
             }
-            let member = matches!(results.get(name), Some(Ok(true)));
+            let evaluate = match &changed {
+                None => true,
+                Some((traits, profile)) => {
+                    (*profile && s.reads_profile()) || traits.iter().any(|t| s.reads(t))
+                }
+            };
+            if evaluate {
+                evaluated.push(s);
+            } else if first {
+                let member = defs.plan().empty_results.get(i).copied().unwrap_or(false);
+                known.push((s, member));
+            }
+        }
+        let results = self.results(defs, &evaluated, view, now);
+        let outcome = evaluated.into_iter().zip(results).chain(known);
+        for (s, member) in outcome {
+            let name = &s.def.name;
             match (member, self.members.get_mut(name)) {
                 (true, None) => {
                     self.members.insert(
@@ -367,6 +521,118 @@ impl Audience {
         changes
     }
 
+    /// Exits the segments no longer defined (not those held: defined,
+    /// unusable now) and forgets the computed traits no longer defined (a
+    /// trait defined again starts unknown).
+    fn forget_deleted(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        now: UnixMillis,
+        changes: &mut Vec<Change>,
+    ) {
+        let defined: BTreeSet<&str> = defs.segments.iter().map(|s| s.def.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .members
+            .keys()
+            .filter(|name| !defined.contains(name.as_str()) && !defs.held_segments.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(m) = self.members.remove(&name) {
+                changes.push(Change {
+                    segment: name,
+                    version: m.version,
+                    kind: ChangeKind::Exited,
+                    cause: Cause::Definition {
+                        events: view.events_count,
+                    },
+                    at: now,
+                    since: Some(m.since),
+                });
+            }
+        }
+        self.known.retain(|name, _| {
+            defs.traits.iter().any(|d| &d.name == name) || defs.held_traits.contains(name)
+        });
+    }
+
+    /// Whether the customer is a member of each of `segments` at `now` (a
+    /// condition that cannot tell counts as not), converting only the
+    /// computed traits and profile fields they read.
+    fn results(
+        &self,
+        defs: &Definitions,
+        segments: &[&Segment],
+        view: &ProfileView,
+        now: UnixMillis,
+    ) -> Vec<bool> {
+        if segments.is_empty() {
+            return Vec::new();
+        }
+        let mut traits: Option<BTreeSet<&str>> = Some(BTreeSet::new());
+        let mut fields: Option<BTreeSet<String>> = Some(BTreeSet::new());
+        for s in segments {
+            traits = match (traits, s.traits_read()) {
+                (Some(mut all), Some(read)) => {
+                    all.extend(read.iter().map(String::as_str));
+                    Some(all)
+                }
+                _ => None,
+            };
+            fields = match (fields, s.profile_read()) {
+                (Some(mut all), Some(read)) => {
+                    all.extend(read.iter().cloned());
+                    Some(all)
+                }
+                _ => None,
+            };
+        }
+        let values: BTreeMap<String, Value> = defs
+            .traits
+            .iter()
+            .filter(|d| traits.as_ref().is_none_or(|t| t.contains(d.name.as_str())))
+            .map(|d| (d.name.clone(), self.computed.value(d, now)))
+            .collect();
+        let input = Input::with_fields(view, fields.as_ref(), &values);
+        segments
+            .iter()
+            .map(|s| s.matches(&input) == Ok(true))
+            .collect()
+    }
+
+    /// The profile's first event `t`, folded (the profile had no event
+    /// before, so this state is a new customer's), with `view` the
+    /// profile's view now: every trait defined now holds all of its events.
+    pub fn on_first_event(
+        &mut self,
+        defs: &Definitions,
+        view: &ProfileView,
+        t: &Touchpoint,
+        now: UnixMillis,
+    ) -> Vec<Change> {
+        // A new customer's state, unless a merge or a backfill made one
+        // before its first event: then every segment is evaluated (the
+        // traits it now knows may decide segments left as they were).
+        let fresh = self.computed.is_empty() && self.members.is_empty() && self.basis.is_none();
+        self.know_all(defs);
+        // States kept under newer definitions than these (by a process
+        // further ahead) miss this event: not known.
+        for name in self.computed.newer_than(&defs.traits) {
+            self.known.remove(&name);
+        }
+        let folded = self.computed.fold(&defs.traits, t);
+        let cause = Cause::Event {
+            event_id: t.event_id(),
+        };
+        let scope = if fresh {
+            Scope::First(&folded)
+        } else {
+            Scope::All
+        };
+        self.reconcile(defs, view, &cause, now, scope)
+    }
+
     /// After the profile folded `t` (`applied`: it was new to it), with
     /// `view` the profile's view now.
     pub fn on_event(
@@ -377,22 +643,25 @@ impl Audience {
         applied: bool,
         now: UnixMillis,
     ) -> Vec<Change> {
+        let mut folded = Vec::new();
+        let mut forgot = false;
         if applied {
             // States kept under newer definitions than these miss this
             // event: no longer known, the process ahead folds them again.
             for name in self.computed.newer_than(&defs.traits) {
-                self.known.remove(&name);
+                forgot |= self.known.remove(&name).is_some();
             }
-            self.computed.fold(&defs.traits, t);
+            folded = self.computed.fold(&defs.traits, t);
         }
-        self.reconcile(
-            defs,
-            view,
-            &Cause::Event {
-                event_id: t.event_id(),
-            },
-            now,
-        )
+        let cause = Cause::Event {
+            event_id: t.event_id(),
+        };
+        let scope = if forgot {
+            Scope::All
+        } else {
+            Scope::Changed(&folded)
+        };
+        self.reconcile(defs, view, &cause, now, scope)
     }
 
     /// This customer absorbed customer `absorbed` (whose computed traits
@@ -405,7 +674,7 @@ impl Audience {
         view: &ProfileView,
         now: UnixMillis,
     ) -> Vec<Change> {
-        self.reconcile(defs, view, &Cause::Merge { absorbed }, now)
+        self.reconcile(defs, view, &Cause::Merge { absorbed }, now, Scope::All)
     }
 
     /// At a window's expiry (or any time after it).
@@ -416,7 +685,7 @@ impl Audience {
         now: UnixMillis,
     ) -> Vec<Change> {
         let due = self.due.unwrap_or(now);
-        self.reconcile(defs, view, &Cause::Expiry { due }, now)
+        self.reconcile(defs, view, &Cause::Expiry { due }, now, Scope::Changed(&[]))
     }
 
     /// After definitions changed (the computed traits of an updated
@@ -430,12 +699,13 @@ impl Audience {
         let cause = Cause::Definition {
             events: view.events_count,
         };
-        self.reconcile(defs, view, &cause, now)
+        self.reconcile(defs, view, &cause, now, Scope::All)
     }
 
     /// Leaves every segment.
     pub fn exit_all(&mut self, cause: &Cause, now: UnixMillis) -> Vec<Change> {
         self.due = None;
+        self.basis = None;
         std::mem::take(&mut self.members)
             .into_iter()
             .map(|(segment, m)| Change {

@@ -22,7 +22,7 @@
 //! variables, or a computed trait that is not defined, is refused when it
 //! is created, with the line and column.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, LazyLock};
 
 use cel::common::ast::{EntryExpr, Expr, IdedExpr};
@@ -62,7 +62,10 @@ pub struct Segment {
     program: Arc<cel::Program>,
     /// The computed traits the condition reads (`None`: it reads `traits`
     /// as a whole, so any of them).
-    reads: Option<std::collections::BTreeSet<String>>,
+    reads: Option<BTreeSet<String>>,
+    /// The fields of `profile` it reads (`None`: it reads `profile` as a
+    /// whole).
+    reads_profile: Option<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -169,23 +172,24 @@ impl Segment {
             ))
         })?;
         let mut problem: Option<(u64, String)> = None;
-        // `traits.<name>` selections, and every reading of `traits`: when
-        // each reading is a selection, the condition reads those names only.
-        let mut selected = std::collections::BTreeSet::new();
-        let (mut selections, mut readings) = (0usize, 0usize);
+        // Per variable, `<variable>.<name>` selections and every reading of
+        // the variable: when each reading is a selection, the condition
+        // reads those names only.
+        let mut reads = [Reads::default(), Reads::default()];
         walk(program.expression(), &mut Vec::new(), &mut |e, bound| {
-            match &e.expr {
-                Expr::Ident(name) if name == "traits" && !bound.contains(&"traits") => {
-                    readings += 1;
+            for (variable, reads) in VARIABLES.iter().zip(reads.iter_mut()) {
+                if bound.contains(variable) {
+                    continue;
                 }
-                Expr::Select(s)
-                    if matches!(&s.operand.expr, Expr::Ident(root) if root == "traits")
-                        && !bound.contains(&"traits") =>
-                {
-                    selections += 1;
-                    selected.insert(s.field.clone());
+                match &e.expr {
+                    Expr::Ident(name) if name == variable => reads.readings += 1,
+                    Expr::Select(s) if matches!(&s.operand.expr, Expr::Ident(root) if root == variable) =>
+                    {
+                        reads.selections += 1;
+                        reads.selected.insert(s.field.clone());
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
             if problem.is_some() {
                 return;
@@ -238,16 +242,33 @@ impl Segment {
                 .map_or((1, 1), |(start, _)| position(source, start));
             return Err(err(format!("line {line}, column {column}: {reason}")));
         }
+        let [profile, traits] = reads;
         Ok(Segment {
             def,
             program: Arc::new(program),
-            reads: (selections == readings).then_some(selected),
+            reads: traits.names(),
+            reads_profile: profile.names(),
         })
     }
 
     /// Whether the condition reads the computed trait `name`.
     pub fn reads(&self, name: &str) -> bool {
         self.reads.as_ref().is_none_or(|r| r.contains(name))
+    }
+
+    /// The computed traits the condition reads (`None`: any of them).
+    pub fn traits_read(&self) -> Option<&BTreeSet<String>> {
+        self.reads.as_ref()
+    }
+
+    /// The fields of `profile` the condition reads (`None`: all of them).
+    pub fn profile_read(&self) -> Option<&BTreeSet<String>> {
+        self.reads_profile.as_ref()
+    }
+
+    /// Whether the condition reads `profile` at all.
+    pub fn reads_profile(&self) -> bool {
+        self.reads_profile.as_ref().is_none_or(|r| !r.is_empty())
     }
 
     /// Whether the customer described by `input` is a member; an error
@@ -259,6 +280,24 @@ impl Segment {
             Ok(other) => Err(format!("the condition gave {other:?}, not true or false")),
             Err(e) => Err(e.to_string()),
         }
+    }
+}
+
+/// How a condition reads one variable.
+#[derive(Default)]
+struct Reads {
+    /// Readings of the variable, as a whole or selected from.
+    readings: usize,
+    /// Readings of `<variable>.<name>`, and the names.
+    selections: usize,
+    selected: BTreeSet<String>,
+}
+
+impl Reads {
+    /// The names read, when every reading selects one (`None`: the
+    /// variable is read as a whole).
+    fn names(self) -> Option<BTreeSet<String>> {
+        (self.selections == self.readings).then_some(self.selected)
     }
 }
 
@@ -276,53 +315,128 @@ impl std::fmt::Debug for Input {
 
 impl Input {
     pub fn new(profile: &ProfileView, traits: &BTreeMap<String, Value>) -> Input {
+        Input::of(segment_profile(profile), traits)
+    }
+
+    /// With the `profile` fields in `fields` only (`None`: all of them):
+    /// what the conditions evaluated read.
+    pub fn with_fields(
+        profile: &ProfileView,
+        fields: Option<&BTreeSet<String>>,
+        traits: &BTreeMap<String, Value>,
+    ) -> Input {
+        match fields {
+            None => Input::new(profile, traits),
+            Some(fields) => Input::of(profile_fields(profile, fields), traits),
+        }
+    }
+
+    fn of(profile: Value, traits: &BTreeMap<String, Value>) -> Input {
         let convert = |v: &Value| cel::to_value(v).unwrap_or(cel::Value::Null);
         let mut context = cel::Context::with_env(ENV.clone());
-        context.add_variable_from_value("profile", convert(&segment_profile(profile)));
-        context.add_variable_from_value(
-            "traits",
-            convert(&serde_json::to_value(traits).unwrap_or(Value::Null)),
-        );
+        context.add_variable_from_value("profile", convert(&profile));
+        let traits: serde_json::Map<String, Value> =
+            traits.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        context.add_variable_from_value("traits", convert(&Value::Object(traits)));
         Input { context }
     }
 }
 
+/// The fields of the `profile` a condition reads named in `fields` (a
+/// name that is no field is left out, as [`segment_profile`] has no such
+/// key).
+pub fn profile_fields(v: &ProfileView, fields: &BTreeSet<String>) -> Value {
+    Value::Object(
+        fields
+            .iter()
+            .filter_map(|name| Some((name.clone(), profile_field(v, name)?)))
+            .collect(),
+    )
+}
+
+/// The fields of the `profile` a condition reads.
+pub const PROFILE_FIELDS: [&str; 18] = [
+    "events_count",
+    "first_seen",
+    "last_seen",
+    "channels",
+    "last_seen_by_channel",
+    "preferred_channel",
+    "journey_stage",
+    "orders_count",
+    "spend",
+    "refunds",
+    "first_order_at",
+    "last_order_at",
+    "cart_items",
+    "open_tickets",
+    "loyalty_points",
+    "last_feedback_rating",
+    "consent",
+    "traits",
+];
+
 /// The `profile` a condition reads (see the module's docs).
 pub fn segment_profile(v: &ProfileView) -> Value {
-    let amounts = |spend: &[crate::profile::SpendView]| -> serde_json::Map<String, Value> {
-        spend
+    Value::Object(
+        PROFILE_FIELDS
             .iter()
-            .map(|s| (s.currency.clone(), super::computed::number(s.total)))
-            .collect()
+            .filter_map(|name| Some(((*name).to_owned(), profile_field(v, name)?)))
+            .collect(),
+    )
+}
+
+/// One field of the `profile` a condition reads (`None`: no such field).
+pub fn profile_field(v: &ProfileView, name: &str) -> Option<Value> {
+    let amounts = |spend: &[crate::profile::SpendView]| -> Value {
+        Value::Object(
+            spend
+                .iter()
+                .map(|s| (s.currency.clone(), super::computed::number(s.total)))
+                .collect(),
+        )
     };
-    // The customer's own traits without the personal ones (email, phone,
-    // address, birthday, names...): a condition classifies people, it does
-    // not look them up.
-    let personal = crate::access::PersonalKeys::default();
-    let traits: serde_json::Map<String, Value> = v
-        .traits
-        .iter()
-        .filter(|(k, _)| !personal.is_personal(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    json!({
-        "events_count": v.events_count,
-        "first_seen": v.first_seen,
-        "last_seen": v.last_seen,
-        "channels": v.last_seen_by_channel.keys().map(|c| c.as_str()).collect::<Vec<_>>(),
-        "last_seen_by_channel": v.last_seen_by_channel.iter().map(|(c, t)| (c.as_str().to_owned(), json!(t))).collect::<serde_json::Map<_, _>>(),
-        "preferred_channel": v.preferred_channel.map(|c| c.as_str()),
-        "journey_stage": v.stage.as_str(),
-        "orders_count": v.orders_count,
-        "spend": amounts(&v.spend),
-        "refunds": amounts(&v.refunds),
-        "first_order_at": v.first_order_at,
-        "last_order_at": v.last_order_at,
-        "cart_items": v.cart.iter().map(|c| c.quantity).sum::<i64>(),
-        "open_tickets": v.open_tickets,
-        "loyalty_points": v.loyalty_points,
-        "last_feedback_rating": v.last_feedback_rating,
-        "consent": v.consent,
-        "traits": traits,
+    Some(match name {
+        "events_count" => json!(v.events_count),
+        "first_seen" => json!(v.first_seen),
+        "last_seen" => json!(v.last_seen),
+        "channels" => json!(
+            v.last_seen_by_channel
+                .keys()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+        ),
+        "last_seen_by_channel" => Value::Object(
+            v.last_seen_by_channel
+                .iter()
+                .map(|(c, t)| (c.as_str().to_owned(), json!(t)))
+                .collect(),
+        ),
+        "preferred_channel" => json!(v.preferred_channel.map(|c| c.as_str())),
+        "journey_stage" => json!(v.stage.as_str()),
+        "orders_count" => json!(v.orders_count),
+        "spend" => amounts(&v.spend),
+        "refunds" => amounts(&v.refunds),
+        "first_order_at" => json!(v.first_order_at),
+        "last_order_at" => json!(v.last_order_at),
+        "cart_items" => json!(v.cart.iter().map(|c| c.quantity).sum::<i64>()),
+        "open_tickets" => json!(v.open_tickets),
+        "loyalty_points" => json!(v.loyalty_points),
+        "last_feedback_rating" => json!(v.last_feedback_rating),
+        "consent" => json!(v.consent),
+        // The customer's own traits without the personal ones (email,
+        // phone, address, birthday, names...): a condition classifies
+        // people, it does not look them up.
+        "traits" => {
+            let personal = crate::access::PersonalKeys::default();
+            Value::Object(
+                v.traits
+                    .iter()
+                    .filter(|(k, _)| !personal.is_personal(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            )
+        }
+        _ => return None,
     })
 }
