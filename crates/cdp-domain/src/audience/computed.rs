@@ -918,6 +918,14 @@ impl Computed {
                         (a @ None, b) => *a = b,
                         (Some(_), None) => {}
                     }
+                    if theirs.latest && !ours.latest {
+                        // Theirs keeps each value once (one entry per
+                        // value of an event): ours is made to as well.
+                        ours.latest = true;
+                        for e in std::mem::take(&mut ours.entries) {
+                            ours.insert_latest(e);
+                        }
+                    }
                     for e in theirs.entries {
                         ours.insert(e);
                     }

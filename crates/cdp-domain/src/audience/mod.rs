@@ -71,6 +71,9 @@ pub struct Definitions {
 struct Plan {
     /// The first 8 bytes of the SHA-256 of [`Definitions::fingerprint`].
     id: u64,
+    /// The same of the whole definitions (conditions, filters, windows),
+    /// not only their names and versions: what a [`Basis`] names.
+    whole: u64,
     /// The `profile` fields some segment reads (`None`: all of them).
     profile_fields: Option<BTreeSet<String>>,
     /// A customer without any event: the digest of what the segments read
@@ -158,8 +161,14 @@ impl Definitions {
             let segments: Vec<&Segment> = self.segments.iter().collect();
             // An empty state's values do not depend on the instant.
             let empty_results = empty.results(self, &segments, &view, 0);
+            let whole = digest(&serde_json::json!({
+                "fingerprint": self.fingerprint(),
+                "traits": self.traits,
+                "segments": self.segments.iter().map(|s| &s.def).collect::<Vec<_>>(),
+            }));
             Plan {
                 id: u64::from_be_bytes(id),
+                whole,
                 empty_digest: digest(&profile_read(&profile_fields, &view)),
                 profile_fields,
                 empty_results,
@@ -197,7 +206,7 @@ fn digest(value: &Value) -> u64 {
 }
 
 /// What a customer's memberships were last brought in line with: the
-/// definitions ([`Definitions::id`]) and what their segments read of the
+/// definitions (a digest of all of them, conditions included) and what their segments read of the
 /// profile (a digest). While both stay the same, an event re-evaluates
 /// only the segments reading a computed trait it changed: the others
 /// would give what they gave.
@@ -330,6 +339,7 @@ impl Audience {
             && self.members.is_empty()
             && self.due.is_none()
             && self.known.is_empty()
+            && self.basis.is_none()
     }
 
     /// A customer's first event: every trait defined now holds all of its
@@ -347,6 +357,10 @@ impl Audience {
     /// the side that had no event yet took the other's word).
     pub fn absorb(&mut self, other: Audience, had_events: bool, they_had_events: bool) {
         self.computed.absorb(other.computed);
+        // The traits changed with no evaluation (a store settling a merge,
+        // a fold without definitions): the next one evaluates every
+        // segment.
+        self.basis = None;
         self.known = match (had_events, they_had_events) {
             (false, _) => other.known,
             (true, false) => std::mem::take(&mut self.known),
@@ -425,10 +439,14 @@ impl Audience {
     ) -> Vec<Change> {
         let expired = self.computed.expire(&defs.traits, &defs.held_traits, now);
         let basis = Basis {
-            definitions: defs.id(),
+            definitions: defs.plan().whole,
             profile: defs.profile_digest(view),
         };
-        let prior = self.basis.replace(basis);
+        // Without segments there is nothing to keep (nor to skip).
+        let prior = std::mem::replace(
+            &mut self.basis,
+            (!defs.segments.is_empty()).then_some(basis),
+        );
         let first = matches!(scope, Scope::First(_));
         // The computed traits that changed and whether the profile did,
         // when only those can change a membership: the memberships were

@@ -1346,3 +1346,63 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_merge_settled_without_evaluation_makes_the_next_event_evaluate_every_segment() {
+    let defs = shop();
+    let options = FoldOptions::default();
+    let fold = |p: &mut Profile, e: &Touchpoint, now: UnixMillis| {
+        let first = p.applied.is_empty();
+        assert!(p.apply(e, &options));
+        let view = p.view();
+        if first {
+            p.audience.on_first_event(&defs, &view, e, now)
+        } else {
+            p.audience.on_event(&defs, &view, e, true, now)
+        }
+    };
+    let mut survivor = Profile::new(CustomerId(Uuid::from_u128(1)));
+    fold(&mut survivor, &view(1, T0, "P1"), T0 + 1);
+    let mut absorbed = Profile::new(CustomerId(Uuid::from_u128(2)));
+    fold(
+        &mut absorbed,
+        &order(2, T0, Channel::Web, 3_500_000, "P2"),
+        T0 + 1,
+    );
+    assert!(absorbed.audience.members.contains_key("vip"));
+    assert!(!survivor.audience.members.contains_key("vip"));
+    // A store settles the merge (or a fold without definitions makes it):
+    // the traits add up with no evaluation.
+    survivor.absorb(absorbed);
+    // The next event changes no trait `vip` reads: it is evaluated all the same.
+    fold(&mut survivor, &view(3, T0 + 2, "P1"), T0 + 3);
+    assert!(survivor.audience.members.contains_key("vip"));
+}
+
+#[test]
+fn a_unique_window_kept_whole_takes_in_one_kept_per_value_without_losing_values() {
+    let t = def("skus_7d", Aggregate::UniqueList, Some("sku"), &[], "7d");
+    let defs = vec![t.clone()];
+    let both = ev(1, T0, "x", Channel::Web, json!({"sku": ["a", "b"]}));
+    let mut theirs = Computed::default();
+    theirs.fold(&defs, &both);
+    assert!(theirs.traits["skus_7d"].latest);
+    // Ours as an earlier build kept it: every event whole.
+    let mut ours = Computed::default();
+    ours.traits.insert(
+        "skus_7d".into(),
+        computed::TraitState {
+            version: 1,
+            entries: vec![computed::Entry {
+                at: T0 - 1,
+                event: EventId(Uuid::from_u128(2)),
+                values: vec![json!("c"), json!("a")],
+            }],
+            ..computed::TraitState::default()
+        },
+    );
+    ours.absorb(theirs);
+    assert_eq!(ours.value(&t, T0 + 1), json!(["a", "b", "c"]));
+    assert!(ours.traits["skus_7d"].latest);
+    assert_eq!(ours.traits["skus_7d"].entries.len(), 3);
+}
