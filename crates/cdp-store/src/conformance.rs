@@ -20,6 +20,12 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::{Generations, IdentityStore, ProfileStore, TimelineQuery};
+
+/// The audience cases of one process: a backfill brings every row of the
+/// store up to its definitions (the other cases' rows too, where fixtures
+/// share a store), so it runs alone (`write`) and the cases whose rows
+/// hold audience state wait for it (`read`).
+static AUDIENCE_CASES: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 use cdp_domain::profile::FoldOptions;
 
 /// An implementation of the ports as the suites run it: fresh, empty stores
@@ -418,6 +424,7 @@ fn resolved(customer: CustomerId, t: Touchpoint) -> ResolvedTouchpoint {
 /// exits and the survivor's entry on a merge, the state read back with the
 /// profile, and a fold without definitions leaving it alone.
 pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
+    let _alone = AUDIENCE_CASES.read().await;
     use cdp_domain::audience::{
         Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
     };
@@ -571,6 +578,7 @@ pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
 /// by `due_audiences` then and not before, expired once; its timer moves
 /// with merges, and an entry left by an erased row is dropped.
 pub async fn audience_timers_fire_on_time_and_once(store: &dyn ProfileStore, prefix: &str) {
+    let _alone = AUDIENCE_CASES.read().await;
     use cdp_domain::audience::{
         Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
     };
@@ -769,6 +777,7 @@ pub async fn audience_timers_fire_on_time_and_once(store: &dyn ProfileStore, pre
 /// wait, then a backfill folds the past events (the absorbed customer's
 /// too) page by page, and enters the member once.
 pub async fn audience_backfill_folds_past_events_once(store: &dyn ProfileStore, prefix: &str) {
+    let _alone = AUDIENCE_CASES.write().await;
     use cdp_domain::audience::{
         Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
     };
@@ -945,6 +954,7 @@ pub async fn segment_members_follow_entries_merges_and_erasure(
     store: &dyn ProfileStore,
     prefix: &str,
 ) {
+    let _alone = AUDIENCE_CASES.read().await;
     use cdp_domain::audience::{Aggregate, Definitions, EventFilter, SegmentDef, TraitDef};
     use cdp_domain::identity::{Merge, MergeCause};
     use cdp_domain::profile::AudienceOptions;
