@@ -212,6 +212,30 @@ async fn segments_are_defined_checked_and_entered_through_events_and_merges() {
     let mut names: Vec<_> = listed.segments.iter().map(|s| s.name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["omni", "store_buyers"]);
+    // The profile service reads the definitions again every so often (one
+    // process per service on the distributed back end): the events below
+    // are to be folded under these, so wait until its backfill of them is
+    // done, as a marketer would before expecting entries by events.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let b = analyst
+            .get_backfill(v1::GetBackfillRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let listed: Vec<&str> = b.definitions.split(',').collect();
+        let known = ["segment/omni@1", "segment/store_buyers@1"]
+            .iter()
+            .all(|d| listed.contains(d));
+        if known && b.state == "done" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the definitions saved were not backfilled in time: {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A store purchase of almost a week ago: its customer enters now, and
     // leaves when the 7-day window lets the purchase go, with no event.
