@@ -146,16 +146,11 @@ impl Definitions {
             let sha = Sha256::digest(self.fingerprint().as_bytes());
             let mut id = [0u8; 8];
             id.copy_from_slice(&sha[..8]);
-            let mut profile_fields = Some(BTreeSet::new());
-            for s in &self.segments {
-                profile_fields = match (profile_fields, s.profile_read()) {
-                    (Some(mut all), Some(read)) => {
-                        all.extend(read.iter().cloned());
-                        Some(all)
-                    }
-                    _ => None,
-                };
-            }
+            let profile_fields = read_union(
+                self.segments
+                    .iter()
+                    .map(|s| s.profile_read().map(|r| r.iter().cloned())),
+            );
             let view = Profile::new(CustomerId(uuid::Uuid::nil())).view();
             let empty = Audience::default();
             let segments: Vec<&Segment> = self.segments.iter().collect();
@@ -194,6 +189,18 @@ fn profile_read(fields: &Option<BTreeSet<String>>, view: &ProfileView) -> Value 
         None => segment::segment_profile(view),
         Some(fields) => segment::profile_fields(view, fields),
     }
+}
+
+/// Everything some conditions read, given what each reads (`None`: one
+/// reads the whole variable, so all of it is read).
+fn read_union<T: Ord, R: IntoIterator<Item = T>>(
+    reads: impl IntoIterator<Item = Option<R>>,
+) -> Option<BTreeSet<T>> {
+    let mut all = BTreeSet::new();
+    for read in reads {
+        all.extend(read?);
+    }
+    Some(all)
 }
 
 /// The first 8 bytes of the SHA-256 of `value`'s JSON.
@@ -588,24 +595,16 @@ impl Audience {
         if segments.is_empty() {
             return Vec::new();
         }
-        let mut traits: Option<BTreeSet<&str>> = Some(BTreeSet::new());
-        let mut fields: Option<BTreeSet<String>> = Some(BTreeSet::new());
-        for s in segments {
-            traits = match (traits, s.traits_read()) {
-                (Some(mut all), Some(read)) => {
-                    all.extend(read.iter().map(String::as_str));
-                    Some(all)
-                }
-                _ => None,
-            };
-            fields = match (fields, s.profile_read()) {
-                (Some(mut all), Some(read)) => {
-                    all.extend(read.iter().cloned());
-                    Some(all)
-                }
-                _ => None,
-            };
-        }
+        let traits: Option<BTreeSet<&str>> = read_union(
+            segments
+                .iter()
+                .map(|s| s.traits_read().map(|r| r.iter().map(String::as_str))),
+        );
+        let fields: Option<BTreeSet<String>> = read_union(
+            segments
+                .iter()
+                .map(|s| s.profile_read().map(|r| r.iter().cloned())),
+        );
         let values: BTreeMap<String, Value> = defs
             .traits
             .iter()
