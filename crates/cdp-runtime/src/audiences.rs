@@ -33,8 +33,68 @@ pub struct AudienceRegistry {
     every: Duration,
     known: tokio::sync::Mutex<Known>,
     appends: tokio::sync::RwLock<()>,
-    /// The changes of every fold of this process not appended yet.
-    outbox: tokio::sync::Mutex<ChangeOutbox>,
+    /// The changes of every fold of this process not appended yet, in
+    /// the order they were made.
+    outbox: Arc<Outbox>,
+}
+
+/// Changes queued (held briefly, never across an append) and the one
+/// append under way at a time (an append takes the oldest changes queued
+/// and removes them only once the log has them, so a cancelled append
+/// loses nothing).
+#[derive(Default)]
+struct Outbox {
+    queued: std::sync::Mutex<Queued>,
+    appending: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct Queued {
+    changes: ChangeOutbox,
+    /// A task appends in the background (see [`AudienceRegistry::queue`]).
+    flushing: bool,
+}
+
+/// Past this many changes queued, a fold waits for their append (the log
+/// is slower than the folds).
+const QUEUED_AT_MOST: usize = 20_000;
+
+impl Outbox {
+    fn queued(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.queued
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends the changes queued when it starts, oldest first.
+    async fn flush(&self, log: &dyn EventLog) -> Result<usize, LogError> {
+        let _one = self.appending.lock().await;
+        let records = self.queued().changes.pending.clone();
+        let count = records.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        log.append(topic::AUDIENCE_CHANGES, records).await?;
+        self.queued().changes.pending.drain(..count);
+        Ok(count)
+    }
+
+    /// Appends until nothing is queued (or an append fails: the changes
+    /// stay queued for the next fold or sync), then says it stopped.
+    async fn drain(self: Arc<Self>, log: Arc<dyn EventLog>) {
+        loop {
+            if let Err(error) = self.flush(log.as_ref()).await {
+                tracing::warn!(%error, "membership changes not appended yet; tried again at the next fold or sync");
+                self.queued().flushing = false;
+                return;
+            }
+            let mut queued = self.queued();
+            if queued.changes.pending.is_empty() {
+                queued.flushing = false;
+                return;
+            }
+        }
+    }
 }
 
 impl AudienceRegistry {
@@ -50,13 +110,13 @@ impl AudienceRegistry {
                 checked: None,
             }),
             appends: tokio::sync::RwLock::new(()),
-            outbox: tokio::sync::Mutex::new(ChangeOutbox::default()),
+            outbox: Arc::default(),
         }
     }
 
     /// Queues the changes a fold of generation `generation` made with
     /// `options` (into the process's one outbox, before anything can
-    /// fail) and appends every change pending. Returns how many were
+    /// fail) and appends every change queued. Returns how many were
     /// appended.
     pub async fn record(
         &self,
@@ -64,27 +124,64 @@ impl AudienceRegistry {
         changes: Vec<(CustomerId, Change)>,
         options: &FoldOptions,
     ) -> Result<usize, LogError> {
-        let mut outbox = self.outbox.lock().await;
-        outbox.queue(generation, changes, options);
-        outbox.flush(self.log.as_ref()).await
+        self.outbox
+            .queued()
+            .changes
+            .queue(generation, changes, options);
+        self.outbox.flush(self.log.as_ref()).await
     }
 
-    /// Appends the changes an earlier append left pending. A sync calls it
-    /// first (holding [`appends`](Self::appends) alone) and does not run
-    /// when it fails: no commit is made durable while its changes are not
-    /// in the log, whichever task made them.
+    /// Queues the changes as [`record`](Self::record) does, and appends
+    /// them in the background: a profile worker folds its next batch
+    /// while the log writes them. Nothing is lost by not waiting: the
+    /// positions of a batch are committed only after a sync, and a sync
+    /// first appends what is queued ([`flush_pending`](Self::flush_pending)),
+    /// as do the timers and the backfill before theirs. Past
+    /// [`QUEUED_AT_MOST`] changes queued it waits for the append.
+    pub async fn queue(
+        &self,
+        generation: u32,
+        changes: Vec<(CustomerId, Change)>,
+        options: &FoldOptions,
+    ) -> Result<(), LogError> {
+        let start = {
+            let mut queued = self.outbox.queued();
+            queued.changes.queue(generation, changes, options);
+            if queued.changes.pending.len() >= QUEUED_AT_MOST {
+                None
+            } else {
+                let start = !queued.flushing && !queued.changes.pending.is_empty();
+                queued.flushing |= start;
+                Some(start)
+            }
+        };
+        match start {
+            None => self.outbox.flush(self.log.as_ref()).await.map(drop),
+            Some(true) => {
+                tokio::spawn(Arc::clone(&self.outbox).drain(Arc::clone(&self.log)));
+                Ok(())
+            }
+            Some(false) => Ok(()),
+        }
+    }
+
+    /// Appends the changes queued. A sync calls it first (holding
+    /// [`appends`](Self::appends) alone) and does not run when it fails:
+    /// no commit is made durable while its changes are not in the log,
+    /// whichever task made them.
     pub async fn flush_pending(&self) -> Result<usize, LogError> {
-        self.outbox.lock().await.flush(self.log.as_ref()).await
+        self.outbox.flush(self.log.as_ref()).await
     }
 
     /// Orders the store writes of a process's profile workers, audience
     /// timers and backfill with the appends of their changes: a fold
-    /// holds it shared from its store commit to the append of its
+    /// holds it shared from its store commit to the queueing of its
     /// changes, and a sync (which makes every commit before it durable)
-    /// holds it alone. So no sync makes a commit durable whose changes are
-    /// not appended yet (a crash then would lose them: the redelivered
-    /// events find themselves folded), and the changes of one customer are
-    /// appended in the order they were made.
+    /// holds it alone and appends everything queued first. So no sync
+    /// makes a commit durable whose changes are not appended yet (a crash
+    /// then would lose them: the redelivered events find themselves
+    /// folded), and the changes of one customer are appended in the order
+    /// they were made (one queue, appended oldest first).
     pub fn appends(&self) -> &tokio::sync::RwLock<()> {
         &self.appends
     }
@@ -268,4 +365,95 @@ pub async fn latest_backfill(
     })
     .await?;
     Ok(latest)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use cdp_domain::audience::{Cause, ChangeKind};
+    use cdp_domain::{EventId, FoldOptions};
+    use cdp_log::embedded::EmbeddedLog;
+
+    use super::*;
+    use crate::testing::Flaky;
+
+    fn entered(segment: &str, n: u128) -> (CustomerId, Change) {
+        (
+            CustomerId(uuid::Uuid::from_u128(n % 3 + 1)),
+            Change {
+                segment: segment.to_owned(),
+                version: 1,
+                kind: ChangeKind::Entered,
+                cause: Cause::Event {
+                    event_id: EventId(uuid::Uuid::from_u128(n)),
+                },
+                at: 1_000 + n as i64,
+                since: None,
+            },
+        )
+    }
+
+    /// The changes on the topic, per customer in the order appended.
+    async fn appended(log: &dyn EventLog) -> Vec<(CustomerId, String)> {
+        let mut out = Vec::new();
+        cdp_log::scan::<LogError>(log, topic::AUDIENCE_CHANGES, 100, |r| {
+            let m = cdp_pipeline::audience::read_change(r).expect("a change");
+            out.push((m.customer_id, m.change.segment));
+            Ok(())
+        })
+        .await
+        .expect("scanned");
+        out.sort_by_key(|(c, _)| *c);
+        out
+    }
+
+    #[tokio::test]
+    async fn queued_changes_reach_the_log_in_order_once_and_survive_a_down_log_until_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(Flaky {
+            inner: EmbeddedLog::open(dir.path(), &topic::ALL, 2).unwrap(),
+            down: AtomicBool::new(false),
+        });
+        let registry = AudienceRegistry::new(log.clone(), Duration::from_secs(60));
+        let options = FoldOptions::default();
+        let batch = |from: u128| {
+            (from..from + 30)
+                .map(|n| entered(&format!("s{n}"), n))
+                .collect()
+        };
+        // Appended in the background: waited for here, never timed.
+        registry.queue(1, batch(0), &options).await.unwrap();
+        registry.queue(1, batch(30), &options).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..1_000 {
+            seen = appended(log.as_ref()).await;
+            if seen.len() == 60 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let want = |to: u128| {
+            let mut all: Vec<_> = (0..to)
+                .map(|n| entered(&format!("s{n}"), n))
+                .map(|(c, ch)| (c, ch.segment))
+                .collect();
+            all.sort_by_key(|(c, _)| *c);
+            all
+        };
+        assert_eq!(seen, want(60), "each customer's changes in the order made");
+
+        // The log is down: the changes stay queued, the barrier before a
+        // sync fails, and the next flush appends them once.
+        log.down.store(true, Ordering::SeqCst);
+        registry.queue(1, batch(60), &options).await.unwrap();
+        assert!(registry.flush_pending().await.is_err());
+        assert_eq!(appended(log.as_ref()).await.len(), 60);
+        log.down.store(false, Ordering::SeqCst);
+        // (A background append the queueing started may get there first.)
+        let flushed = registry.flush_pending().await.unwrap();
+        assert!(flushed == 30 || flushed == 0, "{flushed}");
+        assert_eq!(registry.flush_pending().await.unwrap(), 0);
+        assert_eq!(appended(log.as_ref()).await, want(90));
+    }
 }

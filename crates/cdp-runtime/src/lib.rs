@@ -11,6 +11,8 @@ pub mod limits;
 pub mod serve;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod trace;
 

@@ -175,7 +175,7 @@ impl BatchHandler for ProfileWorker {
             cdp_runtime::audiences::fold_options(self.audiences.as_deref(), &self.options, now)
                 .await
                 .map_err(|e| Retry(format!("audience definitions: {e}")))?;
-        // From the commit to the append of its changes (see
+        // From the commit to the queueing of its changes (see
         // `AudienceRegistry::appends`).
         let _appending = match &self.audiences {
             Some(registry) => Some(registry.appends().read().await),
@@ -186,15 +186,12 @@ impl BatchHandler for ProfileWorker {
             .apply_unsynced(&batch, &options)
             .await
             .map_err(|e| Retry(format!("profile store: {e}")))?;
-        let appended = match &self.audiences {
-            Some(registry) => registry
-                .record(stores.generation, applied.changes, &options)
+        // Appended in the background, before the next sync.
+        if let Some(registry) = &self.audiences {
+            registry
+                .queue(stores.generation, applied.changes, &options)
                 .await
-                .map_err(|e| Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES)))?,
-            None => 0,
-        };
-        if appended > 0 {
-            tracing::debug!(changes = appended, "membership changes appended");
+                .map_err(|e| Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES)))?;
         }
         self.unsynced = Some((stores.generation, Arc::clone(&stores.profiles)));
         if applied.new_events < batch.len() {

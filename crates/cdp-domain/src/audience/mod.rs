@@ -27,6 +27,7 @@
 //! partitioning and merges (the property test below).
 
 pub mod computed;
+mod native;
 pub mod segment;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -476,6 +477,13 @@ impl Audience {
         if changed.is_none() {
             self.forget_deleted(defs, view, now, &mut changes);
         }
+        // The traits not known under these definitions (see `determined`).
+        let undetermined: Vec<&str> = defs
+            .traits
+            .iter()
+            .filter(|d| self.known.get(&d.name) != Some(&d.version))
+            .map(|d| d.name.as_str())
+            .collect();
         let mut evaluated: Vec<&Segment> = Vec::new();
         // Segments not evaluated whose result is known: a customer's first
         // event starts from those of a customer without any event.
@@ -483,7 +491,7 @@ impl Audience {
         for (i, s) in defs.segments.iter().enumerate() {
             // One reading a trait that may miss past events is left as it
             // is until a backfill knows the trait.
-            if !self.determined(defs, s) {
+            if undetermined.iter().any(|name| s.reads(name)) {
                 continue;
             }
             let evaluate = match &changed {
@@ -605,16 +613,38 @@ impl Audience {
                 .iter()
                 .map(|s| s.profile_read().map(|r| r.iter().cloned())),
         );
-        let values: BTreeMap<String, Value> = defs
+        let json: BTreeMap<String, Value> = defs
             .traits
             .iter()
             .filter(|d| traits.as_ref().is_none_or(|t| t.contains(d.name.as_str())))
             .map(|d| (d.name.clone(), self.computed.value(d, now)))
             .collect();
-        let input = Input::with_fields(view, fields.as_ref(), &values);
+        let convert = |v: &Value| cel::to_value(v).unwrap_or(cel::Value::Null);
+        let names: Vec<&str> = match &fields {
+            Some(fields) => fields.iter().map(String::as_str).collect(),
+            None => segment::PROFILE_FIELDS.to_vec(),
+        };
+        let values = native::Values {
+            traits: json.iter().map(|(k, v)| (k.clone(), convert(v))).collect(),
+            fields: names
+                .into_iter()
+                .filter_map(|name| {
+                    let v = segment::profile_field(view, name)?;
+                    Some((name.to_owned(), convert(&v)))
+                })
+                .collect(),
+        };
+        // The interpreter's context, for the conditions of other shapes.
+        let mut input: Option<Input> = None;
         segments
             .iter()
-            .map(|s| s.matches(&input) == Ok(true))
+            .map(|s| {
+                s.decide(&values).unwrap_or_else(|| {
+                    let input = input
+                        .get_or_insert_with(|| Input::with_fields(view, fields.as_ref(), &json));
+                    s.matches(input) == Ok(true)
+                })
+            })
             .collect()
     }
 

@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 
 use super::DefinitionError;
 use super::computed::{TraitDef, check_name};
+use super::native::{Native, Values};
 use crate::ProfileView;
 
 /// The longest condition, in bytes.
@@ -66,6 +67,8 @@ pub struct Segment {
     /// The fields of `profile` it reads (`None`: it reads `profile` as a
     /// whole).
     reads_profile: Option<BTreeSet<String>>,
+    /// The condition, when its shape is evaluated without the interpreter.
+    native: Option<Arc<Native>>,
 }
 
 impl std::fmt::Debug for Segment {
@@ -243,8 +246,10 @@ impl Segment {
             return Err(err(format!("line {line}, column {column}: {reason}")));
         }
         let [profile, traits] = reads;
+        let native = Native::of(program.expression()).map(Arc::new);
         Ok(Segment {
             def,
+            native,
             program: Arc::new(program),
             reads: traits.names(),
             reads_profile: profile.names(),
@@ -280,6 +285,15 @@ impl Segment {
             Ok(other) => Err(format!("the condition gave {other:?}, not true or false")),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Whether the customer whose values the condition reads are `values`
+    /// is a member (an error counting as not), when the condition's shape
+    /// is evaluated without the interpreter and this evaluation is sure
+    /// to give its result; `None`: ask [`matches`](Self::matches).
+    pub(crate) fn decide(&self, values: &Values) -> Option<bool> {
+        let outcome = self.native.as_ref()?.eval(values)?;
+        Some(outcome == Ok(true))
     }
 }
 
