@@ -53,10 +53,13 @@ struct Queued {
     changes: ChangeOutbox,
     /// A task appends in the background (see [`AudienceRegistry::queue`]).
     flushing: bool,
+    /// That task, to replace it if it ended without saying so (a panic).
+    drain: Option<tokio::task::JoinHandle<()>>,
+    /// The last background append failed: the next fold waits for its own.
+    failed: bool,
 }
 
-/// Past this many changes queued, a fold waits for their append (the log
-/// is slower than the folds).
+/// Past this many changes queued, a fold waits for their append.
 const QUEUED_AT_MOST: usize = 20_000;
 
 impl Outbox {
@@ -84,8 +87,10 @@ impl Outbox {
     async fn drain(self: Arc<Self>, log: Arc<dyn EventLog>) {
         loop {
             if let Err(error) = self.flush(log.as_ref()).await {
-                tracing::warn!(%error, "membership changes not appended yet; tried again at the next fold or sync");
-                self.queued().flushing = false;
+                tracing::warn!(%error, "membership changes not appended yet; the next fold waits for them");
+                let mut queued = self.queued();
+                queued.flushing = false;
+                queued.failed = true;
                 return;
             }
             let mut queued = self.queued();
@@ -133,24 +138,36 @@ impl AudienceRegistry {
 
     /// Queues the changes as [`record`](Self::record) does, and appends
     /// them in the background: a profile worker folds its next batch
-    /// while the log writes them. Nothing is lost by not waiting: the
-    /// positions of a batch are committed only after a sync, and a sync
-    /// first appends what is queued ([`flush_pending`](Self::flush_pending)),
-    /// as do the timers and the backfill before theirs. Past
-    /// [`QUEUED_AT_MOST`] changes queued it waits for the append.
+    /// while the log writes this one's. It first waits for the append
+    /// under way, so the changes not in the log yet are at most those of
+    /// two batches (one being appended, one queued), as few as when a
+    /// fold waited for its own append plus one batch. Nothing is lost by
+    /// not waiting longer: the positions of a batch are committed only
+    /// after a sync, and a sync first appends what is queued
+    /// ([`flush_pending`](Self::flush_pending)), as do the timers and the
+    /// backfill before theirs. When the last background append failed
+    /// (or past [`QUEUED_AT_MOST`] queued) it waits for this append, and
+    /// its error is the fold's.
     pub async fn queue(
         &self,
         generation: u32,
         changes: Vec<(CustomerId, Change)>,
         options: &FoldOptions,
     ) -> Result<(), LogError> {
+        drop(self.outbox.appending.lock().await);
         let start = {
             let mut queued = self.outbox.queued();
             queued.changes.queue(generation, changes, options);
-            if queued.changes.pending.len() >= QUEUED_AT_MOST {
+            if std::mem::take(&mut queued.failed) || queued.changes.pending.len() >= QUEUED_AT_MOST
+            {
                 None
             } else {
-                let start = !queued.flushing && !queued.changes.pending.is_empty();
+                let idle = !queued.flushing
+                    || queued
+                        .drain
+                        .as_ref()
+                        .is_some_and(tokio::task::JoinHandle::is_finished);
+                let start = idle && !queued.changes.pending.is_empty();
                 queued.flushing |= start;
                 Some(start)
             }
@@ -158,7 +175,8 @@ impl AudienceRegistry {
         match start {
             None => self.outbox.flush(self.log.as_ref()).await.map(drop),
             Some(true) => {
-                tokio::spawn(Arc::clone(&self.outbox).drain(Arc::clone(&self.log)));
+                let drain = tokio::spawn(Arc::clone(&self.outbox).drain(Arc::clone(&self.log)));
+                self.outbox.queued().drain = Some(drain);
                 Ok(())
             }
             Some(false) => Ok(()),
@@ -446,13 +464,22 @@ mod tests {
         // The log is down: the changes stay queued, the barrier before a
         // sync fails, and the next flush appends them once.
         log.down.store(true, Ordering::SeqCst);
+        // The background append fails, then the next fold waits for its
+        // own and fails with it (its batch is then retried).
         registry.queue(1, batch(60), &options).await.unwrap();
+        let mut refused = false;
+        for _ in 0..1_000 {
+            if registry.queue(1, Vec::new(), &options).await.is_err() {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(refused, "a fold after a failed append is told");
         assert!(registry.flush_pending().await.is_err());
         assert_eq!(appended(log.as_ref()).await.len(), 60);
         log.down.store(false, Ordering::SeqCst);
-        // (A background append the queueing started may get there first.)
-        let flushed = registry.flush_pending().await.unwrap();
-        assert!(flushed == 30 || flushed == 0, "{flushed}");
+        assert_eq!(registry.flush_pending().await.unwrap(), 30);
         assert_eq!(registry.flush_pending().await.unwrap(), 0);
         assert_eq!(appended(log.as_ref()).await, want(90));
     }
