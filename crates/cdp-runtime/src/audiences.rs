@@ -55,7 +55,8 @@ struct Queued {
     flushing: bool,
     /// That task, to replace it if it ended without saying so (a panic).
     drain: Option<tokio::task::JoinHandle<()>>,
-    /// The last background append failed: the next fold waits for its own.
+    /// The last append failed: until one succeeds, a fold waits for its
+    /// own (and fails with it, as when the log is down).
     failed: bool,
 }
 
@@ -69,7 +70,9 @@ impl Outbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends the changes queued when it starts, oldest first.
+    /// Appends the changes queued when it starts, oldest first. A failure
+    /// is remembered until an append succeeds: folds wait for theirs
+    /// meanwhile.
     async fn flush(&self, log: &dyn EventLog) -> Result<usize, LogError> {
         let _one = self.appending.lock().await;
         let records = self.queued().changes.pending.clone();
@@ -77,8 +80,11 @@ impl Outbox {
         if count == 0 {
             return Ok(0);
         }
-        log.append(topic::AUDIENCE_CHANGES, records).await?;
-        self.queued().changes.pending.drain(..count);
+        let appended = log.append(topic::AUDIENCE_CHANGES, records).await;
+        let mut queued = self.queued();
+        queued.failed = appended.is_err();
+        appended?;
+        queued.changes.pending.drain(..count);
         Ok(count)
     }
 
@@ -88,9 +94,7 @@ impl Outbox {
         loop {
             if let Err(error) = self.flush(log.as_ref()).await {
                 tracing::warn!(%error, "membership changes not appended yet; the next fold waits for them");
-                let mut queued = self.queued();
-                queued.flushing = false;
-                queued.failed = true;
+                self.queued().flushing = false;
                 return;
             }
             let mut queued = self.queued();
@@ -145,9 +149,9 @@ impl AudienceRegistry {
     /// not waiting longer: the positions of a batch are committed only
     /// after a sync, and a sync first appends what is queued
     /// ([`flush_pending`](Self::flush_pending)), as do the timers and the
-    /// backfill before theirs. When the last background append failed
-    /// (or past [`QUEUED_AT_MOST`] queued) it waits for this append, and
-    /// its error is the fold's.
+    /// backfill before theirs. While appends fail (or past
+    /// [`QUEUED_AT_MOST`] queued) it waits for this append, and its error
+    /// is the fold's: a worker goes no further while the log is down.
     pub async fn queue(
         &self,
         generation: u32,
@@ -158,8 +162,7 @@ impl AudienceRegistry {
         let start = {
             let mut queued = self.outbox.queued();
             queued.changes.queue(generation, changes, options);
-            if std::mem::take(&mut queued.failed) || queued.changes.pending.len() >= QUEUED_AT_MOST
-            {
+            if queued.failed || queued.changes.pending.len() >= QUEUED_AT_MOST {
                 None
             } else {
                 let idle = !queued.flushing
@@ -476,6 +479,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(refused, "a fold after a failed append is told");
+        // And so is every fold after it while the log is down.
+        assert!(registry.queue(1, Vec::new(), &options).await.is_err());
+        assert!(registry.queue(1, Vec::new(), &options).await.is_err());
         assert!(registry.flush_pending().await.is_err());
         assert_eq!(appended(log.as_ref()).await.len(), 60);
         log.down.store(false, Ordering::SeqCst);
