@@ -413,9 +413,16 @@ impl Audience {
 
     /// Whether every computed trait `segment` reads is known.
     pub fn determined(&self, defs: &Definitions, segment: &Segment) -> bool {
+        !self.undetermined(defs).any(|name| segment.reads(name))
+    }
+
+    /// The computed traits not known under `defs` (at another version or
+    /// not at all): a segment reading one waits for the backfill.
+    fn undetermined<'d>(&'d self, defs: &'d Definitions) -> impl Iterator<Item = &'d str> {
         defs.traits
             .iter()
-            .all(|d| !segment.reads(&d.name) || self.known.get(&d.name) == Some(&d.version))
+            .filter(|d| self.known.get(&d.name) != Some(&d.version))
+            .map(|d| d.name.as_str())
     }
 
     /// The segments a customer described by `view` and this state belongs
@@ -477,13 +484,7 @@ impl Audience {
         if changed.is_none() {
             self.forget_deleted(defs, view, now, &mut changes);
         }
-        // The traits not known under these definitions (see `determined`).
-        let undetermined: Vec<&str> = defs
-            .traits
-            .iter()
-            .filter(|d| self.known.get(&d.name) != Some(&d.version))
-            .map(|d| d.name.as_str())
-            .collect();
+        let undetermined: Vec<&str> = self.undetermined(defs).collect();
         let mut evaluated: Vec<&Segment> = Vec::new();
         // Segments not evaluated whose result is known: a customer's first
         // event starts from those of a customer without any event.

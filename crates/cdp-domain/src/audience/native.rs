@@ -104,30 +104,8 @@ impl Native {
     /// Whether the condition holds for `values` (see [`Outcome`]).
     pub(crate) fn eval(&self, values: &Values) -> Outcome {
         match self {
-            // As the interpreter: the left first; false decides; then the
-            // right, whose error is the result.
-            Native::And(l, r) => {
-                let left = l.eval(values)?;
-                if left == Ok(false) {
-                    return Some(Ok(false));
-                }
-                Some(match (left, r.eval(values)?) {
-                    (Ok(true), right) => right,
-                    (Err(()), Ok(false)) => Ok(false),
-                    _ => Err(()),
-                })
-            }
-            Native::Or(l, r) => {
-                let left = l.eval(values)?;
-                if left == Ok(true) {
-                    return Some(Ok(true));
-                }
-                Some(match (left, r.eval(values)?) {
-                    (Ok(false), right) => right,
-                    (Err(()), Ok(true)) => Ok(true),
-                    _ => Err(()),
-                })
-            }
+            Native::And(l, r) => connective(false, l, r, values),
+            Native::Or(l, r) => connective(true, l, r, values),
             Native::Not(x) => Some(x.eval(values)?.map(|b| !b)),
             Native::Compare(op, l, r) => compare(*op, l.scalar(values)?, r.scalar(values)?),
             Native::In(needle, haystack) => {
@@ -153,6 +131,22 @@ impl Native {
             }
         }
     }
+}
+
+/// `l && r` (`decides` false) or `l || r` (`decides` true), as the
+/// interpreter evaluates them: the left first, which decides when it is
+/// `decides`; then the right, whose error is the result; a left error is
+/// forgiven only by a deciding right.
+fn connective(decides: bool, l: &Native, r: &Native, values: &Values) -> Outcome {
+    let left = l.eval(values)?;
+    if left == Ok(decides) {
+        return Some(Ok(decides));
+    }
+    Some(match (left, r.eval(values)?) {
+        (Ok(_), right) => right,
+        (Err(()), Ok(right)) if right == decides => Ok(decides),
+        _ => Err(()),
+    })
 }
 
 impl Operand {
