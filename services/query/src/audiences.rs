@@ -34,6 +34,58 @@ const CHANGES_SCAN: usize = 10_000;
 const CHANGES_READ: usize = 512;
 /// Records of `audience-changes` one `GetMemberships` reads at most.
 const MEMBERSHIPS_SCAN: u64 = 1_000_000;
+/// Index entries one `ListMembers` page of a scoped caller reads at most
+/// (each costs a profile read) before it returns what it found.
+const MEMBERS_SCAN: usize = 5_000;
+
+/// Which customers the caller of one request may see: with scopes, those
+/// whose live profile (merges followed) was seen at a source of its
+/// scopes, as on every read of the query side (an erased or unknown
+/// customer is not); without, everyone, and nothing is read.
+struct InScope<'a> {
+    access: &'a Access,
+    caller: &'a Caller,
+    stores: cdp_store::ProjectionStores,
+    known: std::collections::HashMap<CustomerId, bool>,
+}
+
+impl<'a> InScope<'a> {
+    fn new(grpc: &'a AudienceGrpc, caller: &'a Caller) -> Self {
+        InScope {
+            access: &grpc.access,
+            caller,
+            stores: grpc.query.stores(),
+            known: std::collections::HashMap::new(),
+        }
+    }
+
+    fn everyone(&self) -> bool {
+        self.caller.principal.scopes.is_empty()
+    }
+
+    /// Whether the live profile of a row read anyway is in scope.
+    fn profile(&self, profile: &cdp_domain::Profile) -> bool {
+        self.access.in_scope(&self.caller.principal, profile)
+    }
+
+    async fn admits(&mut self, customer: CustomerId) -> Result<bool, ServiceError> {
+        if self.everyone() {
+            return Ok(true);
+        }
+        if let Some(known) = self.known.get(&customer) {
+            return Ok(*known);
+        }
+        let profile = self
+            .stores
+            .profiles
+            .profile(customer)
+            .await
+            .map_err(|e| ServiceError::Unavailable(format!("profiles: {e}")))?;
+        let admitted = profile.is_some_and(|p| self.profile(&p));
+        self.known.insert(customer, admitted);
+        Ok(admitted)
+    }
+}
 
 impl AudienceGrpc {
     pub fn new(
@@ -451,6 +503,7 @@ impl AudienceService for AudienceGrpc {
                 })?,
                 g => g,
             };
+        let mut scope = InScope::new(self, &caller);
         let mut changes = Vec::new();
         let mut budget = CHANGES_SCAN;
         'partitions: for (partition, end) in ends.iter().enumerate() {
@@ -491,6 +544,7 @@ impl AudienceService for AudienceGrpc {
                     if m.generation != generation
                         || (!segment.is_empty() && m.change.segment != segment)
                         || customer.is_some_and(|c| m.customer_id.0 != c)
+                        || !scope.admits(m.customer_id).await?
                     {
                         continue;
                     }
@@ -597,31 +651,51 @@ impl AudienceService for AudienceGrpc {
         if !set.segments().any(|s| s.name == segment) {
             return Err(ServiceError::NotFound(format!("no segment is named {segment:?}")).into());
         }
-        let cursor = Some(r.cursor.as_str()).filter(|c| !c.is_empty());
-        let page = self
-            .query
-            .stores()
-            .profiles
-            .members(segment, cursor, limit)
-            .await
-            .map_err(|e| match e {
-                cdp_store::StoreError::Invalid(reason) => ServiceError::invalid("cursor", reason),
-                e => ServiceError::Unavailable(format!("segment members: {e}")),
-            })?;
+        let mut cursor = Some(r.cursor).filter(|c| !c.is_empty());
+        let mut scope = InScope::new(self, &caller);
+        let profiles = Arc::clone(&scope.stores.profiles);
+        let mut members = Vec::new();
+        let mut scanned = 0usize;
+        // A scoped caller's page reads on past members out of its scope,
+        // up to a budget; the cursor then says where it stopped.
+        let next = loop {
+            let page = profiles
+                .members(segment, cursor.as_deref(), limit - members.len())
+                .await
+                .map_err(|e| match e {
+                    cdp_store::StoreError::Invalid(reason) => {
+                        ServiceError::invalid("cursor", reason)
+                    }
+                    e => ServiceError::Unavailable(format!("segment members: {e}")),
+                })?;
+            scanned += page.members.len().max(1);
+            for (customer, since) in page.members {
+                if scope.admits(customer).await? {
+                    members.push((customer, since));
+                }
+            }
+            match page.next {
+                Some(next)
+                    if !scope.everyone() && members.len() < limit && scanned < MEMBERS_SCAN =>
+                {
+                    cursor = Some(next);
+                }
+                next => break next,
+            }
+        };
         let mut entry = caller.entry("allowed");
         entry.fields = vec![format!("segment/{segment}")];
-        entry.reason = format!("{} members listed", page.members.len());
+        entry.reason = format!("{} members listed", members.len());
         self.access.audit(entry).await?;
         Ok(Response::new(v1::ListMembersResponse {
-            members: page
-                .members
+            members: members
                 .into_iter()
                 .map(|(c, since)| v1::SegmentMember {
                     customer_id: c.to_string(),
                     since: Some(cdp_proto::convert::millis_to_timestamp(since)),
                 })
                 .collect(),
-            next_cursor: page.next.unwrap_or_default(),
+            next_cursor: next.unwrap_or_default(),
         }))
     }
 
@@ -826,6 +900,7 @@ impl AudienceService for AudienceGrpc {
         let segment =
             cdp_domain::audience::Segment::compile(draft, &defs.traits).map_err(invalid)?;
         let stores = self.query.stores();
+        let scope = InScope::new(self, &caller);
         let unavailable =
             |e: cdp_store::StoreError| ServiceError::Unavailable(format!("profiles: {e}"));
         let now = cdp_runtime::now_ms();
@@ -858,6 +933,10 @@ impl AudienceService for AudienceGrpc {
                 let cdp_domain::profile::ProfileSlot::Live(profile) = row.slot else {
                     continue;
                 };
+                // A scoped caller previews over the customers it may see.
+                if !scope.profile(&profile) {
+                    continue;
+                }
                 response.evaluated += 1;
                 if !profile.audience.determined(&defs, &segment) {
                     response.undetermined += 1;

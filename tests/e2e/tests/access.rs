@@ -1002,6 +1002,125 @@ async fn a_scoped_agent_finds_only_customers_of_its_region() {
     assert_eq!(explained.code(), Code::NotFound);
 }
 
+/// An analyst restricted to `region:south` (a credential of this test's
+/// own configuration).
+const SCOPED_ANALYST_KEY: &str = "test-scoped-analyst-key";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_analyst_lists_previews_and_follows_only_customers_of_its_region() {
+    let config = format!(
+        "{DEFAULT_CONFIG}\n[access]\nlabels = {{ \"pos-hcm-01\" = [\"region:south\"] }}\n\
+         [[credentials]]\nname = \"test-scoped-analyst\"\nrole = \"analyst\"\n\
+         key = \"{SCOPED_ANALYST_KEY}\"\nscopes = [\"region:south\"]\n"
+    );
+    let cdp = CdpProcess::start_with(&config);
+    let south = seed(&cdp, "pos-hcm-01").await;
+    let north = seed(&cdp, "pos-hn-01").await;
+    let mut analyst =
+        v1::audience_service_client::AudienceServiceClient::new(query_as(&cdp, ANALYST_KEY).await);
+    let mut scoped = v1::audience_service_client::AudienceServiceClient::new(
+        query_as(&cdp, SCOPED_ANALYST_KEY).await,
+    );
+    let store_customers = v1::Segment {
+        name: "store_customers".into(),
+        condition: r#""store" in profile.channels"#.into(),
+        ..Default::default()
+    };
+    analyst
+        .save_segment(v1::SaveSegmentRequest {
+            definition: Some(store_customers.clone()),
+        })
+        .await
+        .unwrap();
+    let mut both = vec![south.customer_id.clone(), north.customer_id.clone()];
+    both.sort();
+    let members = |page: v1::ListMembersResponse| {
+        let mut ids: Vec<String> = page.members.into_iter().map(|m| m.customer_id).collect();
+        ids.sort();
+        ids
+    };
+    let list = v1::ListMembersRequest {
+        segment: "store_customers".into(),
+        ..Default::default()
+    };
+    // The backfill makes both members; the unscoped analyst sees both.
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let page = analyst
+            .list_members(list.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        if members(page) == both {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both customers never listed as members"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = scoped
+        .list_members(list.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(members(page), std::slice::from_ref(&south.customer_id));
+
+    // The change records: the scoped analyst reads its region's only.
+    let changes = |customer: &str| v1::ListChangesRequest {
+        customer_id: customer.into(),
+        limit: 1000,
+        ..Default::default()
+    };
+    let all = analyst
+        .list_changes(changes(""))
+        .await
+        .unwrap()
+        .into_inner();
+    for who in [&south, &north] {
+        assert!(
+            all.changes.iter().any(|c| c.customer_id == who.customer_id),
+            "{all:?}"
+        );
+    }
+    let theirs = scoped.list_changes(changes("")).await.unwrap().into_inner();
+    assert!(theirs.at_end, "{theirs:?}");
+    assert!(!theirs.changes.is_empty(), "{theirs:?}");
+    assert!(
+        theirs
+            .changes
+            .iter()
+            .all(|c| c.customer_id == south.customer_id),
+        "{theirs:?}"
+    );
+    let named = scoped
+        .list_changes(changes(&north.customer_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(named.changes.is_empty(), "{named:?}");
+
+    // A draft previewed over the customers the caller may see.
+    let preview = |client: &v1::audience_service_client::AudienceServiceClient<Authed>| {
+        let request = v1::PreviewSegmentRequest {
+            definition: Some(store_customers.clone()),
+            sample: 0,
+        };
+        let mut client = client.clone();
+        async move { client.preview_segment(request).await.unwrap().into_inner() }
+    };
+    let everyone = preview(&analyst).await;
+    assert_eq!(
+        (everyone.evaluated, everyone.matched),
+        (2, 2),
+        "{everyone:?}"
+    );
+    let region = preview(&scoped).await;
+    assert_eq!((region.evaluated, region.matched), (1, 1), "{region:?}");
+    assert_eq!(region.examples, std::slice::from_ref(&south.customer_id));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_issued_used_revoked_and_expire() {
     let cdp = CdpProcess::start();
