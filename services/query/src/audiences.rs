@@ -34,9 +34,13 @@ const CHANGES_SCAN: usize = 10_000;
 const CHANGES_READ: usize = 512;
 /// Records of `audience-changes` one `GetMemberships` reads at most.
 const MEMBERSHIPS_SCAN: u64 = 1_000_000;
-/// Index entries one `ListMembers` page of a scoped caller reads at most
-/// (each costs a profile read) before it returns what it found.
-const MEMBERS_SCAN: usize = 5_000;
+/// Profiles one page of a scoped caller reads at most to tell who is in
+/// its scope (`ListMembers`, `ListChanges`); the page then ends there, and
+/// its cursor says where.
+const SCOPE_READS: usize = 2_000;
+/// Index entries one `ListMembers` page of a scoped caller goes through at
+/// most.
+const MEMBERS_SCAN: usize = 20_000;
 
 /// Which customers the caller of one request may see: with scopes, those
 /// whose live profile (merges followed) was seen at a source of its
@@ -47,6 +51,8 @@ struct InScope<'a> {
     caller: &'a Caller,
     stores: cdp_store::ProjectionStores,
     known: std::collections::HashMap<CustomerId, bool>,
+    /// Profiles read so far.
+    reads: usize,
 }
 
 impl<'a> InScope<'a> {
@@ -56,7 +62,14 @@ impl<'a> InScope<'a> {
             caller,
             stores: grpc.query.stores(),
             known: std::collections::HashMap::new(),
+            reads: 0,
         }
+    }
+
+    /// Whether telling if `customer` is in scope needs a read past the
+    /// budget ([`SCOPE_READS`]).
+    fn out_of_reads(&self, customer: CustomerId) -> bool {
+        !self.everyone() && self.reads >= SCOPE_READS && !self.known.contains_key(&customer)
     }
 
     fn everyone(&self) -> bool {
@@ -75,6 +88,7 @@ impl<'a> InScope<'a> {
         if let Some(known) = self.known.get(&customer) {
             return Ok(*known);
         }
+        self.reads += 1;
         let profile = self
             .stores
             .profiles
@@ -544,8 +558,15 @@ impl AudienceService for AudienceGrpc {
                     if m.generation != generation
                         || (!segment.is_empty() && m.change.segment != segment)
                         || customer.is_some_and(|c| m.customer_id.0 != c)
-                        || !scope.admits(m.customer_id).await?
                     {
+                        continue;
+                    }
+                    if scope.out_of_reads(m.customer_id) {
+                        // The next page starts with this record.
+                        next[partition] = record.offset;
+                        break 'partitions;
+                    }
+                    if !scope.admits(m.customer_id).await? {
                         continue;
                     }
                     changes.push(change_proto(m));
@@ -676,7 +697,10 @@ impl AudienceService for AudienceGrpc {
             }
             match page.next {
                 Some(next)
-                    if !scope.everyone() && members.len() < limit && scanned < MEMBERS_SCAN =>
+                    if !scope.everyone()
+                        && members.len() < limit
+                        && scanned < MEMBERS_SCAN
+                        && scope.reads < SCOPE_READS =>
                 {
                     cursor = Some(next);
                 }
