@@ -387,6 +387,8 @@ pub struct Access {
     anonymous: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     auditor: Auditor,
     session_key: Vec<u8>,
+    /// Seals cursors a caller must not read in clear ([`Access::seal_cursor`]).
+    cursor_key: cdp_seal::DataKey,
     /// Distinct customers read per credential in the current hour.
     usage: Mutex<HashMap<String, Usage>>,
     log: Arc<dyn EventLog>,
@@ -501,6 +503,8 @@ impl Access {
                 anonymous: Mutex::new(HashMap::new()),
                 auditor,
                 session_key: derive("console-sessions"),
+                cursor_key: cdp_seal::DataKey::from_slice(&derive("cursors"))
+                    .map_err(|e| format!("access.secret: a cursor key: {e}"))?,
                 usage: Mutex::new(HashMap::new()),
                 log,
                 untrusted: config
@@ -514,6 +518,31 @@ impl Access {
             }),
             writer,
         ))
+    }
+
+    /// A cursor that names what its caller must not read in clear (for a
+    /// scoped key, a customer outside its scope), sealed with a key every
+    /// process derives from the platform secret and bound to `context`
+    /// (the caller's credential and what it lists): only that caller,
+    /// listing the same thing, can go on from it, in any process.
+    pub fn seal_cursor(&self, context: &str, cursor: &str) -> Result<String, ServiceError> {
+        use base64::Engine;
+        cdp_seal::seal_with(&self.cursor_key, context.as_bytes(), cursor.as_bytes())
+            .map(|sealed| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sealed))
+            .map_err(|e| ServiceError::Internal(format!("sealing a cursor: {e}")))
+    }
+
+    /// The cursor [`seal_cursor`](Self::seal_cursor) sealed for `context`;
+    /// the error says why not, for the caller's `cursor` field.
+    pub fn open_cursor(&self, context: &str, sealed: &str) -> Result<String, String> {
+        use base64::Engine;
+        let refused = || "is not a cursor this listing gave to this key".to_owned();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(sealed)
+            .map_err(|_| refused())?;
+        let plain = cdp_seal::open_with(&self.cursor_key, context.as_bytes(), &bytes)
+            .map_err(|_| refused())?;
+        String::from_utf8(plain).map_err(|_| refused())
     }
 
     /// How `p` sees personal values.

@@ -38,9 +38,9 @@ const MEMBERSHIPS_SCAN: u64 = 1_000_000;
 /// its scope (`ListMembers`, `ListChanges`); the page then ends there, and
 /// its cursor says where.
 const SCOPE_READS: usize = 2_000;
-/// Index entries one `ListMembers` page of a scoped caller goes through at
-/// most.
-const MEMBERS_SCAN: usize = 20_000;
+/// Reads of the members index one `ListMembers` page of a scoped caller
+/// makes at most.
+const MEMBERS_PAGES: usize = 200;
 
 /// Which customers the caller of one request may see: with scopes, those
 /// whose live profile (merges followed) was seen at a source of its
@@ -607,6 +607,9 @@ impl AudienceService for AudienceGrpc {
     ) -> Result<Response<v1::Backfill>, Status> {
         use cdp_pipeline::audience::{BackfillState, fingerprint};
         use cdp_proto::convert::millis_to_timestamp;
+        // The counts are of every customer: a scoped key gets none of them.
+        let counted = Caller::of(&request)?.principal.scopes.is_empty();
+        let count = |n: u64| if counted { n } else { 0 };
         let generation =
             match request.into_inner().generation {
                 0 => self.live.refresh().await.map_err(|e| {
@@ -632,10 +635,10 @@ impl AudienceService for AudienceGrpc {
                 }
                 .into(),
                 definitions,
-                scanned: p.scanned,
-                customers_changed: p.customers_changed,
-                changes: p.changes,
-                failed: p.failed,
+                scanned: count(p.scanned),
+                customers_changed: count(p.customers_changed),
+                changes: count(p.changes),
+                failed: count(p.failed),
                 started_at: Some(millis_to_timestamp(p.started_at)),
                 updated_at: Some(millis_to_timestamp(p.updated_at)),
                 finished_at: p.finished_at.map(millis_to_timestamp),
@@ -672,11 +675,22 @@ impl AudienceService for AudienceGrpc {
         if !set.segments().any(|s| s.name == segment) {
             return Err(ServiceError::NotFound(format!("no segment is named {segment:?}")).into());
         }
-        let mut cursor = Some(r.cursor).filter(|c| !c.is_empty());
         let mut scope = InScope::new(self, &caller);
+        // A scoped caller's cursor may name a member out of its scope (where
+        // a page stopped): it gets it sealed, bound to its key and segment.
+        let context = format!("ListMembers/{}/{segment}", caller.principal.credential_id);
+        let mut cursor = match r.cursor.as_str() {
+            "" => None,
+            c if scope.everyone() => Some(c.to_owned()),
+            c => Some(
+                self.access
+                    .open_cursor(&context, c)
+                    .map_err(|reason| ServiceError::invalid("cursor", reason))?,
+            ),
+        };
         let profiles = Arc::clone(&scope.stores.profiles);
         let mut members = Vec::new();
-        let mut scanned = 0usize;
+        let mut pages = 0usize;
         // A scoped caller's page reads on past members out of its scope,
         // up to a budget; the cursor then says where it stopped.
         let next = loop {
@@ -689,7 +703,7 @@ impl AudienceService for AudienceGrpc {
                     }
                     e => ServiceError::Unavailable(format!("segment members: {e}")),
                 })?;
-            scanned += page.members.len().max(1);
+            pages += 1;
             for (customer, since) in page.members {
                 if scope.admits(customer).await? {
                     members.push((customer, since));
@@ -699,7 +713,7 @@ impl AudienceService for AudienceGrpc {
                 Some(next)
                     if !scope.everyone()
                         && members.len() < limit
-                        && scanned < MEMBERS_SCAN
+                        && pages < MEMBERS_PAGES
                         && scope.reads < SCOPE_READS =>
                 {
                     cursor = Some(next);
@@ -719,7 +733,11 @@ impl AudienceService for AudienceGrpc {
                     since: Some(cdp_proto::convert::millis_to_timestamp(since)),
                 })
                 .collect(),
-            next_cursor: next.unwrap_or_default(),
+            next_cursor: match next {
+                None => String::new(),
+                Some(next) if scope.everyone() => next,
+                Some(next) => self.access.seal_cursor(&context, &next)?,
+            },
         }))
     }
 
