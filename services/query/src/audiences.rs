@@ -46,20 +46,19 @@ const MEMBERS_PAGES: usize = 200;
 /// whose live profile (merges followed) was seen at a source of its
 /// scopes, as on every read of the query side (an erased or unknown
 /// customer is not); without, everyone, and nothing is read.
-struct InScope<'a> {
-    access: &'a Access,
-    caller: &'a Caller,
+struct InScope {
+    /// Holds the rule, as for every other read.
+    viewer: crate::viewer::Viewer,
     stores: cdp_store::ProjectionStores,
     known: std::collections::HashMap<CustomerId, bool>,
     /// Profiles read so far.
     reads: usize,
 }
 
-impl<'a> InScope<'a> {
-    fn new(grpc: &'a AudienceGrpc, caller: &'a Caller) -> Self {
+impl InScope {
+    fn new(grpc: &AudienceGrpc, caller: &Caller) -> Self {
         InScope {
-            access: &grpc.access,
-            caller,
+            viewer: crate::viewer::Viewer::new(&grpc.access, caller.clone()),
             stores: grpc.query.stores(),
             known: std::collections::HashMap::new(),
             reads: 0,
@@ -73,12 +72,12 @@ impl<'a> InScope<'a> {
     }
 
     fn everyone(&self) -> bool {
-        self.caller.principal.scopes.is_empty()
+        !self.viewer.scoped()
     }
 
     /// Whether the live profile of a row read anyway is in scope.
     fn profile(&self, profile: &cdp_domain::Profile) -> bool {
-        self.access.in_scope(&self.caller.principal, profile)
+        self.viewer.admit(profile).is_ok()
     }
 
     async fn admits(&mut self, customer: CustomerId) -> Result<bool, ServiceError> {
@@ -941,8 +940,9 @@ impl AudienceService for AudienceGrpc {
         let defs = self.current().await?;
         let segment =
             cdp_domain::audience::Segment::compile(draft, &defs.traits).map_err(invalid)?;
-        let stores = self.query.stores();
+        // One generation's stores, for the rows and the scope alike.
         let scope = InScope::new(self, &caller);
+        let stores = &scope.stores;
         let unavailable =
             |e: cdp_store::StoreError| ServiceError::Unavailable(format!("profiles: {e}"));
         let now = cdp_runtime::now_ms();
