@@ -971,19 +971,31 @@ pub async fn segment_members_follow_entries_merges_and_erasure(
             },
             window: "all".parse().unwrap_or_default(),
         }],
-        vec![SegmentDef {
-            name: format!("buyers_{prefix}"),
-            version: 1,
-            condition: "traits.orders >= 1".into(),
-            description: String::new(),
-        }],
+        vec![
+            SegmentDef {
+                name: format!("buyers_{prefix}"),
+                version: 1,
+                condition: "traits.orders >= 1".into(),
+                description: String::new(),
+            },
+            // Left at the second and the fourth order, entered again after.
+            SegmentDef {
+                name: format!("flapping_{prefix}"),
+                version: 1,
+                condition: "traits.orders != 2 && traits.orders != 4".into(),
+                description: String::new(),
+            },
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    let defs = Arc::new(defs);
     let segment = defs.segments[0].def.name.clone();
-    let options = FoldOptions {
-        audiences: AudienceOptions::new(Arc::new(defs), 10_000),
+    let flapping = defs.segments[1].def.name.clone();
+    let at = |now: i64| FoldOptions {
+        audiences: AudienceOptions::new(Arc::clone(&defs), now),
         ..FoldOptions::default()
     };
+    let options = at(10_000);
     let customer = |who: &str| {
         CustomerId(Uuid::new_v5(
             &Uuid::NAMESPACE_OID,
@@ -1073,6 +1085,24 @@ pub async fn segment_members_follow_entries_merges_and_erasure(
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(members(segment).await, [(a, 10_000)]);
+
+    // a left `flapping` at the merge (two orders); it enters again at its
+    // third order, then leaves and enters again within one write (its
+    // fourth and fifth): one entry, from the last beginning.
+    assert!(members(flapping.clone()).await.is_empty());
+    store
+        .apply(&[resolved(a, order(5, "a"))], &at(30_000))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(members(flapping.clone()).await, [(a, 30_000)]);
+    store
+        .apply(
+            &[resolved(a, order(6, "a")), resolved(a, order(7, "a"))],
+            &at(40_000),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(members(flapping).await, [(a, 40_000)]);
 }
 
 /// Folding, idempotent re-delivery, merges with redirects, and the timeline.

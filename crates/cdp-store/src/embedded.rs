@@ -66,10 +66,19 @@ const TIMELINE: TableDefinition<(u128, i64, u128), &[u8]> = TableDefinition::new
 /// entry that no longer stands for its row (the row erased, say) is
 /// dropped by the timer that finds it.
 const AUDIENCE_DUE: TableDefinition<(i64, u128), ()> = TableDefinition::new("audience_due");
-/// (segment, customer id) -> since: the members of each segment, written
-/// with the profile row. An erased row's entries stay until a read finds
-/// the row gone (`ProfileStore::members` drops them).
-const SEGMENT_MEMBERS: TableDefinition<(&str, u128), i64> = TableDefinition::new("segment_members");
+/// (segment, since, customer id) -> (): the members of each segment, in
+/// the order they entered, written with the profile row. Keyed by the
+/// instant the membership began (the fold's clock) before the customer, so
+/// a batch's entries land at the end of each segment's range instead of on
+/// a random page each. An erased row's entries stay until a read finds the
+/// row gone (`ProfileStore::members` leaves them out).
+const SEGMENT_MEMBERS: TableDefinition<(&str, i64, u128), ()> =
+    TableDefinition::new("segment_members_by_since");
+/// The members index as stores before `segment_members_by_since` kept it:
+/// (segment, customer id) -> since. Moved into the new table when a store
+/// is opened ([`move_members_index`]).
+const SEGMENT_MEMBERS_V1: TableDefinition<(&str, u128), i64> =
+    TableDefinition::new("segment_members");
 
 /// A write transaction that saves the allocator state with its commit
 /// (redb's quick repair): after a crash the file opens at once instead of
@@ -130,8 +139,42 @@ fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreErr
         tx.open_table(SEARCH).map_err(storage)?;
         tx.open_table(AUDIENCE_DUE).map_err(storage)?;
         tx.open_table(SEGMENT_MEMBERS).map_err(storage)?;
+        move_members_index(&tx)?;
     }
     tx.commit().map_err(storage)
+}
+
+/// Moves the entries of a members index keyed by customer
+/// ([`SEGMENT_MEMBERS_V1`]) into the one keyed by entry
+/// ([`SEGMENT_MEMBERS`]), then drops it.
+fn move_members_index(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let entries: Vec<(String, i64, u128)> = match tx.open_table(SEGMENT_MEMBERS_V1) {
+        Ok(old) => old
+            .iter()
+            .map_err(storage)?
+            .map(|entry| {
+                let (k, since) = entry.map_err(storage)?;
+                let (segment, customer) = k.value();
+                Ok((segment.to_owned(), since.value(), customer))
+            })
+            .collect::<Result<_, StoreError>>()?,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(storage(e)),
+    };
+    {
+        let mut index = tx.open_table(SEGMENT_MEMBERS).map_err(storage)?;
+        for (segment, since, customer) in &entries {
+            index
+                .insert((segment.as_str(), *since, *customer), ())
+                .map_err(storage)?;
+        }
+    }
+    tx.delete_table(SEGMENT_MEMBERS_V1).map_err(storage)?;
+    tracing::info!(
+        entries = entries.len(),
+        "segment members index moved to entry order"
+    );
+    Ok(())
 }
 
 /// Whether `db` holds profiles: a store from before the split.
@@ -686,7 +729,7 @@ struct TxProfiles<'t, 'k> {
     /// The audience timers and segment members, moved with the rows
     /// written.
     due: Table<'t, (i64, u128), ()>,
-    members: Table<'t, (&'static str, u128), i64>,
+    members: Table<'t, (&'static str, i64, u128), ()>,
     /// Each row's audience index as first read in this transaction.
     indexed: std::collections::HashMap<CustomerId, AudienceIndex>,
     keys: &'k ViewKeys,
@@ -747,14 +790,21 @@ impl<'t> TxProfiles<'t, '_> {
                     if let Some(at) = moves.due_added {
                         self.due.insert((at, k), ()).map_err(storage)?;
                     }
-                    for segment in &moves.members_removed {
-                        self.members
-                            .remove((segment.as_str(), k))
-                            .map_err(storage)?;
+                    // An entry is keyed by when its membership began: a
+                    // membership ended, or begun again, loses the entry of
+                    // its old beginning.
+                    let began = |segment: &str| before.members.get(segment).copied();
+                    let moved = moves.members_added.iter().map(|(segment, _)| segment);
+                    for segment in moves.members_removed.iter().chain(moved) {
+                        if let Some(since) = began(segment) {
+                            self.members
+                                .remove((segment.as_str(), since, k))
+                                .map_err(storage)?;
+                        }
                     }
                     for (segment, since) in &moves.members_added {
                         self.members
-                            .insert((segment.as_str(), k), since)
+                            .insert((segment.as_str(), *since, k), ())
                             .map_err(storage)?;
                     }
                 }
@@ -1225,17 +1275,28 @@ impl ProfileStore for EmbeddedStore {
         from: Option<&str>,
         limit: usize,
     ) -> Result<MembersPage, StoreError> {
+        // The cursor: `<since>/<customer>` of the last entry read.
         let start = match from {
-            None => 0u128,
-            Some(cursor) => match cursor
-                .parse::<uuid::Uuid>()
-                .map_err(|e| StoreError::Invalid(format!("members cursor {cursor:?}: {e}")))?
-                .as_u128()
-                .checked_add(1)
-            {
-                Some(start) => start,
-                None => return Ok(MembersPage::default()),
-            },
+            None => (i64::MIN, 0u128),
+            Some(cursor) => {
+                let bad =
+                    |why: String| StoreError::Invalid(format!("members cursor {cursor:?}: {why}"));
+                let (since, customer) = cursor
+                    .split_once('/')
+                    .ok_or_else(|| bad("no `/` between instant and customer".into()))?;
+                let since: i64 = since.parse().map_err(|e| bad(format!("{e}")))?;
+                let customer = customer
+                    .parse::<uuid::Uuid>()
+                    .map_err(|e| bad(format!("{e}")))?
+                    .as_u128();
+                match customer.checked_add(1) {
+                    Some(next) => (since, next),
+                    None => match since.checked_add(1) {
+                        Some(next) => (next, 0),
+                        None => return Ok(MembersPage::default()),
+                    },
+                }
+            }
         };
         let segment = segment.to_owned();
         // Stale entries are skipped, but not without end: a page reads at
@@ -1247,20 +1308,23 @@ impl ProfileStore for EmbeddedStore {
             let profiles = tx.open_table(PROFILES).map_err(storage)?;
             let mut page = MembersPage::default();
             let (mut read, mut last) = (0usize, None);
-            let range = (segment.as_str(), start)..=(segment.as_str(), u128::MAX);
+            let name = segment.as_str();
+            let range = (name, start.0, start.1)..=(name, i64::MAX, u128::MAX);
             for entry in index.range(range).map_err(storage)? {
                 if page.members.len() >= limit || read >= scan {
-                    page.next = last.map(|k| uuid::Uuid::from_u128(k).to_string());
+                    page.next = last.map(|(since, customer)| {
+                        format!("{since}/{}", uuid::Uuid::from_u128(customer))
+                    });
                     break;
                 }
-                let (k, since) = entry.map_err(storage)?;
-                let customer = k.value().1;
+                let (k, _) = entry.map_err(storage)?;
+                let (_, since, customer) = k.value();
                 read += 1;
-                last = Some(customer);
+                last = Some((since, customer));
                 // The row is gone (erased): not a member any more.
                 if profiles.get(customer).map_err(storage)?.is_some() {
                     page.members
-                        .push((CustomerId(uuid::Uuid::from_u128(customer)), since.value()));
+                        .push((CustomerId(uuid::Uuid::from_u128(customer)), since));
                 }
             }
             Ok(page)

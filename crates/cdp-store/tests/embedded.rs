@@ -440,3 +440,68 @@ async fn a_graph_in_clear_is_sealed_when_opened_with_keys() {
         .expect("a node");
     assert_eq!(node.identifiers.len(), 3, "{node:?}");
 }
+
+/// A store whose members index was keyed by customer (before it was keyed
+/// by when each membership began) has its entries moved when it opens, and
+/// lists the same members.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_members_index_keyed_by_customer_is_moved_on_open() {
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+    const NEW: TableDefinition<(&str, i64, u128), ()> =
+        TableDefinition::new("segment_members_by_since");
+    const OLD: TableDefinition<(&str, u128), i64> = TableDefinition::new("segment_members");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = EmbeddedStore::open(dir.path()).expect("the store opens");
+    conformance::segment_members_follow_entries_merges_and_erasure(&store, "mig").await;
+    let listed = |store: EmbeddedStore| async move {
+        let mut all = Vec::new();
+        for segment in ["buyers_mig", "flapping_mig"] {
+            let page = store.members(segment, None, 100).await.expect("members");
+            assert!(page.next.is_none(), "{page:?}");
+            all.push(page.members);
+        }
+        all
+    };
+    let before = listed(store.clone()).await;
+    let a = cdp_domain::CustomerId(uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, b"mig-a"));
+    assert_eq!(before, [vec![(a, 10_000)], vec![(a, 40_000)]]);
+    drop(store);
+
+    // The old layout: the same entries, keyed by (segment, customer).
+    let db = redb::Database::create(dir.path().join("views.redb")).expect("views.redb opens");
+    let tx = db.begin_write().expect("a write");
+    {
+        let new = tx.open_table(NEW).expect("the index");
+        let entries: Vec<(String, i64, u128)> = new
+            .iter()
+            .expect("entries")
+            .map(|e| {
+                let (k, _) = e.expect("an entry");
+                let (segment, since, customer) = k.value();
+                (segment.to_owned(), since, customer)
+            })
+            .collect();
+        assert!(entries.len() >= 2, "{entries:?}");
+        let mut old = tx.open_table(OLD).expect("the old index");
+        for (segment, since, customer) in &entries {
+            old.insert((segment.as_str(), *customer), since)
+                .expect("an old entry");
+        }
+    }
+    tx.delete_table(NEW).expect("the index dropped");
+    tx.commit().expect("committed");
+    drop(db);
+
+    let reopened = EmbeddedStore::open(dir.path()).expect("the store opens again");
+    assert_eq!(listed(reopened.clone()).await, before);
+    drop(reopened);
+    let db = redb::Database::create(dir.path().join("views.redb")).expect("views.redb opens");
+    let tx = db.begin_read().expect("a read");
+    assert!(
+        matches!(
+            tx.open_table(OLD),
+            Err(redb::TableError::TableDoesNotExist(_))
+        ),
+        "the old index is still there"
+    );
+}

@@ -394,6 +394,19 @@ impl Erasures {
     /// Removes what `found` names in its generations; the events' identity
     /// decisions only with `decisions`.
     async fn remove(&self, found: &[(u32, Found)], decisions: bool) -> Result<(), ServiceError> {
+        // An erasure's commit is durable, and so makes durable every fold
+        // this process committed before it: their membership changes are
+        // appended first, as a profile worker's sync does (see
+        // `AudienceRegistry::appends`), or a crash right after the erasure
+        // would lose them.
+        let _alone = match self.query.audiences() {
+            Some(registry) => {
+                let alone = registry.appends().write().await;
+                registry.flush_pending().await?;
+                Some(alone)
+            }
+            None => None,
+        };
         let generations = self.query.live().generations();
         for (id, f) in found {
             let stores = generations.open(*id).await?;

@@ -297,6 +297,11 @@ impl ProfileQuery {
         &self.keyring
     }
 
+    /// The process's audience registry, when wired.
+    pub fn audiences(&self) -> Option<&Arc<cdp_runtime::audiences::AudienceRegistry>> {
+        self.audiences.as_ref()
+    }
+
     /// Drops every past view kept in memory (after an erasure).
     pub fn forget_history(&self) {
         if let Some(h) = &self.history {
