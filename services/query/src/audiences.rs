@@ -41,6 +41,10 @@ const SCOPE_READS: usize = 2_000;
 /// Reads of the members index one `ListMembers` page of a scoped caller
 /// makes at most.
 const MEMBERS_PAGES: usize = 200;
+/// The most profile rows a scoped caller's preview reads: its sample counts
+/// the customers in its scope (so `complete` says nothing of how many
+/// profiles there are in all), within this many rows of every scope.
+const PREVIEW_READS: usize = 100_000;
 
 /// Which customers the caller of one request may see: with scopes, those
 /// whose live profile (merges followed) was seen at a source of its
@@ -697,6 +701,16 @@ impl AudienceService for AudienceGrpc {
                 .members(segment, cursor.as_deref(), limit - members.len())
                 .await
                 .map_err(|e| match e {
+                    // The store's reason quotes the cursor: a scoped
+                    // caller's opened one may name a customer out of its
+                    // scope (one sealed before the store's cursors
+                    // changed shape, say).
+                    cdp_store::StoreError::Invalid(_) if !scope.everyone() => {
+                        ServiceError::invalid(
+                            "cursor",
+                            "is not one of this store's cursors any more: list again without one",
+                        )
+                    }
                     cdp_store::StoreError::Invalid(reason) => {
                         ServiceError::invalid("cursor", reason)
                     }
@@ -948,8 +962,12 @@ impl AudienceService for AudienceGrpc {
         let now = cdp_runtime::now_ms();
         let mut response = v1::PreviewSegmentResponse::default();
         let (mut from, mut read) = (None::<String>, 0usize);
+        // A scoped caller's sample counts the customers in its scope; an
+        // unscoped one's, the profiles read.
+        let scoped = !scope.everyone();
+        let budget = if scoped { PREVIEW_READS } else { sample };
         loop {
-            let want = (sample - read).min(256);
+            let want = (budget - read).min(256);
             let (customers, next) = stores
                 .profiles
                 .scan_customers(from.as_deref(), want)
@@ -962,7 +980,13 @@ impl AudienceService for AudienceGrpc {
                     .buffered(32)
                     .collect()
                     .await;
+            // Rows left when a scoped caller's sample was full.
+            let mut left = false;
             for row in rows {
+                if scoped && response.evaluated as usize >= sample {
+                    left = true;
+                    break;
+                }
                 let row = match row {
                     Ok(Some(row)) => row,
                     Ok(None) => continue,
@@ -995,11 +1019,13 @@ impl AudienceService for AudienceGrpc {
                 }
             }
             match next {
-                None => {
+                None if !left => {
                     response.complete = true;
                     break;
                 }
-                Some(_) if read >= sample => break,
+                None => break,
+                Some(_) if left || read >= budget => break,
+                Some(_) if scoped && response.evaluated as usize >= sample => break,
                 Some(n) => from = Some(n),
             }
         }

@@ -1171,23 +1171,33 @@ async fn a_scoped_analyst_lists_previews_and_follows_only_customers_of_its_regio
     assert!(named.changes.is_empty(), "{named:?}");
 
     // A draft previewed over the customers the caller may see.
-    let preview = |client: &v1::audience_service_client::AudienceServiceClient<Authed>| {
+    let preview = |client: &v1::audience_service_client::AudienceServiceClient<Authed>,
+                   sample: u32| {
         let request = v1::PreviewSegmentRequest {
             definition: Some(store_customers.clone()),
-            sample: 0,
+            sample,
         };
         let mut client = client.clone();
         async move { client.preview_segment(request).await.unwrap().into_inner() }
     };
-    let everyone = preview(&analyst).await;
+    let everyone = preview(&analyst, 0).await;
     assert_eq!(
-        (everyone.evaluated, everyone.matched),
-        (2, 2),
+        (everyone.evaluated, everyone.matched, everyone.complete),
+        (2, 2, true),
         "{everyone:?}"
     );
-    let region = preview(&scoped).await;
-    assert_eq!((region.evaluated, region.matched), (1, 1), "{region:?}");
+    let region = preview(&scoped, 0).await;
+    assert_eq!(
+        (region.evaluated, region.matched, region.complete),
+        (1, 1, true),
+        "{region:?}"
+    );
     assert_eq!(region.examples, std::slice::from_ref(&south.customer_id));
+    // A sample of one is one customer of the scope, wherever the rows out
+    // of it come in the store's order.
+    let one = preview(&scoped, 1).await;
+    assert_eq!((one.evaluated, one.matched), (1, 1), "{one:?}");
+    assert_eq!(one.examples, std::slice::from_ref(&south.customer_id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
