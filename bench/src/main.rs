@@ -115,6 +115,11 @@ identity_workers = 1
 profile_workers = 1
 batch_size = 2000
 poll_interval_ms = 20
+# The bench sends its whole population, then times the pipeline catching
+# up: at 1M customers (2.5M events) ingest runs millions of events ahead,
+# and the default bound (2,000,000) would shed the load part way.
+[limits]
+shed_lag = 100000000
 [[sources]]
 id = "website"
 channel = "web"
