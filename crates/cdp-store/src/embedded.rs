@@ -148,30 +148,29 @@ fn create_tables(db: &Database, graph: bool, views: bool) -> Result<(), StoreErr
 /// ([`SEGMENT_MEMBERS_V1`]) into the one keyed by entry
 /// ([`SEGMENT_MEMBERS`]), then drops it.
 fn move_members_index(tx: &redb::WriteTransaction) -> Result<(), StoreError> {
-    let entries: Vec<(String, i64, u128)> = match tx.open_table(SEGMENT_MEMBERS_V1) {
-        Ok(old) => old
-            .iter()
-            .map_err(storage)?
-            .map(|entry| {
-                let (k, since) = entry.map_err(storage)?;
-                let (segment, customer) = k.value();
-                Ok((segment.to_owned(), since.value(), customer))
-            })
-            .collect::<Result<_, StoreError>>()?,
+    let old = match tx.open_table(SEGMENT_MEMBERS_V1) {
+        Ok(old) => old,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
         Err(e) => return Err(storage(e)),
     };
+    let mut moved = 0u64;
     {
+        // Streamed, not collected: at a million customers the old index
+        // holds millions of entries.
         let mut index = tx.open_table(SEGMENT_MEMBERS).map_err(storage)?;
-        for (segment, since, customer) in &entries {
+        for entry in old.iter().map_err(storage)? {
+            let (k, since) = entry.map_err(storage)?;
+            let (segment, customer) = k.value();
             index
-                .insert((segment.as_str(), *since, *customer), ())
+                .insert((segment, since.value(), customer), ())
                 .map_err(storage)?;
+            moved += 1;
         }
     }
+    drop(old);
     tx.delete_table(SEGMENT_MEMBERS_V1).map_err(storage)?;
     tracing::info!(
-        entries = entries.len(),
+        entries = moved,
         "segment members index moved to entry order"
     );
     Ok(())
