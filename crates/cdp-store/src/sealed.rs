@@ -37,6 +37,16 @@ use crate::keys::Keyring;
 /// `{`, `"` or `[`.
 const SEALED: u8 = 0xC5;
 
+/// First byte of a sealed row's plaintext compressed with LZ4 (block
+/// format, its length prepended); JSON never starts with it. A row is
+/// written to redb or Cassandra whole at every fold, so its size is what
+/// each fold costs in pages and bytes written.
+const LZ4: u8 = 0x04;
+
+/// Plaintexts shorter than this are sealed as they are (compressing them
+/// saves a few bytes at best).
+const COMPRESS_FROM: usize = 256;
+
 /// What a sealed row is, in its associated data: a row moved to another
 /// customer or another table does not open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -355,8 +365,37 @@ fn parse_json<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
     })
 }
 
+/// A plaintext to seal: compressed when that makes it shorter.
+fn compress(plain: Vec<u8>) -> Vec<u8> {
+    if plain.len() < COMPRESS_FROM {
+        return plain;
+    }
+    let packed = lz4_flex::block::compress_prepend_size(&plain);
+    if packed.len() + 1 >= plain.len() {
+        return plain;
+    }
+    let mut out = Vec::with_capacity(1 + packed.len());
+    out.push(LZ4);
+    out.extend_from_slice(&packed);
+    out
+}
+
+/// An opened plaintext as [`compress`] left it, uncompressed.
+fn decompress(what: &'static str, plain: Vec<u8>) -> Result<Vec<u8>, StoreError> {
+    match plain.split_first() {
+        Some((&LZ4, packed)) => {
+            lz4_flex::block::decompress_size_prepended(packed).map_err(|e| StoreError::Corrupt {
+                what,
+                reason: format!("compressed row: {e}"),
+            })
+        }
+        _ => Ok(plain),
+    }
+}
+
 impl ViewKeys {
-    /// `value` as JSON, sealed under `customer`'s key.
+    /// `value` as JSON (compressed when that makes it shorter), sealed
+    /// under `customer`'s key.
     pub fn write_json<T: Serialize>(
         &self,
         customer: CustomerId,
@@ -364,7 +403,10 @@ impl ViewKeys {
         value: &T,
     ) -> Result<ToWrite, StoreError> {
         let plain = serde_json::to_vec(value).map_err(|e| StoreError::Storage(e.to_string()))?;
-        self.seal(customer, kind, plain)
+        if self.hasher.is_none() {
+            return Ok(ToWrite::Bytes(plain));
+        }
+        self.seal(customer, kind, compress(plain))
     }
 
     /// A value [`write_json`](Self::write_json) wrote (or JSON in clear).
@@ -379,7 +421,7 @@ impl ViewKeys {
             return parse_json(what, bytes).map(Read::Value);
         }
         Ok(match self.open(customer, kind, bytes)? {
-            Opened::Clear(plain) => Read::Value(parse_json(what, &plain)?),
+            Opened::Clear(plain) => Read::Value(parse_json(what, &decompress(what, plain)?)?),
             Opened::Erased => Read::Erased,
             Opened::Missing => Read::Missing,
         })
@@ -772,6 +814,45 @@ mod tests {
         assert_eq!(
             keys.open(a, RowKind::Profile, &plain).expect("reads"),
             Opened::Clear(plain.clone())
+        );
+    }
+
+    #[test]
+    fn a_large_row_is_sealed_compressed_and_a_row_sealed_whole_still_reads() {
+        let a = CustomerId(Uuid::now_v7());
+        let keys = keys_for(&[a], &[]);
+        let events: Vec<String> = (0..40).map(|_| Uuid::now_v7().to_string()).collect();
+        let row = serde_json::json!({"applied": events, "traits": {"city": "Hà Nội"}});
+        let plain = serde_json::to_vec(&row).expect("json");
+        let Ok(ToWrite::Bytes(written)) = keys.write_json(a, RowKind::Profile, &row) else {
+            panic!("written");
+        };
+        // The sealed row is its compressed plaintext: shorter than the JSON.
+        let Ok(Opened::Clear(opened)) = keys.open(a, RowKind::Profile, &written) else {
+            panic!("opens");
+        };
+        assert_eq!(opened.first(), Some(&LZ4));
+        assert!(
+            written.len() < plain.len(),
+            "{} >= {}",
+            written.len(),
+            plain.len()
+        );
+        let read = keys.read_json::<serde_json::Value>(a, RowKind::Profile, "profile", &written);
+        assert_eq!(read.expect("reads"), Read::Value(row.clone()));
+        // A row sealed before compression (its JSON whole) reads the same.
+        let Ok(ToWrite::Bytes(whole)) = keys.seal(a, RowKind::Profile, plain) else {
+            panic!("sealed");
+        };
+        let read = keys.read_json::<serde_json::Value>(a, RowKind::Profile, "profile", &whole);
+        assert_eq!(read.expect("reads"), Read::Value(row));
+        // A short row is sealed as it is.
+        let Ok(ToWrite::Bytes(short)) = keys.write_json(a, RowKind::Profile, &"lan") else {
+            panic!("written");
+        };
+        assert_eq!(
+            keys.open(a, RowKind::Profile, &short).expect("opens"),
+            Opened::Clear(b"\"lan\"".to_vec())
         );
     }
 
