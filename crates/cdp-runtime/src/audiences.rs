@@ -187,11 +187,21 @@ impl AudienceRegistry {
     }
 
     /// Appends the changes queued. A sync calls it first (holding
-    /// [`appends`](Self::appends) alone) and does not run when it fails:
-    /// no commit is made durable while its changes are not in the log,
-    /// whichever task made them.
+    /// [`appends`](Self::appends) alone, [`hold_for_sync`](Self::hold_for_sync))
+    /// and does not run when it fails: no commit is made durable while its
+    /// changes are not in the log, whichever task made them.
     pub async fn flush_pending(&self) -> Result<usize, LogError> {
         self.outbox.flush(self.log.as_ref()).await
+    }
+
+    /// Holds [`appends`](Self::appends) alone with everything queued
+    /// appended: what a durable commit (a profile worker's sync, an
+    /// erasure) holds while it makes every fold committed before it
+    /// durable. An error when the append failed (the commit must not run).
+    pub async fn hold_for_sync(&self) -> Result<tokio::sync::RwLockWriteGuard<'_, ()>, LogError> {
+        let alone = self.appends.write().await;
+        self.flush_pending().await?;
+        Ok(alone)
     }
 
     /// Orders the store writes of a process's profile workers, audience

@@ -224,17 +224,14 @@ impl BatchHandler for ProfileWorker {
 
     async fn sync(&mut self) -> Result<(), Retry> {
         if let Some((generation, store)) = &self.unsynced {
-            let _alone = match &self.audiences {
-                Some(registry) => {
-                    let alone = registry.appends().write().await;
-                    // Nothing made durable whose changes are not appended.
-                    registry.flush_pending().await.map_err(|e| {
+            // Nothing made durable whose changes are not appended.
+            let _alone =
+                match &self.audiences {
+                    Some(registry) => Some(registry.hold_for_sync().await.map_err(|e| {
                         Retry(format!("append to {}: {e}", topic::AUDIENCE_CHANGES))
-                    })?;
-                    Some(alone)
-                }
-                None => None,
-            };
+                    })?),
+                    None => None,
+                };
             store
                 .sync()
                 .await

@@ -400,11 +400,7 @@ impl Erasures {
         // `AudienceRegistry::appends`), or a crash right after the erasure
         // would lose them.
         let _alone = match self.query.audiences() {
-            Some(registry) => {
-                let alone = registry.appends().write().await;
-                registry.flush_pending().await?;
-                Some(alone)
-            }
+            Some(registry) => Some(registry.hold_for_sync().await?),
             None => None,
         };
         let generations = self.query.live().generations();
