@@ -15,7 +15,7 @@ export CDP_SDK_PYTHON := $(TOOLS_DIR)/venv/bin/python
 export CDP_SDK_NODE_MODULES := $(TOOLS_DIR)/node/node_modules
 export CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: help run build test bench bench-identity fuzz chaos fmt lint tools infra-up infra-down clean
+.PHONY: help run build test bench bench-identity bench-audience fuzz chaos fmt lint tools infra-up infra-down clean
 
 help: ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -104,7 +104,7 @@ chaos: build ## SIGKILL random processes CHAOS_KILLS times under load on both ba
 	CDP_E2E_BACKEND=distributed CDP_CHAOS_KILLS=$(CHAOS_KILLS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --skip distributed_only && \
 	CDP_E2E_BACKEND=distributed CDP_CHAOS_OUTAGE_SECS=$(CHAOS_OUTAGE_SECS) $(CARGO) test -p cdp-e2e --test chaos -- --nocapture --include-ignored distributed_only
 
-bench: bench-identity ## Print the figures on both back ends (ingest, freshness, lookups, replay, rebuild, memory, disk, naive baseline, then with audiences defined); JSON in target/bench/. See docs/benchmarks.md.
+bench: bench-identity bench-audience ## Print the figures on both back ends (ingest, freshness, lookups, replay, rebuild, memory, disk, naive baseline, then with audiences defined); JSON in target/bench/. See docs/benchmarks.md.
 	$(CARGO) build --release --workspace --bins
 	target/release/cdp-bench --backend embedded --customers $(BENCH_CUSTOMERS)
 	$(if $(BENCH_AUDIENCE_CUSTOMERS),target/release/cdp-bench --backend embedded --audiences --customers $(BENCH_AUDIENCE_CUSTOMERS))
@@ -118,6 +118,10 @@ bench-identity: ## Identity-resolution precision, recall, F1 per trap: in memory
 	$(CARGO) run --release -p cdp-domain --features testsuite --example bench-identity
 	$(CARGO) build --release -p cdp -p cdp-bench --bins
 	target/release/cdp-bench --identity --customers 3000
+
+bench-audience: ## What the bench's audiences cost the profile fold, in memory then in the embedded store (no log, no identity worker); target/bench/audience-fold.json, store-fold.json.
+	$(CARGO) run --release -p cdp-domain --features testsuite --example bench-audience
+	$(CARGO) run --release -p cdp-store --example bench-fold
 
 infra-up: ## Fetch (Maven Central) and start Kafka (KRaft) and Cassandra on 127.0.0.1; cached in ~/.cache/cdp-infra.
 	deploy/harness/infra.sh up

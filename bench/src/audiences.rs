@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use cdp_domain::journey::audiences::{PROBE_SEGMENT, PROBE_TRAIT, SEGMENTS, TRAITS, Trait};
 use cdp_e2e::{Authed, CdpProcess, id};
 use cdp_proto::v1::audience_service_client::AudienceServiceClient;
 use cdp_proto::v1::profile_service_client::ProfileServiceClient;
@@ -30,260 +31,30 @@ use serde_json::{Value, json};
 
 use crate::{Load, f, percentile};
 
-/// A computed trait as an analyst would save it.
-#[derive(Clone, Copy)]
-struct Trait {
-    name: &'static str,
-    aggregate: &'static str,
-    /// Empty for `count`.
-    property: &'static str,
-    types: &'static [&'static str],
-    channels: &'static [&'static str],
-    /// `(property, op, value as JSON)`, all must hold.
-    conditions: &'static [(&'static str, &'static str, &'static str)],
-    window: &'static str,
-}
-
-const fn count(
-    name: &'static str,
-    types: &'static [&'static str],
-    channels: &'static [&'static str],
-    window: &'static str,
-) -> Trait {
-    Trait {
-        name,
-        aggregate: "count",
-        property: "",
-        types,
-        channels,
-        conditions: &[],
-        window,
+/// A computed trait as `SaveComputedTrait` takes it.
+fn definition(t: &Trait) -> v1::ComputedTrait {
+    let list = |xs: &[&str]| xs.iter().map(|s| (*s).to_owned()).collect();
+    v1::ComputedTrait {
+        name: t.name.into(),
+        aggregate: t.aggregate.into(),
+        property: t.property.into(),
+        filter: Some(v1::EventFilter {
+            types: list(t.types),
+            channels: list(t.channels),
+            conditions: t
+                .conditions
+                .iter()
+                .map(|(property, op, value)| v1::PropertyCondition {
+                    property: (*property).into(),
+                    op: (*op).into(),
+                    value_json: (*value).into(),
+                })
+                .collect(),
+        }),
+        window: t.window.into(),
+        ..Default::default()
     }
 }
-
-const fn of(
-    name: &'static str,
-    aggregate: &'static str,
-    property: &'static str,
-    types: &'static [&'static str],
-    window: &'static str,
-) -> Trait {
-    Trait {
-        name,
-        aggregate,
-        property,
-        types,
-        channels: &[],
-        conditions: &[],
-        window,
-    }
-}
-
-impl Trait {
-    const fn when(self, conditions: &'static [(&'static str, &'static str, &'static str)]) -> Self {
-        Trait { conditions, ..self }
-    }
-
-    fn definition(&self) -> v1::ComputedTrait {
-        let list = |xs: &[&str]| xs.iter().map(|s| (*s).to_owned()).collect();
-        v1::ComputedTrait {
-            name: self.name.into(),
-            aggregate: self.aggregate.into(),
-            property: self.property.into(),
-            filter: Some(v1::EventFilter {
-                types: list(self.types),
-                channels: list(self.channels),
-                conditions: self
-                    .conditions
-                    .iter()
-                    .map(|(property, op, value)| v1::PropertyCondition {
-                        property: (*property).into(),
-                        op: (*op).into(),
-                        value_json: (*value).into(),
-                    })
-                    .collect(),
-            }),
-            window: self.window.into(),
-            ..Default::default()
-        }
-    }
-}
-
-const ORDER: &[&str] = &["Order Completed"];
-const VIEW: &[&str] = &["Product Viewed"];
-const INTEREST: &[&str] = &["Product Viewed", "Product Added"];
-
-/// The analyst's computed traits (the population's events span the last 30
-/// days, so 7d, 30d, 90d and all-time windows each keep a different share).
-const TRAITS: [Trait; 20] = [
-    count("orders_7d", ORDER, &[], "7d"),
-    count("orders_30d", ORDER, &[], "30d"),
-    count("orders_all", ORDER, &[], "all"),
-    of("spend_30d", "sum", "total", ORDER, "30d"),
-    of("spend_90d", "sum", "total", ORDER, "90d"),
-    of("avg_order_90d", "avg", "total", ORDER, "90d"),
-    of("max_order_all", "max", "total", ORDER, "all"),
-    count("big_orders_90d", ORDER, &[], "90d").when(&[("total", "gte", "1000000")]),
-    count("refunds_90d", &["Order Refunded"], &["call_center"], "90d"),
-    count("web_views_7d", VIEW, &["web"], "7d"),
-    count("web_views_30d", VIEW, &["web"], "30d"),
-    count("app_adds_30d", &["Product Added"], &["app"], "30d"),
-    // Jeans and shoes: the two items above 500,000 VND.
-    count("premium_interest_30d", INTEREST, &[], "30d").when(&[(
-        "product_id",
-        "in",
-        r#"["SKU-QU-02","SKU-GI-03"]"#,
-    )]),
-    of("top_viewed_30d", "most_frequent", "product_id", VIEW, "30d"),
-    of(
-        "top_bought_all",
-        "most_frequent",
-        "products.product_id",
-        ORDER,
-        "all",
-    ),
-    of(
-        "products_seen_90d",
-        "unique_count",
-        "product_id",
-        INTEREST,
-        "90d",
-    ),
-    of("channels_30d", "unique_count", "$channel", &[], "30d"),
-    count("tickets_30d", &["Ticket Opened"], &["call_center"], "30d"),
-    count("zalo_messages_7d", &["Message Received"], &["chat"], "7d"),
-    Trait {
-        channels: &["store"],
-        ..of("points_90d", "sum", "points", &["Points Earned"], "90d")
-    },
-];
-
-/// The analyst's segments: `(name, condition)`.
-const SEGMENTS: [(&str, &str); 50] = [
-    ("buyers_7d", "traits.orders_7d >= 1"),
-    ("buyers_30d", "traits.orders_30d >= 1"),
-    ("repeat_buyers_30d", "traits.orders_30d >= 2"),
-    ("ever_bought", "traits.orders_all >= 1"),
-    ("never_bought", "traits.orders_all == 0"),
-    (
-        "lapsed_buyers",
-        "traits.orders_all >= 1 && traits.orders_30d == 0",
-    ),
-    ("vip_90d", "traits.spend_90d >= 5000000"),
-    ("high_spend_30d", "traits.spend_30d >= 2000000"),
-    (
-        "mid_spend_30d",
-        "traits.spend_30d >= 1000000 && traits.spend_30d < 2000000",
-    ),
-    (
-        "low_spend_30d",
-        "traits.spend_30d > 0 && traits.spend_30d < 1000000",
-    ),
-    (
-        "high_aov_90d",
-        "traits.avg_order_90d != null && traits.avg_order_90d >= 1500000",
-    ),
-    ("big_ticket_90d", "traits.big_orders_90d >= 1"),
-    (
-        "order_over_2m",
-        "traits.max_order_all != null && traits.max_order_all >= 2000000",
-    ),
-    ("refunders_90d", "traits.refunds_90d >= 1"),
-    ("serial_refunders_90d", "traits.refunds_90d >= 2"),
-    (
-        "refund_churn_risk",
-        "traits.refunds_90d >= 1 && traits.orders_30d == 0",
-    ),
-    (
-        "browsed_no_order_7d",
-        "traits.web_views_7d >= 1 && traits.orders_7d == 0",
-    ),
-    (
-        "window_shoppers_30d",
-        "traits.web_views_30d >= 2 && traits.orders_30d == 0",
-    ),
-    ("engaged_browsers_7d", "traits.web_views_7d >= 2"),
-    (
-        "app_cart_abandoners_30d",
-        "traits.app_adds_30d >= 1 && traits.orders_30d == 0",
-    ),
-    ("app_shoppers_30d", "traits.app_adds_30d >= 1"),
-    ("cart_open", "profile.cart_items > 0"),
-    (
-        "cart_abandoners",
-        "profile.cart_items > 0 && traits.orders_7d == 0",
-    ),
-    ("premium_interest_30d", "traits.premium_interest_30d >= 1"),
-    (
-        "premium_prospects",
-        "traits.premium_interest_30d >= 1 && traits.orders_all == 0",
-    ),
-    (
-        "shoe_fans",
-        r#"traits.top_viewed_30d == "SKU-GI-03" || traits.top_bought_all == "SKU-GI-03""#,
-    ),
-    (
-        "jeans_fans",
-        r#"traits.top_viewed_30d == "SKU-QU-02" || traits.top_bought_all == "SKU-QU-02""#,
-    ),
-    (
-        "tee_fans",
-        r#"traits.top_viewed_30d == "SKU-AO-01" || traits.top_bought_all == "SKU-AO-01""#,
-    ),
-    ("broad_browsers_90d", "traits.products_seen_90d >= 2"),
-    ("whole_range_90d", "traits.products_seen_90d >= 3"),
-    ("omnichannel_30d", "traits.channels_30d >= 3"),
-    ("multichannel_30d", "traits.channels_30d >= 2"),
-    ("single_channel_30d", "traits.channels_30d == 1"),
-    (
-        "store_buyers_7d",
-        r#"traits.orders_7d >= 1 && "store" in profile.channels"#,
-    ),
-    (
-        "web_and_store",
-        r#""web" in profile.channels && "store" in profile.channels"#,
-    ),
-    ("app_users", r#""app" in profile.channels"#),
-    ("zalo_chatters_7d", "traits.zalo_messages_7d >= 1"),
-    (
-        "zalo_buyers_30d",
-        "traits.zalo_messages_7d >= 1 && traits.orders_30d >= 1",
-    ),
-    ("hotline_callers_30d", "traits.tickets_30d >= 1"),
-    ("open_tickets", "profile.open_tickets > 0"),
-    (
-        "detractors",
-        "profile.last_feedback_rating != null && profile.last_feedback_rating <= 2",
-    ),
-    (
-        "promoters",
-        "profile.last_feedback_rating != null && profile.last_feedback_rating >= 4",
-    ),
-    ("survey_reachable", r#""email" in profile.channels"#),
-    ("loyalty_active_90d", "traits.points_90d >= 1"),
-    ("loyalty_high_90d", "traits.points_90d >= 300"),
-    ("points_balance_500", "profile.loyalty_points >= 500"),
-    ("stage_act", r#"profile.journey_stage == "act""#),
-    ("stage_advocate", r#"profile.journey_stage == "advocate""#),
-    (
-        "considering",
-        r#"profile.journey_stage in ["appeal", "ask"]"#,
-    ),
-    (
-        "win_back_7d",
-        "traits.orders_all >= 1 && traits.orders_7d == 0 && traits.web_views_7d >= 1",
-    ),
-];
-
-/// The probe of membership freshness: points redeemed at a store, which the
-/// population never sends, so one sample event makes its customer enter.
-const PROBE_TRAIT: Trait = count(
-    "points_redeemed_all",
-    &["Points Redeemed"],
-    &["store"],
-    "all",
-);
-const PROBE_SEGMENT: (&str, &str) = ("redeemers", "traits.points_redeemed_all >= 1");
 
 /// How a run with definitions is labelled in the summary and the JSON.
 pub fn label() -> String {
@@ -308,9 +79,10 @@ pub async fn define(cdp: &CdpProcess, patience: Duration) -> anyhow::Result<Valu
     let started = Instant::now();
     let mut saved = Vec::new();
     for t in TRAITS.iter().chain([&PROBE_TRAIT]) {
+        let definition = definition(t);
         let s = analyst
             .save_computed_trait(v1::SaveComputedTraitRequest {
-                definition: Some(t.definition()),
+                definition: Some(definition),
             })
             .await
             .with_context(|| format!("SaveComputedTrait {:?} was refused", t.name))?

@@ -66,6 +66,7 @@ macro_rules! store_test_suite {
             identity_is_sealed_under_customer_keys(sealed_graph),
             unsynced_folds_are_visible_then_synced(profiles_ref),
             profiles_fold_audiences(profiles_ref),
+            profiles_fold_a_large_batch_as_the_domain_does(profiles_ref),
             audience_timers_fire_on_time_and_once(profiles_ref),
             audience_backfill_folds_past_events_once(profiles_ref),
             segment_members_follow_entries_merges_and_erasure(profiles_ref),
@@ -419,18 +420,12 @@ fn resolved(customer: CustomerId, t: Touchpoint) -> ResolvedTouchpoint {
     }
 }
 
-/// Audiences fold with the profile, in its row: a membership entered
-/// through an event, nothing again on re-delivery, the absorbed customer's
-/// exits and the survivor's entry on a merge, the state read back with the
-/// profile, and a fold without definitions leaving it alone.
-pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
-    let _alone = AUDIENCE_CASES.read().await;
-    use cdp_domain::audience::{
-        Aggregate, Cause, ChangeKind, Definitions, EventFilter, SegmentDef, TraitDef,
-    };
-    use cdp_domain::identity::{Merge, MergeCause};
+/// Fold options at instant 10,000 with two computed traits (orders and
+/// product views in the last 7 days) and two segments: `omni` (both) and
+/// `second` (`(name, condition)`).
+fn weekly_counts(second: (&str, &str)) -> FoldOptions {
+    use cdp_domain::audience::{Aggregate, Definitions, EventFilter, SegmentDef, TraitDef};
     use cdp_domain::profile::AudienceOptions;
-
     let count = |name: &str, ty: &str| TraitDef {
         name: name.into(),
         version: 1,
@@ -455,14 +450,124 @@ pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
         ],
         vec![
             segment("omni", "traits.orders_7d >= 1 && traits.views_7d >= 1"),
-            segment("buyers", "traits.orders_7d >= 1"),
+            segment(second.0, second.1),
         ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let options = FoldOptions {
+    FoldOptions {
         audiences: AudienceOptions::new(Arc::new(defs), 10_000),
         ..FoldOptions::default()
+    }
+}
+
+/// Batches of many customers fold exactly as the domain's fold does, one
+/// record at a time in memory: the same profiles (audience states
+/// included) and the same membership changes in the same order, merges
+/// included. The first batch writes 120 new rows, the second opens them
+/// all again (the embedded store opens and seals a batch's rows on several
+/// threads once there are a few dozen).
+pub async fn profiles_fold_a_large_batch_as_the_domain_does(
+    store: &dyn ProfileStore,
+    prefix: &str,
+) {
+    let _alone = AUDIENCE_CASES.read().await;
+    use cdp_domain::identity::{Merge, MergeCause};
+    use cdp_domain::profile::{ProfileSlot, fold_resolved};
+
+    let options = weekly_counts(("viewers", "traits.views_7d >= 1"));
+    let customer = |k: u64| {
+        CustomerId(Uuid::new_v5(
+            &Uuid::NAMESPACE_OID,
+            format!("{prefix}-batch-{k}").as_bytes(),
+        ))
     };
+    // 120 customers view a product; each odd one then orders and absorbs
+    // the even one before it.
+    let mut views = Vec::new();
+    for k in 0..120u64 {
+        let ids = [email(prefix, &format!("b{k}"))];
+        let view = event(
+            prefix,
+            10_000 + k,
+            1_000 + k as i64,
+            EventType::ProductViewed,
+            &ids,
+            json!({"product_id": "SKU-1"}),
+        );
+        views.push(resolved(customer(k), view));
+    }
+    let mut orders = Vec::new();
+    for k in (1..120u64).step_by(2) {
+        let ids = [email(prefix, &format!("b{k}"))];
+        let order = event(
+            prefix,
+            20_000 + k,
+            2_000 + k as i64,
+            EventType::OrderCompleted,
+            &ids,
+            json!({"order_id": format!("B-{k}"), "revenue": 100_000, "currency": "VND"}),
+        );
+        let cause = MergeCause {
+            event_id: order.envelope.event_id,
+            identifier: Identifier::new(IdKind::Email, ids[0].1.clone()),
+            rule: "email".into(),
+        };
+        orders.push(ResolvedTouchpoint {
+            customer_id: customer(k),
+            merges: vec![Merge {
+                loser: customer(k - 1),
+                survivor: customer(k),
+                at: 2_000 + k as i64,
+                cause,
+            }],
+            touchpoint: order,
+        });
+    }
+    let mut memory: std::collections::BTreeMap<CustomerId, ProfileSlot> = Default::default();
+    for batch in [&views, &orders] {
+        let applied = store
+            .apply(batch, &options)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut changes = Vec::new();
+        for r in batch.iter() {
+            let folded = fold_resolved(&mut memory, r, &options).unwrap_or_else(|e| panic!("{e}"));
+            changes.extend(folded.changes);
+        }
+        assert_eq!(applied.new_events, batch.len());
+        assert_eq!(applied.changes, changes, "the batch's membership changes");
+    }
+    for k in (1..120u64).step_by(2) {
+        let Some(ProfileSlot::Live(want)) = memory.get(&customer(k)) else {
+            panic!("customer {k} is not live in memory");
+        };
+        // The absorbed customer reads as its survivor.
+        for who in [k, k - 1] {
+            let stored = store
+                .profile(customer(who))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|| panic!("customer {who} is not stored"));
+            assert_eq!(&stored, want.as_ref(), "customer {who}");
+        }
+        assert_eq!(
+            want.audience.members.len(),
+            2,
+            "customer {k}: omni and viewers"
+        );
+    }
+}
+
+/// Audiences fold with the profile, in its row: a membership entered
+/// through an event, nothing again on re-delivery, the absorbed customer's
+/// exits and the survivor's entry on a merge, the state read back with the
+/// profile, and a fold without definitions leaving it alone.
+pub async fn profiles_fold_audiences(store: &dyn ProfileStore, prefix: &str) {
+    let _alone = AUDIENCE_CASES.read().await;
+    use cdp_domain::audience::{Cause, ChangeKind};
+    use cdp_domain::identity::{Merge, MergeCause};
+
+    let options = weekly_counts(("buyers", "traits.orders_7d >= 1"));
     let customer = |who: &str| {
         CustomerId(Uuid::new_v5(
             &Uuid::NAMESPACE_OID,

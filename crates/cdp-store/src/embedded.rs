@@ -768,14 +768,68 @@ impl<'t> TxProfiles<'t, '_> {
             .and_then(|(slot, _)| AudienceIndex::of(slot.as_ref()).due)
     }
 
+    /// Opens the rows of `customers` this transaction has not read yet,
+    /// on up to four cores (the fold then finds them open): a batch's rows
+    /// are read first, their decoding and opening being most of a read's
+    /// cost. A row whose key was not fetched is left unread and recorded
+    /// in `missing`, as `load` does. The rows are those of
+    /// [`batch_customers`], some of which a fold may not open (a merge
+    /// whose sides already share a root): a row there that cannot be
+    /// opened fails the transaction as it would when folded.
+    fn prefetch(
+        &mut self,
+        customers: &std::collections::BTreeSet<CustomerId>,
+    ) -> Result<(), StoreError> {
+        let mut stored = Vec::new();
+        for customer in customers {
+            if self.slots.contains_key(customer) {
+                continue;
+            }
+            match self.profiles.get(key(*customer)).map_err(storage)? {
+                Some(v) => stored.push((*customer, v.value().to_vec())),
+                None => {
+                    self.indexed.insert(*customer, AudienceIndex::of(None));
+                    self.slots.insert(*customer, (None, false));
+                }
+            }
+        }
+        let keys = self.keys;
+        let opened = parallel_map(&stored, |(customer, bytes)| {
+            keys.read_slot(*customer, bytes)
+        });
+        for ((customer, _), read) in stored.iter().zip(opened) {
+            let slot = match read? {
+                Read::Value(slot) => Some(slot),
+                Read::Erased => None,
+                Read::Missing => {
+                    self.missing.insert(*customer);
+                    continue;
+                }
+            };
+            self.indexed
+                .insert(*customer, AudienceIndex::of(slot.as_ref()));
+            self.slots.insert(*customer, (slot, false));
+        }
+        Ok(())
+    }
+
     /// Writes every slot saved in this transaction, and moves the audience
     /// timers of the rows written.
     fn write_back(&mut self) -> Result<(), StoreError> {
-        for (customer, (slot, dirty)) in &self.slots {
-            let (Some(slot), true) = (slot, dirty) else {
-                continue;
-            };
-            match self.keys.write_slot(*customer, slot)? {
+        // Sealed on up to four cores (JSON, compression and sealing are
+        // most of a row's cost), written in order after.
+        let dirty: Vec<(CustomerId, &ProfileSlot)> = self
+            .slots
+            .iter()
+            .filter_map(|(customer, (slot, dirty))| match (slot, dirty) {
+                (Some(slot), true) => Some((*customer, slot)),
+                _ => None,
+            })
+            .collect();
+        let keys = self.keys;
+        let sealed = parallel_map(&dirty, |(customer, slot)| keys.write_slot(*customer, slot));
+        for ((customer, slot), written) in dirty.iter().zip(sealed) {
+            match written? {
                 ToWrite::Bytes(bytes) => {
                     self.profiles
                         .insert(key(*customer), bytes.as_slice())
@@ -886,6 +940,45 @@ impl ProfileAccess for TxProfiles<'_, '_> {
 
 /// A fold that met customers whose keys it had not fetched.
 type Unfetched = std::collections::BTreeSet<CustomerId>;
+
+/// `f` over `items`, in order, split over the machine's cores (at most
+/// four, one of them the caller's) when there are enough items to be worth
+/// a thread: the CPU-heavy steps of a fold transaction (opening and
+/// sealing rows) while the transaction itself stays on one thread.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    /// Fewer items than this per thread are done on the caller's.
+    const PER_THREAD: usize = 16;
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    if items.len() < 2 * PER_THREAD {
+        return items.iter().map(&f).collect();
+    }
+    let cores = *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, 4)
+    });
+    let threads = cores.min(items.len() / PER_THREAD);
+    if threads <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut chunks = items.chunks(chunk);
+        let first = chunks.next().unwrap_or_default();
+        let others: Vec<_> = chunks
+            .map(|c| scope.spawn(move || c.iter().map(f).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = first.iter().map(f).collect();
+        for other in others {
+            match other.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
 
 /// The events of `profile`'s timeline and of the customers it absorbed,
 /// opened with `keys`; a customer whose key was not fetched goes into
@@ -1069,6 +1162,7 @@ impl EmbeddedStore {
         let mut applied = Applied::default();
         {
             let mut access = TxProfiles::open(&tx, keys)?;
+            access.prefetch(&batch_customers(batch))?;
             let mut timeline = tx.open_table(TIMELINE).map_err(storage)?;
             let mut search = tx.open_table(SEARCH).map_err(storage)?;
             // Search entries of the terms new to their customer.

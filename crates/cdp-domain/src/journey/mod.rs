@@ -1,6 +1,8 @@
 //! A generator of omnichannel journeys with ground truth, for property
 //! tests, end-to-end tests and benchmarks. Deterministic for a seed.
 
+pub mod audiences;
+
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
