@@ -785,11 +785,11 @@ impl<'t> TxProfiles<'t, '_> {
             if self.slots.contains_key(customer) {
                 continue;
             }
-            match self.profiles.get(key(*customer)).map_err(storage)? {
-                Some(v) => stored.push((*customer, v.value().to_vec())),
+            let row = self.profiles.get(key(*customer)).map_err(storage)?;
+            match row.map(|v| v.value().to_vec()) {
+                Some(bytes) => stored.push((*customer, bytes)),
                 None => {
-                    self.indexed.insert(*customer, AudienceIndex::of(None));
-                    self.slots.insert(*customer, (None, false));
+                    self.keep(*customer, None);
                 }
             }
         }
@@ -798,19 +798,38 @@ impl<'t> TxProfiles<'t, '_> {
             keys.read_slot(*customer, bytes)
         });
         for ((customer, _), read) in stored.iter().zip(opened) {
-            let slot = match read? {
-                Read::Value(slot) => Some(slot),
-                Read::Erased => None,
-                Read::Missing => {
-                    self.missing.insert(*customer);
-                    continue;
-                }
-            };
-            self.indexed
-                .insert(*customer, AudienceIndex::of(slot.as_ref()));
-            self.slots.insert(*customer, (slot, false));
+            self.keep(*customer, Some(read?));
         }
         Ok(())
+    }
+
+    /// Keeps what reading `customer`'s row gave (`None`: there is no row)
+    /// as this transaction's slot, with the row's audience index as first
+    /// read, and returns the slot; a row whose key was not fetched is
+    /// recorded in `missing` and not kept (`None`).
+    fn keep(
+        &mut self,
+        customer: CustomerId,
+        read: Option<Read<ProfileSlot>>,
+    ) -> Option<&Option<ProfileSlot>> {
+        let slot = match read {
+            None | Some(Read::Erased) => None,
+            Some(Read::Value(slot)) => Some(slot),
+            Some(Read::Missing) => {
+                self.missing.insert(customer);
+                return None;
+            }
+        };
+        self.indexed
+            .insert(customer, AudienceIndex::of(slot.as_ref()));
+        Some(
+            &self
+                .slots
+                .entry(customer)
+                .insert_entry((slot, false))
+                .into_mut()
+                .0,
+        )
     }
 
     /// Writes every slot saved in this transaction, and moves the audience
@@ -879,21 +898,14 @@ impl ProfileAccess for TxProfiles<'_, '_> {
         let slot = match self.slots.get(&customer) {
             Some((slot, _)) => slot.clone(),
             None => {
-                let slot = match self.profiles.get(key(customer)).map_err(storage)? {
+                let read = match self.profiles.get(key(customer)).map_err(storage)? {
                     None => None,
-                    Some(v) => match self.keys.read_slot(customer, v.value())? {
-                        Read::Value(slot) => Some(slot),
-                        Read::Erased => None,
-                        Read::Missing => {
-                            self.missing.insert(customer);
-                            return Ok(None);
-                        }
-                    },
+                    Some(v) => Some(self.keys.read_slot(customer, v.value())?),
                 };
-                self.slots.insert(customer, (slot.clone(), false));
-                self.indexed
-                    .insert(customer, AudienceIndex::of(slot.as_ref()));
-                slot
+                match self.keep(customer, read) {
+                    Some(slot) => slot.clone(),
+                    None => return Ok(None),
+                }
             }
         };
         if let Some(ProfileSlot::Live(p)) = &slot {
@@ -949,9 +961,6 @@ fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Ve
     /// Fewer items than this per thread are done on the caller's.
     const PER_THREAD: usize = 16;
     static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    if items.len() < 2 * PER_THREAD {
-        return items.iter().map(&f).collect();
-    }
     let cores = *CORES.get_or_init(|| {
         std::thread::available_parallelism()
             .map_or(1, usize::from)
